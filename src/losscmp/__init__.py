@@ -1,0 +1,16 @@
+"""losscmp: differential testing for loss functions.
+
+Do these implementations of "the same" loss really agree, in values and gradients?
+If not: where, why, and on how small an input?  See ``losscmp --help``.
+"""
+__version__ = "0.1.0"
+
+from .audit import AuditResult, Divergence, Settings, audit  # noqa: E402
+from .generate import Case, Recipe, build_case, cases, recipes  # noqa: E402
+from .load import Implementation, load_implementation, parse_ref  # noqa: E402
+from .spec import Arg, Spec, parse_spec, preset, resolve_spec  # noqa: E402
+
+__all__ = [
+    "Arg", "AuditResult", "Case", "Divergence", "Implementation", "Recipe", "Settings", "Spec",
+    "audit", "build_case", "cases", "load_implementation", "parse_ref", "parse_spec", "preset", "recipes", "resolve_spec",
+]

@@ -1,0 +1,223 @@
+"""Comparing two outcomes: the tolerance model, the divergence score, and messages.
+
+Tolerance is that of :func:`torch.testing.assert_close`: an element agrees when
+
+    |a - b| <= atol + rtol * |b|
+
+with ``b`` the expected side (the reference, or the first implementation listed) and
+dtype-aware defaults.  The *score* of an element is ``|a - b| / (atol + rtol * |b|)``;
+the score of a case is the largest over its value and every gradient, so a score
+above 1 means "beyond tolerance" and its size says by how much.  Mismatched NaN/inf
+positions, exceptions and shape mismatches score ``inf``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .run import Outcome
+
+# Same defaults as torch.testing.assert_close.
+DEFAULT_TOLERANCES = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+    torch.complex64: (1.3e-6, 1e-5),
+    torch.complex128: (1e-7, 1e-7),
+}
+
+# Divergence kinds, most severe first: when a case shows several, the first is reported.
+KINDS = {
+    "crash": "the process died (segfault, abort)",
+    "timeout": "did not return within the time limit",
+    "exception": "raised where the other returned",
+    "non_tensor": "returned something that is not a tensor",
+    "non_scalar": "returned a non-scalar where a scalar loss is expected",
+    "shape": "value or gradient shapes differ",
+    "dtype": "value dtypes differ",
+    "nonfinite": "NaN/inf on one side only",
+    "value": "loss values differ beyond tolerance",
+    "gradient": "gradients differ beyond tolerance",
+    "mutation": "the implementation modified its inputs in place",
+    "nondeterminism": "the same implementation answered differently on the same input",
+}
+FAILED_CALL_KINDS = ("crash", "timeout", "exception", "non_tensor", "non_scalar")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+    @classmethod
+    def for_dtype(cls, dtype: torch.dtype, rtol: float | None = None, atol: float | None = None) -> "Tolerance":
+        d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
+        return cls(d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one tensor (the loss value, or the gradient w.r.t. one input) differs."""
+
+    what: str
+    score: float
+    mismatched: int
+    total: int
+    max_abs: float
+    max_abs_index: tuple[int, ...]
+    max_rel: float
+    max_rel_index: tuple[int, ...]
+    allowed_abs: float  # atol + rtol*|expected| at the max-abs index
+    actual: float  # the two sides at the worst-scoring index
+    expected: float
+    rel_l2: float
+    cosine: float
+    nonfinite_mismatch: int = 0
+
+    def message(self, pair: tuple[str, str] = ("expected", "actual")) -> str:
+        """In the manner of torch.testing: what, where, by how much, allowed how much."""
+        le, la = pair
+        if self.nonfinite_mismatch:
+            return (
+                f"{self.what}: NaN/inf on one side only at {self.nonfinite_mismatch} / {self.total} element(s); "
+                f"at index {self.max_abs_index}: {le} {self.expected:.6g} vs {la} {self.actual:.6g}"
+            )
+        where = f" at index {self.max_abs_index}" if self.total > 1 else ""
+        head = f"{self.what}: " + (
+            f"mismatched elements: {self.mismatched} / {self.total} ({100.0 * self.mismatched / self.total:.1f}%); "
+            if self.total > 1
+            else f"{le} {self.expected:.8g} vs {la} {self.actual:.8g}; "
+        )
+        text = (
+            f"{head}greatest absolute difference {self.max_abs:.3g}{where} (up to {self.allowed_abs:.3g} allowed); "
+            f"greatest relative difference {_fmt(self.max_rel)}"
+        )
+        if self.total > 1:
+            text += f"; relative L2 error {_fmt(self.rel_l2)}, cosine {self.cosine:.6f}"
+        return text
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3g}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The comparison of two outcomes on one case."""
+
+    pair: tuple[str, str]
+    kind: str | None  # None: they agree
+    score: float
+    detail: str
+    diffs: tuple[TensorDiff, ...] = ()
+
+    @property
+    def diverges(self) -> bool:
+        return self.kind is not None
+
+
+def diff_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> TensorDiff:
+    a = actual.detach().to("cpu", torch.float64).reshape(expected.shape)
+    b = expected.detach().to("cpu", torch.float64)
+    total = b.numel()
+    if total == 0:
+        return TensorDiff(what, 0.0, 0, 0, 0.0, (), 0.0, (), tol.atol, 0.0, 0.0, 0.0, 1.0)
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    # Identical non-finite values (NaN & NaN, +inf & +inf) count as agreeing.
+    same_nonfinite = (~fa & ~fb) & ((a.isnan() & b.isnan()) | (a == b))
+    bad_nonfinite = ~(fa & fb) & ~same_nonfinite
+    both = fa & fb
+    abs_diff = torch.where(both, (a - b).abs(), torch.zeros_like(a))
+    allowed = tol.atol + tol.rtol * b.abs()
+    score_el = torch.where(both, abs_diff / allowed, torch.zeros_like(a))
+    with torch.no_grad():
+        rel = torch.where(both, abs_diff / b.abs(), torch.zeros_like(a))
+        rel = torch.where(both & (abs_diff == 0), torch.zeros_like(a), rel)
+    n_bad_nf = int(bad_nonfinite.sum())
+    mismatched = int((score_el > 1).sum()) + n_bad_nf
+    score = math.inf if n_bad_nf else float(score_el.max())
+    if math.isnan(score):  # 0/0 with atol=rtol=0
+        score = 0.0
+    idx_abs = _unravel(int(abs_diff.flatten().argmax()), b.shape)
+    if n_bad_nf:
+        idx_abs = _unravel(int(bad_nonfinite.flatten().int().argmax()), b.shape)
+    idx_rel = _unravel(int(rel.flatten().argmax()), b.shape)
+    fa_, fb_ = a[both], b[both]
+    norm_b = float(fb_.norm())
+    rel_l2 = float((fa_ - fb_).norm()) / norm_b if norm_b > 0 else (0.0 if float(fa_.norm()) == 0 else math.inf)
+    na, nb = float(fa_.norm()), norm_b
+    cosine = float((fa_ * fb_).sum()) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    return TensorDiff(
+        what=what,
+        score=score,
+        mismatched=mismatched,
+        total=total,
+        max_abs=float(abs_diff.max()),
+        max_abs_index=idx_abs,
+        max_rel=float(rel.max()),
+        max_rel_index=idx_rel,
+        allowed_abs=float(allowed.flatten()[_ravel(idx_abs, b.shape)]) if total else tol.atol,
+        actual=float(a.flatten()[_ravel(idx_abs, b.shape)]),
+        expected=float(b.flatten()[_ravel(idx_abs, b.shape)]),
+        rel_l2=rel_l2,
+        cosine=cosine,
+        nonfinite_mismatch=n_bad_nf,
+    )
+
+
+def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat //= size
+    return tuple(reversed(out))
+
+
+def _ravel(index: tuple[int, ...], shape: torch.Size) -> int:
+    flat = 0
+    for i, size in zip(index, shape):
+        flat = flat * size + i
+    return flat
+
+
+def compare_outcomes(pair: tuple[str, str], expected: Outcome, actual: Outcome, tol: Tolerance) -> Verdict:
+    """Compare two outcomes; ``pair`` is (expected label, actual label)."""
+    le, la = pair
+    if actual.failed or expected.failed:
+        if actual.failed and expected.failed:
+            # Both refuse the input: that is agreement about the input, not a divergence.
+            return Verdict(pair, None, 0.0, f"both failed: {le} {expected.error}; {la} {actual.error}")
+        bad, bad_label, good_label = (actual, la, le) if actual.failed else (expected, le, la)
+        return Verdict(pair, bad.status, math.inf, f"{bad_label} {bad.error}; {good_label} returned normally")
+    ve, va = expected.value, actual.value
+    if va.shape != ve.shape:
+        return Verdict(pair, "shape", math.inf, f"value shapes differ: {le} {tuple(ve.shape)} vs {la} {tuple(va.shape)}")
+    if va.dtype != ve.dtype:
+        return Verdict(pair, "dtype", math.inf, f"value dtypes differ: {le} {ve.dtype} vs {la} {va.dtype}")
+    diffs = [diff_tensors("value", va, ve, tol)]
+    for name in expected.grads:
+        ge, ga = expected.grads.get(name), actual.grads.get(name)
+        what = f"gradient w.r.t. {name}"
+        if (ga is None) != (ge is None):
+            missing = la if ga is None else le
+            detail = f"{what}: no gradient flows in {missing} (detached or unused), the other has one"
+            return Verdict(pair, "gradient", math.inf, detail, tuple(diffs))
+        if ga is None:
+            continue
+        if ga.shape != ge.shape:
+            detail = f"{what}: shapes differ: {le} {tuple(ge.shape)} vs {la} {tuple(ga.shape)}"
+            return Verdict(pair, "shape", math.inf, detail, tuple(diffs))
+        diffs.append(diff_tensors(what, ga, ge, tol))
+    worst = max(diffs, key=lambda d: d.score)
+    if worst.score <= 1.0:
+        return Verdict(pair, None, worst.score, "agree", tuple(diffs))
+    if any(d.nonfinite_mismatch for d in diffs):
+        kind, shown = "nonfinite", next(d for d in diffs if d.nonfinite_mismatch)
+    elif diffs[0].score > 1.0:
+        kind, shown = "value", diffs[0]
+    else:
+        kind, shown = "gradient", worst
+    return Verdict(pair, kind, worst.score, shown.message(pair), tuple(diffs))

@@ -1,0 +1,275 @@
+"""Loading implementations from references such as ``label=path/file.py:attr``.
+
+Grammar::
+
+    [label=] target : attr[.attr...] [ ( literal args ) ]
+    target  = path/to/file.py  |  path/to/package_dir  |  pkg.module
+
+The optional call is parsed with :mod:`ast`; every argument must be a Python literal,
+so a reference can never run arbitrary expressions.  A file inside a package (a folder
+with ``__init__.py``) is imported as part of that package, under a private copy of
+``sys.modules``, so a forked ``geomloss`` checked into a repo and the installed
+``geomloss`` can be compared in one run.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+
+class LoadError(ValueError):
+    """A reference that cannot be loaded; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference.  ``call`` is None for a plain attribute."""
+
+    text: str
+    label: str
+    target: str
+    attrs: tuple[str, ...]
+    call: tuple[tuple[Any, ...], tuple[tuple[str, Any], ...]] | None = None
+
+    @property
+    def is_path(self) -> bool:
+        return self.target.endswith(".py") or os.sep in self.target or "/" in self.target
+
+    def with_kwargs(self, **kwargs: Any) -> "Ref":
+        """The same reference with factory keyword arguments replaced (used by sweeps)."""
+        args, kw = self.call or ((), ())
+        merged = dict(kw) | kwargs
+        return replace(self, call=(args, tuple(merged.items())))
+
+    def source(self) -> str:
+        """Canonical text of this reference (label omitted)."""
+        text = f"{self.target}:{'.'.join(self.attrs)}"
+        if self.call is not None:
+            args, kw = self.call
+            parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kw]
+            text += f"({', '.join(parts)})"
+        return text
+
+
+@dataclass(frozen=True)
+class Implementation:
+    ref: Ref
+    fn: Callable[..., Any]
+
+    @property
+    def label(self) -> str:
+        return self.ref.label
+
+
+_LABEL_RE = re.compile(r"^([A-Za-z_][\w.+-]*)=(?!=)")
+
+
+def parse_ref(text: str) -> Ref:
+    raw = text.strip()
+    label = None
+    m = _LABEL_RE.match(raw)
+    # A '=' before any ':' or '(' is a label prefix; one inside a call is a keyword.
+    if m and ":" not in m.group(1) and "(" not in m.group(1):
+        label, raw = m.group(1), raw[m.end():]
+    target, sep, expr = raw.partition(":")
+    if not sep or not target or not expr:
+        raise LoadError(f"{text!r}: expected 'file.py:attr' or 'package.module:attr'")
+    try:
+        node = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        raise LoadError(f"{text!r}: cannot parse {expr!r} as an attribute or a call") from None
+    call = None
+    if isinstance(node, ast.Call):
+        try:
+            args = tuple(ast.literal_eval(a) for a in node.args)
+            kwargs = tuple((k.arg, ast.literal_eval(k.value)) for k in node.keywords)
+        except ValueError:
+            raise LoadError(f"{text!r}: factory arguments must be literals (numbers, strings, tuples, ...)") from None
+        if any(k is None for k, _ in kwargs):
+            raise LoadError(f"{text!r}: '**' is not allowed in a reference")
+        call, node = (args, kwargs), node.func
+    attrs: list[str] = []
+    while isinstance(node, ast.Attribute):
+        attrs.insert(0, node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise LoadError(f"{text!r}: {expr!r} is not a dotted attribute name")
+    attrs.insert(0, node.id)
+    if label is None:
+        label = _default_label(target, attrs)
+    return Ref(text=text.strip(), label=label, target=target, attrs=tuple(attrs), call=call)
+
+
+def _default_label(target: str, attrs: list[str]) -> str:
+    return attrs[-1]
+
+
+def disambiguate(refs: list[Ref]) -> list[Ref]:
+    """Default labels are the attribute name; where two collide, qualify them."""
+    counts: dict[str, int] = {}
+    for r in refs:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    out = []
+    for r in refs:
+        explicit = _LABEL_RE.match(r.text) is not None
+        if counts[r.label] > 1 and not explicit:
+            stem = Path(r.target).stem if r.target.endswith(".py") else r.target.rstrip("/").split("/")[-1]
+            r = replace(r, label=f"{stem}:{'.'.join(r.attrs)}")
+        out.append(r)
+    return out
+
+
+def load_object(text: str, *, base_dir: Path | None = None, factories: str = "any") -> Any:
+    """Resolve a reference to the object it names (calling the factory, if any).
+
+    ``factories="modules"`` only allows calls of ``torch.nn.Module`` subclasses — the
+    safe subset used when a reference comes from a file someone else may have edited.
+    """
+    ref = text if isinstance(text, Ref) else parse_ref(text)
+    module = _import_target(ref.target, base_dir)
+    obj: Any = module
+    walked = [ref.target]
+    for name in ref.attrs:
+        walked.append(name)
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            raise LoadError(f"{ref.text!r}: {'.'.join(walked[:-1])} has no attribute {name!r}") from None
+    if ref.call is not None:
+        args, kwargs = ref.call
+        if factories == "modules" and not _is_module_class(obj):
+            raise LoadError(f"{ref.text!r}: only torch.nn.Module classes may be called from a saved file")
+        try:
+            obj = obj(*args, **dict(kwargs))
+        except Exception as e:  # the factory itself is user code
+            raise LoadError(f"{ref.text!r}: calling the factory raised {type(e).__name__}: {_first_line(e)}") from None
+    return obj
+
+
+def load_implementation(text: str | Ref, *, base_dir: Path | None = None, factories: str = "any") -> Implementation:
+    ref = text if isinstance(text, Ref) else parse_ref(text)
+    fn = load_object(ref, base_dir=base_dir, factories=factories)
+    if not callable(fn):
+        raise LoadError(f"{ref.text!r} is a {type(fn).__name__}, which is not callable")
+    return Implementation(ref, fn)
+
+
+def _is_module_class(obj: Any) -> bool:
+    try:
+        import torch
+
+        return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _import_target(target: str, base_dir: Path | None) -> Any:
+    is_path = target.endswith(".py") or "/" in target or os.sep in target
+    if not is_path:
+        try:
+            return importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name and target.startswith(e.name):
+                raise LoadError(f"no module named {target!r} (for a file, give its path ending in .py)") from None
+            raise LoadError(f"importing {target!r} failed: {_first_line(e)}") from None
+        except Exception as e:
+            raise LoadError(f"importing {target!r} raised {type(e).__name__}: {_first_line(e)}") from None
+    path = Path(target)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    path = path.resolve()
+    if not path.exists():
+        raise LoadError(f"no such file: {target}")
+    if path.is_dir():
+        if not (path / "__init__.py").exists():
+            raise LoadError(f"{target} is a folder without __init__.py, not a package")
+        path = path / "__init__.py"
+    elif path.suffix != ".py":
+        raise LoadError(f"{target} is not a .py file")
+    try:
+        return _import_file(path)
+    except LoadError:
+        raise
+    except Exception as e:
+        raise LoadError(f"importing {target} raised {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _package_root(path: Path) -> Path | None:
+    """Topmost folder above ``path`` that is still a package (has ``__init__.py``)."""
+    root = None
+    folder = path.parent
+    while (folder / "__init__.py").exists():
+        root = folder
+        folder = folder.parent
+    return root
+
+
+def _import_file(path: Path) -> Any:
+    root = _package_root(path)
+    if root is None:
+        # A lone file: a private module name, so two 'loss.py' files never clash.
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+        name = f"_losscmp_impl_{path.stem}_{digest}"
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.parent))  # its sibling imports
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        finally:
+            sys.path.remove(str(path.parent))
+        return module
+    rel = path.relative_to(root.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return _import_shadowed(root.parent, ".".join(parts), top=root.name)
+
+
+_SHADOW_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _import_shadowed(search_dir: Path, dotted: str, top: str) -> Any:
+    """Import ``dotted`` from ``search_dir`` even if a package named ``top`` is already
+    loaded from elsewhere: stash the loaded one, import the fork, restore.
+
+    The fork's functions keep their own module globals, so both stay usable side by
+    side.  (A fork that imports lazily inside functions would see the original again;
+    run such a fork with ``--isolate`` instead.)
+    """
+    key = (str(search_dir), dotted)
+    if key in _SHADOW_CACHE:
+        return _SHADOW_CACHE[key]
+    stashed = {k: v for k, v in sys.modules.items() if k == top or k.startswith(top + ".")}
+    for k in stashed:
+        del sys.modules[k]
+    sys.path.insert(0, str(search_dir))
+    importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(dotted)
+    finally:
+        sys.path.remove(str(search_dir))
+        # The fork's modules leave sys.modules so a later plain import gets the original.
+        for k in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+            del sys.modules[k]
+        sys.modules.update(stashed)
+    _SHADOW_CACHE[key] = module
+    return module

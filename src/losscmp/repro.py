@@ -1,0 +1,340 @@
+"""Repro files: a diverging case saved without pickle, replayed, or turned into a test.
+
+A repro is two files with one stem: ``STEM.npz`` (tensors, loaded with
+``allow_pickle=False``) and ``STEM.json`` (what the tensors mean and how to rerun
+them).  Dtypes numpy lacks (bfloat16) are stored as their raw bits with the real dtype
+in the metadata.  Both files are written atomically (temporary file + rename).
+
+A repro may come from someone else, so loading one trusts nothing in it: every field is
+type-checked, references go through the literal-only parser, and only
+``torch.nn.Module`` classes may be called as factories.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .generate import Case, Recipe, _with_layout
+from .load import LoadError, Ref, load_implementation, parse_ref
+from .spec import Spec, SpecError, parse_spec
+
+FORMAT = "losscmp-repro/1"
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+# numpy has no bfloat16: keep its raw bits.
+BIT_STORAGE = {torch.bfloat16: (torch.int16, np.int16)}
+
+
+class ReproError(ValueError):
+    """A repro file that is missing, corrupt or unsafe; the message is one line."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype in BIT_STORAGE:
+        t = t.view(BIT_STORAGE[t.dtype][0])
+    return t.numpy()
+
+
+def numpy_to_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype in BIT_STORAGE:
+        bits, np_bits = BIT_STORAGE[dtype]
+        if a.dtype != np_bits:
+            raise ReproError(f"array stored as {a.dtype}, expected raw {np_bits} bits for {dtype_name(dtype)}")
+        return torch.from_numpy(a.copy()).view(dtype)
+    t = torch.from_numpy(a.copy())
+    if t.dtype != dtype:
+        raise ReproError(f"array stored as {a.dtype}, metadata says {dtype_name(dtype)}")
+    return t
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def versions(refs: list[Ref]) -> dict[str, Any]:
+    found: dict[str, Any] = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "geomloss", "pykeops", "losscmp"):
+        try:
+            found[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            found[pkg] = None
+    impls = {}
+    for ref in refs:
+        if ref.is_path:
+            path = Path(ref.target)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+            impls[ref.label] = {"file_sha256": digest}
+        else:
+            top = ref.target.split(".")[0]
+            try:
+                impls[ref.label] = {"package": top, "version": importlib.metadata.version(top)}
+            except importlib.metadata.PackageNotFoundError:
+                impls[ref.label] = {"package": top, "version": None}
+    found["implementations"] = impls
+    return found
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:40] or "impl"
+
+
+def save_case(
+    directory: Path,
+    *,
+    spec: Spec,
+    case: Case,
+    refs: list[Ref],
+    pair: tuple[str, str],
+    kind: str,
+    outcomes: dict[str, Any],
+    tolerance: tuple[float, float],
+    seed: int,
+    device: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    tensors_meta = {}
+    for name, t in case.tensors.items():
+        arrays[f"input.{name}"] = tensor_to_numpy(t)
+        tensors_meta[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+    outcome_meta = {}
+    for side, label in enumerate(dict.fromkeys(pair)):
+        o = outcomes[label]
+        outcome_meta[label] = {"status": o.status, "error": o.error}
+        if o.value is not None:
+            arrays[f"out.{side}.value"] = tensor_to_numpy(o.value)
+            outcome_meta[label]["value_dtype"] = dtype_name(o.value.dtype)
+        for g, t in o.grads.items():
+            if t is not None:
+                arrays[f"out.{side}.grad.{g}"] = tensor_to_numpy(t)
+    digest = hashlib.sha256(b"".join(a.tobytes() for a in arrays.values())).hexdigest()[:10]
+    stem = f"{_slug(pair[0])}--{_slug(pair[1])}--{kind}--{digest}"
+    meta = {
+        "format": FORMAT,
+        "pair": list(pair),
+        "kind": kind,
+        "implementations": [{"label": r.label, "ref": r.source()} for r in refs],
+        "base_dir": os.getcwd(),
+        "spec": spec.text(),
+        "params": case.params,
+        "sizes": case.sizes,
+        "recipe": asdict(case.recipe) if case.recipe else None,
+        "tensors": tensors_meta,
+        "outcomes": outcome_meta,
+        "tolerance": {"rtol": tolerance[0], "atol": tolerance[1]},
+        "seed": seed,
+        "device": device,
+        "dtype": next((m["dtype"] for m in tensors_meta.values() if m["dtype"].startswith(("float", "bfloat"))), None),
+        "versions": versions(refs),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
+    _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
+    text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)
+    _atomic_write(json_path, lambda f: f.write(text.encode()))
+    return json_path
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (torch.dtype, Path)):
+        return str(x)
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"cannot store {type(x).__name__} in a repro")
+
+
+def save_divergence(ev, d, directory: Path) -> Path:
+    """Save the (minimised, if available) case of an audit divergence."""
+    case = d.minimized.case if d.minimized else d.case
+    labels = list(dict.fromkeys(d.pair))
+    outcomes = ev.outcomes(case, labels)
+    extra = {
+        "score": _finite_or_str(d.verdict.score),
+        "detail": d.verdict.detail,
+        "original_sizes": d.minimized.original_sizes if d.minimized else case.sizes,
+        "threshold": asdict(d.minimized.threshold) if d.minimized and d.minimized.threshold else None,
+    }
+    refs = [ev.impls[la].ref for la in labels]
+    return save_case(
+        directory,
+        spec=ev.spec,
+        case=case,
+        refs=refs,
+        pair=d.pair,
+        kind=d.kind,
+        outcomes=outcomes,
+        tolerance=(ev.tol.rtol, ev.tol.atol),
+        seed=ev.settings.seed,
+        device=ev.settings.device,
+        extra=extra,
+    )
+
+
+def _finite_or_str(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+# --- loading ------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Repro:
+    path: Path
+    meta: dict[str, Any]
+    spec: Spec
+    case: Case
+    refs: tuple[Ref, ...]
+    recorded: dict[str, np.ndarray]  # out.* arrays of the recorded run
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return tuple(self.meta["pair"])
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise ReproError(f"corrupt repro: {what}")
+
+
+def load_repro(path: str | Path) -> Repro:
+    p = Path(path)
+    json_path, npz_path = p.with_suffix(".json"), p.with_suffix(".npz")
+    if not json_path.exists():
+        raise ReproError(f"no such repro: {json_path}")
+    if not npz_path.exists():
+        raise ReproError(f"repro {json_path.name} has no tensors file {npz_path.name}")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReproError(f"corrupt repro: {json_path.name} is not valid JSON ({e.__class__.__name__})") from None
+    _need(isinstance(meta, dict) and meta.get("format") == FORMAT, f"not a {FORMAT} file")
+    pair = meta.get("pair")
+    _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair), "'pair' must be two labels")
+    _need(isinstance(meta.get("kind"), str), "'kind' missing")
+    impls = meta.get("implementations")
+    _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
+    try:
+        refs = tuple(parse_ref(f"{i['label']}={i['ref']}") for i in impls)
+    except LoadError as e:
+        raise ReproError(f"corrupt repro: {e}") from None
+    _need(set(pair) <= {r.label for r in refs}, "'pair' names an implementation that is not listed")
+    try:
+        spec = parse_spec(meta.get("spec") if isinstance(meta.get("spec"), str) else "")
+    except SpecError as e:
+        raise ReproError(f"corrupt repro: spec: {e}") from None
+    sizes = meta.get("sizes")
+    _need(isinstance(sizes, dict) and all(isinstance(v, int) and v >= 0 for v in sizes.values()) and set(sizes) == set(spec.dims), "'sizes' do not match the spec's dims")
+    params = meta.get("params", {})
+    _need(isinstance(params, dict), "'params' must be an object")
+    tol = meta.get("tolerance")
+    _need(isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float)) for k in ("rtol", "atol")), "'tolerance' malformed")
+    tmeta = meta.get("tensors")
+    _need(isinstance(tmeta, dict) and set(tmeta) == {a.name for a in spec.args}, "'tensors' do not match the spec's arguments")
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as e:  # object arrays need pickle: refused
+        raise ReproError(f"unsafe or corrupt repro: {npz_path.name}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise ReproError(f"corrupt repro: {npz_path.name} is not a readable .npz ({e.__class__.__name__})") from None
+    recipe = None
+    if isinstance(meta.get("recipe"), dict):
+        try:
+            r = meta["recipe"]
+            recipe = Recipe(
+                sizes=tuple((str(k), int(v)) for k, v in r["sizes"]),
+                regime=str(r["regime"]), magnitude=float(r["magnitude"]), offset=float(r["offset"]),
+                layout=str(r["layout"]), seed=int(r["seed"]),
+                planted=tuple((str(a), float(b), float(c)) for a, b, c in r["planted"]),
+                nonfinite=bool(r["nonfinite"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ReproError("corrupt repro: 'recipe' malformed") from None
+    tensors = {}
+    for arg in spec.args:
+        m = tmeta[arg.name]
+        _need(isinstance(m, dict) and m.get("dtype") in DTYPES, f"dtype of {arg.name} missing or unknown")
+        key = f"input.{arg.name}"
+        _need(key in arrays, f"tensor {arg.name} missing from {npz_path.name}")
+        t = numpy_to_tensor(arrays[key], DTYPES[m["dtype"]])
+        expected_shape = spec.shape(arg, sizes)
+        _need(tuple(t.shape) == expected_shape, f"{arg.name} has shape {tuple(t.shape)}, spec and sizes say {expected_shape}")
+        tensors[arg.name] = _with_layout(t, recipe.layout) if recipe else t
+    device = meta.get("device", "cpu")
+    _need(device in ("cpu", "cuda") or (isinstance(device, str) and re.fullmatch(r"cuda:\d+", device)), "'device' malformed")
+    if device != "cpu" and not torch.cuda.is_available():
+        device = "cpu"
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    case = Case(tensors=tensors, sizes=dict(sizes), params=params, recipe=recipe, note="replayed")
+    recorded = {k: v for k, v in arrays.items() if k.startswith("out.")}
+    return Repro(json_path, meta, spec, case, refs, recorded)
+
+
+def load_repro_implementations(repro: Repro):
+    """The pair's implementations, loaded with the safe factory policy."""
+    base = repro.meta.get("base_dir")
+    base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
+    by_label = {r.label: r for r in repro.refs}
+    out = []
+    for label in dict.fromkeys(repro.pair):
+        out.append(load_implementation(by_label[label], base_dir=base_dir, factories="modules"))
+    return out
+
+
+def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:
+    """Do today's outputs equal the recorded ones bit for bit?"""
+    for side, label in enumerate(dict.fromkeys(repro.pair)):
+        o = outcomes[label]
+        produced = {}
+        if o.value is not None:
+            produced[f"out.{side}.value"] = tensor_to_numpy(o.value)
+        for g, t in o.grads.items():
+            if t is not None:
+                produced[f"out.{side}.grad.{g}"] = tensor_to_numpy(t)
+        recorded = {k: v for k, v in repro.recorded.items() if k.startswith(f"out.{side}.")}
+        if produced.keys() != recorded.keys():
+            return False
+        if not all(np.array_equal(produced[k], recorded[k], equal_nan=True) for k in produced):
+            return False
+    return True

@@ -1,0 +1,234 @@
+"""Input specifications: which tensors a loss takes, their symbolic dims and domains.
+
+A spec is the contract between losscmp and the implementations under test.  Each
+argument is passed positionally, in spec order; fixed keyword parameters follow.
+
+Compact text form (``--spec``), items separated by ``;``::
+
+    x: N D real grad; y: M D real; N=1..64; D=3; blur=0.05
+
+* ``name: DIM DIM ... DOMAIN [grad]`` — a tensor argument.  A dim is a symbolic name
+  (shared by every argument that uses it) or a literal size.  ``labels(C)`` draws
+  integer labels in ``[0, C)`` where ``C`` is another dim.
+* ``DIM=lo..hi`` or ``DIM=n`` — the range of sizes drawn for a symbolic dim.
+* ``name=literal`` for any other name — a keyword parameter passed on every call.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+DOMAINS = {
+    "real": "any real number",
+    "positive": "strictly positive reals",
+    "unit": "probabilities in (0, 1)",
+    "simplex": "non-negative, sums to 1 along the last dim",
+    "logits": "unnormalised log-probabilities",
+    "labels": "integer class labels in [0, C)",
+    "sphere": "unit vectors along the last dim",
+    "image": "pixel intensities in [0, 1]",
+    "binary": "exactly 0.0 or 1.0",
+}
+DEFAULT_SIZE_RANGE = (1, 32)
+
+
+class SpecError(ValueError):
+    """A spec that does not parse or does not make sense; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    dims: tuple[str, ...]
+    domain: str = "real"
+    grad: bool = False
+    classes: str | None = None  # for ``labels``: the dim whose size bounds the labels
+
+    @property
+    def is_float(self) -> bool:
+        return self.domain != "labels"
+
+    def text(self) -> str:
+        domain = f"labels({self.classes})" if self.domain == "labels" else self.domain
+        return " ".join([f"{self.name}:", *self.dims, domain] + (["grad"] if self.grad else []))
+
+
+@dataclass(frozen=True)
+class Spec:
+    args: tuple[Arg, ...]
+    sizes: tuple[tuple[str, int, int], ...] = ()
+    params: tuple[tuple[str, Any], ...] = ()
+    scalar: bool = True  # the loss must return a single number
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.args]
+        if len(set(names)) != len(names):
+            raise SpecError(f"duplicate argument names in spec: {names}")
+        if not self.args:
+            raise SpecError("a spec needs at least one tensor argument")
+        for a in self.args:
+            if a.domain not in DOMAINS:
+                raise SpecError(f"unknown domain {a.domain!r} for {a.name} (choose from {', '.join(DOMAINS)})")
+            if a.domain == "labels" and (a.classes is None or a.classes not in self.dims):
+                raise SpecError(f"{a.name}: labels({a.classes}) needs {a.classes!r} to be a dim of another argument")
+        for dim, lo, hi in self.sizes:
+            if not 0 < lo <= hi:
+                raise SpecError(f"size range {dim}={lo}..{hi} is empty or not positive")
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """Symbolic dims in order of first appearance."""
+        seen: list[str] = []
+        for a in self.args:
+            for d in a.dims:
+                if not d.isdigit() and d not in seen:
+                    seen.append(d)
+        return tuple(seen)
+
+    def size_range(self, dim: str) -> tuple[int, int]:
+        for d, lo, hi in self.sizes:
+            if d == dim:
+                return lo, hi
+        lo, hi = DEFAULT_SIZE_RANGE
+        # A labels dim needs at least two classes to mean anything.
+        if any(a.classes == dim for a in self.args):
+            lo = max(lo, 2)
+        return lo, hi
+
+    def arg(self, name: str) -> Arg:
+        for a in self.args:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def shape(self, arg: Arg, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(int(d) if d.isdigit() else sizes[d] for d in arg.dims)
+
+    @property
+    def grad_args(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args if a.grad and a.is_float)
+
+    def with_sizes(self, **ranges: tuple[int, int]) -> "Spec":
+        kept = tuple(s for s in self.sizes if s[0] not in ranges)
+        return replace(self, sizes=kept + tuple((d, lo, hi) for d, (lo, hi) in ranges.items()))
+
+    def text(self) -> str:
+        items = [a.text() for a in self.args]
+        for dim in self.dims:
+            lo, hi = self.size_range(dim)
+            items.append(f"{dim}={lo}" if lo == hi else f"{dim}={lo}..{hi}")
+        items += [f"{k}={v!r}" for k, v in self.params]
+        return "; ".join(items)
+
+
+_ARG_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*:\s*(.+?)\s*$")
+_ASSIGN_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(.+?)\s*$")
+_RANGE_RE = re.compile(r"^(\d+)\s*(?:\.\.\s*(\d+))?$")
+_LABELS_RE = re.compile(r"^labels\(\s*([A-Za-z_]\w*)\s*\)$")
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse the compact text form (see the module docstring)."""
+    args: list[Arg] = []
+    assigns: list[tuple[str, str]] = []
+    for raw in text.split(";"):
+        if not raw.strip():
+            continue
+        m = _ASSIGN_RE.match(raw)
+        if m:
+            assigns.append((m.group(1), m.group(2)))
+            continue
+        m = _ARG_RE.match(raw)
+        if not m:
+            raise SpecError(f"cannot parse spec item {raw.strip()!r} (expected 'name: DIMS domain [grad]' or 'NAME=value')")
+        args.append(_parse_arg(m.group(1), m.group(2).split()))
+    if not args:
+        raise SpecError(f"spec {text!r} names no tensor argument")
+    dims = {d for a in args for d in a.dims if not d.isdigit()}
+    sizes, params = [], []
+    for name, value in assigns:
+        if name in dims:
+            r = _RANGE_RE.match(value)
+            if not r:
+                raise SpecError(f"size of {name} must be 'n' or 'lo..hi', got {value!r}")
+            lo = int(r.group(1))
+            sizes.append((name, lo, int(r.group(2) or lo)))
+        else:
+            try:
+                params.append((name, ast.literal_eval(value)))
+            except (ValueError, SyntaxError):
+                raise SpecError(f"parameter {name}={value} is not a Python literal") from None
+    return Spec(tuple(args), tuple(sizes), tuple(params))
+
+
+def _parse_arg(name: str, words: list[str]) -> Arg:
+    grad = False
+    if words and words[-1] == "grad":
+        grad, words = True, words[:-1]
+    if not words:
+        raise SpecError(f"{name}: missing domain")
+    domain_word, dims = words[-1], tuple(words[:-1])
+    classes = None
+    m = _LABELS_RE.match(domain_word)
+    if m:
+        domain, classes = "labels", m.group(1)
+    elif domain_word in DOMAINS:
+        domain = domain_word
+    else:
+        raise SpecError(f"{name}: unknown domain {domain_word!r} (choose from {', '.join(DOMAINS)})")
+    for d in dims:
+        if not (d.isdigit() or re.match(r"^[A-Za-z_]\w*$", d)):
+            raise SpecError(f"{name}: bad dim {d!r}")
+    if domain == "labels" and grad:
+        raise SpecError(f"{name}: integer labels cannot require gradients")
+    return Arg(name, dims, domain, grad, classes)
+
+
+PRESETS: dict[str, str] = {
+    "points": "x: N D real grad; y: M D real grad; N=1..64; M=1..64; D=1..3",
+    "weighted-points": "a: N simplex grad; x: N D real grad; b: M simplex; y: M D real grad; N=1..64; M=1..64; D=1..3",
+    "classification": "input: B C logits grad; target: B labels(C); B=1..32; C=2..10",
+    "binary": "input: B logits grad; target: B binary; B=1..64",
+    "regression": "input: B real grad; target: B real; B=1..64",
+    "segmentation": "input: B H W unit grad; target: B H W binary; B=1..3; H=1..12; W=1..12",
+    "images": "x: B C H W image grad; y: B C H W image; B=1..2; C=1..3; H=1..12; W=1..12",
+    "distributions": "p: B K simplex grad; q: B K simplex; B=1..8; K=2..16",
+}
+PRESET_ALIASES = {
+    "point-clouds": "points",
+    "weighted-point-clouds": "weighted-points",
+    "multiclass": "classification",
+    "binary-classification": "binary",
+    "segmentation-masks": "segmentation",
+    "image-pairs": "images",
+    "probability-distributions": "distributions",
+}
+
+
+def preset(name: str) -> Spec:
+    key = name.strip().lower().replace("_", "-")
+    key = PRESET_ALIASES.get(key, key)
+    if key not in PRESETS:
+        raise SpecError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    spec = parse_spec(PRESETS[key])
+    return replace(spec, name=key)
+
+
+def resolve_spec(text: str) -> Spec:
+    """``--spec`` value: a preset name, a compact text form, or ``file.py:SPEC``."""
+    stripped = text.strip()
+    if re.match(r"^[\w-]+$", stripped):
+        return preset(stripped)
+    if re.match(r"^[^;\s]+\.py:[A-Za-z_][\w.]*$", stripped):
+        from .load import load_object
+
+        obj = load_object(stripped)
+        if isinstance(obj, Spec):
+            return obj
+        if isinstance(obj, str):
+            return resolve_spec(obj)
+        raise SpecError(f"{stripped} is a {type(obj).__name__}, not a losscmp Spec or spec string")
+    return parse_spec(stripped)

@@ -1,0 +1,142 @@
+"""Sweeps: walk one knob across a range and locate every agree/diverge boundary.
+
+A knob is ``scale`` (the largest |element| of the real-valued inputs; the case is
+normalised so that its value *is* that magnitude) or any keyword parameter.  A
+parameter is set on each implementation where it can take it: as a factory keyword
+for references such as ``geomloss:SamplesLoss(blur=0.05)``, else as a call keyword.
+Each boundary between grid points is then bisected to 1%.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from .audit import Evaluator, Settings
+from .compare import Verdict
+from .generate import Case, Recipe, build_case
+from .load import Implementation, load_implementation
+from .minimize import bisect, input_magnitude, scaled
+from .spec import Spec
+
+
+class KnobError(ValueError):
+    """A --param that does not parse; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    lo: float
+    hi: float
+    log: bool = True
+
+    def grid(self, points: int) -> list[float]:
+        if points < 2:
+            return [self.lo]
+        if self.log:
+            a, b = math.log(self.lo), math.log(self.hi)
+            return [math.exp(a + (b - a) * i / (points - 1)) for i in range(points)]
+        return [self.lo + (self.hi - self.lo) * i / (points - 1) for i in range(points)]
+
+
+def parse_knob(text: str) -> Knob:
+    """``name=lo:hi[:log|lin]``, e.g. ``blur=1e-3:1:log``."""
+    m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*([^:]+):([^:]+)(?::(log|lin))?\s*", text)
+    if not m:
+        raise KnobError(f"--param {text!r}: expected NAME=LO:HI[:log|lin], e.g. blur=1e-3:1:log")
+    try:
+        lo, hi = float(m.group(2)), float(m.group(3))
+    except ValueError:
+        raise KnobError(f"--param {text!r}: bounds must be numbers") from None
+    log = m.group(4) != "lin"
+    if not lo < hi or (log and lo <= 0):
+        raise KnobError(f"--param {text!r}: need LO < HI{' and LO > 0 on a log scale' if log else ''}")
+    return Knob(m.group(1), lo, hi, log)
+
+
+@dataclass(frozen=True)
+class Point:
+    value: float
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Boundary:
+    agree_at: float
+    diverge_at: float
+    kind: str
+
+    @property
+    def value(self) -> float:
+        return math.sqrt(self.agree_at * self.diverge_at) if self.agree_at > 0 < self.diverge_at else (self.agree_at + self.diverge_at) / 2
+
+    def describe(self, knob: str) -> str:
+        if self.diverge_at > self.agree_at:
+            return f"agree for {knob} < {self.value:.4g}, diverge above ({self.kind}); bracket [{self.agree_at:.4g}, {self.diverge_at:.4g}]"
+        return f"diverge for {knob} < {self.value:.4g} ({self.kind}), agree above; bracket [{self.diverge_at:.4g}, {self.agree_at:.4g}]"
+
+
+@dataclass(frozen=True, eq=False)
+class SweepResult:
+    pair: tuple[str, str]
+    knob: Knob
+    points: tuple[Point, ...]
+    boundaries: tuple[Boundary, ...]
+    evaluations: int
+    case: Case
+
+
+def sweep_case(spec: Spec, settings: Settings, size: int = 8) -> Case:
+    """The fixed case a sweep walks on: standard regime, dims at ``size`` (within range)."""
+    sizes = tuple((d, max(spec.size_range(d)[0], min(spec.size_range(d)[1], size))) for d in spec.dims)
+    return build_case(spec, Recipe(sizes=sizes, seed=settings.seed), dtype=settings.dtype, device=settings.device)
+
+
+def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob: Knob, points: int = 9, case: Case | None = None) -> SweepResult:
+    if len(impls) != 2:
+        raise KnobError("sweep compares exactly two implementations")
+    case = case or sweep_case(spec, settings)
+    pair = (impls[0].label, impls[1].label)
+    evaluations = 0
+    if knob.name == "scale":
+        magnitude = input_magnitude(spec, case)
+        if not magnitude:
+            raise KnobError("--param scale: the spec has no real-valued input to scale")
+        base = scaled(spec, case, 1.0 / magnitude)
+
+    def verdict_at(value: float) -> Verdict:
+        nonlocal evaluations
+        evaluations += 1
+        if knob.name == "scale":
+            ev, c = Evaluator(impls, spec, settings), scaled(spec, base, value)
+        else:
+            ev, c = Evaluator(with_param(impls, knob.name, value), spec, settings), case
+        try:
+            return ev.verdict(pair, ev.outcomes(c, pair))
+        finally:
+            ev.close()
+
+    grid = [Point(v, verdict_at(v)) for v in knob.grid(points)]
+    boundaries = []
+    for a, b in zip(grid, grid[1:]):
+        if bool(a.verdict.kind) == bool(b.verdict.kind):
+            continue
+        agree, diverge = (a, b) if b.verdict.kind else (b, a)
+        lo, hi = bisect(lambda v: bool(verdict_at(v).kind), agree.value, diverge.value, log=knob.log)
+        boundaries.append(Boundary(lo, hi, diverge.verdict.kind))
+    return SweepResult(pair, knob, tuple(grid), tuple(boundaries), evaluations, case)
+
+
+def with_param(impls: Sequence[Implementation], name: str, value: float) -> list[Implementation]:
+    """Each implementation with ``name=value``: a factory keyword where the reference is
+    a factory call (``SamplesLoss(blur=...)``), else a keyword on every call."""
+    out = []
+    for impl in impls:
+        if impl.ref.call is not None:
+            out.append(load_implementation(impl.ref.with_kwargs(**{name: value})))
+        else:
+            out.append(Implementation(impl.ref, functools.partial(impl.fn, **{name: value})))
+    return out
