@@ -32,6 +32,8 @@ REGIMES = {
     "special": "a few planted values: 0, tiny, huge, -0",
 }
 LAYOUTS = ("contiguous", "transposed", "strided")
+# Domains a planted special value can go into without leaving the domain.
+PLANTABLE = ("real", "logits", "positive", "unit", "image", "simplex")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def recipes(
             offset = draw(st.sampled_from([-1.0, 1.0])) * draw(_log_uniform(1e3, 1e7))
         planted: tuple = ()
         if regime == "special":
-            names = [a.name for a in spec.args if a.is_float]
+            names = [a.name for a in spec.args if a.domain in PLANTABLE] or [None]
             planted = tuple(
                 draw(
                     st.lists(
@@ -173,6 +175,8 @@ def build_case(spec: Spec, recipe: Recipe, *, dtype: torch.dtype = torch.float32
         for name, pos, value in recipe.planted:
             if name == arg.name and t.numel():
                 t.view(-1)[int(pos * t.numel())] = _fit_domain(arg, value)
+                if arg.domain == "simplex":  # a zero weight, say, then back onto the simplex
+                    t = renormalise(t, "simplex")
         if recipe.nonfinite and t.numel() and arg.domain in ("real", "logits"):
             t.view(-1)[int(torch.randint(0, t.numel(), (), generator=gen, device=device))] = float("nan")
         tensors[arg.name] = t
@@ -205,6 +209,15 @@ def _apply_domain(arg: Arg, z: torch.Tensor, r: Recipe, gen: torch.Generator) ->
         p = 0.5 if r.regime != "extreme" else float(torch.rand((), generator=gen, device=z.device) < 0.5)
         return (torch.rand(z.shape, generator=gen, device=z.device, dtype=z.dtype) < p).to(z.dtype)
     raise ValueError(d)
+
+
+def renormalise(t: torch.Tensor, domain: str) -> torch.Tensor:
+    """Project back onto the simplex (uniform where a row sums to 0) or the unit sphere."""
+    if domain == "simplex":
+        total = t.sum(-1, keepdim=True)
+        uniform = torch.full_like(t, 1.0 / max(t.shape[-1], 1))
+        return torch.where(total > 0, t / total.clamp_min(torch.finfo(t.dtype).tiny), uniform)
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _fit_domain(arg: Arg, value: float) -> float:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from .compare import Verdict
-from .generate import Case, _with_layout
+from .generate import Case, _with_layout, renormalise
 from .spec import Spec
 
 SCALABLE = ("real", "logits", "positive")
@@ -81,19 +81,11 @@ def take(spec: Spec, case: Case, dim: str, keep: Sequence[int]) -> Case:
             kept = keep_t.to(t.device)
             t = torch.searchsorted(kept, t.contiguous()).clamp_(max=len(keep) - 1)
         elif axes and arg.domain in ("simplex", "sphere") and t.ndim and (t.ndim - 1) in axes:
-            t = _renormalise(t, arg.domain)
+            t = renormalise(t, arg.domain)
         tensors[arg.name] = _relayout(t, case)
     sizes = dict(case.sizes)
     sizes[dim] = len(keep)
     return replace(case, tensors=tensors, sizes=sizes)
-
-
-def _renormalise(t: torch.Tensor, domain: str) -> torch.Tensor:
-    if domain == "simplex":
-        total = t.sum(-1, keepdim=True)
-        uniform = torch.full_like(t, 1.0 / max(t.shape[-1], 1))
-        return torch.where(total > 0, t / total.clamp_min(torch.finfo(t.dtype).tiny), uniform)
-    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _relayout(t: torch.Tensor, case: Case) -> torch.Tensor:
