@@ -68,8 +68,8 @@ def mse(input, target):
 
 
 def mse_inplace(input, target):
-    value = F.mse_loss(input, target)
-    target.mul_(0.5)  # the value is right, but the caller's tensor changed under it
+    value = F.mse_loss(input, target.clone())
+    target.data.mul_(0.5)  # the value is right, but the caller's tensor changed under it
     return value
 
 

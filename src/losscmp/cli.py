@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Off a terminal rich would wrap at 80 columns; a report piped to a file reads better unwrapped.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False)  # progress only; errors are plain lines
     try:
         if argv and argv[0] == "replay":
             return _replay(replay_parser().parse_args(argv[1:]), console)
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse's own usage errors exit 2 already
         return int(e.code or 0)
     except KeyboardInterrupt:
-        err.print("losscmp: interrupted")
+        print("losscmp: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         from .load import LoadError
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:  # pragma: no cover
             pass
         if isinstance(e, known):
-            err.print(f"losscmp: error: {e}", markup=False)
+            print(f"losscmp: error: {e}", file=sys.stderr)
             return 2
         raise
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -53,12 +53,20 @@ def call(fn: Callable[..., Any], spec: Spec, case: Case) -> Outcome:
     inputs = make_inputs(spec, case)
     device = next(iter(case.tensors.values())).device
     start = time.perf_counter()
+    outcome = _call(fn, spec, case, inputs, device)
+    seconds = time.perf_counter() - start
+    # Checked on every path: a mutation can be what made the call fail.
+    mutated = tuple(a.name for a, t in zip(spec.args, inputs) if not _same(t.detach(), case.tensors[a.name]))
+    return replace(outcome, seconds=seconds, mutated=mutated)
+
+
+def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Tensor], device: torch.device) -> Outcome:
     try:
         out = fn(*inputs, **case.params)
         if not isinstance(out, torch.Tensor):
-            return Outcome("non_tensor", error=f"returned {type(out).__name__}, not a tensor", seconds=time.perf_counter() - start)
+            return Outcome("non_tensor", error=f"returned {type(out).__name__}, not a tensor")
         if spec.scalar and out.numel() != 1:
-            return Outcome("non_scalar", error=f"returned shape {tuple(out.shape)}, expected a scalar", seconds=time.perf_counter() - start)
+            return Outcome("non_scalar", error=f"returned shape {tuple(out.shape)}, expected a scalar")
         grads: dict[str, torch.Tensor | None] = {}
         wanted = [(a.name, t) for a, t in zip(spec.args, inputs) if t.requires_grad]
         if wanted:
@@ -72,10 +80,8 @@ def call(fn: Callable[..., Any], spec: Spec, case: Case) -> Outcome:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as e:  # the implementation's own failure is a finding, not ours
-        return Outcome("exception", error=one_line(e), seconds=time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    mutated = tuple(a.name for a, t in zip(spec.args, inputs) if not _same(t.detach(), case.tensors[a.name]))
-    return Outcome("ok", value=value, grads=grads, seconds=seconds, mutated=mutated)
+        return Outcome("exception", error=one_line(e))
+    return Outcome("ok", value=value, grads=grads)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,0 +1,102 @@
+"""The example pairs: every divergence found in the default budget, no false alarms."""
+import json
+
+import pytest
+
+from losscmp.audit import Settings, audit
+from losscmp.cli import main
+from losscmp.load import load_implementation
+from losscmp.spec import preset
+
+from .conftest import FIXTURES, PLANTED
+
+DEFAULT_BUDGET = Settings().examples
+
+
+def impls(*refs):
+    return [load_implementation(r) for r in refs]
+
+
+@pytest.mark.parametrize(
+    "a, b, spec, kinds",
+    [
+        ("bce.py:bce_on_sigmoid", "bce.py:bce_with_logits", "binary", {"value", "gradient"}),
+        ("cross_entropy.py:log_of_softmax", "cross_entropy.py:log_softmax_nll", "classification", {"nonfinite"}),
+        ("regression.py:huber", "regression.py:smooth_l1", "regression", {"value", "gradient"}),
+    ],
+)
+def test_divergent_pairs_are_found_within_the_default_budget(a, b, spec, kinds):
+    result = audit(impls(f"{FIXTURES}/{a}", f"{FIXTURES}/{b}"), preset(spec), Settings(save_dir=None, minimize=False))
+    assert result.cases_run == DEFAULT_BUDGET
+    found = {d.kind for d in result.divergences}
+    assert kinds <= found, found
+    assert all(d.score > 1 for d in result.divergences)
+
+
+@pytest.mark.parametrize(
+    "a, b, spec",
+    [
+        ("torch.nn.functional:cross_entropy", f"{FIXTURES}/cross_entropy.py:log_softmax_nll", "classification"),
+        ("torch.nn.functional:mse_loss", f"{FIXTURES}/regression.py:mean_square", "regression"),
+    ],
+)
+def test_equivalent_pairs_never_raise_an_alarm(a, b, spec):
+    result = audit(impls(a, b), preset(spec), Settings(examples=500, save_dir=None, minimize=False))
+    assert result.cases_run == 500
+    regimes = {d.case.recipe.regime for d in result.divergences}
+    assert result.agree, [(d.kind, d.verdict.detail, regimes) for d in result.divergences]
+
+
+def test_same_seed_same_report(tmp_path):
+    reports = []
+    for run in range(2):
+        path = tmp_path / f"r{run}.json"
+        code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--spec", "binary",
+                     "--seed", "7", "--examples", "60", "--save-dir", str(tmp_path / "cases"), "--json", str(path)])
+        assert code == 1
+        data = json.loads(path.read_text())
+        data.pop("seconds")
+        reports.append(data)
+    assert reports[0] == reports[1]
+    other = tmp_path / "other.json"
+    main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--spec", "binary",
+          "--seed", "8", "--examples", "60", "--no-save", "--json", str(other)])
+    assert json.loads(other.read_text())["divergences"] != reports[0]["divergences"]
+
+
+def test_json_report_fields(tmp_path):
+    path = tmp_path / "r.json"
+    main([f"{FIXTURES}/regression.py:huber", f"{FIXTURES}/regression.py:smooth_l1", "--spec", "regression",
+          "--examples", "30", "--save-dir", str(tmp_path / "cases"), "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert data["implementations"] == ["huber", "smooth_l1"] and data["cases_run"] == 30
+    for d in data["divergences"]:
+        assert d["pair"] == ["huber", "smooth_l1"] and d["kind"] in ("value", "gradient") and d["score"] > 1
+        assert set(d["original_sizes"]) == {"B"} and d["minimized_sizes"]["B"] <= d["original_sizes"]["B"]
+        assert d["evaluations"] > 0 and d["repro"].endswith(".json")
+        assert {"category", "unstable_side", "location"} <= set(d)
+
+
+def test_nondeterminism_is_reported_as_such_not_as_a_pair_divergence():
+    result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:noisy_mse"), preset("regression"), Settings(examples=30, save_dir=None, minimize=False))
+    kinds = {(d.pair, d.kind) for d in result.divergences}
+    assert (("noisy_mse", "noisy_mse"), "nondeterminism") in kinds
+    assert not any(pair == ("mse", "noisy_mse") for pair, _ in kinds)
+
+
+def test_input_mutation_is_a_finding():
+    result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:mse_inplace"), preset("regression"), Settings(examples=20, save_dir=None, minimize=False))
+    mutation = [d for d in result.divergences if d.kind == "mutation"]
+    assert mutation and mutation[0].pair == ("mse_inplace", "mse_inplace")
+    assert "target" in mutation[0].verdict.detail
+    # Each side got its own copy: the mutation did not leak into the comparison.
+    assert not [d for d in result.divergences if d.pair == ("mse", "mse_inplace")]
+
+
+def test_reference_mode_compares_against_the_reference_only():
+    result = audit(
+        impls(f"{FIXTURES}/regression.py:mean_square", "torch.nn.functional:mse_loss", f"{FIXTURES}/regression.py:huber"),
+        preset("regression"),
+        Settings(examples=20, save_dir=None, minimize=False, reference="mse_loss"),
+    )
+    assert {d.pair for d in result.divergences} == {("mse_loss", "huber")}
