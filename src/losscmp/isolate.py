@@ -407,18 +407,21 @@ def _pack(t: torch.Tensor) -> tuple:
     """A tensor as (dtype, shape, strides, raw bytes of its values in logical order)."""
     t = t.detach()
     c = t.cpu().contiguous()
-    raw = c.reshape(-1).view(torch.uint8).numpy().tobytes() if c.numel() else b""
+    # A contiguous tensor's values are consecutive in memory (a size-1 dim may still
+    # carry any stride, so flatten by hand rather than with reshape).
+    raw = torch.as_strided(c, (c.numel(),), (1,)).view(torch.uint8).numpy().tobytes() if c.numel() else b""
     return (str(c.dtype).removeprefix("torch."), tuple(t.shape), tuple(t.stride()), raw)
 
 
 def _unpack(p: tuple, device: torch.device) -> torch.Tensor:
     dtype_name, shape, stride, raw = p
     dtype = getattr(torch, dtype_name)
-    out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-    if raw:
-        values = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
-        out.copy_(values)
-    return out
+    if not raw:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    values = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    if device.type == "cpu" and values.stride() == tuple(stride):
+        return values
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(values)
 
 
 def _pack_outcome(o: Outcome) -> bytes:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compare import KINDS
 from .generate import Case, Recipe, _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
 from .spec import Spec, SpecError, parse_spec
@@ -252,6 +253,7 @@ def load_repro(path: str | Path) -> Repro:
     pair = meta.get("pair")
     _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair), "'pair' must be two labels")
     _need(isinstance(meta.get("kind"), str), "'kind' missing")
+    _need(meta["kind"] in KINDS, f"unknown kind {meta['kind']!r}")
     impls = meta.get("implementations")
     _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
     try:

@@ -1,0 +1,114 @@
+"""Planted divergences, each reduced to its essence."""
+import torch
+
+from losscmp.audit import Divergence, Evaluator, Settings
+from losscmp.generate import Case, Recipe
+from losscmp.load import load_implementation
+from losscmp.minimize import ddmin, minimize, take
+from losscmp.spec import parse_spec, preset
+from losscmp.sweep import parse_knob, sweep
+
+from .conftest import PLANTED
+from .planted import BLUR_THRESHOLD, FAR
+
+
+def evaluator(a, b, spec, **kw):
+    impls = [load_implementation(f"{PLANTED}:{a}"), load_implementation(f"{PLANTED}:{b}")]
+    return Evaluator(impls, spec, Settings(save_dir=None, **kw))
+
+
+def divergence_of(ev, case):
+    pair = ev.pairs[0]
+    verdict = ev.verdict(pair, ev.outcomes(case, pair))
+    assert verdict.kind, "the planted case must diverge to begin with"
+    return Divergence(pair, verdict.kind, verdict, case, 1)
+
+
+def cloud_case(tensors, layout="contiguous"):
+    sizes = {"N": tensors["x"].shape[0], "D": tensors["x"].shape[1], "M": tensors["y"].shape[0]}
+    return Case(tensors, sizes, recipe=Recipe(sizes=tuple(sizes.items()), layout=layout))
+
+
+def test_ddmin_finds_a_single_culprit_in_log_time():
+    calls = []
+
+    def has_culprit(keep):
+        calls.append(len(keep))
+        return 7777 in keep
+
+    assert ddmin(list(range(10_000)), has_culprit, 1) == [7777]
+    assert len(calls) <= 2 * 14 + 1
+
+
+def test_ddmin_keeps_a_pair_that_must_stay_together():
+    assert sorted(ddmin(list(range(1000)), lambda keep: 3 in keep and 901 in keep, 1)) == [3, 901]
+
+
+def test_one_far_point_among_a_thousand():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 3, generator=g), torch.randn(40, 3, generator=g)
+    x[613] = torch.tensor([300.0, -250.0, 400.0])
+    ev = evaluator("norms", "norms_clamped", preset("points"))
+    m = minimize(ev, divergence_of(ev, cloud_case({"x": x, "y": y})))
+    assert m.sizes["N"] == 1 and m.sizes["M"] == 1 and m.sizes["D"] == 1
+    assert m.case.tensors["x"].abs().max() > FAR  # the far point is the one kept
+    assert m.verdict.kind == "value"
+    # Threshold on the input scale: agreement ends where the far point passes FAR.
+    assert abs(m.threshold.value - FAR) / FAR < 0.01
+    assert m.evaluations <= 60
+
+
+def test_duplicate_points_reduce_to_the_pair():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 2, generator=g), torch.randn(5, 2, generator=g)
+    x[150] = x[31]
+    ev = evaluator("spread_safe", "spread_naive", preset("points"))
+    m = minimize(ev, divergence_of(ev, cloud_case({"x": x, "y": y}, layout="transposed")))
+    assert m.sizes["N"] == 2
+    assert torch.equal(m.case.tensors["x"][0], m.case.tensors["x"][1])
+    assert m.verdict.kind == "nonfinite"
+
+
+def test_one_class_out_of_many():
+    spec = preset("classification")
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 6, generator=g)
+    target = torch.randint(0, 6, (64,), generator=g)
+    case = Case({"input": logits, "target": target}, {"B": 64, "C": 6}, recipe=Recipe(sizes=(("B", 64), ("C", 6))))
+    ev = evaluator("cross_entropy", "cross_entropy_drops_last_class", spec)
+    m = minimize(ev, divergence_of(ev, case))
+    assert m.sizes["B"] == 1
+    assert m.sizes["C"] == 2  # the spec's minimum; labels were remapped, not broken
+    t = m.case.tensors["target"]
+    assert t.tolist() == [m.sizes["C"] - 1]  # the one sample sits in the last class
+
+
+def test_simplex_weights_stay_on_the_simplex_when_points_are_removed():
+    spec = preset("weighted-points")
+    a = torch.softmax(torch.randn(10), 0)
+    case = Case({"a": a, "x": torch.randn(10, 2), "b": torch.full((3,), 1 / 3), "y": torch.randn(3, 2)}, {"N": 10, "D": 2, "M": 3})
+    smaller = take(spec, case, "N", [1, 4, 7])
+    assert torch.allclose(smaller.tensors["a"].sum(), torch.tensor(1.0))
+    assert smaller.tensors["x"].shape == (3, 2) and smaller.sizes["N"] == 3
+
+
+def test_blur_threshold_within_one_percent():
+    spec = parse_spec("x: N D real grad; y: M D real; N=8; M=8; D=2")
+    ev = evaluator("smooth_energy", "smooth_energy_forked", spec)
+    result = sweep(list(ev.impls.values()), spec, ev.settings, parse_knob("blur=1e-3:1:log"))
+    assert len(result.boundaries) == 1
+    b = result.boundaries[0]
+    assert b.diverge_at < b.agree_at  # diverges below the threshold
+    assert abs(b.value - BLUR_THRESHOLD) / BLUR_THRESHOLD < 0.01
+    assert result.evaluations <= 9 + 12
+
+
+def test_scale_sweep_finds_where_bce_on_sigmoid_breaks():
+    from .conftest import FIXTURES
+
+    impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
+    result = sweep(impls, preset("binary"), Settings(save_dir=None), parse_knob("scale=0.1:1000:log"), points=9)
+    assert result.boundaries, [p.verdict.kind for p in result.points]
+    first = result.boundaries[0]
+    assert first.agree_at < first.diverge_at  # agree for small |z|, diverge above
+    assert 1 < first.value < 100

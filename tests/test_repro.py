@@ -1,0 +1,150 @@
+"""Saved cases: round trip, replay, generated tests, and files that were tampered with."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from losscmp.audit import Settings, audit
+from losscmp.cli import main
+from losscmp.generate import Case
+from losscmp.load import load_implementation
+from losscmp.repro import ReproError, load_repro, numpy_to_tensor, save_case, tensor_to_numpy
+from losscmp.run import call
+from losscmp.spec import preset
+
+from .conftest import FIXTURES, PLANTED
+
+
+@pytest.fixture(scope="module")
+def bce_repros(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("cases")
+    impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
+    result = audit(impls, preset("binary"), Settings(examples=40, save_dir=save_dir))
+    assert result.divergences
+    return [Path(d.repro) for d in result.divergences]
+
+
+def test_save_then_replay_gives_the_same_verdict_bit_for_bit(bce_repros, capsys):
+    for path in bce_repros:
+        assert path.exists() and path.with_suffix(".npz").exists()
+        code = main(["replay", str(path)])
+        out = capsys.readouterr().out
+        assert code == 1, out
+        assert "bit-for-bit identical" in out and "still diverges" in out
+        assert json.loads(path.read_text())["kind"] in out
+
+
+def test_metadata_records_what_is_needed_to_rerun(bce_repros):
+    meta = json.loads(bce_repros[0].read_text())
+    for key in ("implementations", "spec", "tolerance", "seed", "device", "dtype", "versions", "sizes", "original_sizes", "kind", "pair"):
+        assert key in meta
+    assert meta["versions"]["torch"] == torch.__version__.split("+")[0] or meta["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert {"python", "numpy", "geomloss", "implementations"} <= set(meta["versions"])
+
+
+def test_generated_pytest_fails_while_the_divergence_exists(bce_repros, tmp_path, capsys):
+    out = tmp_path / "test_repro_bce.py"
+    assert main(["replay", "--pytest", str(bce_repros[0]), "-o", str(out)]) == 0
+    source = out.read_text()
+    assert "losscmp" not in source.split('"""')[2]  # needs only torch and the implementations
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout
+    assert "1 failed" in proc.stdout
+
+
+def test_generated_pytest_passes_once_implementations_agree(tmp_path, capsys):
+    spec = preset("regression")
+    case = Case({"input": torch.randn(5), "target": torch.randn(5)}, {"B": 5})
+    impls = [load_implementation("torch.nn.functional:mse_loss"), load_implementation(f"{FIXTURES}/regression.py:mean_square")]
+    outcomes = {i.label: call(i.fn, spec, case) for i in impls}
+    path = save_case(tmp_path, spec=spec, case=case, refs=[i.ref for i in impls], pair=("mse_loss", "mean_square"),
+                     kind="value", outcomes=outcomes, tolerance=(1.3e-6, 1e-5), seed=0, device="cpu")
+    out = tmp_path / "test_agree.py"
+    assert main(["replay", "--pytest", str(path), "-o", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    assert main(["replay", str(path)]) == 0  # and replay says they agree now
+
+
+def test_bfloat16_is_stored_losslessly():
+    t = torch.randn(17).to(torch.bfloat16)
+    stored = tensor_to_numpy(t)
+    assert stored.dtype == np.int16
+    assert torch.equal(numpy_to_tensor(stored, torch.bfloat16), t)
+
+
+def _copy(repro: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / repro.name
+    dst.write_bytes(repro.read_bytes())
+    dst.with_suffix(".npz").write_bytes(repro.with_suffix(".npz").read_bytes())
+    return dst
+
+
+def _edit(path: Path, **changes):
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def test_tampered_reference_cannot_run_code(bce_repros, tmp_path, capsys):
+    victim = tmp_path / "pwned"
+    path = _copy(bce_repros[0], tmp_path)
+    meta = json.loads(path.read_text())
+    meta["implementations"][0]["ref"] = f"subprocess:Popen(args='touch {victim}', shell=True)"
+    path.write_text(json.dumps(meta))
+    code = main(["replay", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "only torch.nn.Module classes may be called" in err
+    assert not victim.exists()
+    # A non-literal argument does not even parse.
+    meta["implementations"][0]["ref"] = "os:system(__import__('os').getcwd())"
+    path.write_text(json.dumps(meta))
+    assert main(["replay", str(path)]) == 2
+
+
+def test_pickled_tensors_are_refused(bce_repros, tmp_path, capsys):
+    path = _copy(bce_repros[0], tmp_path)
+    with np.load(path.with_suffix(".npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["input.input"] = np.array([object()], dtype=object)
+    np.savez(path.with_suffix(".npz"), **arrays)
+    code = main(["replay", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pickle" in err.lower()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_text(p.read_text()[:50]), "not valid JSON"),
+        (lambda p: _edit(p, format="other/9"), "not a losscmp-repro/1 file"),
+        (lambda p: _edit(p, sizes={"B": 999}), "has shape"),
+        (lambda p: _edit(p, kind=["value"]), "'kind' missing"),
+        (lambda p: _edit(p, spec="x: N reel"), "spec"),
+        (lambda p: p.with_suffix(".npz").write_bytes(b"garbage"), "corrupt repro"),
+        (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04garbage"), "not a readable .npz"),
+        (lambda p: _edit(p, kind="rm -rf"), "unknown kind"),
+        (lambda p: p.with_suffix(".npz").unlink(), "has no tensors file"),
+    ],
+)
+def test_corrupt_repros_give_one_line_errors(bce_repros, tmp_path, capsys, damage, message):
+    path = _copy(bce_repros[0], tmp_path)
+    damage(path)
+    code = main(["replay", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ReproError):
+        load_repro(path)
+
+
+def test_replay_of_a_self_finding(tmp_path, capsys):
+    impls = [load_implementation(f"{PLANTED}:mse"), load_implementation(f"{PLANTED}:mse_inplace")]
+    result = audit(impls, preset("regression"), Settings(examples=10, save_dir=tmp_path))
+    mutation = next(d for d in result.divergences if d.kind == "mutation")
+    assert main(["replay", mutation.repro]) == 1
+    assert "mutation" in capsys.readouterr().out
