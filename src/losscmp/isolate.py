@@ -271,7 +271,7 @@ class _Worker:
             self.ready = True
             return
         else:
-            self.failure = Outcome("exception", error=reply[1], seconds=seconds)
+            self.failure = Outcome("exception", error=f"could not be loaded in its worker: {reply[1]}", seconds=seconds)
         self.stop(kill=True)
 
     def receive(self, timeout: float | None) -> Any:
@@ -358,12 +358,13 @@ def _worker_main(conn: Any, ref: Ref, fault_path: str) -> None:
     _die_with_parent()
     fault = open(fault_path, "w")
     faulthandler.enable(fault, all_threads=False)
-    try:
-        from .load import load_implementation
+    from .load import LoadError, load_implementation
 
+    try:
         impl = load_implementation(ref)
     except Exception as e:
-        conn.send_bytes(pickle.dumps(("error", _one_line(e)), _PROTOCOL))
+        why = _one_line(e) if isinstance(e, LoadError) else f"{type(e).__name__}: {_one_line(e)}"
+        conn.send_bytes(pickle.dumps(("error", why), _PROTOCOL))
         return
     conn.send_bytes(pickle.dumps(("ready",), _PROTOCOL))
     spec: Spec | None = None
@@ -421,7 +422,11 @@ def _unpack(p: tuple, device: torch.device) -> torch.Tensor:
     values = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
     if device.type == "cpu" and values.stride() == tuple(stride):
         return values
-    return torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(values)
+    out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    try:
+        return out.copy_(values)
+    except RuntimeError:  # an overlapping layout (an expanded gradient): same values, dense
+        return values.to(device)
 
 
 def _pack_outcome(o: Outcome) -> bytes:

@@ -1,0 +1,45 @@
+"""The geomloss pairs: a plain-torch rewrite that must agree, and two backends that don't."""
+import pytest
+
+pytest.importorskip("geomloss")
+
+from losscmp.audit import Settings, audit  # noqa: E402
+from losscmp.load import load_implementation  # noqa: E402
+from losscmp.spec import preset  # noqa: E402
+
+from .conftest import FIXTURES  # noqa: E402
+
+SINKHORN = FIXTURES / "sinkhorn_torch.py"
+
+
+def test_handwritten_sinkhorn_agrees_with_geomloss_over_the_default_budget():
+    impls = [load_implementation(f"{SINKHORN}:handwritten"), load_implementation(f"{SINKHORN}:official")]
+    result = audit(impls, preset("points"), Settings(save_dir=None, minimize=False))
+    assert result.cases_run == Settings().examples
+    assert result.agree, [(d.kind, d.verdict.detail, d.case.describe()) for d in result.divergences]
+
+
+def test_a_fork_of_the_schedule_is_caught(tmp_path):
+    """One changed constant (the eps-scaling ratio) in an otherwise identical copy is found."""
+    fork = tmp_path / "fork_sinkhorn.py"
+    fork.write_text(SINKHORN.read_text().replace("SCALING = 0.5", "SCALING = 0.7"))
+    impls = [load_implementation(f"fork={fork}:handwritten"), load_implementation(f"{SINKHORN}:official")]
+    result = audit(impls, preset("points"), Settings(save_dir=None, examples=60))
+    assert not result.agree
+    d = max(result.divergences, key=lambda d: d.score)
+    assert d.minimized.sizes["N"] <= 2 and d.minimized.sizes["M"] <= 2
+
+
+@pytest.mark.slow
+def test_tensorized_vs_online_backends_disagree_in_float32_and_are_minimised():
+    """A finding, not a test failure: KeOps' online backend computes |x-y|^2 directly and the
+    tensorized one expands it; with blur=0.05 the exponents C/eps reach 1e7 and float32
+    potentials lose whole digits.  losscmp must find this and shrink it to a few points."""
+    pytest.importorskip("pykeops")
+    impls = [load_implementation(f"{SINKHORN}:official"), load_implementation(f"{SINKHORN}:official_online")]
+    result = audit(impls, preset("points"), Settings(save_dir=None, examples=100))
+    assert not result.agree
+    worst = max(result.divergences, key=lambda d: d.score)
+    assert worst.kind == "gradient"
+    assert worst.minimized.sizes["N"] + worst.minimized.sizes["M"] <= 4
+    assert worst.minimized.threshold is not None  # agreement returns at smaller input scales
