@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import target
 
-from .compare import Tolerance, Verdict, compare_outcomes
+from .compare import KINDS, Tolerance, Verdict, compare_outcomes
 from .generate import Case, build_case, probe_recipe, recipes
 from .load import Implementation
 from .run import Outcome, call, finite
@@ -223,7 +223,8 @@ def audit(
                 on_case(n_cases, score)
 
         explore()
-        divergences = sorted(worst.values(), key=lambda d: (d.pair, d.kind))
+        severity = list(KINDS)
+        divergences = sorted(worst.values(), key=lambda d: (d.pair[0] == d.pair[1], d.pair, severity.index(d.kind)))
         if settings.minimize or settings.save_dir:
             divergences = [_finish(ev, d) for d in divergences]
         return AuditResult(tuple(impls), spec, settings, n_cases, tuple(divergences), time.perf_counter() - start, pair_cases)

@@ -37,7 +37,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import signal
 import sys
 import sysconfig
@@ -111,11 +110,15 @@ class IsolatedRunner:
         )
         start = time.perf_counter()
         try:
-            worker.conn.send_bytes(request)
-            worker.spec = spec
-            reply = worker.receive(self.timeout)
+            try:
+                worker.conn.send_bytes(request)
+            except OSError:  # died before reading it all
+                reply: Any = worker.death()
+            else:
+                worker.spec = spec
+                reply = worker.receive(self.timeout)
         except BaseException:  # Ctrl-C while waiting: the worker's state is unknown
-            self._discard(impl.label)
+            self._discard(impl.label, kill=True)
             raise
         seconds = time.perf_counter() - start
         if isinstance(reply, _Died):
@@ -149,7 +152,8 @@ class IsolatedRunner:
     def _worker(self, impl: Implementation) -> "_Worker":
         label, source = impl.label, impl.ref.source()
         w = self._state.workers.get(label)
-        if w is not None and w.source != source:  # same label, different implementation
+        if w is not None and (w.source != source or (w.ready and not w.proc.is_alive())):
+            # Same label, different implementation; or killed between calls (not by a case).
             self._discard(label)
             w = None
         if w is None:
@@ -284,9 +288,9 @@ class _Worker:
                 pass  # died while (or instead of) answering
         elif not ready:
             return None
-        return self._death()
+        return self.death()
 
-    def _death(self) -> _Died:
+    def death(self) -> _Died:
         self.proc.join(5.0)
         code = self.proc.exitcode
         if code is None:
@@ -375,10 +379,15 @@ def _worker_main(conn: Any, ref: Ref, fault_path: str) -> None:
             return
         if msg == _SHUTDOWN:
             return
-        new_spec, packed, params, device = pickle.loads(msg)
-        spec = new_spec if new_spec is not None else spec
-        dev = torch.device(device)
-        case = Case(tensors={k: _unpack(p, dev) for k, p in packed.items()}, sizes={}, params=params)
+        try:
+            new_spec, packed, params, device = pickle.loads(msg)
+            spec = new_spec if new_spec is not None else spec
+            dev = torch.device(device)
+            case = Case(tensors={k: _unpack(p, dev) for k, p in packed.items()}, sizes={}, params=params)
+        except Exception as e:  # a device this process cannot use, say
+            why = f"the worker could not rebuild the inputs: {type(e).__name__}: {_one_line(e)}"
+            conn.send_bytes(_pack_outcome(Outcome("exception", error=why)))
+            continue
         out = call(impl.fn, spec, case)
         try:
             reply = _pack_outcome(out)
