@@ -29,7 +29,7 @@ def test_mse(losscmp):
 
 def test_options_are_listed_in_help(pytester):
     result = pytester.runpytest_subprocess("--help")
-    result.stdout.fnmatch_lines(["*losscmp*", "*--losscmp-examples*", "*--losscmp-save-dir*", "*--losscmp-seed*"])
+    result.stdout.fnmatch_lines(["*losscmp: differential testing*", "*--losscmp-examples*", "*--losscmp-seed*", "*--losscmp-save-dir*"])
 
 
 def test_agreeing_implementations_pass(pytester):
