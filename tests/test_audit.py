@@ -100,3 +100,48 @@ def test_reference_mode_compares_against_the_reference_only():
         Settings(examples=20, save_dir=None, minimize=False, reference="mse_loss"),
     )
     assert {d.pair for d in result.divergences} == {("mse_loss", "huber")}
+
+
+RECIPES_SCRIPT = """
+import hashlib, importlib, sys
+if sys.argv[1] == "preimport":
+    import losscmp.minimize  # a local module full of float literals
+audit_module = importlib.import_module("losscmp.audit")
+from losscmp.audit import Settings, audit
+from losscmp.load import load_implementation
+from losscmp.spec import preset
+seen, original = [], audit_module.build_case
+audit_module.build_case = lambda spec, r, **kw: (seen.append(r), original(spec, r, **kw))[1]
+impls = [load_implementation(sys.argv[2] + ":huber"), load_implementation(sys.argv[2] + ":smooth_l1")]
+audit(impls, preset("regression"), Settings(save_dir=None, minimize=False))
+print(hashlib.sha256(repr(seen).encode()).hexdigest())
+"""
+
+
+def test_same_seed_same_cases_whatever_else_the_process_imported():
+    """Hypothesis harvests float literals from local modules; our cases must not depend on them."""
+    import subprocess
+    import sys
+
+    digests = {
+        mode: subprocess.run([sys.executable, "-c", RECIPES_SCRIPT, mode, f"{FIXTURES}/regression.py"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        for mode in ("plain", "preimport")
+    }
+    assert digests["plain"] == digests["preimport"]
+
+
+def test_local_constants_are_kept_out_of_exploration(tmp_path, monkeypatch):
+    import importlib
+
+    from hypothesis.internal.conjecture import providers
+
+    from losscmp.audit import _without_local_constants
+
+    (tmp_path / "constants_for_hypothesis.py").write_text("VALUES = [0.25, 0.5, -3.5, 123.25]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("constants_for_hypothesis")
+    assert len(providers._get_local_constants().floats) >= 4
+    with _without_local_constants():
+        assert not providers._get_local_constants().floats
+    assert len(providers._get_local_constants().floats) >= 4

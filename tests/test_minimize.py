@@ -112,3 +112,18 @@ def test_scale_sweep_finds_where_bce_on_sigmoid_breaks():
     first = result.boundaries[0]
     assert first.agree_at < first.diverge_at  # agree for small |z|, diverge above
     assert 1 < first.value < 100
+
+
+def test_sweep_plot_is_written(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from losscmp.plot import plot_sweep
+
+    spec = parse_spec("x: N D real grad; y: M D real; N=8; M=8; D=2")
+    ev = evaluator("smooth_energy", "smooth_energy_forked", spec)
+    result = sweep(list(ev.impls.values()), spec, ev.settings, parse_knob("blur=1e-3:1:log"), points=5)
+    assert len(result.evaluated) == result.evaluations > len(result.points)
+    out = tmp_path / "sweep.png"
+    plot_sweep(result, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,11 +6,12 @@ helper only parse arguments and print.  Per (pair, kind) it keeps the worst case
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
@@ -197,7 +198,8 @@ def audit(
                     suspects.update(v.pair)
             # Before blaming a pair, make sure each side agrees with itself.
             flaky = set()
-            for label in sorted(suspects):
+            # A crash or a hang is not re-run: it would cost the timeout again, or crash again.
+            for label in sorted(la for la in suspects if outcomes[la].status not in ("crash", "timeout")):
                 again = ev.outcome(label, case)
                 v = compare_outcomes((label, label), outcomes[label], again, ev.tol)
                 if v.kind:
@@ -222,7 +224,8 @@ def audit(
             if on_case:
                 on_case(n_cases, score)
 
-        explore()
+        with _without_local_constants():
+            explore()
         severity = list(KINDS)
         divergences = sorted(worst.values(), key=lambda d: (d.pair[0] == d.pair[1], d.pair, severity.index(d.kind)))
         if settings.minimize or settings.save_dir:
@@ -230,6 +233,32 @@ def audit(
         return AuditResult(tuple(impls), spec, settings, n_cases, tuple(divergences), time.perf_counter() - start, pair_cases)
     finally:
         ev.close()
+
+
+@contextlib.contextmanager
+def _without_local_constants() -> Iterator[None]:
+    """Keep "same seed, same cases" true whatever the process has imported.
+
+    Hypothesis (>= 6.131) mixes literals harvested from every *local* module already
+    in ``sys.modules`` into its draws, so a seed's cases would change with what else
+    got imported (losscmp's own minimiser, the user's other test modules).  losscmp's
+    exploration opts out by giving that (private) hook an empty pool; with a Hypothesis
+    that has no such hook there is nothing to do.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+        from hypothesis.internal.constants_ast import Constants
+
+        original = providers._get_local_constants
+    except (ImportError, AttributeError):  # pragma: no cover - older/newer Hypothesis
+        yield
+        return
+    empty = Constants()
+    providers._get_local_constants = lambda: empty
+    try:
+        yield
+    finally:
+        providers._get_local_constants = original
 
 
 def settings_for(s: Settings) -> Callable:

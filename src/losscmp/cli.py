@@ -119,10 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from .audit import ProbeError
             from .infer import InferenceError
+            from .plot import PlotError
             from .repro import ReproError
             from .sweep import KnobError
 
-            known += (ProbeError, InferenceError, ReproError, KnobError)
+            known += (ProbeError, InferenceError, PlotError, ReproError, KnobError)
         except ImportError:  # pragma: no cover
             pass
         if isinstance(e, known):

@@ -172,6 +172,8 @@ def build_case(spec: Spec, recipe: Recipe, *, dtype: torch.dtype = torch.float32
         t = _apply_domain(arg, z, recipe, gen)
         if recipe.regime == "duplicates":
             t = _duplicate_rows(t, gen)
+            if arg.domain == "simplex":  # repeated weights, but still a distribution
+                t = renormalise(t, "simplex")
         for name, pos, value in recipe.planted:
             if name == arg.name and t.numel():
                 t.view(-1)[int(pos * t.numel())] = _fit_domain(arg, value)

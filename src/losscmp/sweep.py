@@ -87,6 +87,7 @@ class SweepResult:
     boundaries: tuple[Boundary, ...]
     evaluations: int
     case: Case
+    evaluated: tuple[Point, ...] = ()  # grid and bisection points, in knob order
 
 
 def sweep_case(spec: Spec, settings: Settings, size: int = 8) -> Case:
@@ -100,7 +101,7 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
         raise KnobError("sweep compares exactly two implementations")
     case = case or sweep_case(spec, settings)
     pair = (impls[0].label, impls[1].label)
-    evaluations = 0
+    evaluated: list[Point] = []
     if knob.name == "scale":
         magnitude = input_magnitude(spec, case)
         if not magnitude:
@@ -108,16 +109,16 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
         base = scaled(spec, case, 1.0 / magnitude)
 
     def verdict_at(value: float) -> Verdict:
-        nonlocal evaluations
-        evaluations += 1
         if knob.name == "scale":
             ev, c = Evaluator(impls, spec, settings), scaled(spec, base, value)
         else:
             ev, c = Evaluator(with_param(impls, knob.name, value), spec, settings), case
         try:
-            return ev.verdict(pair, ev.outcomes(c, pair))
+            verdict = ev.verdict(pair, ev.outcomes(c, pair))
         finally:
             ev.close()
+        evaluated.append(Point(value, verdict))
+        return verdict
 
     grid = [Point(v, verdict_at(v)) for v in knob.grid(points)]
     boundaries = []
@@ -127,7 +128,8 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
         agree, diverge = (a, b) if b.verdict.kind else (b, a)
         lo, hi = bisect(lambda v: bool(verdict_at(v).kind), agree.value, diverge.value, log=knob.log)
         boundaries.append(Boundary(lo, hi, diverge.verdict.kind))
-    return SweepResult(pair, knob, tuple(grid), tuple(boundaries), evaluations, case)
+    ordered = tuple(sorted(evaluated, key=lambda p: p.value))
+    return SweepResult(pair, knob, tuple(grid), tuple(boundaries), len(evaluated), case, ordered)
 
 
 def with_param(impls: Sequence[Implementation], name: str, value: float) -> list[Implementation]:
