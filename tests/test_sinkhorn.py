@@ -3,8 +3,9 @@ import pytest
 
 pytest.importorskip("geomloss")
 
-from losscmp.audit import Settings, audit  # noqa: E402
+from losscmp.audit import Evaluator, Settings, audit  # noqa: E402
 from losscmp.load import load_implementation  # noqa: E402
+from losscmp.minimize import take  # noqa: E402
 from losscmp.spec import preset  # noqa: E402
 
 from .conftest import FIXTURES  # noqa: E402
@@ -27,7 +28,15 @@ def test_a_fork_of_the_schedule_is_caught(tmp_path):
     result = audit(impls, preset("points"), Settings(save_dir=None, examples=60))
     assert not result.agree
     d = max(result.divergences, key=lambda d: d.score)
-    assert d.minimized.sizes["N"] <= 2 and d.minimized.sizes["M"] <= 2
+    m = d.minimized
+    assert m.sizes["N"] + m.sizes["M"] <= 6 < d.case.sizes["N"] + d.case.sizes["M"] or d.case.numel() <= 12
+    # 1-minimal: dropping any single point loses the divergence.
+    ev = Evaluator(impls, preset("points"), Settings(save_dir=None))
+    for dim in ("N", "M"):
+        n = m.sizes[dim]
+        for drop in range(n if n > 1 else 0):
+            smaller = take(ev.spec, m.case, dim, [i for i in range(n) if i != drop])
+            assert not ev.still_diverges(d.pair, d.kind, smaller), (dim, drop)
 
 
 @pytest.mark.slow

@@ -144,8 +144,11 @@ class ProbeError(ValueError):
     """The implementations cannot be run on this spec at all; the message is one line."""
 
 
-def probe(ev: Evaluator) -> None:
-    """One tame case first: a non-tensor, a non-scalar, or every side raising is a usage error."""
+def probe(ev: Evaluator) -> tuple[Case, dict[str, Outcome]]:
+    """One tame case first: a non-tensor, a non-scalar, or every side raising is a usage error.
+
+    The probe is an ordinary standard-regime case, so the audit counts it as its first.
+    """
     case = build_case(ev.spec, probe_recipe(ev.spec, ev.settings.seed), dtype=ev.settings.dtype, device=ev.settings.device)
     outcomes = ev.outcomes(case)
     for label, o in outcomes.items():
@@ -154,6 +157,7 @@ def probe(ev: Evaluator) -> None:
     if all(o.failed for o in outcomes.values()):
         first = next(iter(outcomes.items()))
         raise ProbeError(f"every implementation failed on a probe input ({case.describe()}), e.g. {first[0]} {first[1].error}; is --spec right?")
+    return case, outcomes
 
 
 def audit(
@@ -167,7 +171,7 @@ def audit(
     start = time.perf_counter()
     ev = Evaluator(impls, spec, settings)
     try:
-        probe(ev)
+        probe_case, probe_outcomes = probe(ev)
         worst: dict[tuple[tuple[str, str], str], Divergence] = {}
         pair_cases: dict[tuple[str, str], int] = {}
         checked_self: set[str] = set()
@@ -182,8 +186,8 @@ def audit(
             else:
                 worst[key] = replace(old, count=count)
 
-        def examine(case: Case) -> float:
-            outcomes = ev.outcomes(case)
+        def examine(case: Case, outcomes: dict[str, Outcome] | None = None) -> float:
+            outcomes = outcomes or ev.outcomes(case)
             score = 0.0
             suspects: set[str] = set()
             for label, o in outcomes.items():
@@ -224,8 +228,13 @@ def audit(
             if on_case:
                 on_case(n_cases, score)
 
-        with _without_local_constants():
-            explore()
+        score = examine(probe_case, probe_outcomes)
+        n_cases = 1
+        if on_case:
+            on_case(n_cases, score)
+        if settings.examples > 1:
+            with _without_local_constants():
+                explore()
         severity = list(KINDS)
         divergences = sorted(worst.values(), key=lambda d: (d.pair[0] == d.pair[1], d.pair, severity.index(d.kind)))
         if settings.minimize or settings.save_dir:
@@ -263,7 +272,7 @@ def _without_local_constants() -> Iterator[None]:
 
 def settings_for(s: Settings) -> Callable:
     return settings(
-        max_examples=s.examples,
+        max_examples=s.examples - 1,  # the probe was the first case
         database=None,
         deadline=None,
         # Our own minimiser works on the concrete tensors; Hypothesis explores and targets.

