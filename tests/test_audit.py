@@ -84,6 +84,13 @@ def test_nondeterminism_is_reported_as_such_not_as_a_pair_divergence():
     assert not any(pair == ("mse", "noisy_mse") for pair, _ in kinds)
 
 
+def test_a_real_divergence_is_still_reported_beside_nondeterminism():
+    result = audit(impls("torch.nn.functional:l1_loss", f"{PLANTED}:noisy_mse"), preset("regression"), Settings(examples=30, save_dir=None, minimize=False))
+    kinds = {(d.pair, d.kind) for d in result.divergences}
+    assert (("noisy_mse", "noisy_mse"), "nondeterminism") in kinds
+    assert (("l1_loss", "noisy_mse"), "value") in kinds
+
+
 def test_input_mutation_is_a_finding():
     result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:mse_inplace"), preset("regression"), Settings(examples=20, save_dir=None, minimize=False))
     mutation = [d for d in result.divergences if d.kind == "mutation"]

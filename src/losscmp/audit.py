@@ -140,6 +140,11 @@ def _make_runner(settings: Settings) -> Callable[[Implementation, Spec, Case], O
     return lambda impl, spec, case: call(impl.fn, spec, case)
 
 
+# How far beyond its own run-to-run noise a nondeterministic implementation must
+# disagree with another before the pair is blamed.
+NOISE_MARGIN = 10.0
+
+
 class ProbeError(ValueError):
     """The implementations cannot be run on this spec at all; the message is one line."""
 
@@ -175,6 +180,7 @@ def audit(
         worst: dict[tuple[tuple[str, str], str], Divergence] = {}
         pair_cases: dict[tuple[str, str], int] = {}
         checked_self: set[str] = set()
+        noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
         n_cases = 0
 
         def record(v: Verdict, case: Case) -> None:
@@ -201,16 +207,15 @@ def audit(
                 if v.kind:
                     suspects.update(v.pair)
             # Before blaming a pair, make sure each side agrees with itself.
-            flaky = set()
             # A crash or a hang is not re-run: it would cost the timeout again, or crash again.
             for label in sorted(la for la in suspects if outcomes[la].status not in ("crash", "timeout")):
                 again = ev.outcome(label, case)
                 v = compare_outcomes((label, label), outcomes[label], again, ev.tol)
                 if v.kind:
-                    flaky.add(label)
+                    noise[label] = max(noise.get(label, 0.0), v.score)
                     record(replace(v, kind="nondeterminism", detail=f"two calls on the same input disagree: {v.detail}"), case)
             for v in verdicts:
-                if v.kind and not flaky.intersection(v.pair):
+                if v.kind:
                     record(v, case)
                     pair_cases[v.pair] = pair_cases.get(v.pair, 0) + 1
                     score = max(score, v.score)
@@ -235,6 +240,12 @@ def audit(
         if settings.examples > 1:
             with _without_local_constants():
                 explore()
+        # A side that disagrees with itself is blamed for a pair divergence only when the
+        # pair disagrees far beyond the worst run-to-run noise that side showed all run.
+        for key, d in list(worst.items()):
+            if d.pair[0] != d.pair[1] and d.score <= NOISE_MARGIN * max(noise.get(la, 0.0) for la in d.pair):
+                del worst[key]
+                pair_cases.pop(d.pair, None)
         severity = list(KINDS)
         divergences = sorted(worst.values(), key=lambda d: (d.pair[0] == d.pair[1], d.pair, severity.index(d.kind)))
         if settings.minimize or settings.save_dir:
