@@ -127,3 +127,13 @@ def test_sweep_plot_is_written(tmp_path):
     out = tmp_path / "sweep.png"
     plot_sweep(result, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_offset_sweep_brackets_both_sides_of_agreement():
+    from .conftest import FIXTURES
+
+    impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
+    result = sweep(impls, preset("binary"), Settings(save_dir=None), parse_knob("offset=-100:100:lin"), points=5)
+    below, above = sorted(result.boundaries, key=lambda b: b.value)
+    assert below.diverge_at < below.agree_at and above.agree_at < above.diverge_at  # agreement only near 0
+    assert abs(below.agree_at - below.diverge_at) <= 0.01 * abs(below.value)

@@ -87,7 +87,7 @@ def sweep_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("impls", nargs=2, metavar="IMPL")
-    p.add_argument("--param", required=True, metavar="NAME=LO:HI[:log|lin]", help="'scale' (largest |input|) or a keyword parameter")
+    p.add_argument("--param", required=True, metavar="NAME=LO:HI[:log|lin]", help="'scale' (largest |input|), 'offset' (added to real inputs) or a keyword parameter")
     p.add_argument("--points", type=int, default=9, help="grid points before bisection (default 9)")
     p.add_argument("--size", type=int, default=8, help="size of every symbolic dim in the swept case (default 8)")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
@@ -201,20 +201,30 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def _with_progress(run, total: int, err: Console):
-    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    """A progress bar on stderr once a run has taken two seconds, and only on a terminal."""
     if not err.is_terminal:
         return run(None)
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("fuzzing"), BarColumn(), MofNCompleteColumn(), TextColumn("worst score {task.fields[worst]}"), TimeElapsedColumn(), console=err, transient=True) as progress:
-        task = progress.add_task("fuzz", total=total, worst="-")
-        worst = [0.0]
+    progress = Progress(TextColumn("fuzzing"), BarColumn(), MofNCompleteColumn(), TextColumn("worst score {task.fields[worst]}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+    task = progress.add_task("fuzz", total=total, worst="-")
+    start, worst, shown = time.monotonic(), [0.0], [False]
 
-        def on_case(n: int, score: float) -> None:
-            worst[0] = max(worst[0], score)
-            progress.update(task, completed=n, worst=f"{worst[0]:.3g}")
+    def on_case(n: int, score: float) -> None:
+        worst[0] = max(worst[0], score)
+        if not shown[0] and time.monotonic() - start > 2.0:
+            progress.start()
+            shown[0] = True
+        progress.update(task, completed=n, worst=f"{worst[0]:.3g}")
 
+    try:
         return run(on_case)
+    finally:
+        if shown[0]:
+            progress.stop()
 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:

@@ -107,6 +107,15 @@ def scaled(spec: Spec, case: Case, factor: float) -> Case:
     return replace(case, tensors=tensors)
 
 
+def shifted(spec: Spec, case: Case, offset: float) -> Case:
+    """Add ``offset`` to every real-valued argument (where cancellation bites)."""
+    tensors = {
+        a.name: (_relayout(case.tensors[a.name] + offset, case) if a.domain in ("real", "logits") else case.tensors[a.name])
+        for a in spec.args
+    }
+    return replace(case, tensors=tensors)
+
+
 def input_magnitude(spec: Spec, case: Case) -> float:
     """Largest |element| over the scalable arguments (what 'scale' thresholds refer to)."""
     mags = [float(case.tensors[a.name].abs().max()) for a in spec.args if a.domain in SCALABLE and case.tensors[a.name].numel()]

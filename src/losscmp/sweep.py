@@ -1,7 +1,8 @@
 """Sweeps: walk one knob across a range and locate every agree/diverge boundary.
 
 A knob is ``scale`` (the largest |element| of the real-valued inputs; the case is
-normalised so that its value *is* that magnitude) or any keyword parameter.  A
+normalised so that its value *is* that magnitude), ``offset`` (a constant added to every
+real-valued input: cancellation), or any keyword parameter.  A
 parameter is set on each implementation where it can take it: as a factory keyword
 for references such as ``geomloss:SamplesLoss(blur=0.05)``, else as a call keyword.
 Each boundary between grid points is then bisected to 1%.
@@ -18,8 +19,12 @@ from .audit import Evaluator, Settings
 from .compare import Verdict
 from .generate import Case, Recipe, build_case
 from .load import Implementation, load_implementation
-from .minimize import bisect, input_magnitude, scaled
+from .minimize import SCALABLE, bisect, input_magnitude, scaled, shifted
 from .spec import Spec
+
+
+# Knobs that change the inputs rather than a keyword parameter.
+INPUT_KNOBS = ("scale", "offset")
 
 
 class KnobError(ValueError):
@@ -102,15 +107,16 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
     case = case or sweep_case(spec, settings)
     pair = (impls[0].label, impls[1].label)
     evaluated: list[Point] = []
+    if knob.name in INPUT_KNOBS and not any(a.domain in SCALABLE for a in spec.args):
+        raise KnobError(f"--param {knob.name}: the spec has no real-valued input to change")
     if knob.name == "scale":
-        magnitude = input_magnitude(spec, case)
-        if not magnitude:
-            raise KnobError("--param scale: the spec has no real-valued input to scale")
-        base = scaled(spec, case, 1.0 / magnitude)
+        base = scaled(spec, case, 1.0 / input_magnitude(spec, case))
 
     def verdict_at(value: float) -> Verdict:
         if knob.name == "scale":
             ev, c = Evaluator(impls, spec, settings), scaled(spec, base, value)
+        elif knob.name == "offset":
+            ev, c = Evaluator(impls, spec, settings), shifted(spec, case, value)
         else:
             ev, c = Evaluator(with_param(impls, knob.name, value), spec, settings), case
         try:
