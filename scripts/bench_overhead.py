@@ -20,7 +20,6 @@ import time
 import torch
 
 from losscmp.audit import Settings, audit
-from losscmp.generate import build_case
 from losscmp.load import load_implementation
 from losscmp.run import timed_raw
 from losscmp.spec import parse_spec

@@ -1,5 +1,4 @@
 """The plugin, tested the way pytest tests its own plugins: on a throwaway project."""
-import pytest
 
 from .conftest import FIXTURES
 

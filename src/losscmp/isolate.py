@@ -458,7 +458,7 @@ def _unpack_outcome(reply: tuple, device: torch.device) -> Outcome:
 
 # ---------------------------------------------------------------------- helpers
 def _save_case(path: str, spec: Spec, case: Case) -> None:
-    from .repro import dtype_name, tensor_to_numpy
+    from .repro import _atomic_write, dtype_name, tensor_to_numpy
 
     arrays = {f"input.{k}": tensor_to_numpy(t) for k, t in case.tensors.items()}
     meta = {
@@ -473,10 +473,7 @@ def _save_case(path: str, spec: Spec, case: Case) -> None:
         "case": case.describe(),
     }
     arrays["meta"] = np.array(json.dumps(meta))
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp_path, path)
+    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def _portable_ref(ref: Ref) -> Ref:
