@@ -152,3 +152,35 @@ def test_local_constants_are_kept_out_of_exploration(tmp_path, monkeypatch):
     with _without_local_constants():
         assert not providers._get_local_constants().floats
     assert len(providers._get_local_constants().floats) >= 4
+
+
+def test_an_implementation_calling_sys_exit_is_a_finding(tmp_path):
+    f = tmp_path / "exits.py"
+    f.write_text("import sys, torch.nn.functional as F\n"
+                 "def mse(input, target):\n    return F.mse_loss(input, target)\n"
+                 "def quits(input, target):\n    if input.abs().max() > 3: sys.exit()\n    return F.mse_loss(input, target)\n")
+    result = audit(impls(f"{f}:mse", f"{f}:quits"), preset("regression"), Settings(examples=50, save_dir=None, minimize=False))
+    assert {d.kind for d in result.divergences} == {"exception"}
+
+
+def test_a_repro_that_cannot_be_written_does_not_lose_the_finding(tmp_path, capsys):
+    f = tmp_path / "sets.py"
+    f.write_text("def a(input, target, alpha):\n    return ((input - target) ** 2).mean()\n"
+                 "def b(input, target, alpha):\n    return ((input - target) ** 2).mean() * 2\n")
+    code = main([f"{f}:a", f"{f}:b", "--spec", "input: B real grad; target: B real; alpha={1, 2}", "--examples", "5",
+                 "--save-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 1 and "repro not saved: TypeError: cannot store a set" in out
+    assert not list((tmp_path / "out").glob("*.npz"))  # no orphan tensors file
+
+
+def test_json_on_stdout_is_pure_json(capsys):
+    code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--examples", "5", "--no-save", "--json", "-"])
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["cases_run"] == 5 and "DIVERGE" in err
+
+
+@pytest.mark.parametrize("flag", [["--rtol", "inf"], ["--atol", "nan"], ["--rtol", "-1"]])
+def test_tolerances_must_be_finite(capsys, flag):
+    assert main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--no-save", *flag]) == 2
+    assert "must be a finite number >= 0" in capsys.readouterr().err

@@ -55,3 +55,9 @@ def test_verdict_kinds():
     assert v.kind == "exception" and v.detail.startswith("b raised ValueError")
     assert compare_outcomes(("a", "b"), boom, boom, tol).kind is None  # both refuse the input
     assert compare_outcomes(("a", "b"), ok([1.0, 2.0]), ok(1.0), tol).kind == "shape"
+
+
+def test_zero_tolerance_is_exact_equality():
+    d = diff_tensors("g", torch.tensor([0.0, 1, 2]), torch.tensor([0.0, 5, 9]), Tolerance(0, 0))
+    assert math.isinf(d.score) and d.mismatched == 2
+    assert diff_tensors("g", torch.tensor([0.0, 1]), torch.tensor([0.0, 1]), Tolerance(0, 0)).score == 0

@@ -78,3 +78,19 @@ def test_size_one_dims_are_common():
 
     collect()
     assert sum(ones) >= 10
+
+
+def test_duplicates_share_rows_only_within_a_domain_and_survive_0_dim_args():
+    from losscmp.spec import parse_spec
+
+    spec = parse_spec("x: N D real; y: M D sphere; s: real; N=4; M=4; D=3")
+    case = build_case(spec, Recipe(sizes=(("N", 4), ("D", 3), ("M", 4)), regime="duplicates", seed=3))
+    assert torch.allclose(case.tensors["y"].norm(dim=-1), torch.ones(4))
+    assert case.tensors["s"].shape == ()
+
+
+def test_float16_inputs_saturate_instead_of_overflowing():
+    spec = preset("regression")
+    for regime, planted in (("huge", ()), ("special", (("input", 0.0, 1e30),))):
+        case = build_case(spec, Recipe(sizes=(("B", 8),), regime=regime, magnitude=1e7, planted=planted, seed=1), dtype=torch.float16)
+        assert all(torch.isfinite(t).all() for t in case.tensors.values())

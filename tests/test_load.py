@@ -81,3 +81,8 @@ def test_safe_factory_policy_refuses_non_modules():
     with pytest.raises(LoadError, match="only torch.nn.Module"):
         load_object("subprocess:Popen(args='true')", factories="modules")
     assert isinstance(load_object("torch.nn:MSELoss()", factories="modules"), torch.nn.MSELoss)
+
+
+def test_same_stem_in_two_folders_still_gets_distinct_labels():
+    refs = disambiguate([parse_ref("d1/loss.py:a"), parse_ref("d2/loss.py:a")])
+    assert len({r.label for r in refs}) == 2

@@ -137,3 +137,22 @@ def test_offset_sweep_brackets_both_sides_of_agreement():
     below, above = sorted(result.boundaries, key=lambda b: b.value)
     assert below.diverge_at < below.agree_at and above.agree_at < above.diverge_at  # agreement only near 0
     assert abs(below.agree_at - below.diverge_at) <= 0.01 * abs(below.value)
+
+
+def test_value_simplification_keeps_unit_inputs_inside_the_open_interval():
+    from losscmp.minimize import simplify_values
+
+    spec = parse_spec("p: N unit grad; N=1..4")
+    case = Case({"p": torch.tensor([0.97, 0.2])}, {"N": 2})
+    simpler, _ = simplify_values(spec, case, lambda c: True)
+    assert ((simpler.tensors["p"] > 0) & (simpler.tensors["p"] < 1)).all()
+
+
+def test_a_swept_keyword_overrides_the_specs_fixed_value(tmp_path):
+    f = tmp_path / "kw.py"
+    f.write_text("def a(x, y, k=1.0):\n    return ((x - y) ** 2).mean()\n"
+                 "def b(x, y, k=1.0):\n    return ((x - y) ** 2).mean() * (2 if k > 3 else 1)\n")
+    spec = parse_spec("x: N real grad; y: N real; N=2..8; k=1.0")
+    impls = [load_implementation(f"{f}:a"), load_implementation(f"{f}:b")]
+    result = sweep(impls, spec, Settings(save_dir=None), parse_knob("k=1:10:lin"), points=5)
+    assert len(result.boundaries) == 1 and abs(result.boundaries[0].value - 3) < 0.05

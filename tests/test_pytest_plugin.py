@@ -47,3 +47,14 @@ def test_divergence_fails_with_a_report_and_saves_then_replays_the_case(pytester
     again = pytester.runpytest("-q", "-p", "no:cacheprovider", "--losscmp-examples", "1")
     again.assert_outcomes(failed=1)
     again.stdout.fnmatch_lines(["*saved case*still diverges*"])
+
+
+def test_lambdas_and_same_named_callables(pytester):
+    pytester.makepyfile(test_lam='''
+import torch.nn.functional as F
+
+def test_lambdas(losscmp):
+    result = losscmp.check(lambda i, t: F.mse_loss(i, t), lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=20)
+    assert result.labels == ("lambda", "lambda#2")
+''')
+    pytester.runpytest("-q", "-p", "no:cacheprovider").assert_outcomes(passed=1)

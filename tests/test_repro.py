@@ -148,3 +148,92 @@ def test_replay_of_a_self_finding(tmp_path, capsys):
     mutation = next(d for d in result.divergences if d.kind == "mutation")
     assert main(["replay", mutation.repro]) == 1
     assert "mutation" in capsys.readouterr().out
+
+
+def _audit_and_save(tmp_path, source, a, b, spec, examples=20, module="impls"):
+    f = tmp_path / f"{module}.py"  # a fresh name per source: loaded files stay cached
+    f.write_text(source)
+    save = tmp_path / "cases"
+    result = audit([load_implementation(f"{f}:{a}"), load_implementation(f"{f}:{b}")], spec, Settings(examples=examples, save_dir=save))
+    assert result.divergences
+    return [Path(d.repro) for d in result.divergences]
+
+
+def _pytest_file_fails(repro, tmp_path):
+    out = tmp_path / f"test_gen_{abs(hash(str(repro))) % 10**6}.py"
+    assert main(["replay", "--pytest", str(repro), "-o", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    return proc.returncode == 1 and "1 failed" in proc.stdout, proc.stdout[-1500:]
+
+
+def test_qualified_labels_replay(tmp_path, capsys):
+    for name, factor in (("p1", 1), ("p2", 2)):
+        (tmp_path / f"{name}.py").write_text(f"def a(input, target):\n    return ((input - target) ** 2).mean() * {factor}\n")
+    code = main([str(tmp_path / "p1.py") + ":a", str(tmp_path / "p2.py") + ":a", "--spec", "regression", "--examples", "5",
+                 "--no-minimize", "--save-dir", str(tmp_path / "o")])
+    assert code == 1
+    saved = next((tmp_path / "o").glob("*.json"))
+    assert main(["replay", str(saved)]) == 1
+    assert "p1:a vs p2:a" in capsys.readouterr().out
+
+
+def test_generated_test_keeps_layout_and_tuple_parameters(tmp_path):
+    layout_src = ("def a(x, y):\n    return (x - y).pow(2).mean()\n"
+                  "def b(x, y):\n    return (x - y).pow(2).mean() * (1 if x.is_contiguous() else 2)\n")
+    repros = _audit_and_save(tmp_path, layout_src, "a", "b", preset("points"), examples=40)
+    failed, log = _pytest_file_fails(repros[0], tmp_path)
+    assert failed, log
+    params_src = ("def a(input, target, w):\n    return ((input - target) ** 2).mean() * w[0]\n"
+                  "def b(input, target, w):\n    return ((input - target) ** 2).mean() * w[1]\n")
+    from losscmp.spec import parse_spec
+    repros = _audit_and_save(tmp_path, params_src, "a", "b", parse_spec("input: B real grad; target: B real; w=(1.0, 3.0)"), module="impls_w")
+    assert load_repro(repros[0]).case.params == {"w": (1.0, 3.0)}  # a tuple again, not a JSON list
+    failed, log = _pytest_file_fails(repros[0], tmp_path)
+    assert failed, log
+
+
+def test_generated_test_imports_a_forked_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "fork" / "mypkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .core import loss\n")
+    (pkg / "core.py").write_text("def loss(input, target):\n    return ((input - target) ** 2).mean() * 2\n")
+    monkeypatch.chdir(tmp_path)
+    code = main([f"{pkg}:loss", "torch.nn.functional:mse_loss", "--spec", "regression", "--examples", "5", "--save-dir", "cases"])
+    assert code == 1
+    failed, log = _pytest_file_fails(next((tmp_path / "cases").glob("*.json")), tmp_path)
+    assert failed, log
+
+
+def test_a_hostile_file_name_cannot_inject_code_into_a_generated_test(bce_repros, tmp_path):
+    victim = tmp_path / "PWNED"  # the generated test runs with tmp_path as its working directory
+    name = 'x"""+__import__("os").system("touch PWNED")+"""'
+    dst = tmp_path / f"{name}.json"
+    dst.write_bytes(bce_repros[0].read_bytes())
+    dst.with_suffix(".npz").write_bytes(bce_repros[0].with_suffix(".npz").read_bytes())
+    out = tmp_path / "test_hostile.py"
+    assert main(["replay", "--pytest", str(dst), "-o", str(out)]) == 0
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)], capture_output=True, cwd=tmp_path)
+    assert not victim.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _edit(p, seed="abc"), "'seed' must be an integer"),
+        (lambda p: _strings_for_input(p), "is not numeric"),
+    ],
+)
+def test_more_tampering_gives_one_line_errors(bce_repros, tmp_path, capsys, damage, message):
+    path = _copy(bce_repros[0], tmp_path)
+    damage(path)
+    assert main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def _strings_for_input(path):
+    with np.load(path.with_suffix(".npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    key = next(k for k in arrays if k.startswith("input."))
+    arrays[key] = np.array(["a"] * arrays[key].size).reshape(arrays[key].shape)
+    np.savez(path.with_suffix(".npz"), **arrays)

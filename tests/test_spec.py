@@ -43,3 +43,12 @@ def test_resolve_spec_from_python_file(tmp_path):
     f.write_text("from losscmp.spec import parse_spec\nSPEC = parse_spec('p: K simplex grad; q: K simplex')\nTEXT = 'x: N real'\n")
     assert resolve_spec(f"{f}:SPEC").dims == ("K",)
     assert resolve_spec(f"{f}:TEXT").dims == ("N",)
+
+
+def test_text_form_keeps_non_scalar_outputs_and_infinite_parameters():
+    spec = parse_spec("x: N real grad; y: N real; output=any; k=1e999; w=(1.0, 3.0)")
+    assert not spec.scalar
+    again = parse_spec(spec.text())
+    assert not again.scalar and dict(again.params) == {"k": float("inf"), "w": (1.0, 3.0)}
+    with pytest.raises(SpecError, match="output=maybe"):
+        parse_spec("x: N real; output=maybe")

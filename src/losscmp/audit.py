@@ -57,6 +57,7 @@ class Divergence:
     count: int  # cases that showed this (pair, kind)
     minimized: "object | None" = None  # minimize.Minimized
     repro: str | None = None
+    repro_error: str | None = None  # why the repro could not be saved
 
     @property
     def score(self) -> float:
@@ -245,7 +246,8 @@ def audit(
         for key, d in list(worst.items()):
             if d.pair[0] != d.pair[1] and d.score <= NOISE_MARGIN * max(noise.get(la, 0.0) for la in d.pair):
                 del worst[key]
-                pair_cases.pop(d.pair, None)
+        for pair in [p for p in pair_cases if not any(d.pair == p for d in worst.values())]:
+            del pair_cases[pair]
         severity = list(KINDS)
         divergences = sorted(worst.values(), key=lambda d: (d.pair[0] == d.pair[1], d.pair, severity.index(d.kind)))
         if settings.minimize or settings.save_dir:
@@ -302,5 +304,8 @@ def _finish(ev: Evaluator, d: Divergence) -> Divergence:
     if ev.settings.minimize:
         d = replace(d, minimized=minimize(ev, d))
     if ev.settings.save_dir is not None:
-        d = replace(d, repro=str(save_divergence(ev, d, ev.settings.save_dir)))
+        try:
+            d = replace(d, repro=str(save_divergence(ev, d, ev.settings.save_dir)))
+        except (OSError, TypeError, ValueError) as e:  # the finding stands even if its file cannot be written
+            d = replace(d, repro_error=f"{type(e).__name__}: {e}")
     return d

@@ -5,6 +5,7 @@ Exit codes: 0 all agree, 1 some pair diverges, 2 bad usage or bad input.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -133,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name} must be a finite number >= 0, not {value}")
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
@@ -178,6 +183,8 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     if args.timeout is not None and not args.isolate:
         raise UsageError("--timeout needs --isolate (a hung call can only be stopped in a worker process)")
     kw = _settings_kw(args)
+    if args.json == "-":  # stdout carries the JSON alone; the human report goes to stderr
+        console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
     impls = _load_all(args.impls)
     spec = _resolve_spec(args, impls, kw, console)
     settings = Settings(

@@ -132,15 +132,14 @@ def diff_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: T
     both = fa & fb
     abs_diff = torch.where(both, (a - b).abs(), torch.zeros_like(a))
     allowed = tol.atol + tol.rtol * b.abs()
-    score_el = torch.where(both, abs_diff / allowed, torch.zeros_like(a))
+    # 0/0 (equal elements, zero tolerance) is agreement; x/0 with x > 0 is inf.
+    score_el = torch.where(both & (abs_diff > 0), abs_diff / allowed, torch.zeros_like(a))
     with torch.no_grad():
         rel = torch.where(both, abs_diff / b.abs(), torch.zeros_like(a))
         rel = torch.where(both & (abs_diff == 0), torch.zeros_like(a), rel)
     n_bad_nf = int(bad_nonfinite.sum())
     mismatched = int((score_el > 1).sum()) + n_bad_nf
     score = math.inf if n_bad_nf else float(score_el.max())
-    if math.isnan(score):  # 0/0 with atol=rtol=0
-        score = 0.0
     idx_abs = _unravel(int(abs_diff.flatten().argmax()), b.shape)
     if n_bad_nf:
         idx_abs = _unravel(int(bad_nonfinite.flatten().int().argmax()), b.shape)

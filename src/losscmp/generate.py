@@ -184,8 +184,19 @@ def build_case(spec: Spec, recipe: Recipe, *, dtype: torch.dtype = torch.float32
         tensors[arg.name] = t
     if recipe.regime == "duplicates":
         _share_rows(spec, tensors, gen)
-    tensors = {k: _with_layout(v.to(dtype) if v.is_floating_point() else v, recipe.layout) for k, v in tensors.items()}
+    tensors = {k: _with_layout(_cast(v, dtype, recipe.nonfinite), recipe.layout) for k, v in tensors.items()}
     return Case(tensors=tensors, sizes=sizes, params=dict(spec.params), recipe=recipe)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, nonfinite: bool) -> torch.Tensor:
+    """Cast to the test dtype; values past its range saturate rather than become inf
+    (float16 tops out at 65504), unless NaN/inf were asked for."""
+    if not t.is_floating_point():
+        return t
+    if not nonfinite and dtype.is_floating_point:
+        big = torch.finfo(dtype).max
+        t = t.clamp(-big, big)
+    return t.to(dtype)
 
 
 def _apply_domain(arg: Arg, z: torch.Tensor, r: Recipe, gen: torch.Generator) -> torch.Tensor:
@@ -249,7 +260,10 @@ def _share_rows(spec: Spec, tensors: dict[str, torch.Tensor], gen: torch.Generat
     floats = [a for a in spec.args if a.domain in ("real", "logits", "sphere")]
     for a, b in zip(floats, floats[1:]):
         ta, tb = tensors[a.name], tensors[b.name]
-        if ta.ndim >= 1 and ta.shape[1:] == tb.shape[1:] and ta.shape[0] and tb.shape[0]:
+        # Same domain only: a real row copied into a sphere argument would leave the sphere.
+        if a.domain != b.domain or ta.ndim == 0 or tb.ndim == 0:
+            continue
+        if ta.shape[1:] == tb.shape[1:] and ta.shape[0] and tb.shape[0]:
             k = min(ta.shape[0], tb.shape[0])
             k = int(torch.randint(1, k + 1, (), generator=gen, device=ta.device))
             tb[:k] = ta[:k]

@@ -124,7 +124,9 @@ def disambiguate(refs: list[Ref]) -> list[Ref]:
             stem = Path(r.target).stem if r.target.endswith(".py") else r.target.rstrip("/").split("/")[-1]
             r = replace(r, label=f"{stem}:{'.'.join(r.attrs)}")
         out.append(r)
-    return out
+    qualified = [r.label for r in out]
+    # Same file stem in two folders (d1/loss.py, d2/loss.py): the whole target, then.
+    return [replace(r, label=r.source()) if qualified.count(r.label) > 1 and _LABEL_RE.match(r.text) is None else r for r in out]
 
 
 def load_object(text: str, *, base_dir: Path | None = None, factories: str = "any") -> Any:

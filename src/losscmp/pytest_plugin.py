@@ -45,7 +45,7 @@ class LossChecker:
         from .report import print_audit
         from .spec import Spec, resolve_spec
 
-        loaded = [_implementation(i) for i in impls]
+        loaded = _unique_labels([_implementation(i) for i in impls])
         if len(loaded) < 2:
             raise pytest.UsageError("losscmp.check needs at least two implementations")
         the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(loaded)
@@ -80,16 +80,28 @@ class LossChecker:
 
 
 def _implementation(impl: str | Callable[..., Any]):
-    from .load import Implementation, load_implementation, parse_ref
+    from .load import Implementation, Ref, load_implementation
 
     if isinstance(impl, str):
         return load_implementation(impl)
     if not callable(impl):
         raise pytest.UsageError(f"losscmp.check: {impl!r} is neither a reference nor callable")
-    name = getattr(impl, "__qualname__", None) or type(impl).__name__
+    name = getattr(impl, "__qualname__", None) or type(impl).__qualname__
     module = getattr(impl, "__module__", None) or type(impl).__module__
-    label = name.split(".")[-1].replace("<", "").replace(">", "") or "impl"
-    return Implementation(parse_ref(f"{label}={module}:{name.replace('<locals>.', '')}"), impl)
+    # A lambda or a local function has no importable reference; the test holds it, which is enough.
+    label = re.sub(r"[^\w.+-]", "", name.split(".")[-1]) or "impl"
+    return Implementation(Ref(text=f"{module}:{name}", label=label, target=str(module), attrs=tuple(name.split("."))), impl)
+
+
+def _unique_labels(impls):
+    from dataclasses import replace
+
+    seen: dict[str, int] = {}
+    out = []
+    for impl in impls:
+        n = seen[impl.label] = seen.get(impl.label, 0) + 1
+        out.append(impl if n == 1 else replace(impl, ref=replace(impl.ref, label=f"{impl.label}#{n}")))
+    return out
 
 
 def _render(print_fn, result) -> str:

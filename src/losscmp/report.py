@@ -80,6 +80,8 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
             console.print(f"threshold: {m.threshold.describe()}", markup=False, highlight=False)
     if d.repro:
         console.print(f"repro: {d.repro}  (losscmp replay {d.repro})", markup=False, highlight=False)
+    elif d.repro_error:
+        console.print(f"repro not saved: {d.repro_error}", markup=False, highlight=False)
 
 
 def _tensor_text(t: torch.Tensor) -> str:
@@ -133,6 +135,7 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
             else None
         ),
         "repro": d.repro,
+        "repro_error": d.repro_error,
         "gradient_summaries": [
             {"what": t.what, "max_abs": _num(t.max_abs), "max_rel": _num(t.max_rel), "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine), "score": _num(t.score)}
             for t in d.verdict.diffs

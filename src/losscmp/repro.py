@@ -20,7 +20,7 @@ import os
 import platform
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def numpy_to_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if a.dtype.kind not in "biuf":
+        raise ReproError(f"array of {a.dtype} is not numeric")
     if dtype in BIT_STORAGE:
         bits, np_bits = BIT_STORAGE[dtype]
         if a.dtype != np_bits:
@@ -129,7 +131,6 @@ def save_case(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path."""
-    directory.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
     tensors_meta = {}
     for name, t in case.tensors.items():
@@ -167,9 +168,10 @@ def save_case(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
+    directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
+    text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)  # fails before any write
     _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
-    text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)
     _atomic_write(json_path, lambda f: f.write(text.encode()))
     return json_path
 
@@ -177,9 +179,7 @@ def save_case(
 def _json_default(x: Any) -> Any:
     if isinstance(x, (torch.dtype, Path)):
         return str(x)
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"cannot store {type(x).__name__} in a repro")
+    raise TypeError(f"cannot store a {type(x).__name__} in a repro")
 
 
 def save_divergence(ev, d, directory: Path) -> Path:
@@ -254,10 +254,13 @@ def load_repro(path: str | Path) -> Repro:
     _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair), "'pair' must be two labels")
     _need(isinstance(meta.get("kind"), str), "'kind' missing")
     _need(meta["kind"] in KINDS, f"unknown kind {meta['kind']!r}")
+    _need(isinstance(meta.get("seed", 0), int) and not isinstance(meta.get("seed", 0), bool), "'seed' must be an integer")
     impls = meta.get("implementations")
     _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
+    _need(all(i["label"].strip() for i in impls), "empty implementation label")
     try:
-        refs = tuple(parse_ref(f"{i['label']}={i['ref']}") for i in impls)
+        # The label is data, not part of the reference grammar ("p1:a" is a fine label).
+        refs = tuple(replace(parse_ref(i["ref"]), label=i["label"]) for i in impls)
     except LoadError as e:
         raise ReproError(f"corrupt repro: {e}") from None
     _need(set(pair) <= {r.label for r in refs}, "'pair' names an implementation that is not listed")
@@ -267,8 +270,7 @@ def load_repro(path: str | Path) -> Repro:
         raise ReproError(f"corrupt repro: spec: {e}") from None
     sizes = meta.get("sizes")
     _need(isinstance(sizes, dict) and all(isinstance(v, int) and v >= 0 for v in sizes.values()) and set(sizes) == set(spec.dims), "'sizes' do not match the spec's dims")
-    params = meta.get("params", {})
-    _need(isinstance(params, dict), "'params' must be an object")
+    params = dict(spec.params)  # from the spec text: literal types survive (JSON has no tuples)
     tol = meta.get("tolerance")
     _need(isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float)) for k in ("rtol", "atol")), "'tolerance' malformed")
     tmeta = meta.get("tensors")

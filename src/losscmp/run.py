@@ -83,7 +83,7 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
         value = out.detach().reshape(()) if spec.scalar else out.detach()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    except Exception as e:  # the implementation's own failure is a finding, not ours
+    except (Exception, SystemExit) as e:  # the implementation's own failure is a finding, not ours
         return Outcome("exception", error=one_line(e))
     return Outcome("ok", value=value, grads=grads)
 

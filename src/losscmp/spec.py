@@ -11,11 +11,14 @@ Compact text form (``--spec``), items separated by ``;``::
   (shared by every argument that uses it) or a literal size.  ``labels(C)`` draws
   integer labels in ``[0, C)`` where ``C`` is another dim.
 * ``DIM=lo..hi`` or ``DIM=n`` — the range of sizes drawn for a symbolic dim.
+* ``output=any`` — the loss may return a non-scalar tensor (its sum is differentiated);
+  the default, ``output=scalar``, makes a non-scalar return a finding.
 * ``name=literal`` for any other name — a keyword parameter passed on every call.
 """
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -120,8 +123,17 @@ class Spec:
         for dim in self.dims:
             lo, hi = self.size_range(dim)
             items.append(f"{dim}={lo}" if lo == hi else f"{dim}={lo}..{hi}")
-        items += [f"{k}={v!r}" for k, v in self.params]
+        items += [f"{k}={_literal_text(v)}" for k, v in self.params]
+        if not self.scalar:
+            items.append("output=any")
         return "; ".join(items)
+
+
+def _literal_text(value: Any) -> str:
+    """repr, except that infinities are written so that ast.literal_eval reads them back."""
+    if isinstance(value, float) and math.isinf(value):
+        return "1e999" if value > 0 else "-1e999"
+    return repr(value)
 
 
 _ARG_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*:\s*(.+?)\s*$")
@@ -149,8 +161,13 @@ def parse_spec(text: str) -> Spec:
         raise SpecError(f"spec {text!r} names no tensor argument")
     dims = {d for a in args for d in a.dims if not d.isdigit()}
     sizes, params = [], []
+    scalar = True
     for name, value in assigns:
-        if name in dims:
+        if name == "output":
+            if value not in ("scalar", "any"):
+                raise SpecError(f"output={value}: expected 'scalar' (the default) or 'any'")
+            scalar = value == "scalar"
+        elif name in dims:
             r = _RANGE_RE.match(value)
             if not r:
                 raise SpecError(f"size of {name} must be 'n' or 'lo..hi', got {value!r}")
@@ -161,7 +178,7 @@ def parse_spec(text: str) -> Spec:
                 params.append((name, ast.literal_eval(value)))
             except (ValueError, SyntaxError):
                 raise SpecError(f"parameter {name}={value} is not a Python literal") from None
-    return Spec(tuple(args), tuple(sizes), tuple(params))
+    return Spec(tuple(args), tuple(sizes), tuple(params), scalar=scalar)
 
 
 def _parse_arg(name: str, words: list[str]) -> Arg:

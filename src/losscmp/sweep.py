@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .audit import Evaluator, Settings
@@ -105,6 +105,8 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
     if len(impls) != 2:
         raise KnobError("sweep compares exactly two implementations")
     case = case or sweep_case(spec, settings)
+    if knob.name not in INPUT_KNOBS:  # the swept value, not the spec's fixed one, reaches the call
+        case = replace(case, params={k: v for k, v in case.params.items() if k != knob.name})
     pair = (impls[0].label, impls[1].label)
     evaluated: list[Point] = []
     if knob.name in INPUT_KNOBS and not any(a.domain in SCALABLE for a in spec.args):

@@ -34,19 +34,25 @@ BASE_DIR = pathlib.Path({base_dir!r})
 RTOL, ATOL = {rtol!r}, {atol!r}
 PARAMS = {params!r}
 GRAD_ARGS = {grad_args!r}
+LAYOUT = {layout!r}
 
 
 def _load(target, attrs, call):
     if target.endswith(".py") or "/" in target:
         path = pathlib.Path(target)
         path = path if path.is_absolute() else BASE_DIR / path
-        if path.is_dir():
-            path = path / "__init__.py"
-        name = "_repro_" + path.stem
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.parent))
-        spec.loader.exec_module(module)
+        root = path if path.is_dir() else path.parent
+        if (root / "__init__.py").exists():  # inside a package: import it as one
+            while (root.parent / "__init__.py").exists():
+                root = root.parent
+            rel = path.relative_to(root.parent).with_suffix("") if path.is_file() else path.relative_to(root.parent)
+            sys.path.insert(0, str(root.parent))
+            module = importlib.import_module(".".join(p for p in rel.parts if p != "__init__"))
+        else:
+            spec = importlib.util.spec_from_file_location("_repro_" + path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.path.insert(0, str(path.parent))
+            spec.loader.exec_module(module)
     else:
         module = importlib.import_module(target)
     obj = module
@@ -59,6 +65,17 @@ def _load(target, attrs, call):
 
 
 {impl_lines}
+
+
+def _layout(t):
+    # The recorded memory layout: some divergences need a non-contiguous input.
+    if LAYOUT == "transposed" and t.ndim >= 2:
+        return t.mT.contiguous().mT
+    if LAYOUT == "strided" and t.ndim >= 1 and t.shape[-1] > 0:
+        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        buf[..., ::2] = t
+        return buf[..., ::2]
+    return t
 
 
 def _inputs():
@@ -111,7 +128,7 @@ def _tensor_source(t: torch.Tensor, requires_grad: bool) -> str:
     else:
         vals = ", ".join(str(int(v)) for v in flat.tolist())
     grad = f".requires_grad_({requires_grad})" if requires_grad else ""
-    return f"torch.tensor([{vals}], dtype={dtype}).reshape({tuple(t.shape)!r}){grad}"
+    return f"_layout(torch.tensor([{vals}], dtype={dtype}).reshape({tuple(t.shape)!r})){grad}"
 
 
 def _float_source(v: float) -> str:
@@ -141,11 +158,12 @@ def generate_pytest(repro: Repro, source: str) -> str:
         body = PAIR_TEST.format(slug=slug, who=who)
     else:
         body = SELF_TEST.format(slug=slug, who=who, names=[a.name for a in repro.spec.args])
-    detail = str(repro.meta.get("detail", "")).replace('"""', "'''").replace("\\", "/")
+    layout = repro.case.recipe.layout if repro.case.recipe else "contiguous"
     return TEMPLATE.format(
-        title=f"{who}: {repro.kind}".replace('"""', ""),
-        detail=detail,
-        source=Path(source).name,
+        title=_docstring_text(f"{who}: {repro.kind}"),
+        detail=_docstring_text(str(repro.meta.get("detail", ""))),
+        source=_docstring_text(Path(source).name),
+        layout=layout if layout in ("contiguous", "transposed", "strided") else "contiguous",
         base_dir=str(repro.meta.get("base_dir") if isinstance(repro.meta.get("base_dir"), str) else "."),
         rtol=float(repro.meta["tolerance"]["rtol"]),
         atol=float(repro.meta["tolerance"]["atol"]),
@@ -158,6 +176,26 @@ def generate_pytest(repro: Repro, source: str) -> str:
 
 
 def _literal_params(params: dict) -> dict:
-    """Keep only plain literal values: the repr of anything else is not trusted source."""
-    ok = (int, float, str, bool, type(None))
-    return {str(k): v for k, v in params.items() if isinstance(v, ok)}
+    """Parameters come from a parsed spec, so they are literals; check anyway, since
+    their repr becomes source code."""
+    for k, v in params.items():
+        if not _is_literal(v):
+            raise ValueError(f"parameter {k} is a {type(v).__name__}, which a generated test cannot embed")
+    return {str(k): v for k, v in params.items()}
+
+
+def _is_literal(v) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)  # repr(inf) is not source
+    if isinstance(v, (int, str, bool, type(None), bytes)):
+        return True
+    if isinstance(v, (tuple, list, set, frozenset)):
+        return all(_is_literal(x) for x in v)
+    if isinstance(v, dict):
+        return all(_is_literal(k) and _is_literal(x) for k, x in v.items())
+    return False
+
+
+def _docstring_text(text: str) -> str:
+    """Text that cannot end or escape the docstring it is pasted into."""
+    return "".join(c if c.isprintable() and c not in "\\\"" else "'" if c == '"' else "?" for c in text)
