@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,21 +23,16 @@ from hypothesis.extra.numpy import arrays
 
 from losscmp.audit import Divergence, Evaluator, Settings
 from losscmp.generate import Case, Recipe
-from losscmp.load import Implementation, parse_ref
+from losscmp.load import load_implementation
 from losscmp.minimize import minimize
 from losscmp.spec import preset
 
-FAR = 100.0
 N, D, M = 10_000, 3, 10_000
-
-
-def norms(x, y):
-    return x.norm(dim=-1).mean() + y.norm(dim=-1).mean()
-
-
-def norms_clamped(x, y):
-    # The planted bug: a "stabilised" twin that clamps large distances.
-    return x.norm(dim=-1).clamp(max=FAR).mean() + y.norm(dim=-1).clamp(max=FAR).mean()
+# The planted pair is the tests' own: a twin that silently clamps distances above FAR.
+PLANTED = Path(__file__).resolve().parent.parent / "tests" / "planted.py"
+NORMS = load_implementation(f"norms={PLANTED}:norms")
+CLAMPED = load_implementation(f"clamped={PLANTED}:norms_clamped")
+norms, norms_clamped = NORMS.fn, CLAMPED.fn
 
 
 def losscmp_row(position: int, seed: int) -> tuple[int, dict, float]:
@@ -45,7 +41,7 @@ def losscmp_row(position: int, seed: int) -> tuple[int, dict, float]:
     x[position] = torch.tensor([300.0, -250.0, 400.0])
     sizes = {"N": N, "D": D, "M": M}
     case = Case({"x": x, "y": y}, sizes, recipe=Recipe(sizes=tuple(sizes.items())))
-    impls = [Implementation(parse_ref("norms=bench:norms"), norms), Implementation(parse_ref("clamped=bench:norms_clamped"), norms_clamped)]
+    impls = [NORMS, CLAMPED]
     ev = Evaluator(impls, preset("points"), Settings(save_dir=None))
     pair = ev.pairs[0]
     verdict = ev.verdict(pair, ev.outcomes(case, pair))
