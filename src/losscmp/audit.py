@@ -73,6 +73,7 @@ class AuditResult:
     divergences: tuple[Divergence, ...]
     seconds: float
     pair_cases: dict[tuple[str, str], int] = field(default_factory=dict)  # diverging cases per pair
+    pairs: tuple[tuple[str, str], ...] = ()  # the pairs compared, (expected, actual)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -111,17 +112,25 @@ class Evaluator:
     def verdict(self, pair: tuple[str, str], outcomes: dict[str, Outcome]) -> Verdict:
         return compare_outcomes(pair, outcomes[pair[0]], outcomes[pair[1]], self.tol)
 
+    def judge(self, pair: tuple[str, str], case: Case) -> Verdict:
+        """The verdict for ``pair`` on ``case``; a pair (a, a) asks whether ``a`` misbehaves alone."""
+        if pair[0] == pair[1]:
+            return self.self_verdict(pair[0], case)
+        return self.verdict(pair, self.outcomes(case, pair))
+
     def still_diverges(self, pair: tuple[str, str], kind: str, case: Case) -> bool:
         """The minimiser's predicate: the same kind of divergence on the same pair."""
-        if pair[0] == pair[1]:
-            return self.self_verdict(pair[0], case).kind == kind
-        return self.verdict(pair, self.outcomes(case, pair)).kind == kind
+        return self.judge(pair, case).kind == kind
 
     def self_verdict(self, label: str, case: Case) -> Verdict:
         """Does ``label`` misbehave on its own (mutation, nondeterminism)?"""
         first, second = self.outcomes(case, [label])[label], self.outcome(label, case)
         if first.mutated:
-            return Verdict((label, label), "mutation", float("inf"), f"{label} modified its input(s) {', '.join(first.mutated)} in place")
+            return mutation_verdict(label, first)
+        return self.repeat_verdict(label, first, second)
+
+    def repeat_verdict(self, label: str, first: Outcome, second: Outcome) -> Verdict:
+        """Two calls of one implementation on one input: agreement, or nondeterminism."""
         v = compare_outcomes((label, label), first, second, self.tol)
         if v.kind:
             return replace(v, kind="nondeterminism", detail=f"two calls on the same input disagree: {v.detail}")
@@ -131,6 +140,10 @@ class Evaluator:
         close = getattr(self.runner, "close", None)
         if close:
             close()
+
+
+def mutation_verdict(label: str, outcome: Outcome) -> Verdict:
+    return Verdict((label, label), "mutation", float("inf"), f"{label} modified its input(s) {', '.join(outcome.mutated)} in place")
 
 
 def _make_runner(settings: Settings) -> Callable[[Implementation, Spec, Case], Outcome]:
@@ -199,7 +212,7 @@ def audit(
             suspects: set[str] = set()
             for label, o in outcomes.items():
                 if o.mutated:
-                    record(Verdict((label, label), "mutation", float("inf"), f"{label} modified its input(s) {', '.join(o.mutated)} in place"), case)
+                    record(mutation_verdict(label, o), case)
                 if label not in checked_self:  # determinism check on the first case
                     suspects.add(label)
                     checked_self.add(label)
@@ -210,11 +223,10 @@ def audit(
             # Before blaming a pair, make sure each side agrees with itself.
             # A crash or a hang is not re-run: it would cost the timeout again, or crash again.
             for label in sorted(la for la in suspects if outcomes[la].status not in ("crash", "timeout")):
-                again = ev.outcome(label, case)
-                v = compare_outcomes((label, label), outcomes[label], again, ev.tol)
+                v = ev.repeat_verdict(label, outcomes[label], ev.outcome(label, case))
                 if v.kind:
                     noise[label] = max(noise.get(label, 0.0), v.score)
-                    record(replace(v, kind="nondeterminism", detail=f"two calls on the same input disagree: {v.detail}"), case)
+                    record(v, case)
             for v in verdicts:
                 if v.kind:
                     record(v, case)
@@ -252,7 +264,7 @@ def audit(
         divergences = sorted(worst.values(), key=lambda d: (d.pair[0] == d.pair[1], d.pair, severity.index(d.kind)))
         if settings.minimize or settings.save_dir:
             divergences = [_finish(ev, d) for d in divergences]
-        return AuditResult(tuple(impls), spec, settings, n_cases, tuple(divergences), time.perf_counter() - start, pair_cases)
+        return AuditResult(tuple(impls), spec, settings, n_cases, tuple(divergences), time.perf_counter() - start, pair_cases, tuple(ev.pairs))
     finally:
         ev.close()
 

@@ -40,7 +40,7 @@ class Threshold:
 
     @property
     def value(self) -> float:
-        return math.sqrt(self.agree_at * self.diverge_at) if self.agree_at > 0 and self.diverge_at > 0 else (self.agree_at + self.diverge_at) / 2
+        return bracket_middle(self.agree_at, self.diverge_at)
 
     def describe(self) -> str:
         side = "above" if self.diverge_at > self.agree_at else "below"
@@ -184,6 +184,11 @@ def simplify_values(spec: Spec, case: Case, holds: Predicate) -> tuple[Case, lis
     return case, done
 
 
+def bracket_middle(a: float, b: float) -> float:
+    """Where a bracket's threshold is reported: geometric middle of positive bounds, else arithmetic."""
+    return math.sqrt(a * b) if a > 0 and b > 0 else (a + b) / 2
+
+
 def bisect(diverges: Callable[[float], bool], agree_at: float, diverge_at: float, rel: float = 0.01, log: bool = True) -> tuple[float, float]:
     """Narrow a bracket [agree_at, diverge_at] (either order) until it is within ``rel``."""
     a, d = agree_at, diverge_at
@@ -251,7 +256,7 @@ def minimize(ev, divergence) -> Minimized:
         threshold = scale_threshold(spec, case, holds)
         if threshold:
             steps.append(f"bisect input scale: threshold {threshold.value:.4g} ({ev.evaluations - used} evaluations)")
-    final = ev.self_verdict(pair[0], case) if pair[0] == pair[1] else ev.verdict(pair, ev.outcomes(case, pair))
+    final = ev.judge(pair, case)
     note = "minimised" if case.sizes != divergence.case.sizes or simplified else ""
     case = replace(case, note=note)
     return Minimized(case, dict(divergence.case.sizes), ev.evaluations - start, final, tuple(steps), threshold)

@@ -73,8 +73,7 @@ class LossChecker:
                 continue  # saved for another pairing of this test
             ev = Evaluator([by_label[la] for la in dict.fromkeys(repro.pair)], spec, Settings(
                 rtol=repro.meta["tolerance"]["rtol"], atol=repro.meta["tolerance"]["atol"], save_dir=None))
-            pair = repro.pair
-            verdict = ev.self_verdict(pair[0], repro.case) if pair[0] == pair[1] else ev.verdict(pair, ev.outcomes(repro.case, pair))
+            verdict = ev.judge(repro.pair, repro.case)
             if verdict.kind:
                 pytest.fail(f"saved case {path} still diverges ({verdict.kind}): {verdict.detail}", pytrace=False)
 

@@ -33,8 +33,8 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
     by_pair: dict[tuple[str, str], list[Divergence]] = {}
     for d in result.divergences:
         by_pair.setdefault(d.pair, []).append(d)
-    ev_pairs = _pairs(result)
-    for pair in ev_pairs + [p for p in by_pair if p not in ev_pairs]:
+    compared = list(result.pairs)
+    for pair in compared + [p for p in by_pair if p not in compared]:
         ds = by_pair.get(pair, [])
         name = pair[0] if pair[0] == pair[1] else f"{pair[0]} vs {pair[1]}"
         if not ds:
@@ -49,14 +49,6 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
         print_divergence(d, result, console)
     if result.agree:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
-
-
-def _pairs(result: AuditResult) -> list[tuple[str, str]]:
-    labels = result.labels
-    ref = result.settings.reference
-    if ref:
-        return [(ref, la) for la in labels if la != ref]
-    return [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
 
 
 def print_divergence(d: Divergence, result: AuditResult, console: Console) -> None:

@@ -19,7 +19,7 @@ from .audit import Evaluator, Settings
 from .compare import Verdict
 from .generate import Case, Recipe, build_case
 from .load import Implementation, load_implementation
-from .minimize import SCALABLE, bisect, input_magnitude, scaled, shifted
+from .minimize import SCALABLE, bisect, bracket_middle, input_magnitude, scaled, shifted
 from .spec import Spec
 
 
@@ -76,7 +76,7 @@ class Boundary:
 
     @property
     def value(self) -> float:
-        return math.sqrt(self.agree_at * self.diverge_at) if self.agree_at > 0 < self.diverge_at else (self.agree_at + self.diverge_at) / 2
+        return bracket_middle(self.agree_at, self.diverge_at)
 
     def describe(self, knob: str) -> str:
         if self.diverge_at > self.agree_at:
