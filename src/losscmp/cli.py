@@ -276,14 +276,14 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     from .audit import Settings
-    from .sweep import parse_knob, sweep
+    from .sweep import parse_knob, sweep, sweep_case
 
     knob = parse_knob(args.param)
     kw = _settings_kw(args)
     impls = _load_all(args.impls)
     spec = _resolve_spec(args, impls, kw, console)
     settings = Settings(examples=1, save_dir=None, **kw)
-    result = sweep(impls, spec, settings, knob, points=args.points, case=None if args.size == 8 else _sized_case(spec, settings, args.size))
+    result = sweep(impls, spec, settings, knob, points=args.points, case=sweep_case(spec, settings, args.size))
     console.print(f"sweep {knob.name} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair[0]} vs {result.pair[1]}, input {result.case.describe()}", markup=False)
     for p in result.points:
         state = f"DIVERGE ({p.verdict.kind})" if p.verdict.kind else "agree"
@@ -301,8 +301,3 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         console.print(f"plot: {args.plot}", markup=False)
     return 1 if any(p.verdict.kind for p in result.points) else 0
 
-
-def _sized_case(spec, settings, size):
-    from .sweep import sweep_case
-
-    return sweep_case(spec, settings, size)
