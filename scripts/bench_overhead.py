@@ -50,11 +50,11 @@ def measure(name: str, refs: list[str], spec_text: str, examples: int, device: s
         stats["calls"] += 1
         return outcome
 
-    audit(impls, spec, Settings(examples=2, minimize=False, save_dir=None, device=device))  # warm-up (JIT, caches)
+    audit(impls, spec, Settings.of(examples=2, minimize=False, save_dir=None, device=device))  # warm-up (JIT, caches)
     audit_module.call = paired_call
     try:
         start = time.perf_counter()
-        result = audit(impls, spec, Settings(examples=examples, minimize=False, save_dir=None, device=device))
+        result = audit(impls, spec, Settings.of(examples=examples, minimize=False, save_dir=None, device=device))
         harness = time.perf_counter() - start - stats["raw_wall"]
     finally:
         audit_module.call = original_call

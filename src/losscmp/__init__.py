@@ -2,15 +2,33 @@
 
 Do these implementations of "the same" loss really agree, in values and gradients?
 If not: where, why, and on how small an input?  See ``losscmp --help``.
+
+The public names below are imported on first use, so that ``import losscmp`` (and the
+command line's supervising process) stays light until something is actually needed.
 """
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .audit import AuditResult, Divergence, Settings, audit  # noqa: E402
-from .generate import Case, Recipe, build_case, cases, recipes  # noqa: E402
-from .load import Implementation, load_implementation, parse_ref  # noqa: E402
-from .spec import Arg, Spec, parse_spec, preset, resolve_spec  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = [
-    "Arg", "AuditResult", "Case", "Divergence", "Implementation", "Recipe", "Settings", "Spec",
-    "audit", "build_case", "cases", "load_implementation", "parse_ref", "parse_spec", "preset", "recipes", "resolve_spec",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "audit": "audit", "AuditResult": "audit", "Divergence": "audit",
+    "Settings": "settings", "Search": "settings", "Execution": "settings", "Tolerances": "settings", "Outputs": "settings",
+    "Evaluator": "engine", "Runner": "engine",
+    "Kind": "findings", "Status": "findings", "Pair": "findings", "Alone": "findings",
+    "LosscmpError": "errors",
+    "Case": "generate", "Recipe": "generate", "build_case": "generate", "cases": "generate", "recipes": "generate",
+    "Implementation": "load", "load_implementation": "load", "parse_ref": "load",
+    "Arg": "spec", "Spec": "spec", "parse_spec": "spec", "preset": "spec", "resolve_spec": "spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'losscmp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -40,7 +40,8 @@ class LossChecker:
 
     def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int = 100, **settings: Any):
         """Fail the calling test if the implementations disagree; return the audit result."""
-        from .audit import Settings, audit
+        from .audit import audit
+        from .settings import Settings
         from .infer import infer_spec
         from .report import print_audit
         from .spec import Spec, resolve_spec
@@ -51,14 +52,14 @@ class LossChecker:
         the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(loaded)
         if self.replay:
             self._replay_saved(loaded, the_spec)
-        config = Settings(examples=self.examples or examples, seed=self.seed, save_dir=self.save_dir, **settings)
+        config = Settings.of(examples=self.examples or examples, seed=self.seed, save_dir=self.save_dir, **settings)
         result = audit(loaded, the_spec, config)
         if not result.agree:
             pytest.fail(_render(print_audit, result), pytrace=False)
         return result
 
     def _replay_saved(self, impls, spec) -> None:
-        from .audit import Evaluator, Settings
+        from .replay import replay
         from .repro import ReproError, load_repro
 
         if not self.save_dir.is_dir():
@@ -71,9 +72,7 @@ class LossChecker:
                 pytest.fail(f"saved case {path.name}: {e}", pytrace=False)
             if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
                 continue  # saved for another pairing of this test
-            ev = Evaluator([by_label[la] for la in dict.fromkeys(repro.pair)], spec, Settings(
-                rtol=repro.meta["tolerance"]["rtol"], atol=repro.meta["tolerance"]["atol"], save_dir=None))
-            verdict = ev.judge(repro.pair, repro.case)
+            verdict = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)]).verdict
             if verdict.kind:
                 pytest.fail(f"saved case {path} still diverges ({verdict.kind}): {verdict.detail}", pytrace=False)
 
