@@ -260,7 +260,7 @@ def load_repro(path: str | Path) -> Repro:
     _need(all(i["label"].strip() for i in impls), "empty implementation label")
     try:
         # The label is data, not part of the reference grammar ("p1:a" is a fine label).
-        refs = tuple(replace(parse_ref(i["ref"]), label=i["label"]) for i in impls)
+        refs = tuple(_saved_ref(i["ref"], i["label"]) for i in impls)
     except LoadError as e:
         raise ReproError(f"corrupt repro: {e}") from None
     _need(set(pair) <= {r.label for r in refs}, "'pair' names an implementation that is not listed")
@@ -315,6 +315,18 @@ def load_repro(path: str | Path) -> Repro:
     return Repro(json_path, meta, spec, case, refs, recorded)
 
 
+# A lambda or a local function passed by a test has no reference anyone can import
+# ("test_x.py:test_f.<locals>.<lambda>"): the case is data all the same, replayed by the
+# test that holds the callable (the pytest plugin matches it by label).
+HELD_BY_TEST = ("<locals>", "<lambda>")
+
+
+def _saved_ref(text: str, label: str) -> Ref:
+    if any(marker in text for marker in HELD_BY_TEST):
+        return Ref(text=text, label=label, target="", attrs=())
+    return replace(parse_ref(text), label=label)
+
+
 def load_repro_implementations(repro: Repro):
     """The pair's implementations, loaded with the safe factory policy."""
     base = repro.meta.get("base_dir")
@@ -322,6 +334,8 @@ def load_repro_implementations(repro: Repro):
     by_label = {r.label: r for r in repro.refs}
     out = []
     for label in dict.fromkeys(repro.pair):
+        if not by_label[label].target:
+            raise ReproError(f"{label} ({by_label[label].text}) lives only inside its test: re-run that test to replay this case")
         out.append(load_implementation(by_label[label], base_dir=base_dir, factories="modules"))
     return out
 
