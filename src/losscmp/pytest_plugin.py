@@ -97,6 +97,7 @@ class Tally:
 
 
 TALLY = pytest.StashKey[Tally]()
+RECORDER = pytest.StashKey[Callable[["CheckResult"], None]]()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -107,7 +108,12 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[TALLY] = Tally()
+    from .testing import RECORDERS
+
+    tally = config.stash[TALLY] = Tally()
+    # Every check of this session, fixture or plain assert_losses_agree, is tallied.
+    config.stash[RECORDER] = lambda result: tally.add(result, config.rootpath)
+    RECORDERS.append(config.stash[RECORDER])
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistController(config), "losscmp-xdist")
 
@@ -124,6 +130,14 @@ class _XdistController:
             self.config.stash[TALLY].merge(data)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from .testing import RECORDERS
+
+    recorder = config.stash.get(RECORDER, None)
+    if recorder in RECORDERS:
+        RECORDERS.remove(recorder)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: hand the tally to the controller
@@ -134,6 +148,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     tally = config.stash.get(TALLY, None)
     if tally is None or not tally.checks or hasattr(config, "workeroutput"):
         return
+    terminalreporter.ensure_newline()
     terminalreporter.section("losscmp")
     for line in tally.lines():
         terminalreporter.write_line(line)
@@ -189,7 +204,7 @@ class LossChecker:
         options = replace(self.options, **given, audit={k: v for k, v in settings.items() if k not in fields})
         if examples is not None:
             options = replace(options, examples=examples)
-        return check_or_raise(impls, spec, options, record=lambda r: self.config.stash[TALLY].add(r, self.config.rootpath))
+        return check_or_raise(impls, spec, options)
 
 
 def _command(nodeid: str, config: pytest.Config, *, replay_only: bool) -> str:

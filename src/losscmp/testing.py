@@ -36,6 +36,10 @@ DEFAULT_EXAMPLES = 100
 # A saved case that hung is replayed in a worker with this limit when neither the call
 # nor the repro says otherwise: a replay must never hang the suite.
 REPLAY_TIMEOUT = 60.0
+# Where finished checks are reported: the pytest plugin pushes its session's tally
+# here (pytest sessions nest under pytester, hence a stack) so that plain
+# assert_losses_agree calls count in the summary too.
+RECORDERS: list[Callable[["CheckResult"], None]] = []
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -140,13 +144,12 @@ def assert_losses_agree(
     return check_or_raise(impls, spec, options)
 
 
-def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions,
-                   record: Callable[[CheckResult], None] | None = None) -> CheckResult:
+def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
     """The one code path of :func:`assert_losses_agree` and the pytest fixture."""
     __tracebackhide__ = True
     result = check(impls, spec, options)
-    if record is not None:
-        record(result)
+    if RECORDERS:
+        RECORDERS[-1](result)
     if result.failure:
         raise AssertionError(result.failure)
     return result
@@ -214,10 +217,11 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
 def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str:
     from .repro import load_repro
 
-    lines = [f"{len(still)} saved case(s) still diverge:"]
+    lines = []
     for r in still:
         who = r.verdict.pair[0] if r.verdict.pair[0] == r.verdict.pair[1] else f"{r.verdict.pair[0]} vs {r.verdict.pair[1]}"
-        lines.append(f"saved case {_shown_path(r.path)} still diverges ({r.verdict.kind}; saved as {r.recorded}): {who}")
+        lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {who}")
+        lines.append(f"  saved case: {_shown_path(r.path)} (saved as {r.recorded})")
         lines.append(f"  {r.verdict.detail}")
         lines.append(f"  input: {r.input}")
         for name, t in load_repro(r.path).case.tensors.items():
