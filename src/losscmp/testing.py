@@ -28,6 +28,7 @@ import torch
 from .audit import AuditResult, Evaluator, Settings, audit
 from .compare import Verdict
 from .load import Implementation, Ref, load_implementation
+from .repro import ReproError
 from .spec import Spec
 
 __all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase"]
@@ -164,7 +165,10 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     if len(loaded) < 2:
         raise ValueError(f"losscmp needs at least two implementations to compare, got {len(loaded)}")
     the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(loaded)
-    replayed = _replay_saved(loaded, the_spec, options)
+    try:
+        replayed = _replay_saved(loaded, the_spec, options)
+    except ReproError as e:  # unreadable saved case: one line, the test fails
+        return CheckResult(tuple(loaded), (), None, f"losscmp: {e}")
     still = [r for r in replayed if r.verdict.kind]
     if still:
         return CheckResult(tuple(loaded), replayed, None, _replay_failure(still, options))
@@ -192,7 +196,10 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
     by_label = {i.label: i for i in impls}
     out = []
     for path in sorted(directory.glob("*.json")):
-        repro = load_repro(path)  # a corrupt file is an error, not a case to skip silently
+        try:
+            repro = load_repro(path)
+        except ReproError as e:  # a corrupt file is an error, not a case to skip silently
+            raise ReproError(f"saved case {_shown_path(path)} cannot be replayed: {e}") from None
         if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
             continue  # saved for another pairing or spec of this test
         died = repro.kind in ("crash", "timeout")
