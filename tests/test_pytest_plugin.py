@@ -146,7 +146,7 @@ def test_raises_assertion_error():
     result.assert_outcomes(failed=1, passed=2)
     result.stdout.fnmatch_lines(["*def test_diverges():*", ">*assert_losses_agree(*", "E*AssertionError: losscmp: 2 implementations*",
                                  "E*my_bce vs binary_cross_entropy_with_logits*DIVERGE*", "E*replay: pytest test_plain.py::test_diverges",
-                                 "test_plain.py:9: AssertionError"])
+                                 "test_plain.py:*: AssertionError"])
     assert "losscmp/testing.py" not in result.stdout.str()  # losscmp's own frames are hidden
     assert not (pytester.path / "fixtures").exists()  # nothing written unless asked
     result.stdout.fnmatch_lines(["3 check(s): 3 pair(s) checked, 80 case(s) run, 0 saved case(s) replayed"])
@@ -246,3 +246,31 @@ def test_a_corrupt_saved_case_fails_the_test_in_one_line(pytester):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["E*AssertionError: losscmp: saved case fixtures/losscmp/*/broken.json cannot be replayed: corrupt repro: *"])
     assert "losscmp/testing.py" not in result.stdout.str()
+
+
+def test_command_line_options_reach_plain_assert_losses_agree(pytester):
+    pytester.makepyfile(test_plain='''
+import torch
+import torch.nn.functional as F
+from losscmp.testing import assert_losses_agree
+
+def test_options():
+    result = assert_losses_agree(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression")
+    assert result.cases_run == 9 and result.audit.settings.dtype == torch.float64 and result.audit.settings.atol == 0.5
+
+def test_the_call_wins():
+    assert assert_losses_agree(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=3).cases_run == 3
+''')
+    pytester.runpytest(*RUN, "--losscmp-examples", "9", "--losscmp-dtype", "float64", "--losscmp-atol", "0.5").assert_outcomes(passed=2)
+    # Replay-only: a plain call with no saved cases passes without fuzzing.
+    pytester.makepyfile(test_plain='''
+import torch.nn.functional as F
+from losscmp.testing import assert_losses_agree
+
+def test_nothing_fuzzed():
+    result = assert_losses_agree(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression")
+    assert result.audit is None and result.cases_run == 0 and result.agree
+''')
+    replay_only = pytester.runpytest(*RUN, "--losscmp-replay-only")
+    replay_only.assert_outcomes(passed=1)
+    replay_only.stdout.fnmatch_lines(["1 check(s): 0 pair(s) checked, 0 case(s) run, 0 saved case(s) replayed"])

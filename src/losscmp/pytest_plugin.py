@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 
 if TYPE_CHECKING:
-    from .testing import CheckResult
+    from .testing import CheckOptions, CheckResult, Session
 
 SAVE_DIR = "fixtures/losscmp"
 # Spelled out, not imported: importing losscmp.testing imports torch, and every pytest
@@ -97,7 +97,7 @@ class Tally:
 
 
 TALLY = pytest.StashKey[Tally]()
-RECORDER = pytest.StashKey[Callable[["CheckResult"], None]]()
+SESSION = pytest.StashKey["Session"]()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -108,14 +108,40 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from .testing import RECORDERS
+    from .testing import SESSIONS, Session
 
     tally = config.stash[TALLY] = Tally()
-    # Every check of this session, fixture or plain assert_losses_agree, is tallied.
-    config.stash[RECORDER] = lambda result: tally.add(result, config.rootpath)
-    RECORDERS.append(config.stash[RECORDER])
+    # Every check of the session, fixture or plain assert_losses_agree, takes the
+    # command line's options and is tallied.
+    session = config.stash[SESSION] = Session(_command_line_options(config), lambda result: tally.add(result, config.rootpath))
+    SESSIONS.append(session)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistController(config), "losscmp-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from .testing import SESSIONS
+
+    session = config.stash.get(SESSION, None)
+    if session in SESSIONS:
+        SESSIONS.remove(session)
+
+
+def _command_line_options(config: pytest.Config) -> "CheckOptions":
+    from .testing import CheckOptions, as_dtype
+
+    opt = config.getoption
+    return CheckOptions(
+        examples=opt("--losscmp-examples"),
+        seed=opt("--losscmp-seed"),
+        device=opt("--losscmp-device"),
+        dtype=as_dtype(opt("--losscmp-dtype")),
+        rtol=opt("--losscmp-rtol"),
+        atol=opt("--losscmp-atol"),
+        isolate=opt("--losscmp-isolate"),
+        timeout=opt("--losscmp-timeout"),
+        replay_only=opt("--losscmp-replay-only"),
+    )
 
 
 class _XdistController:
@@ -128,14 +154,6 @@ class _XdistController:
         data = getattr(node, "workeroutput", {}).get("losscmp")
         if data:
             self.config.stash[TALLY].merge(data)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    from .testing import RECORDERS
-
-    recorder = config.stash.get(RECORDER, None)
-    if recorder in RECORDERS:
-        RECORDERS.remove(recorder)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -166,23 +184,13 @@ class LossChecker:
     """What the ``losscmp`` fixture gives a test."""
 
     def __init__(self, request: pytest.FixtureRequest):
-        from .testing import DEFAULT_EXAMPLES, CheckOptions, as_dtype, profile_examples
-
         config = self.config = request.config
-        opt = config.getoption
-        self.save_dir = Path(config.rootpath) / opt("--losscmp-save-dir") / case_folder(request.node.nodeid)
-        self.options = CheckOptions(
-            examples=opt("--losscmp-examples") or profile_examples() or DEFAULT_EXAMPLES,
-            seed=opt("--losscmp-seed"),
-            device=opt("--losscmp-device"),
-            dtype=as_dtype(opt("--losscmp-dtype")),
-            rtol=opt("--losscmp-rtol"),
-            atol=opt("--losscmp-atol"),
-            isolate=opt("--losscmp-isolate"),
-            timeout=opt("--losscmp-timeout"),
+        self.save_dir = Path(config.rootpath) / config.getoption("--losscmp-save-dir") / case_folder(request.node.nodeid)
+        no_replay = config.getoption("--losscmp-no-replay") and not config.getoption("--losscmp-replay-only")
+        self.options = replace(
+            config.stash[SESSION].defaults,
             save_dir=self.save_dir,
-            replay_dir=None if opt("--losscmp-no-replay") and not opt("--losscmp-replay-only") else self.save_dir,
-            replay_only=opt("--losscmp-replay-only"),
+            replay_dir=None if no_replay else self.save_dir,
             replay_command=_command(request.node.nodeid, config, replay_only=False),
             replay_saved_command=_command(request.node.nodeid, config, replay_only=True),
         )
@@ -195,15 +203,11 @@ class LossChecker:
         (``minimize``, ``max_size``, ``allow_nonfinite``).
         """
         __tracebackhide__ = True
-        from .testing import as_dtype, check_or_raise
+        from .testing import check_or_raise, with_call_arguments
 
         fields = {"seed", "device", "dtype", "rtol", "atol", "reference", "isolate", "timeout"}
-        given = {k: v for k, v in settings.items() if k in fields}
-        if "dtype" in given:
-            given["dtype"] = as_dtype(given["dtype"])
-        options = replace(self.options, **given, audit={k: v for k, v in settings.items() if k not in fields})
-        if examples is not None:
-            options = replace(options, examples=examples)
+        options = with_call_arguments(self.options, examples=examples, **{k: v for k, v in settings.items() if k in fields},
+                                      audit={k: v for k, v in settings.items() if k not in fields})
         return check_or_raise(impls, spec, options)
 
 

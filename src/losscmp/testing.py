@@ -31,16 +31,12 @@ from .load import Implementation, Ref, load_implementation
 from .repro import ReproError
 from .spec import Spec
 
-__all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase"]
+__all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase", "Session"]
 
 DEFAULT_EXAMPLES = 100
 # A saved case that hung is replayed in a worker with this limit when neither the call
 # nor the repro says otherwise: a replay must never hang the suite.
 REPLAY_TIMEOUT = 60.0
-# Where finished checks are reported: the pytest plugin pushes its session's tally
-# here (pytest sessions nest under pytester, hence a stack) so that plain
-# assert_losses_agree calls count in the summary too.
-RECORDERS: list[Callable[["CheckResult"], None]] = []
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -48,7 +44,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 class CheckOptions:
     """Every knob of one check; ``None`` means "the audit's default"."""
 
-    examples: int = DEFAULT_EXAMPLES
+    examples: int | None = None  # None: the loaded non-default Hypothesis profile's max_examples, else 100
     seed: int = 0
     device: str | None = None
     dtype: torch.dtype | None = None
@@ -113,13 +109,13 @@ def assert_losses_agree(
     *impls: str | Callable[..., Any],
     spec: Spec | str | None = None,
     examples: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     reference: str | None = None,
-    isolate: bool = False,
+    isolate: bool | None = None,
     timeout: float | None = None,
     save_dir: str | Path | None = None,
     replay_dir: str | Path | None = None,
@@ -128,29 +124,55 @@ def assert_losses_agree(
     """Raise ``AssertionError`` with the report unless the implementations agree.
 
     ``impls`` are callables (functions, lambdas, ``nn.Module`` instances) or references
-    (``"pkg.module:attr"``, ``"file.py:attr"``).  ``examples`` defaults to the active
-    Hypothesis settings profile's ``max_examples`` when a non-default profile is loaded,
-    else 100.  Nothing is written unless ``save_dir`` is given; cases saved there (or
-    in ``replay_dir``) are replayed before fuzzing.
+    (``"pkg.module:attr"``, ``"file.py:attr"``).  Nothing is written unless ``save_dir``
+    is given; cases saved there (or in ``replay_dir``) are replayed before fuzzing.
+    An argument left out takes the pytest session's ``--losscmp-*`` option when the
+    plugin runs, else the default; ``examples`` then falls back to the loaded non-default
+    Hypothesis profile's ``max_examples``, else 100.
     """
     __tracebackhide__ = True
-    options = CheckOptions(
-        examples=examples if examples is not None else profile_examples() or DEFAULT_EXAMPLES,
-        seed=seed, device=device, dtype=as_dtype(dtype), rtol=rtol, atol=atol, reference=reference,
+    base = SESSIONS[-1].defaults if SESSIONS else CheckOptions()
+    if base.replay_command is None:
+        base = replace(base, replay_command=_current_test_command())
+    options = with_call_arguments(
+        base, examples=examples, seed=seed, device=device, dtype=dtype, rtol=rtol, atol=atol, reference=reference,
         isolate=isolate, timeout=timeout,
         save_dir=Path(save_dir) if save_dir is not None else None,
         replay_dir=Path(replay_dir) if replay_dir is not None else Path(save_dir) if save_dir is not None else None,
-        replay_command=_current_test_command(), audit=audit_settings,
+        audit=audit_settings,
     )
     return check_or_raise(impls, spec, options)
+
+
+def with_call_arguments(base: CheckOptions, **given: Any) -> CheckOptions:
+    """``base`` (defaults, or the session's command line) with what a call gave; ``None`` is "not given"."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if "dtype" in given:
+        given["dtype"] = as_dtype(given["dtype"])
+    if "audit" in given:
+        given["audit"] = {**base.audit, **given["audit"]}
+    return replace(base, **given)
+
+
+@dataclass(frozen=True)
+class Session:
+    """A pytest session running the plugin: its command line, and where checks are tallied."""
+
+    defaults: CheckOptions
+    record: Callable[[CheckResult], None]
+
+
+# The pytest plugin pushes its session here (sessions nest under pytester, hence a
+# stack): plain assert_losses_agree calls take its options and count in its summary.
+SESSIONS: list[Session] = []
 
 
 def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
     """The one code path of :func:`assert_losses_agree` and the pytest fixture."""
     __tracebackhide__ = True
     result = check(impls, spec, options)
-    if RECORDERS:
-        RECORDERS[-1](result)
+    if SESSIONS:
+        SESSIONS[-1].record(result)
     if result.failure:
         raise AssertionError(result.failure)
     return result
@@ -175,7 +197,11 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     if options.replay_only:
         return CheckResult(tuple(loaded), replayed, None, None)
     kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
-    settings = Settings(examples=options.examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
+    # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
+    examples = options.examples if options.examples is not None else profile_examples() or DEFAULT_EXAMPLES
+    if examples < 1:
+        raise ValueError(f"losscmp: examples must be at least 1, not {examples}")
+    settings = Settings(examples=examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
                         **kw, **options.audit)
     result = audit(loaded, the_spec, settings)
     return CheckResult(tuple(loaded), replayed, result, None if result.agree else _audit_failure(result, options))
