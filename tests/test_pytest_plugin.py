@@ -233,7 +233,7 @@ def test_the_research_repo_example_passes(pytester):
     shutil.copytree(REPO / "examples" / "research_repo", pytester.path, dirs_exist_ok=True)
     result = pytester.runpytest(*RUN)
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*= losscmp =*", "2 check(s): 2 pair(s) checked, 400 case(s) run*", "divergences: none"])
+    result.stdout.fnmatch_lines(["*= losscmp =*", "2 check(s): 2 pair(s) checked, 200 case(s) run*", "divergences: none"])
 
 
 def test_a_corrupt_saved_case_fails_the_test_in_one_line(pytester):
