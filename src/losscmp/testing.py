@@ -27,6 +27,7 @@ import torch
 
 from .audit import AuditResult, Evaluator, Settings, audit
 from .compare import Verdict
+from .generate import Case
 from .load import Implementation, Ref, load_implementation
 from .repro import ReproError
 from .spec import Spec
@@ -66,7 +67,7 @@ class ReplayedCase:
     path: Path
     recorded: str  # the kind saved
     verdict: Verdict  # today's; ``verdict.kind`` is None when the pair agrees now
-    input: str  # the case, described
+    case: Case
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,23 +242,21 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
             verdict = ev.judge(repro.pair, repro.case)
         finally:
             ev.close()
-        out.append(ReplayedCase(path, repro.kind, verdict, repro.case.describe()))
+        out.append(ReplayedCase(path, repro.kind, verdict, repro.case))
     return tuple(out)
 
 
 # --- failure messages ----------------------------------------------------------------
 
 def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str:
-    from .repro import load_repro
-
     lines = []
     for r in still:
         who = r.verdict.pair[0] if r.verdict.pair[0] == r.verdict.pair[1] else f"{r.verdict.pair[0]} vs {r.verdict.pair[1]}"
         lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {who}")
         lines.append(f"  saved case: {_shown_path(r.path)} (saved as {r.recorded})")
         lines.append(f"  {r.verdict.detail}")
-        lines.append(f"  input: {r.input}")
-        for name, t in load_repro(r.path).case.tensors.items():
+        lines.append(f"  input: {r.case.describe()}")
+        for name, t in r.case.tensors.items():
             if t.numel() <= 24:
                 lines.append(f"  {name} = {_tensor_text(t)}")
     lines += _replay_lines(options)
