@@ -135,8 +135,8 @@ def test_diverges():
     assert_losses_agree(my_bce, F.binary_cross_entropy_with_logits, spec="binary", examples=30)
 
 def test_agrees():
-    result = assert_losses_agree(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=20)
-    assert result.agree and result.cases_run == 20 and result.labels == ("mse_loss", "lambda")
+    result = assert_losses_agree(lambda i, t: F.mse_loss(i, t), lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=20)
+    assert result.agree and result.cases_run == 20 and result.labels == ("lambda", "lambda#2")
 
 def test_raises_assertion_error():
     with pytest.raises(AssertionError, match="my_bce vs binary_cross_entropy_with_logits"):
