@@ -185,6 +185,7 @@ def test_case_folders_are_unique_per_test_and_readable():
     assert case_folder(a).startswith("test_a.py_test_xxx") and case_folder(a) == case_folder(a)
 
 
+@pytest.mark.slow  # starts worker processes, each importing torch
 def test_xdist_workers_save_per_test_and_the_summary_adds_them_up(pytester):
     pytest.importorskip("xdist")
     pytester.makepyfile(
@@ -215,6 +216,7 @@ def test_mse(losscmp):
 '''
 
 
+@pytest.mark.slow  # starts worker processes, each importing torch
 def test_a_crash_saved_with_isolate_is_replayed_without_killing_pytest(pytester):
     pytester.makepyfile(test_crash=CRASHES.format(body="os._exit(3)"))
     first = pytester.runpytest(*RUN)
