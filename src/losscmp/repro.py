@@ -387,7 +387,7 @@ def load_repro(path: str | Path) -> Repro:
     _need(all(i["label"].strip() for i in impls), "empty implementation label")
     try:
         # The label is data, not part of the reference grammar ("p1:a" is a fine label).
-        refs = tuple(replace(parse_ref(i["ref"]), label=i["label"]) for i in impls)
+        refs = tuple(_saved_ref(i["ref"], i["label"]) for i in impls)
     except LoadError as e:
         raise ReproError(f"corrupt repro: {e}") from None
     _need(set(pair) <= {r.label for r in refs}, "'pair' names an implementation that is not listed")
@@ -402,6 +402,18 @@ def load_repro(path: str | Path) -> Repro:
     case = _case_of(meta, arrays, spec, npz_path)
     recorded = {k: v for k, v in arrays.items() if k.startswith("out.")}
     return Repro(json_path, meta, spec, case, refs, recorded)
+
+
+# A lambda or a local function passed by a test has no reference anyone can import
+# ("test_x.py:test_f.<locals>.<lambda>"): the case is data all the same, replayed by the
+# test that holds the callable (the pytest plugin matches it by label).
+HELD_BY_TEST = ("<locals>", "<lambda>")
+
+
+def _saved_ref(text: str, label: str) -> Ref:
+    if any(marker in text for marker in HELD_BY_TEST):
+        return Ref(text=text, label=label, target="", attrs=())
+    return replace(parse_ref(text), label=label)
 
 
 # --- trust: a repro is data ---------------------------------------------------------------
@@ -476,6 +488,9 @@ def load_repro_implementations(repro: Repro):
     base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
     by_label = {r.label: r for r in repro.refs}
     wanted = [by_label[label] for label in dict.fromkeys(repro.pair)]
+    for ref in wanted:
+        if not ref.target:
+            raise ReproError(f"{ref.label} ({ref.text}) lives only inside its test: re-run that test to replay this case")
     refuse_untrusted(wanted)
     return [load_implementation(ref, base_dir=base_dir, factories="modules") for ref in wanted]
 
