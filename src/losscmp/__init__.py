@@ -2,33 +2,20 @@
 
 Do these implementations of "the same" loss really agree, in values and gradients?
 If not: where, why, and on how small an input?  See ``losscmp --help``.
-
-The public names below are imported on first use, so that ``import losscmp`` (and the
-command line's supervising process) stays light until something is actually needed.
 """
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
 __version__ = "0.2.0"
 
-_EXPORTS = {
-    "audit": "audit", "AuditResult": "audit", "Divergence": "audit",
-    "Settings": "settings", "Search": "settings", "Execution": "settings", "Tolerances": "settings", "Outputs": "settings",
-    "Evaluator": "engine", "Runner": "engine",
-    "Kind": "findings", "Status": "findings", "Pair": "findings", "Alone": "findings",
-    "LosscmpError": "errors",
-    "Case": "generate", "Recipe": "generate", "build_case": "generate", "cases": "generate", "recipes": "generate",
-    "Implementation": "load", "load_implementation": "load", "parse_ref": "load",
-    "Arg": "spec", "Spec": "spec", "parse_spec": "spec", "preset": "spec", "resolve_spec": "spec",
-}
-__all__ = sorted(_EXPORTS)
+from .audit import AuditResult, Divergence, audit  # noqa: E402
+from .engine import Evaluator, Runner  # noqa: E402
+from .errors import LosscmpError  # noqa: E402
+from .findings import Alone, Kind, Pair, Status  # noqa: E402
+from .generate import Case, Recipe, build_case, cases, recipes  # noqa: E402
+from .load import Implementation, load_implementation, parse_ref  # noqa: E402
+from .settings import Execution, Outputs, Search, Settings, Tolerances  # noqa: E402
+from .spec import Arg, Spec, parse_spec, preset, resolve_spec  # noqa: E402
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'losscmp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "Alone", "Arg", "AuditResult", "Case", "Divergence", "Evaluator", "Execution", "Implementation", "Kind", "LosscmpError",
+    "Outputs", "Pair", "Recipe", "Runner", "Search", "Settings", "Spec", "Status", "Tolerances",
+    "audit", "build_case", "cases", "load_implementation", "parse_ref", "parse_spec", "preset", "recipes", "resolve_spec",
+]

@@ -17,7 +17,8 @@ thread left behind by an implementation cannot keep losscmp alive; SIGTERM to th
 parent is passed on and unwinds the child (workers stopped, temporary files removed);
 the child dies with the parent (``PR_SET_PDEATHSIG``) on SIGKILL.
 
-This module imports only the standard library at the top: the parent must stay light.
+The parent forks after the package (and torch) are imported: the child shares those pages,
+so supervision costs a fork and a wait, not a second interpreter.
 """
 from __future__ import annotations
 
