@@ -172,6 +172,22 @@ except (OSError, AttributeError):  # pragma: no cover - no C library to flush
     _libc_fflush = None
 
 
+_scratch: dict[int, int] = {}  # pid -> fd of this process's scratch file
+
+
+def _scratch_fd() -> int:
+    """One scratch file per process, reused by every call (creating one costs more than
+    the call of a tiny loss).  Keyed by pid: a forked worker must not share the parent's
+    file offset."""
+    pid = os.getpid()
+    fd = _scratch.get(pid)
+    if fd is None:
+        _scratch.clear()
+        with tempfile.TemporaryFile() as f:  # already unlinked: the dup keeps it alive, nameless
+            fd = _scratch[pid] = os.dup(f.fileno())
+    return fd
+
+
 @contextlib.contextmanager
 def captured_output() -> Iterator[_Captured]:
     """Send fds 1 and 2 and ``sys.stdout``/``sys.stderr`` to a scratch file for the block.
@@ -184,17 +200,14 @@ def captured_output() -> Iterator[_Captured]:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    scratch = tempfile.TemporaryFile()
+    scratch = _scratch_fd()
     saved = []
-    try:
-        for fd in (1, 2):
-            try:
-                saved.append((fd, os.dup(fd)))
-            except OSError:  # not open in this process: nothing to protect
-                continue
-            os.dup2(scratch.fileno(), fd)
-    except OSError:
-        pass
+    for fd in (1, 2):
+        try:
+            saved.append((fd, os.dup(fd)))
+            os.dup2(scratch, fd)
+        except OSError:  # not open in this process: nothing to protect
+            continue
     text_sink = io.StringIO()
     old_streams = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = text_sink
@@ -207,9 +220,11 @@ def captured_output() -> Iterator[_Captured]:
         for fd, copy in saved:
             os.dup2(copy, fd)
             os.close(copy)
-        scratch.seek(0)
-        raw = scratch.read(OUTPUT_LIMIT * 4)
-        scratch.close()
+        size = os.lseek(scratch, 0, os.SEEK_CUR)
+        raw = os.pread(scratch, min(size, OUTPUT_LIMIT * 4), 0) if size else b""
+        if size:
+            os.ftruncate(scratch, 0)
+            os.lseek(scratch, 0, os.SEEK_SET)
         printed = text_sink.getvalue() if not text_sink.closed else ""
         result.text = printed + raw.decode("utf-8", errors="replace")
 

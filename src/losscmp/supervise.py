@@ -98,12 +98,11 @@ def describe_run(impls: Sequence[Any], save_dir: Path | None, seed: int, toleran
 
 
 def _describe(spec: Any, case: Any) -> bytes:
-    from dataclasses import asdict
-
     first = next(iter(case.tensors.values()))
     where = {"spec": spec.text(), "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device), "case": case.describe()}
-    if case in _crumbs.rebuildable and case.recipe is not None:
-        where["recipe"] = asdict(case.recipe)
+    recipe = case.recipe
+    if case in _crumbs.rebuildable and recipe is not None:
+        where["recipe"] = dict(recipe.__dict__)  # flat fields of numbers, strings and tuples
     else:  # derived by the minimiser or a stage: its tensors go to disk before the call
         from .repro import save_input
 
