@@ -1,0 +1,546 @@
+"""Where two implementations part ways: the first diverging operation, forward and backward.
+
+In: two implementations, a spec, one (small, usually minimised) case and the tolerance.
+Out: a :class:`Localisation` — for each side the user-code line (file, number, text) of
+the first operation whose result differs, or ``None`` with the reason.
+
+1. **Record.**  Each side runs under a ``TorchDispatchMode`` exactly as :func:`run.call`
+   runs it (forward, then ``autograd.grad`` of the loss).  Every aten op becomes an
+   :class:`OpRecord`: op name, input and output shapes and dtypes, a cheap
+   :class:`Summary` of each tensor (small tensors whole, large ones as statistics plus a
+   fixed sample), which earlier op produced each input, and the issuing line — the
+   innermost frame outside torch and outside losscmp (site-packages code such as
+   geomloss *is* user code).  A backward op has no user frame on the stack: it is
+   attributed to the forward op whose autograd node is running it
+   (``torch._C._current_autograd_node()``, matched to the node each forward op created).
+2. **Align** the two op sequences on (phase, op, shapes, dtypes) with
+   :class:`difflib.SequenceMatcher` — insertions and removals are expected, forks add
+   and drop ops.  Coverage = the fraction of ops that found a partner.
+3. **Localise.**  The first aligned op (execution order) whose output differs beyond the
+   tolerance is where the values part.  If its inputs agree, the op itself is the cause.
+   If an input differs, the difference was made by ops only one side runs: on that side
+   the cause is the earliest of those ops feeding the input.  When one side's gradient
+   has ops the other lacks, the other side's cause is the forward op whose backward they
+   belong to (or the op cutting the graph there, such as a ``.detach()``).
+
+Too little shared structure (coverage below :data:`MIN_COVERAGE`), no aligned op that
+differs, or an op with no source line: the answer is ``location=None`` and a note that
+says so with the coverage.  Never a guessed line.
+
+Tracing runs both sides in this process (a dispatch mode cannot reach a worker), and
+records every op with summaries: it is meant for small cases, never for the search.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import linecache
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .compare import Tolerance, compare_outcomes, diff_tensors
+from .generate import Case
+from .load import Implementation
+from .run import Outcome, call
+from .spec import Spec
+
+# Below this fraction of ops with a partner, an aligned op is as likely a coincidence as
+# a counterpart: say so instead of naming a line.
+MIN_COVERAGE = 0.5
+FULL_LIMIT = 256  # tensors up to this many elements are kept whole
+SAMPLE_SIZE = 64  # fixed positions kept of larger ones
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class Phase(str, Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+# --- what is recorded -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Summary:
+    """A cheap, comparable picture of one tensor.
+
+    Small tensors are kept whole (``values``, float64 on the CPU); larger ones as their
+    finite sum / absolute sum / min / max, their NaN and inf counts, and ``sample``, the
+    elements at :data:`SAMPLE_SIZE` fixed, evenly spaced positions.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    values: torch.Tensor | None
+    sample: torch.Tensor | None
+    total: float
+    abs_total: float
+    low: float
+    high: float
+    nans: int
+    posinfs: int
+    neginfs: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def text(self) -> str:
+        if self.values is not None and self.values.numel() <= 6:
+            shown = [f"{v:.8g}" for v in self.values.tolist()]
+            return shown[0] if not self.shape else f"[{', '.join(shown)}] shape {self.shape}"
+        text = f"shape {self.shape}: min {self.low:.6g}, max {self.high:.6g}, sum {self.total:.6g}"
+        bad = [f"{n} {w}" for n, w in ((self.nans, "NaN"), (self.posinfs, "+inf"), (self.neginfs, "-inf")) if n]
+        return text + (f" (+ {', '.join(bad)})" if bad else "")
+
+
+def summarise(t: torch.Tensor) -> Summary | None:
+    """Summary of a strided tensor; None for layouts without values (sparse, meta)."""
+    if t.layout != torch.strided or t.device.type == "meta" or t.is_quantized:
+        return None
+    flat = t.detach().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    d = flat.to(torch.float64)
+    finite = d[torch.isfinite(d)]
+    nans, posinfs = int(d.isnan().sum()), int((d == math.inf).sum())
+    neginfs = int((d == -math.inf).sum())
+    low = float(finite.min()) if finite.numel() else math.nan
+    high = float(finite.max()) if finite.numel() else math.nan
+    if d.numel() <= FULL_LIMIT:
+        values, sample = d.cpu(), None
+    else:
+        positions = torch.linspace(0, d.numel() - 1, SAMPLE_SIZE, device=d.device).long()
+        values, sample = None, d[positions].cpu()
+    return Summary(tuple(t.shape), t.dtype, values, sample, float(finite.sum()), float(finite.abs().sum()),
+                   low, high, nans, posinfs, neginfs)
+
+
+def _tolerance_for(s: Summary, tol: Tolerance) -> Tolerance:
+    return tol if (s.dtype.is_floating_point or s.dtype.is_complex) else Tolerance(0.0, 0.0)
+
+
+def summary_diff(actual: Summary | None, expected: Summary | None, tol: Tolerance) -> str | None:
+    """Why two summaries differ beyond ``tol``, or None when they agree (or cannot tell).
+
+    Whole tensors are compared element by element as :func:`compare.diff_tensors` does.
+    For summarised ones every test is a *necessary* condition of elementwise agreement
+    (if each |a_i - b_i| <= atol + rtol |b_i|, the sums differ by at most
+    n atol + rtol sum |b_i|, the extremes by at most atol + rtol max |b_i|), so a
+    difference reported here is a real one.
+    """
+    if actual is None or expected is None:
+        return None
+    if actual.shape != expected.shape:
+        return f"shapes differ: {expected.shape} vs {actual.shape}"
+    tol = _tolerance_for(expected, tol)
+    if actual.values is not None and expected.values is not None:
+        d = diff_tensors("output", actual.values.reshape(expected.shape), expected.values.reshape(expected.shape), tol)
+        return d.message() if d.score > 1.0 else None
+    if (actual.nans, actual.posinfs, actual.neginfs) != (expected.nans, expected.posinfs, expected.neginfs):
+        return (f"NaN/+inf/-inf counts differ: expected {expected.nans}/{expected.posinfs}/{expected.neginfs}, "
+                f"actual {actual.nans}/{actual.posinfs}/{actual.neginfs}")
+    d = diff_tensors("output (sampled elements)", actual.sample, expected.sample, tol)
+    if d.score > 1.0:
+        return d.message()
+    n = expected.numel
+    big = max(abs(expected.low), abs(expected.high)) if expected.abs_total else 0.0
+    checks = (
+        ("sum", actual.total, expected.total, n * tol.atol + tol.rtol * expected.abs_total),
+        ("min", actual.low, expected.low, tol.atol + tol.rtol * big),
+        ("max", actual.high, expected.high, tol.atol + tol.rtol * big),
+    )
+    for what, a, b, allowed in checks:
+        if not (math.isnan(a) and math.isnan(b)) and not abs(a - b) <= allowed:
+            return f"output {what}: expected {b:.8g} vs actual {a:.8g}; difference {abs(a - b):.3g} (up to {allowed:.3g} allowed)"
+    return None
+
+
+@dataclass(frozen=True)
+class Site:
+    """The user-code line that issued an op."""
+
+    file: str
+    line: int
+
+
+@dataclass(frozen=True, eq=False)
+class OpRecord:
+    index: int
+    op: str
+    phase: Phase
+    inputs: tuple[Summary | None, ...]  # one per tensor input, in argument order
+    producers: tuple[int | None, ...]  # the record that produced each tensor input; None: from outside
+    scalars: tuple[str, ...]  # the non-tensor arguments, as text
+    outputs: tuple[Summary | None, ...]
+    site: Site | None
+    origin: int | None  # backward: the forward record whose autograd node ran this op
+    key: tuple  # what alignment matches on
+
+    def describe(self, records: Sequence["OpRecord"]) -> str:
+        if self.origin is not None and self.phase is Phase.BACKWARD:
+            return f"{self.op} (backward of {records[self.origin].op})"
+        return self.op
+
+
+@dataclass(frozen=True, eq=False)
+class Recording:
+    label: str
+    records: tuple[OpRecord, ...]
+    outcome: Outcome
+
+
+def _node_key(node: Any) -> Any:
+    # Sequence numbers identify a node for its whole life; id() is the fallback on a
+    # torch without them (the recorder keeps those nodes alive, so ids stay unique).
+    seq = getattr(node, "_sequence_nr", None)
+    return seq() if seq is not None else id(node)
+
+
+def _current_node() -> Any:
+    # Present on torch 2.x; without it backward ops still align, but have no source line.
+    get = getattr(torch._C, "_current_autograd_node", None)
+    return get() if get is not None else None
+
+
+def _weak_tensor_map() -> Any:
+    try:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        return WeakIdKeyDictionary()
+    except ImportError:  # pragma: no cover - very old torch: keep tensors alive instead
+        return _StrongIdMap()
+
+
+class _StrongIdMap(dict):
+    def __setitem__(self, t: torch.Tensor, value: Any) -> None:
+        super().__setitem__(id(t), (t, value))
+
+    def get(self, t: torch.Tensor, default: Any = None) -> Any:
+        found = super().get(id(t))
+        return found[1] if found is not None else default
+
+
+def _user_site(frame: Any, phase: Phase) -> Site | None:
+    """Innermost frame outside torch and losscmp — unless losscmp is reached first, which
+    means the op was not issued by the implementation (losscmp's own bookkeeping, the
+    autograd engine).  A torch function called directly as the implementation has only
+    torch frames: in the forward its outermost one is the best line there is."""
+    outermost_torch = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_OWN_DIR):
+            break
+        if name.startswith(_TORCH_DIR):
+            outermost_torch = frame
+        elif not name.startswith("<frozen"):
+            return Site(name, frame.f_lineno)
+        frame = frame.f_back
+    if phase is Phase.FORWARD and outermost_torch is not None:
+        return Site(outermost_torch.f_code.co_filename, outermost_torch.f_lineno)
+    return None
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every aten op of one forward + backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[OpRecord] = []
+        self.phase = Phase.FORWARD
+        self._seen = _weak_tensor_map()  # tensor -> (version, producing record, summary)
+        self._node_origin: dict[Any, int] = {}
+        self._nodes: list[Any] = []
+        self._pending: tuple[int, list[torch.Tensor]] | None = None
+
+    def forward_done(self) -> None:
+        self._resolve_pending()
+        self.phase = Phase.BACKWARD
+
+    def _resolve_pending(self) -> None:
+        # Autograd gives an op's outputs their grad_fn only after the op returns through
+        # this mode, so the previous forward op's node is read here, one op later.
+        if self._pending is None:
+            return
+        index, outputs = self._pending
+        self._pending = None
+        for t in outputs:
+            node = t.grad_fn
+            if node is not None and _node_key(node) not in self._node_origin:
+                self._node_origin[_node_key(node)] = index
+                self._nodes.append(node)
+
+    def _input(self, t: torch.Tensor) -> tuple[Summary | None, int | None]:
+        known = self._seen.get(t)
+        if known is not None and known[0] == t._version:
+            return known[2], known[1]
+        summary = summarise(t)
+        producer = known[1] if known is not None else None
+        self._seen[t] = (t._version, producer, summary)
+        return summary, producer
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self.phase is Phase.FORWARD:
+            self._resolve_pending()
+        # Inputs are summarised before the call: an in-place op changes them.
+        leaves, _ = tree_flatten((args, kwargs))
+        tensors_in = [x for x in leaves if isinstance(x, torch.Tensor)]
+        seen_in = [self._input(t) for t in tensors_in]
+        out = func(*args, **kwargs)
+        node = _current_node() if self.phase is Phase.BACKWARD else None
+        site = _user_site(sys._getframe(1), self.phase)
+        if self.phase is Phase.BACKWARD and site is None and node is None:
+            return out  # not the implementation's: the loss seed, losscmp's own checks
+        origin = self._node_origin.get(_node_key(node)) if node is not None else None
+        if site is None and origin is not None:
+            site = self.records[origin].site
+        out_leaves, _ = tree_flatten(out)
+        outputs = [x for x in out_leaves if isinstance(x, torch.Tensor)]
+        numbers = [x for x in out_leaves if isinstance(x, (bool, int, float))]  # .item() and friends
+        index = len(self.records)
+        out_summaries = []
+        for t in outputs:
+            s = summarise(t)
+            self._seen[t] = (t._version, index, s)
+            out_summaries.append(s)
+        out_summaries += [summarise(torch.tensor(float(v), dtype=torch.float64)) for v in numbers]
+        in_key = tuple((tuple(t.shape), str(t.dtype)) for t in tensors_in)
+        out_key = tuple((tuple(t.shape), str(t.dtype)) for t in outputs) + (("number",) * len(numbers),)
+        self.records.append(OpRecord(
+            index=index,
+            op=str(func),
+            phase=self.phase,
+            inputs=tuple(s for s, _ in seen_in),
+            producers=tuple(p for _, p in seen_in),
+            scalars=tuple(_scalar_text(x) for x in leaves if not isinstance(x, torch.Tensor)),
+            outputs=tuple(out_summaries),
+            site=site,
+            origin=origin,
+            key=(self.phase.value, str(func), in_key, out_key),
+        ))
+        if self.phase is Phase.FORWARD and outputs:
+            self._pending = (index, outputs)
+        return out
+
+
+def _scalar_text(x: Any) -> str:
+    return f"{x:.17g}" if isinstance(x, float) else str(x)
+
+
+def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
+    """Run ``impl`` on ``case`` as :func:`run.call` does, recording every aten op."""
+    recorder = _Recorder()
+    with contextlib.ExitStack() as active:
+
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            active.enter_context(recorder)  # stays on through run.call's autograd.grad
+            try:
+                return impl.fn(*args, **kwargs)
+            finally:
+                recorder.forward_done()
+
+        outcome = call(traced, spec, case)
+    return Recording(impl.label, tuple(recorder.records), outcome)
+
+
+# --- alignment and localisation -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alignment:
+    pairs: tuple[tuple[int, int], ...]  # (expected index, actual index), in execution order
+    coverage: float  # fraction of all ops of both sides that have a partner
+
+    @property
+    def forward(self) -> dict[int, int]:
+        return dict(self.pairs)
+
+    @property
+    def backward(self) -> dict[int, int]:
+        return {j: i for i, j in self.pairs}
+
+
+def align(expected: Sequence[OpRecord], actual: Sequence[OpRecord]) -> Alignment:
+    # autojunk off: a Sinkhorn loop repeats the same few ops hundreds of times, and the
+    # heuristic would throw exactly those away.
+    matcher = difflib.SequenceMatcher(None, [r.key for r in expected], [r.key for r in actual], autojunk=False)
+    pairs = tuple((b.a + k, b.b + k) for b in matcher.get_matching_blocks() for k in range(b.size))
+    total = len(expected) + len(actual)
+    return Alignment(pairs, 2 * len(pairs) / total if total else 1.0)
+
+
+@dataclass(frozen=True)
+class SourceLine:
+    file: str
+    line: int
+    code: str
+    op: str
+    phase: str  # "forward" / "backward": where the two sides' values first differ
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "code": self.code, "op": self.op, "phase": self.phase}
+
+
+@dataclass(frozen=True)
+class Localisation:
+    location: dict[str, SourceLine] | None  # label -> where; None when undecided
+    note: str  # one line: what was found, or why nothing was (with the coverage)
+    coverage: float
+    values: dict[str, str] = field(default_factory=dict)  # label -> the diverging op's output
+
+    def to_json(self) -> dict[str, Any]:
+        location = None if self.location is None else {k: v.to_json() for k, v in self.location.items()}
+        return {"location": location, "location_note": self.note, "coverage": self.coverage}
+
+
+def _unaligned_root(records: Sequence[OpRecord], starts: Sequence[int | None], aligned: dict[int, int]) -> int | None:
+    """The earliest op of the unaligned ops that feed ``starts`` (through unaligned ops only)."""
+    todo = [p for p in starts if p is not None and p not in aligned]
+    seen: set[int] = set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        todo += [q for q in records[p].producers if q is not None and q not in aligned]
+    return min(seen) if seen else None
+
+
+def _first_output_diff(ra: OpRecord, rb: OpRecord, tol: Tolerance) -> tuple[int, str] | None:
+    for k, (sa, sb) in enumerate(zip(ra.outputs, rb.outputs)):
+        why = summary_diff(sb, sa, tol)
+        if why is not None:
+            return k, why
+    return None
+
+
+def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], other_root: int | None,
+                          other_to_own: dict[int, int], own_aligned: dict[int, int]) -> int | None:
+    """One side's gradient runs ops the other lacks; on the lacking side the cause is the
+    partner of the forward op those ops belong to — or, if that op reads something
+    only this side computes (a ``.detach()``), that."""
+    if other_root is None or other[other_root].origin is None:
+        return None
+    partner = other_to_own.get(other[other_root].origin)
+    if partner is None:
+        return None
+    cut = _unaligned_root(own, own[partner].producers, own_aligned)
+    return cut if cut is not None else partner
+
+
+def _source_line(r: OpRecord, records: Sequence[OpRecord], phase: Phase) -> SourceLine | None:
+    if r.site is None:
+        return None
+    code = linecache.getline(r.site.file, r.site.line).strip()
+    return SourceLine(r.site.file, r.site.line, code, r.describe(records), phase.value)
+
+
+def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisation:
+    """The first diverging op of two recordings (see the module docstring)."""
+    le, la = expected.label, actual.label
+    a, b = expected.records, actual.records
+    alignment = align(a, b)
+    cov = alignment.coverage
+    coverage = f"alignment coverage {cov:.0%} of {len(a)} + {len(b)} ops"
+    verdict = compare_outcomes((le, la), expected.outcome, actual.outcome, tol)
+    if expected.outcome.failed or actual.outcome.failed:
+        failed = [f"{r.label} {r.outcome.error}" for r in (expected, actual) if r.outcome.failed]
+        return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}", cov)
+    if not verdict.diverges:
+        return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov)
+    if cov < MIN_COVERAGE:
+        return Localisation(None, f"not localised: the two executions share too little structure ({coverage}, "
+                            f"below {MIN_COVERAGE:.0%})", cov)
+    to_b, to_a = alignment.forward, alignment.backward
+    for i, j in alignment.pairs:
+        found = _first_output_diff(a[i], b[j], tol)
+        if found is None:
+            continue
+        k, why = found
+        ra, rb = a[i], b[j]
+        differing = [n for n, (sa, sb) in enumerate(zip(ra.inputs, rb.inputs)) if summary_diff(sb, sa, tol) is not None]
+        root_a = _unaligned_root(a, [ra.producers[n] for n in differing], to_b)
+        root_b = _unaligned_root(b, [rb.producers[n] for n in differing], to_a)
+        cause_a = root_a if root_a is not None else _cause_via_other_side(a, b, root_b, to_a, to_b)
+        cause_b = root_b if root_b is not None else _cause_via_other_side(b, a, root_a, to_b, to_a)
+        cause_a, cause_b = (i if cause_a is None else cause_a), (j if cause_b is None else cause_b)
+        phase = ra.phase
+        if not differing:
+            how = "its inputs agree" + ("" if ra.scalars == rb.scalars else
+                                        f" (non-tensor arguments differ: {', '.join(ra.scalars)} vs {', '.join(rb.scalars)})")
+        else:
+            only = [f"{r.label} {recs[c].describe(recs)}" for r, recs, c, root in
+                    ((expected, a, cause_a, root_a), (actual, b, cause_b, root_b)) if root is not None]
+            how = f"input {', '.join(map(str, differing))} differs" + (f", made by ops only one side runs ({'; '.join(only)})" if only else "")
+        head = f"{phase.value}: values first differ at {ra.describe(a)} (op {i + 1} of {len(a)} in {le}, {j + 1} of {len(b)} in {la}); {how}"
+        values = {le: _text(ra.outputs[k]), la: _text(rb.outputs[k])}
+        lines = {le: _source_line(a[cause_a], a, phase), la: _source_line(b[cause_b], b, phase)}
+        missing = [label for label, where in lines.items() if where is None]
+        if missing:
+            return Localisation(None, f"{head}; no source line for {' and '.join(missing)} (the op was not issued from Python "
+                                f"code this torch can attribute); {why}; {coverage}", cov, values)
+        return Localisation(lines, f"{head}; {why}; {coverage}", cov, values)
+    return Localisation(None, f"not localised: no aligned op differs, the divergence arises in ops only one side runs; {coverage}", cov)
+
+
+def _text(s: Summary | None) -> str:
+    return "(no values)" if s is None else s.text()
+
+
+def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
+    """Record both sides on ``case`` and localise their first divergence."""
+    return localise(record(expected, spec, case), record(actual, spec, case), tol)
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def trace_command(argv: list[str]) -> int:
+    """``losscmp trace A B REPRO.json``: 0 located, 1 not located, 2 bad usage or input."""
+    from .cli import UsageError, trace_parser
+    from .load import LoadError, disambiguate, load_implementation, parse_ref
+    from .repro import ReproError, load_repro
+    from .spec import SpecError
+
+    try:
+        args = trace_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its usage line
+        return int(e.code or 0)
+    try:
+        repro = load_repro(args.repro)
+        refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
+        if refs[0].label == refs[1].label:
+            raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
+        impls = [load_implementation(r) for r in refs]
+        tol = Tolerance(float(repro.meta["tolerance"]["rtol"]), float(repro.meta["tolerance"]["atol"]))
+        result = locate(impls[0], impls[1], repro.spec, repro.case, tol)
+    except (UsageError, LoadError, ReproError, SpecError) as e:
+        print(f"losscmp: error: {e}", file=sys.stderr)
+        return 2
+    print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}")
+    print(result.note)
+    for label, where in (result.location or {}).items():
+        print(f"  {label}: {where.file}:{where.line}  [{where.op}]")
+        print(f"      {where.code}")
+        print(f"      value: {result.values.get(label, '?')}")
+    if args.json:
+        text = json.dumps(result.to_json(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0 if result.location is not None else 1
+
