@@ -59,6 +59,7 @@ MIN_COVERAGE = 0.5
 FULL_LIMIT = 256  # tensors up to this many elements are kept whole
 SAMPLE_SIZE = 64  # fixed positions kept of larger ones
 
+_EXACT = Tolerance(0.0, 0.0)
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -127,6 +128,12 @@ def summarise(t: torch.Tensor) -> Summary | None:
                    low, high, nans, posinfs, neginfs)
 
 
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    # Unit dims are a convention (a batch of one, keepdim), not a different computation:
+    # GeomLoss works on (1, N, M) where a rewrite works on (N, M).
+    return tuple(n for n in shape if n != 1)
+
+
 def _tolerance_for(s: Summary, tol: Tolerance) -> Tolerance:
     return tol if (s.dtype.is_floating_point or s.dtype.is_complex) else Tolerance(0.0, 0.0)
 
@@ -142,7 +149,7 @@ def summary_diff(actual: Summary | None, expected: Summary | None, tol: Toleranc
     """
     if actual is None or expected is None:
         return None
-    if actual.shape != expected.shape:
+    if _squeezed(actual.shape) != _squeezed(expected.shape):
         return f"shapes differ: {expected.shape} vs {actual.shape}"
     tol = _tolerance_for(expected, tol)
     if actual.values is not None and expected.values is not None:
@@ -195,10 +202,20 @@ class OpRecord:
 
 
 @dataclass(frozen=True, eq=False)
+class Result:
+    """One thing the call returned (the loss, or the gradient w.r.t. one input)."""
+
+    what: str
+    summary: Summary | None
+    producer: int | None  # the record that computed it
+
+
+@dataclass(frozen=True, eq=False)
 class Recording:
     label: str
     records: tuple[OpRecord, ...]
     outcome: Outcome
+    results: tuple[Result, ...] = ()
 
 
 def _node_key(node: Any) -> Any:
@@ -281,6 +298,10 @@ class _Recorder(TorchDispatchMode):
                 self._node_origin[_node_key(node)] = index
                 self._nodes.append(node)
 
+    def producer(self, t: torch.Tensor) -> int | None:
+        known = self._seen.get(t)
+        return known[1] if known is not None else None
+
     def _input(self, t: torch.Tensor) -> tuple[Summary | None, int | None]:
         known = self._seen.get(t)
         if known is not None and known[0] == t._version:
@@ -302,7 +323,14 @@ class _Recorder(TorchDispatchMode):
         node = _current_node() if self.phase is Phase.BACKWARD else None
         site = _user_site(sys._getframe(1), self.phase)
         if self.phase is Phase.BACKWARD and site is None and node is None:
-            return out  # not the implementation's: the loss seed, losscmp's own checks
+            # Not the implementation's op: the loss seed, run.call's detach of the results,
+            # its mutation checks.  Unrecorded, but a one-input op passes on its input's
+            # producer, so the detached results still lead back to the ops that made them.
+            if len(tensors_in) == 1:
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        self._seen[t] = (t._version, seen_in[0][1], summarise(t))
+            return out
         origin = self._node_origin.get(_node_key(node)) if node is not None else None
         if site is None and origin is not None:
             site = self.records[origin].site
@@ -316,8 +344,8 @@ class _Recorder(TorchDispatchMode):
             self._seen[t] = (t._version, index, s)
             out_summaries.append(s)
         out_summaries += [summarise(torch.tensor(float(v), dtype=torch.float64)) for v in numbers]
-        in_key = tuple((tuple(t.shape), str(t.dtype)) for t in tensors_in)
-        out_key = tuple((tuple(t.shape), str(t.dtype)) for t in outputs) + (("number",) * len(numbers),)
+        in_key = tuple((_squeezed(t.shape), str(t.dtype)) for t in tensors_in)
+        out_key = tuple((_squeezed(t.shape), str(t.dtype)) for t in outputs) + (("number",) * len(numbers),)
         self.records.append(OpRecord(
             index=index,
             op=str(func),
@@ -352,7 +380,10 @@ def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
                 recorder.forward_done()
 
         outcome = call(traced, spec, case)
-    return Recording(impl.label, tuple(recorder.records), outcome)
+    returned = [("value", outcome.value)] + [(f"gradient w.r.t. {k}", g) for k, g in outcome.grads.items()]
+    results = tuple(Result(what, summarise(t) if t is not None else None, recorder.producer(t) if t is not None else None)
+                    for what, t in returned)
+    return Recording(impl.label, tuple(recorder.records), outcome, results if not outcome.failed else ())
 
 
 # --- alignment and localisation -----------------------------------------------------------
@@ -440,11 +471,90 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
     return cut if cut is not None else partner
 
 
+def _causes(a: Sequence[OpRecord], b: Sequence[OpRecord], alignment: Alignment,
+            inputs: tuple[Sequence[int | None], Sequence[int | None]], own: tuple[int | None, int | None]) -> tuple[tuple, tuple]:
+    """Per side, the op to blame for inputs that differ (see the module docstring), and
+    the unaligned root it came from, if any."""
+    to_b, to_a = alignment.forward, alignment.backward
+    root_a = _unaligned_root(a, inputs[0], to_b)
+    root_b = _unaligned_root(b, inputs[1], to_a)
+    cause_a = root_a if root_a is not None else _cause_via_other_side(a, b, root_b, to_a, to_b)
+    cause_b = root_b if root_b is not None else _cause_via_other_side(b, a, root_a, to_b, to_a)
+    return (own[0] if cause_a is None else cause_a, own[1] if cause_b is None else cause_b), (root_a, root_b)
+
+
+def _first_difference(expected: Recording, actual: Recording, alignment: Alignment, before: int) -> str:
+    """Where a difference of any size first appears, for a split whose inputs only agree
+    within tolerance: the amplifier is the location, this is where it got its input."""
+    a, b = expected.records, actual.records
+    for i, j in alignment.pairs:
+        if i >= before:
+            break
+        if _first_output_diff(a[i], b[j], _EXACT) is None:
+            continue
+        unequal = [n for n, (sa, sb) in enumerate(zip(a[i].inputs, b[j].inputs)) if summary_diff(sb, sa, _EXACT) is not None]
+        (ca, cb), _ = _causes(a, b, alignment, ([a[i].producers[n] for n in unequal], [b[j].producers[n] for n in unequal]), (i, j))
+        where = [f"{r.label} {r.records[c].site.file}:{r.records[c].site.line}" for r, c in ((expected, ca), (actual, cb))
+                 if r.records[c].site is not None]
+        return f"; a difference below tolerance first appears at {a[i].describe(a)} ({', '.join(where) or 'no source line'})"
+    return ""
+
+
 def _source_line(r: OpRecord, records: Sequence[OpRecord], phase: Phase) -> SourceLine | None:
     if r.site is None:
         return None
     code = linecache.getline(r.site.file, r.site.line).strip()
-    return SourceLine(r.site.file, r.site.line, code, r.describe(records), phase.value)
+    # A forward op named for a backward split: the op whose gradient path differs (a .detach()).
+    op = r.describe(records) + (" (in the forward)" if r.phase is not phase else "")
+    return SourceLine(r.site.file, r.site.line, code, op, phase.value)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Where the two sides' values part: the first aligned op (or returned result) that differs."""
+
+    phase: Phase
+    what: str  # the op, or "the gradient w.r.t. x"
+    where: str  # its position on both sides, for the note
+    why: str  # the torch.testing-style message
+    values: dict[str, str]
+    differing: tuple[int, ...]  # which inputs differ beyond the tolerance
+    unequal: tuple[int, ...]  # which inputs differ at all
+    inputs: tuple[tuple[int | None, ...], tuple[int | None, ...]]  # producers of the unequal inputs, per side
+    own: tuple[int | None, int | None]  # the op itself per side (None for a returned result)
+    scalars: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+
+
+def _split(expected: Recording, actual: Recording, alignment: Alignment, tol: Tolerance) -> _Split | None:
+    a, b = expected.records, actual.records
+    le, la = expected.label, actual.label
+    for i, j in alignment.pairs:
+        found = _first_output_diff(a[i], b[j], tol)
+        if found is None:
+            continue
+        k, why = found
+        ra, rb = a[i], b[j]
+        pairs = list(enumerate(zip(ra.inputs, rb.inputs)))
+        differing = tuple(n for n, (sa, sb) in pairs if summary_diff(sb, sa, tol) is not None)
+        # Inputs within tolerance can still carry a small difference that this op
+        # amplifies (scaling an atol-sized error, cancellation).  Made by ops only one
+        # side runs, that difference is the better suspect than the amplifier.
+        unequal = tuple(n for n, (sa, sb) in pairs if summary_diff(sb, sa, _EXACT) is not None)
+        return _Split(
+            ra.phase, ra.describe(a), f"op {i + 1} of {len(a)} in {le}, {j + 1} of {len(b)} in {la}", why,
+            {le: _text(ra.outputs[k]), la: _text(rb.outputs[k])}, differing, unequal,
+            (tuple(ra.producers[n] for n in unequal), tuple(rb.producers[n] for n in unequal)), (i, j),
+            (ra.scalars, rb.scalars),
+        )
+    # Every aligned op agrees, yet the results differ: ops only one side runs made them
+    # (a gradient summed from one more path, say).  Follow the results back instead.
+    for n, (ra, rb) in enumerate(zip(expected.results, actual.results)):
+        why = summary_diff(rb.summary, ra.summary, tol)
+        if why is not None and ra.what == rb.what:
+            phase = Phase.FORWARD if n == 0 else Phase.BACKWARD
+            return _Split(phase, f"the {ra.what}", "the returned results", why,
+                          {le: _text(ra.summary), la: _text(rb.summary)}, (0,), (0,), ((ra.producer,), (rb.producer,)), (None, None))
+    return None
 
 
 def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisation:
@@ -454,45 +564,39 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
     alignment = align(a, b)
     cov = alignment.coverage
     coverage = f"alignment coverage {cov:.0%} of {len(a)} + {len(b)} ops"
-    verdict = compare_outcomes((le, la), expected.outcome, actual.outcome, tol)
     if expected.outcome.failed or actual.outcome.failed:
         failed = [f"{r.label} {r.outcome.error}" for r in (expected, actual) if r.outcome.failed]
         return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}", cov)
-    if not verdict.diverges:
+    if not compare_outcomes((le, la), expected.outcome, actual.outcome, tol).diverges:
         return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov)
     if cov < MIN_COVERAGE:
         return Localisation(None, f"not localised: the two executions share too little structure ({coverage}, "
                             f"below {MIN_COVERAGE:.0%})", cov)
-    to_b, to_a = alignment.forward, alignment.backward
-    for i, j in alignment.pairs:
-        found = _first_output_diff(a[i], b[j], tol)
-        if found is None:
-            continue
-        k, why = found
-        ra, rb = a[i], b[j]
-        differing = [n for n, (sa, sb) in enumerate(zip(ra.inputs, rb.inputs)) if summary_diff(sb, sa, tol) is not None]
-        root_a = _unaligned_root(a, [ra.producers[n] for n in differing], to_b)
-        root_b = _unaligned_root(b, [rb.producers[n] for n in differing], to_a)
-        cause_a = root_a if root_a is not None else _cause_via_other_side(a, b, root_b, to_a, to_b)
-        cause_b = root_b if root_b is not None else _cause_via_other_side(b, a, root_a, to_b, to_a)
-        cause_a, cause_b = (i if cause_a is None else cause_a), (j if cause_b is None else cause_b)
-        phase = ra.phase
-        if not differing:
-            how = "its inputs agree" + ("" if ra.scalars == rb.scalars else
-                                        f" (non-tensor arguments differ: {', '.join(ra.scalars)} vs {', '.join(rb.scalars)})")
-        else:
-            only = [f"{r.label} {recs[c].describe(recs)}" for r, recs, c, root in
-                    ((expected, a, cause_a, root_a), (actual, b, cause_b, root_b)) if root is not None]
-            how = f"input {', '.join(map(str, differing))} differs" + (f", made by ops only one side runs ({'; '.join(only)})" if only else "")
-        head = f"{phase.value}: values first differ at {ra.describe(a)} (op {i + 1} of {len(a)} in {le}, {j + 1} of {len(b)} in {la}); {how}"
-        values = {le: _text(ra.outputs[k]), la: _text(rb.outputs[k])}
-        lines = {le: _source_line(a[cause_a], a, phase), la: _source_line(b[cause_b], b, phase)}
-        missing = [label for label, where in lines.items() if where is None]
-        if missing:
-            return Localisation(None, f"{head}; no source line for {' and '.join(missing)} (the op was not issued from Python "
-                                f"code this torch can attribute); {why}; {coverage}", cov, values)
-        return Localisation(lines, f"{head}; {why}; {coverage}", cov, values)
-    return Localisation(None, f"not localised: no aligned op differs, the divergence arises in ops only one side runs; {coverage}", cov)
+    split = _split(expected, actual, alignment, tol)
+    if split is None:
+        return Localisation(None, f"not localised: the results differ but no aligned op or result shows it; {coverage}", cov)
+    (cause_a, cause_b), (root_a, root_b) = _causes(a, b, alignment, split.inputs, split.own)
+    only = [f"{label} {recs[root].describe(recs)}" for label, recs, root in ((le, a, root_a), (la, b, root_b)) if root is not None]
+    made = f", made by ops only one side runs ({'; '.join(only)})" if only else ""
+    if split.own[0] is None:
+        how = f"it differs{made}"
+    elif split.differing:
+        how = f"input {', '.join(map(str, split.differing))} differs{made}"
+    elif split.unequal:
+        how = f"its inputs agree within tolerance, not exactly{made}"
+    else:
+        sa, sb = split.scalars
+        how = "its inputs agree" + ("" if sa == sb else f" but its other arguments differ ({', '.join(sa)} vs {', '.join(sb)})")
+    head = f"{split.phase.value}: values first differ at {split.what} ({split.where}); {how}"
+    if split.own[0] is not None and split.unequal and not split.differing and root_a is None and root_b is None:
+        head += _first_difference(expected, actual, alignment, split.own[0])
+    lines = {le: _source_line(a[cause_a], a, split.phase) if cause_a is not None else None,
+             la: _source_line(b[cause_b], b, split.phase) if cause_b is not None else None}
+    missing = [label for label, where in lines.items() if where is None]
+    if missing:
+        return Localisation(None, f"{head}; no source line for {' and '.join(missing)}: the op was not issued from Python "
+                            f"code that this torch can attribute; {split.why}; {coverage}", cov, split.values)
+    return Localisation(lines, f"{head}; {split.why}; {coverage}", cov, split.values)
 
 
 def _text(s: Summary | None) -> str:
