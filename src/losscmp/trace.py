@@ -404,12 +404,37 @@ class Alignment:
 
 
 def align(expected: Sequence[OpRecord], actual: Sequence[OpRecord]) -> Alignment:
-    # autojunk off: a Sinkhorn loop repeats the same few ops hundreds of times, and the
-    # heuristic would throw exactly those away.
-    matcher = difflib.SequenceMatcher(None, [r.key for r in expected], [r.key for r in actual], autojunk=False)
-    pairs = tuple((b.a + k, b.b + k) for b in matcher.get_matching_blocks() for k in range(b.size))
+    """Forward ops on (op, shapes, dtypes); then backward ops on the same *and* on the
+    forward ops they belong to: two programs with twin branches (the cross and the
+    auto-correlation terms of a Sinkhorn divergence, on equal-sized clouds) run
+    backward ops that look alike, and only their forward origin tells which is which."""
+    fwd_a = [r for r in expected if r.phase is Phase.FORWARD]
+    fwd_b = [r for r in actual if r.phase is Phase.FORWARD]
+    forward = _matching(fwd_a, fwd_b, [r.key for r in fwd_a], [r.key for r in fwd_b])
+    pair_of_a = {fwd_a[i].index: n for n, (i, _) in enumerate(forward)}
+    pair_of_b = {fwd_b[j].index: n for n, (_, j) in enumerate(forward)}
+
+    def origin_token(r: OpRecord, pair_of: dict[int, int], side: str) -> Any:
+        if r.origin is None:
+            return None  # unknown (older torch): match on the op alone
+        # An origin without a partner gets a token no op of the other side can share.
+        return pair_of[r.origin] if r.origin in pair_of else (side, r.origin)
+
+    bwd_a = [r for r in expected if r.phase is Phase.BACKWARD]
+    bwd_b = [r for r in actual if r.phase is Phase.BACKWARD]
+    backward = _matching(bwd_a, bwd_b, [(r.key, origin_token(r, pair_of_a, "a")) for r in bwd_a],
+                         [(r.key, origin_token(r, pair_of_b, "b")) for r in bwd_b])
+    pairs = tuple((fwd_a[i].index, fwd_b[j].index) for i, j in forward) + tuple(
+        (bwd_a[i].index, bwd_b[j].index) for i, j in backward)
     total = len(expected) + len(actual)
     return Alignment(pairs, 2 * len(pairs) / total if total else 1.0)
+
+
+def _matching(a: Sequence[OpRecord], b: Sequence[OpRecord], keys_a: list, keys_b: list) -> list[tuple[int, int]]:
+    # autojunk off: a Sinkhorn loop repeats the same few ops hundreds of times, and the
+    # heuristic would throw exactly those away.
+    matcher = difflib.SequenceMatcher(None, keys_a, keys_b, autojunk=False)
+    return [(m.a + k, m.b + k) for m in matcher.get_matching_blocks() for k in range(m.size)]
 
 
 @dataclass(frozen=True)
