@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .compare import Tolerance, compare_outcomes, diff_tensors
 from .generate import Case
@@ -114,18 +115,23 @@ def summarise(t: torch.Tensor) -> Summary | None:
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(-1)
     d = flat.to(torch.float64)
-    finite = d[torch.isfinite(d)]
-    nans, posinfs = int(d.isnan().sum()), int((d == math.inf).sum())
-    neginfs = int((d == -math.inf).sum())
-    low = float(finite.min()) if finite.numel() else math.nan
-    high = float(finite.max()) if finite.numel() else math.nan
+    nans = posinfs = neginfs = 0
+    total, abs_total, low, high = 0.0, 0.0, math.nan, math.nan
+    if d.numel():  # one synchronisation; a finite sum of |d| means every element is finite
+        total, abs_total, low, high = torch.stack((d.sum(), d.abs().sum(), d.min(), d.max())).tolist()
+    if not math.isfinite(abs_total):
+        finite = torch.isfinite(d)
+        nans, posinfs, neginfs = int(d.isnan().sum()), int((d == math.inf).sum()), int((d == -math.inf).sum())
+        kept = d[finite]
+        total, abs_total, low, high = 0.0, 0.0, math.nan, math.nan
+        if kept.numel():
+            total, abs_total, low, high = torch.stack((kept.sum(), kept.abs().sum(), kept.min(), kept.max())).tolist()
     if d.numel() <= FULL_LIMIT:
         values, sample = d.cpu(), None
     else:
         positions = torch.linspace(0, d.numel() - 1, SAMPLE_SIZE, device=d.device).long()
         values, sample = None, d[positions].cpu()
-    return Summary(tuple(t.shape), t.dtype, values, sample, float(finite.sum()), float(finite.abs().sum()),
-                   low, high, nans, posinfs, neginfs)
+    return Summary(tuple(t.shape), t.dtype, values, sample, total, abs_total, low, high, nans, posinfs, neginfs)
 
 
 def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
@@ -206,6 +212,7 @@ class Result:
     """One thing the call returned (the loss, or the gradient w.r.t. one input)."""
 
     what: str
+    phase: Phase  # the loss comes out of the forward, gradients out of the backward
     summary: Summary | None
     producer: int | None  # the record that computed it
 
@@ -226,27 +233,10 @@ def _node_key(node: Any) -> Any:
 
 
 def _current_node() -> Any:
-    # Present on torch 2.x; without it backward ops still align, but have no source line.
+    # In torch since 2.0.  Without it the backward goes unrecorded, and a gradient-only
+    # divergence is reported without a location.
     get = getattr(torch._C, "_current_autograd_node", None)
     return get() if get is not None else None
-
-
-def _weak_tensor_map() -> Any:
-    try:
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        return WeakIdKeyDictionary()
-    except ImportError:  # pragma: no cover - very old torch: keep tensors alive instead
-        return _StrongIdMap()
-
-
-class _StrongIdMap(dict):
-    def __setitem__(self, t: torch.Tensor, value: Any) -> None:
-        super().__setitem__(id(t), (t, value))
-
-    def get(self, t: torch.Tensor, default: Any = None) -> Any:
-        found = super().get(id(t))
-        return found[1] if found is not None else default
 
 
 def _user_site(frame: Any, phase: Phase) -> Site | None:
@@ -276,7 +266,8 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.records: list[OpRecord] = []
         self.phase = Phase.FORWARD
-        self._seen = _weak_tensor_map()  # tensor -> (version, producing record, summary)
+        # tensor -> (version, producing record, summary); weak, so a dead tensor's id is never misread
+        self._seen = WeakIdKeyDictionary()
         self._node_origin: dict[Any, int] = {}
         self._nodes: list[Any] = []
         self._pending: tuple[int, list[torch.Tensor]] | None = None
@@ -380,9 +371,10 @@ def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
                 recorder.forward_done()
 
         outcome = call(traced, spec, case)
-    returned = [("value", outcome.value)] + [(f"gradient w.r.t. {k}", g) for k, g in outcome.grads.items()]
-    results = tuple(Result(what, summarise(t) if t is not None else None, recorder.producer(t) if t is not None else None)
-                    for what, t in returned)
+    returned = [("value", Phase.FORWARD, outcome.value)]
+    returned += [(f"gradient w.r.t. {k}", Phase.BACKWARD, g) for k, g in outcome.grads.items()]
+    results = tuple(Result(what, phase, summarise(t) if t is not None else None, recorder.producer(t) if t is not None else None)
+                    for what, phase, t in returned)
     return Recording(impl.label, tuple(recorder.records), outcome, results if not outcome.failed else ())
 
 
@@ -395,11 +387,11 @@ class Alignment:
     coverage: float  # fraction of all ops of both sides that have a partner
 
     @property
-    def forward(self) -> dict[int, int]:
+    def expected_to_actual(self) -> dict[int, int]:
         return dict(self.pairs)
 
     @property
-    def backward(self) -> dict[int, int]:
+    def actual_to_expected(self) -> dict[int, int]:
         return {j: i for i, j in self.pairs}
 
 
@@ -500,7 +492,7 @@ def _causes(a: Sequence[OpRecord], b: Sequence[OpRecord], alignment: Alignment,
             inputs: tuple[Sequence[int | None], Sequence[int | None]], own: tuple[int | None, int | None]) -> tuple[tuple, tuple]:
     """Per side, the op to blame for inputs that differ (see the module docstring), and
     the unaligned root it came from, if any."""
-    to_b, to_a = alignment.forward, alignment.backward
+    to_b, to_a = alignment.expected_to_actual, alignment.actual_to_expected
     root_a = _unaligned_root(a, inputs[0], to_b)
     root_b = _unaligned_root(b, inputs[1], to_a)
     cause_a = root_a if root_a is not None else _cause_via_other_side(a, b, root_b, to_a, to_b)
@@ -518,7 +510,8 @@ def _first_difference(expected: Recording, actual: Recording, alignment: Alignme
         if _first_output_diff(a[i], b[j], _EXACT) is None:
             continue
         unequal = [n for n, (sa, sb) in enumerate(zip(a[i].inputs, b[j].inputs)) if summary_diff(sb, sa, _EXACT) is not None]
-        (ca, cb), _ = _causes(a, b, alignment, ([a[i].producers[n] for n in unequal], [b[j].producers[n] for n in unequal]), (i, j))
+        producers = ([a[i].producers[n] for n in unequal], [b[j].producers[n] for n in unequal])
+        (ca, cb), _ = _causes(a, b, alignment, producers, (i, j))
         where = [f"{r.label} {r.records[c].site.file}:{r.records[c].site.line}" for r, c in ((expected, ca), (actual, cb))
                  if r.records[c].site is not None]
         return f"; a difference below tolerance first appears at {a[i].describe(a)} ({', '.join(where) or 'no source line'})"
@@ -573,12 +566,11 @@ def _split(expected: Recording, actual: Recording, alignment: Alignment, tol: To
         )
     # Every aligned op agrees, yet the results differ: ops only one side runs made them
     # (a gradient summed from one more path, say).  Follow the results back instead.
-    for n, (ra, rb) in enumerate(zip(expected.results, actual.results)):
+    for ra, rb in zip(expected.results, actual.results):
         why = summary_diff(rb.summary, ra.summary, tol)
         if why is not None and ra.what == rb.what:
-            phase = Phase.FORWARD if n == 0 else Phase.BACKWARD
-            return _Split(phase, f"the {ra.what}", "the returned results", why,
-                          {le: _text(ra.summary), la: _text(rb.summary)}, (0,), (0,), ((ra.producer,), (rb.producer,)), (None, None))
+            return _Split(ra.phase, f"the {ra.what}", "the returned results", why, {le: _text(ra.summary), la: _text(rb.summary)},
+                          (0,), (0,), ((ra.producer,), (rb.producer,)), (None, None))
     return None
 
 
@@ -591,7 +583,8 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
     coverage = f"alignment coverage {cov:.0%} of {len(a)} + {len(b)} ops"
     if expected.outcome.failed or actual.outcome.failed:
         failed = [f"{r.label} {r.outcome.error}" for r in (expected, actual) if r.outcome.failed]
-        return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}", cov)
+        return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}",
+                            cov)
     if not compare_outcomes((le, la), expected.outcome, actual.outcome, tol).diverges:
         return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov)
     if cov < MIN_COVERAGE:
