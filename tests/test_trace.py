@@ -10,7 +10,8 @@ from losscmp.compare import Tolerance
 from losscmp.generate import Recipe, build_case
 from losscmp.load import load_implementation
 from losscmp.spec import parse_spec
-from losscmp.trace import MIN_COVERAGE, locate
+from losscmp.run import call
+from losscmp.trace import MIN_COVERAGE, Phase, locate, record
 
 from .conftest import FIXTURES
 
@@ -75,6 +76,20 @@ def test_a_gradient_only_divergence_names_the_backward_and_the_detach():
     assert "gradient w.r.t. x" in found.note
     assert found.location["base"].op.startswith("aten.neg.default (backward of aten.sub.Tensor)")
     assert found.location["fork"].op.startswith("aten.detach.default")
+
+
+def test_recording_leaves_the_numbers_bit_for_bit_unchanged():
+    spec, case = sinkhorn_case(SMALL, 1.0, torch.float32, seed=4)
+    impl = load_implementation(f"{BASE}:sinkhorn_divergence")
+    traced, plain = record(impl, spec, case), call(impl.fn, spec, case)
+    assert torch.equal(traced.outcome.value, plain.value)
+    assert traced.outcome.grads.keys() == plain.grads.keys() == {"x", "y"}
+    assert all(torch.equal(traced.outcome.grads[k], plain.grads[k]) for k in plain.grads)
+    phases = [r.phase for r in traced.records]
+    assert phases == sorted(phases, key=[Phase.FORWARD, Phase.BACKWARD].index) and Phase.BACKWARD in phases
+    # Every backward op is tied to the forward op whose autograd node ran it.
+    assert all(r.origin is not None and traced.records[r.origin].phase is Phase.FORWARD
+               for r in traced.records if r.phase is Phase.BACKWARD)
 
 
 UNRELATED = '''

@@ -13,19 +13,28 @@ the first operation whose result differs, or ``None`` with the reason.
    geomloss *is* user code).  A backward op has no user frame on the stack: it is
    attributed to the forward op whose autograd node is running it
    (``torch._C._current_autograd_node()``, matched to the node each forward op created).
-2. **Align** the two op sequences on (phase, op, shapes, dtypes) with
-   :class:`difflib.SequenceMatcher` — insertions and removals are expected, forks add
-   and drop ops.  Coverage = the fraction of ops that found a partner.
+2. **Align** the two op sequences with :class:`difflib.SequenceMatcher`, tolerant of
+   inserted and removed ops (forks add and drop some): forward ops on (op, input and
+   output shapes without unit dims, dtypes); backward ops on the same plus the aligned
+   forward op they belong to.  Coverage = the fraction of all ops that found a partner.
 3. **Localise.**  The first aligned op (execution order) whose output differs beyond the
-   tolerance is where the values part.  If its inputs agree, the op itself is the cause.
-   If an input differs, the difference was made by ops only one side runs: on that side
-   the cause is the earliest of those ops feeding the input.  When one side's gradient
-   has ops the other lacks, the other side's cause is the forward op whose backward they
-   belong to (or the op cutting the graph there, such as a ``.detach()``).
+   tolerance (:class:`compare.Tolerance`) is where the values part.  If its inputs agree,
+   the op itself is the cause.  If an input differs at all and was made by ops only one
+   side runs, the cause on that side is the earliest of those ops.  When one side's
+   gradient runs ops the other lacks, the other side's cause is the forward op those
+   belong to, or the op that cuts the graph there (a ``.detach()``).  When no aligned op
+   differs yet the results do, the results are followed back the same way.  An op that
+   amplifies a sub-tolerance difference is reported as the location (it is the first
+   whose output differs while its inputs agree); the note says where that smaller
+   difference first appeared.
 
-Too little shared structure (coverage below :data:`MIN_COVERAGE`), no aligned op that
-differs, or an op with no source line: the answer is ``location=None`` and a note that
-says so with the coverage.  Never a guessed line.
+Too little shared structure (coverage below :data:`MIN_COVERAGE`), nothing that differs,
+or an op with no source line: ``location=None`` and a note that says so with the
+coverage.  Never a guessed line.
+
+Works on torch >= 2.0 (``_current_autograd_node`` and ``torch.utils.weak`` came with it);
+it does not use ``torch.utils._debug_mode`` (2.10+), which compares two runs of one
+program, where this aligns two different programs.
 
 Tracing runs both sides in this process (a dispatch mode cannot reach a worker), and
 records every op with summaries: it is meant for small cases, never for the search.
@@ -225,11 +234,16 @@ class Recording:
     results: tuple[Result, ...] = ()
 
 
+def _sequence_nr(node: Any) -> int | None:
+    seq = getattr(node, "_sequence_nr", None)
+    return seq() if seq is not None else None
+
+
 def _node_key(node: Any) -> Any:
     # Sequence numbers identify a node for its whole life; id() is the fallback on a
     # torch without them (the recorder keeps those nodes alive, so ids stay unique).
-    seq = getattr(node, "_sequence_nr", None)
-    return seq() if seq is not None else id(node)
+    seq = _sequence_nr(node)
+    return ("seq", seq) if seq is not None else ("id", id(node))
 
 
 def _current_node() -> Any:
@@ -271,10 +285,19 @@ class _Recorder(TorchDispatchMode):
         self._node_origin: dict[Any, int] = {}
         self._nodes: list[Any] = []
         self._pending: tuple[int, list[torch.Tensor]] | None = None
+        self._last_forward_node: int | None = None
 
     def forward_done(self) -> None:
         self._resolve_pending()
         self.phase = Phase.BACKWARD
+        numbers = [n for n in map(_sequence_nr, self._nodes) if n is not None]
+        self._last_forward_node = max(numbers, default=None)
+
+    def _made_after_forward(self, node: Any) -> bool:
+        """A node that losscmp's own code created after the implementation returned
+        (run.call reshapes the loss before differentiating it)."""
+        seq = _sequence_nr(node)
+        return seq is not None and self._last_forward_node is not None and seq > self._last_forward_node
 
     def _resolve_pending(self) -> None:
         # Autograd gives an op's outputs their grad_fn only after the op returns through
@@ -313,9 +336,9 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         node = _current_node() if self.phase is Phase.BACKWARD else None
         site = _user_site(sys._getframe(1), self.phase)
-        if self.phase is Phase.BACKWARD and site is None and node is None:
-            # Not the implementation's op: the loss seed, run.call's detach of the results,
-            # its mutation checks.  Unrecorded, but a one-input op passes on its input's
+        if self.phase is Phase.BACKWARD and site is None and (node is None or self._made_after_forward(node)):
+            # Not the implementation's op: the loss seed and its reshape, run.call's detach
+            # of the results, its mutation checks.  Unrecorded, but a one-input op passes on its input's
             # producer, so the detached results still lead back to the ops that made them.
             if len(tensors_in) == 1:
                 for t in tree_flatten(out)[0]:
