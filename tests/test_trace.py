@@ -190,8 +190,11 @@ def test_the_trace_command_localises_a_saved_repro(sum_fork_repro, capsys, tmp_p
 def test_the_trace_command_exits_1_when_nothing_is_located(sum_fork_repro, capsys):
     refs, repro = sum_fork_repro
     capsys.readouterr()
-    assert main(["trace", refs[0], f"again={BASE}:sinkhorn_divergence", str(repro)]) == 1
-    assert "agree on this case" in capsys.readouterr().out
+    assert main(["trace", refs[0], f"again={BASE}:sinkhorn_divergence", str(repro), "--json", "-"]) == 1
+    printed = capsys.readouterr()
+    where = json.loads(printed.out)  # the JSON alone on stdout, the words on stderr
+    assert where["location"] is None and "agree on this case" in where["location_note"]
+    assert "agree on this case" in printed.err
 
 
 def test_the_trace_command_rejects_a_missing_repro_in_one_line(capsys, tmp_path):

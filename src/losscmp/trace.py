@@ -674,12 +674,13 @@ def trace_command(argv: list[str]) -> int:
     except (UsageError, LoadError, ReproError, SpecError) as e:
         print(f"losscmp: error: {e}", file=sys.stderr)
         return 2
-    print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}")
-    print(result.note)
+    human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
+    print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
+    print(result.note, file=human)
     for label, where in (result.location or {}).items():
-        print(f"  {label}: {where.file}:{where.line}  [{where.op}]")
-        print(f"      {where.code}")
-        print(f"      value: {result.values.get(label, '?')}")
+        print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
+        print(f"      {where.code}", file=human)
+        print(f"      value: {result.values.get(label, '?')}", file=human)
     if args.json:
         text = json.dumps(result.to_json(), indent=2)
         if args.json == "-":
@@ -688,4 +689,3 @@ def trace_command(argv: list[str]) -> int:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
     return 0 if result.location is not None else 1
-
