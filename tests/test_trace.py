@@ -17,8 +17,6 @@ from .conftest import FIXTURES
 
 FORKS = FIXTURES / "forks"
 BASE = FORKS / "sinkhorn_base.py"
-# N != M: the cross and auto-correlation costs then differ in shape, so alignment cannot
-# pair an op of one with an op of the other.
 SPEC = "x: N D real grad; y: M D real grad; N=5; M=7; D=2"
 
 
@@ -46,6 +44,9 @@ SMALL = {"N": 5, "M": 7, "D": 2}
         ("fork_schedule.py", "schedule", SMALL, 1.0, torch.float32, "forward"),
         # Same value; the gradient loses the auto-correlation term (visible for tight clouds).
         ("fork_detach.py", "divergence", SMALL, 0.1, torch.float32, "backward"),
+        # N = M: the cross and auto-correlation branches run look-alike backward ops; only
+        # the forward op each belongs to tells them apart.
+        ("fork_detach.py", "divergence", {"N": 4, "M": 4, "D": 2}, 0.1, torch.float32, "backward"),
         ("fork_sum.py", "divergence", SMALL, 1.0, torch.float32, "forward"),
         # Cost matrices past the whole-tensor limit: compared through their summaries.
         ("fork_logsumexp.py", "softmin", {"N": 20, "M": 30, "D": 2}, 3.0, torch.float64, "forward"),
