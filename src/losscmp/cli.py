@@ -93,6 +93,19 @@ def sweep_parser() -> argparse.ArgumentParser:
     return p
 
 
+def trace_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="losscmp trace",
+        description="Record both implementations on a saved case, forward and backward, align their aten ops, and "
+        "name the source line of each where their values first differ. Exit 0 located, 1 not located, 2 bad input.",
+    )
+    p.add_argument("expected", metavar="A", help="the reference implementation, e.g. upstream.py:loss")
+    p.add_argument("actual", metavar="B", help="the implementation compared with it, e.g. fork.py:loss")
+    p.add_argument("repro", metavar="REPRO.json", help="a repro written by losscmp (its case, spec and tolerance are used)")
+    p.add_argument("--json", metavar="PATH", help="also write the location as JSON ('-' for stdout)")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Off a terminal rich would wrap at 80 columns; a report piped to a file reads better unwrapped.
@@ -103,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(replay_parser().parse_args(argv[1:]), console)
         if argv and argv[0] == "sweep":
             return _sweep(sweep_parser().parse_args(argv[1:]), console)
+        if argv and argv[0] == "trace":
+            from .trace import trace_command
+
+            return trace_command(argv[1:])
         return _audit(main_parser().parse_args(argv), console, err)
     except SystemExit as e:  # argparse's own usage errors exit 2 already
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
