@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .compare import Tolerance, compare_outcomes, diff_tensors
+from .findings import Pair
 from .generate import Case
 from .load import Implementation
 from .run import Outcome, call
@@ -608,7 +609,7 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
         failed = [f"{r.label} {r.outcome.error}" for r in (expected, actual) if r.outcome.failed]
         return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}",
                             cov)
-    if not compare_outcomes((le, la), expected.outcome, actual.outcome, tol).diverges:
+    if not compare_outcomes(Pair(le, la), expected.outcome, actual.outcome, tol).diverges:
         return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov)
     if cov < MIN_COVERAGE:
         return Localisation(None, f"not localised: the two executions share too little structure ({coverage}, "
@@ -654,26 +655,22 @@ def locate(expected: Implementation, actual: Implementation, spec: Spec, case: C
 
 def trace_command(argv: list[str]) -> int:
     """``losscmp trace A B REPRO.json``: 0 located, 1 not located, 2 bad usage or input."""
-    from .cli import UsageError, trace_parser
-    from .load import LoadError, disambiguate, load_implementation, parse_ref
-    from .repro import ReproError, load_repro
-    from .spec import SpecError
+    from .cli import trace_parser
+    from .errors import UsageError
+    from .load import disambiguate, load_implementation, parse_ref
+    from .repro import load_repro
 
     try:
         args = trace_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed its usage line
         return int(e.code or 0)
-    try:
-        repro = load_repro(args.repro)
-        refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
-        if refs[0].label == refs[1].label:
-            raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
-        impls = [load_implementation(r) for r in refs]
-        tol = Tolerance(float(repro.meta["tolerance"]["rtol"]), float(repro.meta["tolerance"]["atol"]))
-        result = locate(impls[0], impls[1], repro.spec, repro.case, tol)
-    except (UsageError, LoadError, ReproError, SpecError) as e:
-        print(f"losscmp: error: {e}", file=sys.stderr)
-        return 2
+    # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
+    repro = load_repro(args.repro)
+    refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
+    if refs[0].label == refs[1].label:
+        raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
+    impls = [load_implementation(r) for r in refs]
+    result = locate(impls[0], impls[1], repro.spec, repro.case, Tolerance(*repro.tolerance))
     human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
     print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
     print(result.note, file=human)
