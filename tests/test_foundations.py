@@ -281,3 +281,15 @@ def test_replay_pytest_into_a_missing_folder_is_one_line(saved_bce, capsys):
     code = main(["replay", "--pytest", "-o", "/missing/dir/t.py", str(saved_bce)])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err
+
+
+def test_a_side_that_raises_on_every_tame_input_is_an_argument_format_mismatch(tmp_path, capsys):
+    f = module(tmp_path, """
+        import torch.nn.functional as F
+        def swapped(target, input):  # wants (B, C) logits first; gets float targets
+            return F.cross_entropy(input, target.long())
+    """)
+    code = main([f"{FIXTURES}/cross_entropy.py:log_softmax_nll", f"{f}:swapped", "--spec", "classification"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "swapped raised" in err and "on every probe input" in err and "another order or format" in err
