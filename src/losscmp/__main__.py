@@ -2,4 +2,5 @@ import sys
 
 from .supervise import entry
 
-sys.exit(entry())
+if __name__ == "__main__":  # not when multiprocessing re-imports the main module in a worker
+    sys.exit(entry())

@@ -153,6 +153,15 @@ class _Group:
         if self.mildest is None or (rank, case.numel()) < (self.mildest[0], self.mildest[1].numel()):
             self.mildest = (rank, case, v)
 
+    def absorb(self, other: "_Group") -> None:
+        """Another worker's cases of the same group (``--jobs``)."""
+        self.count += other.count
+        self.regimes.update(other.regimes)
+        if (other.verdict.score, -other.case.numel()) > (self.verdict.score, -self.case.numel()):
+            self.verdict, self.case, self.outputs = other.verdict, other.case, other.outputs
+        if other.mildest and (self.mildest is None or (other.mildest[0], other.mildest[1].numel()) < (self.mildest[0], self.mildest[1].numel())):
+            self.mildest = other.mildest
+
     def divergence(self) -> Divergence:
         rep = self.mildest if self.mildest and self.mildest[1] is not self.case else None
         return Divergence(
@@ -187,6 +196,7 @@ class _Exploration:
         self.checked_self: set[str] = set()
         self.noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
         self.cases = 0
+        self.evaluations = 0  # of workers (--jobs); this process's own are on the Evaluator
 
     def record(self, v: Verdict, case: Case, outcomes: dict[str, Outcome]) -> None:
         base = (v.subject, v.kind)
@@ -242,6 +252,29 @@ class _Exploration:
             self.tally["agree"] += 1
         return max((v.max_score for v in verdicts if v.kind), default=max((v.max_score for v in verdicts), default=0.0))
 
+    def absorb(self, other: "_Exploration") -> None:
+        """Merge another worker's exploration (``--jobs``); merging in worker order keeps
+        the report the same for the same seed and the same number of jobs."""
+        for key, group in other.groups.items():
+            mine = self.groups.get(key)
+            if mine is not None:
+                mine.absorb(group)
+                continue
+            siblings = [g for k, g in self.groups.items() if k[:2] == key[:2]]
+            if len(siblings) >= GROUPS_PER_KIND:
+                siblings[0].absorb(group)
+            else:
+                self.groups[key] = group
+        self.subject_cases.update(other.subject_cases)
+        self.tally.update(other.tally)
+        for subject, (n, why) in other.not_compared.items():
+            count, first_why = self.not_compared.get(subject, (0, why))
+            self.not_compared[subject] = (count + n, first_why)
+        for label, score in other.noise.items():
+            self.noise[label] = max(self.noise.get(label, 0.0), score)
+        self.cases += other.cases
+        self.evaluations += other.evaluations
+
     def divergences(self) -> list[Divergence]:
         # A side that disagrees with itself is blamed for a pair divergence only when the
         # pair disagrees far beyond the worst run-to-run noise that side showed all run.
@@ -274,7 +307,12 @@ def audit(
     ev = Evaluator(impls, spec, settings)
     try:
         with watching_interrupts():
-            exploration = explore(ev, on_case)
+            if settings.execution.jobs > 1:
+                from .jobs import explore_in_workers
+
+                exploration = explore_in_workers(impls, spec, settings, on_case)
+            else:
+                exploration = explore(ev, on_case)
             divergences = exploration.divergences()
             ctx = StageContext(ev=ev, settings=settings)
             for stage in default_stages(settings) if stages is None else stages:
@@ -282,7 +320,7 @@ def audit(
         return AuditResult(
             tuple(impls), spec, settings, exploration.cases, tuple(divergences), time.perf_counter() - start,
             tuple(ev.pairs), dict(exploration.subject_cases), dict(exploration.tally), dict(exploration.not_compared),
-            ev.evaluations,
+            ev.evaluations + exploration.evaluations,
         )
     finally:
         ev.close()

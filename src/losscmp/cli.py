@@ -64,6 +64,8 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="also plant NaN in inputs (opt-in)")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate: a call slower than this is a 'timeout' finding")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
+    p.add_argument("--devices", metavar="LIST", help="one worker per device, e.g. cuda:0,cuda:1 (implies --jobs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
     p.add_argument("--version", action="version", version=f"losscmp {__version__}")
     return p
@@ -160,6 +162,22 @@ def _settings_kw(args: argparse.Namespace) -> dict:
     return {"seed": args.seed, "device": device, "dtype": DTYPES[args.dtype], "rtol": args.rtol, "atol": args.atol}
 
 
+def _devices(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    for d in devices:
+        if not (d == "cpu" or d.startswith("cuda")):
+            raise UsageError(f"--devices: {d!r} is not cpu or cuda:N")
+        if d.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UsageError(f"--devices {d}: CUDA is not available on this machine")
+            index = int(d.split(":")[1]) if ":" in d and d.split(":")[1].isdigit() else 0
+            if index >= torch.cuda.device_count():
+                raise UsageError(f"--devices {d}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return devices
+
+
 def _load_all(refs: Sequence[str]):
     from .load import disambiguate, load_implementation, parse_ref
 
@@ -223,6 +241,8 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         max_size=args.max_size,
         isolate=args.isolate,
         timeout=args.timeout,
+        jobs=args.jobs,
+        devices=_devices(args.devices),
         **kw,
     )
     if args.json == "-":  # stdout carries the JSON alone; the human report goes to stderr

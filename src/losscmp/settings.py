@@ -45,8 +45,14 @@ class Execution:
     isolate: bool = False
     timeout: float | None = None  # seconds per call; needs isolation
     pythons: tuple[tuple[str, str], ...] = ()  # (label, interpreter path): run that side there
+    jobs: int = 1  # worker processes sharing the example budget
+    devices: tuple[str, ...] = ()  # one worker per device (--devices cuda:0,cuda:1); overrides jobs
 
     def __post_init__(self) -> None:
+        if self.devices:
+            object.__setattr__(self, "jobs", len(self.devices))
+        if not (isinstance(self.jobs, int) and self.jobs >= 1):
+            raise UsageError(f"jobs must be a whole number >= 1, not {self.jobs}")
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"timeout must be a positive number of seconds, not {self.timeout}")
         if self.timeout is not None and not self.isolate:
