@@ -297,7 +297,7 @@ def _build_image(shape, c: BuildContext) -> torch.Tensor:
 def _build_binary(shape, c: BuildContext) -> torch.Tensor:
     r = c.regime
     n = math.prod(shape)
-    if r == "constant":
+    if r == "constant":  # one value for every element, the same in every binary argument
         return c.full(shape, float(c.shared_uniform < 0.5))
     if r in ("tiny", "offset"):  # one positive among negatives, or one negative among positives
         t = torch.zeros(n, dtype=c.dtype, device=c.device)
@@ -305,8 +305,8 @@ def _build_binary(shape, c: BuildContext) -> torch.Tensor:
             t[int(c.randint(n, ()))] = 1.0
         t = t.view(shape)
         return t if r == "tiny" else 1 - t
-    if r == "extreme":  # empty masks
-        return torch.zeros(shape, dtype=c.dtype, device=c.device)
+    if r == "extreme":  # empty or full masks (0/0 in Dice; log(0) beside saturated logits)
+        return c.full(shape, float(c.shared_uniform >= 0.5))
     p = (0.05 if c.shared_uniform < 0.5 else 0.95) if r == "huge" else 0.5
     return (c.rand(shape) < p).to(c.dtype)
 
@@ -404,7 +404,7 @@ DOMAINS: dict[str, Domain] = {
         Domain(
             "binary", "exactly 0.0 or 1.0",
             _same_as(standard="Bernoulli(0.5)", constant="all 0 or all 1", tiny="a single 1 among 0s", offset="a single 0 among 1s",
-                     huge="imbalanced: 5% or 95% ones", extreme="all 0 (empty masks)", special="planted 0, -0 and 1"),
+                     huge="imbalanced: 5% or 95% ones", extreme="all 0 or all 1 (empty or full masks)", special="planted 0, -0 and 1"),
             _build_binary, plant=lambda v, k: 1.0 if abs(v) >= 0.5 else math.copysign(0.0, v),
             legal=lambda t, k: bool(((t == 0) | (t == 1)).all()),
         ),
