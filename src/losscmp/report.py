@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from .audit import AuditResult, Divergence
 from .compare import KINDS
+from .display import tensor_text
 
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 
@@ -65,28 +65,14 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
             console.print(f"  - {step}", markup=False, highlight=False)
         if m.verdict is not None and m.verdict.kind:
             console.print(f"on the minimised input: {m.verdict.detail}", markup=False, highlight=False)
-        for name, t in m.case.tensors.items():
-            if t.numel() <= SHOW_TENSORS_UP_TO:
-                console.print(f"  {name} = {_tensor_text(t)}", markup=False, highlight=False)
+        for name, t in m.case.tensors.items():  # large inputs are summarised, never dropped
+            console.print(f"  {name} = {tensor_text(t, limit=SHOW_TENSORS_UP_TO)}", markup=False, highlight=False)
         if m.threshold:
             console.print(f"threshold: {m.threshold.describe()}", markup=False, highlight=False)
     if d.repro:
         console.print(f"repro: {d.repro}  (losscmp replay {d.repro})", markup=False, highlight=False)
     elif d.repro_error:
         console.print(f"repro not saved: {d.repro_error}", markup=False, highlight=False)
-
-
-def _tensor_text(t: torch.Tensor) -> str:
-    if t.is_floating_point():
-        vals = t.detach().to("cpu", torch.float64).tolist()
-        return f"{_nested(vals)}  ({str(t.dtype).removeprefix('torch.')}, shape {tuple(t.shape)})"
-    return f"{t.tolist()}  (shape {tuple(t.shape)})"
-
-
-def _nested(x: Any) -> str:
-    if isinstance(x, list):
-        return "[" + ", ".join(_nested(v) for v in x) + "]"
-    return f"{x:.6g}"
 
 
 def audit_json(result: AuditResult) -> dict[str, Any]:
