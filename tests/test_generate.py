@@ -202,3 +202,27 @@ def test_presets_fit_their_libraries():
     assert preset("segmentation-no-channel").arg("input").dims == ("B", "H", "W")
     dist = preset("distributions")
     assert dist.grad_args == ("q",)
+
+
+# --- the search reaches near-flat images ----------------------------------------------
+IMAGE_ONLY_REGIMES = ("constant", "tiny", "offset")  # flat, near-flat, low-contrast
+
+
+def test_ssim_float32_cancellation_is_found_in_the_default_budget_thanks_to_near_flat_images(monkeypatch):
+    import functools
+    import sys
+    from pathlib import Path
+
+    from losscmp.audit import Settings, audit
+    from losscmp.load import load_implementation
+
+    numeric = Path(__file__).parent / "planted_numeric.py"
+    pair = [load_implementation(f"{numeric}:ssim_float64"), load_implementation(f"{numeric}:ssim_float32")]
+    result = audit(pair, preset("images"), Settings(save_dir=None, minimize=False))
+    assert result.cases_run == Settings().examples
+    assert result.divergences and result.divergences[0].case.recipe.regime in IMAGE_ONLY_REGIMES
+    # Without flat, near-flat and low-contrast images, more than the budget finds nothing.
+    audit_module = sys.modules["losscmp.audit"]
+    others = tuple(r for r in REGIMES if r not in IMAGE_ONLY_REGIMES)
+    monkeypatch.setattr(audit_module, "recipes", functools.partial(audit_module.recipes, regimes=others))
+    assert audit(pair, preset("images"), Settings(examples=120, save_dir=None, minimize=False)).agree
