@@ -149,7 +149,7 @@ def test_regimes_mean_what_the_table_says_for_images_simplex_unit_labels():
     flat, _ = _domain_case("image", "constant")
     assert flat.unique().numel() == 1
     near_flat, _ = _domain_case("image", "tiny")
-    assert 0 < float(near_flat.max() - near_flat.min()) <= 2.1e-6
+    assert 0 < float(near_flat.max() - near_flat.min()) <= 2.1e-4  # amplitude 0.2 * sqrt(1e-6)
     saturated, _ = _domain_case("image", "extreme")
     assert all(img.unique().numel() == 1 and float(img[0, 0, 0]) in (0.0, 1.0) for img in saturated)
     checker, _ = _domain_case("image", "huge")

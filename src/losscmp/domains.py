@@ -280,8 +280,9 @@ def _build_image(shape, c: BuildContext) -> torch.Tensor:
     grey = 0.1 + 0.8 * c.shared_uniform
     if r == "constant":  # flat
         return c.full(shape, grey)
-    if r == "tiny":  # near-flat: a constant plus noise of amplitude 1e-8..1e-3
-        return (grey + (c.rand(shape) - 0.5) * 2 * c.magnitude).clamp(0, 1)
+    if r == "tiny":  # near-flat: a grey level plus noise of amplitude 1e-5..3e-3
+        # sqrt: below ~1e-6 noise is finer than float32's spacing at 0.5, i.e. a flat image again.
+        return (grey + (c.rand(shape) - 0.5) * 0.2 * math.sqrt(c.magnitude)).clamp(0, 1)
     if r == "offset":  # low contrast around a grey level
         return (grey + (c.rand(shape) - 0.5) * 0.02 * c.magnitude).clamp(0, 1)
     if r == "huge":  # high frequency: a 0/1 checkerboard
@@ -395,7 +396,7 @@ DOMAINS: dict[str, Domain] = {
         Domain(
             "image", "pixel intensities in [0, 1]",
             _same_as(standard="uniform in [0, 1]", duplicates="repeated images, some shared between arguments",
-                     constant="flat: one grey level", tiny="near-flat: a grey level plus noise of 1e-8..1e-3",
+                     constant="flat: one grey level", tiny="near-flat: a grey level plus noise of 1e-5..3e-3",
                      offset="low contrast: a grey level plus noise of 1e-3..1e-1", huge="high frequency: a 0/1 checkerboard",
                      extreme="saturated: each image all 0 or all 1", special="planted 0 and 1 pixels"),
             _build_image, plant=lambda v, k: min(abs(v), 1.0), simplify=ROUNDING,

@@ -94,12 +94,13 @@ class Case:
         return sum(t.numel() for t in self.tensors.values())
 
 
-def _sizes(spec: Spec, max_size: int | None) -> st.SearchStrategy[tuple[tuple[str, int], ...]]:
+def _sizes(spec: Spec, max_size: int | None, at_least: int = 1) -> st.SearchStrategy[tuple[tuple[str, int], ...]]:
     parts = []
     for dim in spec.dims:
         lo, hi = spec.size_range(dim)
         if max_size is not None:
             hi = max(lo, min(hi, max_size))
+        lo = min(max(lo, at_least), hi)
         # Size-1 (and the minimum) dims are where broadcasting and reductions go wrong.
         parts.append(st.one_of(st.just(lo), st.integers(lo, hi)) if hi > lo else st.just(lo))
     return st.tuples(*parts).map(lambda vals: tuple(zip(spec.dims, vals)))
@@ -125,8 +126,9 @@ def recipes(
 
     @st.composite
     def build(draw: st.DrawFn) -> Recipe:
-        sizes = draw(_sizes(spec, max_size))
         regime = draw(st.sampled_from(regimes))
+        # Repeated rows need two rows: a size-1 dim would make the regime a no-op.
+        sizes = draw(_sizes(spec, max_size, at_least=2 if regime == "duplicates" else 1))
         magnitude = {
             "tiny": _log_uniform(1e-8, 1e-3),
             "huge": _log_uniform(1e3, 1e8),
