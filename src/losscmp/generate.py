@@ -94,13 +94,17 @@ class Case:
         return sum(t.numel() for t in self.tensors.values())
 
 
-def _sizes(spec: Spec, max_size: int | None, at_least: int = 1) -> st.SearchStrategy[tuple[tuple[str, int], ...]]:
+def _hi(spec: Spec, dim: str, max_size: int | None) -> int:
+    lo, hi = spec.size_range(dim)
+    return hi if max_size is None else max(lo, min(hi, max_size))
+
+
+def _sizes(spec: Spec, max_size: int | None) -> st.SearchStrategy[tuple[tuple[str, int], ...]]:
     parts = []
     for dim in spec.dims:
         lo, hi = spec.size_range(dim)
         if max_size is not None:
             hi = max(lo, min(hi, max_size))
-        lo = min(max(lo, at_least), hi)
         # Size-1 (and the minimum) dims are where broadcasting and reductions go wrong.
         parts.append(st.one_of(st.just(lo), st.integers(lo, hi)) if hi > lo else st.just(lo))
     return st.tuples(*parts).map(lambda vals: tuple(zip(spec.dims, vals)))
@@ -126,9 +130,10 @@ def recipes(
 
     @st.composite
     def build(draw: st.DrawFn) -> Recipe:
+        sizes = draw(_sizes(spec, max_size))
         regime = draw(st.sampled_from(regimes))
-        # Repeated rows need two rows: a size-1 dim would make the regime a no-op.
-        sizes = draw(_sizes(spec, max_size, at_least=2 if regime == "duplicates" else 1))
+        if regime == "duplicates":  # repeated rows need two rows: a size-1 dim would make it a no-op
+            sizes = tuple((d, max(n, min(2, _hi(spec, d, max_size)))) for d, n in sizes)
         magnitude = {
             "tiny": _log_uniform(1e-8, 1e-3),
             "huge": _log_uniform(1e3, 1e8),
@@ -226,7 +231,8 @@ def _duplicate_rows(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     n = t.shape[0]
     k = int(torch.randint(1, n, (), generator=gen, device=t.device))
     src = torch.randint(0, n, (k,), generator=gen, device=t.device)
-    dst = torch.randint(0, n, (k,), generator=gen, device=t.device)
+    # Never onto itself: with two rows, a copy of row 0 onto row 0 would repeat nothing.
+    dst = (src + torch.randint(1, n, (k,), generator=gen, device=t.device)) % n
     t = t.clone()
     t[dst] = t[src]
     return t

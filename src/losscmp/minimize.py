@@ -178,8 +178,10 @@ def case_key(case: Case) -> tuple:
     """Identity of a case's values: the same tensors (bits, shapes, dtypes) give the same key."""
     parts = []
     for name, t in sorted(case.tensors.items()):
-        data = t.detach().contiguous().cpu()
-        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"", digest_size=16).hexdigest()
+        data = t.detach().cpu()
+        if data.dtype == torch.bfloat16:  # numpy has no bfloat16; same bits as int16
+            data = data.view(torch.int16)
+        digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
         parts.append((name, tuple(t.shape), str(t.dtype), digest))
     return tuple(parts), tuple(sorted((k, repr(v)) for k, v in case.params.items()))
 
