@@ -8,6 +8,11 @@ strategies for use in your own ``@given`` tests::
 
     @given(losscmp.generate.cases(losscmp.spec.preset("binary")))
     def test_my_bce(case): ...
+
+What a regime means for each argument (near-flat images, near-one-hot rows, labels in
+one class) is its domain's business: :data:`losscmp.domains.DOMAINS`.  ``REGIMES`` runs
+from the mildest to the most extreme; ``select_regimes`` narrows it for ``--regimes`` /
+``--exclude-regimes``.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from .domains import DOMAINS, PLANTABLE, REGIMES, BuildContext, Regime, renormalise_simplex, renormalise_sphere
-from .spec import Arg, Spec, SpecError
+from .domains import DOMAINS, PLANTABLE, REGIMES, BuildContext, Regime, renormalise_simplex, renormalise_sphere  # noqa: F401
+from .spec import Spec, SpecError
 
 LAYOUTS = ("contiguous", "transposed", "strided")
 SPECIAL_VALUES = (0.0, -0.0, 1e-30, 1e30, 1.0)
