@@ -50,4 +50,4 @@ def test_the_report_summarises_a_large_minimised_input_instead_of_dropping_it(tm
     console = Console(record=True, width=200)
     print_audit(result, console)
     text = console.export_text()
-    assert "x = 30 elements (float32, shape (30,)); min" in text
+    assert "x = 30 elements (float32, shape (30,)); " in text

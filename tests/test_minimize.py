@@ -208,3 +208,14 @@ def test_simplest_above_prefers_small_integers_then_few_digits():
     assert simplest_above(3.69e-5, 3.73e-5, lambda m: m > 3.7e-5) == 4e-5
     assert simplest_above(1.2e6, 1.21e6, lambda m: m > 1.203e6) == 1.3e6  # 2 digits, within 10% of the bracket
     assert simplest_above(1.2e6, 1.21e6, lambda m: 1.203e6 < m < 1.25e6) == 1.21e6
+
+
+def test_a_dim_near_its_minimum_shrinks_in_few_evaluations():
+    calls = []
+
+    def holds(keep):
+        calls.append(len(keep))
+        return 13 in keep  # the culprit sits at the far end of an image row
+
+    assert ddmin(list(range(14)), holds, 11) == list(range(3, 14))
+    assert len(calls) <= 2

@@ -155,7 +155,10 @@ def summary_text(t: torch.Tensor, *, highlight: torch.Tensor | None = None, top:
         masked_hi = torch.where(finite, work, torch.full_like(work, -math.inf) if t.is_floating_point() else work)
         i_lo, i_hi = int(masked_lo.argmin()), int(masked_hi.argmax())
         lo_text, hi_text = _texts(t, [float(work[i_lo]), float(work[i_hi])])
-        parts.append(f"min {lo_text} at {_where(i_lo, shape)}, max {hi_text} at {_where(i_hi, shape)}")
+        if bool((work == work[i_lo]).all()):
+            parts.append(f"every element {lo_text}")
+        else:
+            parts.append(f"min {lo_text} at {_where(i_lo, shape)}, max {hi_text} at {_where(i_hi, shape)}")
     if t.is_floating_point():
         bad = int((~torch.isfinite(work)).sum())
         if bad:

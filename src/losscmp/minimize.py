@@ -248,8 +248,11 @@ def ddmin(items: list[int], test: Callable[[list[int]], bool], min_len: int) -> 
     """A small subset of ``items`` for which ``test`` holds: group testing, then delta debugging (Zeller)."""
     if len(items) > min_len and test(items[:min_len]):
         return items[:min_len]
+    if min_len > 1 and len(items) > min_len and test(items[-min_len:]):
+        return items[-min_len:]  # the other end (image rows: the structure is at the far edge)
     items = _halve(items, test, max(min_len, 1))
-    n = 2
+    # Only complements of at least min_len items can hold: start at chunks no larger than that.
+    n = max(2, math.ceil(len(items) / max(len(items) - min_len, 1))) if len(items) > min_len else 2
     while len(items) > max(min_len, 1):
         chunk = math.ceil(len(items) / n)
         parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
