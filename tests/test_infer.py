@@ -85,3 +85,20 @@ def test_a_loss_returning_one_value_per_element_is_inferred_with_output_any(tmp_
                  "def b(input, target):\n    return (input - target) ** 2\n")
     spec = infer_spec(impls(f"{f}:a", f"{f}:b"))
     assert not spec.scalar and spec.arg("input").dims == spec.arg("target").dims
+
+
+def test_probing_through_the_isolated_runner_survives_a_crash_and_retries_larger(tmp_path):
+    from losscmp.isolate import IsolatedRunner
+
+    f = tmp_path / "crashy.py"
+    f.write_text("import os\n"
+                 "def mse(input, target):\n    return ((input - target) ** 2).mean()\n"
+                 "def mse_crashy(input, target):\n"
+                 "    if input.numel() < 20:\n        os.abort()  # a native library that dies on small inputs\n"
+                 "    return ((input - target) ** 2).mean()\n")
+    runner = IsolatedRunner(timeout=30)
+    try:
+        spec = infer_spec(impls(f"{f}:mse", f"{f}:mse_crashy"), run=runner)
+    finally:
+        runner.close()
+    assert spec.name == "regression" and spec.size_range("B")[0] >= 20
