@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .findings import Kind, Pair, Status, Subject
+from .findings import Kind, Pair, Subject
 from .run import Outcome
 
 # Same defaults as torch.testing.assert_close.
