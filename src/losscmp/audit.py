@@ -40,6 +40,7 @@ class Settings:
     max_size: int | None = None
     isolate: bool = False
     timeout: float | None = None
+    pythons: tuple[tuple[str, str], ...] = ()  # (label, interpreter path): run that label under that interpreter
 
     @property
     def tolerance(self) -> Tolerance:
@@ -92,7 +93,7 @@ class Evaluator:
         if len(self.impls) != len(impls):
             raise ValueError("implementation labels must be distinct; give them with 'label=ref'")
         self.spec, self.settings, self.tol = spec, settings, settings.tolerance
-        self.runner = _make_runner(settings)
+        self.runner = _make_runner(settings, impls)
         self.evaluations = 0
         labels = list(self.impls)
         if settings.reference:
@@ -146,12 +147,20 @@ def mutation_verdict(label: str, outcome: Outcome) -> Verdict:
     return Verdict((label, label), "mutation", float("inf"), f"{label} modified its input(s) {', '.join(outcome.mutated)} in place")
 
 
-def _make_runner(settings: Settings) -> Callable[[Implementation, Spec, Case], Outcome]:
-    if settings.isolate:
-        from .isolate import IsolatedRunner
+def _make_runner(settings: Settings, impls: Sequence[Implementation] = ()) -> Callable[[Implementation, Spec, Case], Outcome]:
+    if not settings.isolate and not settings.pythons:
+        return lambda impl, spec, case: call(impl.fn, spec, case)
+    from .isolate import IsolatedRunner, RunRecord
 
-        return IsolatedRunner(timeout=settings.timeout)
-    return lambda impl, spec, case: call(impl.fn, spec, case)
+    # What a crash or timeout repro records: the run's implementations, tolerance and seed.
+    record = RunRecord(tuple(i.ref for i in impls), settings.reference, (settings.tolerance.rtol, settings.tolerance.atol),
+                       settings.seed, settings.save_dir)
+    runner = IsolatedRunner(timeout=settings.timeout, record=record) if settings.isolate else None
+    if settings.pythons:
+        from .interpreter import InterpreterRunner
+
+        return InterpreterRunner(dict(settings.pythons), timeout=settings.timeout, fallback=runner, record=record)
+    return runner
 
 
 # How far beyond its own run-to-run noise a nondeterministic implementation must

@@ -66,7 +66,9 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, metavar="N", help="cap every symbolic dim at N")
     p.add_argument("--allow-nonfinite", action="store_true", help="also plant NaN in inputs (opt-in)")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate: a call slower than this is a 'timeout' finding")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate or --python: a call slower than this is a 'timeout' finding")
+    p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
+                   help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
     p.add_argument("--version", action="version", version=f"losscmp {__version__}")
     return p
@@ -146,12 +148,35 @@ def _settings_kw(args: argparse.Namespace) -> dict:
     return {"seed": args.seed, "device": device, "dtype": DTYPES[args.dtype], "rtol": args.rtol, "atol": args.atol}
 
 
-def _load_all(refs: Sequence[str]):
+def _pythons(values: Sequence[str]) -> dict[str, str]:
+    """``--python LABEL=PATH`` options as {label: checked interpreter path}."""
+    from .interpreter import check_python
+
+    out: dict[str, str] = {}
+    for text in values:
+        label, sep, path = text.partition("=")
+        if not sep or not label or not path:
+            raise UsageError(f"--python {text!r}: expected LABEL=/path/to/python")
+        if label in out:
+            raise UsageError(f"--python {label}: given twice")
+        out[label] = check_python(label, path)
+    return out
+
+
+def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
     from .load import disambiguate, load_implementation, parse_ref
 
     if len(refs) < 2:
         raise UsageError(f"need at least two implementations to compare, got {len(refs)} (e.g. losscmp a.py:loss b.py:loss)")
-    impls = [load_implementation(r) for r in disambiguate([parse_ref(r) for r in refs])]
+    pythons = pythons or {}
+    parsed = disambiguate([parse_ref(r) for r in refs])
+    unknown = set(pythons) - {r.label for r in parsed}
+    if unknown:
+        raise UsageError(f"--python {sorted(unknown)[0]}: no implementation has that label (labels: {', '.join(r.label for r in parsed)})")
+    if pythons:
+        from .interpreter import remote_implementation
+    # An implementation for another interpreter is loaded there, never here (this one may lack its package).
+    impls = [remote_implementation(r) if r.label in pythons else load_implementation(r) for r in parsed]
     labels = [i.label for i in impls]
     if len(set(labels)) != len(labels):
         raise UsageError(f"implementation labels collide ({', '.join(labels)}); name them with label=ref")
@@ -180,13 +205,16 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
 
     if args.examples < 1:
         raise UsageError("--examples must be at least 1")
-    if args.timeout is not None and not args.isolate:
-        raise UsageError("--timeout needs --isolate (a hung call can only be stopped in a worker process)")
+    if args.timeout is not None and not (args.isolate or args.python):
+        raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
     kw = _settings_kw(args)
     if args.json == "-":  # stdout carries the JSON alone; the human report goes to stderr
         console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-    impls = _load_all(args.impls)
-    spec = _resolve_spec(args, impls, kw, console)
+    pythons = _pythons(args.python)
+    impls = _load_all(args.impls, pythons)
+    if pythons and not args.spec and len(impls) == len(pythons):
+        raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
+    spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console)
     settings = Settings(
         examples=args.examples,
         reference=args.reference,
@@ -196,6 +224,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         max_size=args.max_size,
         isolate=args.isolate,
         timeout=args.timeout,
+        pythons=tuple(pythons.items()),
         **kw,
     )
     if args.reference and args.reference not in [i.label for i in impls]:

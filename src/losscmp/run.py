@@ -28,6 +28,7 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     mutated: tuple[str, ...] = ()
+    transport: str = "in-process"  # how the inputs reached it: see isolate.Transport
 
     @property
     def failed(self) -> bool:
