@@ -278,8 +278,13 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     impls = load_repro_implementations(repro)
     dtype = repro.case.tensors[repro.spec.args[0].name].dtype
     tol = repro.meta["tolerance"]
+    # A case that crashed or hung a worker replays in one again, with the limit it was found with.
+    risky = repro.kind in ("crash", "timeout")
+    limit = repro.meta.get("timeout")
     settings = Settings(examples=1, seed=int(repro.meta.get("seed", 0)), device=str(next(iter(repro.case.tensors.values())).device),
-                        dtype=dtype if dtype.is_floating_point else torch.float32, rtol=float(tol["rtol"]), atol=float(tol["atol"]), save_dir=None)
+                        dtype=dtype if dtype.is_floating_point else torch.float32, rtol=float(tol["rtol"]), atol=float(tol["atol"]), save_dir=None,
+                        isolate=risky, timeout=float(limit) if risky and isinstance(limit, (int, float)) and limit > 0
+                        else 60.0 if repro.kind == "timeout" else None)
     ev = Evaluator(impls, repro.spec, settings)
     try:
         pair = repro.pair

@@ -48,7 +48,7 @@ PROTOCOL = wire.PROTOCOL
 MIN_PYTHON = (3, 6)
 
 # Runs on any Python, old ones included, so a too-old interpreter is told apart from a broken worker.
-BOOT = (
+_BOOT = (
     "import sys\n"
     "if sys.version_info < %r:\n"
     "    sys.stderr.write('losscmp-worker: python %%d.%%d is too old\\n' %% tuple(sys.version_info[:2]))\n"
@@ -57,7 +57,12 @@ BOOT = (
     "g = {'__name__': '__losscmp_worker__', '__file__': p}\n"
     "exec(compile(open(p).read(), p, 'exec'), g)\n"
     "g['main'](sys.argv[2:])\n"
-) % (MIN_PYTHON,)
+)
+
+
+def boot_code() -> str:
+    """The ``-c`` program that checks the interpreter's version, then runs the worker file."""
+    return _BOOT % (tuple(MIN_PYTHON),)
 
 # The main environment's search path must not leak into the other one (losscmp itself could).
 _ENV_DROP = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "__PYVENV_LAUNCHER__")
@@ -222,7 +227,7 @@ class _Process:
         try:
             with open(log, "wb") as out:
                 popen = subprocess.Popen(
-                    [python, "-c", BOOT, worker_file, str(request_r), str(reply_w), str(lifeline_r), str(PROTOCOL)],
+                    [python, "-c", boot_code(), worker_file, str(request_r), str(reply_w), str(lifeline_r), str(PROTOCOL)],
                     pass_fds=(request_r, reply_w, lifeline_r), stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                 )
         except OSError as e:

@@ -205,14 +205,18 @@ class CaseKeeper:
     def keep(self, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None) -> Path:
         """The case as a kept repro of ``kind`` ("crash" or "timeout"); returns its .json path."""
         directory = self.record.keep_dir if self.record.keep_dir is not None else self.directory()
+        pending = self._pending.pop(case, None)
         try:
-            return self._save(directory, impl, spec, case, kind, error, timeout)
+            kept = self._save(directory, impl, spec, case, kind, error, timeout)
         except (OSError, TypeError, ValueError):  # an unwritable save folder: the pending copy stays
-            path = self._pending.get(case)
-            if path is None:
+            if pending is None:
                 raise
-            self.files.discard(path)
-            return path
+            self.files.discard(pending)
+            return pending
+        self.files.discard(kept)  # the pending file may have had this very name: it is kept now
+        if pending is not None and pending != kept:
+            _forget(self.files, pending)
+        return kept
 
     def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None) -> Path:
         from .repro import save_case
