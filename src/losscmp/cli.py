@@ -69,6 +69,7 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate or --python: a call slower than this is a 'timeout' finding")
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N processes (CPU); same seed and N, same report")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
     p.add_argument("--version", action="version", version=f"losscmp {__version__}")
     return p
@@ -229,7 +230,12 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     )
     if args.reference and args.reference not in [i.label for i in impls]:
         raise UsageError(f"--reference {args.reference!r} is not one of {', '.join(i.label for i in impls)}")
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
+    if args.jobs != 1:
+        from .parallel import audit_jobs
+
+        result = audit_jobs(impls, spec, settings, args.jobs)
+    else:
+        result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
     print_audit(result, console, details=not args.quiet)
     if args.json:
         write_json(audit_json(result), args.json)
