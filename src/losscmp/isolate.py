@@ -59,6 +59,7 @@ import time
 import types
 import weakref
 from dataclasses import dataclass, replace
+from enum import Enum
 from multiprocessing import connection as mpc
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -89,7 +90,7 @@ class IsolationError(LoadError):
     """
 
 
-class Transport:
+class Transport(str, Enum):
     """How a call's input tensors reached the implementation (``Outcome.transport``)."""
 
     IN_PROCESS = "in-process"
