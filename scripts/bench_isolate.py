@@ -12,7 +12,7 @@ On a CUDA machine it adds Sinkhorn at N = 2,000 on the GPU (isolated inputs by C
 the other interpreter's by host copy).
 
 Then the wall time of one whole audit (CPU-bound: the plain-torch Sinkhorn of
-``fixtures/sinkhorn_torch.py`` against GeomLoss, ``--examples 40``) with ``--jobs 1`` and
+``fixtures/sinkhorn_torch.py`` against GeomLoss, ``--examples 200``) with ``--jobs 1`` and
 ``--jobs 2``, and the speed-up.  It is bounded by the cores actually free.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--python", help="another environment's interpreter (torch + numpy; default: this one)")
     p.add_argument("--cases", type=int, default=30)
-    p.add_argument("--jobs-examples", type=int, default=40, help="cases of the --jobs audit (0: skip it)")
+    p.add_argument("--jobs-examples", type=int, default=200, help="cases of the --jobs audit (0: skip it)")
     args = p.parse_args()
     python = args.python or sys.executable
     cuda = torch.cuda.is_available()
@@ -108,14 +108,14 @@ def bench_jobs(examples: int) -> None:
 
     impls = [load_implementation(f"{REPO}/fixtures/sinkhorn_torch.py:handwritten"),
              load_implementation(f"{REPO}/fixtures/sinkhorn_torch.py:official")]
-    settings = Settings(examples=examples, save_dir=None, minimize=False, max_size=200)
+    settings = Settings(examples=examples, save_dir=None, minimize=False, max_size=400)
     wall = {}
     for jobs in (1, 2):
         start = time.perf_counter()
         result = audit_jobs(impls, preset("points"), settings, jobs)
         wall[jobs] = time.perf_counter() - start
         assert result.cases_run == examples
-    print(f"\naudit of handwritten vs official Sinkhorn, {examples} cases (N <= 200), {os.cpu_count()} cores on this machine")
+    print(f"\naudit of handwritten vs official Sinkhorn, {examples} cases (N <= 400), {os.cpu_count()} cores on this machine")
     print(f"{'--jobs 1':>10} {'--jobs 2':>10} {'speed-up':>9}")
     print(f"{wall[1]:>9.1f}s {wall[2]:>9.1f}s {wall[1] / wall[2]:>8.2f}x")
 

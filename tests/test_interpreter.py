@@ -187,6 +187,25 @@ def test_a_too_old_interpreter_is_a_one_line_error(monkeypatch, capsys):
     assert f"Python {sys.version_info[0]}.{sys.version_info[1]} is too old" in err and ">= 99.0" in err
 
 
+def _pyenv_python(prefix: str) -> str | None:
+    """An installed interpreter of that version, if this machine has one (pyenv or PATH)."""
+    found = sorted(Path.home().glob(f".pyenv/versions/{prefix}*/bin/python"))
+    return str(found[0]) if found else shutil.which(f"python{prefix}")
+
+
+@pytest.mark.skipif(_pyenv_python("2.7") is None, reason="no Python 2.7 on this machine")
+def test_a_real_python_2_is_too_old(capsys):
+    err = _cli_error(capsys, f"mse_loss={_pyenv_python('2.7')}")
+    assert "Python 2.7 is too old; the worker needs Python >= 3.6" in err
+
+
+@pytest.mark.skipif(_pyenv_python("3.6") is None, reason="no Python 3.6 on this machine")
+def test_the_worker_runs_on_python_3_6_up_to_importing_torch(tmp_path, capsys):
+    # The oldest Python the worker supports: its own code runs there (the failure is the missing torch/numpy).
+    err = _cli_error(capsys, f"mse_loss={_pyenv_python('3.6')}")
+    assert "needs torch and numpy there" in err and "No module named" in err
+
+
 def test_a_protocol_mismatch_is_a_one_line_error(tmp_path):
     stale = tmp_path / "worker.py"
     stale.write_text(WORKER_FILE.read_text().replace("\nPROTOCOL = 1\n", "\nPROTOCOL = 0\n"))
