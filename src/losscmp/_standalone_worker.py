@@ -309,7 +309,10 @@ def call(fn, args, scalar, tensors, params):
         warnings.simplefilter("ignore")
         result = _call(fn, args, scalar, inputs, params, device)
     result["seconds"] = time.perf_counter() - start
-    result["mutated"] = [a["name"] for a, t in zip(args, inputs) if not _same(t.detach(), tensors[a["name"]])]
+    try:
+        result["mutated"] = [a["name"] for a, t in zip(args, inputs) if not _same(t.detach(), tensors[a["name"]])]
+    except Exception as e:  # a CUDA context the call poisoned fails our own comparison too
+        return {"status": "exception", "error": one_line(e), "seconds": result["seconds"], "mutated": []}
     return result
 
 
@@ -455,8 +458,8 @@ def _serve_call(fn, header, buffers):
             else:
                 reply["grads"][name], raw = tensor_to_wire(g)
                 out_buffers.append(raw)
-    except Exception as e:  # a value that cannot travel (a sparse tensor, say)
-        reply.update(status="exception", error="result could not be sent back: %s" % _first_line(e),
+    except Exception as e:  # a value that cannot travel (a sparse tensor, a poisoned context)
+        reply.update(status="exception", error="result could not be sent back: %s: %s" % (type(e).__name__, _first_line(e)),
                      value=None, grads={})
         out_buffers = []
     if device.type == "cuda" and reply["status"] == "exception" and poisons_cuda(reply["error"]):

@@ -595,12 +595,17 @@ def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None
             why = f"the worker could not rebuild the inputs: {type(e).__name__}: {_one_line(e)}"
             conn.send_bytes(_pack_outcome(Outcome("exception", error=why)))
             continue
-        out = call(impl.fn, spec, case)
+        try:
+            out = call(impl.fn, spec, case)
+        except Exception as e:  # the harness's own CUDA work after the call, in a context the call poisoned
+            out = Outcome("exception", error=f"raised {type(e).__name__}: {_one_line(e)}")
         restart = dev.type == "cuda" and out.status == "exception" and poisons_cuda(out.error)
         try:
             reply = _pack_outcome(out, restart)
-        except Exception as e:  # a value that cannot travel (a sparse tensor, say)
-            reply = _pack_outcome(Outcome("exception", error=f"result could not be sent back: {_one_line(e)}", seconds=out.seconds), restart)
+        except Exception as e:  # a value that cannot travel (a sparse tensor), or a context too broken to copy it
+            restart = dev.type == "cuda"
+            failed = Outcome("exception", error=f"result could not be sent back: {type(e).__name__}: {_one_line(e)}", seconds=out.seconds)
+            reply = _pack_outcome(failed, restart)
         del case, tensors, packed  # let go of shared CUDA memory before answering
         conn.send_bytes(reply)
         if restart:
