@@ -292,7 +292,7 @@ def hangs(input, target):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds descendants through /proc")
-@pytest.mark.parametrize("how, mode", [("SIGTERM", "isolate"), ("SIGKILL", "isolate"), ("SIGKILL", "python")])
+@pytest.mark.parametrize("how, mode", [("SIGTERM", "isolate"), ("SIGKILL", "isolate"), ("SIGKILL", "python"), ("SIGKILL", "jobs")])
 def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, how, mode):
     module = tmp_path / "hanging.py"
     module.write_text(HANGS_AND_SAYS)
@@ -301,7 +301,7 @@ def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, h
     env = dict(os.environ, TMPDIR=str(tmpdir), LOSSCMP_TEST_HANGING=str(marker))
     cmd = [sys.executable, "-m", "losscmp", f"{module}:mse", f"{module}:hangs", "--spec", "regression",
            "--timeout", "60", "--no-save", "--examples", "5"]
-    cmd += ["--isolate"] if mode == "isolate" else ["--python", f"hangs={sys.executable}"]
+    cmd += {"isolate": ["--isolate"], "python": ["--python", f"hangs={sys.executable}"], "jobs": ["--isolate", "--jobs", "2"]}[mode]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90

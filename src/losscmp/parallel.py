@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -51,6 +53,21 @@ def shares(examples: int, jobs: int) -> list[int]:
 _JOB: tuple[Sequence[Implementation], Spec, Settings] | None = None
 
 
+def _job_started() -> None:
+    """A job dies with losscmp, and never touches the parent's isolation workers."""
+    from . import isolate
+
+    isolate._LIVE_STATES.clear()  # copies of the parent's runners: not this process's to stop
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            # SIGTERM, not SIGKILL: the job's own runners then stop their workers and delete their files.
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+
 def _run_job(j: int, seed: int, examples: int) -> AuditResult:
     impls, spec, settings = _JOB
     torch.set_num_threads(1)  # N jobs on N cores: one intra-op thread each
@@ -73,7 +90,8 @@ def audit_jobs(impls: Sequence[Implementation], spec: Spec, settings: Settings, 
     plan = [(j, job_seed(settings.seed, jobs, j), n) for j, n in enumerate(shares(settings.examples, jobs))]
     _JOB = (impls, spec, settings)
     try:
-        with ProcessPoolExecutor(max_workers=len(plan), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(max_workers=len(plan), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_job_started) as pool:
             futures = [pool.submit(_run_job, *p) for p in plan]
             results = [f.result() for f in futures]  # in job order, whatever order they finish in
     finally:
