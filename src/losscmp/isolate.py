@@ -38,9 +38,15 @@ is refused with a one-line error rather than reported as the implementation's fa
 Workers come from a fork server that has already imported torch (on platforms that
 have one), so a restart after a crash costs a fork and the implementation's own import,
 not a fresh interpreter importing torch (seconds).  Like ``spawn``, the fork server never
-initialises CUDA, so workers can use CUDA.  Tensors travel as raw bytes with their
-dtype, shape and strides (the layout the implementation sees is the case's own); CUDA
-inputs are rebuilt on the same device in the worker and the results come back to it.
+initialises CUDA, so workers can use CUDA.  CPU tensors travel as raw bytes with their
+dtype, shape and strides (the layout the implementation sees is the case's own).  CUDA
+inputs are shared with the worker by CUDA IPC (``torch.multiprocessing``'s reductions:
+the worker maps the case's own device memory, same bits, no host round trip); a forked
+worker cannot, and gets a host copy.  Results come back as bytes and are rebuilt on the
+case's device.  ``Outcome.transport`` says which way the inputs went.  A CUDA error that
+may poison the worker's context (an illegal access, a device-side assert, an OOM) is the
+implementation's finding ("exception"); the worker then exits and the next call gets a
+fresh process with a fresh context.  A segfault (a JIT's, say) is a "crash", as on CPU.
 """
 from __future__ import annotations
 
