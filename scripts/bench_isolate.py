@@ -64,7 +64,7 @@ def bench(name, ref_text, spec, sizes, device, n_cases, python):
             for case in cases[:2]:
                 out = run(case)
                 assert out.status == "ok", f"{label}: {out.error}"
-                transports[label] = out.transport
+                transports[label] = getattr(out.transport, "value", out.transport)
         for case in cases:
             for label, run in runners.items():
                 start = time.perf_counter()
