@@ -235,7 +235,8 @@ def _cache_root() -> Path:
 def other_env(tmp_path_factory) -> Path:
     """A virtual environment with torch and numpy only (cached across runs); its python."""
     wheels = sorted(WHEELS.glob("torch-*.whl")) if WHEELS.is_dir() else []
-    want = [str(w) for w in wheels] or ["torch"]  # the local CPU wheel when there is one
+    # The local CPU wheel when there is one; else the CPU build from PyTorch's index (not a GPU build's gigabytes).
+    want = [str(w) for w in wheels] or ["torch", "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
     key = hashlib.sha1(f"{sys.version}|{want}".encode()).hexdigest()[:12]
     root = _cache_root()
     try:
