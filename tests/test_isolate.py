@@ -23,8 +23,9 @@ import torch
 from losscmp.findings import Pair
 from losscmp.audit import Settings, audit
 from losscmp.generate import Case, Recipe, build_case
-from losscmp.isolate import IsolatedRunner
+from losscmp.isolate import IsolatedRunner, RunRecord
 from losscmp.load import Implementation, load_implementation, parse_ref
+from losscmp.repro import load_repro
 from losscmp.run import call
 from losscmp.spec import parse_spec, preset
 
@@ -97,7 +98,7 @@ def dying(tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- audits
 def test_segfault_is_a_crash_finding_and_the_run_completes():
     impls = [misbehaving("mse"), misbehaving("segfaults_on_negative_mean")]
-    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=30, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=30, minimize=False))
     assert result.cases_run == 30
     assert {(d.subject, d.kind) for d in result.divergences} == {(PAIR_SEGFAULT, "crash")}
     d = result.divergences[0]
@@ -105,11 +106,11 @@ def test_segfault_is_a_crash_finding_and_the_run_completes():
     assert "\n" not in detail
     assert "segfaults_on_negative_mean crashed (signal SIGSEGV)" in detail
     assert "misbehaving.py" in detail  # the fault handler's innermost frame in the implementation
-    # The input that killed the worker was saved before it was sent, and is that case.
-    saved = re.search(r"input saved to (\S+\.npz)", detail).group(1)
-    with np.load(saved, allow_pickle=False) as z:
-        assert np.array_equal(z["input.input"], d.case.tensors["input"].numpy())
-        assert json.loads(str(z["meta"]))["spec"] == REGRESSION.text()
+    # The input that killed the worker was saved before it was sent, as an ordinary repro of that case.
+    saved = load_repro(re.search(r"input saved to (\S+\.json)", detail).group(1))
+    assert saved.kind == "crash" and saved.pair == ("segfaults_on_negative_mean", "mse")
+    assert saved.spec.text() == REGRESSION.text()
+    assert torch.equal(saved.case.tensors["input"], d.case.tensors["input"])
     assert float(d.case.tensors["input"].mean()) < 0
 
 
@@ -118,7 +119,7 @@ def test_hang_is_a_timeout_finding():
     # (the audit calls a suspect again before blaming the pair).
     impls = [misbehaving("mse"), misbehaving("hangs_on_size_one")]
     start = time.monotonic()
-    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=2, examples=8, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=2, examples=8, minimize=False))
     assert time.monotonic() - start < 45
     assert result.cases_run == 8
     assert {(d.subject, d.kind) for d in result.divergences} == {(Pair("mse", "hangs_on_size_one"), "timeout")}
@@ -129,13 +130,13 @@ def test_hang_is_a_timeout_finding():
 
 def test_without_isolate_well_behaved_implementations_still_agree():
     impls = [misbehaving("mse"), load_implementation("torch.nn.functional:mse_loss")]
-    result = audit(impls, REGRESSION, Settings.of(examples=30, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(examples=30, minimize=False))
     assert result.agree and result.cases_run == 30
 
 
 def test_isolated_well_behaved_implementations_agree_too():
     impls = [misbehaving("mse"), load_implementation("torch.nn.functional:mse_loss")]
-    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=15, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=15, minimize=False))
     assert result.agree and result.cases_run == 15
 
 
@@ -179,13 +180,10 @@ def test_failures_other_than_crashes_come_back_as_in_process():
         assert torch.equal(case.tensors["input"], torch.tensor([1.0, -2.0, 3.0]))  # the parent's copy is untouched
         out = runner(misbehaving("returns_list"), REGRESSION, case)
         assert out.status == "non_tensor" and out.error == "returned list, not a tensor"
-        # Loaded here, but its worker cannot load it: an exception outcome, on every call.
-        broken = Implementation(parse_ref(f"{MISBEHAVING}:no_such_loss"), fn=lambda *a: None)
-        for _ in range(2):
-            out = runner(broken, REGRESSION, case)
-            assert out.status == "exception"
-            assert out.error.startswith("could not be loaded in its worker") and "no_such_loss" in out.error
-            assert "\n" not in out.error
+        # A reference no fresh process could load, but we hold the callable: it runs (forked worker).
+        held = Implementation(parse_ref(f"{MISBEHAVING}:no_such_loss"), fn=lambda *a: None)
+        out = runner(held, REGRESSION, case)
+        assert out.status == "non_tensor" and out.error == "returned NoneType, not a tensor"
 
 
 def test_crash_names_the_signal_and_the_next_call_gets_a_fresh_worker(dying):
@@ -219,7 +217,7 @@ def test_timeout_kills_the_worker_and_the_next_call_works():
         start = time.monotonic()
         out = runner(hangs, REGRESSION, regression_case([1.0]))
         assert time.monotonic() - start < 10
-        assert out.status == "timeout" and out.error == "did not return within 1 s"
+        assert out.status == "timeout" and out.error.startswith("did not return within 1 s; input saved to ")
         out = runner(hangs, REGRESSION, regression_case([1.0, 3.0]))
         assert out.status == "ok" and float(out.value) == 5.0
 
@@ -230,7 +228,7 @@ def test_close_stops_the_workers_and_deletes_unneeded_inputs(dying):
     case = regression_case([1.0, 2.0])
     assert runner(misbehaving("mse"), REGRESSION, case).status == "ok"
     folder = runner.input_dir
-    assert alive(pid) and len(list(folder.glob("input-*.npz"))) == 1  # the live case's; the other was collected
+    assert alive(pid) and len(list(folder.glob("*.npz"))) == 1  # the live case's; the other was collected
     runner.close()
     runner.close()  # twice is fine
     assert gone_within(pid, 5)
@@ -243,7 +241,7 @@ def test_workers_are_stopped_at_interpreter_exit(dying, tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from losscmp.generate import Case
-        from losscmp.isolate import IsolatedRunner
+        from losscmp.isolate import IsolatedRunner, RunRecord
         from losscmp.load import load_implementation
         from losscmp.spec import preset
 
@@ -257,3 +255,132 @@ def test_workers_are_stopped_at_interpreter_exit(dying, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert gone_within(int(proc.stdout.strip()), 5)
+
+
+# ----------------------------------------------------------------------------- dying with losscmp
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    return kids
+
+
+def descendants(pid: int) -> set[int]:
+    kids, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+HANGS_AND_SAYS = """
+import os, time
+import torch
+
+def mse(input, target):
+    return ((input - target) ** 2).mean()
+
+def hangs(input, target):
+    open(os.environ["LOSSCMP_TEST_HANGING"], "w").close()  # tell the test the call is under way
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds descendants through /proc")
+@pytest.mark.parametrize("how, mode", [("SIGTERM", "isolate"), ("SIGKILL", "isolate"), ("SIGKILL", "python"), ("SIGKILL", "jobs")])
+def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, how, mode):
+    module = tmp_path / "hanging.py"
+    module.write_text(HANGS_AND_SAYS)
+    marker, tmpdir = tmp_path / "hanging-now", tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmpdir), LOSSCMP_TEST_HANGING=str(marker))
+    cmd = [sys.executable, "-m", "losscmp", f"{module}:mse", f"{module}:hangs", "--spec", "regression",
+           "--timeout", "60", "--no-save", "--examples", "5"]
+    cmd += {"isolate": ["--isolate"], "python": ["--python", f"hangs={sys.executable}"], "jobs": ["--isolate", "--jobs", "2"]}[mode]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the implementation never started hanging"
+            time.sleep(0.1)
+        family = descendants(proc.pid)
+        assert len(family) >= (3 if mode == "isolate" else 1)  # the fork server, the resource tracker, workers
+        proc.send_signal(getattr(signal, how))
+        proc.wait(30)
+        survivors = {pid for pid in family if gone_within(pid, 10) is False}
+        assert not survivors, [Path(f"/proc/{p}/cmdline").read_bytes() for p in survivors if alive(p)]
+        if how == "SIGTERM":
+            assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)  # the supervisor exits 143
+            assert not list(tmpdir.glob("losscmp-isolate-*")), list(tmpdir.rglob("*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------- kept inputs
+def test_a_crash_input_is_a_repro_that_replay_runs_isolated(tmp_path):
+    keep = tmp_path / "kept"
+    impls = [misbehaving("mse"), misbehaving("segfaults_on_negative_mean")]
+    record = RunRecord(refs=tuple(i.ref for i in impls), tolerance=(1e-5, 1e-6), seed=7, keep_dir=keep)
+    negative = regression_case([-1.0, -2.0])
+    with IsolatedRunner(timeout=5, record=record) as runner:
+        assert runner(impls[0], REGRESSION, negative).status == "ok"
+        out = runner(impls[1], REGRESSION, negative)
+    assert out.status == "crash"
+    path = Path(out.error.rsplit("input saved to ", 1)[1])
+    assert path.parent == keep and path.suffix == ".json"
+    repro = load_repro(path)
+    assert repro.kind == "crash" and repro.pair == ("segfaults_on_negative_mean", "mse")
+    assert torch.equal(repro.case.tensors["input"], negative.tensors["input"])
+    assert repro.meta["seed"] == 7 and repro.meta["timeout"] == 5 and repro.meta["isolate"] is True
+    assert repro.meta["outcomes"]["mse"]["status"] == "ok"  # the partner's real outcome on that case
+    assert sorted(p.suffix for p in keep.iterdir()) == [".json", ".npz"]  # only the kept case
+    proc = subprocess.run([sys.executable, "-m", "losscmp", "replay", str(path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # still diverges, and losscmp survived the segfault
+    assert "still diverges (crash)" in proc.stdout and "SIGSEGV" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_inputs_that_did_not_crash_leave_no_file(tmp_path):
+    with IsolatedRunner(timeout=5, record=RunRecord(keep_dir=tmp_path / "kept")) as runner:
+        folder = None
+        for values in ([1.0], [1.0, 2.0], [3.0, 4.0, 5.0]):
+            assert runner(misbehaving("mse"), REGRESSION, regression_case(values)).status == "ok"
+            folder = runner.input_dir
+    assert not folder.exists() and not (tmp_path / "kept").exists()
+
+
+# ----------------------------------------------------------------------------- callables without a reference
+def test_lambdas_and_closures_run_isolated_in_forked_workers():
+    scale = 2.0
+    closure = Implementation(parse_ref("test_isolate:closure"), fn=lambda input, target: scale * ((input - target) ** 2).mean())
+
+    def local_mse(input, target):
+        return ((input - target) ** 2).mean() * scale
+
+    # What the pytest plugin builds for a local function: module and qualified name, not importable.
+    local = Implementation(parse_ref("tests.test_isolate:test_lambdas_and_closures_run_isolated_in_forked_workers.local_mse"), fn=local_mse)
+    case = regression_case([1.0, -2.0, 3.0])
+    with IsolatedRunner(timeout=5) as runner:
+        for impl in (closure, local):
+            here, there = call(impl.fn, REGRESSION, case), runner(impl, REGRESSION, case)
+            assert there.status == "ok", there.error
+            assert torch.equal(there.value, here.value) and torch.equal(there.grads["input"], here.grads["input"])
+        dies = Implementation(parse_ref("test_isolate:dies"), fn=lambda input, target: os._exit(5))
+        assert runner(dies, REGRESSION, case).error.startswith("crashed (exit code 5)")
+        assert runner(closure, REGRESSION, case).status == "ok"
+
+
+def test_an_audit_of_a_lambda_under_isolate_agrees_instead_of_a_false_exception():
+    impls = [misbehaving("mse"), Implementation(parse_ref("test_isolate:lam"), fn=lambda input, target: ((input - target) ** 2).mean())]
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=10, minimize=False))
+    assert result.agree and result.cases_run == 10, [d.verdict.detail for d in result.divergences]

@@ -30,3 +30,23 @@ def test_bad_jobs_and_devices_are_one_line(capsys):
     assert "jobs must be a whole number >= 1" in capsys.readouterr().err
     assert main([*BCE, "--devices", "tpu:0", "--no-save"]) == 2
     assert "is not cpu or cuda:N" in capsys.readouterr().err
+
+
+def test_the_budget_is_shared_exactly():
+    from losscmp.jobs import shares
+
+    assert shares(5, 2) == [3, 2]
+    assert shares(40, 3) == [14, 13, 13]
+    assert shares(1, 3) == [1, 0, 0]
+
+
+def test_jobs_inherit_lambdas_and_agreeing_implementations_agree():
+    from losscmp import audit
+    from losscmp.load import Implementation, load_implementation, parse_ref
+    from losscmp.settings import Settings
+    from losscmp.spec import preset
+
+    lam = Implementation(parse_ref("test_jobs:lam"), fn=lambda input, target: ((input - target) ** 2).mean())
+    impls = [load_implementation("torch.nn.functional:mse_loss"), lam]
+    result = audit(impls, preset("regression"), Settings.of(examples=12, minimize=False, jobs=3))
+    assert result.agree and result.cases_run == 12 and sum(result.tally.values()) == 12

@@ -65,7 +65,9 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", metavar="LIST", help="draw only these numeric regimes, e.g. standard,tiny (default: all)")
     p.add_argument("--exclude-regimes", metavar="LIST", help="never draw these regimes, e.g. duplicates")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate: a call slower than this is a 'timeout' finding")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate or --python: a call slower than this is a 'timeout' finding")
+    p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
+                   help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
     p.add_argument("--devices", metavar="LIST", help="one worker per device, e.g. cuda:0,cuda:1 (implies --jobs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
@@ -188,15 +190,38 @@ def _devices(text: str | None) -> tuple[str, ...]:
     return devices
 
 
-def _load_all(refs: Sequence[str]):
+def _pythons(values: Sequence[str]) -> dict[str, str]:
+    """``--python LABEL=PATH`` options as {label: checked interpreter path}."""
+    from .interpreter import check_python
+
+    out: dict[str, str] = {}
+    for text in values:
+        label, sep, path = text.partition("=")
+        if not sep or not label or not path:
+            raise UsageError(f"--python {text!r}: expected LABEL=/path/to/python")
+        if label in out:
+            raise UsageError(f"--python {label}: given twice")
+        out[label] = check_python(label, path)
+    return out
+
+
+def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
     from .load import disambiguate, load_implementation, parse_ref
 
     if len(refs) < 2:
         raise UsageError(f"need at least two implementations to compare, got {len(refs)} (e.g. losscmp a.py:loss b.py:loss)")
+    pythons = pythons or {}
+    parsed = disambiguate([parse_ref(r) for r in refs])
+    unknown = set(pythons) - {r.label for r in parsed}
+    if unknown:
+        raise UsageError(f"--python {sorted(unknown)[0]}: no implementation has that label (labels: {', '.join(r.label for r in parsed)})")
+    if pythons:
+        from .interpreter import remote_implementation
+    # An implementation for another interpreter is loaded there, never here (this one may lack its package).
     impls = []
-    for ref in disambiguate([parse_ref(r) for r in refs]):
+    for ref in parsed:
         supervise.note(f"loading {ref.text}")
-        impls.append(load_implementation(ref))
+        impls.append(remote_implementation(ref) if ref.label in pythons else load_implementation(ref))
     labels = [i.label for i in impls]
     if len(set(labels)) != len(labels):
         raise UsageError(f"implementation labels collide ({', '.join(labels)}); name them with label=ref")
@@ -238,9 +263,10 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     from .report import audit_json, print_audit, write_json
     from .settings import Settings
 
-    if args.timeout is not None and not args.isolate:
-        raise UsageError("--timeout needs --isolate (a hung call can only be stopped in a worker process)")
+    if args.timeout is not None and not (args.isolate or args.python):
+        raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
     kw = _settings_kw(args)
+    pythons = _pythons(args.python)
     if args.json:
         _writable_file(args.json, "--json")
     save_dir = None if args.no_save else Path(args.save_dir)
@@ -258,14 +284,17 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         timeout=args.timeout,
         jobs=args.jobs,
         devices=_devices(args.devices),
+        pythons=tuple(pythons.items()),
         **kw,
     )
     if args.json == "-":  # stdout carries the JSON alone; the human report goes to stderr
         console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-    impls = _load_all(args.impls)
+    impls = _load_all(args.impls, pythons)
+    if pythons and not args.spec and len(impls) == len(pythons):
+        raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
     pairs = pairs_for([i.label for i in impls], args.reference)
     supervise.describe_run(impls, save_dir, args.seed, settings.tolerance, pairs)
-    spec = _resolve_spec(args, impls, kw, console, isolate=args.isolate)
+    spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
     result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
     print_audit(result, console, details=not args.quiet)
     if args.json:

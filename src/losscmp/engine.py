@@ -24,7 +24,7 @@ from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
 from .load import Implementation
 from .run import Outcome, call
-from .settings import Execution, Settings
+from .settings import Settings
 from .spec import Spec
 
 
@@ -47,12 +47,23 @@ class InProcessRunner:
         pass
 
 
-def make_runner(execution: Execution) -> Runner:
-    if execution.isolate:
-        from .isolate import IsolatedRunner  # workers, pipes: only when asked for
+def make_runner(settings: Settings, impls: Sequence[Implementation] = ()) -> Runner:
+    """In-process unless isolation or another interpreter is asked for."""
+    execution = settings.execution
+    if not execution.isolate and not execution.pythons:
+        return InProcessRunner()
+    from .isolate import IsolatedRunner, RunRecord  # workers, pipes: only when asked for
 
-        return IsolatedRunner(timeout=execution.timeout)
-    return InProcessRunner()
+    # What a crash or timeout repro records: the run's implementations, tolerance and seed.
+    tol = settings.tolerance
+    record = RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
+                       settings.outputs.save_dir)
+    isolated = IsolatedRunner(timeout=execution.timeout, record=record) if execution.isolate else None
+    if execution.pythons:
+        from .interpreter import InterpreterRunner
+
+        return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=isolated, record=record)
+    return isolated
 
 
 def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
@@ -73,7 +84,7 @@ class Evaluator:
             raise UsageError("implementation labels must be distinct; give them with 'label=ref'")
         self.spec, self.settings, self.tol = spec, settings, settings.tolerance
         self.pairs = pairs_for(list(self.impls), settings.reference)
-        self.runner = runner if runner is not None else make_runner(settings.execution)
+        self.runner = runner if runner is not None else make_runner(settings, impls)
         self.evaluations = 0
 
     def outcome(self, label: str, case: Case) -> Outcome:

@@ -15,25 +15,44 @@ worker running :func:`losscmp.run.call` exactly as the in-process runner does.
 * An implementation that cannot be loaded in the worker gives an
   ``Outcome("exception")`` on every call (it is not retried).
 
-Before a case is first sent to a worker it is written to ``<dir>/input-N.npz`` (plain
-arrays, no pickle; ``meta`` holds the spec, sizes, strides and dtypes as JSON), so an
-input that kills the worker -- or the whole machine -- is never lost.  Inputs that
-crashed or hung a worker are kept (their path is in the crash message); the others are
-deleted when their case is garbage collected or the runner closes.
+Before a case is first sent to a worker it is written as an ordinary repro file (the
+format of :mod:`losscmp.repro`, ``losscmp replay`` reads it), so an input that kills
+the worker -- or the whole machine -- is never lost.  An input that crashed or hung a
+worker is kept as a repro of kind "crash" or "timeout" naming the implementation and
+its partner (its path is in the message); the others are deleted when their case is
+garbage collected or the runner closes.  Kept repros go to ``keep_dir`` when given (the
+CLI's save folder), else they stay in the runner's temporary folder.
+
+Workers die with losscmp: each asks the kernel for SIGKILL when its parent dies, and a
+forkserver worker closes its copy of the fork server's "parent alive" pipe so the fork
+server (its parent) notices losscmp's death, exits, and takes the worker with it.  On
+SIGTERM the runners stop their workers and delete their temporary files before the
+process ends the way SIGTERM ends it.
+
+An implementation without an importable reference (a lambda, a local function, a
+closure handed to the pytest plugin) cannot be re-loaded by a fresh worker; its worker
+is started with the ``fork`` start method instead and inherits the callable itself.
+(CUDA cannot be used in a forked child once the parent has initialised it: such a case
+is refused with a one-line error rather than reported as the implementation's failure.)
 
 Workers come from a fork server that has already imported torch (on platforms that
 have one), so a restart after a crash costs a fork and the implementation's own import,
 not a fresh interpreter importing torch (seconds).  Like ``spawn``, the fork server never
-initialises CUDA, so workers can use CUDA.  Tensors travel as raw bytes with their
-dtype, shape and strides (the layout the implementation sees is the case's own); CUDA
-inputs are rebuilt on the same device in the worker and the results come back to it.
+initialises CUDA, so workers can use CUDA.  CPU tensors travel as raw bytes with their
+dtype, shape and strides (the layout the implementation sees is the case's own).  CUDA
+inputs are shared with the worker by CUDA IPC (``torch.multiprocessing``'s reductions:
+the worker maps the case's own device memory, same bits, no host round trip); a forked
+worker cannot, and gets a host copy.  Results come back as bytes and are rebuilt on the
+case's device.  ``Outcome.transport`` says which way the inputs went.  A CUDA error that
+may poison the worker's context (an illegal access, a device-side assert, an OOM) is the
+implementation's finding ("exception"); the worker then exits and the next call gets a
+fresh process with a fresh context.  A segfault (a JIT's, say) is a "crash", as on CPU.
 """
 from __future__ import annotations
 
 import contextlib
 import faulthandler
 import itertools
-import json
 import os
 import pickle
 import re
@@ -41,29 +60,66 @@ import signal
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import types
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from enum import Enum
 from multiprocessing import connection as mpc
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.multiprocessing as tmp
 
+from ._standalone_worker import poisons_cuda
 from .generate import Case
-from .load import Implementation, Ref
+from .load import Implementation, LoadError, Ref, load_object
 from .run import Outcome, call
 from .spec import Spec
 
-__all__ = ["IsolatedRunner"]
+__all__ = ["IsolatedRunner", "IsolationError", "RunRecord", "Transport"]
 
 # How long a worker may take to start and import its implementation (not a call's timeout).
 LOAD_TIMEOUT = 300.0
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _SHUTDOWN = b""
+
+
+class IsolationError(LoadError):
+    """An implementation that cannot be run in a worker at all; the message is one line.
+
+    (A subclass of LoadError until the shared LosscmpError base lands: the CLI maps it to
+    ``losscmp: error: ...`` and exit 2.)
+    """
+
+
+class Transport(str, Enum):
+    """How a call's input tensors reached the implementation (``Outcome.transport``)."""
+
+    IN_PROCESS = "in-process"
+    PIPE = "pipe"  # CPU tensors as raw bytes through the worker's pipe
+    CUDA_IPC = "cuda-ipc"  # CUDA tensors shared with the worker by CUDA IPC handles
+    HOST_COPY = "host-copy"  # CUDA tensors copied to host bytes and rebuilt on the device
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a kept crash or timeout repro records besides the case itself."""
+
+    refs: tuple[Ref, ...] = ()  # every implementation of the run: the partner is named from these
+    reference: str | None = None
+    tolerance: tuple[float, float] = (1.3e-6, 1e-5)
+    seed: int = 0
+    keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
+
+    def partner(self, label: str) -> str:
+        """Who ``label`` is compared with: the reference, else the first other implementation."""
+        if self.reference and self.reference != label and any(r.label == self.reference for r in self.refs):
+            return self.reference
+        return next((r.label for r in self.refs if r.label != label), label)
 
 
 def _context(start_method: str | None):
@@ -77,37 +133,182 @@ def _context(start_method: str | None):
     return ctx
 
 
+# ---------------------------------------------------------------------- cleanup on SIGTERM
+_LIVE_STATES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_SIGTERM_INSTALLED = False
+
+
+def register_for_sigterm(state: Any) -> None:
+    """Have ``state.close(fast=True)`` run when the process gets SIGTERM (default handler only)."""
+    global _SIGTERM_INSTALLED
+    _LIVE_STATES.add(state)
+    if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # someone else (pytest, the user) handles SIGTERM: theirs stays
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _SIGTERM_INSTALLED = True
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    for state in list(_LIVE_STATES):
+        try:
+            state.close(fast=True)
+        except Exception:
+            pass
+    # Then end the way SIGTERM ends a process (exit status 143 / killed by SIGTERM).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------- saved inputs
+class CaseKeeper:
+    """Writes each case before it is risked, keeps it as a repro when it crashed or hung.
+
+    Shared by every runner that sends cases to a process that may die (isolated workers,
+    other interpreters).  Pending files live in a private temporary folder and are deleted
+    when their case is garbage collected or the keeper closes.
+    """
+
+    def __init__(self, record: RunRecord, input_dir: str | Path | None = None):
+        self.record = record
+        self._given_dir = Path(input_dir) if input_dir is not None else None
+        self._pending: weakref.WeakKeyDictionary[Case, Path] = weakref.WeakKeyDictionary()
+        self._seen: weakref.WeakKeyDictionary[Case, dict[str, Outcome]] = weakref.WeakKeyDictionary()
+        self.files: set[Path] = set()  # pending .json paths; their .npz goes with them
+        self.dir: Path | None = None
+
+    def directory(self) -> Path:
+        if self.dir is None:
+            if self._given_dir is not None:
+                self._given_dir.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix="losscmp-isolate-", dir=self._given_dir))
+        return self.dir
+
+    def before(self, impl: Implementation, spec: Spec, case: Case) -> Path:
+        """The case written as a repro (once per case), before anything risky runs on it."""
+        path = self._pending.get(case)
+        if path is not None:
+            return path
+        # Written as if this call crashed: if the machine dies now, the file says what ran.
+        path = self._save(self.directory(), impl, spec, case, "crash", "losscmp stopped while it was running", None)
+        self._pending[case] = path
+        self.files.add(path)
+        weakref.finalize(case, _forget, self.files, path, os.getpid())
+        return path
+
+    def seen(self, label: str, case: Case, outcome: Outcome) -> None:
+        self._seen.setdefault(case, {})[label] = outcome
+
+    def keep(self, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None) -> Path:
+        """The case as a kept repro of ``kind`` ("crash" or "timeout"); returns its .json path."""
+        directory = self.record.keep_dir if self.record.keep_dir is not None else self.directory()
+        pending = self._pending.pop(case, None)
+        try:
+            kept = self._save(directory, impl, spec, case, kind, error, timeout)
+        except (OSError, TypeError, ValueError):  # an unwritable save folder: the pending copy stays
+            if pending is None:
+                raise
+            self.files.discard(pending)
+            return pending
+        self.files.discard(kept)  # the pending file may have had this very name: it is kept now
+        if pending is not None and pending != kept:
+            _forget(self.files, pending)
+        return kept
+
+    def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None) -> Path:
+        from .repro import save_case
+
+        label = impl.label
+        partner = self.record.partner(label)
+        refs = {r.label: r for r in self.record.refs}
+        refs[label] = impl.ref
+        seen = self._seen.get(case, {})
+        outcomes = {label: Outcome(kind, error=error)}
+        if partner in seen:  # else save_case records the partner as not run on this case
+            outcomes[partner] = seen[partner]
+        return save_case(
+            directory,
+            spec=spec,
+            case=case,
+            refs=[refs[la] for la in dict.fromkeys((label, partner))],
+            pair=(label, partner),
+            kind=kind,
+            outcomes=outcomes,
+            tolerance=self.record.tolerance,
+            seed=self.record.seed,
+            device=str(next(iter(case.tensors.values())).device),
+            extra={"isolate": True, "timeout": timeout, "error": error},
+        )
+
+    def close(self) -> None:
+        for path in list(self.files):
+            _forget(self.files, path)
+        if self.dir is not None:
+            for fault in list(self.dir.glob("fault-*.txt")) + list(self.dir.glob("worker-*.log")):
+                try:
+                    fault.unlink()
+                except OSError:
+                    pass
+            try:
+                self.dir.rmdir()  # only if empty: kept inputs stay
+            except OSError:
+                pass
+
+
+def _forget(files: set[Path], path: Path, owner: int | None = None) -> None:
+    if owner is not None and owner != os.getpid():
+        return  # a forked worker's copy of the bookkeeping: the files are the parent's
+    if path in files:
+        files.discard(path)
+        for p in (path, path.with_suffix(".npz")):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------- the runner
 class IsolatedRunner:
     """``runner(impl, spec, case) -> Outcome``, each implementation in its own process."""
 
     def __init__(self, timeout: float | None = None, *, start_method: str | None = None,
-                 input_dir: str | Path | None = None, load_timeout: float = LOAD_TIMEOUT):
+                 input_dir: str | Path | None = None, load_timeout: float = LOAD_TIMEOUT,
+                 record: RunRecord = RunRecord()):
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
         self.load_timeout = load_timeout
+        self._start_method = start_method
         self._ctx = _context(start_method)
-        self._given_dir = Path(input_dir) if input_dir is not None else None
-        self._state = _State()
-        self._saved: weakref.WeakKeyDictionary[Case, str] = weakref.WeakKeyDictionary()
+        self._state = _State(CaseKeeper(record, input_dir))
         self._count = itertools.count()
+        self._portable: dict[str, bool] = {}
         self._closed = False
-        # Workers and unneeded input files go when the runner is closed, collected, or at exit.
+        # Workers and unneeded input files go when the runner is closed, collected, at exit, or on SIGTERM.
         self._finalizer = weakref.finalize(self, self._state.close)
+        register_for_sigterm(self._state)
 
     # ------------------------------------------------------------------ public API
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
         if self._closed:
             raise RuntimeError("this IsolatedRunner is closed")
-        path = self._save(spec, case)
-        worker = self._worker(impl)
+        keeper = self._state.keeper
+        device = next(iter(case.tensors.values())).device
+        worker = self._worker(impl, device)
         if worker.failure is not None:
             return worker.failure
-        device = next(iter(case.tensors.values())).device
+        path = keeper.before(impl, spec, case)
         spec_part = None if worker.spec is spec else spec
-        request = pickle.dumps(
-            (spec_part, {k: _pack(t) for k, t in case.tensors.items()}, dict(case.params), str(device)), _PROTOCOL
-        )
+        if device.type == "cuda" and worker.ipc:
+            # The worker maps the case's own CUDA memory: same bits, no copy through the host.
+            transport = Transport.CUDA_IPC
+            request = bytes(ForkingPickler.dumps((spec_part, dict(case.tensors), dict(case.params), str(device), True), _PROTOCOL))
+        else:
+            transport = Transport.HOST_COPY if device.type == "cuda" else Transport.PIPE
+            request = pickle.dumps(
+                (spec_part, {k: _pack(t) for k, t in case.tensors.items()}, dict(case.params), str(device), False), _PROTOCOL
+            )
         start = time.perf_counter()
         try:
             try:
@@ -122,15 +323,22 @@ class IsolatedRunner:
             raise
         seconds = time.perf_counter() - start
         if isinstance(reply, _Died):
-            self._keep(path)
             self._discard(impl.label)
             where = f" in {reply.site}" if reply.site else ""
-            return Outcome("crash", error=f"crashed ({reply.why}){where}; input saved to {path}", seconds=seconds)
+            error = f"crashed ({reply.why}){where}"
+            kept = keeper.keep(impl, spec, case, "crash", error, self.timeout)
+            return Outcome("crash", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
         if reply is None:
-            self._keep(path)
             self._discard(impl.label, kill=True)
-            return Outcome("timeout", error=f"did not return within {self.timeout:g} s", seconds=seconds)
-        return _unpack_outcome(reply, device)
+            error = f"did not return within {self.timeout:g} s"
+            kept = keeper.keep(impl, spec, case, "timeout", error, self.timeout)
+            return Outcome("timeout", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
+        out, restart = _unpack_outcome(reply, device)
+        if restart:  # a CUDA error that may poison the context: the worker has exited
+            self._discard(impl.label)
+        out = replace(out, transport=transport)
+        keeper.seen(impl.label, case, out)
+        return out
 
     def close(self) -> None:
         """Stop every worker; delete the saved inputs nobody needs.  Safe to call twice."""
@@ -146,10 +354,10 @@ class IsolatedRunner:
     @property
     def input_dir(self) -> Path | None:
         """Where inputs are saved (created on first use)."""
-        return self._state.dir
+        return self._state.keeper.dir
 
     # ------------------------------------------------------------------ workers
-    def _worker(self, impl: Implementation) -> "_Worker":
+    def _worker(self, impl: Implementation, device: torch.device) -> "_Worker":
         label, source = impl.label, impl.ref.source()
         w = self._state.workers.get(label)
         if w is not None and (w.source != source or (w.ready and not w.proc.is_alive())):
@@ -157,79 +365,67 @@ class IsolatedRunner:
             self._discard(label)
             w = None
         if w is None:
-            w = _Worker.start(self._ctx, label, impl.ref, self._dir(), next(self._count))
+            portable = self._is_portable(impl)
+            if not portable and device.type == "cuda" and torch.cuda.is_initialized():
+                raise IsolationError(
+                    f"{label} has no importable reference (a lambda or a local function?), so its worker must be "
+                    "forked, and a forked process cannot use CUDA once losscmp has: give it as file.py:attr or module:attr"
+                )
+            if portable:
+                w = _Worker.start(self._ctx, label, impl.ref, _portable_ref(impl.ref), self._state.keeper.directory(), next(self._count))
+            else:
+                w = _Worker.start(tmp.get_context("fork"), label, impl.ref, impl, self._state.keeper.directory(), next(self._count))
             self._state.workers[label] = w
         if not w.ready and w.failure is None:
             w.handshake(self.load_timeout)
         return w
+
+    def _is_portable(self, impl: Implementation) -> bool:
+        """Does a fresh process loading ``impl.ref`` get this very callable (up to a factory call)?
+
+        A factory reference (``SamplesLoss(...)``) is re-called in the worker, as the CLI
+        itself did; anything else must resolve here to the object we hold, else (a lambda, a
+        local function, a test's closure) the worker is forked and inherits the callable.
+        """
+        label = impl.label
+        if label not in self._portable:
+            if self._start_method == "fork":
+                self._portable[label] = True  # every worker inherits everything anyway
+            elif impl.ref.call is not None:
+                self._portable[label] = True
+            else:
+                try:
+                    self._portable[label] = bool(load_object(_portable_ref(impl.ref)) == impl.fn)
+                except Exception:
+                    self._portable[label] = False
+        return self._portable[label]
 
     def _discard(self, label: str, kill: bool = False) -> None:
         w = self._state.workers.pop(label, None)
         if w is not None:
             w.stop(kill=kill)
 
-    # ------------------------------------------------------------------ saved inputs
-    def _dir(self) -> Path:
-        if self._state.dir is None:
-            if self._given_dir is not None:
-                self._given_dir.mkdir(parents=True, exist_ok=True)
-                self._state.dir = Path(tempfile.mkdtemp(prefix="losscmp-isolate-", dir=self._given_dir))
-            else:
-                self._state.dir = Path(tempfile.mkdtemp(prefix="losscmp-isolate-"))
-        return self._state.dir
-
-    def _save(self, spec: Spec, case: Case) -> str:
-        path = self._saved.get(case)
-        if path is not None:
-            return path
-        path = str(self._dir() / f"input-{next(self._count)}.npz")
-        _save_case(path, spec, case)
-        self._saved[case] = path
-        self._state.files.add(path)
-        weakref.finalize(case, _forget, self._state.files, path)
-        return path
-
-    def _keep(self, path: str) -> None:
-        self._state.files.discard(path)  # no longer ours to delete
-
-
-def _forget(files: set[str], path: str) -> None:
-    if path in files:
-        files.discard(path)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
 
 class _State:
     """Everything the finaliser needs, with no reference back to the runner."""
 
-    def __init__(self) -> None:
+    def __init__(self, keeper: CaseKeeper) -> None:
         self.workers: dict[str, _Worker] = {}
-        self.files: set[str] = set()
-        self.dir: Path | None = None
+        self.keeper = keeper
 
-    def close(self) -> None:
+    def close(self, fast: bool = False) -> None:
         workers = list(self.workers.values())
         self.workers.clear()
-        for w in workers:
-            w.ask_to_stop()
-        deadline = time.monotonic() + 2.0
-        for w in workers:
-            w.stop(wait=max(0.0, deadline - time.monotonic()))
-        for path in list(self.files):
-            _forget(self.files, path)
-        if self.dir is not None:
-            for fault in self.dir.glob("fault-*.txt"):
-                try:
-                    fault.unlink()
-                except OSError:
-                    pass
-            try:
-                self.dir.rmdir()  # only if empty: kept inputs stay
-            except OSError:
-                pass
+        if fast:  # SIGTERM: no time for manners
+            for w in workers:
+                w.stop(kill=True)
+        else:
+            for w in workers:
+                w.ask_to_stop()
+            deadline = time.monotonic() + 2.0
+            for w in workers:
+                w.stop(wait=max(0.0, deadline - time.monotonic()))
+        self.keeper.close()
 
 
 class _Died:
@@ -240,27 +436,29 @@ class _Died:
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, label: str, source: str, proc: Any, conn: Any, fault_path: Path):
+    def __init__(self, label: str, source: str, proc: Any, conn: Any, fault_path: Path, ipc: bool):
         self.label, self.source, self.proc, self.conn, self.fault_path = label, source, proc, conn, fault_path
+        self.ipc = ipc  # started by spawn or the fork server: CUDA tensors can be shared with it
         self.ready = False
         self.stopped = False
         self.failure: Outcome | None = None  # loading failed: the answer to every call
         self.spec: Spec | None = None  # the spec the worker holds
 
     @classmethod
-    def start(cls, ctx: Any, label: str, ref: Ref, directory: Path, n: int) -> "_Worker":
+    def start(cls, ctx: Any, label: str, ref: Ref, what: Ref | Implementation, directory: Path, n: int) -> "_Worker":
+        """``what`` is a reference the worker loads, or (fork) the implementation it inherits."""
         fault_path = directory / f"fault-{n}.txt"
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=_worker_main,
-            args=(child_conn, _portable_ref(ref), str(fault_path)),
+            args=(child_conn, what, str(fault_path)),
             name=f"losscmp-isolate[{label}]",
             daemon=True,
         )
         with _main_hidden():
             proc.start()
         child_conn.close()
-        return cls(label, ref.source(), proc, parent_conn, fault_path)
+        return cls(label, ref.source(), proc, parent_conn, fault_path, ipc=ctx.get_start_method() != "fork")
 
     def handshake(self, limit: float) -> None:
         start = time.perf_counter()
@@ -292,17 +490,7 @@ class _Worker:
 
     def death(self) -> _Died:
         self.proc.join(5.0)
-        code = self.proc.exitcode
-        if code is None:
-            why = "closed its pipe"
-        elif code < 0:
-            try:
-                why = f"signal {signal.Signals(-code).name}"
-            except ValueError:
-                why = f"signal {-code}"
-        else:
-            why = f"exit code {code}"
-        return _Died(why, _crash_site(self.fault_path))
+        return _Died(exit_reason(self.proc.exitcode), _crash_site(self.fault_path))
 
     def ask_to_stop(self) -> None:
         if self.stopped:
@@ -339,6 +527,17 @@ class _Worker:
             pass
 
 
+def exit_reason(code: int | None) -> str:
+    if code is None:
+        return "closed its pipe"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
 @contextlib.contextmanager
 def _main_hidden():
     """Start a worker without re-running the parent's ``__main__`` in it.
@@ -357,19 +556,25 @@ def _main_hidden():
 
 
 # ---------------------------------------------------------------------- the worker
-def _worker_main(conn: Any, ref: Ref, fault_path: str) -> None:
+def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not clean up the parent's runners
+    _LIVE_STATES.clear()
     _die_with_parent()
     fault = open(fault_path, "w")
     faulthandler.enable(fault, all_threads=False)
-    from .load import LoadError, load_implementation
 
-    try:
-        impl = load_implementation(ref)
-    except Exception as e:
-        why = _one_line(e) if isinstance(e, LoadError) else f"{type(e).__name__}: {_one_line(e)}"
-        conn.send_bytes(pickle.dumps(("error", why), _PROTOCOL))
-        return
+    if isinstance(what, Implementation):  # forked: the callable came with the process
+        impl = what
+    else:
+        from .load import load_implementation
+
+        try:
+            impl = load_implementation(what)
+        except Exception as e:
+            why = _one_line(e) if isinstance(e, LoadError) else f"{type(e).__name__}: {_one_line(e)}"
+            conn.send_bytes(pickle.dumps(("error", why), _PROTOCOL))
+            return
     conn.send_bytes(pickle.dumps(("ready",), _PROTOCOL))
     spec: Spec | None = None
     while True:
@@ -380,24 +585,40 @@ def _worker_main(conn: Any, ref: Ref, fault_path: str) -> None:
         if msg == _SHUTDOWN:
             return
         try:
-            new_spec, packed, params, device = pickle.loads(msg)
+            new_spec, packed, params, device, shared = pickle.loads(msg)
             spec = new_spec if new_spec is not None else spec
             dev = torch.device(device)
-            case = Case(tensors={k: _unpack(p, dev) for k, p in packed.items()}, sizes={}, params=params)
+            tensors = dict(packed) if shared else {k: _unpack(p, dev) for k, p in packed.items()}
+            case = Case(tensors=tensors, sizes={}, params=params)
         except Exception as e:  # a device this process cannot use, say
             why = f"the worker could not rebuild the inputs: {type(e).__name__}: {_one_line(e)}"
             conn.send_bytes(_pack_outcome(Outcome("exception", error=why)))
             continue
-        out = call(impl.fn, spec, case)
         try:
-            reply = _pack_outcome(out)
-        except Exception as e:  # a value that cannot travel (a sparse tensor, say)
-            reply = _pack_outcome(Outcome("exception", error=f"result could not be sent back: {_one_line(e)}", seconds=out.seconds))
+            out = call(impl.fn, spec, case)
+        except Exception as e:  # the harness's own CUDA work after the call, in a context the call poisoned
+            out = Outcome("exception", error=f"raised {type(e).__name__}: {_one_line(e)}")
+        restart = dev.type == "cuda" and out.status == "exception" and poisons_cuda(out.error)
+        try:
+            reply = _pack_outcome(out, restart)
+        except Exception as e:  # a value that cannot travel (a sparse tensor), or a context too broken to copy it
+            restart = dev.type == "cuda"
+            failed = Outcome("exception", error=f"result could not be sent back: {type(e).__name__}: {_one_line(e)}", seconds=out.seconds)
+            reply = _pack_outcome(failed, restart)
+        del case, tensors, packed  # let go of shared CUDA memory before answering
         conn.send_bytes(reply)
+        if restart:
+            return  # a fresh worker gets a fresh CUDA context
 
 
 def _die_with_parent() -> None:
-    """On Linux, the worker gets SIGKILL when its parent dies (even mid-hang)."""
+    """The worker dies with losscmp, even mid-hang.
+
+    The kernel sends SIGKILL when the worker's parent dies (Linux).  A forkserver worker's
+    parent is the fork server, which exits when the last holder of its "parent alive" pipe
+    closes it -- and every worker inherits a copy of that pipe: close ours, or the fork
+    server (and so the worker, and the resource tracker) would outlive losscmp forever.
+    """
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -405,6 +626,16 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except Exception:
             pass
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver
+        fd = getattr(server, "_forkserver_alive_fd", None)
+        if fd is not None:
+            server._forkserver_alive_fd = None
+            os.close(fd)
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 def _one_line(e: BaseException) -> str:
@@ -438,15 +669,15 @@ def _unpack(p: tuple, device: torch.device) -> torch.Tensor:
         return values.to(device)
 
 
-def _pack_outcome(o: Outcome) -> bytes:
+def _pack_outcome(o: Outcome, restart: bool = False) -> bytes:
     value = None if o.value is None else _pack(o.value)
     grads = {k: (None if g is None else _pack(g)) for k, g in o.grads.items()}
-    return pickle.dumps(("outcome", o.status, value, grads, o.error, o.seconds, tuple(o.mutated)), _PROTOCOL)
+    return pickle.dumps(("outcome", o.status, value, grads, o.error, o.seconds, tuple(o.mutated), restart), _PROTOCOL)
 
 
-def _unpack_outcome(reply: tuple, device: torch.device) -> Outcome:
-    _, status, value, grads, error, seconds, mutated = reply
-    return Outcome(
+def _unpack_outcome(reply: tuple, device: torch.device) -> tuple[Outcome, bool]:
+    _, status, value, grads, error, seconds, mutated, restart = reply
+    out = Outcome(
         status,
         value=None if value is None else _unpack(value, device),
         grads={k: (None if g is None else _unpack(g, device)) for k, g in grads.items()},
@@ -454,28 +685,10 @@ def _unpack_outcome(reply: tuple, device: torch.device) -> Outcome:
         seconds=seconds,
         mutated=mutated,
     )
+    return out, restart
 
 
 # ---------------------------------------------------------------------- helpers
-def _save_case(path: str, spec: Spec, case: Case) -> None:
-    from .repro import _atomic_write, dtype_name, tensor_to_numpy
-
-    arrays = {f"input.{k}": tensor_to_numpy(t) for k, t in case.tensors.items()}
-    meta = {
-        "format": "losscmp-isolate-input/1",
-        "spec": spec.text(),
-        "sizes": case.sizes,
-        "params": {k: repr(v) for k, v in case.params.items()},
-        "tensors": {
-            k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "stride": list(t.stride()), "device": str(t.device)}
-            for k, t in case.tensors.items()
-        },
-        "case": case.describe(),
-    }
-    arrays["meta"] = np.array(json.dumps(meta))
-    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
-
-
 def _portable_ref(ref: Ref) -> Ref:
     """The reference with a file target made absolute, so the worker finds it from anywhere."""
     if not ref.is_path or Path(ref.target).is_absolute():
@@ -518,6 +731,10 @@ def _crash_site(fault_path: Path) -> str | None:
         text = fault_path.read_text(errors="replace")
     except OSError:
         return None
+    # The file may also hold what the implementation printed: read from the last dump on.
+    marker = text.rfind("Fatal Python error")
+    if marker >= 0:
+        text = text[marker:]
     frames = []
     for line in text.splitlines():
         m = _FRAME_RE.match(line)

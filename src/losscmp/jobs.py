@@ -1,7 +1,9 @@
 """``--jobs N``: the example budget shared among N worker processes, results merged.
 
-Each worker loads the implementations from their references (a lambda handed in by a
-test has none: use one job), runs the ordinary exploration on its share of the budget
+Workers are forked from this process, so they inherit the implementations as loaded
+(lambdas and closures a test hands in included).  Once CUDA is initialised a fork can
+no longer use it: then workers come from a fork server and load the implementations
+from their references.  Each runs the ordinary exploration on its share of the budget
 with a seed derived from the run's seed and its index, and sends its exploration back;
 the parent merges them in worker order and runs the stages itself.  So the same seed and
 the same N give the same report.  With ``--devices cuda:0,cuda:1`` there is one worker
@@ -41,7 +43,17 @@ def _portable(ref: Ref) -> Ref:
     return ref
 
 
-def _explore_share(refs: tuple[Ref, ...], spec: Spec, settings: Settings, threads: int):
+def _die_with(parent: int) -> None:
+    """A worker hung in an implementation must not outlive a killed losscmp."""
+    from .supervise import _die_with_parent
+
+    _die_with_parent(parent)
+
+
+_INHERITED: dict[str, Sequence[Implementation]] = {}  # what forked workers find already loaded
+
+
+def _explore_share(refs: tuple[Ref, ...] | None, spec: Spec, settings: Settings, threads: int):
     import torch
 
     from .audit import explore
@@ -49,7 +61,7 @@ def _explore_share(refs: tuple[Ref, ...], spec: Spec, settings: Settings, thread
     from .load import load_implementation
 
     torch.set_num_threads(threads)  # N workers share the cores instead of fighting over them
-    impls = [load_implementation(r) for r in refs]
+    impls = _INHERITED["impls"] if refs is None else [load_implementation(r) for r in refs]
     ev = Evaluator(impls, spec, settings)
     try:
         exploration = explore(ev)
@@ -62,12 +74,16 @@ def _explore_share(refs: tuple[Ref, ...], spec: Spec, settings: Settings, thread
 
 def explore_in_workers(impls: Sequence[Implementation], spec: Spec, settings: Settings,
                        on_case: Callable[[int, float], None] | None = None):
+    import torch
+
     ex = settings.execution
-    unimportable = [i.label for i in impls if not i.ref.target]
-    if unimportable:
-        raise UsageError(f"--jobs needs implementations that can be imported by reference; {', '.join(unimportable)} cannot")
     jobs = ex.jobs
-    refs = tuple(_portable(i.ref) for i in impls)
+    fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized() and not ex.devices
+    if not fork:
+        unimportable = [i.label for i in impls if not i.ref.target or "<" in i.ref.source()]
+        if unimportable:
+            raise UsageError(f"--jobs with CUDA needs implementations importable by reference; {', '.join(unimportable)} cannot be")
+    refs = None if fork else tuple(_portable(i.ref) for i in impls)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plans = []
     for worker, examples in enumerate(shares(settings.search.examples, jobs)):
@@ -79,10 +95,14 @@ def explore_in_workers(impls: Sequence[Implementation], spec: Spec, settings: Se
             search=replace(settings.search, examples=examples, seed=worker_seed(settings.search.seed, worker)),
             execution=replace(ex, jobs=1, devices=(), device=device),
         ))
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=len(plans), mp_context=multiprocessing.get_context(method)) as pool:
-        futures = [pool.submit(_explore_share, refs, spec, plan, threads) for plan in plans]
-        explorations = [f.result() for f in futures]
+    context = multiprocessing.get_context("fork" if fork else "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    _INHERITED["impls"] = impls
+    try:
+        with ProcessPoolExecutor(max_workers=len(plans), mp_context=context, initializer=_die_with, initargs=(os.getpid(),)) as pool:
+            futures = [pool.submit(_explore_share, refs, spec, plan, threads) for plan in plans]
+            explorations = [f.result() for f in futures]
+    finally:
+        _INHERITED.clear()
     merged = explorations[0]
     for other in explorations[1:]:
         merged.absorb(other)

@@ -17,6 +17,7 @@ supervisor and the isolated runner write a case to disk before a risky call with
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -98,13 +99,20 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+@functools.lru_cache(maxsize=None)
+def _package_version(pkg: str) -> str | None:
+    # Looked up once per process: a metadata scan costs milliseconds, and the isolated
+    # runner writes a repro before every case it risks.
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def versions(refs: list[Ref]) -> dict[str, Any]:
     found: dict[str, Any] = {"python": platform.python_version()}
     for pkg in ("torch", "numpy", "geomloss", "pykeops", "losscmp"):
-        try:
-            found[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            found[pkg] = None
+        found[pkg] = _package_version(pkg)
     impls = {}
     for ref in refs:
         if ref.is_path:
@@ -113,10 +121,7 @@ def versions(refs: list[Ref]) -> dict[str, Any]:
             impls[ref.label] = {"file_sha256": digest}
         else:
             top = ref.target.split(".")[0]
-            try:
-                impls[ref.label] = {"package": top, "version": importlib.metadata.version(top)}
-            except importlib.metadata.PackageNotFoundError:
-                impls[ref.label] = {"package": top, "version": None}
+            impls[ref.label] = {"package": top, "version": _package_version(top)}
     found["implementations"] = impls
     return found
 

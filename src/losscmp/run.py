@@ -48,6 +48,7 @@ class Outcome:
     seconds: float = 0.0
     mutated: tuple[str, ...] = ()
     output: str = ""  # what it printed and warned, captured
+    transport: str = "in-process"  # how the inputs reached it: see isolate.Transport
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))

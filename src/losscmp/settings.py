@@ -55,8 +55,8 @@ class Execution:
             raise UsageError(f"jobs must be a whole number >= 1, not {self.jobs}")
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"timeout must be a positive number of seconds, not {self.timeout}")
-        if self.timeout is not None and not self.isolate:
-            raise UsageError("a timeout needs isolation (a hung call can only be stopped in a worker process)")
+        if self.timeout is not None and not (self.isolate or self.pythons):
+            raise UsageError("a timeout needs isolation or another interpreter (a hung call can only be stopped in a worker process)")
 
 
 @dataclass(frozen=True)

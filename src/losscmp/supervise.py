@@ -123,6 +123,7 @@ def _child_setup(directory: Path, parent: int) -> None:
 
 
 def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` dies (Linux), even while it hangs."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes

@@ -1,0 +1,382 @@
+"""Running an implementation under another Python interpreter (``--python LABEL=PATH``).
+
+A paper's repository often pins its own environment (an old torch, its own copy of a
+package).  :class:`InterpreterRunner` runs the implementations named in ``pythons`` in a
+worker started by *that* interpreter, and every other implementation through a fallback
+runner (in-process, or the isolated one).  The other environment needs torch and numpy
+only, not losscmp: the worker is the self-contained file :mod:`losscmp._standalone_worker`,
+handed to the interpreter by path, speaking a versioned, pickle-free protocol (a JSON
+header plus raw tensor buffers over pipes; see that file).
+
+The worker loads the reference itself, in its own environment -- so a fork installed
+there under an installed package's name is the code that runs -- and computes value and
+gradients exactly as :func:`losscmp.run.call` does.  Crashes and hangs are handled as in
+the isolated runner: the case is saved as a repro before the call, kept as a "crash" or
+"timeout" repro when the worker dies or overruns ``timeout``, and the next call starts a
+fresh worker.  CUDA inputs reach the worker by host copy (another interpreter does not
+share our CUDA runtime), and each outcome says so (``Outcome.transport``).
+
+One-line errors (exit 2 from the CLI): a path that is not an executable file, an
+interpreter too old for the worker (< 3.6), one without torch or numpy, a worker that
+speaks another protocol version, a reference that interpreter cannot load.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import _standalone_worker as wire
+from .generate import Case
+from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _portable_ref, exit_reason, register_for_sigterm
+from .load import Implementation, Ref
+from .run import Outcome, call
+from .spec import Spec
+
+__all__ = ["InterpreterError", "InterpreterRunner", "WORKER_FILE", "check_python", "remote_implementation"]
+
+WORKER_FILE = Path(wire.__file__).resolve()
+PROTOCOL = wire.PROTOCOL
+MIN_PYTHON = (3, 6)
+
+# Runs on any Python, old ones included, so a too-old interpreter is told apart from a broken worker.
+_BOOT = (
+    "import sys\n"
+    "if sys.version_info < %r:\n"
+    "    sys.stderr.write('losscmp-worker: python %%d.%%d is too old\\n' %% tuple(sys.version_info[:2]))\n"
+    "    sys.exit(3)\n"
+    "p = sys.argv[1]\n"
+    "g = {'__name__': '__losscmp_worker__', '__file__': p}\n"
+    "exec(compile(open(p).read(), p, 'exec'), g)\n"
+    "g['main'](sys.argv[2:])\n"
+)
+
+
+def boot_code() -> str:
+    """The ``-c`` program that checks the interpreter's version, then runs the worker file."""
+    return _BOOT % (tuple(MIN_PYTHON),)
+
+# The main environment's search path must not leak into the other one (losscmp itself could).
+_ENV_DROP = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "__PYVENV_LAUNCHER__")
+
+
+class InterpreterError(IsolationError):
+    """An interpreter that cannot serve an implementation; the message is one line."""
+
+
+def check_python(label: str, path: str) -> str:
+    """The absolute path of an executable interpreter file, or a one-line error."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InterpreterError(f"--python {label}={path}: no such file")
+    if p.is_dir():
+        raise InterpreterError(f"--python {label}={path}: is a folder, not a Python interpreter")
+    if not os.access(p, os.X_OK):
+        raise InterpreterError(f"--python {label}={path}: is not executable")
+    return str(p.absolute())  # not resolved: a venv's python is a symlink that must stay one
+
+
+def _not_here(*args: Any, **kwargs: Any) -> Any:
+    raise InterpreterError("this implementation runs under another interpreter (--python); it cannot be called in losscmp's own")
+
+
+def remote_implementation(ref: Ref) -> Implementation:
+    """An implementation that exists only in another interpreter (never loaded here)."""
+    return Implementation(ref, _not_here)
+
+
+class InterpreterRunner:
+    """``runner(impl, spec, case) -> Outcome``; labels in ``pythons`` run under their interpreter."""
+
+    def __init__(self, pythons: Mapping[str, str], *, timeout: float | None = None,
+                 fallback: Callable[[Implementation, Spec, Case], Outcome] | None = None,
+                 record: RunRecord = RunRecord(), input_dir: str | Path | None = None,
+                 load_timeout: float = LOAD_TIMEOUT, worker_file: str | Path = WORKER_FILE):
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be positive")
+        self.pythons = {label: check_python(label, path) for label, path in pythons.items()}
+        self.timeout = timeout
+        self.load_timeout = load_timeout
+        self.worker_file = str(Path(worker_file).resolve())
+        self.fallback = fallback
+        self._state = _State(CaseKeeper(record, input_dir))
+        self._count = 0
+        self._closed = False
+        self._finalizer = weakref.finalize(self, self._state.close)
+        register_for_sigterm(self._state)
+
+    def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
+        if self._closed:
+            raise RuntimeError("this InterpreterRunner is closed")
+        if impl.label not in self.pythons:
+            return self.fallback(impl, spec, case) if self.fallback else call(impl.fn, spec, case)
+        keeper = self._state.keeper
+        device = next(iter(case.tensors.values())).device
+        header, buffers = _request(impl.label, spec, case)
+        worker = self._worker(impl)
+        keeper.before(impl, spec, case)
+        transport = Transport.HOST_COPY if device.type == "cuda" else Transport.PIPE
+        start = time.perf_counter()
+        try:
+            died = not worker.send(header, buffers)
+            reply = worker.death() if died else worker.receive(self.timeout)
+        except BaseException:  # Ctrl-C while waiting: the worker's state is unknown
+            self._discard(impl.label, kill=True)
+            raise
+        seconds = time.perf_counter() - start
+        if isinstance(reply, _Died):
+            self._discard(impl.label)
+            where = f" in {reply.site}" if reply.site else ""
+            error = f"crashed ({reply.why}){where}"
+            kept = keeper.keep(impl, spec, case, "crash", error, self.timeout)
+            return Outcome("crash", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
+        if reply is None:
+            self._discard(impl.label, kill=True)
+            error = f"did not return within {self.timeout:g} s"
+            kept = keeper.keep(impl, spec, case, "timeout", error, self.timeout)
+            return Outcome("timeout", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
+        head, bufs = reply
+        if head.get("type") != "outcome":
+            self._discard(impl.label, kill=True)
+            raise InterpreterError(f"{impl.label}: the worker under {self.pythons[impl.label]} broke the protocol: {head.get('detail') or head.get('type')}")
+        if head.get("restart"):
+            self._discard(impl.label)  # it exited: a fresh context next time
+        out = replace(_outcome(head, bufs, device), transport=transport)
+        keeper.seen(impl.label, case, out)
+        return out
+
+    def close(self) -> None:
+        """Stop every worker (and the fallback runner); delete unneeded inputs.  Safe twice."""
+        self._closed = True
+        self._finalizer()
+        close = getattr(self.fallback, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> "InterpreterRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _worker(self, impl: Implementation) -> "_Process":
+        label = impl.label
+        w = self._state.workers.get(label)
+        if w is not None and w.popen.poll() is not None:  # died between calls
+            self._discard(label)
+            w = None
+        if w is None:
+            self._count += 1
+            w = _Process.start(self.pythons[label], label, self.worker_file, self._state.keeper.directory(), self._count, self.load_timeout)
+            self._state.workers[label] = w
+            try:
+                w.load(_portable_ref(impl.ref).source(), self.load_timeout)
+            except BaseException:
+                self._discard(label, kill=True)
+                raise
+        return w
+
+    def _discard(self, label: str, kill: bool = False) -> None:
+        w = self._state.workers.pop(label, None)
+        if w is not None:
+            w.stop(kill=kill)
+
+
+class _State:
+    def __init__(self, keeper: CaseKeeper):
+        self.workers: dict[str, _Process] = {}
+        self.keeper = keeper
+
+    def close(self, fast: bool = False) -> None:
+        workers = list(self.workers.values())
+        self.workers.clear()
+        for w in workers:
+            w.stop(kill=fast)
+        self.keeper.close()
+
+
+class _Died:
+    def __init__(self, why: str, site: str | None):
+        self.why, self.site = why, site
+
+
+class _Process:
+    """One worker process of another interpreter, and the pipes to it."""
+
+    def __init__(self, python: str, label: str, popen: subprocess.Popen, request_w: int, reply_r: int, lifeline_w: int, log: Path):
+        self.python, self.label, self.popen, self.log = python, label, popen, log
+        self.request_w, self.reply_r, self.lifeline_w = request_w, reply_r, lifeline_w
+        self.hello: dict = {}
+        self.stopped = False
+
+    @classmethod
+    def start(cls, python: str, label: str, worker_file: str, directory: Path, n: int, limit: float) -> "_Process":
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()  # closes when losscmp dies: the worker's watchdog exits it
+        log = directory / f"worker-{n}.log"
+        env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+        try:
+            with open(log, "wb") as out:
+                popen = subprocess.Popen(
+                    [python, "-c", boot_code(), worker_file, str(request_r), str(reply_w), str(lifeline_r), str(PROTOCOL)],
+                    pass_fds=(request_r, reply_w, lifeline_r), stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                )
+        except OSError as e:
+            for fd in (request_r, request_w, reply_r, reply_w, lifeline_r, lifeline_w):
+                os.close(fd)
+            raise InterpreterError(f"--python {label}={python}: cannot be started ({e.strerror or type(e).__name__})") from None
+        for fd in (request_r, reply_w, lifeline_r):
+            os.close(fd)
+        proc = cls(python, label, popen, request_w, reply_r, lifeline_w, log)
+        try:
+            proc._greet(limit)
+        except BaseException:
+            proc.stop(kill=True)
+            raise
+        return proc
+
+    def _greet(self, limit: float) -> None:
+        reply = self.receive(limit)
+        where = f"--python {self.label}={self.python}"
+        if reply is None:
+            raise InterpreterError(f"{where}: the worker did not start within {limit:g} s")
+        if isinstance(reply, _Died):
+            text = self._log_tail()
+            if "losscmp-worker: python" in text and "too old" in text:
+                version = text.split("losscmp-worker: python", 1)[1].split()[0]
+                raise InterpreterError(f"{where}: Python {version} is too old; the worker needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}")
+            last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+            raise InterpreterError(f"{where}: the worker exited at start ({reply.why}){': ' + last.strip() if last else ''}")
+        head, _ = reply
+        if head.get("type") == "fatal" and head.get("reason") == "missing":
+            raise InterpreterError(f"{where}: the worker needs torch and numpy there, and importing them failed: {head.get('detail')}")
+        if head.get("type") == "fatal" and head.get("reason") == "protocol" or head.get("protocol") != PROTOCOL:
+            raise InterpreterError(
+                f"{where}: protocol version mismatch: the worker speaks {head.get('protocol')}, losscmp speaks {PROTOCOL}")
+        if head.get("type") != "hello":
+            raise InterpreterError(f"{where}: unexpected first message from the worker: {head.get('type')!r}")
+        self.hello = head
+
+    def load(self, ref: str, limit: float) -> None:
+        if not self.send({"type": "load", "ref": ref}, []):
+            raise InterpreterError(f"{self.label}: the worker under {self.python} died before loading {ref}")
+        reply = self.receive(limit)
+        if reply is None:
+            raise InterpreterError(f"{self.label}: loading {ref} under {self.python} did not finish within {limit:g} s")
+        if isinstance(reply, _Died):
+            where = f" in {reply.site}" if reply.site else ""
+            raise InterpreterError(f"{self.label}: the worker under {self.python} crashed ({reply.why}) while loading {ref}{where}")
+        head, _ = reply
+        if head.get("type") == "load_error":
+            raise InterpreterError(f"{self.label}: {ref} cannot be loaded under {self.python}: {head.get('error')}")
+
+    def send(self, header: dict, buffers: list[bytes]) -> bool:
+        try:
+            wire.write_message(self.request_w, header, buffers)
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    def receive(self, timeout: float | None) -> Any:
+        """(header, buffers), a :class:`_Died`, or None after ``timeout`` seconds."""
+        ready, _, _ = select.select([self.reply_r], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            return wire.read_message(self.reply_r)
+        except (EOFError, OSError, ValueError):
+            return self.death()
+
+    def death(self) -> _Died:
+        try:
+            self.popen.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        return _Died(exit_reason(self.popen.returncode), _crash_site(self.log))
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, kill: bool = False) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.popen.poll() is None:
+            if not kill:
+                self.send({"type": "shutdown"}, [])
+                try:
+                    self.popen.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.popen.poll() is None:
+                try:
+                    self.popen.send_signal(signal.SIGKILL)
+                except OSError:
+                    pass
+                try:
+                    self.popen.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    pass
+        for fd in (self.request_w, self.reply_r, self.lifeline_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            self.log.unlink()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------- messages
+def _request(label: str, spec: Spec, case: Case) -> tuple[dict, list[bytes]]:
+    metas, buffers = [], []
+    for name, t in case.tensors.items():
+        meta, raw = wire.tensor_to_wire(t)
+        meta["name"] = name
+        metas.append(meta)
+        buffers.append(raw)
+    try:
+        params = {k: wire.encode_value(v) for k, v in case.params.items()}
+    except TypeError as e:
+        raise InterpreterError(f"{label}: a keyword parameter cannot be sent to another interpreter: {e}") from None
+    device = str(next(iter(case.tensors.values())).device)
+    header = {
+        "type": "call",
+        "args": [{"name": a.name, "grad": bool(a.grad)} for a in spec.args],
+        "scalar": bool(spec.scalar),
+        "params": params,
+        "device": device,
+        "tensors": metas,
+    }
+    return header, buffers
+
+
+def _outcome(head: dict, buffers: list[bytes], device: torch.device) -> Outcome:
+    it = iter(buffers)
+    value = None
+    if head.get("value") is not None:
+        value = wire.tensor_from_wire(head["value"], next(it), device)
+    grads: dict[str, torch.Tensor | None] = {}
+    for name, meta in head.get("grads", {}).items():
+        grads[name] = None if meta is None else wire.tensor_from_wire(meta, next(it), device)
+    return Outcome(
+        head["status"],
+        value=value,
+        grads=grads,
+        error=head.get("error"),
+        seconds=float(head.get("seconds", 0.0)),
+        mutated=tuple(head.get("mutated", ())),
+    )
