@@ -1,0 +1,950 @@
+"""Explaining a divergence: which side is wrong, why, and whether it matters for training.
+
+In: the two :class:`~losscmp.load.Implementation`s of a pair (expected, actual), the
+spec, one case (the minimised representative), the divergence kind, the tolerance,
+and the :class:`Observation`s recorded on every compared case of the pair.
+Out: an :class:`Explanation` — one sentence, the evidence lines behind it, its JSON
+form and a grouping key (:meth:`Explanation.signature`).
+
+The analyses, each a pure function usable on its own:
+
+* :func:`oracle` — the float64 oracle.  Both sides are re-run in float64 on the same
+  inputs.  Still different there (under float64 tolerances) ⇒ ``semantic``; agreeing
+  there but not in the working dtype ⇒ ``numerical``, with ``unstable_side`` the side
+  whose working-dtype result drifts furthest from its own float64 result.  A case can
+  be out of float64's range too (a logit of 3000 saturates a float64 sigmoid as 30
+  does a float32 one), so before calling a difference semantic the oracle walks the
+  input scale down by halves while the working dtype still diverges: a scale where the
+  working dtype diverges and float64 agrees makes it ``numerical`` after all.
+* :func:`self_consistency` — per side, float64 finite differences of its own value
+  against its own autograd gradient.
+* :func:`observe` / :func:`relation` — over every compared case: values equal, offset
+  by a constant, scaled by a constant, or nothing simple; gradients equal, parallel, or
+  pointing elsewhere.
+* :func:`impact` — a few steps of gradient descent under each side from the same start.
+* :func:`signatures` — numbers that fingerprint a known failure (BCELoss's -100 clamp…).
+
+Every implementation call goes through a ``run(impl, spec, case) -> Outcome``
+callable (default: :func:`losscmp.run.call` in process), so an isolating runner can be
+plugged in; :func:`explain` counts those calls and the seconds spent.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .compare import FAILED_CALL_KINDS, Tolerance, compare_outcomes, diff_tensors
+from .generate import Case, renormalise
+from .load import Implementation
+from .minimize import SCALABLE, scaled
+from .run import Outcome, call
+from .spec import Spec
+
+Runner = Callable[[Implementation, Spec, Case], Outcome]
+
+
+def call_runner(impl: Implementation, spec: Spec, case: Case) -> Outcome:
+    """The default runner: the implementation called in this process."""
+    return call(impl.fn, spec, case)
+
+
+class Category(str, Enum):
+    """Why a pair diverges.  Failed calls keep their own kind as category."""
+
+    SEMANTIC = "semantic"  # different functions: still different in float64
+    NUMERICAL = "numerical"  # same function, different rounding/overflow in the working dtype
+    UNKNOWN = "unknown"  # the oracle could not decide (the reason says why)
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    EXCEPTION = "exception"
+    NON_TENSOR = "non_tensor"
+    NON_SCALAR = "non_scalar"
+    BOTH_FAILED = "both_failed"
+    MUTATION = "mutation"
+    NONDETERMINISM = "nondeterminism"
+
+
+# Kinds that are their own explanation: no oracle, no gradient analysis.
+OWN_CATEGORY = tuple(FAILED_CALL_KINDS) + ("both_failed", "mutation", "nondeterminism")
+
+
+# --- float64 ------------------------------------------------------------------------
+
+def float64_case(case: Case) -> Case:
+    """The same case with every floating tensor in float64 (same values, same strides)."""
+    tensors = {}
+    for name, t in case.tensors.items():
+        if t.is_floating_point():
+            t = torch.empty_strided(t.shape, t.stride(), dtype=torch.float64, device=t.device).copy_(t)
+        tensors[name] = t
+    return replace(case, tensors=tensors)
+
+
+def in_float64(impl: Implementation) -> tuple[Implementation, str | None]:
+    """``impl`` ready for float64 inputs, and what stands in the way if something does.
+
+    An ``nn.Module`` (or a bound method of one) is deep-copied and moved with
+    ``.double()``; a module that still holds a non-float64 floating tensor afterwards (a
+    buffer that overrides ``_apply``, a plain tensor attribute ``.double()`` never sees)
+    is reported, not guessed around.  A plain function runs as is: if it computes in
+    float32 inside, its float64 result comes back in float32, which the oracle checks.
+    """
+    fn = impl.fn
+    owner = getattr(fn, "__self__", None) if not isinstance(fn, torch.nn.Module) else None
+    module = fn if isinstance(fn, torch.nn.Module) else owner if isinstance(owner, torch.nn.Module) else None
+    if module is None:
+        return impl, None
+    try:
+        doubled = copy.deepcopy(module).double()
+    except Exception as e:  # a module that cannot be copied is the user's business; we say so
+        return impl, f"{impl.label} is an nn.Module that cannot be deep-copied to float64 ({type(e).__name__}: {e})"
+    kept = _non_float64_tensors(doubled)
+    if kept:
+        return impl, f"{impl.label} keeps non-float64 tensors after .double(): {', '.join(kept[:3])}"
+    new_fn = doubled if module is fn else getattr(doubled, fn.__name__)
+    return replace(impl, fn=new_fn), None
+
+
+def _non_float64_tensors(module: torch.nn.Module) -> list[str]:
+    found = [f"{n} ({t.dtype})" for n, t in [*module.named_parameters(), *module.named_buffers()]
+             if t.is_floating_point() and t.dtype != torch.float64]
+    for prefix, m in module.named_modules():
+        for name, value in vars(m).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+                found.append(f"{prefix + '.' if prefix else ''}{name} ({value.dtype}, a plain attribute)")
+    return found
+
+
+def _float64_problem(label: str, outcome: Outcome) -> str | None:
+    """Why a float64 outcome cannot serve as an oracle, if it cannot."""
+    if outcome.failed:
+        return f"{label} {outcome.error} when run in float64"
+    if outcome.value.dtype != torch.float64:
+        return f"{label} returned {outcome.value.dtype} for float64 inputs (it computes in lower precision inside)"
+    for name, g in outcome.grads.items():
+        if g is not None and g.dtype != torch.float64:
+            return f"{label}'s gradient w.r.t. {name} is {g.dtype} for float64 inputs"
+    return None
+
+
+def drift(reference: Outcome, outcome: Outcome, tol: Tolerance) -> float:
+    """Divergence score of ``outcome`` from ``reference`` over value and gradients, dtypes ignored."""
+    scores = [diff_tensors("value", outcome.value, reference.value, tol).score]
+    for name, g_ref in reference.grads.items():
+        g = outcome.grads.get(name)
+        if (g is None) != (g_ref is None):
+            return math.inf
+        if g is not None:
+            scores.append(diff_tensors(name, g, g_ref, tol).score)
+    return max(scores)
+
+
+# --- 1. the float64 oracle ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Oracle:
+    category: Category
+    reason: str
+    unstable_side: str | None = None
+    drift: tuple[tuple[str, float], ...] = ()  # per side: score of its working result vs its float64 result
+    scale: float = 1.0  # input scale (relative to the case) at which the oracle decided
+    evaluations: int = 0
+
+
+# How far down the oracle walks the input scale (halving each time) looking for a
+# point where the working dtype still diverges but float64 agrees.
+LADDER_STEPS = 16
+
+
+def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance, *, run: Runner = call_runner) -> Oracle:
+    """Decide ``semantic`` vs ``numerical`` with float64 re-runs (see the module docstring)."""
+    pair = (expected.label, actual.label)
+    floating = [t for t in case.tensors.values() if t.is_floating_point()]
+    if floating and all(t.dtype == torch.float64 for t in floating):
+        return Oracle(Category.UNKNOWN, "the working dtype is already float64: there is no higher precision to compare against")
+    e64, why_e = in_float64(expected)
+    a64, why_a = in_float64(actual)
+    if why_e or why_a:
+        return Oracle(Category.UNKNOWN, why_e or why_a)
+    tol64 = Tolerance.for_dtype(torch.float64)
+    calls = 0
+    scalable = any(a.domain in SCALABLE for a in spec.args)
+    scale = 1.0
+    for step in range(LADDER_STEPS + 1):
+        here = case if step == 0 else scaled(spec, case, scale)
+        work = {expected.label: run(expected, spec, here), actual.label: run(actual, spec, here)}
+        calls += 2
+        v = compare_outcomes(pair, work[expected.label], work[actual.label], tol)
+        if not v.diverges:
+            if step == 0:
+                return Oracle(Category.UNKNOWN, "the divergence did not reproduce on this case (flaky, or nondeterministic)", evaluations=calls)
+            # Below this scale the sides agree; float64 differed wherever the working dtype did.
+            return Oracle(Category.SEMANTIC, _semantic_reason(scale, step), scale=scale * 2, evaluations=calls)
+        if any(o.failed for o in work.values()):
+            return Oracle(Category.UNKNOWN, f"a side failed in the working dtype at input scale {scale:g}: {v.detail}", evaluations=calls)
+        here64 = float64_case(here)
+        full = {expected.label: run(e64, spec, here64), actual.label: run(a64, spec, here64)}
+        calls += 2
+        for label, o in full.items():
+            problem = _float64_problem(label, o)
+            if problem:
+                return Oracle(Category.UNKNOWN, problem, evaluations=calls)
+        v64 = compare_outcomes(pair, full[expected.label], full[actual.label], tol64)
+        if not v64.diverges:
+            drifts = tuple((label, drift(full[label], work[label], tol)) for label in pair)
+            unstable = max(drifts, key=lambda d: d[1])[0]
+            where = "" if step == 0 else f" (at input scale x{scale:g}: the case itself is beyond float64's range too)"
+            reason = f"{pair[0]} and {pair[1]} agree in float64 (score {v64.score:.3g}) but not in {_dtype_name(case)}{where}"
+            return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls)
+        if any(d.nonfinite_mismatch for d in v64.diffs) or any(
+            not torch.isfinite(o.value).all() for o in full.values()
+        ):
+            # float64 overflowed as well; look further down the scale, or give up honestly.
+            if not scalable:
+                return Oracle(Category.UNKNOWN, f"float64 overflows on this case too: {v64.detail}", evaluations=calls)
+        if not scalable:
+            return Oracle(Category.SEMANTIC, f"still different in float64: {v64.detail}", scale=scale, evaluations=calls)
+        scale /= 2
+    return Oracle(Category.SEMANTIC, f"still different in float64 down to input scale x{scale * 2:g}", scale=scale * 2, evaluations=calls)
+
+
+def _semantic_reason(scale: float, step: int) -> str:
+    if step == 1:
+        return "still different in float64 on this case"
+    return f"still different in float64 at every input scale where the working dtype diverges (down to x{scale * 2:g})"
+
+
+def _dtype_name(case: Case) -> str:
+    for t in case.tensors.values():
+        if t.is_floating_point():
+            return str(t.dtype).removeprefix("torch.")
+    return "the working dtype"
+
+
+# --- 2. gradient self-consistency ------------------------------------------------------
+
+@dataclass(frozen=True)
+class SelfConsistency:
+    """Does a side's autograd gradient match finite differences of its own value?
+
+    ``consistent`` is None when no check could be made (no gradient inputs, a failed
+    call, non-finite values everywhere); ``note`` then says why.  ``max_error`` is the
+    largest discrepancy relative to the derivative's magnitude.
+    """
+
+    label: str
+    consistent: bool | None
+    max_error: float | None
+    checks: int = 0
+    mode: str = ""  # "all elements" or "N random directions"
+    note: str = ""
+    evaluations: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"consistent": self.consistent, "max_error": _json_float(self.max_error), "checks": self.checks, "mode": self.mode, "note": self.note}
+
+
+# Step and tolerance policy.
+# * Each element is perturbed relative to its own scale: h·max(|x_i|, rms(x)) for
+#   real/logit arguments, h·|x_i| for positive ones, h·min(p, 1-p) for probabilities,
+#   so a step never leaves the domain and means the same at magnitude 1e-8 or 1e8.
+# * Kinks (abs, clamp, relu, max): autograd may return any one-sided slope at a kink
+#   (relu'(0) = 0 while the central difference says 1/2).  So we take the forward and
+#   backward differences separately and accept the autograd derivative anywhere in the
+#   interval they span, widened by the tolerance.  Away from kinks the two differences
+#   bracket the derivative to O(h^2); next to a kink (or a jump) the interval widens to
+#   cover both slopes, so a kink inside [x - h, x + h] is never a false alarm.
+# * A discrepancy counts when it exceeds RTOL of the derivative's magnitude (plus a
+#   rounding floor, ATOL·|f| / h-scale).  1% is far above float64 finite-difference
+#   noise, and far below what a wrong backward or a stray .detach() produces (a factor,
+#   a sign, a dropped term); iterative solvers whose autograd differentiates only the
+#   last iteration (envelope-theorem gradients) stay within it once converged.
+FD_STEP = 1e-6
+FD_RTOL = 1e-2
+FD_ATOL = 1e-8  # relative to |f|
+ALL_ELEMENTS_UP_TO = 32  # grad elements; above this, random directional derivatives
+DIRECTIONS = 4
+
+
+def self_consistency(
+    impl: Implementation,
+    spec: Spec,
+    case: Case,
+    *,
+    run: Runner = call_runner,
+    directions: int = DIRECTIONS,
+    all_elements_up_to: int = ALL_ELEMENTS_UP_TO,
+    seed: int = 0,
+) -> SelfConsistency:
+    """Float64 finite differences of ``impl``'s value against its own autograd gradient.
+
+    All elements one by one when there are at most ``all_elements_up_to`` of them
+    (2 calls each), else ``directions`` random directional derivatives, as
+    ``torch.autograd.gradcheck(fast_mode=True)`` does.  gradcheck itself is not used:
+    it answers only pass/fail with a fixed absolute step and tolerance, which flags
+    relu/abs kinks and scale-dependent steps falsely; see the policy above.
+    """
+    label = impl.label
+    names = [a.name for a in spec.args if a.grad and a.is_float]
+    if not names:
+        return SelfConsistency(label, None, None, note="no argument requires gradients")
+    impl64, problem = in_float64(impl)
+    if problem:
+        return SelfConsistency(label, None, None, note=problem)
+    case64 = float64_case(case)
+    base = run(impl64, spec, case64)
+    calls = 1
+    if base.failed or _float64_problem(label, base):
+        return SelfConsistency(label, None, None, note=_float64_problem(label, base) or "", evaluations=calls)
+    f0 = float(base.value.sum())
+    if not math.isfinite(f0):
+        return SelfConsistency(label, None, None, note="its float64 value is not finite here", evaluations=calls)
+    grads = {n: (base.grads.get(n) if base.grads.get(n) is not None else torch.zeros_like(case64.tensors[n])) for n in names}
+    scales = {n: _element_scale(spec.arg(n).domain, case64.tensors[n]) for n in names}
+    total = sum(case64.tensors[n].numel() for n in names)
+    if total <= all_elements_up_to:
+        mode = "all elements"
+        perturbations = []
+        for n in names:
+            for i in range(case64.tensors[n].numel()):
+                u = {m: torch.zeros_like(case64.tensors[m]) for m in names}
+                u[n].view(-1)[i] = scales[n].reshape(-1)[i]
+                perturbations.append(u)
+    else:
+        mode = f"{directions} random directions"
+        gen = torch.Generator().manual_seed(seed)
+        perturbations = [
+            {n: torch.randn(case64.tensors[n].shape, generator=gen, dtype=torch.float64).to(case64.tensors[n].device) * scales[n] for n in names}
+            for _ in range(directions)
+        ]
+    worst, checks, skipped = 0.0, 0, 0
+    for u in perturbations:
+        if all(not bool(t.any()) for t in u.values()):
+            skipped += 1  # a zero-scale element (a probability of exactly 0 or 1): no room to step
+            continue
+        values = []
+        for sign in (1.0, -1.0):
+            moved = dict(case64.tensors)
+            for n in names:
+                moved[n] = case64.tensors[n] + sign * FD_STEP * u[n]
+            o = run(impl64, spec, replace(case64, tensors=moved))
+            calls += 1
+            values.append(float(o.value.sum()) if not o.failed else math.nan)
+        f_plus, f_minus = values
+        if not (math.isfinite(f_plus) and math.isfinite(f_minus)):
+            skipped += 1
+            continue
+        right, left = (f_plus - f0) / FD_STEP, (f0 - f_minus) / FD_STEP
+        auto = float(sum((grads[n] * u[n]).sum() for n in names))
+        lo, hi = min(left, right), max(left, right)
+        miss = max(0.0, lo - auto, auto - hi)
+        floor = FD_ATOL * max(abs(f0), abs(f_plus), abs(f_minus)) / FD_STEP
+        magnitude = max(abs(left), abs(right), abs(auto), floor / FD_RTOL)
+        worst = max(worst, miss / magnitude if magnitude > 0 else 0.0)
+        checks += 1
+    note = f"{skipped} check(s) skipped (non-finite or no room to step)" if skipped else ""
+    if not checks:
+        return SelfConsistency(label, None, None, 0, mode, note or "no check possible", calls)
+    return SelfConsistency(label, worst <= FD_RTOL, worst, checks, mode, note, calls)
+
+
+def _element_scale(domain: str, t: torch.Tensor) -> torch.Tensor:
+    """How far each element may be moved, before the relative step FD_STEP."""
+    a = t.abs()
+    if domain == "positive":
+        return a
+    if domain in ("unit", "simplex", "image", "binary"):
+        return torch.minimum(t, 1 - t).clamp_min(0)
+    rms = float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+    return a.clamp_min(max(rms, 1e-300)) if rms > 0 else torch.ones_like(t)
+
+
+# --- 3. the relation over every compared case ---------------------------------------------
+
+@dataclass(frozen=True)
+class Observation:
+    """One compared case of a pair: both values, and how the gradients relate."""
+
+    expected: float
+    actual: float
+    cosine: float | None = None  # of the flattened gradients; None without gradients
+    norm_ratio: float | None = None  # |grad actual| / |grad expected|
+    regime: str | None = None
+
+
+def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Observation | None:
+    """What the relation needs from one compared case; None when a side failed or is not finite."""
+    if expected.failed or actual.failed or expected.value is None or actual.value is None:
+        return None
+    if expected.value.shape != actual.value.shape:
+        return None
+    ve, va = float(expected.value.double().sum()), float(actual.value.double().sum())
+    if not (math.isfinite(ve) and math.isfinite(va)):
+        return None
+    ge, ga = [], []
+    for name in expected.grads.keys() | actual.grads.keys():
+        e, a = expected.grads.get(name), actual.grads.get(name)
+        if e is None and a is None:
+            continue
+        if e is not None and a is not None and e.shape != a.shape:
+            return Observation(ve, va, None, None, regime)
+        e = torch.zeros_like(a) if e is None else e
+        a = torch.zeros_like(e) if a is None else a
+        ge.append(e.detach().reshape(-1).double())
+        ga.append(a.detach().reshape(-1).double())
+    if not ge:
+        return Observation(ve, va, None, None, regime)
+    e, a = torch.cat(ge), torch.cat(ga)
+    if not (torch.isfinite(e).all() and torch.isfinite(a).all()):
+        return Observation(ve, va, None, None, regime)
+    ne, na = float(e.norm()), float(a.norm())
+    if ne == 0 and na == 0:
+        cosine, ratio = 1.0, 1.0
+    elif ne == 0 or na == 0:
+        cosine, ratio = 0.0, (math.inf if ne == 0 else 0.0)
+    else:
+        cosine, ratio = float(e @ a) / (ne * na), na / ne
+    return Observation(ve, va, cosine, ratio, regime)
+
+
+@dataclass(frozen=True)
+class Relation:
+    """How the two losses relate over all compared cases.
+
+    ``factor`` is actual / expected: ``actual ≈ factor × expected`` for values (when
+    value is "factor"), else the constant gradient norm ratio |∇actual| / |∇expected|
+    (when gradients are parallel with a constant ratio).  "unknown": too few cases.
+    """
+
+    value: str  # "equal" | "offset" | "factor" | "other" | "unknown"
+    gradient: str | None  # "equal" | "parallel" | "other" | "unknown"; None: no gradients
+    factor: float | None = None
+    offset: float | None = None
+    cosine_median: float | None = None
+    cases: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "gradient": self.gradient, "factor": _json_float(self.factor),
+                "offset": _json_float(self.offset), "cosine_median": _json_float(self.cosine_median), "cases": self.cases}
+
+    def describe(self, pair: tuple[str, str]) -> str:
+        e, a = pair
+        value = {
+            "equal": "values equal",
+            "factor": f"values a constant factor apart ({a} ≈ {_g(self.factor)} × {e})",
+            "offset": f"values a constant offset apart ({a} ≈ {e} {'+' if (self.offset or 0) >= 0 else '-'} {_g(abs(self.offset or 0))})",
+            "other": "values not related by a constant offset or factor",
+            "unknown": "too few cases to relate the values",
+        }[self.value]
+        grad = {
+            None: "no gradients",
+            "equal": "gradients equal",
+            "parallel": "gradients parallel (same minimisers, different step size"
+            + (f": |∇{a}| ≈ {_g(self.factor)} × |∇{e}|)" if self.factor is not None and self.value != "factor" else ")"),
+            "other": "gradients point elsewhere",
+            "unknown": "too few cases to relate the gradients",
+        }[self.gradient]
+        if self.cosine_median is not None and self.gradient not in (None, "unknown"):
+            grad += f" (median cosine {self.cosine_median:.3g})"
+        return f"{value}; {grad}; over {self.cases} case(s)"
+
+
+RELATION_RTOL = 1e-4  # per case: |a - model(e)| <= atol + rtol·max(|a|, |e|)
+RELATION_ATOL = 1e-6
+INLIERS = 0.75  # a model must fit at least this fraction of cases (the rest: outliers, e.g. numerically unstable cases)
+MIN_CASES = 3
+COSINE_EQUAL = 1 - 1e-6
+COSINE_PARALLEL = 1 - 1e-4  # under about 0.8 degrees
+
+
+def relation(observations: Iterable[Observation | None], *, rtol: float = RELATION_RTOL, atol: float = RELATION_ATOL) -> Relation:
+    """Fit equal / factor / offset to the values and equal / parallel to the gradients, robustly.
+
+    Medians pick the model's constant; a model holds when it fits at least ``INLIERS``
+    of the cases, so a few numerically unstable cases do not hide a clean relation.
+    """
+    obs = [o for o in observations if o is not None and math.isfinite(o.expected) and math.isfinite(o.actual)]
+    value, factor, offset = _value_relation(obs, rtol, atol)
+    gradient, grad_factor, cos_median = _gradient_relation(obs)
+    if factor is None and gradient == "parallel":
+        factor = grad_factor
+    return Relation(value, gradient, factor, offset, cos_median, len(obs))
+
+
+def _close(x: float, y: float, rtol: float, atol: float) -> bool:
+    return abs(x - y) <= atol + rtol * max(abs(x), abs(y))
+
+
+def _fits(pairs: Sequence[tuple[float, float]], model: Callable[[float], float], rtol: float, atol: float) -> bool:
+    inliers = [e for e, a in pairs if _close(a, model(e), rtol, atol)]
+    # A constant fitted on cases that all have the same expected value fixes nothing.
+    return len(inliers) >= max(MIN_CASES, INLIERS * len(pairs)) and len({round(e, 12) for e in inliers}) >= 2
+
+
+def _value_relation(obs: Sequence[Observation], rtol: float, atol: float) -> tuple[str, float | None, float | None]:
+    if len(obs) < MIN_CASES:
+        return "unknown", None, None
+    pairs = [(o.expected, o.actual) for o in obs]
+    if sum(_close(a, e, rtol, atol) for e, a in pairs) >= INLIERS * len(pairs):
+        return "equal", None, None
+    ratios = [a / e for e, a in pairs if abs(e) > atol]
+    if ratios:
+        k = statistics.median(ratios)
+        if k != 0 and _fits(pairs, lambda e: k * e, rtol, atol):
+            return "factor", k, None
+    c = statistics.median(a - e for e, a in pairs)
+    if _fits(pairs, lambda e: e + c, rtol, atol):
+        return "offset", None, c
+    return "other", None, None
+
+
+def _gradient_relation(obs: Sequence[Observation]) -> tuple[str | None, float | None, float | None]:
+    with_grads = [o for o in obs if o.cosine is not None]
+    if not with_grads:
+        return (None if all(o.cosine is None for o in obs) and obs else "unknown"), None, None
+    cos_median = statistics.median(o.cosine for o in with_grads)
+    if len(with_grads) < MIN_CASES:
+        return "unknown", None, cos_median
+    need = INLIERS * len(with_grads)
+    ratios = [o.norm_ratio for o in with_grads if o.cosine >= COSINE_PARALLEL and o.norm_ratio is not None and math.isfinite(o.norm_ratio)]
+    if sum(o.cosine >= COSINE_EQUAL and abs(o.norm_ratio - 1) <= 1e-3 for o in with_grads) >= need:
+        return "equal", None, cos_median
+    if len(ratios) >= need:
+        k = statistics.median(ratios)
+        constant = sum(abs(r - k) <= 1e-3 * abs(k) for r in ratios) >= need
+        return "parallel", (k if constant else None), cos_median
+    return "other", None, cos_median
+
+
+# --- 4. training impact ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Impact:
+    """K steps of descent under each side from the same start.
+
+    ``apart``: distance between the two end points / mean distance travelled (0: same
+    place; about 1.4 for orthogonal paths of equal length; 2: opposite directions).
+    ``cross_improvement[label]``: how much descending ``label``'s loss improved the
+    *other* side's loss, relative to what descending the other's own loss achieved
+    (1: just as well; 0: not at all; negative: it made the other's loss worse).
+    """
+
+    steps: int
+    apart: float
+    cross_improvement: dict[str, float]
+    travelled: dict[str, float] = field(default_factory=dict)
+    lr: float = 0.0
+    note: str = ""
+    evaluations: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "apart": _json_float(self.apart),
+                "cross_improvement": {k: _json_float(v) for k, v in self.cross_improvement.items()},
+                "lr": self.lr, "note": self.note}
+
+
+# Step size: normalised gradient descent, each step of length LR · R where R is the norm
+# of the starting point over all grad inputs (at least 1e-3 per element), so the walk
+# covers about STEPS · LR = 50% of the start's size whatever the loss's scale or the
+# two sides' gradient magnitudes (a factor-of-2 loss must not look like a different
+# path just because its raw gradient steps are twice as long).
+IMPACT_STEPS = 10
+IMPACT_LR = 0.05
+
+
+def impact(
+    expected: Implementation,
+    actual: Implementation,
+    spec: Spec,
+    case: Case,
+    steps: int = IMPACT_STEPS,
+    lr: float = IMPACT_LR,
+    *,
+    run: Runner = call_runner,
+) -> Impact | None:
+    """Descend each side's loss from ``case`` on the grad inputs; compare where they lead."""
+    names = [a.name for a in spec.args if a.grad and a.is_float]
+    if not names or steps <= 0:
+        return None
+    calls = 0
+
+    def loss_and_grad(impl: Implementation, tensors: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor] | None]:
+        nonlocal calls
+        calls += 1
+        o = run(impl, spec, replace(case, tensors=tensors))
+        if o.failed:
+            return math.nan, None
+        value = float(o.value.double().sum())
+        return value, {n: (o.grads.get(n) if o.grads.get(n) is not None else torch.zeros_like(tensors[n])) for n in names}
+
+    start = dict(case.tensors)
+    n_el = sum(start[n].numel() for n in names)
+    radius = max(_norm([start[n] for n in names]), 1e-3 * math.sqrt(max(n_el, 1)))
+    ends, done, notes = {}, {}, []
+    for impl in (expected, actual):
+        x = dict(start)
+        taken = 0
+        for _ in range(steps):
+            value, g = loss_and_grad(impl, x)
+            if g is None or not math.isfinite(value):
+                notes.append(f"{impl.label} stopped after {taken} step(s): its loss is not finite or failed")
+                break
+            gn = _norm([g[n].double() for n in names])
+            if not math.isfinite(gn):
+                notes.append(f"{impl.label} stopped after {taken} step(s): non-finite gradient")
+                break
+            if gn == 0:
+                notes.append(f"{impl.label} stopped after {taken} step(s): zero gradient")
+                break
+            x = {**x, **{n: _project(spec.arg(n).domain, x[n] - (lr * radius / gn) * g[n].to(x[n].dtype)) for n in names}}
+            taken += 1
+        ends[impl.label], done[impl.label] = x, taken
+    e, a = expected.label, actual.label
+    travelled = {la: _norm([(ends[la][n] - start[n]).double() for n in names]) for la in (e, a)}
+    gap = _norm([(ends[e][n] - ends[a][n]).double() for n in names])
+    mean_travel = (travelled[e] + travelled[a]) / 2
+    apart = gap / mean_travel if mean_travel > 0 else (0.0 if gap == 0 else math.inf)
+    cross = {}
+    for mover, judge in ((e, actual), (a, expected)):
+        other = judge.label
+        before, _ = loss_and_grad(judge, start)
+        own, _ = loss_and_grad(judge, ends[other])
+        theirs, _ = loss_and_grad(judge, ends[mover])
+        achieved = before - own
+        cross[mover] = (before - theirs) / abs(achieved) if achieved and math.isfinite(achieved) else math.nan
+    return Impact(min(done.values()), apart, cross, travelled, lr, "; ".join(notes), calls)
+
+
+def _norm(ts: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+
+def _project(domain: str, t: torch.Tensor) -> torch.Tensor:
+    """Keep a descended input in its domain."""
+    tiny = torch.finfo(t.dtype).tiny
+    if domain == "positive":
+        return t.clamp_min(tiny)
+    if domain in ("unit", "image"):
+        eps = torch.finfo(t.dtype).eps
+        return t.clamp(eps, 1 - eps)
+    if domain in ("simplex", "sphere"):
+        return renormalise(t.clamp_min(0) if domain == "simplex" else t, domain)
+    return t
+
+
+# --- 5. known signatures -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KnownValue:
+    """A number that fingerprints a specific failure."""
+
+    value: float
+    note: str
+
+
+SIGNATURES: tuple[KnownValue, ...] = (
+    KnownValue(100.0, "100 = torch's BCELoss clamp of log(p) at -100: a probability reached 0 or 1"),
+    KnownValue(-math.log(torch.finfo(torch.float32).tiny), "87.34 = -ln(FLT_MIN): a softmax probability underflowed and was clamped to FLT_MIN"),
+    KnownValue(math.log(2.0), "0.6931 = ln 2: a sigmoid stuck at 0.5 (all-zero logits)"),
+    KnownValue(math.log(torch.finfo(torch.float32).max), "88.72 = ln(FLT_MAX): where float32 exp overflows"),
+    *(KnownValue(10.0**k, f"1e{k} = 1/smooth for a smoothing constant smooth=1e-{k} (a 0/0 guarded by smooth)") for k in (4, 5, 6, 7, 8)),
+)
+SIGNATURE_RTOL = 1e-4
+
+
+def signatures(values: Iterable[float], table: Sequence[KnownValue] = SIGNATURES, rtol: float = SIGNATURE_RTOL) -> list[str]:
+    """Plain-words notes for the values that match a known signature (sign ignored), each once."""
+    notes: list[str] = []
+    for v in values:
+        if v is None or not math.isfinite(v):
+            continue
+        for known in table:
+            if abs(abs(v) - known.value) <= rtol * known.value and known.note not in notes:
+                notes.append(known.note)
+    return notes
+
+
+# --- 6. the explanation ------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    pair: tuple[str, str]
+    kind: str
+    category: Category
+    reason: str = ""
+    unstable_side: str | None = None
+    drift: dict[str, float] = field(default_factory=dict)
+    self_consistency: dict[str, SelfConsistency] = field(default_factory=dict)
+    relation: Relation | None = None
+    location: Any = None  # a trace.Localisation, or None when not traced
+    impact: Impact | None = None
+    notes: tuple[str, ...] = ()  # known signatures
+    skipped: tuple[str, ...] = ()  # analyses left out, and why
+    evaluations: int = 0  # implementation calls spent explaining
+    seconds: float = 0.0
+    costs: dict[str, tuple[int, float]] = field(default_factory=dict)  # per analysis: (calls, seconds)
+
+    # -- the one sentence
+    def sentence(self) -> str:
+        e, a = self.pair
+        c = self.category
+        if c is Category.SEMANTIC:
+            head = f"semantic: {a} computes a different function from {e} (still different in float64)"
+        elif c is Category.NUMERICAL:
+            drift_u = self.drift.get(self.unstable_side or "", math.nan)
+            head = f"numerical: {e} and {a} agree in float64; {self.unstable_side} drifts from its own float64 result (score {_g(drift_u)})"
+        elif c is Category.UNKNOWN:
+            head = f"unknown: {self.reason}"
+        else:
+            head = f"{c.value}: {self.reason}" if self.reason else c.value
+        parts = [head]
+        where = self._where()
+        if where:
+            parts.append(f"first differing op at {where}")
+        bad = [s for s in self.self_consistency.values() if s.consistent is False]
+        for s in bad:
+            parts.append(f"{s.label}'s gradient is not the derivative of its own value (finite differences off by {_pct(s.max_error)})")
+        r = self.relation
+        if r is not None:
+            if r.value == "factor" and r.factor is not None:
+                parts.append(f"values a constant factor apart ({a} ≈ {_g(r.factor)} × {e})")
+            elif r.value == "offset" and r.offset is not None:
+                parts.append(f"values a constant offset apart ({_g(r.offset)})")
+            if r.gradient == "parallel":
+                parts.append("gradients parallel (same minimisers, different step size)")
+            elif r.gradient == "other" and r.cosine_median is not None:
+                parts.append(f"gradients point elsewhere (median cosine {r.cosine_median:.2g})")
+        if self.impact is not None:
+            parts.append(self._impact_words())
+        return "; ".join(parts)
+
+    def _where(self) -> str | None:
+        loc = _location_json(self.location)[0]
+        if not isinstance(loc, dict):
+            return None
+        for label in (self.pair[1], self.pair[0]):
+            site = loc.get(label)
+            if isinstance(site, dict) and site.get("file"):
+                return f"{site['file']}:{site.get('line')}"
+        return None
+
+    def _impact_words(self) -> str:
+        e, a = self.pair
+        im = self.impact
+        by_a = im.cross_improvement.get(a, math.nan)
+        if not math.isfinite(by_a):
+            return f"descent under {a} could not be compared with {e}'s ({im.note or 'no progress'})"
+        if by_a <= 0:
+            return f"descent under {a} does not descend {e}'s loss"
+        if im.apart > 0.1:
+            return f"both losses go down, but they lead to different places (end points {im.apart:.2g}× the distance travelled apart)"
+        return f"descent under either leads to the same place (end points {im.apart:.2g}× the distance travelled apart)"
+
+    # -- the evidence behind it
+    def evidence(self) -> list[str]:
+        e, a = self.pair
+        lines = [f"float64 oracle: {self.category.value} — {self.reason}" if self.reason else f"category: {self.category.value}"]
+        if self.drift:
+            lines.append("drift from own float64 result (score, working tolerance): "
+                         + ", ".join(f"{la} {_g(v)}" for la, v in self.drift.items()))
+        for s in self.self_consistency.values():
+            if s.consistent is None:
+                lines.append(f"self-consistency of {s.label}: not checked ({s.note})")
+            else:
+                verdict = "consistent" if s.consistent else "INCONSISTENT"
+                lines.append(f"self-consistency of {s.label}: {verdict}; finite differences vs autograd, {s.mode}, "
+                             f"{s.checks} check(s): greatest relative error {_g(s.max_error)} (up to {FD_RTOL:g} allowed)"
+                             + (f"; {s.note}" if s.note else ""))
+        if self.relation is not None:
+            lines.append(f"relation: {self.relation.describe(self.pair)}")
+        loc, note = _location_json(self.location)
+        if loc:
+            for label, site in loc.items():
+                if isinstance(site, dict):
+                    lines.append(f"location in {label}: {site.get('file')}:{site.get('line')}: {site.get('code', '')} ({site.get('op', '')})")
+        if note:
+            lines.append(f"location: {note}")
+        if self.impact is not None:
+            im = self.impact
+            cross = ", ".join(f"descending {la} achieves {_g(v)} of the other's own improvement" for la, v in im.cross_improvement.items())
+            lines.append(f"training impact: {im.steps} normalised descent step(s) of {im.lr:g}×|start|; end points {_g(im.apart)}× "
+                         f"the distance travelled apart; {cross}" + (f"; {im.note}" if im.note else ""))
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"skipped: {s}" for s in self.skipped]
+        lines.append(f"cost: {self.evaluations} implementation call(s), {self.seconds:.2f} s")
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        loc, note = _location_json(self.location)
+        return {
+            "category": self.category.value,
+            "reason": self.reason,
+            "unstable_side": self.unstable_side,
+            "drift": {k: _json_float(v) for k, v in self.drift.items()},
+            "self_consistency": {k: v.to_json() for k, v in self.self_consistency.items()},
+            "relation": self.relation.to_json() if self.relation else None,
+            "location": loc,
+            "location_note": note,
+            "impact": self.impact.to_json() if self.impact else None,
+            "notes": list(self.notes),
+            "skipped": list(self.skipped),
+            "sentence": self.sentence(),
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+        }
+
+    def signature(self) -> tuple:
+        """Grouping key for distinct causes: kind + category + location + relation."""
+        loc = _location_json(self.location)[0]
+        where = tuple(sorted((la, s.get("file"), s.get("line")) for la, s in loc.items() if isinstance(s, dict))) if isinstance(loc, dict) else None
+        r = self.relation
+        return (self.kind, self.category.value, where, (r.value, r.gradient) if r else None)
+
+
+def _location_json(loc: Any) -> tuple[Any, str | None]:
+    """(location JSON, note) from a trace.Localisation (duck-typed: .to_json(), .note)."""
+    if loc is None:
+        return None, None
+    data = loc.to_json() if hasattr(loc, "to_json") else loc
+    note = getattr(loc, "note", None)
+    if isinstance(data, dict) and "location" in data:
+        return data["location"], data.get("location_note", note)
+    return data, note
+
+
+# --- 7. orchestration --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Budget:
+    """Explanation stops starting new analyses once either limit is spent."""
+
+    calls: int = 2000
+    seconds: float = 60.0
+
+
+class _Counted:
+    """A runner that counts the implementation calls made through it."""
+
+    def __init__(self, run: Runner):
+        self.run, self.calls = run, 0
+
+    def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
+        self.calls += 1
+        return self.run(impl, spec, case)
+
+
+def explain(
+    expected: Implementation,
+    actual: Implementation,
+    spec: Spec,
+    case: Case,
+    kind: str,
+    tol: Tolerance,
+    observations: Iterable[Observation | None] = (),
+    *,
+    run: Runner = call_runner,
+    impact_steps: int | None = None,
+    locate: Callable[..., Any] | None = None,
+    budget: Budget = Budget(),
+) -> Explanation:
+    """Explain one divergence of (expected, actual) of ``kind`` on ``case``.
+
+    ``impact_steps``: None runs the training-impact probe for semantic divergences
+    with a gradient (IMPACT_STEPS steps), 0 never, n > 0 always with n steps.
+    ``locate``: ``trace.locate(expected, actual, spec, case, tol)``, if given.
+    """
+    start = time.perf_counter()
+    counted = _Counted(run)
+    pair = (expected.label, actual.label)
+    costs: dict[str, tuple[int, float]] = {}
+    skipped: list[str] = []
+    rel = relation(observations)
+
+    def spent() -> str | None:
+        if counted.calls >= budget.calls:
+            return f"the budget of {budget.calls} calls is spent"
+        if time.perf_counter() - start >= budget.seconds:
+            return f"the budget of {budget.seconds:g} s is spent"
+        return None
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        why = spent()
+        if why:
+            skipped.append(f"{name}: {why}")
+            return None
+        calls0, t0 = counted.calls, time.perf_counter()
+        out = fn()
+        costs[name] = (counted.calls - calls0, time.perf_counter() - t0)
+        return out
+
+    notes_from: list[float] = []
+    if kind in OWN_CATEGORY or pair[0] == pair[1]:
+        category = Category(kind) if kind in Category._value2member_map_ else Category.UNKNOWN
+        reason = {"crash": "a side's process died", "timeout": "a side did not return in time",
+                  "exception": "a side raised where the other returned", "non_tensor": "a side returned something that is not a tensor",
+                  "non_scalar": "a side returned a non-scalar", "both_failed": "both sides failed on this input",
+                  "mutation": "a side modified its inputs in place", "nondeterminism": "a side answers differently on the same input"}.get(kind, kind)
+        return Explanation(pair, kind, category, reason + "; the float64 oracle does not apply", relation=rel,
+                           evaluations=0, seconds=time.perf_counter() - start)
+    orc = stage("oracle", lambda: oracle(expected, actual, spec, case, tol, run=counted))
+    category = orc.category if orc else Category.UNKNOWN
+    consistency: dict[str, SelfConsistency] = {}
+    for impl in (expected, actual):
+        sc = stage(f"self-consistency {impl.label}", lambda impl=impl: self_consistency(impl, spec, case, run=counted))
+        if sc is not None:
+            consistency[impl.label] = sc
+    has_grad = bool(spec.grad_args)
+    steps = impact_steps if impact_steps is not None else (IMPACT_STEPS if category is Category.SEMANTIC and has_grad else 0)
+    imp = stage("impact", lambda: impact(expected, actual, spec, case, steps, run=counted)) if steps > 0 and has_grad else None
+    loc = stage("trace", lambda: locate(expected, actual, spec, case, tol)) if locate is not None else None
+    # Known numbers: each side's value on the explained case, and their difference.
+    values = stage("values", lambda: [counted(impl, spec, case) for impl in (expected, actual)]) or []
+    for o in values:
+        if not o.failed:
+            notes_from.append(float(o.value.double().sum()))
+    if len(notes_from) == 2:
+        notes_from.append(notes_from[0] - notes_from[1])
+    return Explanation(
+        pair=pair,
+        kind=kind,
+        category=category,
+        reason=orc.reason if orc else "; ".join(skipped),
+        unstable_side=orc.unstable_side if orc else None,
+        drift=dict(orc.drift) if orc else {},
+        self_consistency=consistency,
+        relation=rel,
+        location=loc,
+        impact=imp,
+        notes=tuple(signatures(notes_from)),
+        skipped=tuple(skipped),
+        evaluations=counted.calls,
+        seconds=time.perf_counter() - start,
+        costs=costs,
+    )
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+def _json_float(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.3g}%"
