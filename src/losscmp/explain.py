@@ -380,7 +380,11 @@ class Observation:
 
 
 def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Observation | None:
-    """What the relation needs from one compared case; None when a side failed or is not finite."""
+    """What the relation needs from one compared case; None when a side failed or is not finite.
+
+    Cheap enough for every case of the search: two sums, one dot product, two norms.
+    A non-scalar value is summed (the quantity the runner differentiates).
+    """
     if expected.failed or actual.failed or expected.value is None or actual.value is None:
         return None
     if expected.value.shape != actual.value.shape:
@@ -389,13 +393,13 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Ob
     if not (math.isfinite(ve) and math.isfinite(va)):
         return None
     ge, ga = [], []
-    for name in expected.grads.keys() | actual.grads.keys():
+    for name in sorted(expected.grads.keys() | actual.grads.keys()):
         e, a = expected.grads.get(name), actual.grads.get(name)
         if e is None and a is None:
             continue
         if e is not None and a is not None and e.shape != a.shape:
             return Observation(ve, va, None, None, regime)
-        e = torch.zeros_like(a) if e is None else e
+        e = torch.zeros_like(a) if e is None else e  # no gradient flows: it is zero
         a = torch.zeros_like(e) if a is None else a
         ge.append(e.detach().reshape(-1).double())
         ga.append(a.detach().reshape(-1).double())
@@ -416,11 +420,13 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Ob
 
 @dataclass(frozen=True)
 class Relation:
-    """How the two losses relate over all compared cases.
+    """How the two losses relate over the compared cases of a pair.
 
     ``factor`` is actual / expected: ``actual ≈ factor × expected`` for values (when
     value is "factor"), else the constant gradient norm ratio |∇actual| / |∇expected|
     (when gradients are parallel with a constant ratio).  "unknown": too few cases.
+    A relation holds on a majority of cases; ``value_fits`` / ``gradient_fits`` count
+    them, and ``outliers`` says which regimes the cases it does not fit came from.
     """
 
     value: str  # "equal" | "offset" | "factor" | "other" | "unknown"
@@ -429,13 +435,21 @@ class Relation:
     offset: float | None = None
     cosine_median: float | None = None
     cases: int = 0
+    value_fits: int = 0
+    gradient_cases: int = 0
+    gradient_fits: int = 0
+    outliers: tuple[tuple[str, int], ...] = ()  # (regime, cases) the relation does not fit
 
     def to_json(self) -> dict[str, Any]:
         return {"value": self.value, "gradient": self.gradient, "factor": _json_float(self.factor),
-                "offset": _json_float(self.offset), "cosine_median": _json_float(self.cosine_median), "cases": self.cases}
+                "offset": _json_float(self.offset), "cosine_median": _json_float(self.cosine_median), "cases": self.cases,
+                "value_fits": self.value_fits, "gradient_cases": self.gradient_cases, "gradient_fits": self.gradient_fits,
+                "outliers": dict(self.outliers)}
 
     def describe(self, pair: tuple[str, str]) -> str:
         e, a = pair
+        if not self.cases:
+            return "no compared cases recorded"
         value = {
             "equal": "values equal",
             "factor": f"values a constant factor apart ({a} ≈ {_g(self.factor)} × {e})",
@@ -443,6 +457,8 @@ class Relation:
             "other": "values not related by a constant offset or factor",
             "unknown": "too few cases to relate the values",
         }[self.value]
+        if self.value in ("equal", "factor", "offset"):
+            value += f" on {self.value_fits} / {self.cases} cases"
         grad = {
             None: "no gradients",
             "equal": "gradients equal",
@@ -451,76 +467,101 @@ class Relation:
             "other": "gradients point elsewhere",
             "unknown": "too few cases to relate the gradients",
         }[self.gradient]
+        if self.gradient in ("equal", "parallel"):
+            grad += f" on {self.gradient_fits} / {self.gradient_cases} cases"
         if self.cosine_median is not None and self.gradient not in (None, "unknown"):
-            grad += f" (median cosine {self.cosine_median:.3g})"
-        return f"{value}; {grad}; over {self.cases} case(s)"
+            grad += f", median cosine {self.cosine_median:.3g}"
+        text = f"{value}; {grad}"
+        if self.outliers:
+            text += "; cases that do not fit, by regime: " + ", ".join(f"{r} {n}" for r, n in self.outliers)
+        return text
 
 
 RELATION_RTOL = 1e-4  # per case: |a - model(e)| <= atol + rtol·max(|a|, |e|)
 RELATION_ATOL = 1e-6
-INLIERS = 0.75  # a model must fit at least this fraction of cases (the rest: outliers, e.g. numerically unstable cases)
+# A model holds when it fits a strict majority of cases: the rest are outliers (cases
+# that are numerically unstable, or a second cause) and are reported by regime.
+INLIERS = 0.5
 MIN_CASES = 3
 COSINE_EQUAL = 1 - 1e-6
 COSINE_PARALLEL = 1 - 1e-4  # under about 0.8 degrees
+RATIO_RTOL = 1e-3
 
 
 def relation(observations: Iterable[Observation | None], *, rtol: float = RELATION_RTOL, atol: float = RELATION_ATOL) -> Relation:
     """Fit equal / factor / offset to the values and equal / parallel to the gradients, robustly.
 
-    Medians pick the model's constant; a model holds when it fits at least ``INLIERS``
-    of the cases, so a few numerically unstable cases do not hide a clean relation.
+    Medians pick each model's constant; a model holds when it fits more than half of the
+    cases, so numerically unstable cases do not hide a clean relation.
     """
     obs = [o for o in observations if o is not None and math.isfinite(o.expected) and math.isfinite(o.actual)]
-    value, factor, offset = _value_relation(obs, rtol, atol)
-    gradient, grad_factor, cos_median = _gradient_relation(obs)
+    value, factor, offset, value_fit = _value_relation(obs, rtol, atol)
+    with_grads = [o for o in obs if o.cosine is not None]
+    gradient, grad_factor, cos_median, grad_fit = _gradient_relation(with_grads, bool(obs))
     if factor is None and gradient == "parallel":
         factor = grad_factor
-    return Relation(value, gradient, factor, offset, cos_median, len(obs))
+    misfits: dict[str, int] = {}
+    if value in ("equal", "factor", "offset"):
+        for o, ok in zip(obs, value_fit):
+            if not ok:
+                misfits[o.regime or "unknown"] = misfits.get(o.regime or "unknown", 0) + 1
+    if gradient in ("equal", "parallel"):
+        value_misfit = {id(o) for o, ok in zip(obs, value_fit) if not ok} if value in ("equal", "factor", "offset") else set()
+        for o, ok in zip(with_grads, grad_fit):
+            if not ok and id(o) not in value_misfit:
+                misfits[o.regime or "unknown"] = misfits.get(o.regime or "unknown", 0) + 1
+    return Relation(value, gradient, factor, offset, cos_median, len(obs), sum(value_fit), len(with_grads), sum(grad_fit),
+                    tuple(sorted(misfits.items(), key=lambda kv: -kv[1])))
 
 
 def _close(x: float, y: float, rtol: float, atol: float) -> bool:
     return abs(x - y) <= atol + rtol * max(abs(x), abs(y))
 
 
-def _fits(pairs: Sequence[tuple[float, float]], model: Callable[[float], float], rtol: float, atol: float) -> bool:
-    inliers = [e for e, a in pairs if _close(a, model(e), rtol, atol)]
-    # A constant fitted on cases that all have the same expected value fixes nothing.
-    return len(inliers) >= max(MIN_CASES, INLIERS * len(pairs)) and len({round(e, 12) for e in inliers}) >= 2
+def _holds(pairs: Sequence[tuple[float, float]], fit: list[bool]) -> bool:
+    inliers = [e for (e, _), ok in zip(pairs, fit) if ok]
+    # A constant fitted on cases that all share one expected value pins nothing down.
+    return len(inliers) >= MIN_CASES and len(inliers) > INLIERS * len(pairs) and len({round(e, 12) for e in inliers}) >= 2
 
 
-def _value_relation(obs: Sequence[Observation], rtol: float, atol: float) -> tuple[str, float | None, float | None]:
+def _value_relation(obs: Sequence[Observation], rtol: float, atol: float) -> tuple[str, float | None, float | None, list[bool]]:
+    nothing = [False] * len(obs)
     if len(obs) < MIN_CASES:
-        return "unknown", None, None
+        return "unknown", None, None, nothing
     pairs = [(o.expected, o.actual) for o in obs]
-    if sum(_close(a, e, rtol, atol) for e, a in pairs) >= INLIERS * len(pairs):
-        return "equal", None, None
+    fit = [_close(a, e, rtol, atol) for e, a in pairs]
+    if sum(fit) > INLIERS * len(pairs):
+        return "equal", None, None, fit
     ratios = [a / e for e, a in pairs if abs(e) > atol]
     if ratios:
         k = statistics.median(ratios)
-        if k != 0 and _fits(pairs, lambda e: k * e, rtol, atol):
-            return "factor", k, None
+        fit = [_close(a, k * e, rtol, atol) for e, a in pairs]
+        if k != 0 and _holds(pairs, fit):
+            return "factor", k, None, fit
     c = statistics.median(a - e for e, a in pairs)
-    if _fits(pairs, lambda e: e + c, rtol, atol):
-        return "offset", None, c
-    return "other", None, None
+    fit = [_close(a, e + c, rtol, atol) for e, a in pairs]
+    if _holds(pairs, fit):
+        return "offset", None, c, fit
+    return "other", None, None, nothing
 
 
-def _gradient_relation(obs: Sequence[Observation]) -> tuple[str | None, float | None, float | None]:
-    with_grads = [o for o in obs if o.cosine is not None]
+def _gradient_relation(with_grads: Sequence[Observation], any_cases: bool) -> tuple[str | None, float | None, float | None, list[bool]]:
+    nothing = [False] * len(with_grads)
     if not with_grads:
-        return (None if all(o.cosine is None for o in obs) and obs else "unknown"), None, None
+        return (None if any_cases else "unknown"), None, None, nothing
     cos_median = statistics.median(o.cosine for o in with_grads)
     if len(with_grads) < MIN_CASES:
-        return "unknown", None, cos_median
+        return "unknown", None, cos_median, nothing
     need = INLIERS * len(with_grads)
-    ratios = [o.norm_ratio for o in with_grads if o.cosine >= COSINE_PARALLEL and o.norm_ratio is not None and math.isfinite(o.norm_ratio)]
-    if sum(o.cosine >= COSINE_EQUAL and abs(o.norm_ratio - 1) <= 1e-3 for o in with_grads) >= need:
-        return "equal", None, cos_median
-    if len(ratios) >= need:
-        k = statistics.median(ratios)
-        constant = sum(abs(r - k) <= 1e-3 * abs(k) for r in ratios) >= need
-        return "parallel", (k if constant else None), cos_median
-    return "other", None, cos_median
+    equal = [o.cosine >= COSINE_EQUAL and abs(o.norm_ratio - 1) <= RATIO_RTOL for o in with_grads]
+    if sum(equal) > need:
+        return "equal", None, cos_median, equal
+    parallel = [o.cosine >= COSINE_PARALLEL and o.norm_ratio is not None and math.isfinite(o.norm_ratio) for o in with_grads]
+    if sum(parallel) > need:
+        k = statistics.median(o.norm_ratio for o, ok in zip(with_grads, parallel) if ok)
+        constant = [ok and abs(o.norm_ratio - k) <= RATIO_RTOL * abs(k) for o, ok in zip(with_grads, parallel)]
+        return "parallel", (k if sum(constant) > need else None), cos_median, parallel
+    return "other", None, cos_median, nothing
 
 
 # --- 4. training impact ----------------------------------------------------------------
@@ -533,13 +574,16 @@ class Impact:
     place; about 1.4 for orthogonal paths of equal length; 2: opposite directions).
     ``cross_improvement[label]``: how much descending ``label``'s loss improved the
     *other* side's loss, relative to what descending the other's own loss achieved
-    (1: just as well; 0: not at all; negative: it made the other's loss worse).
+    (1: just as well; 0: not at all; negative: it made the other's loss worse; NaN: the
+    other side's own descent made no progress).  ``gradient_ratio``: |∇actual| / |∇expected|
+    at the start — normalised steps hide it, a fixed learning rate would not.
     """
 
     steps: int
     apart: float
     cross_improvement: dict[str, float]
     travelled: dict[str, float] = field(default_factory=dict)
+    gradient_ratio: float | None = None
     lr: float = 0.0
     note: str = ""
     evaluations: int = 0
@@ -547,16 +591,19 @@ class Impact:
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "apart": _json_float(self.apart),
                 "cross_improvement": {k: _json_float(v) for k, v in self.cross_improvement.items()},
-                "lr": self.lr, "note": self.note}
+                "gradient_ratio": _json_float(self.gradient_ratio), "lr": self.lr, "note": self.note}
 
 
-# Step size: normalised gradient descent, each step of length LR · R where R is the norm
-# of the starting point over all grad inputs (at least 1e-3 per element), so the walk
-# covers about STEPS · LR = 50% of the start's size whatever the loss's scale or the
-# two sides' gradient magnitudes (a factor-of-2 loss must not look like a different
-# path just because its raw gradient steps are twice as long).
-IMPACT_STEPS = 10
+# Step policy: normalised gradient descent with backtracking.  The first trial step has
+# length LR · R, where R is the typical size of the case (RMS over all its floating
+# inputs, times sqrt(number of grad elements)), so a step means the same at magnitude
+# 1e-3 or 1e6 and a factor-of-2 loss is not sent twice as far as its twin.  A step is
+# kept only if it lowers the side's own loss, otherwise halved (at most HALVINGS times),
+# so each side really descends its own loss and never oscillates around a minimum;
+# after an accepted step the next trial doubles again, up to LR · R.
+IMPACT_STEPS = 8
 IMPACT_LR = 0.05
+HALVINGS = 12
 
 
 def impact(
@@ -585,41 +632,53 @@ def impact(
         return value, {n: (o.grads.get(n) if o.grads.get(n) is not None else torch.zeros_like(tensors[n])) for n in names}
 
     start = dict(case.tensors)
+    floats = [t.double() for t in start.values() if t.is_floating_point() and t.numel()]
+    rms = math.sqrt(sum(float(t.pow(2).sum()) for t in floats) / max(sum(t.numel() for t in floats), 1)) if floats else 0.0
     n_el = sum(start[n].numel() for n in names)
-    radius = max(_norm([start[n] for n in names]), 1e-3 * math.sqrt(max(n_el, 1)))
-    ends, done, notes = {}, {}, []
+    radius = (rms if math.isfinite(rms) and rms > 0 else 1.0) * math.sqrt(max(n_el, 1))
+    longest = lr * radius
+    ends, first, last, taken, grad_norm, notes = {}, {}, {}, {}, {}, []
     for impl in (expected, actual):
+        la = impl.label
         x = dict(start)
-        taken = 0
-        for _ in range(steps):
-            value, g = loss_and_grad(impl, x)
-            if g is None or not math.isfinite(value):
-                notes.append(f"{impl.label} stopped after {taken} step(s): its loss is not finite or failed")
+        f, g = loss_and_grad(impl, x)
+        first[la] = f
+        grad_norm[la] = _norm([g[n] for n in names]) if g is not None else math.nan
+        length, k = longest, 0
+        while k < steps:
+            if g is None or not math.isfinite(f):
+                notes.append(f"{la} stopped after {k} step(s): its loss is not finite or the call failed")
                 break
-            gn = _norm([g[n].double() for n in names])
-            if not math.isfinite(gn):
-                notes.append(f"{impl.label} stopped after {taken} step(s): non-finite gradient")
+            gn = _norm([g[n] for n in names])
+            if not math.isfinite(gn) or gn == 0:
+                notes.append(f"{la} stopped after {k} step(s): {'zero' if gn == 0 else 'non-finite'} gradient")
                 break
-            if gn == 0:
-                notes.append(f"{impl.label} stopped after {taken} step(s): zero gradient")
+            for _ in range(HALVINGS + 1):
+                cand = {**x, **{n: _project(spec.arg(n).domain, x[n] - (length / gn) * g[n].to(x[n].dtype)) for n in names}}
+                fc, gc = loss_and_grad(impl, cand)
+                if math.isfinite(fc) and fc < f:
+                    x, f, g = cand, fc, gc
+                    length = min(2 * length, longest)
+                    k += 1
+                    break
+                length /= 2
+            else:
+                notes.append(f"{la} stopped after {k} step(s): no step down its own loss (at a minimum, or flat at this precision)")
                 break
-            x = {**x, **{n: _project(spec.arg(n).domain, x[n] - (lr * radius / gn) * g[n].to(x[n].dtype)) for n in names}}
-            taken += 1
-        ends[impl.label], done[impl.label] = x, taken
+        ends[la], last[la], taken[la] = x, f, k
     e, a = expected.label, actual.label
-    travelled = {la: _norm([(ends[la][n] - start[n]).double() for n in names]) for la in (e, a)}
-    gap = _norm([(ends[e][n] - ends[a][n]).double() for n in names])
+    travelled = {la: _norm([ends[la][n] - start[n] for n in names]) for la in (e, a)}
+    gap = _norm([ends[e][n] - ends[a][n] for n in names])
     mean_travel = (travelled[e] + travelled[a]) / 2
     apart = gap / mean_travel if mean_travel > 0 else (0.0 if gap == 0 else math.inf)
     cross = {}
     for mover, judge in ((e, actual), (a, expected)):
         other = judge.label
-        before, _ = loss_and_grad(judge, start)
-        own, _ = loss_and_grad(judge, ends[other])
         theirs, _ = loss_and_grad(judge, ends[mover])
-        achieved = before - own
-        cross[mover] = (before - theirs) / abs(achieved) if achieved and math.isfinite(achieved) else math.nan
-    return Impact(min(done.values()), apart, cross, travelled, lr, "; ".join(notes), calls)
+        achieved = first[other] - last[other]
+        cross[mover] = (first[other] - theirs) / achieved if achieved > 0 and math.isfinite(theirs) else math.nan
+    ratio = grad_norm[a] / grad_norm[e] if grad_norm[e] and math.isfinite(grad_norm[e]) else None
+    return Impact(min(taken.values()), apart, cross, travelled, ratio, lr, "; ".join(notes), calls)
 
 
 def _norm(ts: Sequence[torch.Tensor]) -> float:
@@ -628,9 +687,8 @@ def _norm(ts: Sequence[torch.Tensor]) -> float:
 
 def _project(domain: str, t: torch.Tensor) -> torch.Tensor:
     """Keep a descended input in its domain."""
-    tiny = torch.finfo(t.dtype).tiny
     if domain == "positive":
-        return t.clamp_min(tiny)
+        return t.clamp_min(torch.finfo(t.dtype).tiny)
     if domain in ("unit", "image"):
         eps = torch.finfo(t.dtype).eps
         return t.clamp(eps, 1 - eps)
@@ -709,8 +767,14 @@ class Explanation:
         if where:
             parts.append(f"first differing op at {where}")
         bad = [s for s in self.self_consistency.values() if s.consistent is False]
-        for s in bad:
+        if len(bad) == 1:
+            s = bad[0]
             parts.append(f"{s.label}'s gradient is not the derivative of its own value (finite differences off by {_pct(s.max_error)})")
+        elif bad:
+            # Both sides off alike is usually a deliberate approximation (envelope-theorem
+            # gradients of an unconverged solver), not a bug on one side: say so, blame neither.
+            off = " and ".join(_pct(s.max_error) for s in bad)
+            parts.append(f"neither side's gradient is the exact derivative of its own value (finite differences off by {off}: an approximate gradient on both sides)")
         r = self.relation
         if r is not None:
             if r.value == "factor" and r.factor is not None:
@@ -740,12 +804,17 @@ class Explanation:
         im = self.impact
         by_a = im.cross_improvement.get(a, math.nan)
         if not math.isfinite(by_a):
-            return f"descent under {a} could not be compared with {e}'s ({im.note or 'no progress'})"
-        if by_a <= 0:
-            return f"descent under {a} does not descend {e}'s loss"
-        if im.apart > 0.1:
-            return f"both losses go down, but they lead to different places (end points {im.apart:.2g}× the distance travelled apart)"
-        return f"descent under either leads to the same place (end points {im.apart:.2g}× the distance travelled apart)"
+            words = f"descent under {a} could not be weighed against {e}'s own ({im.note or 'no progress'})"
+        elif by_a <= 0:
+            words = f"descent under {a} does not descend {e}'s loss"
+        elif im.apart > 0.1:
+            words = f"both losses go down, but they lead to different places (end points {im.apart:.2g}× the distance travelled apart)"
+        else:
+            words = f"descent under either leads to the same place (end points {im.apart:.2g}× the distance travelled apart)"
+        r = im.gradient_ratio
+        if r is not None and (r < 1e-3 or r > 1e3):
+            words += f", but |∇{a}| is {_g(r)}× |∇{e}| at the start: with a fixed learning rate it would {'stall' if r < 1 else 'blow up'}"
+        return words
 
     # -- the evidence behind it
     def evidence(self) -> list[str]:
@@ -774,8 +843,9 @@ class Explanation:
         if self.impact is not None:
             im = self.impact
             cross = ", ".join(f"descending {la} achieves {_g(v)} of the other's own improvement" for la, v in im.cross_improvement.items())
-            lines.append(f"training impact: {im.steps} normalised descent step(s) of {im.lr:g}×|start|; end points {_g(im.apart)}× "
-                         f"the distance travelled apart; {cross}" + (f"; {im.note}" if im.note else ""))
+            ratio = f"; |∇{a}| / |∇{e}| at the start {_g(im.gradient_ratio)}" if im.gradient_ratio is not None else ""
+            lines.append(f"training impact: {im.steps} normalised descent step(s) (backtracking, first step {im.lr:g} of the case's size); "
+                         f"end points {_g(im.apart)}× the distance travelled apart; {cross}{ratio}" + (f"; {im.note}" if im.note else ""))
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"skipped: {s}" for s in self.skipped]
         lines.append(f"cost: {self.evaluations} implementation call(s), {self.seconds:.2f} s")
