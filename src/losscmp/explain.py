@@ -601,9 +601,9 @@ class Impact:
 # kept only if it lowers the side's own loss, otherwise halved (at most HALVINGS times),
 # so each side really descends its own loss and never oscillates around a minimum;
 # after an accepted step the next trial doubles again, up to LR · R.
-IMPACT_STEPS = 8
+IMPACT_STEPS = 5
 IMPACT_LR = 0.05
-HALVINGS = 12
+HALVINGS = 8
 
 
 def impact(
@@ -615,8 +615,15 @@ def impact(
     lr: float = IMPACT_LR,
     *,
     run: Runner = call_runner,
+    max_calls: int | None = None,
+    deadline: float | None = None,
 ) -> Impact | None:
-    """Descend each side's loss from ``case`` on the grad inputs; compare where they lead."""
+    """Descend each side's loss from ``case`` on the grad inputs; compare where they lead.
+
+    ``max_calls`` caps the implementation calls; each side then gets half of what the
+    final comparison leaves, and stops early (with a note) when its share is spent;
+    likewise once ``time.perf_counter()`` passes ``deadline``.
+    """
     names = [a.name for a in spec.args if a.grad and a.is_float]
     if not names or steps <= 0:
         return None
@@ -638,8 +645,10 @@ def impact(
     radius = (rms if math.isfinite(rms) and rms > 0 else 1.0) * math.sqrt(max(n_el, 1))
     longest = lr * radius
     ends, first, last, taken, grad_norm, notes = {}, {}, {}, {}, {}, []
+    share = None if max_calls is None else max((max_calls - 2) // 2, 2)
     for impl in (expected, actual):
         la = impl.label
+        budget_end = None if share is None else calls + share
         x = dict(start)
         f, g = loss_and_grad(impl, x)
         first[la] = f
@@ -652,6 +661,12 @@ def impact(
             gn = _norm([g[n] for n in names])
             if not math.isfinite(gn) or gn == 0:
                 notes.append(f"{la} stopped after {k} step(s): {'zero' if gn == 0 else 'non-finite'} gradient")
+                break
+            if budget_end is not None and calls >= budget_end:
+                notes.append(f"{la} stopped after {k} step(s): the call budget is spent")
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                notes.append(f"{la} stopped after {k} step(s): the time budget is spent")
                 break
             for _ in range(HALVINGS + 1):
                 cand = {**x, **{n: _project(spec.arg(n).domain, x[n] - (length / gn) * g[n].to(x[n].dtype)) for n in names}}
@@ -972,7 +987,10 @@ def explain(
             consistency[impl.label] = sc
     has_grad = bool(spec.grad_args)
     steps = impact_steps if impact_steps is not None else (IMPACT_STEPS if category is Category.SEMANTIC and has_grad else 0)
-    imp = stage("impact", lambda: impact(expected, actual, spec, case, steps, run=counted)) if steps > 0 and has_grad else None
+    imp = None
+    if steps > 0 and has_grad:
+        imp = stage("impact", lambda: impact(expected, actual, spec, case, steps, run=counted,
+                                                  max_calls=budget.calls - counted.calls, deadline=start + budget.seconds))
     loc = stage("trace", lambda: locate(expected, actual, spec, case, tol)) if locate is not None else None
     # Known numbers: each side's value on the explained case, and their difference.
     values = stage("values", lambda: [counted(impl, spec, case) for impl in (expected, actual)]) or []
