@@ -28,7 +28,7 @@ from losscmp.explain import (
 from losscmp.generate import REGIMES, Case, Recipe, build_case
 from losscmp.load import Implementation, load_implementation, parse_ref
 from losscmp.run import call
-from losscmp.spec import preset
+from losscmp.spec import parse_spec, preset
 
 from .conftest import FIXTURES
 
@@ -161,6 +161,17 @@ def test_oracle_says_unknown_instead_of_guessing():
     assert module.fn.scale.dtype == torch.float32  # the user's module is left alone
     in64 = build_case(REGRESSION, Recipe(sizes=(("B", 4),)), dtype=torch.float64)
     assert oracle(mse, module, REGRESSION, in64, F32).category is Category.UNKNOWN
+
+
+def test_oracle_is_unknown_when_float64_overflows_too():
+    # Probabilities are not rescaled, so there is no milder case to fall back on.
+    spec = parse_spec("p: B unit grad; B=1..4")
+    stable = Implementation(parse_ref("stable=x.py:f"), lambda p: torch.logsumexp(1000 * p, 0))
+    naive = Implementation(parse_ref("naive=x.py:g"), lambda p: torch.log(torch.exp(1000 * p).sum()))
+    o = oracle(stable, naive, spec, Case({"p": torch.tensor([0.9, 0.8])}, {"B": 2}), F32)
+    assert o.category is Category.UNKNOWN and "float64 overflows too" in o.reason
+    o = oracle(stable, naive, spec, Case({"p": torch.tensor([0.2, 0.1])}, {"B": 2}), F32)  # exp(200): float32 only
+    assert o.category is Category.NUMERICAL and o.unstable_side == "naive"
 
 
 def test_modules_run_in_float64_as_a_moved_copy():

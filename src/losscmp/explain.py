@@ -156,6 +156,7 @@ class Oracle:
     drift: tuple[tuple[str, float], ...] = ()  # per side: score of its working result vs its float64 result
     scale: float = 1.0  # input scale (relative to the case) at which the oracle decided
     evaluations: int = 0
+    values: tuple[tuple[str, float], ...] = ()  # each side's working-dtype value on the case itself
 
 
 # How far down the oracle walks the input scale (halving each time) looking for a
@@ -164,7 +165,12 @@ LADDER_STEPS = 16
 
 
 def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance, *, run: Runner = call_runner) -> Oracle:
-    """Decide ``semantic`` vs ``numerical`` with float64 re-runs (see the module docstring)."""
+    """Decide ``semantic`` vs ``numerical`` with float64 re-runs (see the module docstring).
+
+    Semantic needs float64 to differ, with finite results, at every input scale where
+    the working dtype diverges; float64 agreeing at one of them makes it numerical;
+    float64 overflowing wherever it was tried leaves it unknown.
+    """
     pair = (expected.label, actual.label)
     floating = [t for t in case.tensors.values() if t.is_floating_point()]
     if floating and all(t.dtype == torch.float64 for t in floating):
@@ -175,50 +181,45 @@ def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: C
         return Oracle(Category.UNKNOWN, why_e or why_a)
     tol64 = Tolerance.for_dtype(torch.float64)
     calls = 0
-    scalable = any(a.domain in SCALABLE for a in spec.args)
-    scale = 1.0
-    for step in range(LADDER_STEPS + 1):
+    steps = LADDER_STEPS if any(a.domain in SCALABLE for a in spec.args) else 0
+    scale, values, first_difference = 1.0, (), None
+    for step in range(steps + 1):
         here = case if step == 0 else scaled(spec, case, scale)
         work = {expected.label: run(expected, spec, here), actual.label: run(actual, spec, here)}
         calls += 2
+        if step == 0:
+            values = tuple((la, float(o.value.double().sum())) for la, o in work.items() if not o.failed)
         v = compare_outcomes(pair, work[expected.label], work[actual.label], tol)
         if not v.diverges:
             if step == 0:
-                return Oracle(Category.UNKNOWN, "the divergence did not reproduce on this case (flaky, or nondeterministic)", evaluations=calls)
-            # Below this scale the sides agree; float64 differed wherever the working dtype did.
-            return Oracle(Category.SEMANTIC, _semantic_reason(scale, step), scale=scale * 2, evaluations=calls)
+                return Oracle(Category.UNKNOWN, "the divergence did not reproduce on this case (flaky, or nondeterministic)", evaluations=calls, values=values)
+            break  # below this scale the sides agree
         if any(o.failed for o in work.values()):
-            return Oracle(Category.UNKNOWN, f"a side failed in the working dtype at input scale {scale:g}: {v.detail}", evaluations=calls)
+            return Oracle(Category.UNKNOWN, f"a side failed in the working dtype at input scale x{scale:g}: {v.detail}", evaluations=calls, values=values)
         here64 = float64_case(here)
         full = {expected.label: run(e64, spec, here64), actual.label: run(a64, spec, here64)}
         calls += 2
         for label, o in full.items():
             problem = _float64_problem(label, o)
             if problem:
-                return Oracle(Category.UNKNOWN, problem, evaluations=calls)
+                return Oracle(Category.UNKNOWN, problem, evaluations=calls, values=values)
         v64 = compare_outcomes(pair, full[expected.label], full[actual.label], tol64)
         if not v64.diverges:
             drifts = tuple((label, drift(full[label], work[label], tol)) for label in pair)
             unstable = max(drifts, key=lambda d: d[1])[0]
             where = "" if step == 0 else f" (at input scale x{scale:g}: the case itself is beyond float64's range too)"
             reason = f"{pair[0]} and {pair[1]} agree in float64 (score {v64.score:.3g}) but not in {_dtype_name(case)}{where}"
-            return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls)
-        if any(d.nonfinite_mismatch for d in v64.diffs) or any(
-            not torch.isfinite(o.value).all() for o in full.values()
-        ):
-            # float64 overflowed as well; look further down the scale, or give up honestly.
-            if not scalable:
-                return Oracle(Category.UNKNOWN, f"float64 overflows on this case too: {v64.detail}", evaluations=calls)
-        if not scalable:
-            return Oracle(Category.SEMANTIC, f"still different in float64: {v64.detail}", scale=scale, evaluations=calls)
+            return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls, values)
+        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(not torch.isfinite(o.value).all() for o in full.values())
+        if not overflowed and first_difference is None:
+            first_difference = (scale, v64.detail)
         scale /= 2
-    return Oracle(Category.SEMANTIC, f"still different in float64 down to input scale x{scale * 2:g}", scale=scale * 2, evaluations=calls)
-
-
-def _semantic_reason(scale: float, step: int) -> str:
-    if step == 1:
-        return "still different in float64 on this case"
-    return f"still different in float64 at every input scale where the working dtype diverges (down to x{scale * 2:g})"
+    if first_difference is None:
+        return Oracle(Category.UNKNOWN, "float64 overflows too wherever the working dtype diverges", evaluations=calls, values=values)
+    at, detail = first_difference
+    down_to = f"; still different down to input scale x{scale * 2:g}" if steps else ""
+    return Oracle(Category.SEMANTIC, f"still different in float64{'' if at == 1 else f' at input scale x{at:g}'}: {detail}{down_to}",
+                  scale=at, evaluations=calls, values=values)
 
 
 def _dtype_name(case: Case) -> str:
@@ -802,6 +803,8 @@ class Explanation:
                 parts.append(f"gradients point elsewhere (median cosine {r.cosine_median:.2g})")
         if self.impact is not None:
             parts.append(self._impact_words())
+        if self.notes:
+            parts.append(self.notes[0])
         return "; ".join(parts)
 
     def _where(self) -> str | None:
@@ -969,7 +972,6 @@ def explain(
         costs[name] = (counted.calls - calls0, time.perf_counter() - t0)
         return out
 
-    notes_from: list[float] = []
     if kind in OWN_CATEGORY or pair[0] == pair[1]:
         category = Category(kind) if kind in Category._value2member_map_ else Category.UNKNOWN
         reason = {"crash": "a side's process died", "timeout": "a side did not return in time",
@@ -992,11 +994,13 @@ def explain(
         imp = stage("impact", lambda: impact(expected, actual, spec, case, steps, run=counted,
                                                   max_calls=budget.calls - counted.calls, deadline=start + budget.seconds))
     loc = stage("trace", lambda: locate(expected, actual, spec, case, tol)) if locate is not None else None
-    # Known numbers: each side's value on the explained case, and their difference.
-    values = stage("values", lambda: [counted(impl, spec, case) for impl in (expected, actual)]) or []
-    for o in values:
-        if not o.failed:
-            notes_from.append(float(o.value.double().sum()))
+    # Known numbers: each side's value on the explained case (from the oracle's own
+    # working-dtype run when it made one), and their difference.
+    if orc is not None and orc.values:
+        notes_from = [v for _, v in orc.values]
+    else:
+        outcomes = stage("values", lambda: [counted(impl, spec, case) for impl in (expected, actual)]) or []
+        notes_from = [float(o.value.double().sum()) for o in outcomes if not o.failed]
     if len(notes_from) == 2:
         notes_from.append(notes_from[0] - notes_from[1])
     return Explanation(
