@@ -930,7 +930,7 @@ class _Counted:
 
 def explain(
     expected: Implementation,
-    actual: Implementation,
+    actual: Implementation | None,
     spec: Spec,
     case: Case,
     kind: str,
@@ -947,8 +947,11 @@ def explain(
     ``impact_steps``: None runs the training-impact probe for semantic divergences
     with a gradient (IMPACT_STEPS steps), 0 never, n > 0 always with n steps.
     ``locate``: ``trace.locate(expected, actual, spec, case, tol)``, if given.
+    A finding about one implementation alone (mutation, nondeterminism) passes
+    ``actual=None`` (or the same implementation twice).
     """
     start = time.perf_counter()
+    actual = expected if actual is None else actual
     counted = _Counted(run)
     pair = (expected.label, actual.label)
     costs: dict[str, tuple[int, float]] = {}
@@ -973,7 +976,7 @@ def explain(
         return out
 
     if kind in OWN_CATEGORY or pair[0] == pair[1]:
-        category = Category(kind) if kind in Category._value2member_map_ else Category.UNKNOWN
+        category = Category(kind) if kind in {c.value for c in Category} else Category.UNKNOWN
         reason = {"crash": "a side's process died", "timeout": "a side did not return in time",
                   "exception": "a side raised where the other returned", "non_tensor": "a side returned something that is not a tensor",
                   "non_scalar": "a side returned a non-scalar", "both_failed": "both sides failed on this input",
@@ -987,13 +990,15 @@ def explain(
         sc = stage(f"self-consistency {impl.label}", lambda impl=impl: self_consistency(impl, spec, case, run=counted))
         if sc is not None:
             consistency[impl.label] = sc
+    # The trace runs the implementations under its own dispatch mode, not through
+    # ``run``: its seconds are counted, its calls are not.
+    loc = stage("trace", lambda: locate(expected, actual, spec, case, tol)) if locate is not None else None
     has_grad = bool(spec.grad_args)
     steps = impact_steps if impact_steps is not None else (IMPACT_STEPS if category is Category.SEMANTIC and has_grad else 0)
     imp = None
     if steps > 0 and has_grad:
         imp = stage("impact", lambda: impact(expected, actual, spec, case, steps, run=counted,
-                                                  max_calls=budget.calls - counted.calls, deadline=start + budget.seconds))
-    loc = stage("trace", lambda: locate(expected, actual, spec, case, tol)) if locate is not None else None
+                                             max_calls=budget.calls - counted.calls, deadline=start + budget.seconds))
     # Known numbers: each side's value on the explained case (from the oracle's own
     # working-dtype run when it made one), and their difference.
     if orc is not None and orc.values:
