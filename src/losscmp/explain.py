@@ -160,16 +160,20 @@ class Oracle:
 
 
 # How far down the oracle walks the input scale (halving each time) looking for a
-# point where the working dtype still diverges but float64 agrees.
+# point where the working dtype still diverges but float64 agrees.  Such a point only
+# counts while the working-dtype divergence there is at least FADED times as large (in
+# score) as on the case itself: the same disagreement, not leftover rounding noise.
 LADDER_STEPS = 16
+FADED = 0.1
 
 
 def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance, *, run: Runner = call_runner) -> Oracle:
     """Decide ``semantic`` vs ``numerical`` with float64 re-runs (see the module docstring).
 
-    Semantic needs float64 to differ, with finite results, at every input scale where
-    the working dtype diverges; float64 agreeing at one of them makes it numerical;
-    float64 overflowing wherever it was tried leaves it unknown.
+    Semantic needs float64 to differ (with finite results on the case, or at some
+    scale below) wherever the working dtype diverges as strongly as on the case;
+    float64 agreeing at one such scale makes it numerical; float64 overflowing
+    wherever it was tried leaves it unknown.
     """
     pair = (expected.label, actual.label)
     floating = [t for t in case.tensors.values() if t.is_floating_point()]
@@ -182,7 +186,7 @@ def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: C
     tol64 = Tolerance.for_dtype(torch.float64)
     calls = 0
     steps = LADDER_STEPS if any(a.domain in SCALABLE for a in spec.args) else 0
-    scale, values, first_difference = 1.0, (), None
+    scale, values, first_difference, first_score = 1.0, (), None, math.inf
     for step in range(steps + 1):
         here = case if step == 0 else scaled(spec, case, scale)
         work = {expected.label: run(expected, spec, here), actual.label: run(actual, spec, here)}
@@ -204,7 +208,11 @@ def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: C
             if problem:
                 return Oracle(Category.UNKNOWN, problem, evaluations=calls, values=values)
         v64 = compare_outcomes(pair, full[expected.label], full[actual.label], tol64)
-        if not v64.diverges:
+        if step == 0:
+            first_score = v.score
+        # Lower down, a semantic difference can fade below float64's tolerance while
+        # float32 noise still exceeds float32's: that is not the divergence at hand.
+        if not v64.diverges and (step == 0 or v.score >= FADED * first_score):
             drifts = tuple((label, drift(full[label], work[label], tol)) for label in pair)
             unstable = max(drifts, key=lambda d: d[1])[0]
             where = "" if step == 0 else f" (at input scale x{scale:g}: the case itself is beyond float64's range too)"
