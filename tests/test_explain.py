@@ -211,6 +211,16 @@ def test_self_consistency_names_wrong_gradients(name, consistent, size):
     assert (sc.max_error > 0.1) is (not consistent)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("batch", [3, 30])
+def test_self_consistency_on_non_contiguous_inputs(layout, batch):
+    spec = preset("classification")
+    case = build_case(spec, Recipe(sizes=(("B", batch), ("C", 4)), layout=layout, seed=2))
+    assert not case.tensors["input"].is_contiguous()
+    sc = self_consistency(impl("torch.nn.functional:cross_entropy"), spec, case)
+    assert sc.consistent is True and sc.checks == (12 if batch == 3 else 4)
+
+
 @pytest.mark.parametrize("bad", ["mse_stray_detach", "mse_wrong_backward"])
 def test_explain_names_the_inconsistent_side(bad):
     good, wrong = impl("wrong_backward.py:mse"), impl(f"wrong_backward.py:{bad}")

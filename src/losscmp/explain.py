@@ -323,7 +323,8 @@ def self_consistency(
         perturbations = []
         for n in names:
             for i in range(case64.tensors[n].numel()):
-                u = {m: torch.zeros_like(case64.tensors[m]) for m in names}
+                # Contiguous directions: case tensors may be transposed or strided views.
+                u = {m: torch.zeros(case64.tensors[m].shape, dtype=torch.float64, device=case64.tensors[m].device) for m in names}
                 u[n].view(-1)[i] = scales[n].reshape(-1)[i]
                 perturbations.append(u)
     else:
@@ -391,39 +392,45 @@ class Observation:
 def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Observation | None:
     """What the relation needs from one compared case; None when a side failed or is not finite.
 
-    Cheap enough for every case of the search: two sums, one dot product, two norms.
-    A non-scalar value is summed (the quantity the runner differentiates).
+    Cheap enough for every case of the search: two sums, one dot product, two norms,
+    read back from the device in one transfer.  A non-scalar value is summed (the
+    quantity the runner differentiates).
     """
     if expected.failed or actual.failed or expected.value is None or actual.value is None:
         return None
     if expected.value.shape != actual.value.shape:
         return None
-    ve, va = float(expected.value.double().sum()), float(actual.value.double().sum())
-    if not (math.isfinite(ve) and math.isfinite(va)):
-        return None
+    values = [expected.value.double().sum(), actual.value.to(expected.value.device).double().sum()]
     ge, ga = [], []
     for name in sorted(expected.grads.keys() | actual.grads.keys()):
         e, a = expected.grads.get(name), actual.grads.get(name)
         if e is None and a is None:
             continue
         if e is not None and a is not None and e.shape != a.shape:
-            return Observation(ve, va, None, None, regime)
+            ge = None
+            break
         e = torch.zeros_like(a) if e is None else e  # no gradient flows: it is zero
         a = torch.zeros_like(e) if a is None else a
         ge.append(e.detach().reshape(-1).double())
-        ga.append(a.detach().reshape(-1).double())
-    if not ge:
+        ga.append(a.detach().reshape(-1).to(e.device).double())
+    if ge:
+        e, a = torch.cat(ge), torch.cat(ga)
+        finite = torch.isfinite(e).all() & torch.isfinite(a).all()
+        stats = torch.stack([*values, e @ a, e.norm(), a.norm(), finite.double()]).tolist()
+    else:
+        stats = torch.stack(values).tolist()
+    ve, va = stats[0], stats[1]
+    if not (math.isfinite(ve) and math.isfinite(va)):
+        return None
+    if not ge or not stats[5]:
         return Observation(ve, va, None, None, regime)
-    e, a = torch.cat(ge), torch.cat(ga)
-    if not (torch.isfinite(e).all() and torch.isfinite(a).all()):
-        return Observation(ve, va, None, None, regime)
-    ne, na = float(e.norm()), float(a.norm())
+    dot, ne, na = stats[2], stats[3], stats[4]
     if ne == 0 and na == 0:
         cosine, ratio = 1.0, 1.0
     elif ne == 0 or na == 0:
         cosine, ratio = 0.0, (math.inf if ne == 0 else 0.0)
     else:
-        cosine, ratio = float(e @ a) / (ne * na), na / ne
+        cosine, ratio = dot / (ne * na), na / ne
     return Observation(ve, va, cosine, ratio, regime)
 
 
