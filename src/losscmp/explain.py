@@ -784,7 +784,9 @@ class Explanation:
     def sentence(self) -> str:
         e, a = self.pair
         c = self.category
-        if c is Category.SEMANTIC:
+        if c is Category.SEMANTIC and self.kind == "gradient":
+            head = f"semantic: {a}'s gradient differs from {e}'s (still different in float64)"
+        elif c is Category.SEMANTIC:
             head = f"semantic: {a} computes a different function from {e} (still different in float64)"
         elif c is Category.NUMERICAL:
             drift_u = self.drift.get(self.unstable_side or "", math.nan)
