@@ -54,12 +54,12 @@ class Counter:
 
 
 def row(name: str, calls: int, seconds: float) -> None:
-    print(f"  {name:<44} {calls:>8} {seconds:>10.3f}")
+    print(f"  {name:<64} {calls:>8} {seconds:>10.3f}")
 
 
 def bench(title: str, expected: Implementation, actual: Implementation, spec, settings: Settings, big_case: bool) -> None:
     print(f"\n== {title}: {expected.label} vs {actual.label}; spec {spec.text()}")
-    print(f"  {'stage':<44} {'calls':>8} {'seconds':>10}")
+    print(f"  {'stage':<64} {'calls':>8} {'seconds':>10}")
     counter = Counter()
     impls = [counter.wrap(expected), counter.wrap(actual)]
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def bench(title: str, expected: Implementation, actual: Implementation, spec, se
         for stage, (calls, seconds) in ex.costs.items():
             row(f"explain {what}: {stage}", calls, seconds)
         row(f"= explain {what}", ex.evaluations, ex.seconds)
-        print(f"  {'  ratio to find + minimise':<44} {ex.evaluations / max(find[0], 1):>8.3f} {ex.seconds / max(find[1], 1e-9):>10.3f}")
+        print(f"  {'  ratio explain / (find + minimise)':<64} {ex.evaluations / max(find[0], 1):>8.3f} {ex.seconds / max(find[1], 1e-9):>10.3f}")
         sentences.append(f"  [{what}] {ex.sentence()}")
     print("  sentences:")
     print("\n".join(sentences))

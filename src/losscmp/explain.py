@@ -839,7 +839,8 @@ class Explanation:
         im = self.impact
         by_a = im.cross_improvement.get(a, math.nan)
         if not math.isfinite(by_a):
-            words = f"descent under {a} could not be weighed against {e}'s own ({im.note or 'no progress'})"
+            why = im.note.split("; ")[0] if im.note else "no progress"
+            words = f"training impact not measurable from this case ({why})"
         elif by_a <= 0:
             words = f"descent under {a} does not descend {e}'s loss"
         elif im.apart > 0.1:
