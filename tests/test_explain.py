@@ -1,5 +1,4 @@
 """The explain stage on real pairs: float64 oracle, self-consistency, relation, impact, signatures."""
-import copy
 import itertools
 import json
 import math

@@ -15,7 +15,9 @@ The analyses, each a pure function usable on its own:
   be out of float64's range too (a logit of 3000 saturates a float64 sigmoid as 30
   does a float32 one), so before calling a difference semantic the oracle walks the
   input scale down by halves while the working dtype still diverges: a scale where the
-  working dtype diverges and float64 agrees makes it ``numerical`` after all.
+  working dtype diverges as strongly as on the case and float64 agrees makes it
+  ``numerical`` after all (a semantic difference that merely fades at small scales,
+  leaving float32 noise, does not).
 * :func:`self_consistency` — per side, float64 finite differences of its own value
   against its own autograd gradient.
 * :func:`observe` / :func:`relation` — over every compared case: values equal, offset
@@ -27,6 +29,14 @@ The analyses, each a pure function usable on its own:
 Every implementation call goes through a ``run(impl, spec, case) -> Outcome``
 callable (default: :func:`losscmp.run.call` in process), so an isolating runner can be
 plugged in; :func:`explain` counts those calls and the seconds spent.
+
+Limits, said rather than hidden: ``nn.Module`` implementations are moved to float64
+as an in-process copy, so a runner that reloads implementations from their reference
+(the isolated runner) runs the original float32 module, and the oracle answers
+``unknown`` ("returned float32 for float64 inputs") instead of guessing.  The scale
+ladder only scales real/logit/positive arguments and only downwards.  Both sides of an
+envelope-theorem solver (GeomLoss' Sinkhorn) are honestly "not self-consistent";
+the sentence then blames neither side.
 """
 from __future__ import annotations
 
