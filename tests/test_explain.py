@@ -341,6 +341,9 @@ def test_runner_is_pluggable_and_costs_are_counted_within_budget():
     tight = explain(huber, smooth, REGRESSION, SMALL, "value", F32, budget=Budget(calls=3))
     assert tight.skipped and all("budget of 3 calls" in s for s in tight.skipped)
     assert tight.impact is None and tight.evaluations < ex.evaluations
+    hurried = oracle(huber, smooth, REGRESSION, SMALL, F32, deadline=0.0)  # long past
+    assert hurried.category is Category.SEMANTIC and "cut short by the time budget" in hurried.reason
+    assert hurried.evaluations == 4  # the case itself, in both dtypes, and no further
 
 
 def test_location_from_a_trace_is_carried_into_sentence_json_and_signature():

@@ -177,13 +177,23 @@ LADDER_STEPS = 16
 FADED = 0.1
 
 
-def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance, *, run: Runner = call_runner) -> Oracle:
+def oracle(
+    expected: Implementation,
+    actual: Implementation,
+    spec: Spec,
+    case: Case,
+    tol: Tolerance,
+    *,
+    run: Runner = call_runner,
+    deadline: float | None = None,
+) -> Oracle:
     """Decide ``semantic`` vs ``numerical`` with float64 re-runs (see the module docstring).
 
     Semantic needs float64 to differ (with finite results on the case, or at some
     scale below) wherever the working dtype diverges as strongly as on the case;
     float64 agreeing at one such scale makes it numerical; float64 overflowing
-    wherever it was tried leaves it unknown.
+    wherever it was tried leaves it unknown.  Past ``deadline`` (a ``time.perf_counter()``
+    value) the ladder stops where it is and says so.
     """
     pair = (expected.label, actual.label)
     floating = [t for t in case.tensors.values() if t.is_floating_point()]
@@ -197,7 +207,11 @@ def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: C
     calls = 0
     steps = LADDER_STEPS if any(a.domain in SCALABLE for a in spec.args) else 0
     scale, values, first_difference, first_score = 1.0, (), None, math.inf
+    cut_short = False
     for step in range(steps + 1):
+        if step and deadline is not None and time.perf_counter() > deadline:
+            cut_short = True
+            break
         here = case if step == 0 else scaled(spec, case, scale)
         work = {expected.label: run(expected, spec, here), actual.label: run(actual, spec, here)}
         calls += 2
@@ -236,6 +250,8 @@ def oracle(expected: Implementation, actual: Implementation, spec: Spec, case: C
         return Oracle(Category.UNKNOWN, "float64 overflows too wherever the working dtype diverges", evaluations=calls, values=values)
     at, detail = first_difference
     down_to = f"; still different down to input scale x{scale * 2:g}" if steps else ""
+    if cut_short:
+        down_to += " (the scale ladder was cut short by the time budget)"
     return Oracle(Category.SEMANTIC, f"still different in float64{'' if at == 1 else f' at input scale x{at:g}'}: {detail}{down_to}",
                   scale=at, evaluations=calls, values=values)
 
@@ -1011,7 +1027,7 @@ def explain(
                   "mutation": "a side modified its inputs in place", "nondeterminism": "a side answers differently on the same input"}.get(kind, kind)
         return Explanation(pair, kind, category, reason + "; the float64 oracle does not apply", relation=rel,
                            evaluations=0, seconds=time.perf_counter() - start)
-    orc = stage("oracle", lambda: oracle(expected, actual, spec, case, tol, run=counted))
+    orc = stage("oracle", lambda: oracle(expected, actual, spec, case, tol, run=counted, deadline=start + budget.seconds))
     category = orc.category if orc else Category.UNKNOWN
     consistency: dict[str, SelfConsistency] = {}
     for impl in (expected, actual):
