@@ -42,9 +42,9 @@ def losscmp_row(position: int, seed: int) -> tuple[int, dict, float]:
     sizes = {"N": N, "D": D, "M": M}
     case = Case({"x": x, "y": y}, sizes, recipe=Recipe(sizes=tuple(sizes.items())))
     impls = [NORMS, CLAMPED]
-    ev = Evaluator(impls, preset("points"), Settings(save_dir=None))
+    ev = Evaluator(impls, preset("points"), Settings())
     pair = ev.pairs[0]
-    verdict = ev.verdict(pair, ev.outcomes(case, pair))
+    verdict = ev.verdict(pair, ev.outcomes(case, pair.labels))
     start = time.perf_counter()
     m = minimize(ev, Divergence(pair, verdict.kind, verdict, case, 1))
     return m.evaluations, m.sizes, time.perf_counter() - start

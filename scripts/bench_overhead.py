@@ -22,8 +22,8 @@ from losscmp.load import load_implementation
 from losscmp.run import timed_raw
 from losscmp.spec import parse_spec
 
-# The package re-exports the function audit(), which shadows the submodule's name.
-audit_module = importlib.import_module("losscmp.audit")
+# Every in-process call goes through the engine's runner, which calls run.call.
+engine_module = importlib.import_module("losscmp.engine")
 
 
 def measure(name: str, refs: list[str], spec_text: str, examples: int, device: str) -> tuple[str, int, float, float, float]:
@@ -38,7 +38,7 @@ def measure(name: str, refs: list[str], spec_text: str, examples: int, device: s
     impls = [load_implementation(r) for r in refs]
     spec = parse_spec(spec_text)
     stats = {"in_calls": 0.0, "raw": 0.0, "raw_wall": 0.0, "calls": 0}
-    original_call = audit_module.call
+    original_call = engine_module.call
 
     def paired_call(fn, spec, case):
         start = time.perf_counter()
@@ -50,14 +50,14 @@ def measure(name: str, refs: list[str], spec_text: str, examples: int, device: s
         stats["calls"] += 1
         return outcome
 
-    audit(impls, spec, Settings(examples=2, minimize=False, save_dir=None, device=device))  # warm-up (JIT, caches)
-    audit_module.call = paired_call
+    audit(impls, spec, Settings.of(examples=2, minimize=False, save_dir=None, device=device))  # warm-up (JIT, caches)
+    engine_module.call = paired_call
     try:
         start = time.perf_counter()
-        result = audit(impls, spec, Settings(examples=examples, minimize=False, save_dir=None, device=device))
+        result = audit(impls, spec, Settings.of(examples=examples, minimize=False, save_dir=None, device=device))
         harness = time.perf_counter() - start - stats["raw_wall"]
     finally:
-        audit_module.call = original_call
+        engine_module.call = original_call
     raw_per_call = stats["raw"] / stats["calls"]
     raw = raw_per_call * len(impls) * result.cases_run
     return name, result.cases_run, harness, raw, harness - stats["in_calls"]

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from losscmp.findings import Alone, Pair
 from losscmp.audit import Settings, audit
 from losscmp.cli import main
 from losscmp.load import load_implementation
@@ -10,7 +11,7 @@ from losscmp.spec import preset
 
 from .conftest import FIXTURES, PLANTED
 
-DEFAULT_BUDGET = Settings().examples
+DEFAULT_BUDGET = Settings().search.examples
 
 
 def impls(*refs):
@@ -26,7 +27,7 @@ def impls(*refs):
     ],
 )
 def test_divergent_pairs_are_found_within_the_default_budget(a, b, spec, kinds):
-    result = audit(impls(f"{FIXTURES}/{a}", f"{FIXTURES}/{b}"), preset(spec), Settings(save_dir=None, minimize=False))
+    result = audit(impls(f"{FIXTURES}/{a}", f"{FIXTURES}/{b}"), preset(spec), Settings.of(minimize=False))
     assert result.cases_run == DEFAULT_BUDGET
     found = {d.kind for d in result.divergences}
     assert kinds <= found, found
@@ -41,7 +42,7 @@ def test_divergent_pairs_are_found_within_the_default_budget(a, b, spec, kinds):
     ],
 )
 def test_equivalent_pairs_never_raise_an_alarm(a, b, spec):
-    result = audit(impls(a, b), preset(spec), Settings(examples=500, save_dir=None, minimize=False))
+    result = audit(impls(a, b), preset(spec), Settings.of(examples=500, save_dir=None, minimize=False))
     assert result.cases_run == 500
     regimes = {d.case.recipe.regime for d in result.divergences}
     assert result.agree, [(d.kind, d.verdict.detail, regimes) for d in result.divergences]
@@ -78,35 +79,35 @@ def test_json_report_fields(tmp_path):
 
 
 def test_nondeterminism_is_reported_as_such_not_as_a_pair_divergence():
-    result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:noisy_mse"), preset("regression"), Settings(examples=30, save_dir=None, minimize=False))
-    kinds = {(d.pair, d.kind) for d in result.divergences}
-    assert (("noisy_mse", "noisy_mse"), "nondeterminism") in kinds
-    assert not any(pair == ("mse", "noisy_mse") for pair, _ in kinds)
+    result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:noisy_mse"), preset("regression"), Settings.of(examples=30, save_dir=None, minimize=False))
+    kinds = {(d.subject, d.kind) for d in result.divergences}
+    assert (Alone("noisy_mse"), "nondeterminism") in kinds
+    assert not any(s == Pair("mse", "noisy_mse") for s, _ in kinds)
 
 
 def test_a_real_divergence_is_still_reported_beside_nondeterminism():
-    result = audit(impls("torch.nn.functional:l1_loss", f"{PLANTED}:noisy_mse"), preset("regression"), Settings(examples=30, save_dir=None, minimize=False))
-    kinds = {(d.pair, d.kind) for d in result.divergences}
-    assert (("noisy_mse", "noisy_mse"), "nondeterminism") in kinds
-    assert (("l1_loss", "noisy_mse"), "value") in kinds
+    result = audit(impls("torch.nn.functional:l1_loss", f"{PLANTED}:noisy_mse"), preset("regression"), Settings.of(examples=30, save_dir=None, minimize=False))
+    kinds = {(d.subject, d.kind) for d in result.divergences}
+    assert (Alone("noisy_mse"), "nondeterminism") in kinds
+    assert (Pair("l1_loss", "noisy_mse"), "value") in kinds
 
 
 def test_input_mutation_is_a_finding():
-    result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:mse_inplace"), preset("regression"), Settings(examples=20, save_dir=None, minimize=False))
+    result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:mse_inplace"), preset("regression"), Settings.of(examples=20, save_dir=None, minimize=False))
     mutation = [d for d in result.divergences if d.kind == "mutation"]
-    assert mutation and mutation[0].pair == ("mse_inplace", "mse_inplace")
+    assert mutation and mutation[0].subject == Alone("mse_inplace")
     assert "target" in mutation[0].verdict.detail
     # Each side got its own copy: the mutation did not leak into the comparison.
-    assert not [d for d in result.divergences if d.pair == ("mse", "mse_inplace")]
+    assert not [d for d in result.divergences if d.subject == Pair("mse", "mse_inplace")]
 
 
 def test_reference_mode_compares_against_the_reference_only():
     result = audit(
         impls(f"{FIXTURES}/regression.py:mean_square", "torch.nn.functional:mse_loss", f"{FIXTURES}/regression.py:huber"),
         preset("regression"),
-        Settings(examples=20, save_dir=None, minimize=False, reference="mse_loss"),
+        Settings.of(examples=20, save_dir=None, minimize=False, reference="mse_loss"),
     )
-    assert {d.pair for d in result.divergences} == {("mse_loss", "huber")}
+    assert {d.subject for d in result.divergences} == {Pair("mse_loss", "huber")}
 
 
 RECIPES_SCRIPT = """
@@ -120,7 +121,7 @@ from losscmp.spec import preset
 seen, original = [], audit_module.build_case
 audit_module.build_case = lambda spec, r, **kw: (seen.append(r), original(spec, r, **kw))[1]
 impls = [load_implementation(sys.argv[2] + ":huber"), load_implementation(sys.argv[2] + ":smooth_l1")]
-audit(impls, preset("regression"), Settings(save_dir=None, minimize=False))
+audit(impls, preset("regression"), Settings.of(minimize=False))
 print(hashlib.sha256(repr(seen).encode()).hexdigest())
 """
 
@@ -159,7 +160,7 @@ def test_an_implementation_calling_sys_exit_is_a_finding(tmp_path):
     f.write_text("import sys, torch.nn.functional as F\n"
                  "def mse(input, target):\n    return F.mse_loss(input, target)\n"
                  "def quits(input, target):\n    if input.abs().max() > 3: sys.exit()\n    return F.mse_loss(input, target)\n")
-    result = audit(impls(f"{f}:mse", f"{f}:quits"), preset("regression"), Settings(examples=50, save_dir=None, minimize=False))
+    result = audit(impls(f"{f}:mse", f"{f}:quits"), preset("regression"), Settings.of(examples=50, save_dir=None, minimize=False))
     assert {d.kind for d in result.divergences} == {"exception"}
 
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from losscmp.findings import Alone, Pair
 from losscmp.compare import DEFAULT_TOLERANCES, Tolerance, compare_outcomes, diff_tensors
 from losscmp.run import Outcome
 
@@ -43,18 +44,18 @@ def ok(value, **grads):
 
 def test_verdict_kinds():
     tol = Tolerance(1.3e-6, 1e-5)
-    assert compare_outcomes(("a", "b"), ok(1.0, x=[1.0]), ok(1.0, x=[1.0]), tol).kind is None
-    assert compare_outcomes(("a", "b"), ok(1.0, x=[1.0]), ok(2.0, x=[1.0]), tol).kind == "value"
-    assert compare_outcomes(("a", "b"), ok(1.0, x=[1.0]), ok(1.0, x=[1.5]), tol).kind == "gradient"
-    assert compare_outcomes(("a", "b"), ok(1.0, x=[1.0]), ok(1.0, x=[float("nan")]), tol).kind == "nonfinite"
+    assert compare_outcomes(Pair("a", "b"), ok(1.0, x=[1.0]), ok(1.0, x=[1.0]), tol).kind is None
+    assert compare_outcomes(Pair("a", "b"), ok(1.0, x=[1.0]), ok(2.0, x=[1.0]), tol).kind == "value"
+    assert compare_outcomes(Pair("a", "b"), ok(1.0, x=[1.0]), ok(1.0, x=[1.5]), tol).kind == "gradient"
+    assert compare_outcomes(Pair("a", "b"), ok(1.0, x=[1.0]), ok(1.0, x=[float("nan")]), tol).kind == "nonfinite"
     missing = Outcome("ok", value=torch.tensor(1.0), grads={"x": None})
-    v = compare_outcomes(("a", "b"), ok(1.0, x=[1.0]), missing, tol)
+    v = compare_outcomes(Pair("a", "b"), ok(1.0, x=[1.0]), missing, tol)
     assert v.kind == "gradient" and "no gradient flows in b" in v.detail
     boom = Outcome("exception", error="raised ValueError: no")
-    v = compare_outcomes(("a", "b"), ok(1.0), boom, tol)
+    v = compare_outcomes(Pair("a", "b"), ok(1.0), boom, tol)
     assert v.kind == "exception" and v.detail.startswith("b raised ValueError")
-    assert compare_outcomes(("a", "b"), boom, boom, tol).kind is None  # both refuse the input
-    assert compare_outcomes(("a", "b"), ok([1.0, 2.0]), ok(1.0), tol).kind == "shape"
+    assert compare_outcomes(Pair("a", "b"), boom, boom, tol).kind is None  # both refuse the input
+    assert compare_outcomes(Pair("a", "b"), ok([1.0, 2.0]), ok(1.0), tol).kind == "shape"
 
 
 def test_zero_tolerance_is_exact_equality():

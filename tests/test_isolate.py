@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from losscmp.findings import Pair
 from losscmp.audit import Settings, audit
 from losscmp.generate import Case, Recipe, build_case
 from losscmp.isolate import IsolatedRunner
@@ -30,7 +31,7 @@ from losscmp.spec import parse_spec, preset
 REPO = Path(__file__).resolve().parent.parent
 MISBEHAVING = "fixtures/misbehaving.py"
 REGRESSION = preset("regression")
-PAIR_SEGFAULT = ("mse", "segfaults_on_negative_mean")
+PAIR_SEGFAULT = Pair("mse", "segfaults_on_negative_mean")
 
 
 @pytest.fixture(autouse=True)
@@ -96,9 +97,9 @@ def dying(tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- audits
 def test_segfault_is_a_crash_finding_and_the_run_completes():
     impls = [misbehaving("mse"), misbehaving("segfaults_on_negative_mean")]
-    result = audit(impls, REGRESSION, Settings(isolate=True, timeout=5, examples=30, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=30, save_dir=None, minimize=False))
     assert result.cases_run == 30
-    assert {(d.pair, d.kind) for d in result.divergences} == {(PAIR_SEGFAULT, "crash")}
+    assert {(d.subject, d.kind) for d in result.divergences} == {(PAIR_SEGFAULT, "crash")}
     d = result.divergences[0]
     detail = d.verdict.detail
     assert "\n" not in detail
@@ -117,10 +118,10 @@ def test_hang_is_a_timeout_finding():
     # (the audit calls a suspect again before blaming the pair).
     impls = [misbehaving("mse"), misbehaving("hangs_on_size_one")]
     start = time.monotonic()
-    result = audit(impls, REGRESSION, Settings(isolate=True, timeout=2, examples=8, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=2, examples=8, save_dir=None, minimize=False))
     assert time.monotonic() - start < 45
     assert result.cases_run == 8
-    assert {(d.pair, d.kind) for d in result.divergences} == {(("mse", "hangs_on_size_one"), "timeout")}
+    assert {(d.subject, d.kind) for d in result.divergences} == {(Pair("mse", "hangs_on_size_one"), "timeout")}
     d = result.divergences[0]
     assert d.case.sizes["B"] == 1
     assert d.verdict.detail.startswith("hangs_on_size_one did not return within 2 s")
@@ -128,13 +129,13 @@ def test_hang_is_a_timeout_finding():
 
 def test_without_isolate_well_behaved_implementations_still_agree():
     impls = [misbehaving("mse"), load_implementation("torch.nn.functional:mse_loss")]
-    result = audit(impls, REGRESSION, Settings(examples=30, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(examples=30, save_dir=None, minimize=False))
     assert result.agree and result.cases_run == 30
 
 
 def test_isolated_well_behaved_implementations_agree_too():
     impls = [misbehaving("mse"), load_implementation("torch.nn.functional:mse_loss")]
-    result = audit(impls, REGRESSION, Settings(isolate=True, timeout=5, examples=15, save_dir=None, minimize=False))
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=15, save_dir=None, minimize=False))
     assert result.agree and result.cases_run == 15
 
 

@@ -14,12 +14,12 @@ from .planted import BLUR_THRESHOLD, FAR
 
 def evaluator(a, b, spec, **kw):
     impls = [load_implementation(f"{PLANTED}:{a}"), load_implementation(f"{PLANTED}:{b}")]
-    return Evaluator(impls, spec, Settings(save_dir=None, **kw))
+    return Evaluator(impls, spec, Settings.of(**kw))
 
 
 def divergence_of(ev, case):
     pair = ev.pairs[0]
-    verdict = ev.verdict(pair, ev.outcomes(case, pair))
+    verdict = ev.verdict(pair, ev.outcomes(case, pair.labels))
     assert verdict.kind, "the planted case must diverge to begin with"
     return Divergence(pair, verdict.kind, verdict, case, 1)
 
@@ -107,7 +107,7 @@ def test_scale_sweep_finds_where_bce_on_sigmoid_breaks():
     from .conftest import FIXTURES
 
     impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
-    result = sweep(impls, preset("binary"), Settings(save_dir=None), parse_knob("scale=0.1:1000:log"), points=9)
+    result = sweep(impls, preset("binary"), Settings(), parse_knob("scale=0.1:1000:log"), points=9)
     assert result.boundaries, [p.verdict.kind for p in result.points]
     first = result.boundaries[0]
     assert first.agree_at < first.diverge_at  # agree for small |z|, diverge above
@@ -133,7 +133,7 @@ def test_offset_sweep_brackets_both_sides_of_agreement():
     from .conftest import FIXTURES
 
     impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
-    result = sweep(impls, preset("binary"), Settings(save_dir=None), parse_knob("offset=-100:100:lin"), points=5)
+    result = sweep(impls, preset("binary"), Settings(), parse_knob("offset=-100:100:lin"), points=5)
     below, above = sorted(result.boundaries, key=lambda b: b.value)
     assert below.diverge_at < below.agree_at and above.agree_at < above.diverge_at  # agreement only near 0
     assert abs(below.agree_at - below.diverge_at) <= 0.01 * abs(below.value)
@@ -154,5 +154,5 @@ def test_a_swept_keyword_overrides_the_specs_fixed_value(tmp_path):
                  "def b(x, y, k=1.0):\n    return ((x - y) ** 2).mean() * (2 if k > 3 else 1)\n")
     spec = parse_spec("x: N real grad; y: N real; N=2..8; k=1.0")
     impls = [load_implementation(f"{f}:a"), load_implementation(f"{f}:b")]
-    result = sweep(impls, spec, Settings(save_dir=None), parse_knob("k=1:10:lin"), points=5)
+    result = sweep(impls, spec, Settings(), parse_knob("k=1:10:lin"), points=5)
     assert len(result.boundaries) == 1 and abs(result.boundaries[0].value - 3) < 0.05

@@ -1,17 +1,35 @@
-"""The plugin, tested the way pytest tests its own plugins: on a throwaway project."""
+"""The plugin and assert_losses_agree, tested the way pytest tests its own plugins: on throwaway projects."""
+import shlex
+import shutil
+import sys
 
-from .conftest import FIXTURES
+import pytest
+from hypothesis import settings
+
+from losscmp.pytest_plugin import case_folder
+
+from .conftest import FIXTURES, REPO
 
 pytest_plugins = ["pytester"]
 
-DIVERGENT = f'''
+NAIVE_BCE = "F.binary_cross_entropy(logits.sigmoid(), target)"  # saturates: diverges for |logits| > ~17
+STABLE_BCE = "F.binary_cross_entropy_with_logits(logits, target)"
+
+MODULE_LEVEL = '''
 import torch.nn.functional as F
 
-def bce_on_sigmoid(logits, target):
-    return F.binary_cross_entropy(logits.sigmoid(), target)
+def my_bce(logits, target):
+    return {body}
 
 def test_bce(losscmp):
-    losscmp.check(bce_on_sigmoid, "{FIXTURES}/bce.py:bce_with_logits", spec="binary", examples=60)
+    losscmp.check(my_bce, "{fixtures}/bce.py:bce_with_logits", spec="binary", examples=40)
+'''
+
+LAMBDA = '''
+import torch.nn.functional as F
+
+def test_bce(losscmp):
+    losscmp.check(lambda logits, target: {body}, F.binary_cross_entropy_with_logits, spec="binary", examples=40)
 '''
 
 EQUIVALENT = '''
@@ -21,40 +39,240 @@ def mean_square(input, target):
     return ((input - target) ** 2).mean()
 
 def test_mse(losscmp):
-    result = losscmp.check(F.mse_loss, mean_square, spec="regression", examples=80)
-    assert result.cases_run == 80
+    result = losscmp.check(F.mse_loss, mean_square, spec="regression", examples=30)
+    assert result.cases_run == 30
 '''
+
+RUN = ("-p", "no:cacheprovider")
+
+
+def _saved(pytester):
+    return sorted((pytester.path / "fixtures" / "losscmp").rglob("*.json"))
+
+
+def _replay_command(result) -> str:
+    lines = [line for line in result.stdout.lines if "replay: pytest" in line]
+    assert lines, result.stdout.str()
+    return lines[-1].split("replay: ", 1)[1]
 
 
 def test_options_are_listed_in_help(pytester):
-    result = pytester.runpytest_subprocess("--help")
-    result.stdout.fnmatch_lines(["*losscmp: differential testing*", "*--losscmp-examples*", "*--losscmp-seed*", "*--losscmp-save-dir*"])
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["*losscmp: differential testing*", "*--losscmp-examples*", "*--losscmp-seed*", "*--losscmp-device*",
+                                 "*--losscmp-dtype*", "*--losscmp-rtol*", "*--losscmp-atol*", "*--losscmp-isolate*",
+                                 "*--losscmp-timeout*", "*--losscmp-save-dir*", "*--losscmp-replay-only*"])
 
 
-def test_agreeing_implementations_pass(pytester):
+def test_agreeing_implementations_pass_and_are_summed_up(pytester):
     pytester.makepyfile(test_eq=EQUIVALENT)
-    pytester.runpytest("-q", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    result = pytester.runpytest(*RUN)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*= losscmp =*", "1 check(s): 1 pair(s) checked, 30 case(s) run, 0 saved case(s) replayed",
+                                 "divergences: none"])
+    assert not _saved(pytester)
 
 
-def test_divergence_fails_with_a_report_and_saves_then_replays_the_case(pytester):
-    pytester.makepyfile(test_div=DIVERGENT)
-    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*bce_on_sigmoid vs bce_with_logits*DIVERGE*", "*minimised in*"])
-    saved = sorted((pytester.path / "fixtures" / "losscmp").rglob("*.json"))
-    assert saved, "the minimised case is saved under fixtures/"
-    # Next run: the saved case is replayed first, and fails the test on its own.
-    again = pytester.runpytest("-q", "-p", "no:cacheprovider", "--losscmp-examples", "1")
+@pytest.mark.parametrize("template", [MODULE_LEVEL, LAMBDA], ids=["module-level function", "lambda"])
+def test_a_divergence_is_saved_replayed_first_and_passes_once_fixed(pytester, template):
+    pytester.makepyfile(test_div=template.format(body=NAIVE_BCE, fixtures=FIXTURES))
+    first = pytester.runpytest(*RUN)
+    first.assert_outcomes(failed=1)
+    first.stdout.fnmatch_lines(["*DIVERGE*", "*minimised in*", "*replay: pytest test_div.py::test_bce --losscmp-replay-only"])
+    saved = _saved(pytester)
+    assert saved and all(p.parent.name == case_folder("test_div.py::test_bce") for p in saved)
+    first.stdout.fnmatch_lines(["*= losscmp =*", "*1 pair(s) checked, 40 case(s) run, 0 saved case(s) replayed", "divergences: *value*",
+                                "new cases saved in:", f"  fixtures/losscmp/{saved[0].parent.name}  (*)"])
+
+    # Next run: the saved cases are replayed first and fail the test without fuzzing.
+    again = pytester.runpytest(*RUN)
     again.assert_outcomes(failed=1)
-    again.stdout.fnmatch_lines(["*saved case*still diverges*"])
+    again.stdout.fnmatch_lines(["*losscmp: a saved case still diverges (value)*", "*saved case: fixtures/losscmp/*",
+                                f"*1 pair(s) checked, 0 case(s) run, {len(saved)} saved case(s) replayed ({len(saved)} still diverge)"])
+    assert "corrupt" not in again.stdout.str()
+
+    # Fixed: the saved cases replay as agreeing, then the fuzzing agrees too.
+    pytester.makepyfile(test_div=template.format(body=STABLE_BCE, fixtures=FIXTURES))
+    fixed = pytester.runpytest(*RUN)
+    fixed.assert_outcomes(passed=1)
+    fixed.stdout.fnmatch_lines([f"*1 pair(s) checked, 40 case(s) run, {len(saved)} saved case(s) replayed", "divergences: none"])
 
 
-def test_lambdas_and_same_named_callables(pytester):
-    pytester.makepyfile(test_lam='''
+def test_the_printed_replay_command_fails_from_the_project_root_while_it_diverges(pytester):
+    pytester.makepyfile(test_div=MODULE_LEVEL.format(body=NAIVE_BCE, fixtures=FIXTURES))
+    command = _replay_command(pytester.runpytest(*RUN))
+    argv = shlex.split(command)
+    assert argv[0] == "pytest"
+    replay = pytester.run(sys.executable, "-m", "pytest", *argv[1:], *RUN)  # pytester runs it in the project root
+    assert replay.ret == 1
+    replay.stdout.fnmatch_lines(["*a saved case still diverges (value)*", "*0 case(s) run, * saved case(s) replayed*"])
+
+
+def test_replay_only_runs_saved_cases_and_never_fuzzes(pytester):
+    pytester.makepyfile(test_div=MODULE_LEVEL.format(body=NAIVE_BCE, fixtures=FIXTURES), test_eq=EQUIVALENT.replace("assert result.cases_run == 30", ""))
+    # No saved case yet: nothing to replay, nothing fuzzed, the tests pass.
+    empty = pytester.runpytest(*RUN, "--losscmp-replay-only")
+    empty.assert_outcomes(passed=2)
+    empty.stdout.fnmatch_lines(["2 check(s): 0 pair(s) checked, 0 case(s) run, 0 saved case(s) replayed"])
+    assert not _saved(pytester)
+
+    pytester.runpytest(*RUN).assert_outcomes(failed=1, passed=1)  # a fuzzing run saves the divergence
+    replayed = pytester.runpytest(*RUN, "--losscmp-replay-only")
+    replayed.assert_outcomes(failed=1, passed=1)
+    replayed.stdout.fnmatch_lines([f"2 check(s): 1 pair(s) checked, 0 case(s) run, {len(_saved(pytester))} saved case(s) replayed*"])
+
+
+def test_assert_losses_agree_is_a_plain_assertion_with_losscmp_frames_hidden(pytester):
+    pytester.makepyfile(test_plain=f'''
+import torch.nn.functional as F
+import pytest
+from hypothesis import settings
+from losscmp.testing import assert_losses_agree
+
+def my_bce(logits, target):
+    return {NAIVE_BCE}
+
+def test_diverges():
+    assert_losses_agree(my_bce, F.binary_cross_entropy_with_logits, spec="binary", examples=30)
+
+def test_agrees():
+    result = assert_losses_agree(lambda i, t: F.mse_loss(i, t), lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=20)
+    assert result.agree and result.cases_run == 20 and result.labels == ("lambda", "lambda#2")
+
+def test_raises_assertion_error():
+    with pytest.raises(AssertionError, match="my_bce vs binary_cross_entropy_with_logits"):
+        assert_losses_agree(my_bce, F.binary_cross_entropy_with_logits, spec="binary", examples=30)
+''')
+    result = pytester.runpytest(*RUN)
+    result.assert_outcomes(failed=1, passed=2)
+    result.stdout.fnmatch_lines(["*def test_diverges():*", ">*assert_losses_agree(*", "E*AssertionError: losscmp: 2 implementations*",
+                                 "E*my_bce vs binary_cross_entropy_with_logits*DIVERGE*", "E*replay: pytest test_plain.py::test_diverges",
+                                 "test_plain.py:*: AssertionError"])
+    assert "losscmp/testing.py" not in result.stdout.str()  # losscmp's own frames are hidden
+    assert not (pytester.path / "fixtures").exists()  # nothing written unless asked
+    result.stdout.fnmatch_lines(["3 check(s): 3 pair(s) checked, 80 case(s) run, 0 saved case(s) replayed"])
+
+
+def test_a_hypothesis_profile_sets_the_budget_unless_the_call_or_the_option_does(pytester):
+    pytester.makeconftest('from hypothesis import settings\nsettings.register_profile("ci", max_examples=37)\n')
+    pytester.makepyfile(test_eq='''
 import torch.nn.functional as F
 
-def test_lambdas(losscmp):
-    result = losscmp.check(lambda i, t: F.mse_loss(i, t), lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=20)
-    assert result.labels == ("lambda", "lambda#2")
+def test_profile(losscmp):
+    losscmp.check(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression")
+
+def test_call(losscmp):
+    losscmp.check(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=5)
 ''')
-    pytester.runpytest("-q", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    # Loading a profile is global to Hypothesis in this process: put ours back afterwards.
+    ours = settings.get_current_profile_name()
+    try:
+        profile = pytester.runpytest(*RUN, "--hypothesis-profile", "ci")
+        profile.assert_outcomes(passed=2)
+        profile.stdout.fnmatch_lines(["*2 pair(s) checked, 42 case(s) run*"])  # 37 + 5
+        option = pytester.runpytest(*RUN, "--hypothesis-profile", "ci", "--losscmp-examples", "7")
+        option.stdout.fnmatch_lines(["*2 pair(s) checked, 12 case(s) run*"])  # 7 + 5
+    finally:
+        settings.load_profile(ours)
+    default = pytester.runpytest(*RUN)
+    default.stdout.fnmatch_lines(["*2 pair(s) checked, 105 case(s) run*"])  # 100 + 5
+
+
+def test_case_folders_are_unique_per_test_and_readable():
+    long = "x" * 120
+    a, b = f"tests/test_a.py::test_{long}[1]", f"tests/test_b.py::test_{long}[1]"
+    assert a[-100:] == b[-100:]
+    assert case_folder(a) != case_folder(b)
+    assert case_folder(a).startswith("test_a.py_test_xxx") and case_folder(a) == case_folder(a)
+
+
+@pytest.mark.slow  # starts worker processes, each importing torch
+def test_xdist_workers_save_per_test_and_the_summary_adds_them_up(pytester):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(
+        test_one=MODULE_LEVEL.format(body=NAIVE_BCE, fixtures=FIXTURES),
+        test_two=LAMBDA.format(body=NAIVE_BCE),
+        test_three=EQUIVALENT,
+    )
+    result = pytester.runpytest_subprocess(*RUN, "-n", "2")
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(["*2 workers*", "*= losscmp =*", "3 check(s): 3 pair(s) checked, 110 case(s) run, 0 saved case(s) replayed",
+                                 "divergences: *value*", "new cases saved in:"])
+    folders = {p.parent.name for p in _saved(pytester)}
+    assert folders == {case_folder("test_one.py::test_bce"), case_folder("test_two.py::test_bce")}
+    for folder in folders:
+        result.stdout.fnmatch_lines([f"  fixtures/losscmp/{folder}  (*)"])
+
+
+CRASHES = '''
+import os
+import torch.nn.functional as F
+
+def my_mse(input, target):
+    {body}
+    return F.mse_loss(input, target)
+
+def test_mse(losscmp):
+    losscmp.check(my_mse, F.mse_loss, spec="regression", examples=3, isolate=True, minimize=False)
+'''
+
+
+@pytest.mark.slow  # starts worker processes, each importing torch
+def test_a_crash_saved_with_isolate_is_replayed_without_killing_pytest(pytester):
+    pytester.makepyfile(test_crash=CRASHES.format(body="os._exit(3)"))
+    first = pytester.runpytest(*RUN)
+    first.assert_outcomes(failed=1)
+    first.stdout.fnmatch_lines(["*my_mse vs mse_loss*DIVERGE*crash*"])
+    assert _saved(pytester)
+    # Replayed in a worker: the test fails, pytest lives on to report it.
+    again = pytester.runpytest(*RUN, "--losscmp-replay-only")
+    again.assert_outcomes(failed=1)
+    again.stdout.fnmatch_lines(["*a saved case still diverges (crash)*", "*= losscmp =*"])
+    pytester.makepyfile(test_crash=CRASHES.format(body="pass"))
+    pytester.runpytest(*RUN, "--losscmp-replay-only").assert_outcomes(passed=1)
+
+
+def test_the_research_repo_example_passes(pytester):
+    shutil.copytree(REPO / "examples" / "research_repo", pytester.path, dirs_exist_ok=True)
+    result = pytester.runpytest(*RUN)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*= losscmp =*", "2 check(s): 2 pair(s) checked, 200 case(s) run*", "divergences: none"])
+
+
+def test_a_corrupt_saved_case_fails_the_test_in_one_line(pytester):
+    pytester.makepyfile(test_eq=EQUIVALENT)
+    folder = pytester.path / "fixtures" / "losscmp" / case_folder("test_eq.py::test_mse")
+    folder.mkdir(parents=True)
+    (folder / "broken.json").write_text("{not json")
+    (folder / "broken.npz").write_bytes(b"")
+    result = pytester.runpytest(*RUN)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E*AssertionError: losscmp: saved case fixtures/losscmp/*/broken.json cannot be replayed: corrupt repro: *"])
+    assert "losscmp/testing.py" not in result.stdout.str()
+
+
+def test_command_line_options_reach_plain_assert_losses_agree(pytester):
+    pytester.makepyfile(test_plain='''
+import torch
+import torch.nn.functional as F
+from losscmp.testing import assert_losses_agree
+
+def test_options():
+    result = assert_losses_agree(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression")
+    assert result.cases_run == 9 and result.audit.settings.execution.dtype == torch.float64 and result.audit.settings.tolerances.atol == 0.5
+
+def test_the_call_wins():
+    assert assert_losses_agree(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=3).cases_run == 3
+''')
+    pytester.runpytest(*RUN, "--losscmp-examples", "9", "--losscmp-dtype", "float64", "--losscmp-atol", "0.5").assert_outcomes(passed=2)
+    # Replay-only: a plain call with no saved cases passes without fuzzing.
+    pytester.makepyfile(test_plain='''
+import torch.nn.functional as F
+from losscmp.testing import assert_losses_agree
+
+def test_nothing_fuzzed():
+    result = assert_losses_agree(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression")
+    assert result.audit is None and result.cases_run == 0 and result.agree
+''')
+    replay_only = pytester.runpytest(*RUN, "--losscmp-replay-only")
+    replay_only.assert_outcomes(passed=1)
+    replay_only.stdout.fnmatch_lines(["1 check(s): 0 pair(s) checked, 0 case(s) run, 0 saved case(s) replayed"])

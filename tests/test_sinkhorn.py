@@ -15,8 +15,8 @@ SINKHORN = FIXTURES / "sinkhorn_torch.py"
 
 def test_handwritten_sinkhorn_agrees_with_geomloss_over_the_default_budget():
     impls = [load_implementation(f"{SINKHORN}:handwritten"), load_implementation(f"{SINKHORN}:official")]
-    result = audit(impls, preset("points"), Settings(save_dir=None, minimize=False))
-    assert result.cases_run == Settings().examples
+    result = audit(impls, preset("points"), Settings.of(minimize=False))
+    assert result.cases_run == Settings().search.examples
     assert result.agree, [(d.kind, d.verdict.detail, d.case.describe()) for d in result.divergences]
 
 
@@ -25,18 +25,18 @@ def test_a_fork_of_the_schedule_is_caught(tmp_path):
     fork = tmp_path / "fork_sinkhorn.py"
     fork.write_text(SINKHORN.read_text().replace("SCALING = 0.5", "SCALING = 0.7"))
     impls = [load_implementation(f"fork={fork}:handwritten"), load_implementation(f"{SINKHORN}:official")]
-    result = audit(impls, preset("points"), Settings(save_dir=None, examples=60))
+    result = audit(impls, preset("points"), Settings.of(examples=60))
     assert not result.agree
     d = max(result.divergences, key=lambda d: d.score)
     m = d.minimized
     assert m.sizes["N"] + m.sizes["M"] <= 6 < d.case.sizes["N"] + d.case.sizes["M"] or d.case.numel() <= 12
     # 1-minimal: dropping any single point loses the divergence.
-    ev = Evaluator(impls, preset("points"), Settings(save_dir=None))
+    ev = Evaluator(impls, preset("points"), Settings())
     for dim in ("N", "M"):
         n = m.sizes[dim]
         for drop in range(n if n > 1 else 0):
             smaller = take(ev.spec, m.case, dim, [i for i in range(n) if i != drop])
-            assert not ev.still_diverges(d.pair, d.kind, smaller), (dim, drop)
+            assert not ev.still_diverges(d.subject, d.kind, smaller), (dim, drop)
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_tensorized_vs_online_backends_disagree_in_float32_and_are_minimised():
     potentials lose whole digits.  losscmp must find this and shrink it to a few points."""
     pytest.importorskip("pykeops")
     impls = [load_implementation(f"{SINKHORN}:official"), load_implementation(f"{SINKHORN}:official_online")]
-    result = audit(impls, preset("points"), Settings(save_dir=None, examples=100))
+    result = audit(impls, preset("points"), Settings.of(examples=100))
     assert not result.agree
     worst = max(result.divergences, key=lambda d: d.score)
     assert worst.kind == "gradient"

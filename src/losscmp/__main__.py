@@ -1,5 +1,6 @@
 import sys
 
-from .cli import main
+from .supervise import entry
 
-sys.exit(main())
+if __name__ == "__main__":  # not when multiprocessing re-imports the main module in a worker
+    sys.exit(entry())

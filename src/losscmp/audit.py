@@ -1,63 +1,68 @@
-"""The audit: generate cases, run every implementation, compare, keep the worst.
+"""The audit: explore (generate cases, run, compare), then run the stages on each finding.
 
 ``audit()`` is the whole pipeline behind ``losscmp A B``; the CLI and the pytest
-helper only parse arguments and print.  Per (pair, kind) it keeps the worst case seen
-(highest score, then fewest elements), then hands it to the minimiser.
+helpers only parse arguments and print.
+
+Exploration keeps, per subject (a pair, or one implementation alone) and kind, a few
+*groups* of diverging cases that look like different causes (which components differ,
+in which direction): each group keeps its worst case, its mildest-regime case (the
+*representative*: a divergence on ordinary inputs is a different story from one that
+needs 1e30), a count per regime, and what the implementations printed.  Every case is
+accounted for in ``AuditResult.tally`` (agree, not compared, or its most severe kind).
+
+The stages (:mod:`losscmp.stages`: minimise, explain, group, save) then run in order
+on the list of findings; a new stage is one module and one list entry.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import torch
-from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given
 from hypothesis import seed as hypothesis_seed
+from hypothesis import settings as hypothesis_settings
 from hypothesis import target
 
-from .compare import KINDS, Tolerance, Verdict, compare_outcomes
-from .generate import Case, build_case, probe_recipe, recipes
+from . import supervise
+from .compare import Verdict
+from .engine import Evaluator, mutation_verdict
+from .errors import LosscmpError
+from .findings import Alone, Kind, Pair, Status, Subject
+from .generate import REGIMES, Case, build_case, probe_recipe, recipes
 from .load import Implementation
-from .run import Outcome, call, finite
+from .run import Outcome, finite, watching_interrupts
+from .settings import Settings
 from .spec import Spec
 
-
-@dataclass(frozen=True)
-class Settings:
-    examples: int = 100
-    seed: int = 0
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    rtol: float | None = None
-    atol: float | None = None
-    reference: str | None = None
-    minimize: bool = True
-    save_dir: Path | None = Path("fixtures/losscmp")
-    allow_nonfinite: bool = False
-    max_size: int | None = None
-    isolate: bool = False
-    timeout: float | None = None
-
-    @property
-    def tolerance(self) -> Tolerance:
-        return Tolerance.for_dtype(self.dtype, self.rtol, self.atol)
+# How far beyond its own run-to-run noise a nondeterministic implementation must
+# disagree with another before the pair is blamed.
+NOISE_MARGIN = 10.0
+# Distinct-looking groups kept per (subject, kind) during the search.
+GROUPS_PER_KIND = 4
 
 
 @dataclass(frozen=True, eq=False)
 class Divergence:
-    """The worst case of one kind of disagreement for one pair (or one implementation)."""
+    """One kind of disagreement for one subject, and one of its causes (a group)."""
 
-    pair: tuple[str, str]
-    kind: str
-    verdict: Verdict
-    case: Case
-    count: int  # cases that showed this (pair, kind)
-    minimized: "object | None" = None  # minimize.Minimized
+    subject: Subject
+    kind: Kind
+    verdict: Verdict  # on the worst case
+    case: Case  # the worst case: highest score, then fewest elements
+    count: int  # diverging cases in this group
+    regimes: dict[str, int] = field(default_factory=dict)  # diverging cases per regime
+    representative: Case | None = None  # the mildest-regime case
+    representative_verdict: Verdict | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # what each side printed or warned on the worst case
+    minimized: Any = None  # minimize.Minimized
+    explanation: Any = None  # explain.Explanation
     repro: str | None = None
     repro_error: str | None = None  # why the repro could not be saved
+    group_key: tuple = ()
 
     @property
     def score(self) -> float:
@@ -71,9 +76,12 @@ class AuditResult:
     settings: Settings
     cases_run: int
     divergences: tuple[Divergence, ...]
-    seconds: float
-    pair_cases: dict[tuple[str, str], int] = field(default_factory=dict)  # diverging cases per pair
-    pairs: tuple[tuple[str, str], ...] = ()  # the pairs compared, (expected, actual)
+    seconds: float  # everything the caller waited for: search, minimisation, explanation, saving
+    pairs: tuple[Pair, ...] = ()  # the pairs compared
+    subject_cases: dict[Subject, int] = field(default_factory=dict)  # diverging cases per subject
+    tally: dict[str, int] = field(default_factory=dict)  # every case: "agree", "not compared", or its most severe kind
+    not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
+    evaluations: int = 0
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -84,99 +92,203 @@ class AuditResult:
         return not self.divergences
 
 
-class Evaluator:
-    """Runs implementations on cases and compares them; counts every call it makes."""
-
-    def __init__(self, impls: Sequence[Implementation], spec: Spec, settings: Settings):
-        self.impls = {i.label: i for i in impls}
-        if len(self.impls) != len(impls):
-            raise ValueError("implementation labels must be distinct; give them with 'label=ref'")
-        self.spec, self.settings, self.tol = spec, settings, settings.tolerance
-        self.runner = _make_runner(settings)
-        self.evaluations = 0
-        labels = list(self.impls)
-        if settings.reference:
-            if settings.reference not in self.impls:
-                raise ValueError(f"--reference {settings.reference!r} is not one of {', '.join(labels)}")
-            self.pairs = [(settings.reference, la) for la in labels if la != settings.reference]
-        else:
-            self.pairs = list(itertools.combinations(labels, 2))
-
-    def outcome(self, label: str, case: Case) -> Outcome:
-        return self.runner(self.impls[label], self.spec, case)
-
-    def outcomes(self, case: Case, labels: Sequence[str] | None = None) -> dict[str, Outcome]:
-        self.evaluations += 1
-        return {la: self.outcome(la, case) for la in (labels or self.impls)}
-
-    def verdict(self, pair: tuple[str, str], outcomes: dict[str, Outcome]) -> Verdict:
-        return compare_outcomes(pair, outcomes[pair[0]], outcomes[pair[1]], self.tol)
-
-    def judge(self, pair: tuple[str, str], case: Case) -> Verdict:
-        """The verdict for ``pair`` on ``case``; a pair (a, a) asks whether ``a`` misbehaves alone."""
-        if pair[0] == pair[1]:
-            return self.self_verdict(pair[0], case)
-        return self.verdict(pair, self.outcomes(case, pair))
-
-    def still_diverges(self, pair: tuple[str, str], kind: str, case: Case) -> bool:
-        """The minimiser's predicate: the same kind of divergence on the same pair."""
-        return self.judge(pair, case).kind == kind
-
-    def self_verdict(self, label: str, case: Case) -> Verdict:
-        """Does ``label`` misbehave on its own (mutation, nondeterminism)?"""
-        first, second = self.outcomes(case, [label])[label], self.outcome(label, case)
-        if first.mutated:
-            return mutation_verdict(label, first)
-        return self.repeat_verdict(label, first, second)
-
-    def repeat_verdict(self, label: str, first: Outcome, second: Outcome) -> Verdict:
-        """Two calls of one implementation on one input: agreement, or nondeterminism."""
-        v = compare_outcomes((label, label), first, second, self.tol)
-        if v.kind:
-            return replace(v, kind="nondeterminism", detail=f"two calls on the same input disagree: {v.detail}")
-        return v
-
-    def close(self) -> None:
-        close = getattr(self.runner, "close", None)
-        if close:
-            close()
-
-
-def mutation_verdict(label: str, outcome: Outcome) -> Verdict:
-    return Verdict((label, label), "mutation", float("inf"), f"{label} modified its input(s) {', '.join(outcome.mutated)} in place")
-
-
-def _make_runner(settings: Settings) -> Callable[[Implementation, Spec, Case], Outcome]:
-    if settings.isolate:
-        from .isolate import IsolatedRunner
-
-        return IsolatedRunner(timeout=settings.timeout)
-    return lambda impl, spec, case: call(impl.fn, spec, case)
-
-
-# How far beyond its own run-to-run noise a nondeterministic implementation must
-# disagree with another before the pair is blamed.
-NOISE_MARGIN = 10.0
-
-
-class ProbeError(ValueError):
-    """The implementations cannot be run on this spec at all; the message is one line."""
+class ProbeError(LosscmpError):
+    """The implementations cannot be run on this spec at all."""
 
 
 def probe(ev: Evaluator) -> tuple[Case, dict[str, Outcome]]:
-    """One tame case first: a non-tensor, a non-scalar, or every side raising is a usage error.
+    """One tame case first.  A non-tensor or non-scalar return, every side failing, or
+    one side raising where the others work (an argument-format mismatch, most likely)
+    is a usage error, not a run of 100 identical findings.
 
     The probe is an ordinary standard-regime case, so the audit counts it as its first.
     """
-    case = build_case(ev.spec, probe_recipe(ev.spec, ev.settings.seed), dtype=ev.settings.dtype, device=ev.settings.device)
+    s = ev.settings
+    case = build_case(ev.spec, probe_recipe(ev.spec, s.search.seed), dtype=s.execution.dtype, device=s.execution.device)
+    supervise.rebuildable(case)
     outcomes = ev.outcomes(case)
     for label, o in outcomes.items():
-        if o.status in ("non_tensor", "non_scalar"):
+        if o.status in (Status.NON_TENSOR, Status.NON_SCALAR):
             raise ProbeError(f"{label} {o.error} on a probe input ({case.describe()}); is --spec right?")
-    if all(o.failed for o in outcomes.values()):
-        first = next(iter(outcomes.items()))
-        raise ProbeError(f"every implementation failed on a probe input ({case.describe()}), e.g. {first[0]} {first[1].error}; is --spec right?")
+    failed = {la: o for la, o in outcomes.items() if o.failed}
+    if len(failed) == len(outcomes):
+        label, o = next(iter(failed.items()))
+        raise ProbeError(f"every implementation failed on a probe input ({case.describe()}), e.g. {label} {o.error}; is --spec right?")
+    if failed and not any(o.status.died for o in failed.values()):
+        # Only a side that raises on a tame input is suspect; confirm on a second one.
+        second = build_case(ev.spec, probe_recipe(ev.spec, (s.search.seed + 1) % 2**63), dtype=s.execution.dtype, device=s.execution.device)
+        supervise.rebuildable(second)
+        again = ev.outcomes(second, list(failed))
+        if all(o.status is Status.EXCEPTION for o in again.values()):
+            label, o = next(iter(failed.items()))
+            works = ", ".join(la for la in outcomes if la not in failed)
+            raise ProbeError(
+                f"{label} {o.error} on every probe input ({case.describe()}) while {works} returned normally: "
+                f"does it take its arguments in another order or format? (spec: {ev.spec.text()})"
+            )
     return case, outcomes
+
+
+@dataclass
+class _Group:
+    """A group of diverging cases during the search (mutable; becomes a Divergence)."""
+
+    subject: Subject
+    kind: Kind
+    key: tuple
+    verdict: Verdict
+    case: Case
+    outputs: dict[str, str]
+    count: int = 0
+    regimes: Counter = field(default_factory=Counter)
+    mildest: tuple[int, Case, Verdict] | None = None
+
+    def add(self, v: Verdict, case: Case, outputs: dict[str, str]) -> None:
+        self.count += 1
+        regime = case.recipe.regime if case.recipe else "hand-made"
+        self.regimes[regime] += 1
+        if (v.score, -case.numel()) > (self.verdict.score, -self.case.numel()):
+            self.verdict, self.case, self.outputs = v, case, outputs
+        rank = _regime_rank(regime)
+        if self.mildest is None or (rank, case.numel()) < (self.mildest[0], self.mildest[1].numel()):
+            self.mildest = (rank, case, v)
+
+    def absorb(self, other: "_Group") -> None:
+        """Another worker's cases of the same group (``--jobs``)."""
+        self.count += other.count
+        self.regimes.update(other.regimes)
+        if (other.verdict.score, -other.case.numel()) > (self.verdict.score, -self.case.numel()):
+            self.verdict, self.case, self.outputs = other.verdict, other.case, other.outputs
+        if other.mildest and (self.mildest is None or (other.mildest[0], other.mildest[1].numel()) < (self.mildest[0], self.mildest[1].numel())):
+            self.mildest = other.mildest
+
+    def divergence(self) -> Divergence:
+        rep = self.mildest if self.mildest and self.mildest[1] is not self.case else None
+        return Divergence(
+            self.subject, self.kind, self.verdict, self.case, self.count, dict(self.regimes),
+            rep[1] if rep else None, rep[2] if rep else None, self.outputs, group_key=self.key,
+        )
+
+
+def _regime_rank(regime: str) -> int:
+    order = list(REGIMES)  # mildest first
+    return order.index(regime) if regime in order else len(order)
+
+
+def cheap_signature(v: Verdict) -> tuple:
+    """What a diverging case looks like without explaining it: which components are off.
+    Different signatures are kept apart during the search, so that one worst case cannot
+    hide a second, different cause; the explain stage merges those that turn out alike."""
+    if v.kind not in (Kind.VALUE, Kind.GRADIENT, Kind.NONFINITE):
+        return ()
+    return tuple(d.what for d in v.diffs if d.score > 1 or d.nonfinite_mismatch)
+
+
+class _Exploration:
+    """The search's bookkeeping: findings by group, and a tally of every case."""
+
+    def __init__(self, ev: Evaluator):
+        self.ev = ev
+        self.groups: dict[tuple, _Group] = {}
+        self.subject_cases: Counter = Counter()
+        self.tally: Counter = Counter()
+        self.not_compared: dict[Pair, tuple[int, str]] = {}
+        self.checked_self: set[str] = set()
+        self.noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
+        self.cases = 0
+        self.evaluations = 0  # of workers (--jobs); this process's own are on the Evaluator
+
+    def record(self, v: Verdict, case: Case, outcomes: dict[str, Outcome]) -> None:
+        base = (v.subject, v.kind)
+        signature = cheap_signature(v)
+        key = base + (signature,)
+        group = self.groups.get(key)
+        if group is None:
+            siblings = [g for k, g in self.groups.items() if k[:2] == base]
+            if len(siblings) >= GROUPS_PER_KIND:  # budget spent: join the group most like it
+                group = siblings[0]
+            else:
+                outputs = {la: outcomes[la].output for la in v.subject.labels if la in outcomes and outcomes[la].output}
+                group = self.groups[key] = _Group(v.subject, v.kind, key, v, case, outputs)
+        outputs = {la: outcomes[la].output for la in v.subject.labels if la in outcomes and outcomes[la].output}
+        group.add(v, case, outputs)
+
+    def examine(self, case: Case, outcomes: dict[str, Outcome] | None = None) -> float:
+        """Run and judge one case; returns the score the search climbs."""
+        ev = self.ev
+        outcomes = outcomes or ev.outcomes(case)
+        self.cases += 1
+        found: list[Verdict] = []
+        suspects: set[str] = set()
+        for label, o in outcomes.items():
+            if o.mutated:
+                found.append(mutation_verdict(label, o))
+            if label not in self.checked_self:  # determinism check on the first case
+                suspects.add(label)
+                self.checked_self.add(label)
+        verdicts = [ev.verdict(p, outcomes) for p in ev.pairs]
+        for v in verdicts:
+            if v.kind:
+                suspects.update(v.subject.labels)
+            elif not v.compared:
+                count, why = self.not_compared.get(v.subject, (0, v.detail))
+                self.not_compared[v.subject] = (count + 1, why)
+        # Before blaming a pair, make sure each side agrees with itself.
+        # A crash or a hang is not re-run: it would cost the timeout again, or crash again.
+        for label in sorted(la for la in suspects if not outcomes[la].status.died):
+            v = ev.repeat_verdict(label, outcomes[label], ev.outcome(label, case))
+            if v.kind:
+                self.noise[label] = max(self.noise.get(label, 0.0), v.score)
+                found.append(v)
+        found += [v for v in verdicts if v.kind]
+        for v in found:
+            self.record(v, case, outcomes)
+            self.subject_cases[v.subject] += 1
+        if found:
+            self.tally[min((v.kind for v in found), key=lambda k: k.severity).value] += 1
+        elif any(not v.compared for v in verdicts):
+            self.tally["not compared"] += 1
+        else:
+            self.tally["agree"] += 1
+        return max((v.max_score for v in verdicts if v.kind), default=max((v.max_score for v in verdicts), default=0.0))
+
+    def absorb(self, other: "_Exploration") -> None:
+        """Merge another worker's exploration (``--jobs``); merging in worker order keeps
+        the report the same for the same seed and the same number of jobs."""
+        for key, group in other.groups.items():
+            mine = self.groups.get(key)
+            if mine is not None:
+                mine.absorb(group)
+                continue
+            siblings = [g for k, g in self.groups.items() if k[:2] == key[:2]]
+            if len(siblings) >= GROUPS_PER_KIND:
+                siblings[0].absorb(group)
+            else:
+                self.groups[key] = group
+        self.subject_cases.update(other.subject_cases)
+        self.tally.update(other.tally)
+        for subject, (n, why) in other.not_compared.items():
+            count, first_why = self.not_compared.get(subject, (0, why))
+            self.not_compared[subject] = (count + n, first_why)
+        for label, score in other.noise.items():
+            self.noise[label] = max(self.noise.get(label, 0.0), score)
+        self.cases += other.cases
+        self.evaluations += other.evaluations
+
+    def divergences(self) -> list[Divergence]:
+        # A side that disagrees with itself is blamed for a pair divergence only when the
+        # pair disagrees far beyond the worst run-to-run noise that side showed all run.
+        kept = []
+        for g in self.groups.values():
+            if isinstance(g.subject, Pair) and g.verdict.score <= NOISE_MARGIN * max(self.noise.get(la, 0.0) for la in g.subject.labels):
+                self.subject_cases.pop(g.subject, None)
+                continue
+            kept.append(g.divergence())
+        return sorted(kept, key=_finding_order)
+
+
+def _finding_order(d: Divergence) -> tuple:
+    return (isinstance(d.subject, Alone), d.subject.labels, d.kind.severity, -d.count)
 
 
 def audit(
@@ -185,88 +297,71 @@ def audit(
     settings: Settings = Settings(),
     *,
     on_case: Callable[[int, float], None] | None = None,
+    stages: Sequence[Any] | None = None,
 ) -> AuditResult:
-    """Fuzz ``impls`` against each other on ``settings.examples`` cases drawn from ``spec``."""
+    """Fuzz ``impls`` against each other on ``settings.search.examples`` cases drawn from
+    ``spec``, then run the stages (default: minimise, explain, group, save) on the findings."""
+    from .stages import StageContext, default_stages
+
     start = time.perf_counter()
     ev = Evaluator(impls, spec, settings)
     try:
-        probe_case, probe_outcomes = probe(ev)
-        worst: dict[tuple[tuple[str, str], str], Divergence] = {}
-        pair_cases: dict[tuple[str, str], int] = {}
-        checked_self: set[str] = set()
-        noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
-        n_cases = 0
+        with watching_interrupts():
+            if settings.execution.jobs > 1:
+                from .jobs import explore_in_workers
 
-        def record(v: Verdict, case: Case) -> None:
-            key = (v.pair, v.kind)
-            old = worst.get(key)
-            count = old.count + 1 if old else 1
-            if old is None or (v.score, -case.numel()) > (old.score, -old.case.numel()):
-                worst[key] = Divergence(v.pair, v.kind, v, case, count)
+                exploration = explore_in_workers(impls, spec, settings, on_case)
             else:
-                worst[key] = replace(old, count=count)
-
-        def examine(case: Case, outcomes: dict[str, Outcome] | None = None) -> float:
-            outcomes = outcomes or ev.outcomes(case)
-            score = 0.0
-            suspects: set[str] = set()
-            for label, o in outcomes.items():
-                if o.mutated:
-                    record(mutation_verdict(label, o), case)
-                if label not in checked_self:  # determinism check on the first case
-                    suspects.add(label)
-                    checked_self.add(label)
-            verdicts = [ev.verdict(p, outcomes) for p in ev.pairs]
-            for v in verdicts:
-                if v.kind:
-                    suspects.update(v.pair)
-            # Before blaming a pair, make sure each side agrees with itself.
-            # A crash or a hang is not re-run: it would cost the timeout again, or crash again.
-            for label in sorted(la for la in suspects if outcomes[la].status not in ("crash", "timeout")):
-                v = ev.repeat_verdict(label, outcomes[label], ev.outcome(label, case))
-                if v.kind:
-                    noise[label] = max(noise.get(label, 0.0), v.score)
-                    record(v, case)
-            for v in verdicts:
-                if v.kind:
-                    record(v, case)
-                    pair_cases[v.pair] = pair_cases.get(v.pair, 0) + 1
-                    score = max(score, v.score)
-            return score
-
-        @hypothesis_seed(settings.seed)
-        @settings_for(settings)
-        @given(recipes(spec, allow_nonfinite=settings.allow_nonfinite, max_size=settings.max_size))
-        def explore(recipe):
-            nonlocal n_cases
-            case = build_case(spec, recipe, dtype=settings.dtype, device=settings.device)
-            score = examine(case)
-            n_cases += 1
-            target(finite(score), label="divergence score")
-            if on_case:
-                on_case(n_cases, score)
-
-        score = examine(probe_case, probe_outcomes)
-        n_cases = 1
-        if on_case:
-            on_case(n_cases, score)
-        if settings.examples > 1:
-            with _without_local_constants():
-                explore()
-        # A side that disagrees with itself is blamed for a pair divergence only when the
-        # pair disagrees far beyond the worst run-to-run noise that side showed all run.
-        for key, d in list(worst.items()):
-            if d.pair[0] != d.pair[1] and d.score <= NOISE_MARGIN * max(noise.get(la, 0.0) for la in d.pair):
-                del worst[key]
-        for pair in [p for p in pair_cases if not any(d.pair == p for d in worst.values())]:
-            del pair_cases[pair]
-        severity = list(KINDS)
-        divergences = sorted(worst.values(), key=lambda d: (d.pair[0] == d.pair[1], d.pair, severity.index(d.kind)))
-        if settings.minimize or settings.save_dir:
-            divergences = [_finish(ev, d) for d in divergences]
-        return AuditResult(tuple(impls), spec, settings, n_cases, tuple(divergences), time.perf_counter() - start, pair_cases, tuple(ev.pairs))
+                exploration = explore(ev, on_case)
+            divergences = exploration.divergences()
+            ctx = StageContext(ev=ev, settings=settings)
+            for stage in default_stages(settings) if stages is None else stages:
+                divergences = stage(divergences, ctx)
+        return AuditResult(
+            tuple(impls), spec, settings, exploration.cases, tuple(divergences), time.perf_counter() - start,
+            tuple(ev.pairs), dict(exploration.subject_cases), dict(exploration.tally), dict(exploration.not_compared),
+            ev.evaluations + exploration.evaluations,
+        )
     finally:
         ev.close()
+
+
+def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None) -> _Exploration:
+    """The search: the probe case, then Hypothesis-drawn cases, climbing the score."""
+    s = ev.settings
+    search, execution = s.search, s.execution
+    exploration = _Exploration(ev)
+    probe_case, probe_outcomes = probe(ev)
+    score = exploration.examine(probe_case, probe_outcomes)
+    if on_case:
+        on_case(exploration.cases, score)
+
+    regimes = tuple(search.regimes) if search.regimes else tuple(REGIMES)
+
+    @hypothesis_seed(search.seed)
+    @hypothesis_settings(
+        max_examples=search.examples - 1,  # the probe was the first case
+        database=None,
+        deadline=None,
+        # Our own minimiser works on the concrete tensors; Hypothesis explores and targets.
+        phases=(Phase.generate, Phase.target),
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+        print_blob=False,
+    )
+    @given(recipes(ev.spec, regimes=regimes, allow_nonfinite=search.allow_nonfinite, max_size=search.max_size))
+    def search_cases(recipe):
+        case = build_case(ev.spec, recipe, dtype=execution.dtype, device=execution.device)
+        supervise.rebuildable(case)
+        score = exploration.examine(case)
+        target(finite(score), label="divergence score")
+        if on_case:
+            on_case(exploration.cases, score)
+
+    if search.examples > 1:
+        with _without_local_constants():
+            search_cases()
+    return exploration
 
 
 @contextlib.contextmanager
@@ -295,29 +390,4 @@ def _without_local_constants() -> Iterator[None]:
         providers._get_local_constants = original
 
 
-def settings_for(s: Settings) -> Callable:
-    return settings(
-        max_examples=s.examples - 1,  # the probe was the first case
-        database=None,
-        deadline=None,
-        # Our own minimiser works on the concrete tensors; Hypothesis explores and targets.
-        phases=(Phase.generate, Phase.target),
-        suppress_health_check=list(HealthCheck),
-        verbosity=Verbosity.quiet,
-        print_blob=False,
-    )
-
-
-def _finish(ev: Evaluator, d: Divergence) -> Divergence:
-    """Minimise a divergence (unless turned off) and save its repro."""
-    from .minimize import minimize
-    from .repro import save_divergence
-
-    if ev.settings.minimize:
-        d = replace(d, minimized=minimize(ev, d))
-    if ev.settings.save_dir is not None:
-        try:
-            d = replace(d, repro=str(save_divergence(ev, d, ev.settings.save_dir)))
-        except (OSError, TypeError, ValueError) as e:  # the finding stands even if its file cannot be written
-            d = replace(d, repro_error=f"{type(e).__name__}: {e}")
-    return d
+__all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "audit", "explore", "probe"]

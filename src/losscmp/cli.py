@@ -5,7 +5,7 @@ Exit codes: 0 all agree, 1 some pair diverges, 2 bad usage or bad input.
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 from rich.console import Console
 
-from . import __version__
+from . import __version__, supervise
+from .errors import LosscmpError, UsageError
 
 EXAMPLES = """\
 examples:
@@ -32,10 +33,6 @@ exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input
 """
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,6 +64,8 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="also plant NaN in inputs (opt-in)")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate: a call slower than this is a 'timeout' finding")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
+    p.add_argument("--devices", metavar="LIST", help="one worker per device, e.g. cuda:0,cuda:1 (implies --jobs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
     p.add_argument("--version", action="version", version=f"losscmp {__version__}")
     return p
@@ -83,7 +82,7 @@ def replay_parser() -> argparse.ArgumentParser:
 def sweep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="losscmp sweep",
-        description="Walk one knob across a range and bisect every agree/diverge boundary to 1%%.",
+        description="Walk one knob across a range and bisect every agree/diverge boundary to 1%.",
         epilog="examples:\n  losscmp sweep A B --param scale=1:100:log\n  losscmp sweep 'geomloss:SamplesLoss(blur=0.05)' fork.py:Loss --param blur=1e-3:1:log",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -93,6 +92,19 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=8, help="size of every symbolic dim in the swept case (default 8)")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
     _common(p)
+    return p
+
+
+def trace_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="losscmp trace",
+        description="Record both implementations on a saved case, forward and backward, align their aten ops, and "
+        "name the source line of each where their values first differ. Exit 0 located, 1 not located, 2 bad input.",
+    )
+    p.add_argument("expected", metavar="A", help="the reference implementation, e.g. upstream.py:loss")
+    p.add_argument("actual", metavar="B", help="the implementation compared with it, e.g. fork.py:loss")
+    p.add_argument("repro", metavar="REPRO.json", help="a repro written by losscmp (its case, spec and tolerance are used)")
+    p.add_argument("--json", metavar="PATH", help="also write the location as JSON ('-' for stdout)")
     return p
 
 
@@ -106,44 +118,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(replay_parser().parse_args(argv[1:]), console)
         if argv and argv[0] == "sweep":
             return _sweep(sweep_parser().parse_args(argv[1:]), console)
+        if argv and argv[0] == "trace":
+            from .trace import trace_command
+
+            return trace_command(argv[1:])
         return _audit(main_parser().parse_args(argv), console, err)
     except SystemExit as e:  # argparse's own usage errors exit 2 already
-        return int(e.code or 0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:
         print("losscmp: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from .load import LoadError
-        from .spec import SpecError
+    except supervise.Terminated:
+        print("losscmp: terminated", file=sys.stderr)
+        return 143
+    except LosscmpError as e:
+        print(f"losscmp: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
-        known = (UsageError, LoadError, SpecError)
-        try:
-            from .audit import ProbeError
-            from .infer import InferenceError
-            from .plot import PlotError
-            from .repro import ReproError
-            from .sweep import KnobError
 
-            known += (ProbeError, InferenceError, PlotError, ReproError, KnobError)
-        except ImportError:  # pragma: no cover
-            pass
-        if isinstance(e, known):
-            print(f"losscmp: error: {e}", file=sys.stderr)
-            return 2
-        raise
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _writable_file(path: str, option: str) -> None:
+    """Fail before the run, not after it: a report that cannot be written is lost work."""
+    if path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {path}: is a directory; give a file path")
+    if not p.parent.is_dir():
+        raise UsageError(f"{option} {path}: folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
-    for name in ("rtol", "atol"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"--{name} must be a finite number >= 0, not {value}")
     device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
     if device != "cpu" and not device.startswith("cuda"):
         raise UsageError(f"--device must be cpu or cuda, not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
     return {"seed": args.seed, "device": device, "dtype": DTYPES[args.dtype], "rtol": args.rtol, "atol": args.atol}
+
+
+def _devices(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    for d in devices:
+        if not (d == "cpu" or d.startswith("cuda")):
+            raise UsageError(f"--devices: {d!r} is not cpu or cuda:N")
+        if d.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UsageError(f"--devices {d}: CUDA is not available on this machine")
+            index = int(d.split(":")[1]) if ":" in d and d.split(":")[1].isdigit() else 0
+            if index >= torch.cuda.device_count():
+                raise UsageError(f"--devices {d}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return devices
 
 
 def _load_all(refs: Sequence[str]):
@@ -151,20 +183,32 @@ def _load_all(refs: Sequence[str]):
 
     if len(refs) < 2:
         raise UsageError(f"need at least two implementations to compare, got {len(refs)} (e.g. losscmp a.py:loss b.py:loss)")
-    impls = [load_implementation(r) for r in disambiguate([parse_ref(r) for r in refs])]
+    impls = []
+    for ref in disambiguate([parse_ref(r) for r in refs]):
+        supervise.note(f"loading {ref.text}")
+        impls.append(load_implementation(ref))
     labels = [i.label for i in impls]
     if len(set(labels)) != len(labels):
         raise UsageError(f"implementation labels collide ({', '.join(labels)}); name them with label=ref")
     return impls
 
 
-def _resolve_spec(args, impls, kw, console: Console):
+def _resolve_spec(args, impls, kw, console: Console, isolate: bool = False):
     from .infer import infer_spec
     from .spec import resolve_spec
 
     if args.spec:
         return resolve_spec(args.spec)
-    spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"])
+    if isolate:  # probing calls the implementations: where they may crash, only in workers
+        from .isolate import IsolatedRunner
+
+        runner = IsolatedRunner(timeout=getattr(args, "timeout", None))
+        try:
+            spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"], run=runner)
+        finally:
+            runner.close()
+    else:
+        spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"])
     console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
     console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
     return spec
@@ -175,31 +219,38 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from .audit import Settings, audit
+    from .audit import audit
+    from .engine import pairs_for
     from .report import audit_json, print_audit, write_json
+    from .settings import Settings
 
-    if args.examples < 1:
-        raise UsageError("--examples must be at least 1")
     if args.timeout is not None and not args.isolate:
         raise UsageError("--timeout needs --isolate (a hung call can only be stopped in a worker process)")
     kw = _settings_kw(args)
-    if args.json == "-":  # stdout carries the JSON alone; the human report goes to stderr
-        console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-    impls = _load_all(args.impls)
-    spec = _resolve_spec(args, impls, kw, console)
-    settings = Settings(
-        examples=args.examples,
+    if args.json:
+        _writable_file(args.json, "--json")
+    save_dir = None if args.no_save else Path(args.save_dir)
+    if save_dir is not None and save_dir.exists() and not save_dir.is_dir():
+        raise UsageError(f"--save-dir {args.save_dir}: exists and is not a folder")
+    settings = Settings.of(
         reference=args.reference,
+        examples=args.examples,
         minimize=not args.no_minimize,
-        save_dir=None if args.no_save else Path(args.save_dir),
+        save_dir=save_dir,
         allow_nonfinite=args.allow_nonfinite,
         max_size=args.max_size,
         isolate=args.isolate,
         timeout=args.timeout,
+        jobs=args.jobs,
+        devices=_devices(args.devices),
         **kw,
     )
-    if args.reference and args.reference not in [i.label for i in impls]:
-        raise UsageError(f"--reference {args.reference!r} is not one of {', '.join(i.label for i in impls)}")
+    if args.json == "-":  # stdout carries the JSON alone; the human report goes to stderr
+        console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+    impls = _load_all(args.impls)
+    pairs = pairs_for([i.label for i in impls], args.reference)
+    supervise.describe_run(impls, save_dir, args.seed, settings.tolerance, pairs)
+    spec = _resolve_spec(args, impls, kw, console, isolate=args.isolate)
     result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
     print_audit(result, console, details=not args.quiet)
     if args.json:
@@ -235,54 +286,52 @@ def _with_progress(run, total: int, err: Console):
 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:
-    from .audit import Evaluator, Settings
-    from .repro import load_repro, load_repro_implementations, same_bits
+    from .replay import replay
+    from .repro import load_repro, load_repro_implementations
 
     repro = load_repro(args.file)
     if args.pytest:
         from .testgen import generate_pytest
 
         out = Path(args.output) if args.output else repro.path.with_name(f"test_{repro.path.stem.replace('-', '_')}.py")
+        _writable_file(str(out), "--output")
         out.write_text(generate_pytest(repro, str(repro.path)))
         console.print(f"wrote {out}  (run: pytest {out})", markup=False)
         return 0
-    impls = load_repro_implementations(repro)
-    dtype = repro.case.tensors[repro.spec.args[0].name].dtype
-    tol = repro.meta["tolerance"]
-    settings = Settings(examples=1, seed=int(repro.meta.get("seed", 0)), device=str(next(iter(repro.case.tensors.values())).device),
-                        dtype=dtype if dtype.is_floating_point else torch.float32, rtol=float(tol["rtol"]), atol=float(tol["atol"]), save_dir=None)
-    ev = Evaluator(impls, repro.spec, settings)
-    try:
-        pair = repro.pair
-        if pair[0] == pair[1]:
-            verdict = ev.self_verdict(pair[0], repro.case)
-            outcomes = None
-        else:
-            outcomes = ev.outcomes(repro.case, pair)
-            verdict = ev.verdict(pair, outcomes)
-    finally:
-        ev.close()
-    who = pair[0] if pair[0] == pair[1] else f"{pair[0]} vs {pair[1]}"
-    console.print(f"replay {repro.path.name}: {who}, recorded {repro.kind}; input {repro.case.describe()}", markup=False)
-    if outcomes is not None:
-        bits = same_bits(repro, outcomes)
-        console.print("outputs are bit-for-bit identical to the recorded run" if bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
+    impls = load_repro_implementations(repro)  # refuses what a saved file may not run, before anything runs
+    for impl in impls:
+        console.print(f"will run {impl.label} = {impl.ref.source()}", markup=False)
+    result = replay(repro, impls)
+    how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
+    console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; input {repro.case.describe()}{how}", markup=False)
+    if result.same_bits is not None:
+        console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
+    verdict = result.verdict
     if verdict.kind:
-        console.print(f"[red]still diverges[/] ({verdict.kind}): {verdict.detail}")
+        console.print(f"[red]still diverges[/] ({verdict.kind.value}): {verdict.detail}", highlight=False)
+        return 1
+    if not verdict.compared:
+        console.print(f"[yellow]not compared[/]: {verdict.detail}", highlight=False)
         return 1
     console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
     return 0
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
-    from .audit import Settings
+    from .settings import Settings
     from .sweep import parse_knob, sweep, sweep_case
 
     knob = parse_knob(args.param)
+    if args.points < 2:
+        raise UsageError(f"--points must be at least 2, not {args.points}")
+    if args.size < 1:
+        raise UsageError(f"--size must be at least 1, not {args.size}")
+    if args.plot:
+        _writable_file(args.plot, "--plot")
     kw = _settings_kw(args)
+    settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)
     spec = _resolve_spec(args, impls, kw, console)
-    settings = Settings(examples=1, save_dir=None, **kw)
     result = sweep(impls, spec, settings, knob, points=args.points, case=sweep_case(spec, settings, args.size))
     console.print(f"sweep {knob.name} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair[0]} vs {result.pair[1]}, input {result.case.describe()}", markup=False)
     for p in result.points:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .findings import Kind, Pair, Status, Subject
 from .run import Outcome
 
 # Same defaults as torch.testing.assert_close.
@@ -28,24 +29,6 @@ DEFAULT_TOLERANCES = {
     torch.complex64: (1.3e-6, 1e-5),
     torch.complex128: (1e-7, 1e-7),
 }
-
-# Divergence kinds, most severe first: when a case shows several, the first is reported.
-KINDS = {
-    "crash": "the process died (segfault, abort)",
-    "timeout": "did not return within the time limit",
-    "exception": "raised where the other returned",
-    "non_tensor": "returned something that is not a tensor",
-    "non_scalar": "returned a non-scalar where a scalar loss is expected",
-    "shape": "value or gradient shapes differ",
-    "dtype": "value dtypes differ",
-    "nonfinite": "NaN/inf on one side only",
-    "value": "loss values differ beyond tolerance",
-    "gradient": "gradients differ beyond tolerance",
-    "mutation": "the implementation modified its inputs in place",
-    "nondeterminism": "the same implementation answered differently on the same input",
-}
-FAILED_CALL_KINDS = ("crash", "timeout", "exception", "non_tensor", "non_scalar")
-
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -99,6 +82,16 @@ class TensorDiff:
             text += f"; relative L2 error {_fmt(self.rel_l2)}, cosine {self.cosine:.6f}"
         return text
 
+    def brief(self) -> str:
+        """One clause for a component that is not the one shown: how it compares."""
+        if self.nonfinite_mismatch:
+            return f"{self.what} NaN/inf on one side only at {self.nonfinite_mismatch} element(s)"
+        verdict = "agrees" if self.score <= 1 else "also differs"
+        text = f"{self.what} {verdict} (greatest absolute difference {self.max_abs:.3g}"
+        if self.total > 1:
+            text += f", cosine {self.cosine:.6f}"
+        return text + ")"
+
 
 def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3g}"
@@ -106,20 +99,41 @@ def _fmt(x: float) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The comparison of two outcomes on one case."""
+    """The comparison of two outcomes (or two calls of one implementation) on one case.
 
-    pair: tuple[str, str]
-    kind: str | None  # None: they agree
+    ``score`` belongs to the quantity the detail shows (the value for a value finding);
+    ``max_score`` is the worst over every component, which is what the search climbs.
+    ``compared`` is False when both sides failed the same way: nothing was compared,
+    which is reported, and never counted as agreement.
+    """
+
+    subject: Subject
+    kind: Kind | None  # None: they agree (or, with compared=False, nothing was compared)
     score: float
     detail: str
     diffs: tuple[TensorDiff, ...] = ()
+    compared: bool = True
 
     @property
     def diverges(self) -> bool:
         return self.kind is not None
 
+    @property
+    def agrees(self) -> bool:
+        return self.kind is None and self.compared
+
+    @property
+    def max_score(self) -> float:
+        return max([self.score] + [d.score for d in self.diffs])
+
 
 def diff_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> TensorDiff:
+    """How ``actual`` differs from ``expected``.
+
+    As in torch.testing, the greatest differences are taken over the *mismatched*
+    elements when there are any (an agreeing element is never pointed at); over all
+    elements otherwise.
+    """
     a = actual.detach().to("cpu", torch.float64).reshape(expected.shape)
     b = expected.detach().to("cpu", torch.float64)
     total = b.numel()
@@ -134,33 +148,36 @@ def diff_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: T
     allowed = tol.atol + tol.rtol * b.abs()
     # 0/0 (equal elements, zero tolerance) is agreement; x/0 with x > 0 is inf.
     score_el = torch.where(both & (abs_diff > 0), abs_diff / allowed, torch.zeros_like(a))
-    with torch.no_grad():
-        rel = torch.where(both, abs_diff / b.abs(), torch.zeros_like(a))
-        rel = torch.where(both & (abs_diff == 0), torch.zeros_like(a), rel)
+    rel = torch.where(both & (abs_diff > 0), abs_diff / b.abs(), torch.zeros_like(a))
+    mismatched_mask = score_el > 1
     n_bad_nf = int(bad_nonfinite.sum())
-    mismatched = int((score_el > 1).sum()) + n_bad_nf
+    mismatched = int(mismatched_mask.sum()) + n_bad_nf
     score = math.inf if n_bad_nf else float(score_el.max())
-    idx_abs = _unravel(int(abs_diff.flatten().argmax()), b.shape)
+    # Statistics over the mismatched elements only, when any mismatch.
+    focus = mismatched_mask if bool(mismatched_mask.any()) else torch.ones_like(mismatched_mask)
+    abs_focus = torch.where(focus, abs_diff, torch.full_like(a, -1.0))
+    rel_focus = torch.where(focus, rel, torch.full_like(a, -1.0))
+    idx_abs = _unravel(int(abs_focus.flatten().argmax()), b.shape)
     if n_bad_nf:
         idx_abs = _unravel(int(bad_nonfinite.flatten().int().argmax()), b.shape)
-    idx_rel = _unravel(int(rel.flatten().argmax()), b.shape)
+    idx_rel = _unravel(int(rel_focus.flatten().argmax()), b.shape)
     fa_, fb_ = a[both], b[both]
-    norm_b = float(fb_.norm())
-    rel_l2 = float((fa_ - fb_).norm()) / norm_b if norm_b > 0 else (0.0 if float(fa_.norm()) == 0 else math.inf)
-    na, nb = float(fa_.norm()), norm_b
+    na, nb = float(fa_.norm()), float(fb_.norm())
+    rel_l2 = float((fa_ - fb_).norm()) / nb if nb > 0 else (0.0 if na == 0 else math.inf)
     cosine = float((fa_ * fb_).sum()) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    flat_abs = _ravel(idx_abs, b.shape)
     return TensorDiff(
         what=what,
         score=score,
         mismatched=mismatched,
         total=total,
-        max_abs=float(abs_diff.max()),
+        max_abs=float(abs_diff.flatten()[flat_abs]) if not n_bad_nf else float(abs_focus.max().clamp_min(0)),
         max_abs_index=idx_abs,
-        max_rel=float(rel.max()),
+        max_rel=float(rel_focus.max().clamp_min(0)),
         max_rel_index=idx_rel,
-        allowed_abs=float(allowed.flatten()[_ravel(idx_abs, b.shape)]) if total else tol.atol,
-        actual=float(a.flatten()[_ravel(idx_abs, b.shape)]),
-        expected=float(b.flatten()[_ravel(idx_abs, b.shape)]),
+        allowed_abs=float(allowed.flatten()[flat_abs]),
+        actual=float(a.flatten()[flat_abs]),
+        expected=float(b.flatten()[flat_abs]),
         rel_l2=rel_l2,
         cosine=cosine,
         nonfinite_mismatch=n_bad_nf,
@@ -182,20 +199,44 @@ def _ravel(index: tuple[int, ...], shape: torch.Size) -> int:
     return flat
 
 
-def compare_outcomes(pair: tuple[str, str], expected: Outcome, actual: Outcome, tol: Tolerance) -> Verdict:
-    """Compare two outcomes; ``pair`` is (expected label, actual label)."""
-    le, la = pair
-    if actual.failed or expected.failed:
-        if actual.failed and expected.failed:
-            # Both refuse the input: that is agreement about the input, not a divergence.
-            return Verdict(pair, None, 0.0, f"both failed: {le} {expected.error}; {la} {actual.error}")
+def _sides(subject: Subject) -> tuple[str, str]:
+    """How the two sides are named in messages: two labels, or one label's two calls."""
+    if isinstance(subject, Pair):
+        return subject.expected, subject.actual
+    return f"{subject.label} (first call)", f"{subject.label} (second call)"
+
+
+def compare_failures(subject: Subject, expected: Outcome, actual: Outcome) -> Verdict:
+    """At least one side failed.  Nothing here is ever agreement.
+
+    One side failing is a finding of that side's kind.  Both failing the same way for
+    the same reason (same status, same message) is "not compared"; both failing in
+    different ways is a finding too: the most severe failure if a side died, else
+    ``both_failed``.
+    """
+    le, la = _sides(subject)
+    if not (expected.failed and actual.failed):
         bad, bad_label, good_label = (actual, la, le) if actual.failed else (expected, le, la)
-        return Verdict(pair, bad.status, math.inf, f"{bad_label} {bad.error}; {good_label} returned normally")
+        return Verdict(subject, Kind.of_status(bad.status), math.inf, f"{bad_label} {bad.error}; {good_label} returned normally")
+    both = f"{le} {expected.error}; {la} {actual.error}"
+    same = expected.status == actual.status and expected.error == actual.error
+    if same and not expected.status.died:
+        return Verdict(subject, None, 0.0, f"not compared: both failed the same way ({expected.error})", compared=False)
+    died = [o.status for o in (expected, actual) if o.status.died]
+    kind = Kind.of_status(min(died, key=lambda s: Kind.of_status(s).severity)) if died else Kind.BOTH_FAILED
+    return Verdict(subject, kind, math.inf, f"both failed: {both}")
+
+
+def compare_outcomes(subject: Subject, expected: Outcome, actual: Outcome, tol: Tolerance) -> Verdict:
+    """Compare two outcomes; ``subject`` names (expected, actual)."""
+    le, la = _sides(subject)
+    if actual.failed or expected.failed:
+        return compare_failures(subject, expected, actual)
     ve, va = expected.value, actual.value
     if va.shape != ve.shape:
-        return Verdict(pair, "shape", math.inf, f"value shapes differ: {le} {tuple(ve.shape)} vs {la} {tuple(va.shape)}")
+        return Verdict(subject, Kind.SHAPE, math.inf, f"value shapes differ: {le} {tuple(ve.shape)} vs {la} {tuple(va.shape)}")
     if va.dtype != ve.dtype:
-        return Verdict(pair, "dtype", math.inf, f"value dtypes differ: {le} {ve.dtype} vs {la} {va.dtype}")
+        return Verdict(subject, Kind.DTYPE, math.inf, f"value dtypes differ: {le} {ve.dtype} vs {la} {va.dtype}")
     diffs = [diff_tensors("value", va, ve, tol)]
     for name in expected.grads:
         ge, ga = expected.grads.get(name), actual.grads.get(name)
@@ -203,20 +244,24 @@ def compare_outcomes(pair: tuple[str, str], expected: Outcome, actual: Outcome, 
         if (ga is None) != (ge is None):
             missing = la if ga is None else le
             detail = f"{what}: no gradient flows in {missing} (detached or unused), the other has one"
-            return Verdict(pair, "gradient", math.inf, detail, tuple(diffs))
+            return Verdict(subject, Kind.GRADIENT, math.inf, detail, tuple(diffs))
         if ga is None:
             continue
         if ga.shape != ge.shape:
             detail = f"{what}: shapes differ: {le} {tuple(ge.shape)} vs {la} {tuple(ga.shape)}"
-            return Verdict(pair, "shape", math.inf, detail, tuple(diffs))
+            return Verdict(subject, Kind.SHAPE, math.inf, detail, tuple(diffs))
         diffs.append(diff_tensors(what, ga, ge, tol))
     worst = max(diffs, key=lambda d: d.score)
     if worst.score <= 1.0:
-        return Verdict(pair, None, worst.score, "agree", tuple(diffs))
+        return Verdict(subject, None, worst.score, "agree", tuple(diffs))
     if any(d.nonfinite_mismatch for d in diffs):
-        kind, shown = "nonfinite", next(d for d in diffs if d.nonfinite_mismatch)
+        kind, shown = Kind.NONFINITE, next(d for d in diffs if d.nonfinite_mismatch)
     elif diffs[0].score > 1.0:
-        kind, shown = "value", diffs[0]
+        kind, shown = Kind.VALUE, diffs[0]
     else:
-        kind, shown = "gradient", worst
-    return Verdict(pair, kind, worst.score, shown.message(pair), tuple(diffs))
+        kind, shown = Kind.GRADIENT, worst
+    detail = shown.message((le, la))
+    others = [d.brief() for d in diffs if d is not shown]
+    if others:
+        detail += "; meanwhile " + "; ".join(others)
+    return Verdict(subject, kind, shown.score, detail, tuple(diffs))

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import LosscmpError
 from .generate import build_case, probe_recipe
 from .load import Implementation
 from .run import call
@@ -29,8 +30,8 @@ HINTS = [
 DEFAULT_ORDER = ["points", "classification", "binary", "regression", "distributions", "segmentation", "images", "weighted-points"]
 
 
-class InferenceError(ValueError):
-    """No preset fits; the message is one line."""
+class InferenceError(LosscmpError, ValueError):
+    """No preset fits."""
 
 
 def _positional_range(fn) -> tuple[int, int] | None:
@@ -66,12 +67,14 @@ def candidates(impls: Sequence[Implementation]) -> list[str]:
     return order
 
 
-def infer_spec(impls: Sequence[Implementation], *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Spec:
+def infer_spec(impls: Sequence[Implementation], *, dtype: torch.dtype = torch.float32, device: str = "cpu", run=None) -> Spec:
+    """``run(impl, spec, case) -> Outcome`` makes the probing calls (default: in-process)."""
+    run = run or (lambda impl, spec, case: call(impl.fn, spec, case))
     tried = []
     for name in candidates(impls):
         spec = preset(name)
         case = build_case(spec, probe_recipe(spec), dtype=dtype, device=device)
-        outcomes = [call(i.fn, spec, case) for i in impls]
+        outcomes = [run(i, spec, case) for i in impls]
         if all(o.status == "ok" and bool(torch.isfinite(o.value).all()) for o in outcomes):
             return spec
         tried.append(name)

@@ -24,9 +24,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import LosscmpError
 
-class LoadError(ValueError):
-    """A reference that cannot be loaded; the message is one line."""
+
+class LoadError(LosscmpError, ValueError):
+    """A reference that cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,8 @@ def load_object(text: str, *, base_dir: Path | None = None, factories: str = "an
             raise LoadError(f"{ref.text!r}: only torch.nn.Module classes may be called from a saved file")
         try:
             obj = obj(*args, **dict(kwargs))
-        except Exception as e:  # the factory itself is user code
-            raise LoadError(f"{ref.text!r}: calling the factory raised {type(e).__name__}: {_first_line(e)}") from None
+        except (Exception, SystemExit, KeyboardInterrupt) as e:  # the factory itself is user code
+            raise LoadError(f"{ref.text!r}: calling the factory raised {_exception_text(e)}") from None
     return obj
 
 
@@ -173,6 +175,12 @@ def _is_module_class(obj: Any) -> bool:
         return False
 
 
+def _exception_text(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"SystemExit({e.code!r})"
+    return f"{type(e).__name__}: {_first_line(e)}".rstrip(": ")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
@@ -187,8 +195,8 @@ def _import_target(target: str, base_dir: Path | None) -> Any:
             if e.name and target.startswith(e.name):
                 raise LoadError(f"no module named {target!r} (for a file, give its path ending in .py)") from None
             raise LoadError(f"importing {target!r} failed: {_first_line(e)}") from None
-        except Exception as e:
-            raise LoadError(f"importing {target!r} raised {type(e).__name__}: {_first_line(e)}") from None
+        except (Exception, SystemExit, KeyboardInterrupt) as e:  # user code at import: its failure, one line
+            raise LoadError(f"importing {target!r} raised {_exception_text(e)}") from None
     path = Path(target)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
@@ -205,8 +213,8 @@ def _import_target(target: str, base_dir: Path | None) -> Any:
         return _import_file(path)
     except LoadError:
         raise
-    except Exception as e:
-        raise LoadError(f"importing {target} raised {type(e).__name__}: {_first_line(e)}") from None
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # user code at import: its failure, one line
+        raise LoadError(f"importing {target} raised {_exception_text(e)}") from None
 
 
 def _package_root(path: Path) -> Path | None:

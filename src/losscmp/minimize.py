@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from .compare import Verdict
+from .findings import Pair
 from .generate import Case, _with_layout, renormalise
 from .spec import Spec
 
@@ -229,11 +230,11 @@ def scale_threshold(spec: Spec, case: Case, holds: Predicate, floor: float = 1e-
 def minimize(ev, divergence) -> Minimized:
     """Run the passes on a divergence found by :func:`losscmp.audit.audit`."""
     spec = ev.spec
-    pair, kind = divergence.pair, divergence.kind
+    subject, kind = divergence.subject, divergence.kind
     start = ev.evaluations
 
     def holds(case: Case) -> bool:
-        return ev.still_diverges(pair, kind, case)
+        return ev.still_diverges(subject, kind, case)
 
     case = divergence.case
     steps = []
@@ -251,12 +252,12 @@ def minimize(ev, divergence) -> Minimized:
     if simplified:
         steps.append(f"simplify values: {', '.join(simplified)} ({ev.evaluations - used} evaluations)")
     threshold = None
-    if pair[0] != pair[1]:
+    if isinstance(subject, Pair):
         used = ev.evaluations
         threshold = scale_threshold(spec, case, holds)
         if threshold:
             steps.append(f"bisect input scale: threshold {threshold.value:.4g} ({ev.evaluations - used} evaluations)")
-    final = ev.judge(pair, case)
+    final = ev.judge(subject, case)
     note = "minimised" if case.sizes != divergence.case.sizes or simplified else ""
     case = replace(case, note=note)
     return Minimized(case, dict(divergence.case.sizes), ev.evaluations - start, final, tuple(steps), threshold)

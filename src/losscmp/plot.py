@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 
+from .errors import LosscmpError
 from .sweep import SweepResult
 
 
-class PlotError(ValueError):
-    """Plotting is unavailable; the message is one line."""
+class PlotError(LosscmpError, ValueError):
+    """Plotting is unavailable."""
 
 
 def plot_sweep(result: SweepResult, path: str) -> None:
@@ -37,7 +38,7 @@ def plot_sweep(result: SweepResult, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel(result.knob.name)
     ax.set_ylabel("divergence score (|a-b| / allowed)")
-    ax.set_title(f"{result.pair[0]} vs {result.pair[1]}")
+    ax.set_title(str(result.pair))
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

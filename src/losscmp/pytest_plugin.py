@@ -5,110 +5,232 @@ Registered through the ``pytest11`` entry point, so installing losscmp is enough
     def test_my_dice_matches_monai(losscmp):
         losscmp.check(my_dice, "monai.losses:DiceLoss(sigmoid=False)", spec="segmentation")
 
-``check`` first replays the cases saved for this test by earlier runs (a regression
-suite that grows by itself), then fuzzes.  On divergence it fails the test with the
-report, having saved each minimised case under ``--losscmp-save-dir/<test name>/``.
+``check`` is :func:`losscmp.testing.assert_losses_agree` with its options taken from the
+command line and a folder of saved cases per test: it first replays the cases saved
+for this test by earlier runs (a regression suite that grows by itself), then fuzzes.
+On divergence it fails the test with the report and a replay command, having saved
+each minimised case under ``--losscmp-save-dir/<test>-<hash>/``.  At the end of the
+session a ``losscmp`` section sums up every check (aggregated across xdist workers).
+
+How many cases a check draws, first rule that applies: the call's ``examples=``,
+``--losscmp-examples``, the ``max_examples`` of a loaded non-default Hypothesis
+profile (``--hypothesis-profile ci``), 100.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import re
+import shlex
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    from .testing import CheckOptions, CheckResult, Session
+
+SAVE_DIR = "fixtures/losscmp"
+# Spelled out, not imported: importing losscmp.testing imports torch, and every pytest
+# run of a project that merely has losscmp installed loads this module.
+DTYPE_NAMES = ["float16", "bfloat16", "float32", "float64"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("losscmp", "losscmp: differential testing of loss functions")
-    group.addoption("--losscmp-examples", type=int, default=None, help="cases per losscmp.check (default: each call's own, else 100)")
+    group.addoption("--losscmp-examples", type=int, default=None, metavar="N",
+                    help="cases per losscmp.check when the call gives none (default: the loaded Hypothesis profile's max_examples, else 100)")
     group.addoption("--losscmp-seed", type=int, default=0, help="seed for losscmp.check (default 0)")
-    group.addoption("--losscmp-save-dir", default="fixtures/losscmp", help="where minimised cases are saved and replayed from (default fixtures/losscmp)")
+    group.addoption("--losscmp-device", default=None, help="device of generated inputs, cpu or cuda (default cpu)")
+    group.addoption("--losscmp-dtype", default=None, choices=DTYPE_NAMES, help="floating dtype of generated inputs (default float32)")
+    group.addoption("--losscmp-rtol", type=float, default=None, help="relative tolerance (default: torch.testing's for the dtype)")
+    group.addoption("--losscmp-atol", type=float, default=None, help="absolute tolerance (default: torch.testing's for the dtype)")
+    group.addoption("--losscmp-isolate", action="store_true", help="run implementations in worker processes: a segfault or hang fails the test, not pytest")
+    group.addoption("--losscmp-timeout", type=float, default=None, metavar="SECONDS", help="with --losscmp-isolate: a slower call is a 'timeout' divergence")
+    group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from (default {SAVE_DIR})")
     group.addoption("--losscmp-no-replay", action="store_true", help="do not replay saved cases before fuzzing")
+    group.addoption("--losscmp-replay-only", action="store_true", help="replay saved cases only, no fuzzing (a test with none passes)")
+
+
+# --- the session's tally, for the terminal summary -----------------------------------
+
+class Tally:
+    """What every check of the session did; a plain dict crosses from xdist workers."""
+
+    def __init__(self) -> None:
+        self.checks = self.pairs = self.cases = self.replayed = self.replayed_diverging = 0
+        self.kinds: Counter = Counter()
+        self.saved: Counter = Counter()  # folder -> new cases saved there
+
+    def add(self, result: "CheckResult", root: Path) -> None:
+        self.checks += 1
+        self.pairs += len(result.pairs)
+        self.cases += result.cases_run
+        self.replayed += len(result.replayed)
+        self.replayed_diverging += sum(1 for r in result.replayed if r.verdict.kind)
+        self.kinds.update(result.divergence_kinds)
+        for path in result.saved:
+            self.saved[_relative(path.parent, root)] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"checks": self.checks, "pairs": self.pairs, "cases": self.cases, "replayed": self.replayed,
+                "replayed_diverging": self.replayed_diverging, "kinds": dict(self.kinds), "saved": dict(self.saved)}
+
+    def merge(self, data: dict[str, Any]) -> None:
+        for name in ("checks", "pairs", "cases", "replayed", "replayed_diverging"):
+            setattr(self, name, getattr(self, name) + int(data.get(name, 0)))
+        self.kinds.update(data.get("kinds", {}))
+        self.saved.update(data.get("saved", {}))
+
+    def lines(self) -> list[str]:
+        replayed = f"{self.replayed} saved case(s) replayed"
+        if self.replayed_diverging:
+            replayed += f" ({self.replayed_diverging} still diverge)"
+        lines = [f"{self.checks} check(s): {self.pairs} pair(s) checked, {self.cases} case(s) run, {replayed}"]
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
+        lines.append(f"divergences: {kinds or 'none'}")
+        if self.saved:
+            lines.append("new cases saved in:")
+            lines += [f"  {folder}  ({n})" for folder, n in sorted(self.saved.items())]
+        return lines
+
+
+TALLY = pytest.StashKey[Tally]()
+SESSION = pytest.StashKey["Session"]()
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from .testing import SESSIONS, Session
+
+    tally = config.stash[TALLY] = Tally()
+    # Every check of the session, fixture or plain assert_losses_agree, takes the
+    # command line's options and is tallied.
+    session = config.stash[SESSION] = Session(_command_line_options(config), lambda result: tally.add(result, config.rootpath))
+    SESSIONS.append(session)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistController(config), "losscmp-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from .testing import SESSIONS
+
+    session = config.stash.get(SESSION, None)
+    if session in SESSIONS:
+        SESSIONS.remove(session)
+
+
+def _command_line_options(config: pytest.Config) -> "CheckOptions":
+    from .testing import CheckOptions, as_dtype
+
+    opt = config.getoption
+    return CheckOptions(
+        examples=opt("--losscmp-examples"),
+        seed=opt("--losscmp-seed"),
+        device=opt("--losscmp-device"),
+        dtype=as_dtype(opt("--losscmp-dtype")),
+        rtol=opt("--losscmp-rtol"),
+        atol=opt("--losscmp-atol"),
+        isolate=opt("--losscmp-isolate"),
+        timeout=opt("--losscmp-timeout"),
+        replay_only=opt("--losscmp-replay-only"),
+    )
+
+
+class _XdistController:
+    """On the xdist controller: add up what each worker tallied."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        data = getattr(node, "workeroutput", {}).get("losscmp")
+        if data:
+            self.config.stash[TALLY].merge(data)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the tally to the controller
+        workeroutput["losscmp"] = session.config.stash[TALLY].as_dict()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    tally = config.stash.get(TALLY, None)
+    if tally is None or not tally.checks or hasattr(config, "workeroutput"):
+        return
+    terminalreporter.ensure_newline()
+    terminalreporter.section("losscmp")
+    for line in tally.lines():
+        terminalreporter.write_line(line)
+
+
+# --- the fixture ---------------------------------------------------------------------
+
+def case_folder(nodeid: str) -> str:
+    """A folder name per test: readable, and unique (a hash of the whole node id)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.split("/")[-1]).strip("_")[:60]
+    return f"{slug}-{hashlib.sha1(nodeid.encode()).hexdigest()[:8]}"
 
 
 class LossChecker:
     """What the ``losscmp`` fixture gives a test."""
 
     def __init__(self, request: pytest.FixtureRequest):
-        config = request.config
-        self.examples = config.getoption("--losscmp-examples")
-        self.seed = config.getoption("--losscmp-seed")
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid).strip("_")[-100:]
-        self.save_dir = Path(config.rootpath) / config.getoption("--losscmp-save-dir") / slug
-        self.replay = not config.getoption("--losscmp-no-replay")
+        config = self.config = request.config
+        self.save_dir = Path(config.rootpath) / config.getoption("--losscmp-save-dir") / case_folder(request.node.nodeid)
+        no_replay = config.getoption("--losscmp-no-replay") and not config.getoption("--losscmp-replay-only")
+        self.options = replace(
+            config.stash[SESSION].defaults,
+            save_dir=self.save_dir,
+            replay_dir=None if no_replay else self.save_dir,
+            replay_command=_command(request.node.nodeid, config, replay_only=False),
+            replay_saved_command=_command(request.node.nodeid, config, replay_only=True),
+        )
 
-    def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int = 100, **settings: Any):
-        """Fail the calling test if the implementations disagree; return the audit result."""
-        from .audit import Settings, audit
-        from .infer import infer_spec
-        from .report import print_audit
-        from .spec import Spec, resolve_spec
+    def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int | None = None, **settings: Any) -> "CheckResult":
+        """Fail the calling test if the implementations disagree; return what was checked.
 
-        loaded = _unique_labels([_implementation(i) for i in impls])
-        if len(loaded) < 2:
-            raise pytest.UsageError("losscmp.check needs at least two implementations")
-        the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(loaded)
-        if self.replay:
-            self._replay_saved(loaded, the_spec)
-        config = Settings(examples=self.examples or examples, seed=self.seed, save_dir=self.save_dir, **settings)
-        result = audit(loaded, the_spec, config)
-        if not result.agree:
-            pytest.fail(_render(print_audit, result), pytrace=False)
-        return result
+        ``settings`` override the command line: ``seed``, ``device``, ``dtype``, ``rtol``,
+        ``atol``, ``reference``, ``isolate``, ``timeout``; the rest go to the audit
+        (``minimize``, ``max_size``, ``allow_nonfinite``).
+        """
+        __tracebackhide__ = True
+        from .testing import check_or_raise, with_call_arguments
 
-    def _replay_saved(self, impls, spec) -> None:
-        from .audit import Evaluator, Settings
-        from .repro import ReproError, load_repro
-
-        if not self.save_dir.is_dir():
-            return
-        by_label = {i.label: i for i in impls}
-        for path in sorted(self.save_dir.glob("*.json")):
-            try:
-                repro = load_repro(path)
-            except ReproError as e:
-                pytest.fail(f"saved case {path.name}: {e}", pytrace=False)
-            if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
-                continue  # saved for another pairing of this test
-            ev = Evaluator([by_label[la] for la in dict.fromkeys(repro.pair)], spec, Settings(
-                rtol=repro.meta["tolerance"]["rtol"], atol=repro.meta["tolerance"]["atol"], save_dir=None))
-            verdict = ev.judge(repro.pair, repro.case)
-            if verdict.kind:
-                pytest.fail(f"saved case {path} still diverges ({verdict.kind}): {verdict.detail}", pytrace=False)
+        fields = {"seed", "device", "dtype", "rtol", "atol", "reference", "isolate", "timeout"}
+        options = with_call_arguments(self.options, examples=examples, **{k: v for k, v in settings.items() if k in fields},
+                                      audit={k: v for k, v in settings.items() if k not in fields})
+        return check_or_raise(impls, spec, options)
 
 
-def _implementation(impl: str | Callable[..., Any]):
-    from .load import Implementation, Ref, load_implementation
-
-    if isinstance(impl, str):
-        return load_implementation(impl)
-    if not callable(impl):
-        raise pytest.UsageError(f"losscmp.check: {impl!r} is neither a reference nor callable")
-    name = getattr(impl, "__qualname__", None) or type(impl).__qualname__
-    module = getattr(impl, "__module__", None) or type(impl).__module__
-    # A lambda or a local function has no importable reference; the test holds it, which is enough.
-    label = re.sub(r"[^\w.+-]", "", name.split(".")[-1]) or "impl"
-    return Implementation(Ref(text=f"{module}:{name}", label=label, target=str(module), attrs=tuple(name.split("."))), impl)
-
-
-def _unique_labels(impls):
-    from dataclasses import replace
-
-    seen: dict[str, int] = {}
-    out = []
-    for impl in impls:
-        n = seen[impl.label] = seen.get(impl.label, 0) + 1
-        out.append(impl if n == 1 else replace(impl, ref=replace(impl.ref, label=f"{impl.label}#{n}")))
-    return out
-
-
-def _render(print_fn, result) -> str:
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    print_fn(result, Console(file=buffer, width=140, color_system=None, highlight=False))
-    return buffer.getvalue()
+def _command(nodeid: str, config: pytest.Config, *, replay_only: bool) -> str:
+    """A command that, pasted at the project root, re-runs the test as it ran."""
+    parts = ["pytest", shlex.quote(nodeid)]
+    opt = config.getoption
+    if opt("--losscmp-save-dir") != SAVE_DIR:
+        parts += ["--losscmp-save-dir", shlex.quote(opt("--losscmp-save-dir"))]
+    if opt("--losscmp-isolate"):
+        parts.append("--losscmp-isolate")
+    if opt("--losscmp-timeout") is not None:
+        parts += ["--losscmp-timeout", str(opt("--losscmp-timeout"))]
+    if replay_only:
+        return " ".join(parts + ["--losscmp-replay-only"])
+    for name in ("examples", "seed", "device", "dtype", "rtol", "atol"):
+        value = opt(f"--losscmp-{name}")
+        if value is not None and not (name == "seed" and value == 0):
+            parts += [f"--losscmp-{name}", shlex.quote(str(value))]
+    profile = opt("--hypothesis-profile", None)
+    if profile:
+        parts += ["--hypothesis-profile", shlex.quote(profile)]
+    return " ".join(parts)
 
 
 @pytest.fixture

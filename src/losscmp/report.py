@@ -11,69 +11,103 @@ from rich.console import Console
 from rich.table import Table
 
 from .audit import AuditResult, Divergence
-from .compare import KINDS
+from .findings import Alone, subject_labels_json
 
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
+OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
 
 
 def _score(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3g}"
 
 
+def tally_text(result: AuditResult) -> str:
+    """Every case accounted for: '100 cases: 49 agree, 49 value, 2 gradient'."""
+    parts = sorted(result.tally.items(), key=lambda kv: (kv[0] != "agree", -kv[1]))
+    return ", ".join(f"{n} {what}" for what, n in parts)
+
+
 def print_audit(result: AuditResult, console: Console, details: bool = True) -> None:
     s = result.settings
+    ex = s.execution
     console.print(
         f"[bold]losscmp[/]: {len(result.implementations)} implementations, {result.cases_run} cases "
-        f"(seed {s.seed}, {str(s.dtype).removeprefix('torch.')}, {s.device}; rtol {s.tolerance.rtol:g}, atol {s.tolerance.atol:g}) "
+        f"(seed {s.search.seed}, {str(ex.dtype).removeprefix('torch.')}, {ex.device}; rtol {s.tolerance.rtol:g}, atol {s.tolerance.atol:g}) "
         f"in {result.seconds:.1f} s"
     )
     table = Table(show_header=True, header_style="bold")
     for col in ("pair", "verdict", "diverging cases", "worst score", "kinds"):
         table.add_column(col)
-    by_pair: dict[tuple[str, str], list[Divergence]] = {}
+    by_subject: dict[Any, list[Divergence]] = {}
     for d in result.divergences:
-        by_pair.setdefault(d.pair, []).append(d)
+        by_subject.setdefault(d.subject, []).append(d)
     compared = list(result.pairs)
-    for pair in compared + [p for p in by_pair if p not in compared]:
-        ds = by_pair.get(pair, [])
-        name = pair[0] if pair[0] == pair[1] else f"{pair[0]} vs {pair[1]}"
+    for subject in compared + [p for p in by_subject if p not in compared]:
+        ds = by_subject.get(subject, [])
+        skipped = result.not_compared.get(subject)
         if not ds:
-            table.add_row(name, "[green]agree[/]", "0", "-", "-")
+            if skipped:
+                verdict = f"[yellow]agree on {result.cases_run - skipped[0]} compared[/]"
+            else:
+                verdict = "[green]agree[/]"
+            table.add_row(str(subject), verdict, "0", "-", "-")
             continue
-        count = result.pair_cases.get(pair, max(d.count for d in ds))
-        table.add_row(
-            name, "[red]DIVERGE[/]", f"{count} / {result.cases_run}", _score(max(d.score for d in ds)), ", ".join(d.kind for d in ds)
-        )
+        count = result.subject_cases.get(subject, sum(d.count for d in ds))
+        kinds = ", ".join(dict.fromkeys(d.kind.value for d in ds))
+        table.add_row(str(subject), "[red]DIVERGE[/]", f"{count} / {result.cases_run}", _score(max(d.score for d in ds)), kinds)
     console.print(table)
+    console.print(f"cases: {tally_text(result)}", markup=False, highlight=False)
+    for subject, (n, why) in result.not_compared.items():
+        console.print(f"[yellow]not compared[/] on {n} case(s), {subject}: {why}", highlight=False)
     for d in result.divergences if details else ():
         print_divergence(d, result, console)
-    if result.agree:
+    if result.agree and not result.not_compared:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
+    elif result.agree:
+        compared_cases = result.cases_run - max(n for n, _ in result.not_compared.values())
+        console.print(f"[yellow]No divergence[/] on the {compared_cases} cases that could be compared; the others were not compared (above).")
 
 
 def print_divergence(d: Divergence, result: AuditResult, console: Console) -> None:
-    who = d.pair[0] if d.pair[0] == d.pair[1] else f"{d.pair[0]} vs {d.pair[1]}"
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False)
+
+    groups = [g for g in result.divergences if g.subject == d.subject and g.kind == d.kind]
+    cause = f" (cause {groups.index(d) + 1} of {len(groups)})" if len(groups) > 1 else ""
     console.print()
-    console.rule(f"[bold red]{who}: {d.kind}[/] — {KINDS.get(d.kind, '')}", align="left")
-    console.print(f"worst of {d.count} case(s), score {_score(d.score)}: {d.verdict.detail}", markup=False, highlight=False)
-    console.print(f"input: {d.case.describe()}", markup=False, highlight=False)
+    console.rule(f"[bold red]{d.subject}: {d.kind.value}[/]{cause} — {d.kind.description}", align="left")
+    if d.explanation is not None:
+        say(d.explanation.sentence())
+    say(f"worst of {d.count} case(s), score {_score(d.score)}: {d.verdict.detail}")
+    say(f"input: {d.case.describe()}")
+    if len(d.regimes) > 1 or d.representative is not None:
+        say("diverging cases by regime: " + ", ".join(f"{r} {n}" for r, n in sorted(d.regimes.items(), key=lambda kv: -kv[1])))
+    if d.representative is not None and d.representative_verdict is not None:
+        say(f"mildest: {d.representative.describe()}: {d.representative_verdict.detail}")
+    for label, text in d.outputs.items():
+        lines = text.strip().splitlines()
+        shown = lines[:OUTPUT_LINES] + ([f"... ({len(lines) - OUTPUT_LINES} more lines)"] if len(lines) > OUTPUT_LINES else [])
+        say(f"{label} printed: " + "\n    ".join(shown))
     m = d.minimized
     if m is not None:
         sizes = ", ".join(f"{k} {m.original_sizes[k]} -> {v}" for k, v in m.sizes.items())
-        console.print(f"minimised in {m.evaluations} evaluations: {sizes}", markup=False, highlight=False)
+        say(f"minimised in {m.evaluations} evaluations: {sizes}")
         for step in m.steps:
-            console.print(f"  - {step}", markup=False, highlight=False)
+            say(f"  - {step}")
         if m.verdict is not None and m.verdict.kind:
-            console.print(f"on the minimised input: {m.verdict.detail}", markup=False, highlight=False)
+            say(f"on the minimised input: {m.verdict.detail}")
         for name, t in m.case.tensors.items():
             if t.numel() <= SHOW_TENSORS_UP_TO:
-                console.print(f"  {name} = {_tensor_text(t)}", markup=False, highlight=False)
+                say(f"  {name} = {_tensor_text(t)}")
         if m.threshold:
-            console.print(f"threshold: {m.threshold.describe()}", markup=False, highlight=False)
+            say(f"threshold: {m.threshold.describe()}")
+    if d.explanation is not None:
+        for line in d.explanation.evidence():
+            say(f"  {line}")
     if d.repro:
-        console.print(f"repro: {d.repro}  (losscmp replay {d.repro})", markup=False, highlight=False)
+        say(f"repro: {d.repro}  (losscmp replay {d.repro})")
     elif d.repro_error:
-        console.print(f"repro not saved: {d.repro_error}", markup=False, highlight=False)
+        say(f"repro not saved: {d.repro_error}")
 
 
 def _tensor_text(t: torch.Tensor) -> str:
@@ -96,27 +130,36 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
         "references": {i.label: i.ref.source() for i in result.implementations},
         "spec": result.spec.text(),
         "cases_run": result.cases_run,
-        "seed": s.seed,
-        "device": s.device,
-        "dtype": str(s.dtype).removeprefix("torch."),
+        "tally": dict(result.tally),
+        "not_compared": [{"pair": subject_labels_json(p), "cases": n, "why": why} for p, (n, why) in result.not_compared.items()],
+        "seed": s.search.seed,
+        "device": s.execution.device,
+        "dtype": str(s.execution.dtype).removeprefix("torch."),
         "tolerance": {"rtol": s.tolerance.rtol, "atol": s.tolerance.atol},
         "agree": result.agree,
         "seconds": round(result.seconds, 3),
+        "evaluations": result.evaluations,
         "divergences": [divergence_json(d) for d in result.divergences],
     }
 
 
 def divergence_json(d: Divergence) -> dict[str, Any]:
     m = d.minimized
+    explained = d.explanation.to_json() if d.explanation is not None else {}
     return {
-        "pair": list(d.pair),
-        "kind": d.kind,
+        "pair": subject_labels_json(d.subject),
+        "alone": isinstance(d.subject, Alone),
+        "kind": d.kind.value,
         "score": _num(d.score),
         "score_text": _score(d.score),
         "cases": d.count,
+        "regimes": dict(d.regimes),
         "detail": d.verdict.detail,
         "regime": d.case.recipe.regime if d.case.recipe else None,
         "input": d.case.describe(),
+        "representative": {"input": d.representative.describe(), "detail": d.representative_verdict.detail}
+        if d.representative is not None and d.representative_verdict is not None else None,
+        "output": dict(d.outputs),
         "original_sizes": dict(d.case.sizes),
         "minimized_sizes": dict(m.sizes) if m else None,
         "evaluations": m.evaluations if m else None,
@@ -132,10 +175,11 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
             {"what": t.what, "max_abs": _num(t.max_abs), "max_rel": _num(t.max_rel), "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine), "score": _num(t.score)}
             for t in d.verdict.diffs
         ],
-        # Filled in by the explain stage once it lands.
-        "category": None,
-        "unstable_side": None,
-        "location": None,
+        "explanation": d.explanation.sentence() if d.explanation is not None else None,
+        "category": explained.get("category"),
+        "unstable_side": explained.get("unstable_side"),
+        "location": explained.get("location"),
+        **{k: v for k, v in explained.items() if k not in ("category", "unstable_side", "location")},
     }
 
 

@@ -5,9 +5,14 @@ A repro is two files with one stem: ``STEM.npz`` (tensors, loaded with
 them).  Dtypes numpy lacks (bfloat16) are stored as their raw bits with the real dtype
 in the metadata.  Both files are written atomically (temporary file + rename).
 
-A repro may come from someone else, so loading one trusts nothing in it: every field is
-type-checked, references go through the literal-only parser, and only
-``torch.nn.Module`` classes may be called as factories.
+A repro may come from someone else, so it is data, never code: loading one trusts
+nothing in it.  Every field is type-checked; references go through the literal-only
+parser; only ``torch.nn.Module`` classes may be called as factories; and before anything
+runs, references into the standard library, ``builtins``, and I/O functions of torch and
+numpy (save, load, ...) are refused (:func:`refuse_untrusted`).
+
+The same codec holds an *input* alone (:func:`save_input` / :func:`load_input`): the
+supervisor and the isolated runner write a case to disk before a risky call with it.
 """
 from __future__ import annotations
 
@@ -19,20 +24,24 @@ import math
 import os
 import platform
 import re
+import sys
+import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .compare import KINDS
+from .errors import LosscmpError
+from .findings import Kind
 from .generate import Case, Recipe, _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
 from .spec import Spec, SpecError, parse_spec
 
 FORMAT = "losscmp-repro/1"
+INPUT_FORMAT = "losscmp-input/1"
 DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -46,8 +55,8 @@ DTYPES = {
 BIT_STORAGE = {torch.bfloat16: (torch.int16, np.int16)}
 
 
-class ReproError(ValueError):
-    """A repro file that is missing, corrupt or unsafe; the message is one line."""
+class ReproError(LosscmpError, ValueError):
+    """A repro file that is missing, corrupt or unsafe."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -138,8 +147,11 @@ def save_case(
         tensors_meta[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}
     outcome_meta = {}
     for side, label in enumerate(dict.fromkeys(pair)):
-        o = outcomes[label]
-        outcome_meta[label] = {"status": o.status, "error": o.error}
+        o = outcomes.get(label)
+        if o is None:  # not run: the other side died first, say
+            outcome_meta[label] = {"status": "not run", "error": None}
+            continue
+        outcome_meta[label] = {"status": str(o.status), "error": o.error, "output": o.output or None}
         if o.value is not None:
             arrays[f"out.{side}.value"] = tensor_to_numpy(o.value)
             outcome_meta[label]["value_dtype"] = dtype_name(o.value.dtype)
@@ -151,7 +163,7 @@ def save_case(
     meta = {
         "format": FORMAT,
         "pair": list(pair),
-        "kind": kind,
+        "kind": str(kind),
         "implementations": [{"label": r.label, "ref": r.source()} for r in refs],
         "base_dir": os.getcwd(),
         "spec": spec.text(),
@@ -168,12 +180,41 @@ def save_case(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
+    return _write(directory, stem, arrays, meta)
+
+
+def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """STEM.npz and STEM.json, each written atomically; returns the JSON path."""
     directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
     text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)  # fails before any write
     _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
     _atomic_write(json_path, lambda f: f.write(text.encode()))
     return json_path
+
+
+def save_input(directory: Path, spec: Spec, case: Case, *, stem: str) -> Path:
+    """A case's inputs alone, in the repro codec (no pair, no outcomes): written before a risky call."""
+    arrays = {f"input.{name}": tensor_to_numpy(t) for name, t in case.tensors.items()}
+    meta = {
+        "format": INPUT_FORMAT,
+        "spec": spec.text(),
+        "sizes": case.sizes,
+        "recipe": asdict(case.recipe) if case.recipe else None,
+        "tensors": {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in case.tensors.items()},
+        "device": str(next(iter(case.tensors.values())).device),
+        "case": case.describe(),
+    }
+    return _write(directory, stem, arrays, meta)
+
+
+def load_input(path: str | Path, spec: Spec | None = None) -> Case:
+    """The case saved by :func:`save_input` (or the input of a full repro)."""
+    meta, arrays, json_path, npz_path = _read_files(path)
+    _need(meta.get("format") in (FORMAT, INPUT_FORMAT), f"not a {FORMAT} file")
+    if spec is None:
+        spec = _spec_of(meta)
+    return _case_of(meta, arrays, spec, npz_path)
 
 
 def _json_default(x: Any) -> Any:
@@ -184,14 +225,22 @@ def _json_default(x: Any) -> Any:
 
 def save_divergence(ev, d, directory: Path) -> Path:
     """Save the (minimised, if available) case of an audit divergence."""
+    from .findings import subject_labels_json
+
     case = d.minimized.case if d.minimized else d.case
-    labels = list(dict.fromkeys(d.pair))
-    outcomes = ev.outcomes(case, labels)
+    labels = list(d.subject.labels)
+    if d.kind.failed_call and d.kind in (Kind.CRASH, Kind.TIMEOUT):
+        # Re-running to record the outputs would crash, or hang, again: the verdict's detail says what happened.
+        outcomes = {}
+    else:
+        outcomes = ev.outcomes(case, labels)
     extra = {
         "score": _finite_or_str(d.verdict.score),
         "detail": d.verdict.detail,
         "original_sizes": d.minimized.original_sizes if d.minimized else case.sizes,
         "threshold": asdict(d.minimized.threshold) if d.minimized and d.minimized.threshold else None,
+        "timeout": ev.settings.execution.timeout,
+        "isolate": ev.settings.execution.isolate,
     }
     refs = [ev.impls[la].ref for la in labels]
     return save_case(
@@ -199,12 +248,12 @@ def save_divergence(ev, d, directory: Path) -> Path:
         spec=ev.spec,
         case=case,
         refs=refs,
-        pair=d.pair,
+        pair=tuple(subject_labels_json(d.subject)),
         kind=d.kind,
         outcomes=outcomes,
         tolerance=(ev.tol.rtol, ev.tol.atol),
-        seed=ev.settings.seed,
-        device=ev.settings.device,
+        seed=ev.settings.search.seed,
+        device=ev.settings.execution.device,
         extra=extra,
     )
 
@@ -225,12 +274,27 @@ class Repro:
     recorded: dict[str, np.ndarray]  # out.* arrays of the recorded run
 
     @property
+    def subject(self):
+        from .findings import subject_from_labels
+
+        return subject_from_labels(self.meta["pair"])
+
+    @property
     def pair(self) -> tuple[str, str]:
         return tuple(self.meta["pair"])
 
     @property
-    def kind(self) -> str:
-        return self.meta["kind"]
+    def kind(self) -> Kind:
+        return Kind(self.meta["kind"])
+
+    @property
+    def tolerance(self) -> tuple[float, float]:
+        return float(self.meta["tolerance"]["rtol"]), float(self.meta["tolerance"]["atol"])
+
+    @property
+    def timeout(self) -> float | None:
+        t = self.meta.get("timeout")
+        return float(t) if isinstance(t, (int, float)) and math.isfinite(t) and t > 0 else None
 
 
 def _need(cond: bool, what: str) -> None:
@@ -238,43 +302,18 @@ def _need(cond: bool, what: str) -> None:
         raise ReproError(f"corrupt repro: {what}")
 
 
-def load_repro(path: str | Path) -> Repro:
+def _read_files(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Path, Path]:
     p = Path(path)
     json_path, npz_path = p.with_suffix(".json"), p.with_suffix(".npz")
-    if not json_path.exists():
+    if not json_path.is_file():
         raise ReproError(f"no such repro: {json_path}")
-    if not npz_path.exists():
+    if not npz_path.is_file():
         raise ReproError(f"repro {json_path.name} has no tensors file {npz_path.name}")
     try:
         meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise ReproError(f"corrupt repro: {json_path.name} is not valid JSON ({e.__class__.__name__})") from None
-    _need(isinstance(meta, dict) and meta.get("format") == FORMAT, f"not a {FORMAT} file")
-    pair = meta.get("pair")
-    _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair), "'pair' must be two labels")
-    _need(isinstance(meta.get("kind"), str), "'kind' missing")
-    _need(meta["kind"] in KINDS, f"unknown kind {meta['kind']!r}")
-    _need(isinstance(meta.get("seed", 0), int) and not isinstance(meta.get("seed", 0), bool), "'seed' must be an integer")
-    impls = meta.get("implementations")
-    _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
-    _need(all(i["label"].strip() for i in impls), "empty implementation label")
-    try:
-        # The label is data, not part of the reference grammar ("p1:a" is a fine label).
-        refs = tuple(replace(parse_ref(i["ref"]), label=i["label"]) for i in impls)
-    except LoadError as e:
-        raise ReproError(f"corrupt repro: {e}") from None
-    _need(set(pair) <= {r.label for r in refs}, "'pair' names an implementation that is not listed")
-    try:
-        spec = parse_spec(meta.get("spec") if isinstance(meta.get("spec"), str) else "")
-    except SpecError as e:
-        raise ReproError(f"corrupt repro: spec: {e}") from None
-    sizes = meta.get("sizes")
-    _need(isinstance(sizes, dict) and all(isinstance(v, int) and v >= 0 for v in sizes.values()) and set(sizes) == set(spec.dims), "'sizes' do not match the spec's dims")
-    params = dict(spec.params)  # from the spec text: literal types survive (JSON has no tuples)
-    tol = meta.get("tolerance")
-    _need(isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float)) for k in ("rtol", "atol")), "'tolerance' malformed")
-    tmeta = meta.get("tensors")
-    _need(isinstance(tmeta, dict) and set(tmeta) == {a.name for a in spec.args}, "'tensors' do not match the spec's arguments")
+    _need(isinstance(meta, dict), f"{json_path.name} does not hold a JSON object")
     try:
         with np.load(npz_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -282,19 +321,39 @@ def load_repro(path: str | Path) -> Repro:
         raise ReproError(f"unsafe or corrupt repro: {npz_path.name}: {str(e).splitlines()[0]}") from None
     except Exception as e:
         raise ReproError(f"corrupt repro: {npz_path.name} is not a readable .npz ({e.__class__.__name__})") from None
-    recipe = None
-    if isinstance(meta.get("recipe"), dict):
-        try:
-            r = meta["recipe"]
-            recipe = Recipe(
-                sizes=tuple((str(k), int(v)) for k, v in r["sizes"]),
-                regime=str(r["regime"]), magnitude=float(r["magnitude"]), offset=float(r["offset"]),
-                layout=str(r["layout"]), seed=int(r["seed"]),
-                planted=tuple((str(a), float(b), float(c)) for a, b, c in r["planted"]),
-                nonfinite=bool(r["nonfinite"]),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise ReproError("corrupt repro: 'recipe' malformed") from None
+    return meta, arrays, json_path, npz_path
+
+
+def _spec_of(meta: dict[str, Any]) -> Spec:
+    try:
+        return parse_spec(meta.get("spec") if isinstance(meta.get("spec"), str) else "")
+    except SpecError as e:
+        raise ReproError(f"corrupt repro: spec: {e}") from None
+
+
+def _recipe_of(meta: dict[str, Any]) -> Recipe | None:
+    if not isinstance(meta.get("recipe"), dict):
+        return None
+    try:
+        r = meta["recipe"]
+        return Recipe(
+            sizes=tuple((str(k), int(v)) for k, v in r["sizes"]),
+            regime=str(r["regime"]), magnitude=float(r["magnitude"]), offset=float(r["offset"]),
+            layout=str(r["layout"]), seed=int(r["seed"]),
+            planted=tuple((str(a), float(b), float(c)) for a, b, c in r["planted"]),
+            nonfinite=bool(r["nonfinite"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise ReproError("corrupt repro: 'recipe' malformed") from None
+
+
+def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, npz_path: Path) -> Case:
+    sizes = meta.get("sizes")
+    _need(isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values())
+          and set(sizes) == set(spec.dims), "'sizes' do not match the spec's dims")
+    tmeta = meta.get("tensors")
+    _need(isinstance(tmeta, dict) and set(tmeta) == {a.name for a in spec.args}, "'tensors' do not match the spec's arguments")
+    recipe = _recipe_of(meta)
     tensors = {}
     for arg in spec.args:
         m = tmeta[arg.name]
@@ -306,24 +365,134 @@ def load_repro(path: str | Path) -> Repro:
         _need(tuple(t.shape) == expected_shape, f"{arg.name} has shape {tuple(t.shape)}, spec and sizes say {expected_shape}")
         tensors[arg.name] = _with_layout(t, recipe.layout) if recipe else t
     device = meta.get("device", "cpu")
-    _need(device in ("cpu", "cuda") or (isinstance(device, str) and re.fullmatch(r"cuda:\d+", device)), "'device' malformed")
+    _need(isinstance(device, str) and (device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None), "'device' malformed")
     if device != "cpu" and not torch.cuda.is_available():
         device = "cpu"
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    case = Case(tensors=tensors, sizes=dict(sizes), params=params, recipe=recipe, note="replayed")
+    # Keyword parameters come from the spec text: literal types survive (JSON has no tuples).
+    return Case(tensors=tensors, sizes=dict(sizes), params=dict(spec.params), recipe=recipe, note="replayed")
+
+
+def load_repro(path: str | Path) -> Repro:
+    meta, arrays, json_path, npz_path = _read_files(path)
+    _need(meta.get("format") == FORMAT, f"not a {FORMAT} file")
+    pair = meta.get("pair")
+    _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair), "'pair' must be two labels")
+    _need(isinstance(meta.get("kind"), str), "'kind' missing")
+    _need(meta["kind"] in Kind._value2member_map_, f"unknown kind {meta['kind']!r}")
+    seed = meta.get("seed", 0)
+    _need(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63, "'seed' must be an integer in [0, 2**63)")
+    impls = meta.get("implementations")
+    _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
+    _need(all(i["label"].strip() for i in impls), "empty implementation label")
+    try:
+        # The label is data, not part of the reference grammar ("p1:a" is a fine label).
+        refs = tuple(_saved_ref(i["ref"], i["label"]) for i in impls)
+    except LoadError as e:
+        raise ReproError(f"corrupt repro: {e}") from None
+    _need(set(pair) <= {r.label for r in refs}, "'pair' names an implementation that is not listed")
+    tol = meta.get("tolerance")
+    _need(isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float)) and not isinstance(tol.get(k), bool)
+                                        and math.isfinite(tol[k]) and tol[k] >= 0 for k in ("rtol", "atol")),
+          "'tolerance' must hold finite rtol and atol >= 0")
+    timeout = meta.get("timeout")
+    _need(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0),
+          "'timeout' must be a positive number of seconds")
+    spec = _spec_of(meta)
+    case = _case_of(meta, arrays, spec, npz_path)
     recorded = {k: v for k, v in arrays.items() if k.startswith("out.")}
     return Repro(json_path, meta, spec, case, refs, recorded)
 
 
+# A lambda or a local function passed by a test has no reference anyone can import
+# ("test_x.py:test_f.<locals>.<lambda>"): the case is data all the same, replayed by the
+# test that holds the callable (the pytest plugin matches it by label).
+HELD_BY_TEST = ("<locals>", "<lambda>")
+
+
+def _saved_ref(text: str, label: str) -> Ref:
+    if any(marker in text for marker in HELD_BY_TEST):
+        return Ref(text=text, label=label, target="", attrs=())
+    return replace(parse_ref(text), label=label)
+
+
+# --- trust: a repro is data ---------------------------------------------------------------
+
+# Never run from a saved file: the standard library and builtins, and I/O under torch and numpy.
+_IO_NAMES = re.compile(r"(^|_)(save|load|open|read|write|from_?file|to_?file|memmap|hub|remove|unlink|system|exec|eval|spawn|popen)", re.I)
+_IO_PACKAGES = ("torch", "numpy")
+
+
+def untrusted_reason(ref: Ref) -> str | None:
+    """Why ``ref`` may not run from a saved file, or None if it may."""
+    names = ref.target.split(".") + list(ref.attrs) if not ref.is_path else list(ref.attrs)
+    if ref.is_path:
+        path = Path(ref.target)
+        try:
+            resolved = path.resolve()
+        except OSError:
+            resolved = path
+        if any(_inside(resolved, d) for d in _stdlib_dirs()):
+            return "it names a file of the Python standard library"
+        top = next((pkg for pkg in _IO_PACKAGES if _inside(resolved, _package_dir(pkg))), None)
+    else:
+        top = ref.target.split(".")[0]
+        if top == "builtins" or top in _stdlib_names():
+            return f"it names the standard library ({top})"
+    if top in _IO_PACKAGES and any(_IO_NAMES.search(n) for n in names):
+        return f"it names an I/O function of {top}"
+    return None
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _stdlib_names() -> frozenset[str]:
+    return frozenset(getattr(sys, "stdlib_module_names", ())) | {"os", "sys", "subprocess", "shutil", "pathlib", "io", "builtins", "importlib", "pickle"}
+
+
+def _stdlib_dirs() -> list[Path]:
+    out = []
+    for key in ("stdlib", "platstdlib"):
+        try:
+            out.append(Path(sysconfig.get_paths()[key]).resolve())
+        except (KeyError, OSError):
+            pass
+    return out
+
+
+def _package_dir(name: str) -> Path | None:
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve().parent if file else None
+
+
+def refuse_untrusted(refs: Sequence[Ref]) -> None:
+    """Raise :class:`ReproError` naming the first reference a saved file may not run."""
+    for ref in refs:
+        why = untrusted_reason(ref)
+        if why:
+            raise ReproError(f"refusing to run {ref.label} = {ref.source()} from a saved file: {why}")
+
+
 def load_repro_implementations(repro: Repro):
-    """The pair's implementations, loaded with the safe factory policy."""
+    """The subject's implementations, after the trust check, with the safe factory policy."""
     base = repro.meta.get("base_dir")
     base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
     by_label = {r.label: r for r in repro.refs}
-    out = []
-    for label in dict.fromkeys(repro.pair):
-        out.append(load_implementation(by_label[label], base_dir=base_dir, factories="modules"))
-    return out
+    wanted = [by_label[label] for label in dict.fromkeys(repro.pair)]
+    for ref in wanted:
+        if not ref.target:
+            raise ReproError(f"{ref.label} ({ref.text}) lives only inside its test: re-run that test to replay this case")
+    refuse_untrusted(wanted)
+    return [load_implementation(ref, base_dir=base_dir, factories="modules") for ref in wanted]
 
 
 def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:

@@ -3,35 +3,58 @@
 Every call gets its own copy of the inputs (same values, same strides, same device),
 so one implementation can never see what another did to its inputs; comparing that
 copy afterwards with the pristine case catches in-place mutation.
+
+What an implementation prints (Python or C, stdout or stderr) and the warnings it
+issues are captured at the file-descriptor level and kept on its :class:`Outcome`:
+they never reach losscmp's own output (a ``--json -`` report stays valid JSON), and
+a "did not converge" warning stays with the finding it explains.  An implementation
+that raises ``KeyboardInterrupt`` or ``SystemExit`` has failed; a Ctrl-C from the user
+still stops the run.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import math
+import os
+import signal
+import sys
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .findings import Status
 from .generate import Case, clone_like
 from .spec import Spec
+
+# What an implementation printed is kept up to this many characters (the end is dropped).
+OUTPUT_LIMIT = 4000
 
 
 @dataclass(frozen=True, eq=False)
 class Outcome:
-    """What one call produced.  ``status`` is "ok" or a failed-call kind."""
+    """What one call produced."""
 
-    status: str = "ok"
+    status: Status = Status.OK
     value: torch.Tensor | None = None
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
     mutated: tuple[str, ...] = ()
+    output: str = ""  # what it printed and warned, captured
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", Status(self.status))
 
     @property
     def failed(self) -> bool:
-        return self.status != "ok"
+        return self.status.failed
 
 
 def one_line(e: BaseException) -> str:
@@ -54,23 +77,28 @@ def call(fn: Callable[..., Any], spec: Spec, case: Case) -> Outcome:
     inputs = make_inputs(spec, case)
     device = next(iter(case.tensors.values())).device
     start = time.perf_counter()
-    # An implementation's own warnings (numpy's log(0), deprecations) are not ours to print.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with captured_output() as output, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         outcome = _call(fn, spec, case, inputs, device)
     seconds = time.perf_counter() - start
     # Checked on every path: a mutation can be what made the call fail.
     mutated = tuple(a.name for a, t in zip(spec.args, inputs) if not _same(t.detach(), case.tensors[a.name]))
-    return replace(outcome, seconds=seconds, mutated=mutated)
+    said = output.text + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+    return replace(outcome, seconds=seconds, mutated=mutated, output=_clip(said))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= OUTPUT_LIMIT else text[:OUTPUT_LIMIT] + f"... ({len(text) - OUTPUT_LIMIT} more characters)"
 
 
 def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Tensor], device: torch.device) -> Outcome:
+    interrupts = _user_interrupts.count
     try:
         out = fn(*inputs, **case.params)
         if not isinstance(out, torch.Tensor):
-            return Outcome("non_tensor", error=f"returned {type(out).__name__}, not a tensor")
+            return Outcome(Status.NON_TENSOR, error=f"returned {type(out).__name__}, not a tensor")
         if spec.scalar and out.numel() != 1:
-            return Outcome("non_scalar", error=f"returned shape {tuple(out.shape)}, expected a scalar")
+            return Outcome(Status.NON_SCALAR, error=f"returned shape {tuple(out.shape)}, expected a scalar")
         grads: dict[str, torch.Tensor | None] = {}
         wanted = [(a.name, t) for a, t in zip(spec.args, inputs) if t.requires_grad]
         if wanted:
@@ -83,9 +111,122 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
         value = out.detach().reshape(()) if spec.scalar else out.detach()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    except KeyboardInterrupt as e:
+        if _user_interrupts.count != interrupts or not _user_interrupts.watching:
+            raise  # the user pressed Ctrl-C (or nobody can tell): stop the run
+        return Outcome(Status.EXCEPTION, error=one_line(e))
     except (Exception, SystemExit) as e:  # the implementation's own failure is a finding, not ours
-        return Outcome("exception", error=one_line(e))
-    return Outcome("ok", value=value, grads=grads)
+        return Outcome(Status.EXCEPTION, error=one_line(e))
+    return Outcome(Status.OK, value=value, grads=grads)
+
+
+# --- Ctrl-C: the user's, or the implementation's? ------------------------------------
+
+class _UserInterrupts:
+    """Counts real SIGINTs while :func:`watching_interrupts` is active."""
+
+    count = 0
+    watching = False
+
+
+_user_interrupts = _UserInterrupts()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _user_interrupts.count += 1
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def watching_interrupts() -> Iterator[None]:
+    """While active, a KeyboardInterrupt that no SIGINT caused is the implementation's own.
+
+    Only the main thread can install signal handlers; elsewhere every
+    KeyboardInterrupt stops the run, as before.
+    """
+    if threading.current_thread() is not threading.main_thread() or _user_interrupts.watching:
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield  # someone else handles Ctrl-C (a debugger, an embedding app): leave it alone
+        return
+    signal.signal(signal.SIGINT, _on_sigint)
+    _user_interrupts.watching = True
+    try:
+        yield
+    finally:
+        _user_interrupts.watching = False
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- what implementations print --------------------------------------------------------
+
+class _Captured:
+    text = ""
+
+
+try:
+    _libc_fflush = ctypes.CDLL(None).fflush
+except (OSError, AttributeError):  # pragma: no cover - no C library to flush
+    _libc_fflush = None
+
+
+_scratch: dict[int, int] = {}  # pid -> fd of this process's scratch file
+
+
+def _scratch_fd() -> int:
+    """One scratch file per process, reused by every call (creating one costs more than
+    the call of a tiny loss).  Keyed by pid: a forked worker must not share the parent's
+    file offset."""
+    pid = os.getpid()
+    fd = _scratch.get(pid)
+    if fd is None:
+        _scratch.clear()
+        with tempfile.TemporaryFile() as f:  # already unlinked: the dup keeps it alive, nameless
+            fd = _scratch[pid] = os.dup(f.fileno())
+    return fd
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[_Captured]:
+    """Send fds 1 and 2 and ``sys.stdout``/``sys.stderr`` to a scratch file for the block.
+
+    File-descriptor level, like pytest's ``capfd``: C extensions and subprocesses are
+    caught too.  The real descriptors are restored afterwards even if the block closed
+    them (``os.close(1)``, ``sys.stdout.close()``).
+    """
+    result = _Captured()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    scratch = _scratch_fd()
+    saved = []
+    for fd in (1, 2):
+        try:
+            saved.append((fd, os.dup(fd)))
+            os.dup2(scratch, fd)
+        except OSError:  # not open in this process: nothing to protect
+            continue
+    text_sink = io.StringIO()
+    old_streams = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = text_sink
+    try:
+        yield result
+    finally:
+        if _libc_fflush is not None:
+            _libc_fflush(None)
+        sys.stdout, sys.stderr = old_streams
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        size = os.lseek(scratch, 0, os.SEEK_CUR)
+        raw = os.pread(scratch, min(size, OUTPUT_LIMIT * 4), 0) if size else b""
+        if size:
+            os.ftruncate(scratch, 0)
+            os.lseek(scratch, 0, os.SEEK_SET)
+        printed = text_sink.getvalue() if not text_sink.closed else ""
+        result.text = printed + raw.decode("utf-8", errors="replace")
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

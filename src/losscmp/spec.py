@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .errors import LosscmpError
+
 DOMAINS = {
     "real": "any real number",
     "positive": "strictly positive reals",
@@ -37,8 +39,8 @@ DOMAINS = {
 DEFAULT_SIZE_RANGE = (1, 32)
 
 
-class SpecError(ValueError):
-    """A spec that does not parse or does not make sense; the message is one line."""
+class SpecError(LosscmpError, ValueError):
+    """A spec that does not parse or does not make sense."""
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,14 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from .audit import Evaluator, Settings
 from .compare import Verdict
+from .engine import Evaluator
+from .errors import LosscmpError
+from .findings import Kind, Pair
 from .generate import Case, Recipe, build_case
 from .load import Implementation, load_implementation
 from .minimize import SCALABLE, bisect, bracket_middle, input_magnitude, scaled, shifted
+from .settings import Settings
 from .spec import Spec
 
 
@@ -27,8 +30,8 @@ from .spec import Spec
 INPUT_KNOBS = ("scale", "offset")
 
 
-class KnobError(ValueError):
-    """A --param that does not parse; the message is one line."""
+class KnobError(LosscmpError, ValueError):
+    """A --param that does not parse, or a knob no call accepts."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class Boundary:
 
 @dataclass(frozen=True, eq=False)
 class SweepResult:
-    pair: tuple[str, str]
+    pair: Pair
     knob: Knob
     points: tuple[Point, ...]
     boundaries: tuple[Boundary, ...]
@@ -98,7 +101,7 @@ class SweepResult:
 def sweep_case(spec: Spec, settings: Settings, size: int = 8) -> Case:
     """The fixed case a sweep walks on: standard regime, dims at ``size`` (within range)."""
     sizes = tuple((d, max(spec.size_range(d)[0], min(spec.size_range(d)[1], size))) for d in spec.dims)
-    return build_case(spec, Recipe(sizes=sizes, seed=settings.seed), dtype=settings.dtype, device=settings.device)
+    return build_case(spec, Recipe(sizes=sizes, seed=settings.search.seed), dtype=settings.execution.dtype, device=settings.execution.device)
 
 
 def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob: Knob, points: int = 9, case: Case | None = None) -> SweepResult:
@@ -107,7 +110,7 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
     case = case or sweep_case(spec, settings)
     if knob.name not in INPUT_KNOBS:  # the swept value, not the spec's fixed one, reaches the call
         case = replace(case, params={k: v for k, v in case.params.items() if k != knob.name})
-    pair = (impls[0].label, impls[1].label)
+    pair = Pair(impls[0].label, impls[1].label)
     evaluated: list[Point] = []
     if knob.name in INPUT_KNOBS and not any(a.domain in SCALABLE for a in spec.args):
         raise KnobError(f"--param {knob.name}: the spec has no real-valued input to change")
@@ -122,13 +125,16 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
         else:
             ev, c = Evaluator(with_param(impls, knob.name, value), spec, settings), case
         try:
-            verdict = ev.verdict(pair, ev.outcomes(c, pair))
+            verdict = ev.verdict(pair, ev.outcomes(c, pair.labels))
         finally:
             ev.close()
         evaluated.append(Point(value, verdict))
         return verdict
 
     grid = [Point(v, verdict_at(v)) for v in knob.grid(points)]
+    if all(not p.verdict.compared or p.verdict.kind is Kind.BOTH_FAILED for p in grid):
+        # Every call failed everywhere (a misspelt keyword, say): nothing was compared.
+        raise KnobError(f"--param {knob.name}: every call failed at every point of [{knob.lo:g}, {knob.hi:g}]: {grid[0].verdict.detail}")
     boundaries = []
     for a, b in zip(grid, grid[1:]):
         if bool(a.verdict.kind) == bool(b.verdict.kind):

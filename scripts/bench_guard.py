@@ -1,0 +1,92 @@
+"""Per-case cost of the no-silent-exit protection, and of output capture, on a tiny loss.
+
+Under the command line's supervisor every in-process call first leaves a breadcrumb
+(``losscmp.supervise.before_call``: one pwrite; a case the minimiser derived is also
+written to disk once).  Every call also captures what the implementation prints at
+the file-descriptor level (``losscmp.run.captured_output``).  This benchmark runs the
+same audit of a tiny loss (mse, B <= 64) in rounds, interleaved so that machine drift
+cancels:
+
+* ``plain``    — no breadcrumbs, no capture (what the search cost before either existed);
+* ``capture``  — output capture only (the library default);
+* ``guarded``  — capture + breadcrumbs (the command line's default).
+
+    python scripts/bench_guard.py [--examples 200] [--rounds 5]
+
+It prints milliseconds per case (median over rounds) and the ratios side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from losscmp import audit, load_implementation, parse_spec, run, supervise
+from losscmp.settings import Settings
+
+SPEC = "input: B real grad; target: B real; B=1..64"
+
+
+@contextlib.contextmanager
+def no_capture():
+    original = run.captured_output
+
+    @contextlib.contextmanager
+    def passthrough():
+        yield run._Captured()
+
+    run.captured_output = passthrough
+    try:
+        yield
+    finally:
+        run.captured_output = original
+
+
+@contextlib.contextmanager
+def breadcrumbs():
+    with tempfile.TemporaryDirectory() as d:
+        supervise._crumbs = supervise._Breadcrumbs(Path(d))
+        try:
+            yield
+        finally:
+            supervise._crumbs = None
+
+
+def per_case_ms(mode: str, impls, spec, examples: int) -> float:
+    settings = Settings.of(examples=examples, minimize=False)
+    with contextlib.ExitStack() as stack:
+        if mode == "plain":
+            stack.enter_context(no_capture())
+        if mode == "guarded":
+            stack.enter_context(breadcrumbs())
+        start = time.perf_counter()
+        result = audit(impls, spec, settings)
+        return 1000 * (time.perf_counter() - start) / result.cases_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    impls = [load_implementation("torch.nn.functional:mse_loss"), load_implementation("torch.nn.functional:l1_loss")]
+    spec = parse_spec(SPEC)
+    modes = ("plain", "capture", "guarded")
+    per_case_ms("plain", impls, spec, 5)  # warm-up
+    times = {m: [] for m in modes}
+    for _ in range(args.rounds):
+        for m in modes:
+            times[m].append(per_case_ms(m, impls, spec, args.examples))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"tiny loss (mse vs l1, B <= 64), {args.examples} cases x {args.rounds} rounds, median ms per case:")
+    print(f"{'mode':<10}{'ms/case':>10}{'vs plain':>10}")
+    for m in modes:
+        print(f"{m:<10}{med[m]:>10.3f}{med[m] / med['plain']:>10.3f}")
+    print(f"breadcrumbs alone: {med['guarded'] - med['capture']:+.3f} ms per case; capture alone: {med['capture'] - med['plain']:+.3f} ms per case")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The engine: run implementations on cases through a :class:`Runner`, and judge them.
+
+One :class:`Evaluator` serves the audit, spec inference, sweeps, replay and every
+stage after the search.  How a call is made is the runner's business:
+
+* :class:`InProcessRunner` — a plain call in this process (the default);
+* ``isolate.IsolatedRunner`` — a worker process per implementation (``--isolate``):
+  a segfault or a hang becomes a finding;
+* an other-interpreter runner (``--python LABEL=PATH``), as it lands.
+
+Every runner returns the same :class:`~losscmp.run.Outcome`, so nothing downstream
+knows or cares which one ran.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Protocol, Sequence
+
+from . import supervise
+from .compare import Tolerance, Verdict, compare_outcomes
+from .errors import UsageError
+from .findings import Alone, Kind, Pair, Subject
+from .generate import Case
+from .load import Implementation
+from .run import Outcome, call
+from .settings import Execution, Settings
+from .spec import Spec
+
+
+class Runner(Protocol):
+    def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessRunner:
+    """Calls in this process.  Under the CLI's supervisor, each call leaves a breadcrumb
+    first (which implementation, on which input) so that an implementation that kills
+    the process is named, with its input, instead of ending the run silently."""
+
+    def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
+        supervise.before_call(impl.label, spec, case)
+        return call(impl.fn, spec, case)
+
+    def close(self) -> None:
+        pass
+
+
+def make_runner(execution: Execution) -> Runner:
+    if execution.isolate:
+        from .isolate import IsolatedRunner  # workers, pipes: only when asked for
+
+        return IsolatedRunner(timeout=execution.timeout)
+    return InProcessRunner()
+
+
+def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
+    """Every pair, or each implementation against the reference."""
+    if reference is not None:
+        if reference not in labels:
+            raise UsageError(f"--reference {reference!r} is not one of {', '.join(labels)}")
+        return [Pair(reference, la) for la in labels if la != reference]
+    return [Pair(a, b) for a, b in itertools.combinations(labels, 2)]
+
+
+class Evaluator:
+    """Runs implementations on cases and compares them; counts every evaluation."""
+
+    def __init__(self, impls: Sequence[Implementation], spec: Spec, settings: Settings, runner: Runner | None = None):
+        self.impls = {i.label: i for i in impls}
+        if len(self.impls) != len(impls):
+            raise UsageError("implementation labels must be distinct; give them with 'label=ref'")
+        self.spec, self.settings, self.tol = spec, settings, settings.tolerance
+        self.pairs = pairs_for(list(self.impls), settings.reference)
+        self.runner = runner if runner is not None else make_runner(settings.execution)
+        self.evaluations = 0
+
+    def outcome(self, label: str, case: Case) -> Outcome:
+        return self.runner(self.impls[label], self.spec, case)
+
+    def outcomes(self, case: Case, labels: Sequence[str] | None = None) -> dict[str, Outcome]:
+        """One evaluation: each implementation (or each of ``labels``) called once."""
+        self.evaluations += 1
+        return {la: self.outcome(la, case) for la in (labels or self.impls)}
+
+    def verdict(self, pair: Pair, outcomes: dict[str, Outcome]) -> Verdict:
+        return compare_outcomes(pair, outcomes[pair.expected], outcomes[pair.actual], self.tol)
+
+    def judge(self, subject: Subject, case: Case) -> Verdict:
+        """The verdict on ``case``: a pair compared, or one implementation on its own."""
+        if isinstance(subject, Alone):
+            first = self.outcomes(case, [subject.label])[subject.label]
+            if first.mutated:
+                return mutation_verdict(subject.label, first)
+            if first.status.died:  # re-running a crash or a hang costs it again
+                return Verdict(subject, None, 0.0, "not re-run: the first call died", compared=False)
+            return self.repeat_verdict(subject.label, first, self.outcome(subject.label, case))
+        return self.verdict(subject, self.outcomes(case, subject.labels))
+
+    def still_diverges(self, subject: Subject, kind: Kind, case: Case) -> bool:
+        """The minimiser's predicate: the same kind of divergence for the same subject."""
+        return self.judge(subject, case).kind == kind
+
+    def repeat_verdict(self, label: str, first: Outcome, second: Outcome) -> Verdict:
+        """Two calls of one implementation on one input: agreement, or nondeterminism."""
+        v = compare_outcomes(Alone(label), first, second, self.tol)
+        if v.kind:
+            return replace(v, kind=Kind.NONDETERMINISM, detail=f"two calls on the same input disagree: {v.detail}")
+        return v
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def mutation_verdict(label: str, outcome: Outcome) -> Verdict:
+    return Verdict(Alone(label), Kind.MUTATION, float("inf"), f"{label} modified its input(s) {', '.join(outcome.mutated)} in place")
+
+
+__all__ = ["Evaluator", "InProcessRunner", "Runner", "make_runner", "mutation_verdict", "pairs_for", "Tolerance"]

@@ -1,0 +1,15 @@
+"""One error channel: every error a user can cause is a :class:`LosscmpError`.
+
+Its message is one line that says what is wrong and, where there is one, the mend.
+``losscmp.cli.main`` turns any of them into ``losscmp: error: <message>`` and exit 2;
+library callers catch the base class.  Anything else that escapes is a bug in losscmp.
+"""
+from __future__ import annotations
+
+
+class LosscmpError(Exception):
+    """Bad usage or bad input; the message is one line."""
+
+
+class UsageError(LosscmpError, ValueError):
+    """Options that do not make sense together, or out of range."""

@@ -1,0 +1,91 @@
+"""``--jobs N``: the example budget shared among N worker processes, results merged.
+
+Each worker loads the implementations from their references (a lambda handed in by a
+test has none: use one job), runs the ordinary exploration on its share of the budget
+with a seed derived from the run's seed and its index, and sends its exploration back;
+the parent merges them in worker order and runs the stages itself.  So the same seed and
+the same N give the same report.  With ``--devices cuda:0,cuda:1`` there is one worker
+per device.  Beyond one machine, spread a suite with the pytest plugin under
+pytest-xdist instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import UsageError
+from .load import Implementation, Ref
+from .settings import Settings
+from .spec import Spec
+
+
+def worker_seed(seed: int, worker: int) -> int:
+    """A seed per worker, derived from the run's: stable across platforms and runs."""
+    digest = hashlib.sha256(f"losscmp-jobs:{seed}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def shares(examples: int, jobs: int) -> list[int]:
+    return [examples // jobs + (1 if i < examples % jobs else 0) for i in range(jobs)]
+
+
+def _portable(ref: Ref) -> Ref:
+    """A file reference made absolute, so a worker finds it whatever its working folder."""
+    if ref.is_path and not Path(ref.target).is_absolute():
+        return replace(ref, target=str(Path(ref.target).resolve()))
+    return ref
+
+
+def _explore_share(refs: tuple[Ref, ...], spec: Spec, settings: Settings, threads: int):
+    import torch
+
+    from .audit import explore
+    from .engine import Evaluator
+    from .load import load_implementation
+
+    torch.set_num_threads(threads)  # N workers share the cores instead of fighting over them
+    impls = [load_implementation(r) for r in refs]
+    ev = Evaluator(impls, spec, settings)
+    try:
+        exploration = explore(ev)
+        exploration.evaluations = ev.evaluations
+        exploration.ev = None  # the evaluator holds functions and processes: it stays here
+        return exploration
+    finally:
+        ev.close()
+
+
+def explore_in_workers(impls: Sequence[Implementation], spec: Spec, settings: Settings,
+                       on_case: Callable[[int, float], None] | None = None):
+    ex = settings.execution
+    unimportable = [i.label for i in impls if not i.ref.target]
+    if unimportable:
+        raise UsageError(f"--jobs needs implementations that can be imported by reference; {', '.join(unimportable)} cannot")
+    jobs = ex.jobs
+    refs = tuple(_portable(i.ref) for i in impls)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    plans = []
+    for worker, examples in enumerate(shares(settings.search.examples, jobs)):
+        if examples == 0:
+            continue
+        device = ex.devices[worker] if ex.devices else ex.device
+        plans.append(replace(
+            settings,
+            search=replace(settings.search, examples=examples, seed=worker_seed(settings.search.seed, worker)),
+            execution=replace(ex, jobs=1, devices=(), device=device),
+        ))
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=len(plans), mp_context=multiprocessing.get_context(method)) as pool:
+        futures = [pool.submit(_explore_share, refs, spec, plan, threads) for plan in plans]
+        explorations = [f.result() for f in futures]
+    merged = explorations[0]
+    for other in explorations[1:]:
+        merged.absorb(other)
+    if on_case:
+        on_case(merged.cases, 0.0)
+    return merged

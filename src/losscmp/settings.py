@@ -1,0 +1,110 @@
+"""Configuration as small frozen records, one per concern, built in one place.
+
+* :class:`Search` — what is generated: how many cases, the seed, regimes, sizes.
+* :class:`Execution` — how implementations are called: device, dtype, isolation.
+* :class:`Tolerances` — the user's rtol/atol overrides (the dtype supplies defaults).
+* :class:`Outputs` — what happens after the search: minimise, explain, save.
+
+A library call writes nothing unless asked (``Outputs.save_dir`` is None by default);
+the CLI and the pytest plugin pass their save folders explicitly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compare import Tolerance
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Search:
+    examples: int = 100
+    seed: int = 0
+    regimes: tuple[str, ...] | None = None  # None: every regime
+    max_size: int | None = None
+    allow_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.examples < 1:
+            raise UsageError(f"examples must be at least 1, not {self.examples}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"seed must be an integer in [0, 2**63), not {self.seed}")
+        if self.max_size is not None and self.max_size < 1:
+            raise UsageError(f"max size must be at least 1, not {self.max_size}")
+
+
+@dataclass(frozen=True)
+class Execution:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    isolate: bool = False
+    timeout: float | None = None  # seconds per call; needs isolation
+    pythons: tuple[tuple[str, str], ...] = ()  # (label, interpreter path): run that side there
+    jobs: int = 1  # worker processes sharing the example budget
+    devices: tuple[str, ...] = ()  # one worker per device (--devices cuda:0,cuda:1); overrides jobs
+
+    def __post_init__(self) -> None:
+        if self.devices:
+            object.__setattr__(self, "jobs", len(self.devices))
+        if not (isinstance(self.jobs, int) and self.jobs >= 1):
+            raise UsageError(f"jobs must be a whole number >= 1, not {self.jobs}")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise UsageError(f"timeout must be a positive number of seconds, not {self.timeout}")
+        if self.timeout is not None and not self.isolate:
+            raise UsageError("a timeout needs isolation (a hung call can only be stopped in a worker process)")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    rtol: float | None = None
+    atol: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UsageError(f"{name} must be a finite number >= 0, not {value}")
+
+    def resolve(self, dtype: torch.dtype) -> Tolerance:
+        return Tolerance.for_dtype(dtype, self.rtol, self.atol)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    minimize: bool = True
+    explain: bool = True
+    save_dir: Path | None = None
+    impact_steps: int | None = None  # None: the explain stage's default
+
+
+@dataclass(frozen=True)
+class Settings:
+    search: Search = field(default_factory=Search)
+    execution: Execution = field(default_factory=Execution)
+    tolerances: Tolerances = field(default_factory=Tolerances)
+    outputs: Outputs = field(default_factory=Outputs)
+    reference: str | None = None
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return self.tolerances.resolve(self.execution.dtype)
+
+    @classmethod
+    def of(cls, reference: str | None = None, **flat: Any) -> "Settings":
+        """Build from flat keywords, each routed to the record that owns it:
+        ``Settings.of(examples=50, dtype=torch.float64, rtol=1e-4, save_dir="out")``."""
+        parts: dict[str, dict[str, Any]] = {}
+        owners = {"search": Search, "execution": Execution, "tolerances": Tolerances, "outputs": Outputs}
+        for key, value in flat.items():
+            owner = next((name for name, record in owners.items() if key in {f.name for f in fields(record)}), None)
+            if owner is None:
+                raise UsageError(f"unknown setting {key!r}")
+            if key == "save_dir" and value is not None:
+                value = Path(value)
+            parts.setdefault(owner, {})[key] = value
+        return cls(**{name: owners[name](**kw) for name, kw in parts.items()}, reference=reference)

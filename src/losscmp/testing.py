@@ -1,0 +1,360 @@
+"""Assertions for test suites: ``assert_losses_agree(a, b, spec=...)``.
+
+The way ``torch.testing.assert_close`` checks two tensors, :func:`assert_losses_agree`
+checks two (or more) loss implementations: it replays the saved cases it is pointed at,
+fuzzes, and raises ``AssertionError`` with the report when they disagree.  It works in
+any test, with or without pytest; the ``losscmp`` pytest fixture is this same function
+with its options taken from the command line and its cases saved per test.
+
+What flows through: callables or references in, :class:`CheckOptions` (one frozen
+record of every knob, built by the caller) -> saved-case replay -> audit ->
+:class:`CheckResult` out, or ``AssertionError`` whose message is the report, the
+explanation when there is one, and a command that replays the case.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import re
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .audit import AuditResult, audit
+from .compare import Verdict
+from .errors import UsageError
+from .findings import Kind, Subject
+from .generate import Case
+from .load import Implementation, Ref, load_implementation
+from .repro import ReproError
+from .settings import Settings
+from .spec import Spec
+
+__all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase", "Session"]
+
+DEFAULT_EXAMPLES = 100
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """Every knob of one check; ``None`` means "the audit's default"."""
+
+    examples: int | None = None  # None: the loaded non-default Hypothesis profile's max_examples, else 100
+    seed: int = 0
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    reference: str | None = None
+    isolate: bool = False
+    timeout: float | None = None
+    save_dir: Path | None = None  # where new minimised cases go (nothing is written when None)
+    replay_dir: Path | None = None  # whose saved cases are replayed first
+    replay_only: bool = False  # replay, never fuzz
+    replay_command: str | None = None  # printed on failure; pasted at the project root it re-runs the check
+    replay_saved_command: str | None = None  # the same, replaying only the saved cases (no fuzzing)
+    audit: dict[str, Any] = field(default_factory=dict)  # further audit Settings (minimize, max_size, ...)
+
+
+@dataclass(frozen=True)
+class ReplayedCase:
+    path: Path
+    recorded: Kind  # the kind saved
+    verdict: Verdict  # today's; ``verdict.kind`` is None when the pair agrees now
+    case: Case
+
+
+@dataclass(frozen=True, eq=False)
+class CheckResult:
+    implementations: tuple[Implementation, ...]
+    replayed: tuple[ReplayedCase, ...]
+    audit: AuditResult | None  # None when only saved cases were replayed
+    failure: str | None  # the report, when the check fails
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(i.label for i in self.implementations)
+
+    @property
+    def agree(self) -> bool:
+        return self.failure is None
+
+    @property
+    def cases_run(self) -> int:
+        return self.audit.cases_run if self.audit else 0
+
+    @property
+    def pairs(self) -> tuple[Subject, ...]:
+        if self.audit:
+            return self.audit.pairs
+        return tuple(dict.fromkeys(r.verdict.subject for r in self.replayed))
+
+    @property
+    def divergence_kinds(self) -> Counter:
+        kinds = Counter(str(r.verdict.kind) for r in self.replayed if r.verdict.kind)
+        kinds.update(str(d.kind) for d in (self.audit.divergences if self.audit else ()))
+        return kinds
+
+    @property
+    def saved(self) -> tuple[Path, ...]:
+        return tuple(Path(d.repro) for d in (self.audit.divergences if self.audit else ()) if d.repro)
+
+
+def assert_losses_agree(
+    *impls: str | Callable[..., Any],
+    spec: Spec | str | None = None,
+    examples: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    reference: str | None = None,
+    isolate: bool | None = None,
+    timeout: float | None = None,
+    save_dir: str | Path | None = None,
+    replay_dir: str | Path | None = None,
+    **audit_settings: Any,
+) -> CheckResult:
+    """Raise ``AssertionError`` with the report unless the implementations agree.
+
+    ``impls`` are callables (functions, lambdas, ``nn.Module`` instances) or references
+    (``"pkg.module:attr"``, ``"file.py:attr"``).  Nothing is written unless ``save_dir``
+    is given; cases saved there (or in ``replay_dir``) are replayed before fuzzing.
+    An argument left out takes the pytest session's ``--losscmp-*`` option when the
+    plugin runs, else the default; ``examples`` then falls back to the loaded non-default
+    Hypothesis profile's ``max_examples``, else 100.
+    """
+    __tracebackhide__ = True
+    base = SESSIONS[-1].defaults if SESSIONS else CheckOptions()
+    if base.replay_command is None:
+        base = replace(base, replay_command=_current_test_command())
+    options = with_call_arguments(
+        base, examples=examples, seed=seed, device=device, dtype=dtype, rtol=rtol, atol=atol, reference=reference,
+        isolate=isolate, timeout=timeout,
+        save_dir=Path(save_dir) if save_dir is not None else None,
+        replay_dir=Path(replay_dir) if replay_dir is not None else Path(save_dir) if save_dir is not None else None,
+        audit=audit_settings,
+    )
+    return check_or_raise(impls, spec, options)
+
+
+def with_call_arguments(base: CheckOptions, **given: Any) -> CheckOptions:
+    """``base`` (defaults, or the session's command line) with what a call gave; ``None`` is "not given"."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if "dtype" in given:
+        given["dtype"] = as_dtype(given["dtype"])
+    if "audit" in given:
+        given["audit"] = {**base.audit, **given["audit"]}
+    return replace(base, **given)
+
+
+@dataclass(frozen=True)
+class Session:
+    """A pytest session running the plugin: its command line, and where checks are tallied."""
+
+    defaults: CheckOptions
+    record: Callable[[CheckResult], None]
+
+
+# The pytest plugin pushes its session here (sessions nest under pytester, hence a
+# stack): plain assert_losses_agree calls take its options and count in its summary.
+SESSIONS: list[Session] = []
+
+
+def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
+    """The one code path of :func:`assert_losses_agree` and the pytest fixture."""
+    __tracebackhide__ = True
+    result = check(impls, spec, options)
+    if SESSIONS:
+        SESSIONS[-1].record(result)
+    if result.failure:
+        raise AssertionError(result.failure)
+    return result
+
+
+def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
+    """Replay the saved cases, then (unless replay-only, or a saved case still diverges) fuzz."""
+    from .infer import infer_spec
+    from .spec import resolve_spec
+
+    loaded = unique_labels([implementation(i) for i in impls])
+    if len(loaded) < 2:
+        raise UsageError(f"losscmp needs at least two implementations to compare, got {len(loaded)}")
+    the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(loaded)
+    try:
+        replayed = _replay_saved(loaded, the_spec, options)
+    except ReproError as e:  # unreadable saved case: one line, the test fails
+        return CheckResult(tuple(loaded), (), None, f"losscmp: {e}")
+    still = [r for r in replayed if r.verdict.kind]
+    if still:
+        return CheckResult(tuple(loaded), replayed, None, _replay_failure(still, options))
+    if options.replay_only:
+        return CheckResult(tuple(loaded), replayed, None, None)
+    kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
+    # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
+    examples = options.examples if options.examples is not None else profile_examples() or DEFAULT_EXAMPLES
+    if examples < 1:
+        raise UsageError(f"examples must be at least 1, not {examples}")
+    settings = Settings.of(examples=examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
+                           **kw, **options.audit)
+    result = audit(loaded, the_spec, settings)
+    return CheckResult(tuple(loaded), replayed, result, None if result.agree else _audit_failure(result, options))
+
+
+def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOptions) -> tuple[ReplayedCase, ...]:
+    """Judge every saved case whose pair the test passes again, with the test's own callables.
+
+    A saved case is matched by the labels of its pair and by its spec, never re-imported
+    from the references it records: a lambda has none.  It is judged with the tolerance
+    it was saved with; a case that crashed or hung is replayed in a worker process.
+    """
+    from .replay import replay
+    from .repro import load_repro
+
+    directory = options.replay_dir
+    if directory is None or not directory.is_dir():
+        return ()
+    by_label = {i.label: i for i in impls}
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            repro = load_repro(path)
+        except ReproError as e:  # a corrupt file is an error, not a case to skip silently
+            raise ReproError(f"saved case {_shown_path(path)} cannot be replayed: {e}") from None
+        if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
+            continue  # saved for another pairing or spec of this test
+        replayed = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=options.isolate or None)
+        verdict = replayed.verdict
+        out.append(ReplayedCase(path, repro.kind, verdict, repro.case))
+    return tuple(out)
+
+
+# --- failure messages ----------------------------------------------------------------
+
+def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str:
+    lines = []
+    for r in still:
+        lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {r.verdict.subject}")
+        lines.append(f"  saved case: {_shown_path(r.path)} (saved as {r.recorded})")
+        lines.append(f"  {r.verdict.detail}")
+        lines.append(f"  input: {r.case.describe()}")
+        for name, t in r.case.tensors.items():
+            if t.numel() <= 24:
+                lines.append(f"  {name} = {_tensor_text(t)}")
+    lines += _replay_lines(options)
+    return "\n".join(lines)
+
+
+def _audit_failure(result: AuditResult, options: CheckOptions) -> str:
+    from rich.console import Console
+
+    from .report import print_audit
+
+    buffer = io.StringIO()
+    print_audit(result, Console(file=buffer, width=160, soft_wrap=True, color_system=None, highlight=False))
+    lines = buffer.getvalue().rstrip("\n").splitlines()
+    lines += _replay_lines(options, saved=all(d.repro for d in result.divergences))
+    return "\n".join(lines)
+
+
+def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
+    # Once every case is saved, replaying them alone shows the divergence, in seconds.
+    command = (saved and options.replay_saved_command) or options.replay_command
+    return [f"replay: {command}"] if command else []
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    from .report import _tensor_text as text
+
+    return text(t)
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _current_test_command() -> str | None:
+    """``pytest NODEID`` for the running test (pytest sets PYTEST_CURRENT_TEST), else None."""
+    current = os.environ.get("PYTEST_CURRENT_TEST")
+    if not current:
+        return None
+    return f"pytest {shlex.quote(current.rsplit(' (', 1)[0])}"
+
+
+# --- options -------------------------------------------------------------------------
+
+def profile_examples() -> int | None:
+    """``max_examples`` of the loaded Hypothesis settings profile, unless it is the default one."""
+    from hypothesis import settings
+
+    if settings.get_current_profile_name() == "default":
+        return None
+    return settings().max_examples
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+# --- implementations held by a test --------------------------------------------------
+
+def implementation(impl: str | Callable[..., Any]) -> Implementation:
+    """A reference, loaded; or a callable, wrapped with the reference that names it.
+
+    A function defined in a project file (a test file, the project's own ``losses.py``)
+    is named by that file's path relative to the working directory (where repro files
+    resolve references from), so ``losscmp replay`` and isolated workers can import it;
+    one from an installed package by its module.  A lambda or a local function keeps its qualified name, which no one can
+    import: its saved cases are replayed by the test that holds it.
+    """
+    if isinstance(impl, str):
+        return load_implementation(impl)
+    if not callable(impl):
+        raise UsageError(f"{impl!r} is neither a reference nor callable")
+    name = getattr(impl, "__qualname__", None) or type(impl).__qualname__
+    module = getattr(impl, "__module__", None) or type(impl).__module__
+    label = re.sub(r"[^\w.+-]", "", name.split(".")[-1]) or "impl"
+    target = str(module)
+    source = _project_file(impl)
+    if source is not None:
+        target = str(source)
+    return Implementation(Ref(text=f"{target}:{name}", label=label, target=target, attrs=tuple(name.split("."))), impl)
+
+
+def _project_file(impl: Callable[..., Any]) -> Path | None:
+    """The file defining ``impl``, relative to the working directory, if it is a project file."""
+    if not (inspect.isfunction(impl) or inspect.isclass(impl)):
+        return None
+    try:
+        path = inspect.getsourcefile(impl)
+        relative = Path(path).resolve().relative_to(Path.cwd().resolve()) if path else None
+    except (TypeError, ValueError):
+        return None
+    # A virtual environment inside the project holds installed packages, named by module.
+    if relative is None or "site-packages" in relative.parts or any(part.startswith(".") for part in relative.parts):
+        return None
+    return relative
+
+
+def unique_labels(impls: Sequence[Implementation]) -> list[Implementation]:
+    """Same-named callables (two lambdas) become ``lambda`` and ``lambda#2``."""
+    seen: dict[str, int] = {}
+    out = []
+    for impl in impls:
+        n = seen[impl.label] = seen.get(impl.label, 0) + 1
+        out.append(impl if n == 1 else replace(impl, ref=replace(impl.ref, label=f"{impl.label}#{n}")))
+    return out

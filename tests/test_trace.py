@@ -1,0 +1,210 @@
+"""trace: the first diverging op of two programs, named by file and line, forward and backward."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from losscmp.cli import main
+from losscmp.compare import Tolerance
+from losscmp.generate import Recipe, build_case
+from losscmp.load import load_implementation
+from losscmp.spec import parse_spec
+from losscmp.run import call
+from losscmp.trace import MIN_COVERAGE, Phase, locate, record
+
+from .conftest import FIXTURES
+
+FORKS = FIXTURES / "forks"
+BASE = FORKS / "sinkhorn_base.py"
+SPEC = "x: N D real grad; y: M D real grad; N=5; M=7; D=2"
+
+
+def marker_line(path: Path, marker: str) -> int:
+    hits = [n for n, line in enumerate(path.read_text().splitlines(), 1) if marker in line]
+    assert len(hits) == 1, f"{marker!r} should tag exactly one line of {path}"
+    return hits[0]
+
+
+def sinkhorn_case(sizes: dict[str, int], magnitude: float, dtype: torch.dtype, seed: int = 1):
+    spec = parse_spec(SPEC).with_sizes(**{k: (v, v) for k, v in sizes.items()})
+    return spec, build_case(spec, Recipe(sizes=tuple(sizes.items()), magnitude=magnitude, seed=seed), dtype=dtype)
+
+
+SMALL = {"N": 5, "M": 7, "D": 2}
+
+
+@pytest.mark.parametrize(
+    "fork, fork_point, sizes, magnitude, dtype, phase",
+    [
+        # exp over/underflows once |f| / eps passes ~709: float64 keeps the rounding noise
+        # of the earlier iterations far below tolerance, so the overflow is the divergence.
+        ("fork_logsumexp.py", "softmin", SMALL, 3.0, torch.float64, "forward"),
+        ("fork_no_debias.py", "divergence", SMALL, 1.0, torch.float32, "forward"),
+        ("fork_schedule.py", "schedule", SMALL, 1.0, torch.float32, "forward"),
+        # Same value; the gradient loses the auto-correlation term (visible for tight clouds).
+        ("fork_detach.py", "divergence", SMALL, 0.1, torch.float32, "backward"),
+        # N = M: the cross and auto-correlation branches run look-alike backward ops; only
+        # the forward op each belongs to tells them apart.
+        ("fork_detach.py", "divergence", {"N": 4, "M": 4, "D": 2}, 0.1, torch.float32, "backward"),
+        ("fork_sum.py", "divergence", SMALL, 1.0, torch.float32, "forward"),
+        # Cost matrices past the whole-tensor limit: compared through their summaries.
+        ("fork_logsumexp.py", "softmin", {"N": 20, "M": 30, "D": 2}, 3.0, torch.float64, "forward"),
+    ],
+)
+def test_each_fork_is_localised_to_the_line_it_changed(fork, fork_point, sizes, magnitude, dtype, phase):
+    spec, case = sinkhorn_case(sizes, magnitude, dtype)
+    base = load_implementation(f"base={BASE}:sinkhorn_divergence")
+    forked = load_implementation(f"fork={FORKS / fork}:sinkhorn_divergence")
+    found = locate(base, forked, spec, case, Tolerance.for_dtype(dtype))
+    assert found.location is not None, found.note
+    theirs, ours = found.location["fork"], found.location["base"]
+    assert Path(theirs.file) == FORKS / fork
+    assert theirs.line == marker_line(FORKS / fork, "FORK:")
+    assert "FORK:" in theirs.code
+    assert (Path(ours.file), ours.line) == (BASE, marker_line(BASE, f"# fork point: {fork_point}"))
+    assert theirs.phase == ours.phase == phase
+    assert found.coverage > 0.8
+    assert set(found.values) == {"base", "fork"} and found.values["base"] != found.values["fork"]
+
+
+def test_a_gradient_only_divergence_names_the_backward_and_the_detach():
+    spec, case = sinkhorn_case(SMALL, 0.1, torch.float32)
+    base = load_implementation(f"base={BASE}:sinkhorn_divergence")
+    forked = load_implementation(f"fork={FORKS / 'fork_detach.py'}:sinkhorn_divergence")
+    found = locate(base, forked, spec, case, Tolerance.for_dtype(torch.float32))
+    assert found.note.startswith("backward:")
+    assert "gradient w.r.t. x" in found.note
+    assert found.location["base"].op.startswith("aten.neg.default (backward of aten.sub.Tensor)")
+    assert found.location["fork"].op.startswith("aten.detach.default")
+
+
+def test_recording_leaves_the_numbers_bit_for_bit_unchanged():
+    spec, case = sinkhorn_case(SMALL, 1.0, torch.float32, seed=4)
+    impl = load_implementation(f"{BASE}:sinkhorn_divergence")
+    traced, plain = record(impl, spec, case), call(impl.fn, spec, case)
+    assert torch.equal(traced.outcome.value, plain.value)
+    assert traced.outcome.grads.keys() == plain.grads.keys() == {"x", "y"}
+    assert all(torch.equal(traced.outcome.grads[k], plain.grads[k]) for k in plain.grads)
+    phases = [r.phase for r in traced.records]
+    assert phases == sorted(phases, key=[Phase.FORWARD, Phase.BACKWARD].index) and Phase.BACKWARD in phases
+    # Every backward op is tied to the forward op whose autograd node ran it.
+    assert all(r.origin is not None and traced.records[r.origin].phase is Phase.FORWARD
+               for r in traced.records if r.phase is Phase.BACKWARD)
+
+
+UNRELATED = '''
+import torch
+
+def product(x, y):
+    return (x * y).sum()
+
+def norm_of_both(x, y):
+    return torch.linalg.vector_norm(torch.cat((x, y)))
+'''
+
+CUSTOM_BACKWARD = '''
+import torch
+
+def exp_sum(x):
+    return torch.exp(x).sum()  # autograd's exp
+
+class Exp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x  # WRONG: d exp(x) / dx is exp(x)
+
+def exp_sum_custom(x):
+    return Exp.apply(x).sum()
+'''
+
+
+def test_backward_ops_issued_by_a_custom_backward_are_placed_on_its_own_line(tmp_path):
+    path = tmp_path / "custom.py"
+    path.write_text(CUSTOM_BACKWARD)
+    spec = parse_spec("x: N real grad; N=6")
+    case = build_case(spec, Recipe(sizes=(("N", 6),), seed=3))
+    found = locate(load_implementation(f"{path}:exp_sum"), load_implementation(f"{path}:exp_sum_custom"),
+                   spec, case, Tolerance.for_dtype(torch.float32))
+    assert found.location is not None, found.note
+    wrong, right = found.location["exp_sum_custom"], found.location["exp_sum"]
+    assert (Path(wrong.file), wrong.line, wrong.phase) == (path, marker_line(path, "# WRONG"), "backward")
+    assert (right.line, right.phase) == (marker_line(path, "# autograd's exp"), "backward")
+
+
+def test_programs_with_too_little_in_common_get_the_coverage_not_a_location(tmp_path):
+    path = tmp_path / "unrelated.py"
+    path.write_text(UNRELATED)
+    spec = parse_spec("x: N real grad; y: N real; N=6")
+    case = build_case(spec, Recipe(sizes=(("N", 6),), seed=0))
+    found = locate(load_implementation(f"{path}:product"), load_implementation(f"{path}:norm_of_both"),
+                   spec, case, Tolerance.for_dtype(torch.float32))
+    assert found.location is None
+    assert found.coverage < MIN_COVERAGE
+    assert "share too little structure" in found.note
+    assert f"{found.coverage:.0%}" in found.note
+    assert found.to_json() == {"location": None, "location_note": found.note, "coverage": found.coverage}
+
+
+def test_two_sides_that_agree_get_no_location():
+    spec, case = sinkhorn_case(SMALL, 1.0, torch.float32)
+    same = [load_implementation(f"{label}={BASE}:sinkhorn_divergence") for label in ("one", "other")]
+    found = locate(same[0], same[1], spec, case, Tolerance.for_dtype(torch.float32))
+    assert found.location is None
+    assert "agree on this case" in found.note
+    assert found.coverage == 1.0
+
+
+@pytest.fixture
+def sum_fork_repro(tmp_path, in_repo):
+    """A minimised repro of the mean -> sum fork, written by losscmp itself."""
+    refs = [f"base={BASE}:sinkhorn_divergence", f"fork={FORKS / 'fork_sum.py'}:sinkhorn_divergence"]
+    spec = "x: N D real grad; y: M D real grad; N=2..6; M=2..6; D=2"
+    assert main([*refs, "--spec", spec, "--examples", "10", "--save-dir", str(tmp_path), "-q"]) == 1
+    saved = sorted(tmp_path.glob("*.json"))
+    assert len(saved) == 1
+    return refs, saved[0]
+
+
+def test_the_trace_command_localises_a_saved_repro(sum_fork_repro, capsys, tmp_path):
+    refs, repro = sum_fork_repro
+    capsys.readouterr()
+    out_json = tmp_path / "where.json"
+    assert main(["trace", *refs, str(repro), "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    line = marker_line(FORKS / "fork_sum.py", "FORK:")
+    assert f"{FORKS / 'fork_sum.py'}:{line}" in printed
+    where = json.loads(out_json.read_text())
+    assert where["location"]["fork"]["line"] == line
+    assert where["location"]["fork"]["file"] == str(FORKS / "fork_sum.py")
+    assert "FORK:" in where["location"]["fork"]["code"]
+    assert where["location"]["base"]["line"] == marker_line(BASE, "# fork point: divergence")
+    assert 0.8 < where["coverage"] <= 1.0 and where["location_note"].startswith("forward:")
+
+
+def test_the_trace_command_exits_1_when_nothing_is_located(sum_fork_repro, capsys):
+    refs, repro = sum_fork_repro
+    capsys.readouterr()
+    assert main(["trace", refs[0], f"again={BASE}:sinkhorn_divergence", str(repro), "--json", "-"]) == 1
+    printed = capsys.readouterr()
+    where = json.loads(printed.out)  # the JSON alone on stdout, the words on stderr
+    assert where["location"] is None and "agree on this case" in where["location_note"]
+    assert "agree on this case" in printed.err
+
+
+def test_the_trace_command_rejects_a_missing_repro_in_one_line(capsys, tmp_path):
+    missing = tmp_path / "nope.json"
+    assert main(["trace", f"{BASE}:sinkhorn_divergence", f"{FORKS / 'fork_sum.py'}:sinkhorn_divergence", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"losscmp: error: no such repro: {missing}"]
+
+
+def test_the_trace_command_needs_two_implementations_and_a_repro(capsys):
+    assert main(["trace", f"{BASE}:sinkhorn_divergence"]) == 2
+    assert "usage: losscmp trace" in capsys.readouterr().err
