@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from losscmp import explain as X
-from losscmp.audit import Evaluator, Settings, audit
+from losscmp.audit import audit
+from losscmp.engine import Evaluator
+from losscmp.settings import Settings
 from losscmp.load import Implementation, load_implementation
 from losscmp.minimize import minimize
 from losscmp.run import call
@@ -63,11 +65,11 @@ def bench(title: str, expected: Implementation, actual: Implementation, spec, se
     counter = Counter()
     impls = [counter.wrap(expected), counter.wrap(actual)]
     t0 = time.perf_counter()
-    result = audit(impls, spec, replace(settings, minimize=False, save_dir=None))
+    result = audit(impls, spec, replace(settings, outputs=replace(settings.outputs, minimize=False, explain=False)))
     search = (counter.calls, time.perf_counter() - t0)
     row(f"search ({result.cases_run} cases)", *search)
     # The search runs at the spec's sizes; the minimiser may go down to one point.
-    ev = Evaluator(impls, spec.with_sizes(**{d: (1, spec.size_range(d)[1]) for d in spec.dims}), replace(settings, save_dir=None))
+    ev = Evaluator(impls, spec.with_sizes(**{d: (1, spec.size_range(d)[1]) for d in spec.dims}), settings)
     minimised = []
     find = list(search)
     for d in result.divergences:
@@ -120,7 +122,7 @@ def main() -> None:
         load_implementation(f"{FIXTURES}/bce.py:bce_with_logits"),
         load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"),
         preset("binary"),
-        Settings(examples=args.examples),
+        Settings.of(examples=args.examples),
         big_case=False,
     )
     bench(
@@ -129,7 +131,7 @@ def main() -> None:
         # The same algorithm at another blur: a 'fork' that changed one constant.
         load_implementation("blur_0.1=geomloss:SamplesLoss(loss='sinkhorn', p=2, blur=0.1, scaling=0.5, debias=True, backend='tensorized')"),
         parse_spec("x: N D real grad; y: M D real grad; N=200; M=200; D=2"),
-        Settings(examples=args.sinkhorn_examples),
+        Settings.of(examples=args.sinkhorn_examples),
         big_case=True,
     )
 

@@ -24,6 +24,7 @@ from losscmp.explain import (
     self_consistency,
     signatures,
 )
+from losscmp.findings import Pair
 from losscmp.generate import REGIMES, Case, Recipe, build_case
 from losscmp.load import Implementation, load_implementation, parse_ref
 from losscmp.run import call
@@ -60,7 +61,7 @@ def history(expected, actual, spec, n=32):
 
 def audited(a, b, spec):
     ea, eb = impl(a), impl(b)
-    result = audit([ea, eb], preset(spec), Settings(save_dir=None))
+    result = audit([ea, eb], preset(spec), Settings())
     return ea, eb, result
 
 
@@ -119,7 +120,7 @@ def test_log_of_softmax_is_numerical():
 
 def test_huber_vs_smooth_l1_is_semantic_with_parallel_gradients_and_factor_one_half():
     huber, smooth = impl("regression.py:huber"), impl("regression.py:smooth_l1")
-    result = audit([huber, smooth], REGRESSION, Settings(save_dir=None, minimize=False, examples=20))
+    result = audit([huber, smooth], REGRESSION, Settings.of(minimize=False, examples=20))
     d = next(d for d in result.divergences if d.kind == "value")
     ex = explain(huber, smooth, REGRESSION, d.case, d.kind, F32, history(huber, smooth, REGRESSION))
     assert ex.category is Category.SEMANTIC, ex.reason
@@ -223,7 +224,7 @@ def test_self_consistency_on_non_contiguous_inputs(layout, batch):
 @pytest.mark.parametrize("bad", ["mse_stray_detach", "mse_wrong_backward"])
 def test_explain_names_the_inconsistent_side(bad):
     good, wrong = impl("wrong_backward.py:mse"), impl(f"wrong_backward.py:{bad}")
-    assert compare_outcomes(("a", "b"), call(good.fn, REGRESSION, SMALL), call(wrong.fn, REGRESSION, SMALL), F32).kind == "gradient"
+    assert compare_outcomes(Pair("a", "b"), call(good.fn, REGRESSION, SMALL), call(wrong.fn, REGRESSION, SMALL), F32).kind == "gradient"
     ex = explain(good, wrong, REGRESSION, SMALL, "gradient", F32, history(good, wrong, REGRESSION, 12))
     assert ex.self_consistency["mse"].consistent is True
     assert ex.self_consistency[bad].consistent is False
@@ -359,3 +360,21 @@ def test_location_from_a_trace_is_carried_into_sentence_json_and_signature():
     assert "first differing op at fork/utils.py:94" in ex.sentence()
     assert ex.to_json()["location"]["smooth_l1"]["line"] == 94
     assert ("smooth_l1", "fork/utils.py", 94) in ex.signature()[2]
+
+
+def test_explain_with_the_real_trace_names_the_changed_line_of_a_fork():
+    from losscmp.trace import locate
+
+    forks = FIXTURES / "forks"
+    base = load_implementation(f"base={forks}/sinkhorn_base.py:sinkhorn_divergence")
+    fork = load_implementation(f"fork={forks}/fork_sum.py:sinkhorn_divergence")
+    changed = next(i for i, text in enumerate((forks / "fork_sum.py").read_text().splitlines(), 1) if "FORK:" in text)
+    spec = parse_spec("x: N D real grad; y: M D real grad; N=2..6; M=2..6; D=2")
+    case = build_case(spec, Recipe(sizes=(("N", 3), ("D", 2), ("M", 4)), seed=5))
+    ex = explain(base, fork, spec, case, "value", F32, impact_steps=0, locate=locate)
+    assert ex.category is Category.SEMANTIC, ex.reason
+    site = ex.to_json()["location"]["fork"]
+    assert site["file"].endswith("fork_sum.py") and site["line"] == changed
+    assert f"fork_sum.py:{changed}" in ex.sentence()
+    assert ("fork", site["file"], changed) in ex.signature()[2]
+    assert "trace" in ex.costs

@@ -50,7 +50,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .compare import FAILED_CALL_KINDS, Tolerance, compare_outcomes, diff_tensors
+from .compare import Tolerance, compare_outcomes, diff_tensors
+from .findings import Kind, Pair
 from .generate import Case, renormalise
 from .load import Implementation
 from .minimize import SCALABLE, scaled
@@ -82,7 +83,7 @@ class Category(str, Enum):
 
 
 # Kinds that are their own explanation: no oracle, no gradient analysis.
-OWN_CATEGORY = tuple(FAILED_CALL_KINDS) + ("both_failed", "mutation", "nondeterminism")
+OWN_CATEGORY = tuple(k.value for k in Kind if k.failed_call) + ("both_failed", "mutation", "nondeterminism")
 
 
 # --- float64 ------------------------------------------------------------------------
@@ -217,13 +218,13 @@ def oracle(
         calls += 2
         if step == 0:
             values = tuple((la, float(o.value.double().sum())) for la, o in work.items() if not o.failed)
-        v = compare_outcomes(pair, work[expected.label], work[actual.label], tol)
+        v = compare_outcomes(Pair(*pair), work[expected.label], work[actual.label], tol)
+        if any(o.failed for o in work.values()):
+            return Oracle(Category.UNKNOWN, f"a side failed in the working dtype at input scale x{scale:g}: {v.detail}", evaluations=calls, values=values)
         if not v.diverges:
             if step == 0:
                 return Oracle(Category.UNKNOWN, "the divergence did not reproduce on this case (flaky, or nondeterministic)", evaluations=calls, values=values)
             break  # below this scale the sides agree
-        if any(o.failed for o in work.values()):
-            return Oracle(Category.UNKNOWN, f"a side failed in the working dtype at input scale x{scale:g}: {v.detail}", evaluations=calls, values=values)
         here64 = float64_case(here)
         full = {expected.label: run(e64, spec, here64), actual.label: run(a64, spec, here64)}
         calls += 2
@@ -231,7 +232,7 @@ def oracle(
             problem = _float64_problem(label, o)
             if problem:
                 return Oracle(Category.UNKNOWN, problem, evaluations=calls, values=values)
-        v64 = compare_outcomes(pair, full[expected.label], full[actual.label], tol64)
+        v64 = compare_outcomes(Pair(*pair), full[expected.label], full[actual.label], tol64)
         if step == 0:
             first_score = v.score
         # Lower down, a semantic difference can fade below float64's tolerance while
@@ -996,6 +997,7 @@ def explain(
     """
     start = time.perf_counter()
     actual = expected if actual is None else actual
+    kind = str(getattr(kind, "value", kind))  # a findings.Kind, or its string
     counted = _Counted(run)
     pair = (expected.label, actual.label)
     costs: dict[str, tuple[int, float]] = {}
