@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -858,7 +859,7 @@ class Explanation:
         for label in (self.pair[1], self.pair[0]):
             site = loc.get(label)
             if isinstance(site, dict) and site.get("file"):
-                return f"{site['file']}:{site.get('line')}"
+                return f"{_short_path(site['file'])}:{site.get('line')}"
         return None
 
     def _impact_words(self) -> str:
@@ -1083,6 +1084,15 @@ def _json_float(x: float | None) -> float | str | None:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return x
+
+
+def _short_path(path: str) -> str:
+    """A path as the user would type it: relative to the working folder when inside it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if rel.startswith("..") else rel
 
 
 def _g(x: float | None) -> str:
