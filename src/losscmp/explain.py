@@ -1037,9 +1037,13 @@ def explain(
         sc = stage(f"self-consistency {impl.label}", lambda impl=impl: self_consistency(impl, spec, case, run=counted))
         if sc is not None:
             consistency[impl.label] = sc
-    # The trace runs the implementations under its own dispatch mode, not through
-    # ``run``: its seconds are counted, its calls are not.
-    loc = stage("trace", lambda: locate(expected, actual, spec, case, tol)) if locate is not None else None
+    # The trace records each side once under its own dispatch mode, not through ``run``:
+    # those two calls are added to the count by hand.
+    def traced() -> Any:
+        counted.calls += 2
+        return locate(expected, actual, spec, case, tol)
+
+    loc = stage("trace", traced) if locate is not None else None
     has_grad = bool(spec.grad_args)
     steps = impact_steps if impact_steps is not None else (IMPACT_STEPS if category is Category.SEMANTIC and has_grad else 0)
     imp = None
