@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from losscmp.findings import Alone, Pair
+from losscmp.findings import Pair
 from losscmp.compare import DEFAULT_TOLERANCES, Tolerance, compare_outcomes, diff_tensors
 from losscmp.run import Outcome
 

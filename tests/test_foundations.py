@@ -1,7 +1,6 @@
 """Issue 7's defects, each driven through the public interface: false verdicts, deaths
 and hangs of losscmp, tracebacks instead of one line, and the trust of repro files."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -293,3 +292,20 @@ def test_a_side_that_raises_on_every_tame_input_is_an_argument_format_mismatch(t
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "swapped raised" in err and "on every probe input" in err and "another order or format" in err
+
+
+def test_regime_flags_focus_the_search_and_reject_unknown_names(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    code = main([f"{FIXTURES}/regression.py:huber", f"{FIXTURES}/regression.py:smooth_l1", "--spec", "regression", "--examples", "20",
+                 "--no-save", "--no-minimize", "--regimes", "standard,tiny", "--exclude-regimes", "tiny", "--json", str(out)])
+    capsys.readouterr()
+    assert code == 1
+    assert {r for d in json.loads(out.read_text())["divergences"] for r in d["regimes"]} == {"standard"}
+    assert main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--regimes", "standrd"]) == 2
+    assert "unknown regime standrd" in capsys.readouterr().err
+
+
+def test_mismatch_messages_print_the_digits_that_tell_the_sides_apart():
+    ok = lambda v: Outcome("ok", value=torch.tensor(v, dtype=torch.float32))
+    v = compare_outcomes(Pair("tensorized", "online"), ok(2684017.0), ok(2684019.0), Tolerance(1e-8, 0))
+    assert "tensorized 2684017 vs online 2684019" in v.detail

@@ -156,3 +156,66 @@ def test_a_swept_keyword_overrides_the_specs_fixed_value(tmp_path):
     impls = [load_implementation(f"{f}:a"), load_implementation(f"{f}:b")]
     result = sweep(impls, spec, Settings(), parse_knob("k=1:10:lin"), points=5)
     assert len(result.boundaries) == 1 and abs(result.boundaries[0].value - 3) < 0.05
+
+
+# --- counter-examples a person can read -----------------------------------------------
+NUMERIC = PLANTED.parent / "planted_numeric.py"
+
+
+def test_softplus_overflow_minimises_to_an_integer_just_past_the_threshold():
+    from losscmp.audit import audit
+
+    impls = [load_implementation(f"{NUMERIC}:softplus"), load_implementation(f"{NUMERIC}:softplus_naive")]
+    result = audit(impls, parse_spec("x: N real grad"), Settings())
+    (d,) = result.divergences
+    x = d.minimized.case.tensors["x"]
+    assert d.kind == "nonfinite" and x.numel() == 1
+    assert x.item() == 89.0  # exp(89) overflows float32; exp(88) does not: the simplest diverging input
+    assert abs(d.minimized.threshold.value - 88.72) < 1
+
+
+def test_far_point_minimises_to_two_small_round_numbers():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(500, 3, generator=g) * 7.3, torch.randn(20, 3, generator=g)
+    x[77] = torch.tensor([8.59869e07, -1.74954e07, 3.3e5])
+    ev = evaluator("norms", "norms_clamped", preset("points"))
+    m = minimize(ev, divergence_of(ev, cloud_case({"x": x, "y": y})))
+    assert m.case.tensors["x"].tolist() == [[101.0]] and m.case.tensors["y"].tolist() == [[0.0]]
+    assert m.verdict.kind == "value"
+    names = [p.name for p in m.passes]
+    assert {"shrink_dims", "simplify_args", "scale_threshold", "toward_threshold"} <= set(names)
+    assert sum(p.evaluations for p in m.passes) + 1 == m.evaluations  # every call accounted for (+ the final judge)
+
+
+def test_the_gate_never_evaluates_a_candidate_twice_nor_one_outside_its_domain():
+    from losscmp.minimize import Shrinker
+
+    spec = parse_spec("p: N unit grad; N=1..4")
+    calls = []
+    s = Shrinker(spec, Case({"p": torch.tensor([0.5, 0.25])}, {"N": 2}), lambda c: calls.append(c) or True)
+    s.current = "test"
+    outside = Case({"p": torch.tensor([1.0, 0.25])}, {"N": 2})
+    inside = Case({"p": torch.tensor([0.5, 0.5])}, {"N": 2})
+    assert not s.holds(outside) and s.holds(inside) and s.holds(inside)
+    assert len(calls) == 1 and s.stats["test"] == {"evaluations": 1, "kept": 0, "cached": 1, "refused": 1}
+
+
+def test_simplest_above_prefers_small_integers_then_few_digits():
+    from losscmp.minimize import simplest_above
+
+    assert simplest_above(88.6, 89.5, lambda m: m > 88.72) == 89
+    assert simplest_above(99.3, 100.3, lambda m: m > 100) == 101
+    assert simplest_above(3.69e-5, 3.73e-5, lambda m: m > 3.7e-5) == 4e-5
+    assert simplest_above(1.2e6, 1.21e6, lambda m: m > 1.203e6) == 1.3e6  # 2 digits, within 10% of the bracket
+    assert simplest_above(1.2e6, 1.21e6, lambda m: 1.203e6 < m < 1.25e6) == 1.21e6
+
+
+def test_a_dim_near_its_minimum_shrinks_in_few_evaluations():
+    calls = []
+
+    def holds(keep):
+        calls.append(len(keep))
+        return 13 in keep  # the culprit sits at the far end of an image row
+
+    assert ddmin(list(range(14)), holds, 11) == list(range(3, 14))
+    assert len(calls) <= 2

@@ -16,10 +16,9 @@ on the list of findings; a new stage is one module and one list entry.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from hypothesis import HealthCheck, Phase, Verbosity, given

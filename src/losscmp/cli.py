@@ -62,6 +62,8 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-minimize", action="store_true", help="report divergences as found, without minimising")
     p.add_argument("--max-size", type=int, metavar="N", help="cap every symbolic dim at N")
     p.add_argument("--allow-nonfinite", action="store_true", help="also plant NaN in inputs (opt-in)")
+    p.add_argument("--regimes", metavar="LIST", help="draw only these numeric regimes, e.g. standard,tiny (default: all)")
+    p.add_argument("--exclude-regimes", metavar="LIST", help="never draw these regimes, e.g. duplicates")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate: a call slower than this is a 'timeout' finding")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
@@ -162,6 +164,14 @@ def _settings_kw(args: argparse.Namespace) -> dict:
     return {"seed": args.seed, "device": device, "dtype": DTYPES[args.dtype], "rtol": args.rtol, "atol": args.atol}
 
 
+def _regimes(args: argparse.Namespace) -> tuple[str, ...] | None:
+    if args.regimes is None and args.exclude_regimes is None:
+        return None
+    from .generate import select_regimes
+
+    return select_regimes(args.regimes, args.exclude_regimes)
+
+
 def _devices(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
@@ -209,8 +219,12 @@ def _resolve_spec(args, impls, kw, console: Console, isolate: bool = False):
             runner.close()
     else:
         spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"])
-    console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
-    console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+    if spec.name:
+        console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
+        console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+    else:
+        console.print(f"inferred spec: {spec.text()}", markup=False, highlight=False)
+        console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
     return spec
 
 
@@ -239,6 +253,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         save_dir=save_dir,
         allow_nonfinite=args.allow_nonfinite,
         max_size=args.max_size,
+        regimes=_regimes(args),
         isolate=args.isolate,
         timeout=args.timeout,
         jobs=args.jobs,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .findings import Kind, Pair, Status, Subject
+from .display import number_pair
+from .findings import Kind, Pair, Subject
 from .run import Outcome
 
 # Same defaults as torch.testing.assert_close.
@@ -61,25 +62,27 @@ class TensorDiff:
     nonfinite_mismatch: int = 0
 
     def message(self, pair: tuple[str, str] = ("expected", "actual")) -> str:
-        """In the manner of torch.testing: what, where, by how much, allowed how much."""
+        """In the manner of torch.testing: what, where, by how much, allowed how much.
+        The two sides' numbers get the digits that tell them apart (2684017 vs 2684019)."""
         le, la = pair
+        expected, actual = number_pair(self.expected, self.actual)
         if self.nonfinite_mismatch:
             return (
                 f"{self.what}: NaN/inf on one side only at {self.nonfinite_mismatch} / {self.total} element(s); "
-                f"at index {self.max_abs_index}: {le} {self.expected:.6g} vs {la} {self.actual:.6g}"
+                f"at index {self.max_abs_index}: {le} {expected} vs {la} {actual}"
             )
         where = f" at index {self.max_abs_index}" if self.total > 1 else ""
         head = f"{self.what}: " + (
             f"mismatched elements: {self.mismatched} / {self.total} ({100.0 * self.mismatched / self.total:.1f}%); "
             if self.total > 1
-            else f"{le} {self.expected:.8g} vs {la} {self.actual:.8g}; "
+            else f"{le} {expected} vs {la} {actual}; "
         )
         text = (
             f"{head}greatest absolute difference {self.max_abs:.3g}{where} (up to {self.allowed_abs:.3g} allowed); "
             f"greatest relative difference {_fmt(self.max_rel)}"
         )
         if self.total > 1:
-            text += f"; relative L2 error {_fmt(self.rel_l2)}, cosine {self.cosine:.6f}"
+            text += f"; at that index {le} {expected} vs {la} {actual}; relative L2 error {_fmt(self.rel_l2)}, cosine {self.cosine:.6f}"
         return text
 
     def brief(self) -> str:

@@ -8,6 +8,11 @@ strategies for use in your own ``@given`` tests::
 
     @given(losscmp.generate.cases(losscmp.spec.preset("binary")))
     def test_my_bce(case): ...
+
+What a regime means for each argument (near-flat images, near-one-hot rows, labels in
+one class) is its domain's business: :data:`losscmp.domains.DOMAINS`.  ``REGIMES`` runs
+from the mildest to the most extreme; ``select_regimes`` narrows it for ``--regimes`` /
+``--exclude-regimes``.
 """
 from __future__ import annotations
 
@@ -18,22 +23,35 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from .spec import Arg, Spec
+from .domains import DOMAINS, PLANTABLE, REGIMES, BuildContext, Regime, renormalise_simplex, renormalise_sphere  # noqa: F401
+from .spec import Spec, SpecError
 
-# Numeric regimes that break losses in practice.
-REGIMES = {
-    "standard": "N(0, 1) at a moderate magnitude",
-    "tiny": "magnitudes 1e-8..1e-3",
-    "huge": "magnitudes 1e3..1e8",
-    "offset": "moderate spread around a large common offset (cancellation)",
-    "duplicates": "repeated rows within an argument and shared between arguments",
-    "constant": "every element of each argument equal",
-    "extreme": "saturating logits, probabilities near 0 and 1, one-hot weights",
-    "special": "a few planted values: 0, tiny, huge, -0",
-}
 LAYOUTS = ("contiguous", "transposed", "strided")
-# Domains a planted special value can go into without leaving the domain.
-PLANTABLE = ("real", "logits", "positive", "unit", "image", "simplex")
+SPECIAL_VALUES = (0.0, -0.0, 1e-30, 1e30, 1.0)
+
+
+class RegimeError(SpecError):
+    """An unknown or empty selection of regimes; the message is one line."""
+
+
+def select_regimes(include: str | None = None, exclude: str | None = None) -> tuple[str, ...]:
+    """``--regimes standard,tiny`` / ``--exclude-regimes duplicates``: the regimes to draw, mildest first."""
+
+    def names(text: str | None, flag: str) -> set[str]:
+        got = {w.strip() for w in (text or "").split(",") if w.strip()}
+        unknown = sorted(got - set(REGIMES))
+        if unknown:
+            raise RegimeError(f"{flag}: unknown regime{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (known: {', '.join(REGIMES)})")
+        return got
+
+    wanted = names(include, "--regimes") if include is not None else set(REGIMES)
+    if include is not None and not wanted:
+        raise RegimeError("--regimes: name at least one regime (known: " + ", ".join(REGIMES) + ")")
+    dropped = names(exclude, "--exclude-regimes")
+    chosen = tuple(r for r in REGIMES if r in wanted and r not in dropped)
+    if not chosen:
+        raise RegimeError(f"no regime left to draw from after excluding {', '.join(sorted(dropped))}")
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,11 @@ class Case:
         return sum(t.numel() for t in self.tensors.values())
 
 
+def _hi(spec: Spec, dim: str, max_size: int | None) -> int:
+    lo, hi = spec.size_range(dim)
+    return hi if max_size is None else max(lo, min(hi, max_size))
+
+
 def _sizes(spec: Spec, max_size: int | None) -> st.SearchStrategy[tuple[tuple[str, int], ...]]:
     parts = []
     for dim in spec.dims:
@@ -105,10 +128,17 @@ def recipes(
 ) -> st.SearchStrategy[Recipe]:
     """Hypothesis strategy of case recipes for ``spec``."""
 
+    unknown = [r for r in regimes if r not in REGIMES]
+    if unknown or not regimes:
+        raise RegimeError(f"unknown regime(s) {', '.join(map(str, unknown))} (known: {', '.join(REGIMES)})" if unknown else "no regime to draw from")
+    regimes = tuple(str(getattr(r, "value", r)) for r in regimes)
+
     @st.composite
     def build(draw: st.DrawFn) -> Recipe:
         sizes = draw(_sizes(spec, max_size))
         regime = draw(st.sampled_from(regimes))
+        if regime == "duplicates":  # repeated rows need two rows: a size-1 dim would make it a no-op
+            sizes = tuple((d, max(n, min(2, _hi(spec, d, max_size)))) for d, n in sizes)
         magnitude = {
             "tiny": _log_uniform(1e-8, 1e-3),
             "huge": _log_uniform(1e3, 1e8),
@@ -121,13 +151,7 @@ def recipes(
         if regime == "special":
             names = [a.name for a in spec.args if a.domain in PLANTABLE] or [None]
             planted = tuple(
-                draw(
-                    st.lists(
-                        st.tuples(st.sampled_from(names), st.floats(0, 0.999), st.sampled_from([0.0, -0.0, 1e-30, 1e30, 1.0])),
-                        min_size=1,
-                        max_size=3,
-                    )
-                )
+                draw(st.lists(st.tuples(st.sampled_from(names), st.floats(0, 0.999), st.sampled_from(SPECIAL_VALUES)), min_size=1, max_size=3))
             )
         return Recipe(
             sizes=sizes,
@@ -149,42 +173,43 @@ def cases(spec: Spec, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
 
 
 def build_case(spec: Spec, recipe: Recipe, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Case:
-    """Expand a recipe into tensors, deterministically, directly on ``device``."""
+    """Expand a recipe into tensors, deterministically, directly on ``device``.
+
+    What the recipe's regime means for each argument is its domain's business
+    (:data:`losscmp.domains.DOMAINS`); this function only wires the pieces together.
+    """
     sizes = dict(recipe.sizes)
     gen = torch.Generator(device=device).manual_seed(recipe.seed)
+    # Draws shared by every argument (the grey of two flat images, the value of two constant clouds).
+    shared = torch.Generator().manual_seed(recipe.seed)
+    shared_normal = float(torch.randn((), generator=shared, dtype=torch.float64))
+    shared_uniform = float(torch.rand((), generator=shared, dtype=torch.float64))
     # Generate in at least float32: randn has no half kernels on every device.
     work = torch.float64 if dtype == torch.float64 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
-    shared_value = None
     for arg in spec.args:
-        shape = spec.shape(arg, sizes)
-        if arg.domain == "labels":
-            t = torch.randint(0, sizes[arg.classes], shape, generator=gen, device=device)
-            if recipe.regime in ("extreme", "constant") and t.numel():
-                t = torch.full_like(t, int(t.flatten()[0]))  # every sample in one class
-            tensors[arg.name] = t
-            continue
-        z = torch.randn(shape, generator=gen, device=device, dtype=work)
-        if recipe.regime == "constant":
-            if shared_value is None:
-                shared_value = z.flatten()[0].item() if z.numel() else 0.0
-            z = torch.full_like(z, shared_value)
-        t = _apply_domain(arg, z, recipe, gen)
+        domain = DOMAINS[arg.domain]
+        classes = sizes[arg.classes] if arg.classes else None
+        ctx = BuildContext(recipe.regime, recipe.magnitude, recipe.offset, gen, work, device, shared_normal, shared_uniform, classes)
+        t = domain.build(spec.shape(arg, sizes), ctx)
         if recipe.regime == "duplicates":
             t = _duplicate_rows(t, gen)
-            if arg.domain == "simplex":  # repeated weights, but still a distribution
-                t = renormalise(t, "simplex")
+            if domain.renormalise:  # repeated weights, but still a distribution
+                t = domain.renormalise(t)
         for name, pos, value in recipe.planted:
-            if name == arg.name and t.numel():
-                t.view(-1)[int(pos * t.numel())] = _fit_domain(arg, value)
-                if arg.domain == "simplex":  # a zero weight, say, then back onto the simplex
-                    t = renormalise(t, "simplex")
+            if name == arg.name and t.numel() and domain.plant is not None:
+                t = t.clone()
+                t.view(-1)[int(pos * t.numel())] = domain.plant(value, classes or 0)
+                if domain.renormalise:  # a zero weight, say, then back onto the simplex
+                    t = domain.renormalise(t)
         if recipe.nonfinite and t.numel() and arg.domain in ("real", "logits"):
             t.view(-1)[int(torch.randint(0, t.numel(), (), generator=gen, device=device))] = float("nan")
         tensors[arg.name] = t
     if recipe.regime == "duplicates":
         _share_rows(spec, tensors, gen)
-    tensors = {k: _with_layout(_cast(v, dtype, recipe.nonfinite), recipe.layout) for k, v in tensors.items()}
+    tensors = {
+        a.name: _with_layout(DOMAINS[a.domain].legalise(_cast(tensors[a.name], dtype, recipe.nonfinite)), recipe.layout) for a in spec.args
+    }
     return Case(tensors=tensors, sizes=sizes, params=dict(spec.params), recipe=recipe)
 
 
@@ -199,47 +224,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, nonfinite: bool) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _apply_domain(arg: Arg, z: torch.Tensor, r: Recipe, gen: torch.Generator) -> torch.Tensor:
-    d, s = arg.domain, r.magnitude
-    if d in ("real", "logits"):
-        return z * s + r.offset
-    if d == "positive":
-        return torch.exp(z) * s
-    if d == "unit":
-        return torch.sigmoid(z * (s if r.regime == "extreme" else 1.0))
-    if d == "simplex":
-        if z.ndim == 0:
-            return torch.ones_like(z)
-        return torch.softmax(z * (s if r.regime in ("extreme", "huge") else 1.0), dim=-1)
-    if d == "sphere":
-        if z.ndim == 0:
-            return torch.ones_like(z)
-        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    if d == "image":
-        u = torch.rand(z.shape, generator=gen, device=z.device, dtype=z.dtype)
-        return u.round() if r.regime == "extreme" else u
-    if d == "binary":
-        p = 0.5 if r.regime != "extreme" else float(torch.rand((), generator=gen, device=z.device) < 0.5)
-        return (torch.rand(z.shape, generator=gen, device=z.device, dtype=z.dtype) < p).to(z.dtype)
-    raise ValueError(d)
-
-
 def renormalise(t: torch.Tensor, domain: str) -> torch.Tensor:
-    """Project back onto the simplex (uniform where a row sums to 0) or the unit sphere."""
-    if domain == "simplex":
-        total = t.sum(-1, keepdim=True)
-        uniform = torch.full_like(t, 1.0 / max(t.shape[-1], 1))
-        return torch.where(total > 0, t / total.clamp_min(torch.finfo(t.dtype).tiny), uniform)
-    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _fit_domain(arg: Arg, value: float) -> float:
-    """Clamp a planted special value into the argument's domain."""
-    if arg.domain in ("real", "logits"):
-        return value
-    if arg.domain in ("positive",):
-        return abs(value) or 1e-30
-    return min(max(abs(value), 0.0), 1.0)
+    """Project back onto the simplex or the unit sphere (kept for callers of the old name)."""
+    return renormalise_simplex(t) if domain == "simplex" else renormalise_sphere(t)
 
 
 def _duplicate_rows(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -249,7 +236,8 @@ def _duplicate_rows(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     n = t.shape[0]
     k = int(torch.randint(1, n, (), generator=gen, device=t.device))
     src = torch.randint(0, n, (k,), generator=gen, device=t.device)
-    dst = torch.randint(0, n, (k,), generator=gen, device=t.device)
+    # Never onto itself: with two rows, a copy of row 0 onto row 0 would repeat nothing.
+    dst = (src + torch.randint(1, n, (k,), generator=gen, device=t.device)) % n
     t = t.clone()
     t[dst] = t[src]
     return t
@@ -257,7 +245,7 @@ def _duplicate_rows(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _share_rows(spec: Spec, tensors: dict[str, torch.Tensor], gen: torch.Generator) -> None:
     """Make rows of one argument reappear in another of the same kind (x and y clouds)."""
-    floats = [a for a in spec.args if a.domain in ("real", "logits", "sphere")]
+    floats = [a for a in spec.args if DOMAINS[a.domain].shares_rows]
     for a, b in zip(floats, floats[1:]):
         ta, tb = tensors[a.name], tensors[b.name]
         # Same domain only: a real row copied into a sphere argument would leave the sphere.

@@ -1,22 +1,35 @@
-"""Spec inference: with no ``--spec``, guess a preset from names and a probing call.
+"""Spec inference: with no ``--spec``, find one from names, the signature and probing calls.
 
-Candidates are ordered by hints in the implementations' names and parameter names
-(``bce`` suggests binary classification, ``sinkhorn`` point clouds, ...), filtered by
-how many positional arguments the first implementation accepts, and the first preset
-on which *every* implementation returns a finite scalar tensor wins.
+Candidates, in order:
+
+1. the presets, ordered by hints in the implementations' names and parameter names
+   (``bce`` suggests binary classification, ``ssim`` images, ...) and kept only if their
+   argument count fits the first implementation's required positional parameters;
+2. generic specs for any tensor signature: every required positional parameter a real
+   tensor of one shared shape (``B D``, then ``N``, then ``B C H W``), named after the
+   parameters (``anchor``, ``positive``, ``negative``), with gradients on every argument
+   not named like a target.  Keyword-only parameters with defaults are left alone.
+
+Each candidate is probed at small sizes first, then larger ones (an 11x11 SSIM window
+does not fit a 4x4 image); the first on which *every* implementation returns a finite
+tensor wins.  A loss that returns one value per element gets ``output=any``.  When
+nothing fits, the error says why: which implementation raised what, on which sizes.
+
+Probing goes through ``run(impl, spec, case) -> Outcome`` -- in-process by default, the
+isolated runner under ``--isolate`` -- so a probe that crashes cannot take losscmp down.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 
-from .errors import LosscmpError
-from .generate import build_case, probe_recipe
+from .generate import Case, Recipe, build_case
 from .load import Implementation
-from .run import call
-from .spec import PRESETS, Spec, preset
+from .run import Outcome, call
+from .spec import PRESETS, Spec, SpecError, parse_spec, preset
 
 HINTS = [
     (("bce", "binary", "sigmoid", "logit", "focal"), "binary"),
@@ -27,55 +40,186 @@ HINTS = [
     (("kl", "js", "diverg", "distribution", "hellinger"), "distributions"),
     (("ssim", "psnr", "image", "perceptual"), "images"),
 ]
-DEFAULT_ORDER = ["points", "classification", "binary", "regression", "distributions", "segmentation", "images", "weighted-points"]
+DEFAULT_ORDER = [
+    "points", "classification", "binary", "regression", "distributions", "segmentation", "segmentation-no-channel", "images",
+    "weighted-points",
+]
+# Generic shapes for any tensor signature, tried in this order; sizes per dim.
+GENERIC_SHAPES = (("B D", "B=1..16; D=1..16"), ("N", "N=1..32"), ("B C H W", "B=1..2; C=1..3; H=1..16; W=1..16"))
+TARGET_WORDS = ("target", "label", "true", "gt", "truth", "y_true", "mask")
+PROBE_SIZES = (4, 16, 32)  # a probe that fails at one size is retried at the next
+
+Runner = Callable[[Implementation, Spec, Case], Outcome]
 
 
-class InferenceError(LosscmpError, ValueError):
-    """No preset fits."""
+class InferenceError(SpecError):
+    """No spec fits; the message is one line and says why."""
+
+
+def in_process(impl: Implementation, spec: Spec, case: Case) -> Outcome:
+    return call(impl.fn, spec, case)
+
+
+def _target(fn):
+    return fn.forward if isinstance(fn, torch.nn.Module) else fn
+
+
+def _signature(fn) -> inspect.Signature | None:
+    try:
+        return inspect.signature(_target(fn))
+    except (TypeError, ValueError):
+        return None
 
 
 def _positional_range(fn) -> tuple[int, int] | None:
-    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
-    try:
-        sig = inspect.signature(target)
-    except (TypeError, ValueError):
+    sig = _signature(fn)
+    if sig is None or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
         return None
     params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
-        return None
     required = sum(p.default is p.empty for p in params)
     return required, len(params)
 
 
+def _tensor_names(fn) -> list[str] | None:
+    """Names of the required positional parameters (the tensors a loss takes)."""
+    sig = _signature(fn)
+    if sig is None or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
+        return None
+    return [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
+def _required_keywords(fn) -> list[str]:
+    sig = _signature(fn)
+    return [p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY and p.default is p.empty] if sig else []
+
+
 def candidates(impls: Sequence[Implementation]) -> list[str]:
+    """Preset names, most plausible first, that fit the first implementation's arity."""
     names = " ".join(i.ref.text.lower() for i in impls)
-    first = impls[0].fn
-    target = first.forward if isinstance(first, torch.nn.Module) else first
-    try:
-        names += " " + " ".join(inspect.signature(target).parameters)
-    except (TypeError, ValueError):
-        pass
+    sig = _signature(impls[0].fn)
+    if sig is not None:
+        names += " " + " ".join(sig.parameters)
     order: list[str] = []
     for words, name in HINTS:
         if any(w in names for w in words) and name not in order:
             order.append(name)
+            if name == "segmentation":
+                order.append("segmentation-no-channel")
     order += [n for n in DEFAULT_ORDER if n not in order]
-    arity = _positional_range(first)
+    arity = _positional_range(impls[0].fn)
     if arity is not None:
         lo, hi = arity
-        order = [n for n in order if lo <= len(preset(n).args) <= hi] or order
+        order = [n for n in order if lo <= len(preset(n).args) <= hi]
     return order
 
 
-def infer_spec(impls: Sequence[Implementation], *, dtype: torch.dtype = torch.float32, device: str = "cpu", run=None) -> Spec:
-    """``run(impl, spec, case) -> Outcome`` makes the probing calls (default: in-process)."""
-    run = run or (lambda impl, spec, case: call(impl.fn, spec, case))
-    tried = []
-    for name in candidates(impls):
-        spec = preset(name)
-        case = build_case(spec, probe_recipe(spec), dtype=dtype, device=device)
-        outcomes = [run(i, spec, case) for i in impls]
-        if all(o.status == "ok" and bool(torch.isfinite(o.value).all()) for o in outcomes):
-            return spec
-        tried.append(name)
-    raise InferenceError(f"no preset fits these implementations (tried {', '.join(tried)}); give --spec explicitly (presets: {', '.join(PRESETS)})")
+def generic_specs(impls: Sequence[Implementation]) -> list[Spec]:
+    """One real tensor per required positional parameter, all of one shape."""
+    names = _tensor_names(impls[0].fn)
+    if names is None:
+        names = ["x", "y"]
+    if not names:
+        return []
+    out = []
+    for dims, sizes in GENERIC_SHAPES:
+        items = []
+        for name in names:
+            grad = "" if any(w in name.lower() for w in TARGET_WORDS) else " grad"
+            items.append(f"{name}: {dims} real{grad}")
+        out.append(parse_spec("; ".join(items + [sizes])))
+    return out
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What went wrong when one candidate spec was probed (at the sizes tried)."""
+
+    spec: Spec
+    sizes: tuple[str, ...]  # "H=4, W=4" per rung tried
+    failures: tuple[tuple[str, str], ...]  # (label, error) on the last rung
+    worked: tuple[str, ...] = ()  # labels that returned a finite value there
+
+    def describe(self) -> str:
+        who = self.spec.name or f"'{self.spec.text()}'"
+        by_error: dict[str, list[str]] = {}
+        for label, error in self.failures:
+            by_error.setdefault(error, []).append(label)
+        errors = "; ".join(f"{' and '.join(labels)} {error}" for error, labels in by_error.items())
+        if self.worked:  # one side takes these inputs, the other does not: an argument-format mismatch
+            errors = f"{' and '.join(self.worked)} returned a value but {errors}"
+        where = self.sizes[0] if len(self.sizes) == 1 else f"{self.sizes[0]} and still on {self.sizes[-1]}"
+        return f"{who}: {errors} (on {where})"
+
+
+def _at_size(spec: Spec, size: int) -> tuple[Spec, tuple[tuple[str, int], ...]]:
+    """The spec with its dims probed at about ``size`` (within range at first, raised later).
+
+    Dims get distinct sizes (``size``, ``size + 1``, ...): with every dim equal, ``x: N D``
+    and ``y: M D`` would broadcast by coincidence and a wrong spec would pass its probe.
+    """
+    sizes, raised = [], {}
+    for i, dim in enumerate(spec.dims):
+        lo, hi = spec.size_range(dim)
+        n = max(lo, min(hi, size + i)) if size == PROBE_SIZES[0] else max(lo, size + i)
+        if n > hi:
+            raised[dim] = (n, n)
+        elif n > lo and size != PROBE_SIZES[0]:
+            raised[dim] = (n, hi)  # smaller sizes failed: keep generation at or above this one
+        sizes.append((dim, n))
+    return (spec.with_sizes(**raised) if raised else spec), tuple(sizes)
+
+
+def _fits(outcomes: dict[str, Outcome]) -> bool:
+    return all(o.status == "ok" and o.value is not None and bool(torch.isfinite(o.value).all()) for o in outcomes.values())
+
+
+def _probe(impls, spec, dtype, device, run: Runner) -> tuple[Spec | None, Attempt]:
+    tried: list[str] = []
+    failures: tuple[tuple[str, str], ...] = ()
+    worked: tuple[str, ...] = ()
+    for size in PROBE_SIZES:
+        sized, sizes = _at_size(spec, size)
+        text = ", ".join(f"{d}={n}" for d, n in sizes)
+        if tried and text == tried[-1]:
+            continue  # nothing grew: the same probe again would fail the same way
+        tried.append(text)
+        case = build_case(sized, Recipe(sizes=sizes, seed=0), dtype=dtype, device=device)
+        outcomes = {i.label: run(i, sized, case) for i in impls}
+        if _fits(outcomes):
+            return (sized if size != PROBE_SIZES[0] else spec), Attempt(spec, tuple(tried), ())
+        if all(o.status in ("ok", "non_scalar") for o in outcomes.values()) and spec.scalar:
+            loose = replace(sized, scalar=False)  # one loss value per element: compare them all
+            if _fits({i.label: run(i, loose, case) for i in impls}):
+                return (replace(spec, scalar=False) if size == PROBE_SIZES[0] else loose), Attempt(spec, tuple(tried), ())
+        failures = tuple((label, o.error or o.status if o.status != "ok" else "returned NaN/inf") for label, o in outcomes.items() if not _fits({label: o}))
+        worked = tuple(label for label, o in outcomes.items() if _fits({label: o}))
+    return None, Attempt(spec, tuple(tried), failures, worked)
+
+
+def infer_spec(
+    impls: Sequence[Implementation],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    run: Runner | None = None,
+) -> Spec:
+    """The first candidate spec on which every implementation returns a finite tensor."""
+    run = run or in_process
+    required = {kw for i in impls for kw in _required_keywords(i.fn)}
+    if required:
+        names = ", ".join(sorted(required))
+        raise InferenceError(f"keyword-only parameter(s) {names} have no default; give them in --spec (e.g. '...; {sorted(required)[0]}=1.0')")
+    attempts: list[Attempt] = []
+    for spec in [preset(n) for n in candidates(impls)] + generic_specs(impls):
+        found, attempt = _probe(impls, spec, dtype, device, run)
+        if found is not None:
+            return found
+        attempts.append(attempt)
+    if not attempts:
+        raise InferenceError("these implementations take no tensor argument that losscmp can see; give --spec explicitly")
+    # Where one side worked, the inputs were right and the other side's format differs: say that first.
+    attempts.sort(key=lambda a: not a.worked)
+    shown = "; ".join(a.describe() for a in attempts[:2])
+    rest = [a.spec.name or "generic " + " ".join(a.spec.args[0].dims) for a in attempts[2:]]
+    also = f"; also tried {', '.join(rest)}" if rest else ""
+    raise InferenceError(f"no spec fits these implementations: {shown}{also}; give --spec explicitly (presets: {', '.join(PRESETS)})")

@@ -1,34 +1,46 @@
-"""Minimisation: the smallest input that still shows the *same* divergence.
+"""Minimisation: the smallest, simplest input that still shows the *same* divergence.
 
-Like Hypothesis' shrinker, this is a set of small named passes over one
-representation — the concrete :class:`~losscmp.generate.Case` — each obviously
-correct on its own, because each only ever replaces the current case by a candidate
-that the predicate confirmed still diverges (same pair, same kind):
+Shaped like Hypothesis' shrinker: small named passes over one representation -- the
+concrete :class:`~losscmp.generate.Case` -- run to a fixed point behind one gate.  A
+pass proposes candidates; the gate (:class:`Shrinker`) answers from its cache of
+tried candidates, refuses a candidate that leaves an argument's domain without
+calling anything, and otherwise asks the predicate (same subject, same kind).  So each
+pass is obviously correct on its own, and a candidate is never evaluated twice.
 
-* ``shrink_dim``: delta debugging along one symbolic dim, removing the same indices
-  from every argument that shares the dim.  It first tries the minimum size outright
-  (a dim that does not matter costs one evaluation), then keeps halves, then drops
-  chunks (ddmin).  A single culprit among N costs about 1.5·log2(N) evaluations.
-* ``simplify_values``: per argument, try zeros, integers, then 1-3 significant digits.
+* ``shrink_dims``: delta debugging along each symbolic dim, removing the same indices
+  from every argument that shares the dim.  The minimum size first (a dim that does not
+  matter costs one evaluation), then optimistic halving (group testing: a half that
+  fails sends the search into the other half untested, so one culprit among N costs
+  about log2(N) + 1 evaluations), then ddmin from the last confirmed set.
+* ``simplify_args``: per argument, the domain's simpler forms (zeros, integers, 1-3
+  significant digits; uniform rows; class 0), simplest first.
 * ``scale_threshold``: bisect the input scale between agreeing and diverging, to 1%.
+* ``toward_threshold``: move the input down to the simplest magnitude just past the
+  threshold -- the smallest diverging integer (softplus: 89, not 1e30), else the
+  fewest significant digits.
+* ``simplify_elements``: on small cases, each element on its own: 0, an integer,
+  fewer significant digits (the far point: ``x = [[101]]``, ``y = [[0]]``).
 
-Domains stay valid throughout: simplex weights are renormalised, labels are remapped
-into the remaining classes, unit vectors renormalised.
+What each domain allows (and how it is renormalised) comes from
+:data:`losscmp.domains.DOMAINS`; per-pass statistics come back in ``Minimized.passes``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
 
 from .compare import Verdict
+from .domains import DOMAINS, SCALABLE, round_significant  # noqa: F401 (re-exported)
 from .findings import Pair
-from .generate import Case, _with_layout, renormalise
+from .generate import Case, _with_layout
 from .spec import Spec
 
-SCALABLE = ("real", "logits", "positive")
+ELEMENT_LIMIT = 16  # simplify element by element only on cases this small
+MAX_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,20 @@ class Threshold:
         return f"agree at {self.knob} = {self.agree_at:.4g}, diverge at {self.diverge_at:.4g} (threshold {self.value:.4g}, in [{lo:.4g}, {hi:.4g}]; diverges {side})"
 
 
+@dataclass(frozen=True)
+class PassStats:
+    """How a pass fared: candidates it evaluated, kept, and got from the cache for free."""
+
+    name: str
+    evaluations: int = 0
+    kept: int = 0
+    cached: int = 0
+    refused: int = 0  # candidates outside an argument's domain, never evaluated
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.evaluations} evaluations, {self.kept} kept, {self.cached} cached, {self.refused} refused"
+
+
 @dataclass(frozen=True, eq=False)
 class Minimized:
     case: Case
@@ -57,6 +83,7 @@ class Minimized:
     verdict: Verdict | None
     steps: tuple[str, ...]
     threshold: Threshold | None = None
+    passes: tuple[PassStats, ...] = field(default=())
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -77,12 +104,13 @@ def take(spec: Spec, case: Case, dim: str, keep: Sequence[int]) -> Case:
         axes = [i for i, d in enumerate(arg.dims) if d == dim]
         for axis in axes:
             t = t.index_select(axis, keep_t.to(t.device))
+        renormalise = DOMAINS[arg.domain].renormalise
         if arg.domain == "labels" and arg.classes == dim:
             # Labels of removed classes move to the nearest remaining class.
             kept = keep_t.to(t.device)
             t = torch.searchsorted(kept, t.contiguous()).clamp_(max=len(keep) - 1)
-        elif axes and arg.domain in ("simplex", "sphere") and t.ndim and (t.ndim - 1) in axes:
-            t = renormalise(t, arg.domain)
+        elif axes and renormalise is not None and t.ndim and (t.ndim - 1) in axes:
+            t = renormalise(t)
         tensors[arg.name] = _relayout(t, case)
     sizes = dict(case.sizes)
     sizes[dim] = len(keep)
@@ -99,44 +127,133 @@ def map_values(spec: Spec, case: Case, name: str, fn: Callable[[torch.Tensor], t
     return replace(case, tensors=tensors)
 
 
-def scaled(spec: Spec, case: Case, factor: float) -> Case:
-    """Multiply every real-valued argument by ``factor``."""
-    tensors = {
-        a.name: (_relayout(case.tensors[a.name] * factor, case) if a.domain in SCALABLE else case.tensors[a.name])
-        for a in spec.args
-    }
+def _map_domain(spec: Spec, case: Case, which: Callable, fn: Callable[[torch.Tensor], torch.Tensor]) -> Case:
+    tensors = {}
+    for a in spec.args:
+        t = case.tensors[a.name]
+        domain = DOMAINS[a.domain]
+        tensors[a.name] = _relayout(domain.legalise(fn(t)), case) if which(domain) else t
     return replace(case, tensors=tensors)
+
+
+def scaled(spec: Spec, case: Case, factor: float) -> Case:
+    """Multiply every argument whose domain scales (real, logits, positive) by ``factor``."""
+    return _map_domain(spec, case, lambda d: d.scalable, lambda t: t * factor)
 
 
 def shifted(spec: Spec, case: Case, offset: float) -> Case:
-    """Add ``offset`` to every real-valued argument (where cancellation bites)."""
-    tensors = {
-        a.name: (_relayout(case.tensors[a.name] + offset, case) if a.domain in ("real", "logits") else case.tensors[a.name])
-        for a in spec.args
-    }
-    return replace(case, tensors=tensors)
+    """Add ``offset`` to every argument whose domain shifts (real, logits): where cancellation bites."""
+    return _map_domain(spec, case, lambda d: d.shiftable, lambda t: t + offset)
 
 
 def input_magnitude(spec: Spec, case: Case) -> float:
     """Largest |element| over the scalable arguments (what 'scale' thresholds refer to)."""
-    mags = [float(case.tensors[a.name].abs().max()) for a in spec.args if a.domain in SCALABLE and case.tensors[a.name].numel()]
+    mags = [float(case.tensors[a.name].abs().max()) for a in spec.args if DOMAINS[a.domain].scalable and case.tensors[a.name].numel()]
     return max(mags, default=0.0)
 
 
-def round_significant(t: torch.Tensor, digits: int) -> torch.Tensor:
-    nonzero = t != 0
-    exponent = torch.floor(torch.log10(torch.where(nonzero, t.abs(), torch.ones_like(t))))
-    step = torch.pow(torch.tensor(10.0, dtype=t.dtype, device=t.device), exponent - (digits - 1))
-    return torch.where(nonzero & torch.isfinite(t), torch.round(t / step) * step, t)
+def with_magnitude(spec: Spec, case: Case, target: float) -> Case:
+    """Scale so that the largest |element| is exactly ``target`` (no rounding error on it)."""
+    current = input_magnitude(spec, case)
+    factor = target / current
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        out = t * factor
+        return torch.where(t.abs() == current, torch.sign(t) * target, out)
+
+    return _map_domain(spec, case, lambda d: d.scalable, fn)
+
+
+def legal(spec: Spec, case: Case) -> bool:
+    """Every argument inside its domain (as the working dtype represents it)."""
+    for a in spec.args:
+        classes = case.sizes.get(a.classes) if a.classes else None
+        if not DOMAINS[a.domain].legal(case.tensors[a.name], classes):
+            return False
+    return True
+
+
+# --- the gate -----------------------------------------------------------------------
+
+def case_key(case: Case) -> tuple:
+    """Identity of a case's values: the same tensors (bits, shapes, dtypes) give the same key."""
+    parts = []
+    for name, t in sorted(case.tensors.items()):
+        data = t.detach().cpu()
+        if data.dtype == torch.bfloat16:  # numpy has no bfloat16; same bits as int16
+            data = data.view(torch.int16)
+        digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
+        parts.append((name, tuple(t.shape), str(t.dtype), digest))
+    return tuple(parts), tuple(sorted((k, repr(v)) for k, v in case.params.items()))
+
+
+class Shrinker:
+    """The one gate every candidate goes through: cache, domain check, predicate."""
+
+    def __init__(self, spec: Spec, case: Case, predicate: Predicate):
+        self.spec, self.case, self.predicate = spec, case, predicate
+        self.cache: dict[tuple, bool] = {case_key(case): True}
+        self.stats: dict[str, dict[str, int]] = {}
+        self.steps: list[str] = []
+        self.current = "?"
+
+    def count(self, what: str, name: str | None = None) -> int:
+        return self.stats.setdefault(name or self.current, dict.fromkeys(("evaluations", "kept", "cached", "refused"), 0))[what]
+
+    def bump(self, what: str) -> None:
+        self.count(what)
+        self.stats[self.current][what] += 1
+
+    def pass_stats(self) -> tuple[PassStats, ...]:
+        return tuple(PassStats(name, **counts) for name, counts in self.stats.items())
+
+    def holds(self, candidate: Case) -> bool:
+        key = case_key(candidate)
+        if key in self.cache:
+            self.bump("cached")
+            return self.cache[key]
+        if not legal(self.spec, candidate):
+            self.bump("refused")
+            self.cache[key] = False
+            return False
+        self.bump("evaluations")
+        result = self.cache[key] = bool(self.predicate(candidate))
+        return result
+
+    def consider(self, candidate: Case) -> bool:
+        """Adopt ``candidate`` if it still diverges."""
+        if self.holds(candidate):
+            if case_key(candidate) != case_key(self.case):
+                self.case = candidate
+                self.bump("kept")
+            return True
+        return False
+
+    def run(self, name: str, fn: Callable[["Shrinker"], bool]) -> bool:
+        self.current = name
+        return fn(self)
+
+    def fixate(self, passes: Sequence[tuple[str, Callable[["Shrinker"], bool]]]) -> None:
+        """Run ``passes`` in order until none changes the case (Hypothesis' fixate_shrink_passes)."""
+        for _ in range(MAX_ROUNDS):
+            before = case_key(self.case)
+            for name, fn in passes:
+                self.run(name, fn)
+            if case_key(self.case) == before:
+                break
 
 
 # --- passes -------------------------------------------------------------------------
 
 def ddmin(items: list[int], test: Callable[[list[int]], bool], min_len: int) -> list[int]:
-    """Delta debugging (Zeller): a small subset of ``items`` for which ``test`` holds."""
+    """A small subset of ``items`` for which ``test`` holds: group testing, then delta debugging (Zeller)."""
     if len(items) > min_len and test(items[:min_len]):
         return items[:min_len]
-    n = 2
+    if min_len > 1 and len(items) > min_len and test(items[-min_len:]):
+        return items[-min_len:]  # the other end (image rows: the structure is at the far edge)
+    items = _halve(items, test, max(min_len, 1))
+    # Only complements of at least min_len items can hold: start at chunks no larger than that.
+    n = max(2, math.ceil(len(items) / max(len(items) - min_len, 1))) if len(items) > min_len else 2
     while len(items) > max(min_len, 1):
         chunk = math.ceil(len(items) / n)
         parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
@@ -157,6 +274,21 @@ def ddmin(items: list[int], test: Callable[[list[int]], bool], min_len: int) -> 
     return items
 
 
+def _halve(items: list[int], test: Callable[[list[int]], bool], min_len: int) -> list[int]:
+    """Optimistic binary search for one culprit: a failing first half sends us into the
+    second half *without* testing it.  Returns the smallest set confirmed to hold."""
+    confirmed, current = items, items
+    while len(current) >= 2 * min_len:
+        first, second = current[: len(current) // 2], current[len(current) // 2 :]
+        if test(first):
+            confirmed = current = first
+        else:
+            current = second
+    if current is not confirmed and test(current):
+        confirmed = current
+    return confirmed
+
+
 def shrink_dim(spec: Spec, case: Case, dim: str, holds: Predicate) -> Case:
     lo, _ = spec.size_range(dim)
     # ddmin works on indices into the case as it came in.
@@ -164,25 +296,109 @@ def shrink_dim(spec: Spec, case: Case, dim: str, holds: Predicate) -> Case:
     return take(spec, case, dim, kept) if len(kept) != case.sizes[dim] else case
 
 
-def simplify_values(spec: Spec, case: Case, holds: Predicate) -> tuple[Case, list[str]]:
-    done = []
-    for arg in spec.args:
-        # Not 'unit': rounding 0.97 to one digit gives 1.0, outside the open interval (0, 1).
-        if arg.domain not in ("real", "logits", "positive", "image"):
-            continue
-        simplifications: list[tuple[str, Callable]] = []
-        if arg.domain in ("real", "logits"):
-            simplifications += [("zeros", torch.zeros_like), ("integers", torch.round)]
-        simplifications += [(f"{k} significant digit{'s' if k > 1 else ''}", lambda t, k=k: round_significant(t, k)) for k in (1, 2, 3)]
-        for name, fn in simplifications:
-            candidate = map_values(spec, case, arg.name, fn)
-            if torch.equal(candidate.tensors[arg.name], case.tensors[arg.name]):
+def shrink_dims(s: Shrinker) -> bool:
+    changed = False
+    for dim in sorted(s.spec.dims, key=lambda d: -s.case.sizes[d]):
+        n0, used = s.case.sizes[dim], s.count("evaluations")
+        smaller = shrink_dim(s.spec, s.case, dim, s.holds)
+        if smaller.sizes[dim] != n0:
+            s.consider(smaller)
+            s.steps.append(f"shrink {dim}: {n0} -> {smaller.sizes[dim]} ({s.count('evaluations') - used} evaluations)")
+            changed = True
+    return changed
+
+
+def _candidates(domain_name: str) -> tuple:
+    return DOMAINS[domain_name].simplify
+
+
+def simplify_args(s: Shrinker) -> bool:
+    """Per argument, the simplest form its domain offers that still diverges."""
+    done, used = [], s.count("evaluations")
+    for arg in s.spec.args:
+        for name, fn in _candidates(arg.domain):
+            candidate = map_values(s.spec, s.case, arg.name, fn)
+            if torch.equal(candidate.tensors[arg.name], s.case.tensors[arg.name]):
                 break  # already as simple as this (and so as every later, finer) step
-            if holds(candidate):
-                case = candidate
+            if s.consider(candidate):
                 done.append(f"{arg.name} -> {name}")
                 break
-    return case, done
+    if done:
+        s.steps.append(f"simplify values: {', '.join(done)} ({s.count('evaluations') - used} evaluations)")
+    return bool(done)
+
+
+def simplify_values(spec: Spec, case: Case, holds: Predicate) -> tuple[Case, list[str]]:
+    """One ``simplify_args`` pass with a bare predicate (kept for direct use)."""
+    s = Shrinker(spec, case, holds)
+    s.current = "simplify_args"
+    simplify_args(s)
+    return s.case, [step.removeprefix("simplify values: ").rsplit(" (", 1)[0] for step in s.steps]
+
+
+def simplicity(v: float) -> tuple:
+    """Hypothesis' order on numbers: integers first, smaller first; then fewer significant
+    digits; positive before negative.  A candidate replaces ``v`` only if it sorts before it."""
+    if not math.isfinite(v):
+        return (2, math.inf, math.inf, 0)
+    if v == int(v) and abs(v) < 2**53:
+        return (0, abs(v), 0, v < 0 or math.copysign(1, v) < 0)
+    digits = len(f"{abs(v):.17g}".split("e")[0].replace(".", "").strip("0"))
+    for k in range(1, 18):  # the shortest decimal that reads back as v
+        if float(f"{v:.{k}g}") == v:
+            digits = k
+            break
+    return (1, digits, abs(v), v < 0)
+
+
+def _element_values(v: float, domain_name: str) -> list[float]:
+    """Simpler values for one element, simplest first (Hypothesis: 0, small integers, short decimals)."""
+    names = {n for n, _ in DOMAINS[domain_name].simplify}
+    out: list[float] = []
+    if "zeros" in names:
+        out.append(0.0)
+    if "integers" in names and math.isfinite(v):
+        out += [float(round(v)), math.copysign(math.ceil(abs(v)), v)]
+    for k in (1, 2, 3):
+        if f"{k} significant digit{'s' if k > 1 else ''}" in names and v != 0 and math.isfinite(v):
+            out += [float(f"{v:.{k}g}"), _away(v, k)]
+    if v < 0 and "zeros" in names:
+        out.append(-v)
+    key = simplicity(v)
+    out = sorted({x for x in out if simplicity(x) < key}, key=simplicity)
+    return out
+
+
+def _away(v: float, k: int) -> float:
+    """``v`` rounded to ``k`` significant digits away from zero (just past a threshold)."""
+    e = math.floor(math.log10(abs(v))) - (k - 1)
+    step = 10.0**e
+    return math.copysign(math.ceil(abs(v) / step) * step, v)
+
+
+def simplify_elements(s: Shrinker) -> bool:
+    """Element by element on small cases: each to the simplest value that keeps the divergence."""
+    if s.case.numel() > ELEMENT_LIMIT:
+        return False
+    changed, used = [], s.count("evaluations")
+    for arg in s.spec.args:
+        domain = DOMAINS[arg.domain]
+        if not domain.is_float or domain.renormalise is not None or not domain.simplify:
+            continue
+        for i in range(s.case.tensors[arg.name].numel()):
+            v = float(s.case.tensors[arg.name].reshape(-1)[i])
+            for value in _element_values(v, arg.domain):
+                def put(t: torch.Tensor, i=i, value=value) -> torch.Tensor:
+                    t = t.detach().clone().contiguous()
+                    t.view(-1)[i] = value
+                    return t
+
+                if s.consider(map_values(s.spec, s.case, arg.name, put)):
+                    changed.append(arg.name)
+                    break
+    if changed:
+        s.steps.append(f"simplify elements of {', '.join(dict.fromkeys(changed))} ({s.count('evaluations') - used} evaluations)")
+    return bool(changed)
 
 
 def bracket_middle(a: float, b: float) -> float:
@@ -227,37 +443,78 @@ def scale_threshold(spec: Spec, case: Case, holds: Predicate, floor: float = 1e-
     return Threshold("max |input|", agree * magnitude, diverge * magnitude)
 
 
+INTEGER_RANGE = 1e4  # below this, the smallest diverging integer reads best (89, 101)
+
+
+def simplest_above(agree_at: float, diverge_at: float, holds: Callable[[float], bool]) -> float | None:
+    """The simplest magnitude in (agree_at, ~diverge_at] that still diverges (``diverge_at`` did).
+
+    Below 1e4 the smallest diverging integer; otherwise (or where no integer fits) the
+    smallest diverging number with the fewest significant digits.  Each is a bisection
+    over a grid (integers, or multiples of a power of ten) inside the bracket.
+    """
+    lo, hi = agree_at, diverge_at
+    if not (0 < hi and math.isfinite(hi)):
+        return None
+    if 0.5 <= hi < INTEGER_RANGE:
+        found = _smallest_on_grid(lo, hi, 1.0, hi + 1, holds)
+        if found is not None:
+            return found
+    top = math.floor(math.log10(hi))
+    for k in (1, 2, 3, 4):
+        found = _smallest_on_grid(lo, hi, 10.0 ** (top - (k - 1)), hi * 1.1, holds)
+        if found is not None:
+            return found
+    return None
+
+
+def _smallest_on_grid(lo: float, hi: float, step: float, limit: float, holds: Callable[[float], bool]) -> float | None:
+    """Smallest multiple of ``step`` above ``lo`` that diverges, if the first one at or past
+    ``hi`` does (and stays within ``limit``); a bisection over the multiples in between."""
+    first, last = math.floor(lo / step) + 1, math.ceil(hi / step)
+    clean = lambda i: float(f"{i * step:.12g}")  # noqa: E731 - 3 * 1e-5 is 3.0000000000000004e-05
+    if first > last or clean(last) > limit or not holds(clean(last)):
+        return None
+    while first < last:  # invariant: last diverges; below first nothing was seen to diverge
+        mid = (first + last) // 2
+        if holds(clean(mid)):
+            last = mid
+        else:
+            first = mid + 1
+    return clean(last)
+
+
+def toward_threshold(s: Shrinker, threshold: Threshold) -> bool:
+    """Bring the input down to the simplest magnitude just past the threshold."""
+    magnitude = input_magnitude(s.spec, s.case)
+    lo, hi = threshold.agree_at, min(threshold.diverge_at, magnitude)
+    target = simplest_above(lo, hi, lambda m: s.holds(with_magnitude(s.spec, s.case, m)))
+    if target is None or target >= magnitude:
+        return False
+    if s.consider(with_magnitude(s.spec, s.case, target)):
+        s.steps.append(f"max |input| {magnitude:.6g} -> {target:.6g}, just past the threshold ({s.count('evaluations')} evaluations)")
+        return True
+    return False
+
+
 def minimize(ev, divergence) -> Minimized:
     """Run the passes on a divergence found by :func:`losscmp.audit.audit`."""
     spec = ev.spec
     subject, kind = divergence.subject, divergence.kind
     start = ev.evaluations
-
-    def holds(case: Case) -> bool:
-        return ev.still_diverges(subject, kind, case)
-
-    case = divergence.case
-    steps = []
-    for _round in range(3):  # until no dim shrinks any more
-        before = dict(case.sizes)
-        for dim in sorted(spec.dims, key=lambda d: -case.sizes[d]):
-            n0, used = case.sizes[dim], ev.evaluations
-            case = shrink_dim(spec, case, dim, holds)
-            if case.sizes[dim] != n0:
-                steps.append(f"shrink {dim}: {n0} -> {case.sizes[dim]} ({ev.evaluations - used} evaluations)")
-        if case.sizes == before:
-            break
-    used = ev.evaluations
-    case, simplified = simplify_values(spec, case, holds)
-    if simplified:
-        steps.append(f"simplify values: {', '.join(simplified)} ({ev.evaluations - used} evaluations)")
+    s = Shrinker(spec, divergence.case, lambda case: ev.still_diverges(subject, kind, case))
+    s.fixate([("shrink_dims", shrink_dims), ("simplify_args", simplify_args)])
     threshold = None
     if isinstance(subject, Pair):
+        s.current = "scale_threshold"
         used = ev.evaluations
-        threshold = scale_threshold(spec, case, holds)
+        threshold = scale_threshold(spec, s.case, s.holds)
         if threshold:
-            steps.append(f"bisect input scale: threshold {threshold.value:.4g} ({ev.evaluations - used} evaluations)")
+            s.steps.append(f"bisect input scale: threshold {threshold.value:.4g} ({ev.evaluations - used} evaluations)")
+            s.run("toward_threshold", lambda sh: toward_threshold(sh, threshold))
+    s.fixate([("simplify_args", simplify_args), ("simplify_elements", simplify_elements), ("shrink_dims", shrink_dims)])
+    case = s.case
     final = ev.judge(subject, case)
-    note = "minimised" if case.sizes != divergence.case.sizes or simplified else ""
-    case = replace(case, note=note)
-    return Minimized(case, dict(divergence.case.sizes), ev.evaluations - start, final, tuple(steps), threshold)
+    changed = case.sizes != divergence.case.sizes or case_key(case) != case_key(divergence.case)
+    case = replace(case, note="minimised" if changed else "")
+    return Minimized(case, dict(divergence.case.sizes), ev.evaluations - start, final, tuple(s.steps), threshold, s.pass_stats())

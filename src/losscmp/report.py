@@ -6,11 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from .audit import AuditResult, Divergence
+from .display import tensor_text
 from .findings import Alone, subject_labels_json
 
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
@@ -96,9 +96,8 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
             say(f"  - {step}")
         if m.verdict is not None and m.verdict.kind:
             say(f"on the minimised input: {m.verdict.detail}")
-        for name, t in m.case.tensors.items():
-            if t.numel() <= SHOW_TENSORS_UP_TO:
-                say(f"  {name} = {_tensor_text(t)}")
+        for name, t in m.case.tensors.items():  # large inputs are summarised, never dropped
+            say(f"  {name} = {tensor_text(t, limit=SHOW_TENSORS_UP_TO)}")
         if m.threshold:
             say(f"threshold: {m.threshold.describe()}")
     if d.explanation is not None:
@@ -108,19 +107,6 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
         say(f"repro: {d.repro}  (losscmp replay {d.repro})")
     elif d.repro_error:
         say(f"repro not saved: {d.repro_error}")
-
-
-def _tensor_text(t: torch.Tensor) -> str:
-    if t.is_floating_point():
-        vals = t.detach().to("cpu", torch.float64).tolist()
-        return f"{_nested(vals)}  ({str(t.dtype).removeprefix('torch.')}, shape {tuple(t.shape)})"
-    return f"{t.tolist()}  (shape {tuple(t.shape)})"
-
-
-def _nested(x: Any) -> str:
-    if isinstance(x, list):
-        return "[" + ", ".join(_nested(v) for v in x) + "]"
-    return f"{x:.6g}"
 
 
 def audit_json(result: AuditResult) -> dict[str, Any]:

@@ -23,19 +23,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .domains import DOMAINS
 from .errors import LosscmpError
 
-DOMAINS = {
-    "real": "any real number",
-    "positive": "strictly positive reals",
-    "unit": "probabilities in (0, 1)",
-    "simplex": "non-negative, sums to 1 along the last dim",
-    "logits": "unnormalised log-probabilities",
-    "labels": "integer class labels in [0, C)",
-    "sphere": "unit vectors along the last dim",
-    "image": "pixel intensities in [0, 1]",
-    "binary": "exactly 0.0 or 1.0",
-}
 DEFAULT_SIZE_RANGE = (1, 32)
 
 
@@ -53,7 +43,7 @@ class Arg:
 
     @property
     def is_float(self) -> bool:
-        return self.domain != "labels"
+        return DOMAINS[self.domain].is_float
 
     def text(self) -> str:
         domain = f"labels({self.classes})" if self.domain == "labels" else self.domain
@@ -212,9 +202,13 @@ PRESETS: dict[str, str] = {
     "classification": "input: B C logits grad; target: B labels(C); B=1..32; C=2..10",
     "binary": "input: B logits grad; target: B binary; B=1..64",
     "regression": "input: B real grad; target: B real; B=1..64",
-    "segmentation": "input: B H W unit grad; target: B H W binary; B=1..3; H=1..12; W=1..12",
-    "images": "x: B C H W image grad; y: B C H W image; B=1..2; C=1..3; H=1..12; W=1..12",
-    "distributions": "p: B K simplex grad; q: B K simplex; B=1..8; K=2..16",
+    # Channels first, as MONAI, segmentation-models-pytorch and torchvision expect.
+    "segmentation": "input: B C H W unit grad; target: B C H W binary; B=1..3; C=1..3; H=1..16; W=1..16",
+    "segmentation-no-channel": "input: B H W unit grad; target: B H W binary; B=1..3; H=1..16; W=1..16",
+    # H, W >= 11: room for the 11x11 window of SSIM-style losses; B and C small to stay cheap.
+    "images": "x: B C H W image grad; y: B C H W image; B=1..2; C=1..3; H=11..32; W=11..32",
+    # KL(p || q) with q the model's output: the gradient flows into q, not the target p.
+    "distributions": "p: B K simplex; q: B K simplex grad; B=1..8; K=2..16",
 }
 PRESET_ALIASES = {
     "point-clouds": "points",

@@ -1,0 +1,199 @@
+"""Numbers and tensors written for people.
+
+Two rules:
+
+* **Enough digits to tell values apart, no more.**  Values shown together are printed
+  with the fewest significant digits (at least 6) that keep distinct values distinct --
+  2684017 and 2684019 are not both ``2.68402e+06`` -- and never with more digits than
+  the shortest text that reads back as the same number in the tensor's dtype (a float32
+  0.1 is ``0.1``, not ``0.100000001``).
+* **Nothing silently dropped.**  A tensor larger than the display limit is summarised:
+  shape, dtype, min and max with their positions, and the elements that matter most
+  (where the two sides differ most, when the caller says which those are).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+SHOW_UP_TO = 24  # elements printed in full
+BASE_DIGITS = 6
+_MAX_DIGITS = {torch.float16: 5, torch.bfloat16: 4, torch.float32: 9, torch.float64: 17}
+_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _max_digits(dtype: torch.dtype | None) -> int:
+    return _MAX_DIGITS.get(dtype, 17) if dtype is not None else 17
+
+
+def _reads_back(text: str, value: float, dtype: torch.dtype | None) -> bool:
+    cast = _NUMPY.get(dtype, np.float64) if dtype is not None else np.float64
+    if dtype == torch.bfloat16:
+        return torch.tensor(float(text), dtype=torch.bfloat16).item() == torch.tensor(value, dtype=torch.bfloat16).item()
+    return cast(float(text)) == cast(value)
+
+
+def _special(x: float) -> str | None:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "-0" if math.copysign(1.0, x) < 0 else "0"
+    return None
+
+
+def _fmt(x: float, digits: int) -> str:
+    text = f"{x:.{digits}g}"
+    if "e" in text:  # 1e+30 -> 1e30, 2.5e-07 -> 2.5e-7
+        mantissa, exp = text.split("e")
+        text = f"{mantissa}e{int(exp)}"
+    return text
+
+
+def shortest_digits(x: float, dtype: torch.dtype | None = None) -> int:
+    """Fewest significant digits that read back as ``x`` in ``dtype``."""
+    if _special(x) is not None:
+        return 1
+    for k in range(1, _max_digits(dtype) + 1):
+        if _reads_back(f"{x:.{k}g}", x, dtype):
+            return k
+    return _max_digits(dtype)
+
+
+def number_text(x: float, dtype: torch.dtype | None = None, digits: int | None = None) -> str:
+    """``x`` with ``digits`` significant digits, but never more than it needs to read back."""
+    special = _special(float(x))
+    if special is not None:
+        return special
+    need = shortest_digits(float(x), dtype)
+    return _fmt(float(x), need if digits is None else min(digits, need))
+
+
+def numbers_text(values: Iterable[float], dtype: torch.dtype | None = None) -> list[str]:
+    """Texts for values shown together: distinct values stay distinct."""
+    vals = [float(v) for v in values]
+    digits = BASE_DIGITS
+    while digits < _max_digits(dtype):
+        texts = [number_text(v, dtype, digits) for v in vals]
+        seen: dict[str, float] = {}
+        if all(seen.setdefault(t, v) == v or (math.isnan(v) and math.isnan(seen[t])) for t, v in zip(texts, vals)):
+            return texts
+        digits += 1
+    return [number_text(v, dtype) for v in vals]
+
+
+def number_pair(a: float, b: float, dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """Two values side by side, with the digits that tell them apart."""
+    ta, tb = numbers_text([a, b], dtype)
+    return ta, tb
+
+
+def _nested(values, texts: Iterable[str]) -> str:
+    it = iter(texts)
+
+    def walk(x) -> str:
+        if isinstance(x, list):
+            return "[" + ", ".join(walk(v) for v in x) + "]"
+        return next(it)
+
+    return walk(values)
+
+
+def _flat_values(t: torch.Tensor) -> list[float]:
+    return t.detach().to("cpu", torch.float64).reshape(-1).tolist() if t.is_floating_point() else t.detach().cpu().reshape(-1).tolist()
+
+
+def _index(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat //= size
+    return tuple(reversed(out))
+
+
+def _where(flat: int, shape: Sequence[int]) -> str:
+    return str(_index(flat, shape))
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _texts(t: torch.Tensor, values: list[float]) -> list[str]:
+    if t.is_floating_point():
+        return numbers_text(values, t.dtype)
+    return [str(int(v)) if not isinstance(v, bool) else str(v) for v in values]
+
+
+def tensor_text(t: torch.Tensor, *, highlight: torch.Tensor | None = None, limit: int = SHOW_UP_TO, top: int = 3) -> str:
+    """A tensor in full when small; otherwise shape, range and the elements that matter.
+
+    ``highlight``: a tensor of ``t``'s shape scoring how much each element matters (e.g. how
+    far apart the two sides' gradients are there); the ``top`` highest are listed.
+    """
+    shape = tuple(t.shape)
+    values = _flat_values(t)
+    if t.numel() <= limit:
+        texts = _texts(t, values)
+        body = _nested(t.detach().cpu().tolist(), texts) if t.ndim else texts[0]
+        return f"{body}  ({_dtype_name(t)}, shape {shape})"
+    return summary_text(t, highlight=highlight, top=top)
+
+
+def summary_text(t: torch.Tensor, *, highlight: torch.Tensor | None = None, top: int = 3) -> str:
+    shape = tuple(t.shape)
+    flat = t.detach().reshape(-1).cpu()
+    parts = [f"{t.numel()} elements ({_dtype_name(t)}, shape {shape})"]
+    work = flat.double() if t.is_floating_point() else flat
+    finite = torch.isfinite(work) if t.is_floating_point() else torch.ones_like(work, dtype=torch.bool)
+    if bool(finite.any()):
+        masked_lo = torch.where(finite, work, torch.full_like(work, math.inf) if t.is_floating_point() else work)
+        masked_hi = torch.where(finite, work, torch.full_like(work, -math.inf) if t.is_floating_point() else work)
+        i_lo, i_hi = int(masked_lo.argmin()), int(masked_hi.argmax())
+        lo_text, hi_text = _texts(t, [float(work[i_lo]), float(work[i_hi])])
+        if bool((work == work[i_lo]).all()):
+            parts.append(f"every element {lo_text}")
+        else:
+            parts.append(f"min {lo_text} at {_where(i_lo, shape)}, max {hi_text} at {_where(i_hi, shape)}")
+    if t.is_floating_point():
+        bad = int((~torch.isfinite(work)).sum())
+        if bad:
+            parts.append(f"{bad} NaN/inf")
+    if highlight is not None and highlight.numel() == t.numel() and top > 0:
+        score = highlight.detach().reshape(-1).cpu().double().nan_to_num(nan=math.inf)
+        order = torch.argsort(score, descending=True)[:top].tolist()
+        texts = _texts(t, [float(work[i]) for i in order])
+        parts.append("where it matters most: " + ", ".join(f"{_where(i, shape)} = {s}" for i, s in zip(order, texts)))
+    return "; ".join(parts)
+
+
+def tensor_pair_text(expected: torch.Tensor, actual: torch.Tensor, *, labels: tuple[str, str] = ("expected", "actual"),
+                     limit: int = SHOW_UP_TO, top: int = 3) -> str:
+    """Two sides of one quantity, with the digits that tell them apart; large ones summarised
+    by the ``top`` elements where they differ most."""
+    le, la = labels
+    if expected.shape != actual.shape:
+        return f"{le} {tensor_text(expected, limit=limit)}; {la} {tensor_text(actual, limit=limit)}"
+    ve, va = _flat_values(expected), _flat_values(actual)
+    dtype = expected.dtype if expected.is_floating_point() else None
+    if expected.numel() <= limit:
+        texts = numbers_text(ve + va, dtype) if dtype else [str(v) for v in ve + va]
+        n = len(ve)
+        if expected.ndim == 0:
+            return f"{le} {texts[0]} vs {la} {texts[1]}"
+        shape = tuple(expected.shape)
+        return f"{le} {_nested(expected.tolist(), texts[:n])} vs {la} {_nested(actual.tolist(), texts[n:])}  (shape {shape})"
+    diff = (expected.detach().double() - actual.detach().double()).abs().reshape(-1).cpu()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
+    order = [i for i in torch.argsort(diff, descending=True)[:top].tolist() if diff[i] > 0 or ve[i] != va[i]]
+    shape = tuple(expected.shape)
+    shown = []
+    for i in order:
+        a, b = numbers_text([ve[i], va[i]], dtype) if dtype else (str(ve[i]), str(va[i]))
+        shown.append(f"at {_where(i, shape)}: {a} vs {b}")
+    return (f"{expected.numel()} elements ({_dtype_name(expected)}, shape {shape}); {le} {summary_text(expected).split('; ', 1)[-1]}; "
+            f"{la} {summary_text(actual).split('; ', 1)[-1]}; " + ("differ most " + "; ".join(shown) if shown else "identical"))
