@@ -75,8 +75,10 @@ def bce_audit():
 def test_bce_value_finding_is_numerical_with_the_sigmoid_side_unstable_and_the_clamp_note(bce_audit):
     logits, sigmoid, result = bce_audit
     d = next(d for d in result.divergences if d.kind == "value")
+    # The minimised case sits just past the threshold (sigmoid(8) is not yet 1.0 in
+    # float32); the finding's worst case shows the clamp's telltale 100.
     ex = explain(logits, sigmoid, result.spec, d.minimized.case, d.kind, result.settings.tolerance,
-                 history(logits, sigmoid, result.spec))
+                 history(logits, sigmoid, result.spec), also=(d.case, d.representative))
     assert ex.category is Category.NUMERICAL, ex.reason
     assert ex.unstable_side == "bce_on_sigmoid"
     assert ex.drift["bce_on_sigmoid"] > 1 > ex.drift["bce_with_logits"]
@@ -87,6 +89,8 @@ def test_bce_value_finding_is_numerical_with_the_sigmoid_side_unstable_and_the_c
     assert {"category", "unstable_side", "self_consistency", "relation", "location", "location_note", "impact", "notes"} <= set(data)
     assert data["category"] == "numerical" and data["unstable_side"] == "bce_on_sigmoid"
     assert data["self_consistency"]["bce_with_logits"]["consistent"] is True
+    plain = explain(logits, sigmoid, result.spec, d.minimized.case, d.kind, result.settings.tolerance)
+    assert plain.notes == () and plain.evaluations < ex.evaluations  # the note came from the worst case
 
 
 def test_a_case_beyond_float64_range_still_comes_out_numerical():

@@ -987,6 +987,7 @@ def explain(
     impact_steps: int | None = None,
     locate: Callable[..., Any] | None = None,
     budget: Budget = Budget(),
+    also: Sequence[Case | None] = (),
 ) -> Explanation:
     """Explain one divergence of (expected, actual) of ``kind`` on ``case``.
 
@@ -995,6 +996,9 @@ def explain(
     ``locate``: ``trace.locate(expected, actual, spec, case, tol)``, if given.
     A finding about one implementation alone (mutation, nondeterminism) passes
     ``actual=None`` (or the same implementation twice).
+    ``also``: other cases of the same finding (its worst case, its representative):
+    their values are checked for known signatures too (two calls each), since a
+    minimised case is often just past the threshold, short of the telltale number.
     """
     start = time.perf_counter()
     actual = expected if actual is None else actual
@@ -1052,13 +1056,19 @@ def explain(
                                              max_calls=budget.calls - counted.calls, deadline=start + budget.seconds))
     # Known numbers: each side's value on the explained case (from the oracle's own
     # working-dtype run when it made one), and their difference.
+    def values_on(c: Case) -> list[float]:
+        found = [float(o.value.double().sum()) for o in (counted(impl, spec, c) for impl in (expected, actual)) if not o.failed]
+        return found + ([found[0] - found[1]] if len(found) == 2 else [])
+
+    notes_from: list[float] = []
     if orc is not None and orc.values:
         notes_from = [v for _, v in orc.values]
+        notes_from += [notes_from[0] - notes_from[1]] if len(notes_from) == 2 else []
     else:
-        outcomes = stage("values", lambda: [counted(impl, spec, case) for impl in (expected, actual)]) or []
-        notes_from = [float(o.value.double().sum()) for o in outcomes if not o.failed]
-    if len(notes_from) == 2:
-        notes_from.append(notes_from[0] - notes_from[1])
+        notes_from = stage("values", lambda: values_on(case)) or []
+    others = [c for c in also if c is not None and c is not case]
+    if others:
+        notes_from += stage("signature cases", lambda: [v for c in others for v in values_on(c)]) or []
     return Explanation(
         pair=pair,
         kind=kind,
