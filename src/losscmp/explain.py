@@ -1,0 +1,1117 @@
+"""Explaining a divergence: which side is wrong, why, and whether it matters for training.
+
+In: the two :class:`~losscmp.load.Implementation`s of a pair (expected, actual), the
+spec, one case (the minimised representative), the divergence kind, the tolerance,
+and the :class:`Observation`s recorded on every compared case of the pair.
+Out: an :class:`Explanation` — one sentence, the evidence lines behind it, its JSON
+form and a grouping key (:meth:`Explanation.signature`).
+
+The analyses, each a pure function usable on its own:
+
+* :func:`oracle` — the float64 oracle.  Both sides are re-run in float64 on the same
+  inputs.  Still different there (under float64 tolerances) ⇒ ``semantic``; agreeing
+  there but not in the working dtype ⇒ ``numerical``, with ``unstable_side`` the side
+  whose working-dtype result drifts furthest from its own float64 result.  A case can
+  be out of float64's range too (a logit of 3000 saturates a float64 sigmoid as 30
+  does a float32 one), so before calling a difference semantic the oracle walks the
+  input scale down by halves while the working dtype still diverges: a scale where the
+  working dtype diverges as strongly as on the case and float64 agrees makes it
+  ``numerical`` after all (a semantic difference that merely fades at small scales,
+  leaving float32 noise, does not).
+* :func:`self_consistency` — per side, float64 finite differences of its own value
+  against its own autograd gradient.
+* :func:`observe` / :func:`relation` — over every compared case: values equal, offset
+  by a constant, scaled by a constant, or nothing simple; gradients equal, parallel, or
+  pointing elsewhere.
+* :func:`impact` — a few steps of gradient descent under each side from the same start.
+* :func:`signatures` — numbers that fingerprint a known failure (BCELoss's -100 clamp…).
+
+Every implementation call goes through a ``run(impl, spec, case) -> Outcome``
+callable (default: :func:`losscmp.run.call` in process), so an isolating runner can be
+plugged in; :func:`explain` counts those calls and the seconds spent.
+
+Limits, said rather than hidden: ``nn.Module`` implementations are moved to float64
+as an in-process copy, so a runner that reloads implementations from their reference
+(the isolated runner) runs the original float32 module, and the oracle answers
+``unknown`` ("returned float32 for float64 inputs") instead of guessing.  The scale
+ladder only scales real/logit/positive arguments and only downwards.  Both sides of an
+envelope-theorem solver (GeomLoss' Sinkhorn) are honestly "not self-consistent";
+the sentence then blames neither side.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .compare import Tolerance, compare_outcomes, diff_tensors
+from .findings import Kind, Pair
+from .generate import Case, renormalise
+from .load import Implementation
+from .minimize import SCALABLE, scaled
+from .run import Outcome, call
+from .spec import Spec
+
+Runner = Callable[[Implementation, Spec, Case], Outcome]
+
+
+def call_runner(impl: Implementation, spec: Spec, case: Case) -> Outcome:
+    """The default runner: the implementation called in this process."""
+    return call(impl.fn, spec, case)
+
+
+class Category(str, Enum):
+    """Why a pair diverges.  Failed calls keep their own kind as category."""
+
+    SEMANTIC = "semantic"  # different functions: still different in float64
+    NUMERICAL = "numerical"  # same function, different rounding/overflow in the working dtype
+    UNKNOWN = "unknown"  # the oracle could not decide (the reason says why)
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    EXCEPTION = "exception"
+    NON_TENSOR = "non_tensor"
+    NON_SCALAR = "non_scalar"
+    BOTH_FAILED = "both_failed"
+    MUTATION = "mutation"
+    NONDETERMINISM = "nondeterminism"
+
+
+# Kinds that are their own explanation: no oracle, no gradient analysis.
+OWN_CATEGORY = tuple(k.value for k in Kind if k.failed_call) + ("both_failed", "mutation", "nondeterminism")
+
+
+# --- float64 ------------------------------------------------------------------------
+
+def float64_case(case: Case) -> Case:
+    """The same case with every floating tensor in float64 (same values, same strides)."""
+    tensors = {}
+    for name, t in case.tensors.items():
+        if t.is_floating_point():
+            t = torch.empty_strided(t.shape, t.stride(), dtype=torch.float64, device=t.device).copy_(t)
+        tensors[name] = t
+    return replace(case, tensors=tensors)
+
+
+def in_float64(impl: Implementation) -> tuple[Implementation, str | None]:
+    """``impl`` ready for float64 inputs, and what stands in the way if something does.
+
+    An ``nn.Module`` (or a bound method of one) is deep-copied and moved with
+    ``.double()``; a module that still holds a non-float64 floating tensor afterwards (a
+    buffer that overrides ``_apply``, a plain tensor attribute ``.double()`` never sees)
+    is reported, not guessed around.  A plain function runs as is: if it computes in
+    float32 inside, its float64 result comes back in float32, which the oracle checks.
+    """
+    fn = impl.fn
+    owner = getattr(fn, "__self__", None) if not isinstance(fn, torch.nn.Module) else None
+    module = fn if isinstance(fn, torch.nn.Module) else owner if isinstance(owner, torch.nn.Module) else None
+    if module is None:
+        return impl, None
+    try:
+        doubled = copy.deepcopy(module).double()
+    except Exception as e:  # a module that cannot be copied is the user's business; we say so
+        return impl, f"{impl.label} is an nn.Module that cannot be deep-copied to float64 ({type(e).__name__}: {e})"
+    kept = _non_float64_tensors(doubled)
+    if kept:
+        return impl, f"{impl.label} keeps non-float64 tensors after .double(): {', '.join(kept[:3])}"
+    new_fn = doubled if module is fn else getattr(doubled, fn.__name__)
+    return replace(impl, fn=new_fn), None
+
+
+def _non_float64_tensors(module: torch.nn.Module) -> list[str]:
+    found = [f"{n} ({t.dtype})" for n, t in [*module.named_parameters(), *module.named_buffers()]
+             if t.is_floating_point() and t.dtype != torch.float64]
+    for prefix, m in module.named_modules():
+        for name, value in vars(m).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+                found.append(f"{prefix + '.' if prefix else ''}{name} ({value.dtype}, a plain attribute)")
+    return found
+
+
+def _float64_problem(label: str, outcome: Outcome) -> str | None:
+    """Why a float64 outcome cannot serve as an oracle, if it cannot."""
+    if outcome.failed:
+        return f"{label} {outcome.error} when run in float64"
+    if outcome.value.dtype != torch.float64:
+        return f"{label} returned {outcome.value.dtype} for float64 inputs (it computes in lower precision inside)"
+    for name, g in outcome.grads.items():
+        if g is not None and g.dtype != torch.float64:
+            return f"{label}'s gradient w.r.t. {name} is {g.dtype} for float64 inputs"
+    return None
+
+
+def drift(reference: Outcome, outcome: Outcome, tol: Tolerance) -> float:
+    """Divergence score of ``outcome`` from ``reference`` over value and gradients, dtypes ignored."""
+    scores = [diff_tensors("value", outcome.value, reference.value, tol).score]
+    for name, g_ref in reference.grads.items():
+        g = outcome.grads.get(name)
+        if (g is None) != (g_ref is None):
+            return math.inf
+        if g is not None:
+            scores.append(diff_tensors(name, g, g_ref, tol).score)
+    return max(scores)
+
+
+# --- 1. the float64 oracle ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Oracle:
+    category: Category
+    reason: str
+    unstable_side: str | None = None
+    drift: tuple[tuple[str, float], ...] = ()  # per side: score of its working result vs its float64 result
+    scale: float = 1.0  # input scale (relative to the case) at which the oracle decided
+    evaluations: int = 0
+    values: tuple[tuple[str, float], ...] = ()  # each side's working-dtype value on the case itself
+
+
+# How far down the oracle walks the input scale (halving each time) looking for a
+# point where the working dtype still diverges but float64 agrees.  Such a point only
+# counts while the working-dtype divergence there is at least FADED times as large (in
+# score) as on the case itself: the same disagreement, not leftover rounding noise.
+LADDER_STEPS = 16
+FADED = 0.1
+
+
+def oracle(
+    expected: Implementation,
+    actual: Implementation,
+    spec: Spec,
+    case: Case,
+    tol: Tolerance,
+    *,
+    run: Runner = call_runner,
+    deadline: float | None = None,
+) -> Oracle:
+    """Decide ``semantic`` vs ``numerical`` with float64 re-runs (see the module docstring).
+
+    Semantic needs float64 to differ (with finite results on the case, or at some
+    scale below) wherever the working dtype diverges as strongly as on the case;
+    float64 agreeing at one such scale makes it numerical; float64 overflowing
+    wherever it was tried leaves it unknown.  Past ``deadline`` (a ``time.perf_counter()``
+    value) the ladder stops where it is and says so.
+    """
+    pair = (expected.label, actual.label)
+    floating = [t for t in case.tensors.values() if t.is_floating_point()]
+    if floating and all(t.dtype == torch.float64 for t in floating):
+        return Oracle(Category.UNKNOWN, "the working dtype is already float64: there is no higher precision to compare against")
+    e64, why_e = in_float64(expected)
+    a64, why_a = in_float64(actual)
+    if why_e or why_a:
+        return Oracle(Category.UNKNOWN, why_e or why_a)
+    tol64 = Tolerance.for_dtype(torch.float64)
+    calls = 0
+    steps = LADDER_STEPS if any(a.domain in SCALABLE for a in spec.args) else 0
+    scale, values, first_difference, first_score = 1.0, (), None, math.inf
+    cut_short = False
+    for step in range(steps + 1):
+        if step and deadline is not None and time.perf_counter() > deadline:
+            cut_short = True
+            break
+        here = case if step == 0 else scaled(spec, case, scale)
+        work = {expected.label: run(expected, spec, here), actual.label: run(actual, spec, here)}
+        calls += 2
+        if step == 0:
+            values = tuple((la, float(o.value.double().sum())) for la, o in work.items() if not o.failed)
+        v = compare_outcomes(Pair(*pair), work[expected.label], work[actual.label], tol)
+        if any(o.failed for o in work.values()):
+            return Oracle(Category.UNKNOWN, f"a side failed in the working dtype at input scale x{scale:g}: {v.detail}", evaluations=calls, values=values)
+        if not v.diverges:
+            if step == 0:
+                return Oracle(Category.UNKNOWN, "the divergence did not reproduce on this case (flaky, or nondeterministic)", evaluations=calls, values=values)
+            break  # below this scale the sides agree
+        here64 = float64_case(here)
+        full = {expected.label: run(e64, spec, here64), actual.label: run(a64, spec, here64)}
+        calls += 2
+        for label, o in full.items():
+            problem = _float64_problem(label, o)
+            if problem:
+                return Oracle(Category.UNKNOWN, problem, evaluations=calls, values=values)
+        v64 = compare_outcomes(Pair(*pair), full[expected.label], full[actual.label], tol64)
+        if step == 0:
+            first_score = v.score
+        # Lower down, a semantic difference can fade below float64's tolerance while
+        # float32 noise still exceeds float32's: that is not the divergence at hand.
+        if not v64.diverges and (step == 0 or v.score >= FADED * first_score):
+            drifts = tuple((label, drift(full[label], work[label], tol)) for label in pair)
+            unstable = max(drifts, key=lambda d: d[1])[0]
+            where = "" if step == 0 else f" (at input scale x{scale:g}: the case itself is beyond float64's range too)"
+            reason = f"{pair[0]} and {pair[1]} agree in float64 (score {v64.score:.3g}) but not in {_dtype_name(case)}{where}"
+            return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls, values)
+        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(not torch.isfinite(o.value).all() for o in full.values())
+        if not overflowed and first_difference is None:
+            first_difference = (scale, v64.detail)
+        scale /= 2
+    if first_difference is None:
+        return Oracle(Category.UNKNOWN, "float64 overflows too wherever the working dtype diverges", evaluations=calls, values=values)
+    at, detail = first_difference
+    down_to = f"; still different down to input scale x{scale * 2:g}" if steps else ""
+    if cut_short:
+        down_to += " (the scale ladder was cut short by the time budget)"
+    return Oracle(Category.SEMANTIC, f"still different in float64{'' if at == 1 else f' at input scale x{at:g}'}: {detail}{down_to}",
+                  scale=at, evaluations=calls, values=values)
+
+
+def _dtype_name(case: Case) -> str:
+    for t in case.tensors.values():
+        if t.is_floating_point():
+            return str(t.dtype).removeprefix("torch.")
+    return "the working dtype"
+
+
+# --- 2. gradient self-consistency ------------------------------------------------------
+
+@dataclass(frozen=True)
+class SelfConsistency:
+    """Does a side's autograd gradient match finite differences of its own value?
+
+    ``consistent`` is None when no check could be made (no gradient inputs, a failed
+    call, non-finite values everywhere); ``note`` then says why.  ``max_error`` is the
+    largest discrepancy relative to the derivative's magnitude.
+    """
+
+    label: str
+    consistent: bool | None
+    max_error: float | None
+    checks: int = 0
+    mode: str = ""  # "all elements" or "N random directions"
+    note: str = ""
+    evaluations: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"consistent": self.consistent, "max_error": _json_float(self.max_error), "checks": self.checks, "mode": self.mode, "note": self.note}
+
+
+# Step and tolerance policy.
+# * Each element is perturbed relative to its own scale: h·max(|x_i|, rms(x)) for
+#   real/logit arguments, h·|x_i| for positive ones, h·min(p, 1-p) for probabilities,
+#   so a step never leaves the domain and means the same at magnitude 1e-8 or 1e8.
+# * Kinks (abs, clamp, relu, max): autograd may return any one-sided slope at a kink
+#   (relu'(0) = 0 while the central difference says 1/2).  So we take the forward and
+#   backward differences separately and accept the autograd derivative anywhere in the
+#   interval they span, widened by the tolerance.  Away from kinks the two differences
+#   bracket the derivative to O(h^2); next to a kink (or a jump) the interval widens to
+#   cover both slopes, so a kink inside [x - h, x + h] is never a false alarm.
+# * A discrepancy counts when it exceeds RTOL of the derivative's magnitude (plus a
+#   rounding floor, ATOL·|f| / h-scale).  1% is far above float64 finite-difference
+#   noise, and far below what a wrong backward or a stray .detach() produces (a factor,
+#   a sign, a dropped term); iterative solvers whose autograd differentiates only the
+#   last iteration (envelope-theorem gradients) stay within it once converged.
+FD_STEP = 1e-6
+FD_RTOL = 1e-2
+FD_ATOL = 1e-8  # relative to |f|
+ALL_ELEMENTS_UP_TO = 32  # grad elements; above this, random directional derivatives
+DIRECTIONS = 4
+
+
+def self_consistency(
+    impl: Implementation,
+    spec: Spec,
+    case: Case,
+    *,
+    run: Runner = call_runner,
+    directions: int = DIRECTIONS,
+    all_elements_up_to: int = ALL_ELEMENTS_UP_TO,
+    seed: int = 0,
+) -> SelfConsistency:
+    """Float64 finite differences of ``impl``'s value against its own autograd gradient.
+
+    All elements one by one when there are at most ``all_elements_up_to`` of them
+    (2 calls each), else ``directions`` random directional derivatives, as
+    ``torch.autograd.gradcheck(fast_mode=True)`` does.  gradcheck itself is not used:
+    it answers only pass/fail with a fixed absolute step and tolerance, which flags
+    relu/abs kinks and scale-dependent steps falsely; see the policy above.
+    """
+    label = impl.label
+    names = [a.name for a in spec.args if a.grad and a.is_float]
+    if not names:
+        return SelfConsistency(label, None, None, note="no argument requires gradients")
+    impl64, problem = in_float64(impl)
+    if problem:
+        return SelfConsistency(label, None, None, note=problem)
+    case64 = float64_case(case)
+    base = run(impl64, spec, case64)
+    calls = 1
+    if base.failed or _float64_problem(label, base):
+        return SelfConsistency(label, None, None, note=_float64_problem(label, base) or "", evaluations=calls)
+    f0 = float(base.value.sum())
+    if not math.isfinite(f0):
+        return SelfConsistency(label, None, None, note="its float64 value is not finite here", evaluations=calls)
+    grads = {n: (base.grads.get(n) if base.grads.get(n) is not None else torch.zeros_like(case64.tensors[n])) for n in names}
+    scales = {n: _element_scale(spec.arg(n).domain, case64.tensors[n]) for n in names}
+    total = sum(case64.tensors[n].numel() for n in names)
+    if total <= all_elements_up_to:
+        mode = "all elements"
+        perturbations = []
+        for n in names:
+            for i in range(case64.tensors[n].numel()):
+                # Contiguous directions: case tensors may be transposed or strided views.
+                u = {m: torch.zeros(case64.tensors[m].shape, dtype=torch.float64, device=case64.tensors[m].device) for m in names}
+                u[n].view(-1)[i] = scales[n].reshape(-1)[i]
+                perturbations.append(u)
+    else:
+        mode = f"{directions} random directions"
+        gen = torch.Generator().manual_seed(seed)
+        perturbations = [
+            {n: torch.randn(case64.tensors[n].shape, generator=gen, dtype=torch.float64).to(case64.tensors[n].device) * scales[n] for n in names}
+            for _ in range(directions)
+        ]
+    worst, checks, skipped = 0.0, 0, 0
+    for u in perturbations:
+        if all(not bool(t.any()) for t in u.values()):
+            skipped += 1  # a zero-scale element (a probability of exactly 0 or 1): no room to step
+            continue
+        values = []
+        for sign in (1.0, -1.0):
+            moved = dict(case64.tensors)
+            for n in names:
+                moved[n] = case64.tensors[n] + sign * FD_STEP * u[n]
+            o = run(impl64, spec, replace(case64, tensors=moved))
+            calls += 1
+            values.append(float(o.value.sum()) if not o.failed else math.nan)
+        f_plus, f_minus = values
+        if not (math.isfinite(f_plus) and math.isfinite(f_minus)):
+            skipped += 1
+            continue
+        right, left = (f_plus - f0) / FD_STEP, (f0 - f_minus) / FD_STEP
+        auto = float(sum((grads[n] * u[n]).sum() for n in names))
+        lo, hi = min(left, right), max(left, right)
+        miss = max(0.0, lo - auto, auto - hi)
+        floor = FD_ATOL * max(abs(f0), abs(f_plus), abs(f_minus)) / FD_STEP
+        magnitude = max(abs(left), abs(right), abs(auto), floor / FD_RTOL)
+        worst = max(worst, miss / magnitude if magnitude > 0 else 0.0)
+        checks += 1
+    note = f"{skipped} check(s) skipped (non-finite or no room to step)" if skipped else ""
+    if not checks:
+        return SelfConsistency(label, None, None, 0, mode, note or "no check possible", calls)
+    return SelfConsistency(label, worst <= FD_RTOL, worst, checks, mode, note, calls)
+
+
+def _element_scale(domain: str, t: torch.Tensor) -> torch.Tensor:
+    """How far each element may be moved, before the relative step FD_STEP."""
+    a = t.abs()
+    if domain == "positive":
+        return a
+    if domain in ("unit", "simplex", "image", "binary"):
+        return torch.minimum(t, 1 - t).clamp_min(0)
+    rms = float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+    return a.clamp_min(max(rms, 1e-300)) if rms > 0 else torch.ones_like(t)
+
+
+# --- 3. the relation over every compared case ---------------------------------------------
+
+@dataclass(frozen=True)
+class Observation:
+    """One compared case of a pair: both values, and how the gradients relate."""
+
+    expected: float
+    actual: float
+    cosine: float | None = None  # of the flattened gradients; None without gradients
+    norm_ratio: float | None = None  # |grad actual| / |grad expected|
+    regime: str | None = None
+
+
+def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Observation | None:
+    """What the relation needs from one compared case; None when a side failed or is not finite.
+
+    Cheap enough for every case of the search: two sums, one dot product, two norms,
+    read back from the device in one transfer.  A non-scalar value is summed (the
+    quantity the runner differentiates).
+    """
+    if expected.failed or actual.failed or expected.value is None or actual.value is None:
+        return None
+    if expected.value.shape != actual.value.shape:
+        return None
+    values = [expected.value.double().sum(), actual.value.to(expected.value.device).double().sum()]
+    ge, ga = [], []
+    for name in sorted(expected.grads.keys() | actual.grads.keys()):
+        e, a = expected.grads.get(name), actual.grads.get(name)
+        if e is None and a is None:
+            continue
+        if e is not None and a is not None and e.shape != a.shape:
+            ge = None
+            break
+        e = torch.zeros_like(a) if e is None else e  # no gradient flows: it is zero
+        a = torch.zeros_like(e) if a is None else a
+        ge.append(e.detach().reshape(-1).double())
+        ga.append(a.detach().reshape(-1).to(e.device).double())
+    if ge:
+        e, a = torch.cat(ge), torch.cat(ga)
+        finite = torch.isfinite(e).all() & torch.isfinite(a).all()
+        stats = torch.stack([*values, e @ a, e.norm(), a.norm(), finite.double()]).tolist()
+    else:
+        stats = torch.stack(values).tolist()
+    ve, va = stats[0], stats[1]
+    if not (math.isfinite(ve) and math.isfinite(va)):
+        return None
+    if not ge or not stats[5]:
+        return Observation(ve, va, None, None, regime)
+    dot, ne, na = stats[2], stats[3], stats[4]
+    if ne == 0 and na == 0:
+        cosine, ratio = 1.0, 1.0
+    elif ne == 0 or na == 0:
+        cosine, ratio = 0.0, (math.inf if ne == 0 else 0.0)
+    else:
+        cosine, ratio = dot / (ne * na), na / ne
+    return Observation(ve, va, cosine, ratio, regime)
+
+
+@dataclass(frozen=True)
+class Relation:
+    """How the two losses relate over the compared cases of a pair.
+
+    ``factor`` is actual / expected: ``actual ≈ factor × expected`` for values (when
+    value is "factor"), else the constant gradient norm ratio |∇actual| / |∇expected|
+    (when gradients are parallel with a constant ratio).  "unknown": too few cases.
+    A relation holds on a majority of cases; ``value_fits`` / ``gradient_fits`` count
+    them, and ``outliers`` says which regimes the cases it does not fit came from.
+    """
+
+    value: str  # "equal" | "offset" | "factor" | "other" | "unknown"
+    gradient: str | None  # "equal" | "parallel" | "other" | "unknown"; None: no gradients
+    factor: float | None = None
+    offset: float | None = None
+    cosine_median: float | None = None
+    cases: int = 0
+    value_fits: int = 0
+    gradient_cases: int = 0
+    gradient_fits: int = 0
+    outliers: tuple[tuple[str, int], ...] = ()  # (regime, cases) the relation does not fit
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "gradient": self.gradient, "factor": _json_float(self.factor),
+                "offset": _json_float(self.offset), "cosine_median": _json_float(self.cosine_median), "cases": self.cases,
+                "value_fits": self.value_fits, "gradient_cases": self.gradient_cases, "gradient_fits": self.gradient_fits,
+                "outliers": dict(self.outliers)}
+
+    def describe(self, pair: tuple[str, str]) -> str:
+        e, a = pair
+        if not self.cases:
+            return "no compared cases recorded"
+        value = {
+            "equal": "values equal",
+            "factor": f"values a constant factor apart ({a} ≈ {_g(self.factor)} × {e})",
+            "offset": f"values a constant offset apart ({a} ≈ {e} {'+' if (self.offset or 0) >= 0 else '-'} {_g(abs(self.offset or 0))})",
+            "other": "values not related by a constant offset or factor",
+            "unknown": "too few cases to relate the values",
+        }[self.value]
+        if self.value in ("equal", "factor", "offset"):
+            value += f" on {self.value_fits} / {self.cases} cases"
+        grad = {
+            None: "no gradients",
+            "equal": "gradients equal",
+            "parallel": "gradients parallel (same minimisers, different step size"
+            + (f": |∇{a}| ≈ {_g(self.factor)} × |∇{e}|)" if self.factor is not None and self.value != "factor" else ")"),
+            "other": "gradients point elsewhere",
+            "unknown": "too few cases to relate the gradients",
+        }[self.gradient]
+        if self.gradient in ("equal", "parallel"):
+            grad += f" on {self.gradient_fits} / {self.gradient_cases} cases"
+        if self.cosine_median is not None and self.gradient not in (None, "unknown"):
+            grad += f", median cosine {self.cosine_median:.3g}"
+        text = f"{value}; {grad}"
+        if self.outliers:
+            text += "; cases that do not fit, by regime: " + ", ".join(f"{r} {n}" for r, n in self.outliers)
+        return text
+
+
+RELATION_RTOL = 1e-4  # per case: |a - model(e)| <= atol + rtol·max(|a|, |e|)
+RELATION_ATOL = 1e-6
+# A model holds when it fits a strict majority of cases: the rest are outliers (cases
+# that are numerically unstable, or a second cause) and are reported by regime.
+INLIERS = 0.5
+MIN_CASES = 3
+COSINE_EQUAL = 1 - 1e-6
+COSINE_PARALLEL = 1 - 1e-4  # under about 0.8 degrees
+RATIO_RTOL = 1e-3
+
+
+def relation(observations: Iterable[Observation | None], *, rtol: float = RELATION_RTOL, atol: float = RELATION_ATOL) -> Relation:
+    """Fit equal / factor / offset to the values and equal / parallel to the gradients, robustly.
+
+    Medians pick each model's constant; a model holds when it fits more than half of the
+    cases, so numerically unstable cases do not hide a clean relation.
+    """
+    obs = [o for o in observations if o is not None and math.isfinite(o.expected) and math.isfinite(o.actual)]
+    value, factor, offset, value_fit = _value_relation(obs, rtol, atol)
+    with_grads = [o for o in obs if o.cosine is not None]
+    gradient, grad_factor, cos_median, grad_fit = _gradient_relation(with_grads, bool(obs))
+    if factor is None and gradient == "parallel":
+        factor = grad_factor
+    misfits: dict[str, int] = {}
+    if value in ("equal", "factor", "offset"):
+        for o, ok in zip(obs, value_fit):
+            if not ok:
+                misfits[o.regime or "unknown"] = misfits.get(o.regime or "unknown", 0) + 1
+    if gradient in ("equal", "parallel"):
+        value_misfit = {id(o) for o, ok in zip(obs, value_fit) if not ok} if value in ("equal", "factor", "offset") else set()
+        for o, ok in zip(with_grads, grad_fit):
+            if not ok and id(o) not in value_misfit:
+                misfits[o.regime or "unknown"] = misfits.get(o.regime or "unknown", 0) + 1
+    return Relation(value, gradient, factor, offset, cos_median, len(obs), sum(value_fit), len(with_grads), sum(grad_fit),
+                    tuple(sorted(misfits.items(), key=lambda kv: -kv[1])))
+
+
+def _close(x: float, y: float, rtol: float, atol: float) -> bool:
+    return abs(x - y) <= atol + rtol * max(abs(x), abs(y))
+
+
+def _holds(pairs: Sequence[tuple[float, float]], fit: list[bool]) -> bool:
+    inliers = [e for (e, _), ok in zip(pairs, fit) if ok]
+    # A constant fitted on cases that all share one expected value pins nothing down.
+    return len(inliers) >= MIN_CASES and len(inliers) > INLIERS * len(pairs) and len({round(e, 12) for e in inliers}) >= 2
+
+
+def _value_relation(obs: Sequence[Observation], rtol: float, atol: float) -> tuple[str, float | None, float | None, list[bool]]:
+    nothing = [False] * len(obs)
+    if len(obs) < MIN_CASES:
+        return "unknown", None, None, nothing
+    pairs = [(o.expected, o.actual) for o in obs]
+    fit = [_close(a, e, rtol, atol) for e, a in pairs]
+    if sum(fit) > INLIERS * len(pairs):
+        return "equal", None, None, fit
+    ratios = [a / e for e, a in pairs if abs(e) > atol]
+    if ratios:
+        k = statistics.median(ratios)
+        fit = [_close(a, k * e, rtol, atol) for e, a in pairs]
+        if k != 0 and _holds(pairs, fit):
+            return "factor", k, None, fit
+    c = statistics.median(a - e for e, a in pairs)
+    fit = [_close(a, e + c, rtol, atol) for e, a in pairs]
+    if _holds(pairs, fit):
+        return "offset", None, c, fit
+    return "other", None, None, nothing
+
+
+def _gradient_relation(with_grads: Sequence[Observation], any_cases: bool) -> tuple[str | None, float | None, float | None, list[bool]]:
+    nothing = [False] * len(with_grads)
+    if not with_grads:
+        return (None if any_cases else "unknown"), None, None, nothing
+    cos_median = statistics.median(o.cosine for o in with_grads)
+    if len(with_grads) < MIN_CASES:
+        return "unknown", None, cos_median, nothing
+    need = INLIERS * len(with_grads)
+    equal = [o.cosine >= COSINE_EQUAL and abs(o.norm_ratio - 1) <= RATIO_RTOL for o in with_grads]
+    if sum(equal) > need:
+        return "equal", None, cos_median, equal
+    parallel = [o.cosine >= COSINE_PARALLEL and o.norm_ratio is not None and math.isfinite(o.norm_ratio) for o in with_grads]
+    if sum(parallel) > need:
+        k = statistics.median(o.norm_ratio for o, ok in zip(with_grads, parallel) if ok)
+        constant = [ok and abs(o.norm_ratio - k) <= RATIO_RTOL * abs(k) for o, ok in zip(with_grads, parallel)]
+        return "parallel", (k if sum(constant) > need else None), cos_median, parallel
+    return "other", None, cos_median, nothing
+
+
+# --- 4. training impact ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Impact:
+    """K steps of descent under each side from the same start.
+
+    ``apart``: distance between the two end points / mean distance travelled (0: same
+    place; about 1.4 for orthogonal paths of equal length; 2: opposite directions).
+    ``cross_improvement[label]``: how much descending ``label``'s loss improved the
+    *other* side's loss, relative to what descending the other's own loss achieved
+    (1: just as well; 0: not at all; negative: it made the other's loss worse; NaN: the
+    other side's own descent made no progress).  ``gradient_ratio``: |∇actual| / |∇expected|
+    at the start — normalised steps hide it, a fixed learning rate would not.
+    """
+
+    steps: int
+    apart: float
+    cross_improvement: dict[str, float]
+    travelled: dict[str, float] = field(default_factory=dict)
+    gradient_ratio: float | None = None
+    lr: float = 0.0
+    note: str = ""
+    evaluations: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "apart": _json_float(self.apart),
+                "cross_improvement": {k: _json_float(v) for k, v in self.cross_improvement.items()},
+                "gradient_ratio": _json_float(self.gradient_ratio), "lr": self.lr, "note": self.note}
+
+
+# Step policy: normalised gradient descent with backtracking.  The first trial step has
+# length LR · R, where R is the typical size of the case (RMS over all its floating
+# inputs, times sqrt(number of grad elements)), so a step means the same at magnitude
+# 1e-3 or 1e6 and a factor-of-2 loss is not sent twice as far as its twin.  A step is
+# kept only if it lowers the side's own loss, otherwise halved (at most HALVINGS times),
+# so each side really descends its own loss and never oscillates around a minimum;
+# after an accepted step the next trial doubles again, up to LR · R.
+IMPACT_STEPS = 5
+IMPACT_LR = 0.05
+HALVINGS = 8
+
+
+def impact(
+    expected: Implementation,
+    actual: Implementation,
+    spec: Spec,
+    case: Case,
+    steps: int = IMPACT_STEPS,
+    lr: float = IMPACT_LR,
+    *,
+    run: Runner = call_runner,
+    max_calls: int | None = None,
+    deadline: float | None = None,
+) -> Impact | None:
+    """Descend each side's loss from ``case`` on the grad inputs; compare where they lead.
+
+    ``max_calls`` caps the implementation calls; each side then gets half of what the
+    final comparison leaves, and stops early (with a note) when its share is spent;
+    likewise once ``time.perf_counter()`` passes ``deadline``.
+    """
+    names = [a.name for a in spec.args if a.grad and a.is_float]
+    if not names or steps <= 0:
+        return None
+    calls = 0
+
+    def loss_and_grad(impl: Implementation, tensors: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor] | None]:
+        nonlocal calls
+        calls += 1
+        o = run(impl, spec, replace(case, tensors=tensors))
+        if o.failed:
+            return math.nan, None
+        value = float(o.value.double().sum())
+        return value, {n: (o.grads.get(n) if o.grads.get(n) is not None else torch.zeros_like(tensors[n])) for n in names}
+
+    start = dict(case.tensors)
+    floats = [t.double() for t in start.values() if t.is_floating_point() and t.numel()]
+    rms = math.sqrt(sum(float(t.pow(2).sum()) for t in floats) / max(sum(t.numel() for t in floats), 1)) if floats else 0.0
+    n_el = sum(start[n].numel() for n in names)
+    radius = (rms if math.isfinite(rms) and rms > 0 else 1.0) * math.sqrt(max(n_el, 1))
+    longest = lr * radius
+    ends, first, last, taken, grad_norm, notes = {}, {}, {}, {}, {}, []
+    share = None if max_calls is None else max((max_calls - 2) // 2, 2)
+    for impl in (expected, actual):
+        la = impl.label
+        budget_end = None if share is None else calls + share
+        x = dict(start)
+        f, g = loss_and_grad(impl, x)
+        first[la] = f
+        grad_norm[la] = _norm([g[n] for n in names]) if g is not None else math.nan
+        length, k = longest, 0
+        while k < steps:
+            if g is None or not math.isfinite(f):
+                notes.append(f"{la} stopped after {k} step(s): its loss is not finite or the call failed")
+                break
+            gn = _norm([g[n] for n in names])
+            if not math.isfinite(gn) or gn == 0:
+                notes.append(f"{la} stopped after {k} step(s): {'zero' if gn == 0 else 'non-finite'} gradient")
+                break
+            if budget_end is not None and calls >= budget_end:
+                notes.append(f"{la} stopped after {k} step(s): the call budget is spent")
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                notes.append(f"{la} stopped after {k} step(s): the time budget is spent")
+                break
+            for _ in range(HALVINGS + 1):
+                cand = {**x, **{n: _project(spec.arg(n).domain, x[n] - (length / gn) * g[n].to(x[n].dtype)) for n in names}}
+                fc, gc = loss_and_grad(impl, cand)
+                if math.isfinite(fc) and fc < f:
+                    x, f, g = cand, fc, gc
+                    length = min(2 * length, longest)
+                    k += 1
+                    break
+                length /= 2
+            else:
+                notes.append(f"{la} stopped after {k} step(s): no step down its own loss (at a minimum, or flat at this precision)")
+                break
+        ends[la], last[la], taken[la] = x, f, k
+    e, a = expected.label, actual.label
+    travelled = {la: _norm([ends[la][n] - start[n] for n in names]) for la in (e, a)}
+    gap = _norm([ends[e][n] - ends[a][n] for n in names])
+    mean_travel = (travelled[e] + travelled[a]) / 2
+    apart = gap / mean_travel if mean_travel > 0 else (0.0 if gap == 0 else math.inf)
+    cross = {}
+    for mover, judge in ((e, actual), (a, expected)):
+        other = judge.label
+        theirs, _ = loss_and_grad(judge, ends[mover])
+        achieved = first[other] - last[other]
+        cross[mover] = (first[other] - theirs) / achieved if achieved > 0 and math.isfinite(theirs) else math.nan
+    ratio = grad_norm[a] / grad_norm[e] if grad_norm[e] and math.isfinite(grad_norm[e]) else None
+    return Impact(min(taken.values()), apart, cross, travelled, ratio, lr, "; ".join(notes), calls)
+
+
+def _norm(ts: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+
+def _project(domain: str, t: torch.Tensor) -> torch.Tensor:
+    """Keep a descended input in its domain."""
+    if domain == "positive":
+        return t.clamp_min(torch.finfo(t.dtype).tiny)
+    if domain in ("unit", "image"):
+        eps = torch.finfo(t.dtype).eps
+        return t.clamp(eps, 1 - eps)
+    if domain in ("simplex", "sphere"):
+        return renormalise(t.clamp_min(0) if domain == "simplex" else t, domain)
+    return t
+
+
+# --- 5. known signatures -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KnownValue:
+    """A number that fingerprints a specific failure."""
+
+    value: float
+    note: str
+
+
+SIGNATURES: tuple[KnownValue, ...] = (
+    KnownValue(100.0, "100 = torch's BCELoss clamp of log(p) at -100: a probability reached 0 or 1"),
+    KnownValue(-math.log(torch.finfo(torch.float32).tiny), "87.34 = -ln(FLT_MIN): a softmax probability underflowed and was clamped to FLT_MIN"),
+    KnownValue(math.log(2.0), "0.6931 = ln 2: a sigmoid stuck at 0.5 (all-zero logits)"),
+    KnownValue(math.log(torch.finfo(torch.float32).max), "88.72 = ln(FLT_MAX): where float32 exp overflows"),
+    *(KnownValue(10.0**k, f"1e{k} = 1/smooth for a smoothing constant smooth=1e-{k} (a 0/0 guarded by smooth)") for k in (4, 5, 6, 7, 8)),
+)
+SIGNATURE_RTOL = 1e-4
+
+
+def signatures(values: Iterable[float], table: Sequence[KnownValue] = SIGNATURES, rtol: float = SIGNATURE_RTOL) -> list[str]:
+    """Plain-words notes for the values that match a known signature (sign ignored), each once."""
+    notes: list[str] = []
+    for v in values:
+        if v is None or not math.isfinite(v):
+            continue
+        for known in table:
+            if abs(abs(v) - known.value) <= rtol * known.value and known.note not in notes:
+                notes.append(known.note)
+    return notes
+
+
+# --- 6. the explanation ------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    pair: tuple[str, str]
+    kind: str
+    category: Category
+    reason: str = ""
+    unstable_side: str | None = None
+    drift: dict[str, float] = field(default_factory=dict)
+    self_consistency: dict[str, SelfConsistency] = field(default_factory=dict)
+    relation: Relation | None = None
+    location: Any = None  # a trace.Localisation, or None when not traced
+    impact: Impact | None = None
+    notes: tuple[str, ...] = ()  # known signatures
+    skipped: tuple[str, ...] = ()  # analyses left out, and why
+    evaluations: int = 0  # implementation calls spent explaining
+    seconds: float = 0.0
+    costs: dict[str, tuple[int, float]] = field(default_factory=dict)  # per analysis: (calls, seconds)
+
+    # -- the one sentence
+    def sentence(self) -> str:
+        e, a = self.pair
+        c = self.category
+        if c is Category.SEMANTIC and self.kind == "gradient":
+            head = f"semantic: {a}'s gradient differs from {e}'s (still different in float64)"
+        elif c is Category.SEMANTIC:
+            head = f"semantic: {a} computes a different function from {e} (still different in float64)"
+        elif c is Category.NUMERICAL:
+            drift_u = self.drift.get(self.unstable_side or "", math.nan)
+            head = f"numerical: {e} and {a} agree in float64; {self.unstable_side} drifts from its own float64 result (score {_g(drift_u)})"
+        elif c is Category.UNKNOWN:
+            head = f"unknown: {self.reason}"
+        else:
+            head = f"{c.value}: {self.reason}" if self.reason else c.value
+        parts = [head]
+        where = self._where()
+        if where:
+            parts.append(f"first differing op at {where}")
+        bad = [s for s in self.self_consistency.values() if s.consistent is False]
+        if len(bad) == 1:
+            s = bad[0]
+            parts.append(f"{s.label}'s gradient is not the derivative of its own value (finite differences off by {_pct(s.max_error)})")
+        elif bad:
+            # Both sides off alike is usually a deliberate approximation (envelope-theorem
+            # gradients of an unconverged solver), not a bug on one side: say so, blame neither.
+            off = " and ".join(_pct(s.max_error) for s in bad)
+            parts.append(f"neither side's gradient is the exact derivative of its own value (finite differences off by {off}: an approximate gradient on both sides)")
+        r = self.relation
+        if r is not None:
+            if r.value == "factor" and r.factor is not None:
+                parts.append(f"values a constant factor apart ({a} ≈ {_g(r.factor)} × {e})")
+            elif r.value == "offset" and r.offset is not None:
+                parts.append(f"values a constant offset apart ({_g(r.offset)})")
+            if r.gradient == "parallel":
+                parts.append("gradients parallel (same minimisers, different step size)")
+            elif r.gradient == "other" and r.cosine_median is not None:
+                parts.append(f"gradients point elsewhere (median cosine {r.cosine_median:.2g})")
+        if self.impact is not None:
+            parts.append(self._impact_words())
+        if self.notes:
+            parts.append(self.notes[0])
+        return "; ".join(parts)
+
+    def _where(self) -> str | None:
+        loc = _location_json(self.location)[0]
+        if not isinstance(loc, dict):
+            return None
+        for label in (self.pair[1], self.pair[0]):
+            site = loc.get(label)
+            if isinstance(site, dict) and site.get("file"):
+                return f"{_short_path(site['file'])}:{site.get('line')}"
+        return None
+
+    def _impact_words(self) -> str:
+        e, a = self.pair
+        im = self.impact
+        by_a = im.cross_improvement.get(a, math.nan)
+        if not math.isfinite(by_a):
+            why = im.note.split("; ")[0] if im.note else "no progress"
+            words = f"training impact not measurable from this case ({why})"
+        elif by_a <= 0:
+            words = f"descent under {a} does not descend {e}'s loss"
+        elif im.apart > 0.1:
+            words = f"both losses go down, but they lead to different places (end points {im.apart:.2g}× the distance travelled apart)"
+        else:
+            words = f"descent under either leads to the same place (end points {im.apart:.2g}× the distance travelled apart)"
+        r = im.gradient_ratio
+        if r is not None and (r < 1e-3 or r > 1e3):
+            words += f", but |∇{a}| is {_g(r)}× |∇{e}| at the start: with a fixed learning rate it would {'stall' if r < 1 else 'blow up'}"
+        return words
+
+    # -- the evidence behind it
+    def evidence(self) -> list[str]:
+        e, a = self.pair
+        lines = [f"float64 oracle: {self.category.value} — {self.reason}" if self.reason else f"category: {self.category.value}"]
+        if self.drift:
+            lines.append("drift from own float64 result (score, working tolerance): "
+                         + ", ".join(f"{la} {_g(v)}" for la, v in self.drift.items()))
+        for s in self.self_consistency.values():
+            if s.consistent is None:
+                lines.append(f"self-consistency of {s.label}: not checked ({s.note})")
+            else:
+                verdict = "consistent" if s.consistent else "INCONSISTENT"
+                lines.append(f"self-consistency of {s.label}: {verdict}; finite differences vs autograd, {s.mode}, "
+                             f"{s.checks} check(s): greatest relative error {_g(s.max_error)} (up to {FD_RTOL:g} allowed)"
+                             + (f"; {s.note}" if s.note else ""))
+        if self.relation is not None:
+            lines.append(f"relation: {self.relation.describe(self.pair)}")
+        loc, note = _location_json(self.location)
+        if loc:
+            for label, site in loc.items():
+                if isinstance(site, dict):
+                    lines.append(f"location in {label}: {site.get('file')}:{site.get('line')}: {site.get('code', '')} ({site.get('op', '')})")
+        if note:
+            lines.append(f"location: {note}")
+        if self.impact is not None:
+            im = self.impact
+            cross = ", ".join(f"descending {la} achieves {_g(v)} of the other's own improvement" for la, v in im.cross_improvement.items())
+            ratio = f"; |∇{a}| / |∇{e}| at the start {_g(im.gradient_ratio)}" if im.gradient_ratio is not None else ""
+            lines.append(f"training impact: {im.steps} normalised descent step(s) (backtracking, first step {im.lr:g} of the case's size); "
+                         f"end points {_g(im.apart)}× the distance travelled apart; {cross}{ratio}" + (f"; {im.note}" if im.note else ""))
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"skipped: {s}" for s in self.skipped]
+        lines.append(f"cost: {self.evaluations} implementation call(s), {self.seconds:.2f} s")
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        loc, note = _location_json(self.location)
+        return {
+            "category": self.category.value,
+            "reason": self.reason,
+            "unstable_side": self.unstable_side,
+            "drift": {k: _json_float(v) for k, v in self.drift.items()},
+            "self_consistency": {k: v.to_json() for k, v in self.self_consistency.items()},
+            "relation": self.relation.to_json() if self.relation else None,
+            "location": loc,
+            "location_note": note,
+            "impact": self.impact.to_json() if self.impact else None,
+            "notes": list(self.notes),
+            "skipped": list(self.skipped),
+            "sentence": self.sentence(),
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+        }
+
+    def signature(self) -> tuple:
+        """Grouping key for distinct causes: kind + category + location + relation."""
+        loc = _location_json(self.location)[0]
+        where = tuple(sorted((la, s.get("file"), s.get("line")) for la, s in loc.items() if isinstance(s, dict))) if isinstance(loc, dict) else None
+        r = self.relation
+        return (self.kind, self.category.value, where, (r.value, r.gradient) if r else None)
+
+
+def _location_json(loc: Any) -> tuple[Any, str | None]:
+    """(location JSON, note) from a trace.Localisation (duck-typed: .to_json(), .note)."""
+    if loc is None:
+        return None, None
+    data = loc.to_json() if hasattr(loc, "to_json") else loc
+    note = getattr(loc, "note", None)
+    if isinstance(data, dict) and "location" in data:
+        return data["location"], data.get("location_note", note)
+    return data, note
+
+
+# --- 7. orchestration --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Budget:
+    """Explanation stops starting new analyses once either limit is spent."""
+
+    calls: int = 2000
+    seconds: float = 60.0
+
+
+class _Counted:
+    """A runner that counts the implementation calls made through it."""
+
+    def __init__(self, run: Runner):
+        self.run, self.calls = run, 0
+
+    def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
+        self.calls += 1
+        return self.run(impl, spec, case)
+
+
+def explain(
+    expected: Implementation,
+    actual: Implementation | None,
+    spec: Spec,
+    case: Case,
+    kind: str,
+    tol: Tolerance,
+    observations: Iterable[Observation | None] = (),
+    *,
+    run: Runner = call_runner,
+    impact_steps: int | None = None,
+    locate: Callable[..., Any] | None = None,
+    budget: Budget = Budget(),
+    also: Sequence[Case | None] = (),
+) -> Explanation:
+    """Explain one divergence of (expected, actual) of ``kind`` on ``case``.
+
+    ``impact_steps``: None runs the training-impact probe for semantic divergences
+    with a gradient (IMPACT_STEPS steps), 0 never, n > 0 always with n steps.
+    ``locate``: ``trace.locate(expected, actual, spec, case, tol)``, if given.
+    A finding about one implementation alone (mutation, nondeterminism) passes
+    ``actual=None`` (or the same implementation twice).
+    ``also``: other cases of the same finding (its worst case, its representative):
+    their values are checked for known signatures too (two calls each), since a
+    minimised case is often just past the threshold, short of the telltale number.
+    """
+    start = time.perf_counter()
+    actual = expected if actual is None else actual
+    kind = str(getattr(kind, "value", kind))  # a findings.Kind, or its string
+    counted = _Counted(run)
+    pair = (expected.label, actual.label)
+    costs: dict[str, tuple[int, float]] = {}
+    skipped: list[str] = []
+    rel = relation(observations)
+
+    def spent() -> str | None:
+        if counted.calls >= budget.calls:
+            return f"the budget of {budget.calls} calls is spent"
+        if time.perf_counter() - start >= budget.seconds:
+            return f"the budget of {budget.seconds:g} s is spent"
+        return None
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        why = spent()
+        if why:
+            skipped.append(f"{name}: {why}")
+            return None
+        calls0, t0 = counted.calls, time.perf_counter()
+        out = fn()
+        costs[name] = (counted.calls - calls0, time.perf_counter() - t0)
+        return out
+
+    if kind in OWN_CATEGORY or pair[0] == pair[1]:
+        category = Category(kind) if kind in {c.value for c in Category} else Category.UNKNOWN
+        reason = {"crash": "a side's process died", "timeout": "a side did not return in time",
+                  "exception": "a side raised where the other returned", "non_tensor": "a side returned something that is not a tensor",
+                  "non_scalar": "a side returned a non-scalar", "both_failed": "both sides failed on this input",
+                  "mutation": "a side modified its inputs in place", "nondeterminism": "a side answers differently on the same input"}.get(kind, kind)
+        return Explanation(pair, kind, category, reason + "; the float64 oracle does not apply", relation=rel,
+                           evaluations=0, seconds=time.perf_counter() - start)
+    orc = stage("oracle", lambda: oracle(expected, actual, spec, case, tol, run=counted, deadline=start + budget.seconds))
+    category = orc.category if orc else Category.UNKNOWN
+    consistency: dict[str, SelfConsistency] = {}
+    for impl in (expected, actual):
+        sc = stage(f"self-consistency {impl.label}", lambda impl=impl: self_consistency(impl, spec, case, run=counted))
+        if sc is not None:
+            consistency[impl.label] = sc
+    # The trace records each side once under its own dispatch mode, not through ``run``:
+    # those two calls are added to the count by hand.
+    def traced() -> Any:
+        counted.calls += 2
+        return locate(expected, actual, spec, case, tol)
+
+    loc = stage("trace", traced) if locate is not None else None
+    has_grad = bool(spec.grad_args)
+    steps = impact_steps if impact_steps is not None else (IMPACT_STEPS if category is Category.SEMANTIC and has_grad else 0)
+    imp = None
+    if steps > 0 and has_grad:
+        imp = stage("impact", lambda: impact(expected, actual, spec, case, steps, run=counted,
+                                             max_calls=budget.calls - counted.calls, deadline=start + budget.seconds))
+    # Known numbers: each side's value on the explained case (from the oracle's own
+    # working-dtype run when it made one), and their difference.
+    def values_on(c: Case) -> list[float]:
+        found = [float(o.value.double().sum()) for o in (counted(impl, spec, c) for impl in (expected, actual)) if not o.failed]
+        return found + ([found[0] - found[1]] if len(found) == 2 else [])
+
+    notes_from: list[float] = []
+    if orc is not None and orc.values:
+        notes_from = [v for _, v in orc.values]
+        notes_from += [notes_from[0] - notes_from[1]] if len(notes_from) == 2 else []
+    else:
+        notes_from = stage("values", lambda: values_on(case)) or []
+    others = [c for c in also if c is not None and c is not case]
+    if others:
+        notes_from += stage("signature cases", lambda: [v for c in others for v in values_on(c)]) or []
+    return Explanation(
+        pair=pair,
+        kind=kind,
+        category=category,
+        reason=orc.reason if orc else "; ".join(skipped),
+        unstable_side=orc.unstable_side if orc else None,
+        drift=dict(orc.drift) if orc else {},
+        self_consistency=consistency,
+        relation=rel,
+        location=loc,
+        impact=imp,
+        notes=tuple(signatures(notes_from)),
+        skipped=tuple(skipped),
+        evaluations=counted.calls,
+        seconds=time.perf_counter() - start,
+        costs=costs,
+    )
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+def _json_float(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _short_path(path: str) -> str:
+    """A path as the user would type it: relative to the working folder when inside it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.3g}%"
