@@ -10,8 +10,10 @@ in which direction): each group keeps its worst case, its mildest-regime case (t
 needs 1e30), a count per regime, and what the implementations printed.  Every case is
 accounted for in ``AuditResult.tally`` (agree, not compared, or its most severe kind).
 
-The stages (:mod:`losscmp.stages`: minimise, explain, group, save) then run in order
-on the list of findings; a new stage is one module and one list entry.
+The search also records, per pair and for every compared case, a cheap observation of
+how the two losses relate (:func:`losscmp.explain.observe`).  The stages
+(:mod:`losscmp.stages`: minimise, explain, group, save) then run in order on the list
+of findings; a new stage is one module and one list entry.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from hypothesis import target
 from . import supervise
 from .compare import Verdict
 from .engine import Evaluator, mutation_verdict
+from .explain import observe
 from .errors import LosscmpError
 from .findings import Alone, Kind, Pair, Status, Subject
 from .generate import REGIMES, Case, build_case, probe_recipe, recipes
@@ -196,6 +199,7 @@ class _Exploration:
         self.noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
         self.cases = 0
         self.evaluations = 0  # of workers (--jobs); this process's own are on the Evaluator
+        self.history: dict[Pair, list] = {}  # explain.Observation of every compared case, per pair
 
     def record(self, v: Verdict, case: Case, outcomes: dict[str, Outcome]) -> None:
         base = (v.subject, v.kind)
@@ -226,6 +230,11 @@ class _Exploration:
                 suspects.add(label)
                 self.checked_self.add(label)
         verdicts = [ev.verdict(p, outcomes) for p in ev.pairs]
+        regime = case.recipe.regime if case.recipe else None
+        for p in ev.pairs:  # for the relation between the two losses, over every case
+            observation = observe(outcomes[p.expected], outcomes[p.actual], regime)
+            if observation is not None:
+                self.history.setdefault(p, []).append(observation)
         for v in verdicts:
             if v.kind:
                 suspects.update(v.subject.labels)
@@ -273,6 +282,8 @@ class _Exploration:
             self.noise[label] = max(self.noise.get(label, 0.0), score)
         self.cases += other.cases
         self.evaluations += other.evaluations
+        for pair, observations in other.history.items():
+            self.history.setdefault(pair, []).extend(observations)
 
     def divergences(self) -> list[Divergence]:
         # A side that disagrees with itself is blamed for a pair divergence only when the
@@ -313,7 +324,7 @@ def audit(
             else:
                 exploration = explore(ev, on_case)
             divergences = exploration.divergences()
-            ctx = StageContext(ev=ev, settings=settings)
+            ctx = StageContext(ev=ev, settings=settings, history=exploration.history)
             for stage in default_stages(settings) if stages is None else stages:
                 divergences = stage(divergences, ctx)
         return AuditResult(

@@ -60,6 +60,8 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", default="fixtures/losscmp", metavar="DIR", help="where minimised repros go (default fixtures/losscmp)")
     p.add_argument("--no-save", action="store_true", help="do not write repro files")
     p.add_argument("--no-minimize", action="store_true", help="report divergences as found, without minimising")
+    p.add_argument("--no-explain", action="store_true", help="skip the explanation (float64 oracle, self-consistency, relation, trace, impact)")
+    p.add_argument("--impact", type=int, metavar="STEPS", help="training-impact probe: descent steps per side (default: a few, for semantic divergences with a gradient; 0: never)")
     p.add_argument("--max-size", type=int, metavar="N", help="cap every symbolic dim at N")
     p.add_argument("--allow-nonfinite", action="store_true", help="also plant NaN in inputs (opt-in)")
     p.add_argument("--regimes", metavar="LIST", help="draw only these numeric regimes, e.g. standard,tiny (default: all)")
@@ -276,6 +278,8 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         reference=args.reference,
         examples=args.examples,
         minimize=not args.no_minimize,
+        explain=not args.no_explain,
+        impact_steps=args.impact,
         save_dir=save_dir,
         allow_nonfinite=args.allow_nonfinite,
         max_size=args.max_size,

@@ -497,12 +497,20 @@ def toward_threshold(s: Shrinker, threshold: Threshold) -> bool:
     return False
 
 
-def minimize(ev, divergence) -> Minimized:
-    """Run the passes on a divergence found by :func:`losscmp.audit.audit`."""
+def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Minimized:
+    """Run the passes on a divergence found by :func:`losscmp.audit.audit`.
+
+    A candidate counts only if the same kind of divergence holds for the same subject
+    and, when given, ``keep(candidate)`` (the explain stage keeps the float64 verdict,
+    so that one cause is not minimised into another)."""
     spec = ev.spec
     subject, kind = divergence.subject, divergence.kind
     start = ev.evaluations
-    s = Shrinker(spec, divergence.case, lambda case: ev.still_diverges(subject, kind, case))
+
+    def holds(case: Case) -> bool:
+        return ev.still_diverges(subject, kind, case) and (keep is None or keep(case))
+
+    s = Shrinker(spec, divergence.case, holds)
     s.fixate([("shrink_dims", shrink_dims), ("simplify_args", simplify_args)])
     threshold = None
     if isinstance(subject, Pair):

@@ -99,7 +99,13 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
         for name, t in m.case.tensors.items():  # large inputs are summarised, never dropped
             say(f"  {name} = {tensor_text(t, limit=SHOW_TENSORS_UP_TO)}")
         if m.threshold:
-            say(f"threshold: {m.threshold.describe()}")
+            relation = getattr(d.explanation, "relation", None)
+            if relation is not None and relation.value in ("factor", "offset"):
+                # Not a threshold: a constant factor or offset only hides under atol at small scale.
+                say(f"no threshold: the values are a constant {relation.value} apart; below max |input| {m.threshold.value:.4g} "
+                    f"the difference is only smaller than atol")
+            else:
+                say(f"threshold: {m.threshold.describe()}")
     if d.explanation is not None:
         for line in d.explanation.evidence():
             say(f"  {line}")
@@ -132,6 +138,7 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
 def divergence_json(d: Divergence) -> dict[str, Any]:
     m = d.minimized
     explained = d.explanation.to_json() if d.explanation is not None else {}
+    explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
     return {
         "pair": subject_labels_json(d.subject),
         "alone": isinstance(d.subject, Alone),

@@ -81,6 +81,10 @@ class Outputs:
     save_dir: Path | None = None
     impact_steps: int | None = None  # None: the explain stage's default
 
+    def __post_init__(self) -> None:
+        if self.impact_steps is not None and self.impact_steps < 0:
+            raise UsageError(f"impact steps must be >= 0, not {self.impact_steps}")
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -1,23 +1,33 @@
 """What happens to the findings after the search, as an ordered list of stages.
 
 A stage takes the list of divergences and returns it, changed: most map over it
-(minimise each, explain each, save each); one merges (groups with the same explanation
-become one).  ``default_stages`` is the list; a new stage is one module and one entry.
-Each stage honours its own switch in ``Settings.outputs``.
+(minimise each, explain each, save each); one merges (findings whose explanations
+match are one cause).  ``default_stages`` is the list; a new stage is one module and
+one entry.  Each stage honours its own switch in ``Settings.outputs``.
+
+    minimise -> explain -> group -> save
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 from .engine import Evaluator
+from .findings import Kind, Pair
 from .settings import Settings
+
+# The op-level trace runs in this process: only on small cases, never on a side that
+# may crash (isolation was asked for), and never during the search.
+TRACE_UP_TO = 4096  # input elements
+# Kinds whose cause the float64 oracle can tell apart (numerical vs semantic).
+ORACLE_KINDS = (Kind.VALUE, Kind.GRADIENT, Kind.NONFINITE)
 
 
 @dataclass(frozen=True)
 class StageContext:
     ev: Evaluator
     settings: Settings
+    history: dict = field(default_factory=dict)  # Pair -> [explain.Observation] over every compared case
 
 
 class Stage(Protocol):
@@ -27,14 +37,82 @@ class Stage(Protocol):
 
 
 class Minimize:
-    """The smallest, simplest input that still shows the same divergence (:mod:`losscmp.minimize`)."""
+    """The smallest, simplest input that still shows the same divergence (:mod:`losscmp.minimize`).
+
+    With explanation on, "the same" includes the float64 verdict: a numerical
+    divergence is not minimised into a semantic one, so distinct causes stay distinct.
+    """
 
     name = "minimize"
 
     def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
+        from .explain import float64_agrees
         from .minimize import minimize
 
-        return [replace(d, minimized=minimize(ctx.ev, d)) for d in divergences]
+        ev = ctx.ev
+        out = []
+        for d in divergences:
+            keep = None
+            if ctx.settings.outputs.explain and isinstance(d.subject, Pair) and d.kind in ORACLE_KINDS:
+                e, a = ev.impls[d.subject.expected], ev.impls[d.subject.actual]
+                verdict = float64_agrees(e, a, ev.spec, d.case, run=ev.runner)
+                if verdict is not None:
+                    def keep(case, e=e, a=a, verdict=verdict):
+                        return float64_agrees(e, a, ev.spec, case, run=ev.runner) == verdict
+            out.append(replace(d, minimized=minimize(ev, d, keep)))
+        return out
+
+
+class Explain:
+    """Which side is wrong, why, which line, and whether it matters (:mod:`losscmp.explain`, :mod:`losscmp.trace`)."""
+
+    name = "explain"
+
+    def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
+        from .explain import explain
+        from .trace import locate
+
+        ev, outputs = ctx.ev, ctx.settings.outputs
+        out = []
+        for d in divergences:
+            case = d.minimized.case if d.minimized is not None else d.case
+            if isinstance(d.subject, Pair):
+                e, a = ev.impls[d.subject.expected], ev.impls[d.subject.actual]
+            else:
+                e, a = ev.impls[d.subject.label], None
+            traceable = (a is not None and d.kind in ORACLE_KINDS and not ctx.settings.execution.isolate
+                         and not ctx.settings.execution.pythons and case.numel() <= TRACE_UP_TO)
+            explanation = explain(
+                e, a, ev.spec, case, d.kind.value, ev.tol, ctx.history.get(d.subject, ()),
+                run=ev.runner, impact_steps=outputs.impact_steps, locate=locate if traceable else None,
+                also=(d.case, d.representative),
+            )
+            out.append(replace(d, explanation=explanation))
+        return out
+
+
+class Group:
+    """Findings of one subject and kind whose explanations match are one cause: merged,
+    counts and regimes added up, the most severe representative kept."""
+
+    name = "group"
+
+    def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
+        merged: dict[tuple, object] = {}
+        for d in divergences:
+            if d.explanation is None:
+                merged[(d.subject, d.kind, id(d))] = d
+                continue
+            key = (d.subject, d.kind, d.explanation.signature())
+            first = merged.get(key)
+            if first is None:
+                merged[key] = d
+                continue
+            regimes = dict(first.regimes)
+            for r, n in d.regimes.items():
+                regimes[r] = regimes.get(r, 0) + n
+            merged[key] = replace(first, count=first.count + d.count, regimes=regimes)
+        return list(merged.values())
 
 
 class Save:
@@ -61,6 +139,8 @@ def default_stages(settings: Settings) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     if outputs.minimize:
         stages.append(Minimize())
+    if outputs.explain:
+        stages += [Explain(), Group()]
     if outputs.save_dir is not None:
         stages.append(Save())
     return tuple(stages)

@@ -1,0 +1,66 @@
+"""The explain stage inside the audit: every divergence opens with its explanation,
+the JSON carries the evidence, and distinct causes are reported separately."""
+import json
+
+import pytest
+
+from losscmp import audit, load_implementation, preset
+from losscmp.cli import main
+from losscmp.settings import Settings
+
+from .conftest import FIXTURES
+
+
+def run_json(capsys, tmp_path, a, b, spec, *extra):
+    out = tmp_path / "report.json"
+    code = main([f"{FIXTURES}/{a}", f"{FIXTURES}/{b}", "--spec", spec, "--no-save", "--json", str(out), *extra])
+    text = capsys.readouterr().out
+    return code, json.loads(out.read_text()), text
+
+
+def by_kind(report, kind):
+    return [d for d in report["divergences"] if d["kind"] == kind]
+
+
+def test_bce_on_sigmoid_is_numerical_with_the_sigmoid_side_unstable_and_the_clamp_note(capsys, tmp_path):
+    code, report, text = run_json(capsys, tmp_path, "bce.py:bce_on_sigmoid", "bce.py:bce_with_logits", "binary")
+    assert code == 1
+    value = by_kind(report, "value")
+    assert value and value[0]["category"] == "numerical" and value[0]["unstable_side"] == "bce_on_sigmoid"
+    assert any("BCELoss" in note and "100" in note for d in value for note in d["notes"])
+    for key in ("self_consistency", "relation", "location", "location_note", "impact", "explanation"):
+        assert key in value[0]
+    assert text.count("numerical: ") >= 1  # the sentence opens the finding in the terminal too
+
+
+def test_huber_vs_smooth_l1_is_semantic_with_parallel_gradients_and_the_factor(capsys, tmp_path):
+    code, report, text = run_json(capsys, tmp_path, "regression.py:huber", "regression.py:smooth_l1", "regression")
+    value = by_kind(report, "value")[0]
+    assert code == 1 and value["category"] == "semantic"
+    assert value["relation"]["gradient"] == "parallel" and value["relation"]["value"] == "factor"
+    assert value["relation"]["factor"] == pytest.approx(0.5, rel=1e-3)
+    assert "no threshold: the values are a constant factor apart" in text and "threshold: agree at" not in text
+
+
+def test_log_of_softmax_is_numerical(capsys, tmp_path):
+    code, report, _ = run_json(capsys, tmp_path, "cross_entropy.py:log_of_softmax", "cross_entropy.py:log_softmax_nll", "classification")
+    categories = {d["category"] for d in report["divergences"] if d["kind"] in ("value", "gradient", "nonfinite")}
+    assert code == 1 and categories == {"numerical"}
+
+
+def test_two_independent_causes_are_two_groups_each_minimised_in_its_own_category():
+    impls = [load_implementation(f"{FIXTURES}/two_causes.py:mse"), load_implementation(f"{FIXTURES}/two_causes.py:mse_fork")]
+    result = audit(impls, preset("regression"), Settings.of(examples=100))
+    values = [d for d in result.divergences if d.kind == "value"]
+    assert {d.explanation.category.value for d in values} == {"numerical", "semantic"}
+    assert all(d.minimized is not None and d.minimized.case.numel() <= 4 for d in values)
+
+
+def test_no_explain_and_impact_flags(capsys, tmp_path):
+    code, report, _ = run_json(capsys, tmp_path, "regression.py:huber", "regression.py:smooth_l1", "regression", "--no-explain",
+                               "--examples", "10", "--no-minimize")
+    assert code == 1 and all(d["category"] is None for d in report["divergences"])
+    code, report, _ = run_json(capsys, tmp_path, "regression.py:huber", "regression.py:smooth_l1", "regression", "--impact", "3",
+                               "--examples", "10", "--no-minimize")
+    assert by_kind(report, "value")[0]["impact"]["steps"] == 3
+    assert main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--impact", "-1"]) == 2
