@@ -64,3 +64,38 @@ def test_no_explain_and_impact_flags(capsys, tmp_path):
                                "--examples", "10", "--no-minimize")
     assert by_kind(report, "value")[0]["impact"]["steps"] == 3
     assert main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--impact", "-1"]) == 2
+
+
+FORKS = FIXTURES / "forks"
+SINKHORN_SPEC = "x: N D real grad; y: M D real grad; N=2..6; M=2..6; D=2"
+
+
+def marked_line(path, marker):
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if marker in line)
+
+
+@pytest.mark.parametrize("fork, kind, category, phase", [
+    ("logsumexp", "nonfinite", "numerical", "forward"),
+    ("no_debias", "value", "semantic", "forward"),
+    ("schedule", "value", "semantic", "forward"),
+    ("detach", "gradient", "semantic", "backward"),
+    ("sum", "value", "semantic", "forward"),
+])
+def test_each_sinkhorn_fork_is_explained_and_localised_to_its_changed_line(fork, kind, category, phase):
+    from losscmp import parse_spec
+
+    fork_file = FORKS / f"fork_{fork}.py"
+    impls = [load_implementation(f"base={FORKS}/sinkhorn_base.py:sinkhorn_divergence"),
+             load_implementation(f"fork={fork_file}:sinkhorn_divergence")]
+    result = audit(impls, parse_spec(SINKHORN_SPEC), Settings.of(examples=40))
+    d = next(d for d in result.divergences if d.kind == kind)
+    e = d.explanation
+    assert e.category.value == category, e.reason
+    where = e.location.location
+    assert where is not None, e.location.note
+    assert where["fork"].file.endswith(fork_file.name) and where["fork"].line == marked_line(fork_file, "FORK:")
+    point = fork_file.read_text().splitlines()[where["fork"].line - 1].split("fork point: ")[1].split()[0]
+    assert where["base"].file.endswith("sinkhorn_base.py")
+    assert where["base"].line == marked_line(FORKS / "sinkhorn_base.py", f"# fork point: {point}")
+    assert where["fork"].phase == phase
+    assert f"{fork_file.name}:{where['fork'].line}" in e.sentence()
