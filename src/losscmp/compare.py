@@ -137,6 +137,10 @@ def diff_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: T
     elements when there are any (an agreeing element is never pointed at); over all
     elements otherwise.
     """
+    if actual.is_complex() or expected.is_complex():
+        # As (real, imaginary) pairs: a cast to float64 would drop the imaginary parts unseen.
+        actual = torch.view_as_real(actual.detach().to("cpu", torch.complex128).reshape(expected.shape).resolve_conj())
+        expected = torch.view_as_real(expected.detach().to("cpu", torch.complex128).resolve_conj())
     a = actual.detach().to("cpu", torch.float64).reshape(expected.shape)
     b = expected.detach().to("cpu", torch.float64)
     total = b.numel()

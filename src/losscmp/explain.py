@@ -138,7 +138,7 @@ def _float64_problem(label: str, outcome: Outcome) -> str | None:
     """Why a float64 outcome cannot serve as an oracle, if it cannot."""
     if outcome.failed:
         return f"{label} {outcome.error} when run in float64"
-    if outcome.value.dtype != torch.float64:
+    if outcome.value.dtype not in (torch.float64, torch.complex128):
         return f"{label} returned {outcome.value.dtype} for float64 inputs (it computes in lower precision inside)"
     for name, g in outcome.grads.items():
         if g is not None and g.dtype != torch.float64:
@@ -471,6 +471,8 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Ob
         return None
     if expected.value.shape != actual.value.shape:
         return None
+    if expected.value.is_complex() or actual.value.is_complex():
+        return None  # one real number per side cannot stand for a complex loss (its sum's real part would hide the rest)
     values = [expected.value.double().sum(), actual.value.to(expected.value.device).double().sum()]
     ge, ga = [], []
     for name in sorted(expected.grads.keys() | actual.grads.keys()):

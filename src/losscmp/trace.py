@@ -167,9 +167,12 @@ def summary_diff(actual: Summary | None, expected: Summary | None, tol: Toleranc
         return None
     if _squeezed(actual.shape) != _squeezed(expected.shape):
         return f"shapes differ: {expected.shape} vs {actual.shape}"
+    if actual.dtype.is_complex != expected.dtype.is_complex:
+        return f"dtypes differ: {expected.dtype} vs {actual.dtype}"
     tol = _tolerance_for(expected, tol)
     if actual.values is not None and expected.values is not None:
-        d = diff_tensors("output", actual.values.reshape(expected.shape), expected.values.reshape(expected.shape), tol)
+        shape = tuple(expected.shape) + ((2,) if expected.dtype.is_complex else ())  # complex: summarised as (real, imaginary) pairs
+        d = diff_tensors("output", actual.values.reshape(shape), expected.values.reshape(shape), tol)
         return d.message() if d.score > 1.0 else None
     if (actual.nans, actual.posinfs, actual.neginfs) != (expected.nans, expected.posinfs, expected.neginfs):
         return (f"NaN/+inf/-inf counts differ: expected {expected.nans}/{expected.posinfs}/{expected.neginfs}, "
