@@ -40,3 +40,28 @@ def test_complex_divergence_is_explained_without_crashing_the_run(tmp_path, caps
     d = report["divergences"][0]
     assert d["kind"] == "value"
     assert d["category"] == "semantic"
+
+
+def test_an_internal_error_is_one_line_never_a_silent_exit(tmp_path):
+    # An unforeseen exception in the supervised child ended the process with code 70 and
+    # no output at all: the os._exit in the child's `finally` ate the traceback.
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import losscmp.report
+        def broken(*args, **kwargs):
+            raise RuntimeError("report exploded")
+        losscmp.report.print_audit = broken
+        from losscmp.supervise import entry
+        sys.exit(entry(sys.argv[1:]))
+    """))
+    done = subprocess.run([sys.executable, str(script), "torch.nn.functional:mse_loss", "torch.nn.functional:l1_loss",
+                           "--spec", "regression", "--examples", "2", "--no-save", "--no-explain", "--no-minimize"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 70
+    lines = done.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("losscmp: internal error: RuntimeError: report exploded"), done.stderr
+    assert "Traceback" not in done.stderr

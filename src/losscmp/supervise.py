@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -158,6 +159,12 @@ def entry(argv: Sequence[str] | None = None) -> int:
             code = main(argv)
         except Terminated:
             code = 143
+        except Exception as e:  # a bug in losscmp itself: say so in one line, never end in silence
+            where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+            at = f" at {Path(where[0].filename).name}:{where[0].lineno} in {where[0].name}" if where else ""
+            message = " ".join(str(e).split())
+            print(f"losscmp: internal error: {type(e).__name__}{': ' + message if message else ''}{at} (a bug in losscmp; please report it)",
+                  file=sys.stderr)
         finally:
             for stream in (sys.stdout, sys.stderr):
                 try:
