@@ -65,3 +65,26 @@ def test_an_internal_error_is_one_line_never_a_silent_exit(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("losscmp: internal error: RuntimeError: report exploded"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_stage_that_raises_keeps_the_findings(tmp_path):
+    # An exception in a stage (a bug in the explanation, a trace the implementation
+    # cannot run under) escaped audit() and lost every finding of the search.
+    import torch
+    import losscmp
+    from losscmp.spec import resolve_spec
+    from losscmp.stages import Minimize
+
+    class Broken:
+        name = "broken"
+
+        def __call__(self, divergences, ctx):
+            raise RuntimeError("stage exploded")
+
+    impls = [losscmp.load_implementation(losscmp.parse_ref(r))
+             for r in ("torch.nn.functional:mse_loss", "torch.nn.functional:l1_loss")]
+    result = losscmp.audit(impls, resolve_spec("regression"), losscmp.Settings.of(examples=5),
+                           stages=(Minimize(), Broken()))
+    assert result.divergences, "the search's findings were lost"
+    assert result.divergences[0].minimized is not None  # the stages before the broken one still count
+    assert result.stage_errors and "broken stage failed (RuntimeError: stage exploded)" in result.stage_errors[0]

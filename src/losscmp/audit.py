@@ -84,6 +84,7 @@ class AuditResult:
     tally: dict[str, int] = field(default_factory=dict)  # every case: "agree", "not compared", or its most severe kind
     not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
     evaluations: int = 0
+    stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -325,12 +326,17 @@ def audit(
                 exploration = explore(ev, on_case)
             divergences = exploration.divergences()
             ctx = StageContext(ev=ev, settings=settings, history=exploration.history)
+            stage_errors = []
             for stage in default_stages(settings) if stages is None else stages:
-                divergences = stage(divergences, ctx)
+                try:
+                    divergences = stage(divergences, ctx)
+                except Exception as e:  # the findings stand without what this stage would have added
+                    name = getattr(stage, "name", type(stage).__name__)
+                    stage_errors.append(f"{name} stage failed ({type(e).__name__}: {' '.join(str(e).split())}); findings reported without it")
         return AuditResult(
             tuple(impls), spec, settings, exploration.cases, tuple(divergences), time.perf_counter() - start,
             tuple(ev.pairs), dict(exploration.subject_cases), dict(exploration.tally), dict(exploration.not_compared),
-            ev.evaluations + exploration.evaluations,
+            ev.evaluations + exploration.evaluations, tuple(stage_errors),
         )
     finally:
         ev.close()

@@ -61,6 +61,8 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
         console.print(f"[yellow]not compared[/] on {n} case(s), {subject}: {why}", highlight=False)
     for d in result.divergences if details else ():
         print_divergence(d, result, console)
+    for why in result.stage_errors:
+        console.print(f"warning: {why}", markup=False, highlight=False)
     if result.agree and not result.not_compared:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
     elif result.agree:
@@ -132,6 +134,7 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "evaluations": result.evaluations,
         "divergences": [divergence_json(d) for d in result.divergences],
+        "stage_errors": list(result.stage_errors),
     }
 
 
