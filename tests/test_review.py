@@ -88,3 +88,23 @@ def test_a_stage_that_raises_keeps_the_findings(tmp_path):
     assert result.divergences, "the search's findings were lost"
     assert result.divergences[0].minimized is not None  # the stages before the broken one still count
     assert result.stage_errors and "broken stage failed (RuntimeError: stage exploded)" in result.stage_errors[0]
+
+
+def test_rich_markup_in_an_error_message_does_not_kill_the_report(tmp_path, capsys):
+    # Both sides raising "closing [/] tag" the same way: the "not compared" line was
+    # printed as rich markup, and MarkupError ended the run after the search.
+    _write(tmp_path, "markup.py", """
+        def a(input, target):
+            if input.numel() == 2:
+                raise ValueError("closing [/] tag")
+            return ((input - target) ** 2).mean()
+        def b(input, target):
+            if input.numel() == 2:
+                raise ValueError("closing [/] tag")
+            return ((input - target) ** 2).mean()
+    """)
+    code = main([f"{tmp_path}/markup.py:a", f"{tmp_path}/markup.py:b", "--spec", "input: B real grad; target: B real; B=1..3",
+                 "--examples", "30", "--no-save"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "not compared on" in out and "closing [/] tag" in out

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult, Divergence
@@ -50,15 +51,15 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
                 verdict = f"[yellow]agree on {result.cases_run - skipped[0]} compared[/]"
             else:
                 verdict = "[green]agree[/]"
-            table.add_row(str(subject), verdict, "0", "-", "-")
+            table.add_row(escape(str(subject)), verdict, "0", "-", "-")
             continue
         count = result.subject_cases.get(subject, sum(d.count for d in ds))
         kinds = ", ".join(dict.fromkeys(d.kind.value for d in ds))
-        table.add_row(str(subject), "[red]DIVERGE[/]", f"{count} / {result.cases_run}", _score(max(d.score for d in ds)), kinds)
+        table.add_row(escape(str(subject)), "[red]DIVERGE[/]", f"{count} / {result.cases_run}", _score(max(d.score for d in ds)), kinds)
     console.print(table)
     console.print(f"cases: {tally_text(result)}", markup=False, highlight=False)
     for subject, (n, why) in result.not_compared.items():
-        console.print(f"[yellow]not compared[/] on {n} case(s), {subject}: {why}", highlight=False)
+        console.print(f"[yellow]not compared[/] on {n} case(s), {escape(str(subject))}: {escape(why)}", highlight=False)
     for d in result.divergences if details else ():
         print_divergence(d, result, console)
     for why in result.stage_errors:
@@ -77,7 +78,7 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
     groups = [g for g in result.divergences if g.subject == d.subject and g.kind == d.kind]
     cause = f" (cause {groups.index(d) + 1} of {len(groups)})" if len(groups) > 1 else ""
     console.print()
-    console.rule(f"[bold red]{d.subject}: {d.kind.value}[/]{cause} — {d.kind.description}", align="left")
+    console.rule(f"[bold red]{escape(str(d.subject))}: {d.kind.value}[/]{cause} — {d.kind.description}", align="left")
     if d.explanation is not None:
         say(d.explanation.sentence())
     say(f"worst of {d.count} case(s), score {_score(d.score)}: {d.verdict.detail}")
