@@ -108,3 +108,22 @@ def test_rich_markup_in_an_error_message_does_not_kill_the_report(tmp_path, caps
     out = capsys.readouterr().out
     assert code == 0
     assert "not compared on" in out and "closing [/] tag" in out
+
+
+def test_replay_prints_a_markup_like_error_message_literally(tmp_path, capsys):
+    _write(tmp_path, "markup2.py", """
+        def a(input, target):
+            if input.numel() == 2:
+                raise ValueError("closing [/] tag")
+            return ((input - target) ** 2).mean()
+        def b(input, target):
+            return ((input - target) ** 2).mean()
+    """)
+    saved = tmp_path / "saved"
+    assert main([f"{tmp_path}/markup2.py:a", f"{tmp_path}/markup2.py:b", "--spec", "input: B real grad; target: B real; B=1..3",
+                 "--examples", "30", "--save-dir", str(saved), "-q"]) == 1
+    [repro] = saved.glob("*exception*.json")
+    capsys.readouterr()
+    assert main(["replay", str(repro)]) == 1
+    out = capsys.readouterr().out
+    assert "still diverges (exception)" in out and "closing [/] tag" in out

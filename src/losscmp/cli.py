@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__, supervise
 from .errors import LosscmpError, UsageError
@@ -356,10 +357,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
     verdict = result.verdict
     if verdict.kind:
-        console.print(f"[red]still diverges[/] ({verdict.kind.value}): {verdict.detail}", highlight=False)
+        console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict.detail)}", highlight=False)
         return 1
     if not verdict.compared:
-        console.print(f"[yellow]not compared[/]: {verdict.detail}", highlight=False)
+        console.print(f"[yellow]not compared[/]: {escape(verdict.detail)}", highlight=False)
         return 1
     console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
     return 0
