@@ -127,3 +127,22 @@ def test_replay_prints_a_markup_like_error_message_literally(tmp_path, capsys):
     assert main(["replay", str(repro)]) == 1
     out = capsys.readouterr().out
     assert "still diverges (exception)" in out and "closing [/] tag" in out
+
+
+def test_trace_json_to_an_unwritable_path_is_a_usage_error(tmp_path, capsys):
+    # The path was opened only after the trace: a traceback (exit 70), not one line and exit 2.
+    _write(tmp_path, "pair.py", """
+        def a(input, target):
+            return ((input - target) ** 2).mean()
+        def b(input, target):
+            return ((input - target) ** 2).mean() * 1.5
+    """)
+    saved = tmp_path / "saved"
+    assert main([f"{tmp_path}/pair.py:a", f"{tmp_path}/pair.py:b", "--spec", "regression", "--examples", "5",
+                 "--no-explain", "--no-minimize", "--save-dir", str(saved), "-q"]) == 1
+    repro = next(saved.glob("*.json"))
+    capsys.readouterr()
+    for bad in (str(tmp_path / "missing" / "x.json"), str(tmp_path)):
+        assert main(["trace", f"{tmp_path}/pair.py:a", f"{tmp_path}/pair.py:b", str(repro), "--json", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("losscmp: error: --json") and len(err.strip().splitlines()) == 1, err

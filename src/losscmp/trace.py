@@ -668,6 +668,10 @@ def trace_command(argv: list[str]) -> int:
     except SystemExit as e:  # argparse has printed its usage line
         return int(e.code or 0)
     # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
+    if args.json:
+        from .cli import _writable_file
+
+        _writable_file(args.json, "--json")  # before the trace runs, not after it
     repro = load_repro(args.repro)
     refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
     if refs[0].label == refs[1].label:
