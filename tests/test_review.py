@@ -146,3 +146,19 @@ def test_trace_json_to_an_unwritable_path_is_a_usage_error(tmp_path, capsys):
         assert main(["trace", f"{tmp_path}/pair.py:a", f"{tmp_path}/pair.py:b", str(repro), "--json", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("losscmp: error: --json") and len(err.strip().splitlines()) == 1, err
+
+
+def test_one_example_and_more_jobs_than_examples_run(tmp_path, capsys):
+    # --examples 1 (the probe alone), or a job whose share is one example, built a
+    # Hypothesis settings object with max_examples=0: InvalidArgument, exit 70.
+    ref = [f"{tmp_path}/pair.py:a", f"{tmp_path}/pair.py:b", "--spec", "regression", "--no-save", "--no-explain", "--json", "-"]
+    _write(tmp_path, "pair.py", """
+        def a(input, target):
+            return ((input - target) ** 2).mean()
+        def b(input, target):
+            return ((input - target) ** 2).mean() * 1.5
+    """)
+    assert main([*ref, "--examples", "1"]) == 1
+    assert json.loads(capsys.readouterr().out)["cases_run"] == 1
+    assert main([*ref, "--examples", "3", "--jobs", "2"]) == 1
+    assert json.loads(capsys.readouterr().out)["cases_run"] == 3

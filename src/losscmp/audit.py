@@ -356,7 +356,7 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None) 
 
     @hypothesis_seed(search.seed)
     @hypothesis_settings(
-        max_examples=search.examples - 1,  # the probe was the first case
+        max_examples=max(1, search.examples - 1),  # the probe was the first case (with one example, never called)
         database=None,
         deadline=None,
         # Our own minimiser works on the concrete tensors; Hypothesis explores and targets.
