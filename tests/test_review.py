@@ -162,3 +162,19 @@ def test_one_example_and_more_jobs_than_examples_run(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["cases_run"] == 1
     assert main([*ref, "--examples", "3", "--jobs", "2"]) == 1
     assert json.loads(capsys.readouterr().out)["cases_run"] == 3
+
+
+def test_workers_from_a_fork_server_survive_their_start(tmp_path, capsys):
+    # --devices (and --jobs once CUDA is initialised) start workers from a fork server;
+    # each worker checked that its parent was losscmp, found the fork server, and exited:
+    # BrokenProcessPool, exit 70, for every such run.  "cpu,cpu" takes the same path without a GPU.
+    _write(tmp_path, "pair.py", """
+        def a(input, target):
+            return ((input - target) ** 2).mean()
+        def b(input, target):
+            return ((input - target) ** 2).mean() * 1.5
+    """)
+    code = main([f"{tmp_path}/pair.py:a", f"{tmp_path}/pair.py:b", "--spec", "regression", "--no-save", "--no-explain",
+                 "--no-minimize", "--examples", "4", "--devices", "cpu,cpu", "--json", "-"])
+    assert code == 1
+    assert json.loads(capsys.readouterr().out)["cases_run"] == 4

@@ -43,11 +43,15 @@ def _portable(ref: Ref) -> Ref:
     return ref
 
 
-def _die_with(parent: int) -> None:
-    """A worker hung in an implementation must not outlive a killed losscmp."""
+def _die_with(parent: int | None) -> None:
+    """A worker hung in an implementation must not outlive a killed losscmp.
+
+    ``parent`` None: the worker's parent is a fork server (or, spawned, losscmp itself),
+    not this process, and it goes with losscmp; checking for losscmp's pid there would
+    end every worker at once."""
     from .supervise import _die_with_parent
 
-    _die_with_parent(parent)
+    _die_with_parent(os.getppid() if parent is None else parent)
 
 
 _INHERITED: dict[str, Sequence[Implementation]] = {}  # what forked workers find already loaded
@@ -98,7 +102,7 @@ def explore_in_workers(impls: Sequence[Implementation], spec: Spec, settings: Se
     context = multiprocessing.get_context("fork" if fork else "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     _INHERITED["impls"] = impls
     try:
-        with ProcessPoolExecutor(max_workers=len(plans), mp_context=context, initializer=_die_with, initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(max_workers=len(plans), mp_context=context, initializer=_die_with, initargs=(os.getpid() if fork else None,)) as pool:
             futures = [pool.submit(_explore_share, refs, spec, plan, threads) for plan in plans]
             explorations = [f.result() for f in futures]
     finally:
