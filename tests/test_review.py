@@ -178,3 +178,22 @@ def test_workers_from_a_fork_server_survive_their_start(tmp_path, capsys):
                  "--no-minimize", "--examples", "4", "--devices", "cpu,cpu", "--json", "-"])
     assert code == 1
     assert json.loads(capsys.readouterr().out)["cases_run"] == 4
+
+
+def test_a_saved_case_that_still_diverges_fails_with_its_report(tmp_path):
+    # The replay failure message imported report._tensor_text, which no longer exists:
+    # every still-diverging saved case failed the test with an ImportError instead.
+    import pytest
+    import torch.nn.functional as F
+
+    from losscmp.testing import assert_losses_agree
+
+    def scaled(input, target):
+        return F.mse_loss(input, target) * 1.5
+
+    for _ in range(2):  # the first run fuzzes and saves; the second replays the saved case first
+        with pytest.raises(AssertionError) as failed:
+            assert_losses_agree(F.mse_loss, scaled, spec="regression", examples=5, save_dir=tmp_path)
+    message = str(failed.value)
+    assert "a saved case still diverges" in message
+    assert "input = [" in message
