@@ -197,3 +197,20 @@ def test_a_saved_case_that_still_diverges_fails_with_its_report(tmp_path):
     message = str(failed.value)
     assert "a saved case still diverges" in message
     assert "input = [" in message
+
+
+def test_an_implementation_killing_a_jobs_worker_is_one_line(tmp_path):
+    # Without --isolate, a segfault inside a --jobs worker surfaced as BrokenProcessPool
+    # from the pool: exit 70 and (before the supervisor fix) no output at all.
+    import subprocess
+    import sys
+
+    from .conftest import FIXTURES
+
+    fixture = FIXTURES / "misbehaving.py"
+    done = subprocess.run([sys.executable, "-m", "losscmp", f"{fixture}:mse", f"{fixture}:segfaults_on_negative_mean",
+                           "--spec", "regression", "--examples", "10", "--no-save", "--jobs", "2", "-q"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("losscmp: error: a --jobs worker process died") and "--isolate" in line

@@ -16,14 +16,19 @@ import hashlib
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UsageError
+from .errors import LosscmpError, UsageError
 from .load import Implementation, Ref
 from .settings import Settings
 from .spec import Spec
+
+
+class WorkerDied(LosscmpError):
+    """A --jobs worker process ended while it ran the implementations (not isolated)."""
 
 
 def worker_seed(seed: int, worker: int) -> int:
@@ -105,6 +110,12 @@ def explore_in_workers(impls: Sequence[Implementation], spec: Spec, settings: Se
         with ProcessPoolExecutor(max_workers=len(plans), mp_context=context, initializer=_die_with, initargs=(os.getpid() if fork else None,)) as pool:
             futures = [pool.submit(_explore_share, refs, spec, plan, threads) for plan in plans]
             explorations = [f.result() for f in futures]
+    except BrokenProcessPool:
+        # Without --isolate an implementation that segfaults, aborts or calls os._exit takes
+        # its worker with it; which one, and on what input, died with the worker.
+        raise WorkerDied("a --jobs worker process died while running the implementations (a segfault, abort() or "
+                         "os._exit in one of them?); run again with --isolate to record such crashes as findings, "
+                         "or without --jobs to have the crashing implementation and its input named") from None
     finally:
         _INHERITED.clear()
     merged = explorations[0]
