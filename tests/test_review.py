@@ -214,3 +214,19 @@ def test_an_implementation_killing_a_jobs_worker_is_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("losscmp: error: a --jobs worker process died") and "--isolate" in line
+
+
+def test_sweep_prints_its_result(tmp_path, capsys):
+    # The sweep's pair became a findings.Pair; the CLI still indexed it like a tuple:
+    # every `losscmp sweep` ended in a TypeError after the work was done.
+    _write(tmp_path, "pair.py", """
+        def a(input, target):
+            return ((input - target) ** 2).mean()
+        def b(input, target):
+            return ((input - target) ** 2).mean() * 1.5
+    """)
+    code = main(["sweep", f"{tmp_path}/pair.py:a", f"{tmp_path}/pair.py:b", "--spec", "regression",
+                 "--param", "scale=1:2", "--points", "2"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "a vs b" in out and "DIVERGE" in out

@@ -382,7 +382,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     impls = _load_all(args.impls)
     spec = _resolve_spec(args, impls, kw, console)
     result = sweep(impls, spec, settings, knob, points=args.points, case=sweep_case(spec, settings, args.size))
-    console.print(f"sweep {knob.name} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair[0]} vs {result.pair[1]}, input {result.case.describe()}", markup=False)
+    console.print(f"sweep {knob.name} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair.expected} vs {result.pair.actual}, input {result.case.describe()}", markup=False)
     for p in result.points:
         state = f"DIVERGE ({p.verdict.kind})" if p.verdict.kind else "agree"
         console.print(f"  {knob.name} = {p.value:<12.4g} {state:<22} score {p.verdict.score:.3g}", markup=False)
