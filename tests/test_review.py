@@ -230,3 +230,32 @@ def test_sweep_prints_its_result(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "a vs b" in out and "DIVERGE" in out
+
+
+def test_standalone_test_of_a_hang_fails_in_time_instead_of_hanging_pytest(tmp_path):
+    # `replay --pytest` of a timeout repro called the hanging implementation in pytest's
+    # own process (and a crash repro segfaulted pytest): now each side runs first in its
+    # own interpreter, under the recorded timeout.
+    import subprocess
+    import sys
+
+    _write(tmp_path, "slow.py", """
+        import time
+        def hangs(input, target):
+            if input.numel() == 1:
+                time.sleep(3600)
+            return ((input - target) ** 2).mean()
+        def fine(input, target):
+            return ((input - target) ** 2).mean()
+    """)
+    saved = tmp_path / "saved"
+    assert main([f"{tmp_path}/slow.py:hangs", f"{tmp_path}/slow.py:fine", "--spec", "input: B real grad; target: B real; B=1..2",
+                 "--examples", "3", "--isolate", "--timeout", "1", "--no-explain", "--no-minimize",
+                 "--save-dir", str(saved), "-q"]) == 1
+    repro = next(saved.glob("hangs--fine--timeout--*.json"))
+    out = tmp_path / "test_generated.py"
+    assert main(["replay", "--pytest", str(repro), "-o", str(out)]) == 0
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:losscmp", str(out)],
+                          capture_output=True, text=True, timeout=200, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "hangs did not return within 1 s" in done.stdout

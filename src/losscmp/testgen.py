@@ -14,6 +14,7 @@ import torch
 from .repro import Repro
 
 MAX_ELEMENTS = 200_000
+DEFAULT_TIMEOUT = 60.0  # seconds a side of a crash/hang repro may take in its own process, when the repro names none
 
 TEMPLATE = '''\
 """Reproduces a losscmp finding: {title}.
@@ -111,6 +112,43 @@ def test_{slug}():
     _assert_same(_run(FIRST), _run(SECOND), {who!r})
 '''
 
+# A crash or a hang would take pytest down with it: each side first runs in its own
+# interpreter (this very file, run as a script), under a time limit.
+ISOLATED_PAIR_TEST = '''\
+import subprocess
+
+TIMEOUT = {timeout!r}  # seconds for the call itself
+STARTUP = 120.0  # seconds more for the interpreter to import torch and the implementations
+
+
+def _in_own_process(var, who):
+    try:
+        done = subprocess.run([sys.executable, __file__, var], capture_output=True, text=True, timeout=TIMEOUT + STARTUP)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{{who}} did not return within {{TIMEOUT:g}} s") from None
+    assert not (done.returncode and "Timeout (" in done.stderr), f"{{who}} did not return within {{TIMEOUT:g}} s: {{done.stderr.strip()[-500:]}}"
+    assert done.returncode == 0, f"{{who}} ended its process (exit status {{done.returncode}}): {{done.stderr.strip()[-500:]}}"
+    seconds = float(done.stdout.strip().splitlines()[-1].rpartition(" ")[2])
+    assert seconds <= TIMEOUT, f"{{who}} took {{seconds:.3g}} s (up to {{TIMEOUT:g}} s allowed)"
+
+
+def test_{slug}():
+    _in_own_process("FIRST", {first!r})
+    _in_own_process("SECOND", {second!r})
+    _assert_same(_run(FIRST), _run(SECOND), {who!r})
+
+
+if __name__ == "__main__":
+    import faulthandler
+    import time
+
+    faulthandler.dump_traceback_later(TIMEOUT, exit=True)  # a hang ends here, saying where it hung
+    start = time.perf_counter()
+    _run(globals()[sys.argv[1]])
+    faulthandler.cancel_dump_traceback_later()
+    print(f"losscmp-repro-call-seconds {{time.perf_counter() - start!r}}")
+'''
+
 SELF_TEST = '''\
 def test_{slug}():
     first = _run(FIRST)
@@ -154,7 +192,10 @@ def generate_pytest(repro: Repro, source: str) -> str:
         inputs.append(f"        {_tensor_source(t, arg.grad and t.is_floating_point())},  # {arg.name}")
     who = " vs ".join(repro.pair) if len(labels) == 2 else labels[0]
     slug = "".join(c if c.isalnum() else "_" for c in f"{repro.kind}_{'_'.join(labels)}").strip("_").lower()[:80]
-    if len(labels) == 2:
+    if len(labels) == 2 and str(getattr(repro.kind, "value", repro.kind)) in ("crash", "timeout"):
+        body = ISOLATED_PAIR_TEST.format(slug=slug, who=who, first=labels[0], second=labels[1],
+                                         timeout=float(repro.timeout or DEFAULT_TIMEOUT))
+    elif len(labels) == 2:
         body = PAIR_TEST.format(slug=slug, who=who)
     else:
         body = SELF_TEST.format(slug=slug, who=who, names=[a.name for a in repro.spec.args])
