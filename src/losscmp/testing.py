@@ -271,9 +271,9 @@ def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
 
 
 def _tensor_text(t: torch.Tensor) -> str:
-    from .report import _tensor_text as text
+    from .display import tensor_text
 
-    return text(t)
+    return tensor_text(t)
 
 
 def _shown_path(path: Path) -> str:
