@@ -1,8 +1,8 @@
 """Per-case cost of the no-silent-exit protection, and of output capture, on a tiny loss.
 
 Under the command line's supervisor every in-process call first leaves a breadcrumb
-(``losscmp.supervise.before_call``: one pwrite; a case the minimiser derived is also
-written to disk once).  Every call also captures what the implementation prints at
+(``losscmp.supervise.before_call``: one pwrite; a case the minimiser or the explain
+stage derived is also written to disk once, without fsync).  Every call also captures what the implementation prints at
 the file-descriptor level (``losscmp.run.captured_output``).  This benchmark runs the
 same audit of a tiny loss (mse, B <= 64) in rounds, interleaved so that machine drift
 cancels:
@@ -13,7 +13,9 @@ cancels:
 
     python scripts/bench_guard.py [--examples 200] [--rounds 5]
 
-It prints milliseconds per case (median over rounds) and the ratios side by side.
+It prints milliseconds per case (median over rounds) and the ratios side by side, then
+the cost of each mechanism per call, timed on its own over many calls (robust to a
+busy machine, unlike whole audits).
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def breadcrumbs():
 
 
 def per_case_ms(mode: str, impls, spec, examples: int) -> float:
-    settings = Settings.of(examples=examples, minimize=False)
+    settings = Settings.of(examples=examples, minimize=False, explain=False)  # the search's per-case cost
     with contextlib.ExitStack() as stack:
         if mode == "plain":
             stack.enter_context(no_capture())
@@ -86,6 +88,36 @@ def main() -> None:
     for m in modes:
         print(f"{m:<10}{med[m]:>10.3f}{med[m] / med['plain']:>10.3f}")
     print(f"breadcrumbs alone: {med['guarded'] - med['capture']:+.3f} ms per case; capture alone: {med['capture'] - med['plain']:+.3f} ms per case")
+    per_call(spec)
+
+
+def per_call(spec, calls: int = 5000) -> None:
+    """Microseconds per call of each mechanism alone, beside a bare call of a tiny loss."""
+    import torch
+
+    from losscmp.generate import build_case, probe_recipe
+
+    case = build_case(spec, probe_recipe(spec))
+    x, t = case.tensors["input"], case.tensors["target"]
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return 1e6 * (time.perf_counter() - start) / calls
+
+    bare = timed(lambda: torch.nn.functional.mse_loss(x, t))
+
+    def capture_only():
+        with run.captured_output():
+            pass
+
+    with breadcrumbs():
+        supervise.rebuildable(case)
+        crumb = timed(lambda: supervise.before_call("mse", spec, case))
+    print(f"per call, {calls} calls each: bare mse_loss forward {bare:.1f} us; output capture {timed(capture_only):.1f} us; "
+          f"breadcrumb {crumb:.1f} us")
 
 
 if __name__ == "__main__":

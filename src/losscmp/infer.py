@@ -26,9 +26,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from .engine import InProcessRunner
 from .generate import Case, Recipe, build_case
 from .load import Implementation
-from .run import Outcome, call
+from .run import Outcome
 from .spec import PRESETS, Spec, SpecError, parse_spec, preset
 
 HINTS = [
@@ -56,8 +57,7 @@ class InferenceError(SpecError):
     """No spec fits; the message is one line and says why."""
 
 
-def in_process(impl: Implementation, spec: Spec, case: Case) -> Outcome:
-    return call(impl.fn, spec, case)
+in_process = InProcessRunner()  # probing calls, unless the caller routes them elsewhere (--isolate)
 
 
 def _target(fn):

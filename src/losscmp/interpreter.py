@@ -36,7 +36,7 @@ import torch
 
 from . import _standalone_worker as wire
 from .generate import Case
-from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _portable_ref, exit_reason, register_for_sigterm
+from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
 from .load import Implementation, Ref
 from .run import Outcome, call
 from .spec import Spec
@@ -132,17 +132,10 @@ class InterpreterRunner:
             self._discard(impl.label, kill=True)
             raise
         seconds = time.perf_counter() - start
-        if isinstance(reply, _Died):
-            self._discard(impl.label)
-            where = f" in {reply.site}" if reply.site else ""
-            error = f"crashed ({reply.why}){where}"
-            kept = keeper.keep(impl, spec, case, "crash", error, self.timeout)
-            return Outcome("crash", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
-        if reply is None:
-            self._discard(impl.label, kill=True)
-            error = f"did not return within {self.timeout:g} s"
-            kept = keeper.keep(impl, spec, case, "timeout", error, self.timeout)
-            return Outcome("timeout", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
+        failed = worker_failure(reply, lambda kill: self._discard(impl.label, kill=kill), keeper, impl, spec, case,
+                                self.timeout, seconds, transport)
+        if failed is not None:
+            return failed
         head, bufs = reply
         if head.get("type") != "outcome":
             self._discard(impl.label, kill=True)
@@ -201,11 +194,6 @@ class _State:
         for w in workers:
             w.stop(kill=fast)
         self.keeper.close()
-
-
-class _Died:
-    def __init__(self, why: str, site: str | None):
-        self.why, self.site = why, site
 
 
 class _Process:

@@ -69,7 +69,7 @@ from enum import Enum
 from multiprocessing import connection as mpc
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as tmp
@@ -298,7 +298,7 @@ class IsolatedRunner:
         worker = self._worker(impl, device)
         if worker.failure is not None:
             return worker.failure
-        path = keeper.before(impl, spec, case)
+        keeper.before(impl, spec, case)
         spec_part = None if worker.spec is spec else spec
         if device.type == "cuda" and worker.ipc:
             # The worker maps the case's own CUDA memory: same bits, no copy through the host.
@@ -322,17 +322,10 @@ class IsolatedRunner:
             self._discard(impl.label, kill=True)
             raise
         seconds = time.perf_counter() - start
-        if isinstance(reply, _Died):
-            self._discard(impl.label)
-            where = f" in {reply.site}" if reply.site else ""
-            error = f"crashed ({reply.why}){where}"
-            kept = keeper.keep(impl, spec, case, "crash", error, self.timeout)
-            return Outcome("crash", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
-        if reply is None:
-            self._discard(impl.label, kill=True)
-            error = f"did not return within {self.timeout:g} s"
-            kept = keeper.keep(impl, spec, case, "timeout", error, self.timeout)
-            return Outcome("timeout", error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
+        failed = worker_failure(reply, lambda kill: self._discard(impl.label, kill=kill), keeper, impl, spec, case,
+                                self.timeout, seconds, transport)
+        if failed is not None:
+            return failed
         out, restart = _unpack_outcome(reply, device)
         if restart:  # a CUDA error that may poison the context: the worker has exited
             self._discard(impl.label)
@@ -428,7 +421,26 @@ class _State:
         self.keeper.close()
 
 
+def worker_failure(reply: Any, discard: Callable[[bool], None], keeper: "CaseKeeper", impl: Implementation, spec: Spec,
+                   case: Case, timeout: float | None, seconds: float, transport: str) -> Outcome | None:
+    """A worker that died (``_Died``) or did not answer in time (None): the crash or timeout
+    outcome, with its input kept as a repro and the worker discarded.  Any other reply: None."""
+    if isinstance(reply, _Died):
+        discard(False)
+        where = f" in {reply.site}" if reply.site else ""
+        kind, error = "crash", f"crashed ({reply.why}){where}"
+    elif reply is None:
+        discard(True)
+        kind, error = "timeout", f"did not return within {timeout:g} s"
+    else:
+        return None
+    kept = keeper.keep(impl, spec, case, kind, error, timeout)
+    return Outcome(kind, error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
+
+
 class _Died:
+    """A worker's end: why (signal, exit code) and where (the innermost user frame), if known."""
+
     def __init__(self, why: str, site: str | None):
         self.why, self.site = why, site
 

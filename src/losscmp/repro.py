@@ -85,13 +85,16 @@ def numpy_to_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, durable: bool = True) -> None:
+    """Temporary file + rename: a reader never sees half a file.  ``durable`` also
+    fsyncs, so the file survives a machine crash, not only a process crash."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -188,17 +191,17 @@ def save_case(
     return _write(directory, stem, arrays, meta)
 
 
-def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], durable: bool = True) -> Path:
     """STEM.npz and STEM.json, each written atomically; returns the JSON path."""
     directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
     text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)  # fails before any write
-    _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
-    _atomic_write(json_path, lambda f: f.write(text.encode()))
+    _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)
+    _atomic_write(json_path, lambda f: f.write(text.encode()), durable)
     return json_path
 
 
-def save_input(directory: Path, spec: Spec, case: Case, *, stem: str) -> Path:
+def save_input(directory: Path, spec: Spec, case: Case, *, stem: str, durable: bool = True) -> Path:
     """A case's inputs alone, in the repro codec (no pair, no outcomes): written before a risky call."""
     arrays = {f"input.{name}": tensor_to_numpy(t) for name, t in case.tensors.items()}
     meta = {
@@ -210,7 +213,7 @@ def save_input(directory: Path, spec: Spec, case: Case, *, stem: str) -> Path:
         "device": str(next(iter(case.tensors.values())).device),
         "case": case.describe(),
     }
-    return _write(directory, stem, arrays, meta)
+    return _write(directory, stem, arrays, meta, durable)
 
 
 def load_input(path: str | Path, spec: Spec | None = None) -> Case:

@@ -39,8 +39,10 @@ class Stage(Protocol):
 class Minimize:
     """The smallest, simplest input that still shows the same divergence (:mod:`losscmp.minimize`).
 
-    With explanation on, "the same" includes the float64 verdict: a numerical
-    divergence is not minimised into a semantic one, so distinct causes stay distinct.
+    With explanation on, a divergence that float64 resolves (the two sides agree there:
+    a precision effect) is kept one while it shrinks, so a numerical cause is never
+    minimised into a different, semantic one.  The converse is not enforced: a worst case
+    beyond float64's own range (softplus at 1e30) must be free to shrink to 89.
     """
 
     name = "minimize"
@@ -55,10 +57,9 @@ class Minimize:
             keep = None
             if ctx.settings.outputs.explain and isinstance(d.subject, Pair) and d.kind in ORACLE_KINDS:
                 e, a = ev.impls[d.subject.expected], ev.impls[d.subject.actual]
-                verdict = float64_agrees(e, a, ev.spec, d.case, run=ev.runner)
-                if verdict is not None:
-                    def keep(case, e=e, a=a, verdict=verdict):
-                        return float64_agrees(e, a, ev.spec, case, run=ev.runner) == verdict
+                if float64_agrees(e, a, ev.spec, d.case, run=ev.runner):
+                    def keep(case, e=e, a=a):
+                        return bool(float64_agrees(e, a, ev.spec, case, run=ev.runner))
             out.append(replace(d, minimized=minimize(ev, d, keep)))
         return out
 

@@ -108,7 +108,8 @@ def _describe(spec: Any, case: Any) -> bytes:
         from .repro import save_input
 
         _crumbs.saved += 1
-        where["saved"] = str(save_input(_crumbs.dir / "inputs", spec, case, stem=f"input-{_crumbs.saved}"))
+        # No fsync: the supervising parent outlives the child and reads it from the page cache.
+        where["saved"] = str(save_input(_crumbs.dir / "inputs", spec, case, stem=f"input-{_crumbs.saved}", durable=False))
     return json.dumps(where)[1:-1].encode()
 
 

@@ -273,7 +273,7 @@ def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
 def _tensor_text(t: torch.Tensor) -> str:
     from .display import tensor_text
 
-    return tensor_text(t, limit=24)
+    return tensor_text(t)
 
 
 def _shown_path(path: Path) -> str:
