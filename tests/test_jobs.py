@@ -50,3 +50,8 @@ def test_jobs_inherit_lambdas_and_agreeing_implementations_agree():
     impls = [load_implementation("torch.nn.functional:mse_loss"), lam]
     result = audit(impls, preset("regression"), Settings.of(examples=12, minimize=False, jobs=3))
     assert result.agree and result.cases_run == 12 and sum(result.tally.values()) == 12
+
+
+def test_empty_devices_is_one_line(capsys):
+    assert main([*BCE, "--devices", ",,", "--no-save"]) == 2
+    assert "name at least one device" in capsys.readouterr().err

@@ -178,9 +178,11 @@ def _regimes(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def _devices(text: str | None) -> tuple[str, ...]:
-    if not text:
+    if text is None:
         return ()
     devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices:
+        raise UsageError(f"--devices {text!r}: name at least one device, e.g. cuda:0,cuda:1")
     for d in devices:
         if not (d == "cpu" or d.startswith("cuda")):
             raise UsageError(f"--devices: {d!r} is not cpu or cuda:N")

@@ -53,10 +53,15 @@ def _die_with(parent: int | None) -> None:
 
     ``parent`` None: the worker's parent is a fork server (or, spawned, losscmp itself),
     not this process, and it goes with losscmp; checking for losscmp's pid there would
-    end every worker at once."""
-    from .supervise import _die_with_parent
+    end every worker at once.
 
-    _die_with_parent(os.getppid() if parent is None else parent)
+    A forked worker also stops leaving breadcrumbs: the file is the supervised run's
+    own, and a worker's last crumb written after the run's "done" would read as the run
+    dying mid-call.  A worker's death is reported by the parent instead (``WorkerDied``)."""
+    from . import supervise
+
+    supervise._crumbs = None
+    supervise._die_with_parent(os.getppid() if parent is None else parent)
 
 
 _INHERITED: dict[str, Sequence[Implementation]] = {}  # what forked workers find already loaded

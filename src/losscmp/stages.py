@@ -76,6 +76,9 @@ class Explain:
         ev, outputs = ctx.ev, ctx.settings.outputs
         out = []
         for d in divergences:
+            if d.kind in (Kind.SHAPE, Kind.DTYPE):  # the detail says what differs; no oracle question to ask
+                out.append(d)
+                continue
             case = d.minimized.case if d.minimized is not None else d.case
             if isinstance(d.subject, Pair):
                 e, a = ev.impls[d.subject.expected], ev.impls[d.subject.actual]
