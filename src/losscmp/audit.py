@@ -206,15 +206,14 @@ class _Exploration:
         base = (v.subject, v.kind)
         signature = cheap_signature(v)
         key = base + (signature,)
+        outputs = {la: outcomes[la].output for la in v.subject.labels if la in outcomes and outcomes[la].output}
         group = self.groups.get(key)
         if group is None:
             siblings = [g for k, g in self.groups.items() if k[:2] == base]
             if len(siblings) >= GROUPS_PER_KIND:  # budget spent: join the group most like it
                 group = siblings[0]
             else:
-                outputs = {la: outcomes[la].output for la in v.subject.labels if la in outcomes and outcomes[la].output}
                 group = self.groups[key] = _Group(v.subject, v.kind, key, v, case, outputs)
-        outputs = {la: outcomes[la].output for la in v.subject.labels if la in outcomes and outcomes[la].output}
         group.add(v, case, outputs)
 
     def examine(self, case: Case, outcomes: dict[str, Outcome] | None = None) -> float:

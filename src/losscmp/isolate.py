@@ -79,6 +79,7 @@ from .generate import Case
 from .load import Implementation, LoadError, Ref, load_object
 from .run import Outcome, call
 from .spec import Spec
+from .supervise import request_death_signal
 
 __all__ = ["IsolatedRunner", "IsolationError", "RunRecord", "Transport"]
 
@@ -631,13 +632,7 @@ def _die_with_parent() -> None:
     closes it -- and every worker inherits a copy of that pipe: close ours, or the fork
     server (and so the worker, and the resource tracker) would outlive losscmp forever.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:
-            pass
+    request_death_signal()
     try:
         from multiprocessing import forkserver
 

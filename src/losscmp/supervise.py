@@ -124,8 +124,8 @@ def _child_setup(directory: Path, parent: int) -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when ``parent`` dies (Linux), even while it hangs."""
+def request_death_signal() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux), even mid-hang."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -133,6 +133,11 @@ def _die_with_parent(parent: int) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except Exception:
             pass
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` dies, even while it hangs."""
+    request_death_signal()
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
 
