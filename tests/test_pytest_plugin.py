@@ -152,9 +152,7 @@ def test_raises_assertion_error():
     result.stdout.fnmatch_lines(["3 check(s): 3 pair(s) checked, 80 case(s) run, 0 saved case(s) replayed"])
 
 
-def test_a_hypothesis_profile_sets_the_budget_unless_the_call_or_the_option_does(pytester):
-    pytester.makeconftest('from hypothesis import settings\nsettings.register_profile("ci", max_examples=37)\n')
-    pytester.makepyfile(test_eq='''
+PROFILE_CHECKS = '''
 import torch.nn.functional as F
 
 def test_profile(losscmp):
@@ -162,19 +160,37 @@ def test_profile(losscmp):
 
 def test_call(losscmp):
     losscmp.check(F.mse_loss, lambda i, t: ((i - t) ** 2).mean(), spec="regression", examples=5)
-''')
+'''
+
+
+def test_a_hypothesis_profile_sets_the_budget_unless_the_call_or_the_option_does(pytester):
+    # Not "ci": Hypothesis loads its own "ci" profile on CI machines, and this in-process
+    # run must not replace the profile the outer session runs under.
+    pytester.makeconftest('from hypothesis import settings\nsettings.register_profile("nightly", max_examples=37)\n')
+    pytester.makepyfile(test_eq=PROFILE_CHECKS)
     # Loading a profile is global to Hypothesis in this process: put ours back afterwards.
     ours = settings.get_current_profile_name()
     try:
-        profile = pytester.runpytest(*RUN, "--hypothesis-profile", "ci")
+        profile = pytester.runpytest(*RUN, "--hypothesis-profile", "nightly")
         profile.assert_outcomes(passed=2)
         profile.stdout.fnmatch_lines(["*2 pair(s) checked, 42 case(s) run*"])  # 37 + 5
-        option = pytester.runpytest(*RUN, "--hypothesis-profile", "ci", "--losscmp-examples", "7")
+        option = pytester.runpytest(*RUN, "--hypothesis-profile", "nightly", "--losscmp-examples", "7")
         option.stdout.fnmatch_lines(["*2 pair(s) checked, 12 case(s) run*"])  # 7 + 5
     finally:
         settings.load_profile(ours)
     default = pytester.runpytest(*RUN)
     default.stdout.fnmatch_lines(["*2 pair(s) checked, 105 case(s) run*"])  # 100 + 5
+
+
+def test_on_a_ci_machine_the_ci_profile_hypothesis_loads_by_itself_sets_the_budget(pytester, monkeypatch):
+    # A subprocess: Hypothesis reads the CI variables when it is imported.
+    monkeypatch.setenv("CI", "true")
+    pytester.makeconftest('from hypothesis import settings\n'
+                          'settings.register_profile("ci", settings.get_profile("ci"), max_examples=37)\n')
+    pytester.makepyfile(test_eq=PROFILE_CHECKS)
+    result = pytester.runpytest_subprocess(*RUN)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*2 pair(s) checked, 42 case(s) run*"])  # 37 + 5
 
 
 def test_case_folders_are_unique_per_test_and_readable():
@@ -233,7 +249,9 @@ def test_a_crash_saved_with_isolate_is_replayed_without_killing_pytest(pytester)
 
 def test_the_research_repo_example_passes(pytester):
     shutil.copytree(REPO / "examples" / "research_repo", pytester.path, dirs_exist_ok=True)
-    result = pytester.runpytest(*RUN)
+    # A subprocess: the example's conftest re-registers Hypothesis' "ci" profile, which
+    # must not leak into this session; the default profile, whatever machine this is.
+    result = pytester.runpytest_subprocess(*RUN, "--hypothesis-profile", "default")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*= losscmp =*", "2 check(s): 2 pair(s) checked, 200 case(s) run*", "divergences: none"])
 

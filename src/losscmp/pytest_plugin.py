@@ -13,8 +13,9 @@ each minimised case under ``--losscmp-save-dir/<test>-<hash>/``.  At the end of 
 session a ``losscmp`` section sums up every check (aggregated across xdist workers).
 
 How many cases a check draws, first rule that applies: the call's ``examples=``,
-``--losscmp-examples``, the ``max_examples`` of a loaded non-default Hypothesis
-profile (``--hypothesis-profile ci``), 100.
+``--losscmp-examples``, the ``max_examples`` of the loaded Hypothesis profile
+(``--hypothesis-profile ci``; Hypothesis loads its ``ci`` profile by itself on a CI
+machine), whose default is 100.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ DTYPE_NAMES = ["float16", "bfloat16", "float32", "float64"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("losscmp", "losscmp: differential testing of loss functions")
     group.addoption("--losscmp-examples", type=int, default=None, metavar="N",
-                    help="cases per losscmp.check when the call gives none (default: the loaded Hypothesis profile's max_examples, else 100)")
+                    help="cases per losscmp.check when the call gives none (default: the loaded Hypothesis profile's max_examples, 100 unless changed)")
     group.addoption("--losscmp-seed", type=int, default=0, help="seed for losscmp.check (default 0)")
     group.addoption("--losscmp-device", default=None, help="device of generated inputs, cpu or cuda (default cpu)")
     group.addoption("--losscmp-dtype", default=None, choices=DTYPE_NAMES, help="floating dtype of generated inputs (default float32)")

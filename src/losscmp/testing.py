@@ -37,7 +37,6 @@ from .spec import Spec
 
 __all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase", "Session"]
 
-DEFAULT_EXAMPLES = 100
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -45,7 +44,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 class CheckOptions:
     """Every knob of one check; ``None`` means "the audit's default"."""
 
-    examples: int | None = None  # None: the loaded non-default Hypothesis profile's max_examples, else 100
+    examples: int | None = None  # None: the loaded Hypothesis profile's max_examples (100 unless changed)
     seed: int = 0
     device: str | None = None
     dtype: torch.dtype | None = None
@@ -128,8 +127,8 @@ def assert_losses_agree(
     (``"pkg.module:attr"``, ``"file.py:attr"``).  Nothing is written unless ``save_dir``
     is given; cases saved there (or in ``replay_dir``) are replayed before fuzzing.
     An argument left out takes the pytest session's ``--losscmp-*`` option when the
-    plugin runs, else the default; ``examples`` then falls back to the loaded non-default
-    Hypothesis profile's ``max_examples``, else 100.
+    plugin runs, else the default; ``examples`` then falls back to the loaded Hypothesis
+    profile's ``max_examples`` (100 unless changed).
     """
     __tracebackhide__ = True
     base = SESSIONS[-1].defaults if SESSIONS else CheckOptions()
@@ -199,7 +198,7 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
         return CheckResult(tuple(loaded), replayed, None, None)
     kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
-    examples = options.examples if options.examples is not None else profile_examples() or DEFAULT_EXAMPLES
+    examples = options.examples if options.examples is not None else profile_examples()
     if examples < 1:
         raise UsageError(f"examples must be at least 1, not {examples}")
     settings = Settings.of(examples=examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
@@ -293,13 +292,17 @@ def _current_test_command() -> str | None:
 
 # --- options -------------------------------------------------------------------------
 
-def profile_examples() -> int | None:
-    """``max_examples`` of the loaded Hypothesis settings profile, unless it is the default one."""
+def profile_examples() -> int:
+    """``max_examples`` of the loaded Hypothesis settings profile.
+
+    Read from the profile itself, not from ``settings()``: inside a ``@given`` test the
+    latter is that test's own settings.  Hypothesis loads its built-in ``ci`` profile on
+    its own when it sees a CI environment, so the profile's name says nothing about who
+    chose it; its ``max_examples`` (100 unless someone changed it) is the budget.
+    """
     from hypothesis import settings
 
-    if settings.get_current_profile_name() == "default":
-        return None
-    return settings().max_examples
+    return settings.get_profile(settings.get_current_profile_name()).max_examples
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
