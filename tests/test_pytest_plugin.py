@@ -4,9 +4,13 @@ import shutil
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 from hypothesis import settings
 
+from losscmp.errors import UsageError
 from losscmp.pytest_plugin import case_folder
+from losscmp.testing import assert_losses_agree
 
 from .conftest import FIXTURES, REPO
 
@@ -61,6 +65,19 @@ def test_options_are_listed_in_help(pytester):
     result.stdout.fnmatch_lines(["*losscmp: differential testing*", "*--losscmp-examples*", "*--losscmp-seed*", "*--losscmp-device*",
                                  "*--losscmp-dtype*", "*--losscmp-rtol*", "*--losscmp-atol*", "*--losscmp-isolate*",
                                  "*--losscmp-timeout*", "*--losscmp-save-dir*", "*--losscmp-replay-only*"])
+
+
+@pytest.mark.parametrize("device, said", [("tpu", "'tpu' is not cpu or cuda:N"), ("cuda:7", "cuda:7: *")])
+def test_a_bad_device_stops_the_session_in_one_line_and_a_library_call_too(pytester, device, said):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    pytester.makepyfile(test_eq=EQUIVALENT)
+    result = pytester.runpytest(*RUN, "--losscmp-device", device)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: --losscmp-device {said}"])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    with pytest.raises(UsageError, match="^device"):
+        assert_losses_agree(F.mse_loss, F.mse_loss, spec="regression", examples=2, device=device)
 
 
 def test_agreeing_implementations_pass_and_are_summed_up(pytester):

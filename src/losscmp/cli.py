@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from . import __version__, supervise
 from .errors import LosscmpError, UsageError
+from .settings import checked_device
 
 EXAMPLES = """\
 examples:
@@ -161,7 +162,7 @@ def _writable_file(path: str, option: str) -> None:
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
-    device = _checked_device(args.device, "--device")
+    device = checked_device(args.device, "--device")
     return {"seed": args.seed, "device": device, "dtype": DTYPES[args.dtype], "rtol": args.rtol, "atol": args.atol}
 
 
@@ -179,20 +180,7 @@ def _devices(text: str | None) -> tuple[str, ...]:
     devices = tuple(d.strip() for d in text.split(",") if d.strip())
     if not devices:
         raise UsageError(f"--devices {text!r}: name at least one device, e.g. cuda:0,cuda:1")
-    return tuple(_checked_device(d, "--devices") for d in devices)
-
-
-def _checked_device(device: str, option: str) -> str:
-    """cpu, or a CUDA device this machine has; else one line naming the option."""
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UsageError(f"{option}: {device!r} is not cpu or cuda:N")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"{option} {device}: CUDA is not available on this machine")
-        index = device.split(":")[1] if ":" in device else "0"
-        if not index.isdigit() or int(index) >= torch.cuda.device_count():
-            raise UsageError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return tuple(checked_device(d, "--devices") for d in devices)
 
 
 def _pythons(values: Sequence[str]) -> dict[str, str]:

@@ -129,14 +129,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _command_line_options(config: pytest.Config) -> "CheckOptions":
+    from .errors import LosscmpError
+    from .settings import checked_device
     from .testing import CheckOptions, as_dtype
 
     opt = config.getoption
+    try:  # a bad option stops the session in one line, before any test runs
+        device = opt("--losscmp-device") and checked_device(opt("--losscmp-device"), "--losscmp-device")
+        dtype = as_dtype(opt("--losscmp-dtype"))
+    except LosscmpError as error:
+        raise pytest.UsageError(str(error)) from None
     return CheckOptions(
         examples=opt("--losscmp-examples"),
         seed=opt("--losscmp-seed"),
-        device=opt("--losscmp-device"),
-        dtype=as_dtype(opt("--losscmp-dtype")),
+        device=device,
+        dtype=dtype,
         rtol=opt("--losscmp-rtol"),
         atol=opt("--losscmp-atol"),
         isolate=opt("--losscmp-isolate"),

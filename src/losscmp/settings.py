@@ -38,6 +38,24 @@ class Search:
             raise UsageError(f"max size must be at least 1, not {self.max_size}")
 
 
+def checked_device(device: str, option: str = "device") -> str:
+    """cpu, or a CUDA device this machine has; else one line naming the option.
+
+    The CLI checks its options here (naming them); :class:`Execution` checks again, so a
+    library or plugin call with a bad device fails the same way."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
+        raise UsageError(f"{option} {device!r} is not cpu or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {device}: CUDA is not available on this machine")
+        index = device.split(":")[1] if ":" in device else "0"
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise UsageError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 @dataclass(frozen=True)
 class Execution:
     device: str = "cpu"
@@ -49,6 +67,8 @@ class Execution:
     devices: tuple[str, ...] = ()  # one worker per device (--devices cuda:0,cuda:1); overrides jobs
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", checked_device(self.device))
+        object.__setattr__(self, "devices", tuple(checked_device(d, "devices") for d in self.devices))
         if self.devices:
             object.__setattr__(self, "jobs", len(self.devices))
         if not (isinstance(self.jobs, int) and self.jobs >= 1):
