@@ -221,6 +221,7 @@ def test_a_hostile_file_name_cannot_inject_code_into_a_generated_test(bce_repros
     [
         (lambda p: _edit(p, seed="abc"), "'seed' must be an integer"),
         (lambda p: _strings_for_input(p), "is not numeric"),
+        (lambda p: _json_shape_of_first_tensor(p, [1, 1]), "the JSON says shape [1, 1]"),
     ],
 )
 def test_more_tampering_gives_one_line_errors(bce_repros, tmp_path, capsys, damage, message):
@@ -237,3 +238,9 @@ def _strings_for_input(path):
     key = next(k for k in arrays if k.startswith("input."))
     arrays[key] = np.array(["a"] * arrays[key].size).reshape(arrays[key].shape)
     np.savez(path.with_suffix(".npz"), **arrays)
+
+
+def _json_shape_of_first_tensor(path, shape):
+    meta = json.loads(path.read_text())
+    meta["tensors"][next(iter(meta["tensors"]))]["shape"] = shape
+    path.write_text(json.dumps(meta))

@@ -369,6 +369,9 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
         key = f"input.{arg.name}"
         _need(key in arrays, f"tensor {arg.name} missing from {npz_path.name}")
         t = numpy_to_tensor(arrays[key], DTYPES[m["dtype"]])
+        # The JSON's shape is what a reader of the repro sees: it must be the array's.
+        _need("shape" not in m or m["shape"] == list(t.shape),
+              f"{arg.name}: the JSON says shape {m.get('shape')}, {npz_path.name} holds {list(t.shape)}")
         expected_shape = spec.shape(arg, sizes)
         _need(tuple(t.shape) == expected_shape, f"{arg.name} has shape {tuple(t.shape)}, spec and sizes say {expected_shape}")
         tensors[arg.name] = _with_layout(t, recipe.layout) if recipe else t
