@@ -191,6 +191,17 @@ def test_bad_options_are_one_line_before_anything_runs(capsys, argv, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_spec_too_large_for_memory_is_refused_in_one_line_and_max_size_makes_it_run(capsys):
+    # Before: the OS killed losscmp (exit 137, no output) while it built a 12 GB tensor.
+    huge = "input: B real grad; target: B real; B=1..10000000000000"
+    argv = [f"{FIXTURES}/bce.py:bce_with_logits", "torch.nn.functional:mse_loss", "--spec", huge, "--examples", "3", "--no-save"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the largest case (B=10000000000000) needs about" in err and "--max-size" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--max-size", "64", "--no-minimize", "--no-explain"]) in (0, 1)
+    assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--points", "0"], "--points must be at least 2"),
     (["--size", "0"], "--size must be at least 1"),

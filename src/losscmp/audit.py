@@ -34,7 +34,7 @@ from .engine import Evaluator, mutation_verdict
 from .explain import observe
 from .errors import LosscmpError
 from .findings import Alone, Kind, Pair, Status, Subject
-from .generate import REGIMES, Case, build_case, probe_recipe, recipes
+from .generate import REGIMES, Case, build_case, check_fits, probe_recipe, recipes
 from .load import Implementation
 from .run import Outcome, finite, watching_interrupts
 from .settings import Settings
@@ -314,6 +314,9 @@ def audit(
     from .stages import StageContext, default_stages
 
     start = time.perf_counter()
+    execution = settings.execution
+    for device in execution.devices or (execution.device,):
+        check_fits(spec, dtype=execution.dtype, device=device, max_size=settings.search.max_size)
     ev = Evaluator(impls, spec, settings)
     try:
         with watching_interrupts():

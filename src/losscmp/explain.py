@@ -56,7 +56,8 @@ from .engine import InProcessRunner
 from .findings import Kind, Pair
 from .generate import Case, renormalise
 from .load import Implementation
-from .minimize import SCALABLE, scaled
+from .domains import SCALABLE
+from .minimize import scaled
 from .run import Outcome
 from .spec import Spec
 

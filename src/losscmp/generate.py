@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from .domains import DOMAINS, PLANTABLE, REGIMES, BuildContext, Regime, renormalise_simplex, renormalise_sphere  # noqa: F401
+from .domains import DOMAINS, PLANTABLE, REGIMES, BuildContext, renormalise_simplex, renormalise_sphere
 from .spec import Spec, SpecError
 
 LAYOUTS = ("contiguous", "transposed", "strided")
@@ -117,6 +117,48 @@ def _sizes(spec: Spec, max_size: int | None) -> st.SearchStrategy[tuple[tuple[st
 
 def _log_uniform(lo: float, hi: float) -> st.SearchStrategy[float]:
     return st.floats(math.log10(lo), math.log10(hi)).map(lambda e: float(10.0**e))
+
+
+# Inputs, their gradients, each side's intermediates and the float64 oracle's copies:
+# a case needs several times its inputs' bytes.
+WORKING_SET_FACTOR = 4
+
+
+def largest_case_sizes(spec: Spec, max_size: int | None = None) -> dict[str, int]:
+    return {dim: _hi(spec, dim, max_size) for dim in spec.dims}
+
+
+def case_bytes(spec: Spec, sizes: dict[str, int], dtype: torch.dtype) -> int:
+    """Bytes of a case's input tensors (labels are int64)."""
+    return sum(math.prod(spec.shape(a, sizes)) * (torch.empty((), dtype=dtype).element_size() if a.is_float else 8) for a in spec.args)
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes the case's device can still give, or None where asking would cost something:
+    a CUDA query before the run would initialise CUDA and stop ``--jobs`` from forking."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_initialized():
+            return None
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(spec: Spec, *, dtype: torch.dtype, device: str, max_size: int | None) -> None:
+    """Refuse, in one line, a spec whose largest case cannot fit: the OS would kill the
+    run (losscmp with it) instead of letting it report."""
+    sizes = largest_case_sizes(spec, max_size)
+    need = WORKING_SET_FACTOR * case_bytes(spec, sizes, dtype)
+    free = available_memory(device)
+    if free is not None and need > free:
+        at = ", ".join(f"{d}={n}" for d, n in sizes.items())
+        raise SpecError(
+            f"the largest case ({at}) needs about {need / 1e9:.1f} GB with gradients and intermediates, "
+            f"more than the {free / 1e9:.1f} GB free on {device}; lower the sizes in the spec or cap them (--max-size N, max_size=N)"
+        )
 
 
 def recipes(

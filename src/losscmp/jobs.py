@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -57,9 +58,14 @@ def _die_with(parent: int | None) -> None:
 
     A forked worker also stops leaving breadcrumbs: the file is the supervised run's
     own, and a worker's last crumb written after the run's "done" would read as the run
-    dying mid-call.  A worker's death is reported by the parent instead (``WorkerDied``)."""
+    dying mid-call.  A worker's death is reported by the parent instead (``WorkerDied``).
+
+    SIGTERM goes back to plain death: the pool terminates the surviving workers when one
+    dies, and the supervised child's handler (raise ``Terminated``) would have them print
+    "Exception ignored ..." tracebacks under the one-line error."""
     from . import supervise
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     supervise._crumbs = None
     supervise._die_with_parent(os.getppid() if parent is None else parent)
 

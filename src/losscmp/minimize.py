@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from .compare import Verdict
-from .domains import DOMAINS, SCALABLE, round_significant  # noqa: F401 (re-exported)
+from .domains import DOMAINS
 from .findings import Pair
 from .generate import Case, _with_layout
 from .spec import Spec

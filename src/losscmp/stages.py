@@ -10,6 +10,7 @@ one entry.  Each stage honours its own switch in ``Settings.outputs``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Protocol, Sequence
 
 from .engine import Evaluator
@@ -58,10 +59,16 @@ class Minimize:
             if ctx.settings.outputs.explain and isinstance(d.subject, Pair) and d.kind in ORACLE_KINDS:
                 e, a = ev.impls[d.subject.expected], ev.impls[d.subject.actual]
                 if float64_agrees(e, a, ev.spec, d.case, run=ev.runner):
-                    def keep(case, e=e, a=a):
-                        return bool(float64_agrees(e, a, ev.spec, case, run=ev.runner))
+                    keep = partial(_float64_still_agrees, e, a, ev)
             out.append(replace(d, minimized=minimize(ev, d, keep)))
         return out
+
+
+def _float64_still_agrees(expected, actual, ev: Evaluator, case) -> bool:
+    """The minimiser keeps the numerical verdict only on cases where float64 still agrees."""
+    from .explain import float64_agrees
+
+    return bool(float64_agrees(expected, actual, ev.spec, case, run=ev.runner))
 
 
 class Explain:

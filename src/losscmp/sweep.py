@@ -21,7 +21,8 @@ from .errors import LosscmpError
 from .findings import Kind, Pair
 from .generate import Case, Recipe, build_case
 from .load import Implementation, load_implementation
-from .minimize import SCALABLE, bisect, bracket_middle, input_magnitude, scaled, shifted
+from .domains import SCALABLE
+from .minimize import bisect, bracket_middle, input_magnitude, scaled, shifted
 from .settings import Settings
 from .spec import Spec
 
