@@ -191,8 +191,11 @@ class CaseKeeper:
         path = self._pending.get(case)
         if path is not None:
             return path
-        # Written as if this call crashed: if the machine dies now, the file says what ran.
-        path = self._save(self.directory(), impl, spec, case, "crash", "losscmp stopped while it was running", None)
+        # Written as if this call crashed: if losscmp dies now, the file says what ran.  A
+        # dying worker leaves it in the page cache; only a CUDA case can take the machine
+        # down with it (a driver fault), so only that one pays for an fsync per case.
+        durable = any(t.is_cuda for t in case.tensors.values())
+        path = self._save(self.directory(), impl, spec, case, "crash", "losscmp stopped while it was running", None, durable)
         self._pending[case] = path
         self.files.add(path)
         weakref.finalize(case, _forget, self.files, path, os.getpid())
@@ -217,7 +220,8 @@ class CaseKeeper:
             _forget(self.files, pending)
         return kept
 
-    def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None) -> Path:
+    def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None,
+              durable: bool = True) -> Path:
         from .repro import save_case
 
         label = impl.label
@@ -240,6 +244,7 @@ class CaseKeeper:
             seed=self.record.seed,
             device=str(next(iter(case.tensors.values())).device),
             extra={"isolate": True, "timeout": timeout, "error": error},
+            durable=durable,
         )
 
     def close(self) -> None:

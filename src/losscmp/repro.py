@@ -146,8 +146,9 @@ def save_case(
     seed: int,
     device: str,
     extra: dict[str, Any] | None = None,
+    durable: bool = True,
 ) -> Path:
-    """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path."""
+    """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path.  ``durable``: fsync too."""
     arrays: dict[str, np.ndarray] = {}
     tensors_meta = {}
     for name, t in case.tensors.items():
@@ -188,7 +189,7 @@ def save_case(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
-    return _write(directory, stem, arrays, meta)
+    return _write(directory, stem, arrays, meta, durable)
 
 
 def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], durable: bool = True) -> Path:
