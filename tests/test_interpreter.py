@@ -32,6 +32,7 @@ from losscmp.run import call
 from losscmp.spec import parse_spec, preset
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytester"]
 MISBEHAVING = "fixtures/misbehaving.py"
 REGRESSION = preset("regression")
 HERE = sys.executable
@@ -335,3 +336,53 @@ def test_audit_library_call_with_the_other_environment(other_env):
     impls = [load_implementation(f"{MISBEHAVING}:mse"), remote("there=toyloss_lib:mse")]
     result = audit(impls, REGRESSION, Settings.of(examples=10, minimize=False, pythons=(("there", str(other_env)),)))
     assert result.agree and result.cases_run == 10
+
+
+PLUGIN_CHECKS = '''
+import torch.nn.functional as F
+
+def test_official(losscmp):
+    losscmp.check("official=toyloss_for_plugin:mse", F.mse_loss, spec="regression", examples=8)
+
+def test_fork(losscmp):
+    losscmp.check("fork=toyloss_fork_for_plugin:mse", F.mse_loss, spec="regression", examples=8, pythons={{"fork": {python!r}}})
+'''
+
+
+@pytest.mark.slow
+def test_the_plugin_runs_a_reference_under_another_interpreter(other_env, pytester):
+    _install_toy(other_env, "toyloss_for_plugin", OFFICIAL)
+    _install_toy(other_env, "toyloss_fork_for_plugin", FORKED)
+    pytester.makepyfile(test_other=PLUGIN_CHECKS.format(python=str(other_env)))
+    option = ("-p", "no:cacheprovider", "--losscmp-python", f"official={other_env}")
+    # Without the option, the official package is looked for here, where it is absent.
+    alone = pytester.runpytest("-p", "no:cacheprovider", "-k", "official")
+    alone.assert_outcomes(failed=1)
+    alone.stdout.fnmatch_lines(["*toyloss_for_plugin*"])
+    # The command line's interpreter serves the check labelled "official"; the call's own serves "fork".
+    result = pytester.runpytest(*option)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*fork vs mse_loss*value*", "*replay: pytest test_other.py::test_fork --losscmp-python official=*"])
+    # The saved case replays under the other interpreter too.
+    again = pytester.runpytest(*option, "--losscmp-replay-only")
+    again.assert_outcomes(passed=1, failed=1)
+    again.stdout.fnmatch_lines(["*a saved case still diverges (value): fork vs mse_loss*"])
+
+
+def test_a_misspelt_interpreter_label_in_a_check_fails_it_in_one_line(pytester):
+    pytester.makepyfile(test_label=f'''
+import torch.nn.functional as F
+
+def test_label(losscmp):
+    losscmp.check(F.mse_loss, "torch.nn.functional:l1_loss", spec="regression", examples=3, pythons={{"l1": {HERE!r}}})
+
+def test_callable(losscmp):
+    losscmp.check(F.mse_loss, F.l1_loss, spec="regression", examples=3, pythons={{"l1_loss": {HERE!r}}})
+''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*UsageError: pythons l1: no implementation has that label (labels: mse_loss, l1_loss)",
+                                 "*UsageError: pythons l1_loss: l1_loss is a callable of this process; only a reference*"])
+    bad = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-python", "x=/no/such/python")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --losscmp-python x=/no/such/python: no such file"])

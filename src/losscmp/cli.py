@@ -183,21 +183,6 @@ def _devices(text: str | None) -> tuple[str, ...]:
     return tuple(checked_device(d, "--devices") for d in devices)
 
 
-def _pythons(values: Sequence[str]) -> dict[str, str]:
-    """``--python LABEL=PATH`` options as {label: checked interpreter path}."""
-    from .interpreter import check_python
-
-    out: dict[str, str] = {}
-    for text in values:
-        label, sep, path = text.partition("=")
-        if not sep or not label or not path:
-            raise UsageError(f"--python {text!r}: expected LABEL=/path/to/python")
-        if label in out:
-            raise UsageError(f"--python {label}: given twice")
-        out[label] = check_python(label, path)
-    return out
-
-
 def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
     from .load import disambiguate, load_implementation, parse_ref
 
@@ -205,11 +190,10 @@ def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
         raise UsageError(f"need at least two implementations to compare, got {len(refs)} (e.g. losscmp a.py:loss b.py:loss)")
     pythons = pythons or {}
     parsed = disambiguate([parse_ref(r) for r in refs])
-    unknown = set(pythons) - {r.label for r in parsed}
-    if unknown:
-        raise UsageError(f"--python {sorted(unknown)[0]}: no implementation has that label (labels: {', '.join(r.label for r in parsed)})")
     if pythons:
-        from .interpreter import remote_implementation
+        from .interpreter import check_labels, remote_implementation
+
+        check_labels(pythons, [r.label for r in parsed])
     # An implementation for another interpreter is loaded there, never here (this one may lack its package).
     impls = []
     for ref in parsed:
@@ -259,7 +243,9 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     if args.timeout is not None and not (args.isolate or args.python):
         raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
     kw = _settings_kw(args)
-    pythons = _pythons(args.python)
+    from .interpreter import parse_pythons
+
+    pythons = parse_pythons(args.python)
     if args.json:
         _writable_file(args.json, "--json")
     save_dir = None if args.no_save else Path(args.save_dir)

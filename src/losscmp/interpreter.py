@@ -30,11 +30,12 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from . import _standalone_worker as wire
+from .errors import UsageError
 from .generate import Case
 from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
 from .load import Implementation, Ref
@@ -72,16 +73,37 @@ class InterpreterError(IsolationError):
     """An interpreter that cannot serve an implementation; the message is one line."""
 
 
-def check_python(label: str, path: str) -> str:
+def check_python(label: str, path: str, option: str = "--python") -> str:
     """The absolute path of an executable interpreter file, or a one-line error."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise InterpreterError(f"--python {label}={path}: no such file")
+        raise InterpreterError(f"{option} {label}={path}: no such file")
     if p.is_dir():
-        raise InterpreterError(f"--python {label}={path}: is a folder, not a Python interpreter")
+        raise InterpreterError(f"{option} {label}={path}: is a folder, not a Python interpreter")
     if not os.access(p, os.X_OK):
-        raise InterpreterError(f"--python {label}={path}: is not executable")
+        raise InterpreterError(f"{option} {label}={path}: is not executable")
     return str(p.absolute())  # not resolved: a venv's python is a symlink that must stay one
+
+
+def parse_pythons(texts: Iterable[str], option: str = "--python") -> dict[str, str]:
+    """``LABEL=PATH`` options (the CLI's ``--python``, the plugin's ``--losscmp-python``)
+    as {label: checked interpreter path}."""
+    out: dict[str, str] = {}
+    for text in texts:
+        label, sep, path = text.partition("=")
+        if not sep or not label or not path:
+            raise UsageError(f"{option} {text!r}: expected LABEL=/path/to/python")
+        if label in out:
+            raise UsageError(f"{option} {label}: given twice")
+        out[label] = check_python(label, path, option)
+    return out
+
+
+def check_labels(pythons: Mapping[str, str], labels: Sequence[str], option: str = "--python") -> None:
+    """Every interpreter serves an implementation: a misspelt label would silently run here."""
+    unknown = sorted(set(pythons) - set(labels))
+    if unknown:
+        raise UsageError(f"{option} {unknown[0]}: no implementation has that label (labels: {', '.join(labels)})")
 
 
 def _not_here(*args: Any, **kwargs: Any) -> Any:

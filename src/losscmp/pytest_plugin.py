@@ -48,7 +48,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--losscmp-rtol", type=float, default=None, help="relative tolerance (default: torch.testing's for the dtype)")
     group.addoption("--losscmp-atol", type=float, default=None, help="absolute tolerance (default: torch.testing's for the dtype)")
     group.addoption("--losscmp-isolate", action="store_true", help="run implementations in worker processes: a segfault or hang fails the test, not pytest")
-    group.addoption("--losscmp-timeout", type=float, default=None, metavar="SECONDS", help="with --losscmp-isolate: a slower call is a 'timeout' divergence")
+    group.addoption("--losscmp-timeout", type=float, default=None, metavar="SECONDS", help="with --losscmp-isolate or --losscmp-python: a slower call is a 'timeout' divergence")
+    group.addoption("--losscmp-python", action="append", default=[], metavar="LABEL=PATH",
+                    help="run the implementation labelled LABEL (a reference, e.g. 'official=pkg.losses:dice') under that "
+                         "interpreter; its environment needs torch and numpy, not losscmp (repeatable)")
     group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from (default {SAVE_DIR})")
     group.addoption("--losscmp-no-replay", action="store_true", help="do not replay saved cases before fuzzing")
     group.addoption("--losscmp-replay-only", action="store_true", help="replay saved cases only, no fuzzing (a test with none passes)")
@@ -130,6 +133,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def _command_line_options(config: pytest.Config) -> "CheckOptions":
     from .errors import LosscmpError
+    from .interpreter import parse_pythons
     from .settings import checked_device
     from .testing import CheckOptions, as_dtype
 
@@ -137,6 +141,7 @@ def _command_line_options(config: pytest.Config) -> "CheckOptions":
     try:  # a bad option stops the session in one line, before any test runs
         device = opt("--losscmp-device") and checked_device(opt("--losscmp-device"), "--losscmp-device")
         dtype = as_dtype(opt("--losscmp-dtype"))
+        pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
     except LosscmpError as error:
         raise pytest.UsageError(str(error)) from None
     return CheckOptions(
@@ -148,6 +153,7 @@ def _command_line_options(config: pytest.Config) -> "CheckOptions":
         atol=opt("--losscmp-atol"),
         isolate=opt("--losscmp-isolate"),
         timeout=opt("--losscmp-timeout"),
+        pythons=tuple(pythons.items()),
         replay_only=opt("--losscmp-replay-only"),
     )
 
@@ -207,13 +213,14 @@ class LossChecker:
         """Fail the calling test if the implementations disagree; return what was checked.
 
         ``settings`` override the command line: ``seed``, ``device``, ``dtype``, ``rtol``,
-        ``atol``, ``reference``, ``isolate``, ``timeout``; the rest go to the audit
+        ``atol``, ``reference``, ``isolate``, ``timeout``, ``pythons`` ({label: interpreter},
+        added to ``--losscmp-python``); the rest go to the audit
         (``minimize``, ``max_size``, ``allow_nonfinite``).
         """
         __tracebackhide__ = True
         from .testing import check_or_raise, with_call_arguments
 
-        fields = {"seed", "device", "dtype", "rtol", "atol", "reference", "isolate", "timeout"}
+        fields = {"seed", "device", "dtype", "rtol", "atol", "reference", "isolate", "timeout", "pythons"}
         options = with_call_arguments(self.options, examples=examples, **{k: v for k, v in settings.items() if k in fields},
                                       audit={k: v for k, v in settings.items() if k not in fields})
         return check_or_raise(impls, spec, options)
@@ -229,6 +236,8 @@ def _command(nodeid: str, config: pytest.Config, *, replay_only: bool) -> str:
         parts.append("--losscmp-isolate")
     if opt("--losscmp-timeout") is not None:
         parts += ["--losscmp-timeout", str(opt("--losscmp-timeout"))]
+    for python in opt("--losscmp-python"):
+        parts += ["--losscmp-python", shlex.quote(python)]
     if replay_only:
         return " ".join(parts + ["--losscmp-replay-only"])
     for name in ("examples", "seed", "device", "dtype", "rtol", "atol"):

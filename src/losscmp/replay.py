@@ -9,7 +9,7 @@ pytest session).  The implementations come from the file (after the trust check 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -42,8 +42,10 @@ def needs_isolation(repro: Repro) -> bool:
     return repro.kind in (Kind.CRASH, Kind.TIMEOUT) or bool(repro.meta.get("isolate"))
 
 
-def replay(repro: Repro, impls: Sequence[Implementation] | None = None, *, isolate: bool | None = None) -> ReplayResult:
-    """Run the saved case again with today's code; ``impls`` default to the file's own."""
+def replay(repro: Repro, impls: Sequence[Implementation] | None = None, *, isolate: bool | None = None,
+           pythons: Mapping[str, str] | None = None) -> ReplayResult:
+    """Run the saved case again with today's code; ``impls`` default to the file's own.
+    ``pythons``: {label: interpreter} for implementations that run under another one."""
     impls = tuple(impls) if impls is not None else tuple(load_repro_implementations(repro))
     isolated = needs_isolation(repro) if isolate is None else isolate
     timeout = repro.timeout
@@ -54,7 +56,8 @@ def replay(repro: Repro, impls: Sequence[Implementation] | None = None, *, isola
     rtol, atol = repro.tolerance
     settings = Settings.of(
         examples=1, seed=int(repro.meta.get("seed", 0)), device=str(first.device), dtype=dtype,
-        rtol=rtol, atol=atol, isolate=isolated, timeout=timeout if isolated else None,
+        rtol=rtol, atol=atol, isolate=isolated, timeout=timeout if isolated or pythons else None,
+        pythons=tuple((pythons or {}).items()),
     )
     ev = Evaluator(impls, repro.spec, settings)
     try:

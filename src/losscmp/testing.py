@@ -21,7 +21,7 @@ import shlex
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from .compare import Verdict
 from .errors import UsageError
 from .findings import Kind, Subject
 from .generate import Case
-from .load import Implementation, Ref, load_implementation
+from .load import Implementation, Ref, load_implementation, parse_ref
 from .repro import ReproError
 from .settings import Settings
 from .spec import Spec
@@ -53,6 +53,10 @@ class CheckOptions:
     reference: str | None = None
     isolate: bool = False
     timeout: float | None = None
+    pythons: tuple[tuple[str, str], ...] = ()  # (label, interpreter): that implementation runs there
+    # Labels the call itself gave an interpreter: each must name one of its implementations
+    # (a misspelt one would run here).  --losscmp-python's serve whichever checks have them.
+    called_pythons: tuple[str, ...] = ()
     save_dir: Path | None = None  # where new minimised cases go (nothing is written when None)
     replay_dir: Path | None = None  # whose saved cases are replayed first
     replay_only: bool = False  # replay, never fuzz
@@ -117,6 +121,7 @@ def assert_losses_agree(
     reference: str | None = None,
     isolate: bool | None = None,
     timeout: float | None = None,
+    pythons: Mapping[str, str] | None = None,
     save_dir: str | Path | None = None,
     replay_dir: str | Path | None = None,
     **audit_settings: Any,
@@ -124,7 +129,9 @@ def assert_losses_agree(
     """Raise ``AssertionError`` with the report unless the implementations agree.
 
     ``impls`` are callables (functions, lambdas, ``nn.Module`` instances) or references
-    (``"pkg.module:attr"``, ``"file.py:attr"``).  Nothing is written unless ``save_dir``
+    (``"pkg.module:attr"``, ``"file.py:attr"``, ``"label=ref"``).  ``pythons`` maps a
+    reference's label to another environment's interpreter, where it is imported and run
+    (it needs torch and numpy there, not losscmp).  Nothing is written unless ``save_dir``
     is given; cases saved there (or in ``replay_dir``) are replayed before fuzzing.
     An argument left out takes the pytest session's ``--losscmp-*`` option when the
     plugin runs, else the default; ``examples`` then falls back to the loaded Hypothesis
@@ -136,7 +143,7 @@ def assert_losses_agree(
         base = replace(base, replay_command=_current_test_command())
     options = with_call_arguments(
         base, examples=examples, seed=seed, device=device, dtype=dtype, rtol=rtol, atol=atol, reference=reference,
-        isolate=isolate, timeout=timeout,
+        isolate=isolate, timeout=timeout, pythons=pythons,
         save_dir=Path(save_dir) if save_dir is not None else None,
         replay_dir=Path(replay_dir) if replay_dir is not None else Path(save_dir) if save_dir is not None else None,
         audit=audit_settings,
@@ -149,6 +156,12 @@ def with_call_arguments(base: CheckOptions, **given: Any) -> CheckOptions:
     given = {k: v for k, v in given.items() if v is not None}
     if "dtype" in given:
         given["dtype"] = as_dtype(given["dtype"])
+    if "pythons" in given:  # the call's interpreters join the command line's
+        from .interpreter import parse_pythons
+
+        called = parse_pythons((f"{label}={path}" for label, path in dict(given["pythons"]).items()), "pythons")
+        given["pythons"] = tuple({**dict(base.pythons), **called}.items())
+        given["called_pythons"] = tuple(called)
     if "audit" in given:
         given["audit"] = {**base.audit, **given["audit"]}
     return replace(base, **given)
@@ -183,10 +196,18 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     from .infer import infer_spec
     from .spec import resolve_spec
 
-    loaded = unique_labels([implementation(i) for i in impls])
+    pythons = dict(options.pythons)
+    loaded = unique_labels([implementation(i, pythons) for i in impls])
     if len(loaded) < 2:
         raise UsageError(f"losscmp needs at least two implementations to compare, got {len(loaded)}")
-    the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(loaded)
+    if options.called_pythons:
+        from .interpreter import check_labels
+
+        check_labels({la: pythons[la] for la in options.called_pythons}, [i.label for i in loaded], "pythons")
+    here = [i for i in loaded if i.label not in pythons]  # inference probes in this interpreter
+    if not spec and not here:
+        raise UsageError("give spec= when every implementation runs under another interpreter (inference probes in this one)")
+    the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(here)
     try:
         replayed = _replay_saved(loaded, the_spec, options)
     except ReproError as e:  # unreadable saved case: one line, the test fails
@@ -197,6 +218,7 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     if options.replay_only:
         return CheckResult(tuple(loaded), replayed, None, None)
     kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
+    kw["pythons"] = options.pythons
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
     examples = options.examples if options.examples is not None else profile_examples()
     if examples < 1:
@@ -229,7 +251,8 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
             raise ReproError(f"saved case {_shown_path(path)} cannot be replayed: {e}") from None
         if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
             continue  # saved for another pairing or spec of this test
-        replayed = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=options.isolate or None)
+        replayed = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=options.isolate or None,
+                          pythons=dict(options.pythons))
         verdict = replayed.verdict
         out.append(ReplayedCase(path, repro.kind, verdict, repro.case))
     return tuple(out)
@@ -315,8 +338,11 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 # --- implementations held by a test --------------------------------------------------
 
-def implementation(impl: str | Callable[..., Any]) -> Implementation:
+def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | None = None) -> Implementation:
     """A reference, loaded; or a callable, wrapped with the reference that names it.
+
+    A reference whose label is in ``pythons`` is never imported here: its environment
+    may be the only one with its package.
 
     A function defined in a project file (a test file, the project's own ``losses.py``)
     is named by that file's path relative to the working directory (where repro files
@@ -324,8 +350,14 @@ def implementation(impl: str | Callable[..., Any]) -> Implementation:
     one from an installed package by its module.  A lambda or a local function keeps its qualified name, which no one can
     import: its saved cases are replayed by the test that holds it.
     """
+    pythons = pythons or {}
     if isinstance(impl, str):
-        return load_implementation(impl)
+        ref = parse_ref(impl)
+        if ref.label in pythons:
+            from .interpreter import remote_implementation
+
+            return remote_implementation(ref)
+        return load_implementation(ref)
     if not callable(impl):
         raise UsageError(f"{impl!r} is neither a reference nor callable")
     name = getattr(impl, "__qualname__", None) or type(impl).__qualname__
@@ -335,6 +367,9 @@ def implementation(impl: str | Callable[..., Any]) -> Implementation:
     source = _project_file(impl)
     if source is not None:
         target = str(source)
+    if label in pythons:
+        raise UsageError(f"pythons {label}: {label} is a callable of this process; only a reference "
+                         f"('pkg.module:fn', 'file.py:fn') can run under another interpreter")
     return Implementation(Ref(text=f"{target}:{name}", label=label, target=target, attrs=tuple(name.split("."))), impl)
 
 
