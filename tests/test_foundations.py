@@ -202,6 +202,16 @@ def test_a_spec_too_large_for_memory_is_refused_in_one_line_and_max_size_makes_i
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec", ["input: 100000000000 real grad; target: 100000000000 real",
+                                  "input: B real grad; target: B real; B=100000000000"])
+def test_a_too_large_spec_that_no_cap_can_shrink_names_its_shapes_and_does_not_suggest_max_size(capsys, spec):
+    argv = [f"{FIXTURES}/bce.py:bce_with_logits", "torch.nn.functional:mse_loss", "--spec", spec, "--no-save", "--max-size", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "--max-size" not in err and len(err.strip().splitlines()) == 1
+    assert "(input: 100000000000, target: 100000000000)" in err or "(B=100000000000)" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--points", "0"], "--points must be at least 2"),
     (["--size", "0"], "--size must be at least 1"),

@@ -386,3 +386,43 @@ def test_callable(losscmp):
     bad = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-python", "x=/no/such/python")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["ERROR: --losscmp-python x=/no/such/python: no such file"])
+
+
+ONLY_IN_A_WORKER = """
+import sys
+
+def mse(input, target):
+    assert "losscmp" not in sys.modules, "called in losscmp's own interpreter"
+    return ((input - target) ** 2).{reduce}()
+"""
+
+
+def test_same_named_references_renamed_apart_both_run_under_their_interpreter(tmp_path):
+    from losscmp.testing import assert_losses_agree
+
+    for folder, reduce in (("a", "mean"), ("b", "mean"), ("c", "sum")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "losses.py").write_text(ONLY_IN_A_WORKER.format(reduce=reduce))
+    # Both are labelled mse; the second becomes mse#2 and must still run under the interpreter for mse.
+    a, b, c = (f"{tmp_path / f / 'losses.py'}:mse" for f in "abc")
+    assert assert_losses_agree(a, b, spec="regression", examples=5, pythons={"mse": HERE}).audit.cases_run == 5
+    with pytest.raises(AssertionError, match=r"mse vs mse#2.*value"):
+        assert_losses_agree(a, c, spec="regression", examples=5, minimize=False, pythons={"mse": HERE})
+
+
+def test_the_printed_replay_command_replays_under_the_same_interpreter(tmp_path, capsys):
+    import shlex
+
+    (tmp_path / "there.py").write_text(ONLY_IN_A_WORKER.format(reduce="sum"))
+    argv = [f"official={tmp_path / 'there.py'}:mse", "torch.nn.functional:mse_loss", "--spec", "regression", "--examples", "5",
+            "--no-minimize", "--no-explain", "--save-dir", str(tmp_path / "saved"), "--python", f"official={HERE}"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    command = out.split("(losscmp replay ", 1)[1].split(")\n", 1)[0]
+    assert "--python" in command  # without it the official side would be imported and run here
+    assert main(["replay", *shlex.split(command)]) == 1
+    out = capsys.readouterr().out
+    assert "(under " in out and "bit-for-bit identical" in out and "still diverges (value)" in out
+    saved = shlex.split(command)[0]
+    assert main(["replay", saved, "--python", f"offical={HERE}"]) == 2
+    assert "--python offical: no implementation has that label (labels: official, mse_loss)" in capsys.readouterr().err

@@ -84,6 +84,8 @@ def replay_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a repro .json (or .npz) written by losscmp")
     p.add_argument("--pytest", action="store_true", help="instead of running, write a standalone pytest file reproducing the case")
     p.add_argument("-o", "--output", metavar="PATH", help="with --pytest: where to write (default: test_<stem>.py beside the repro)")
+    p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
+                   help="run the implementation labelled LABEL under that interpreter, as the run that saved the case did (repeatable)")
     return p
 
 
@@ -323,10 +325,15 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         out.write_text(generate_pytest(repro, str(repro.path)))
         console.print(f"wrote {out}  (run: pytest {out})", markup=False)
         return 0
-    impls = load_repro_implementations(repro)  # refuses what a saved file may not run, before anything runs
+    from .interpreter import check_labels, parse_pythons
+
+    pythons = parse_pythons(args.python)
+    check_labels(pythons, list(dict.fromkeys(repro.pair)))
+    impls = load_repro_implementations(repro, remote=pythons)  # refuses what a saved file may not run, before anything runs
     for impl in impls:
-        console.print(f"will run {impl.label} = {impl.ref.source()}", markup=False)
-    result = replay(repro, impls)
+        there = f" (under {pythons[impl.label]})" if impl.label in pythons else ""
+        console.print(f"will run {impl.label} = {impl.ref.source()}{there}", markup=False)
+    result = replay(repro, impls, pythons=pythons)
     how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
     console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; input {repro.case.describe()}{how}", markup=False)
     if result.same_bits is not None:

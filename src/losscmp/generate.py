@@ -154,10 +154,15 @@ def check_fits(spec: Spec, *, dtype: torch.dtype, device: str, max_size: int | N
     need = WORKING_SET_FACTOR * case_bytes(spec, sizes, dtype)
     free = available_memory(device)
     if free is not None and need > free:
-        at = ", ".join(f"{d}={n}" for d, n in sizes.items())
+        # Literal dims (x: 100000 100000 real) have no name: the shapes say what is too big.
+        at = (", ".join(f"{d}={n}" for d, n in sizes.items()) if sizes
+              else ", ".join(f"{a.name}: {'x'.join(map(str, spec.shape(a, sizes)))}" for a in spec.args))
+        # A cap never goes below a dim's lower bound, nor touches a literal dim.
+        cappable = any(spec.size_range(d)[0] < n for d, n in sizes.items())
         raise SpecError(
             f"the largest case ({at}) needs about {need / 1e9:.1f} GB with gradients and intermediates, "
-            f"more than the {free / 1e9:.1f} GB free on {device}; lower the sizes in the spec or cap them (--max-size N, max_size=N)"
+            f"more than the {free / 1e9:.1f} GB free on {device}; lower the sizes in the spec"
+            + (" or cap them (--max-size N, max_size=N)" if cappable else "")
         )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,10 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
         for line in d.explanation.evidence():
             say(f"  {line}")
     if d.repro:
-        say(f"repro: {d.repro}  (losscmp replay {d.repro})")
+        # A side that ran under another interpreter replays there too (this one may lack its package).
+        pythons = dict(result.settings.execution.pythons)
+        there = "".join(f" --python {shlex.quote(f'{la}={pythons[la]}')}" for la in d.subject.labels if la in pythons)
+        say(f"repro: {d.repro}  (losscmp replay {shlex.quote(str(d.repro))}{there})")
     elif d.repro_error:
         say(f"repro not saved: {d.repro_error}")
 

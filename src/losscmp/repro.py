@@ -30,7 +30,7 @@ import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -494,8 +494,9 @@ def refuse_untrusted(refs: Sequence[Ref]) -> None:
             raise ReproError(f"refusing to run {ref.label} = {ref.source()} from a saved file: {why}")
 
 
-def load_repro_implementations(repro: Repro):
-    """The subject's implementations, after the trust check, with the safe factory policy."""
+def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
+    """The subject's implementations, after the trust check, with the safe factory policy.
+    Labels in ``remote`` run under another interpreter: never imported here."""
     base = repro.meta.get("base_dir")
     base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
     by_label = {r.label: r for r in repro.refs}
@@ -504,7 +505,10 @@ def load_repro_implementations(repro: Repro):
         if not ref.target:
             raise ReproError(f"{ref.label} ({ref.text}) lives only inside its test: re-run that test to replay this case")
     refuse_untrusted(wanted)
-    return [load_implementation(ref, base_dir=base_dir, factories="modules") for ref in wanted]
+    if remote:
+        from .interpreter import remote_implementation
+    return [remote_implementation(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+            for ref in wanted]
 
 
 def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:

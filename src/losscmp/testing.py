@@ -197,7 +197,10 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     from .spec import resolve_spec
 
     pythons = dict(options.pythons)
-    loaded = unique_labels([implementation(i, pythons) for i in impls])
+    named = [implementation(i, pythons) for i in impls]
+    loaded = unique_labels(named)
+    # A reference renamed to tell it apart (``mse#2``) still runs under its label's interpreter.
+    pythons.update({new.label: pythons[old.label] for old, new in zip(named, loaded) if old.label in pythons})
     if len(loaded) < 2:
         raise UsageError(f"losscmp needs at least two implementations to compare, got {len(loaded)}")
     if options.called_pythons:
@@ -209,7 +212,7 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
         raise UsageError("give spec= when every implementation runs under another interpreter (inference probes in this one)")
     the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(here)
     try:
-        replayed = _replay_saved(loaded, the_spec, options)
+        replayed = _replay_saved(loaded, the_spec, replace(options, pythons=tuple(pythons.items())))
     except ReproError as e:  # unreadable saved case: one line, the test fails
         return CheckResult(tuple(loaded), (), None, f"losscmp: {e}")
     still = [r for r in replayed if r.verdict.kind]
@@ -218,7 +221,7 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     if options.replay_only:
         return CheckResult(tuple(loaded), replayed, None, None)
     kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
-    kw["pythons"] = options.pythons
+    kw["pythons"] = tuple(pythons.items())
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
     examples = options.examples if options.examples is not None else profile_examples()
     if examples < 1:
