@@ -426,3 +426,22 @@ def test_the_printed_replay_command_replays_under_the_same_interpreter(tmp_path,
     saved = shlex.split(command)[0]
     assert main(["replay", saved, "--python", f"offical={HERE}"]) == 2
     assert "--python offical: no implementation has that label (labels: official, mse_loss)" in capsys.readouterr().err
+
+
+def test_session_interpreters_leave_checks_without_their_labels_alone(pytester):
+    # --losscmp-python serves the checks that have a reference with that label; a callable
+    # sharing the label runs here, and the session's timeout does not fail a check with no worker.
+    pytester.makepyfile(test_here='''
+import torch.nn.functional as F
+
+def other(input, target):
+    return ((input - target) ** 2).mean()
+
+def test_callable_named_like_a_session_label(losscmp):
+    losscmp.check(other, F.mse_loss, spec="regression", examples=3)
+''')
+    result = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-python", f"other={HERE}", "--losscmp-timeout", "30")
+    result.assert_outcomes(passed=1)
+    bad = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-timeout", "30")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --losscmp-timeout needs --losscmp-isolate or --losscmp-python*"])

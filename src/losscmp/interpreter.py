@@ -115,6 +115,10 @@ def remote_implementation(ref: Ref) -> Implementation:
     return Implementation(ref, _not_here)
 
 
+def is_remote(impl: Implementation) -> bool:
+    return impl.fn is _not_here
+
+
 class InterpreterRunner:
     """``runner(impl, spec, case) -> Outcome``; labels in ``pythons`` run under their interpreter."""
 

@@ -196,17 +196,17 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     from .infer import infer_spec
     from .spec import resolve_spec
 
-    pythons = dict(options.pythons)
-    named = [implementation(i, pythons) for i in impls]
+    from .interpreter import check_labels, is_remote
+
+    given = dict(options.pythons)
+    named = [implementation(i, given, strict=options.called_pythons) for i in impls]
     loaded = unique_labels(named)
-    # A reference renamed to tell it apart (``mse#2``) still runs under its label's interpreter.
-    pythons.update({new.label: pythons[old.label] for old, new in zip(named, loaded) if old.label in pythons})
+    # Only the references sent elsewhere run elsewhere, each under its label after renaming
+    # (mse -> mse#2); a callable that shares a --losscmp-python label stays here.
+    pythons = {new.label: given[old.label] for old, new in zip(named, loaded) if is_remote(old)}
     if len(loaded) < 2:
         raise UsageError(f"losscmp needs at least two implementations to compare, got {len(loaded)}")
-    if options.called_pythons:
-        from .interpreter import check_labels
-
-        check_labels({la: pythons[la] for la in options.called_pythons}, [i.label for i in loaded], "pythons")
+    check_labels({la: given[la] for la in options.called_pythons}, [i.label for i in named], "pythons")
     here = [i for i in loaded if i.label not in pythons]  # inference probes in this interpreter
     if not spec and not here:
         raise UsageError("give spec= when every implementation runs under another interpreter (inference probes in this one)")
@@ -222,6 +222,8 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
         return CheckResult(tuple(loaded), replayed, None, None)
     kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
     kw["pythons"] = tuple(pythons.items())
+    if "timeout" in kw and options.pythons and not (pythons or options.isolate):
+        del kw["timeout"]  # given for the --losscmp-python sides: this check has none, no worker to time
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
     examples = options.examples if options.examples is not None else profile_examples()
     if examples < 1:
@@ -341,11 +343,13 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 # --- implementations held by a test --------------------------------------------------
 
-def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | None = None) -> Implementation:
+def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | None = None,
+                   strict: Sequence[str] = ()) -> Implementation:
     """A reference, loaded; or a callable, wrapped with the reference that names it.
 
     A reference whose label is in ``pythons`` is never imported here: its environment
-    may be the only one with its package.
+    may be the only one with its package.  A callable lives in this process: naming its
+    label in ``strict`` (the call's own ``pythons=``) is an error.
 
     A function defined in a project file (a test file, the project's own ``losses.py``)
     is named by that file's path relative to the working directory (where repro files
@@ -370,7 +374,7 @@ def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | 
     source = _project_file(impl)
     if source is not None:
         target = str(source)
-    if label in pythons:
+    if label in strict:
         raise UsageError(f"pythons {label}: {label} is a callable of this process; only a reference "
                          f"('pkg.module:fn', 'file.py:fn') can run under another interpreter")
     return Implementation(Ref(text=f"{target}:{name}", label=label, target=target, attrs=tuple(name.split("."))), impl)
