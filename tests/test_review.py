@@ -42,6 +42,26 @@ def test_complex_divergence_is_explained_without_crashing_the_run(tmp_path, caps
     assert d["category"] == "semantic"
 
 
+def test_explaining_a_complex_loss_leaks_no_casting_warning(tmp_path):
+    # The known-number notes summed float(value.double()): torch warned "Casting complex
+    # values to real discards the imaginary part" into the report.  A fresh process: the
+    # warning is shown once per process.
+    import subprocess
+    import sys
+
+    _write(tmp_path, "cplx.py", """
+        import torch
+        def plain(x, y): return torch.complex(x - y, torch.zeros_like(x)).sum()
+        def rotated(x, y): return torch.complex(x - y, (x - y) * 1e-2).sum()
+    """)
+    done = subprocess.run([sys.executable, "-m", "losscmp", f"{tmp_path}/cplx.py:plain", f"{tmp_path}/cplx.py:rotated",
+                           "--spec", "x: B real; y: B real; B=1..8", "--examples", "5", "--no-save"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "plain vs rotated: value" in done.stdout and "semantic" in done.stdout
+    assert "Casting complex values" not in done.stdout + done.stderr
+
+
 def test_an_internal_error_is_one_line_never_a_silent_exit(tmp_path):
     # An unforeseen exception in the supervised child ended the process with code 70 and
     # no output at all: the os._exit in the child's `finally` ate the traceback.

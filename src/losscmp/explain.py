@@ -236,7 +236,7 @@ def oracle(
         work = {expected.label: run(expected, spec, here), actual.label: run(actual, spec, here)}
         calls += 2
         if step == 0:
-            values = tuple((la, float(o.value.double().sum())) for la, o in work.items() if not o.failed)
+            values = tuple((la, v) for la, v in ((la, real_total(o)) for la, o in work.items()) if v is not None)
         v = compare_outcomes(Pair(*pair), work[expected.label], work[actual.label], tol)
         if any(o.failed for o in work.values()):
             return Oracle(Category.UNKNOWN, f"a side failed in the working dtype at input scale x{scale:g}: {v.detail}", evaluations=calls, values=values)
@@ -459,6 +459,14 @@ class Observation:
     cosine: float | None = None  # of the flattened gradients; None without gradients
     norm_ratio: float | None = None  # |grad actual| / |grad expected|
     regime: str | None = None
+
+
+def real_total(outcome: Outcome) -> float | None:
+    """The one real number a known-number note reads from a side: its value's sum.  None
+    for a failed call or a complex loss (its sum's real part would hide the rest)."""
+    if outcome.failed or outcome.value is None or outcome.value.is_complex():
+        return None
+    return float(outcome.value.double().sum())
 
 
 def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Observation | None:
@@ -1103,7 +1111,7 @@ def explain(
     # Known numbers: each side's value on the explained case (from the oracle's own
     # working-dtype run when it made one), and their difference.
     def values_on(c: Case) -> list[float]:
-        found = [float(o.value.double().sum()) for o in (counted(impl, spec, c) for impl in (expected, actual)) if not o.failed]
+        found = [v for v in (real_total(counted(impl, spec, c)) for impl in (expected, actual)) if v is not None]
         return found + ([found[0] - found[1]] if len(found) == 2 else [])
 
     notes_from: list[float] = []
