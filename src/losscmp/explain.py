@@ -547,7 +547,7 @@ class Relation:
     def describe(self, pair: tuple[str, str]) -> str:
         e, a = pair
         if not self.cases:
-            return "no compared cases recorded"
+            return "no compared cases recorded (a relation is drawn over real, finite values of both sides; complex losses have none)"
         value = {
             "equal": "values equal",
             "factor": f"values a constant factor apart ({a} ≈ {_g(self.factor)} × {e})",
