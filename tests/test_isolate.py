@@ -384,3 +384,18 @@ def test_an_audit_of_a_lambda_under_isolate_agrees_instead_of_a_false_exception(
     impls = [misbehaving("mse"), Implementation(parse_ref("test_isolate:lam"), fn=lambda input, target: ((input - target) ** 2).mean())]
     result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=10, minimize=False))
     assert result.agree and result.cases_run == 10, [d.verdict.detail for d in result.divergences]
+
+
+def test_what_an_isolated_implementation_prints_is_kept_with_its_finding():
+    # The worker captures it as the in-process runner does; it used to be dropped on the way back.
+    def noisy(input, target):
+        print("did not converge")
+        os.write(2, b"raw bytes on fd 2\n")
+        return ((input - target) ** 2).mean() * 1.5
+
+    impls = [misbehaving("mse"), Implementation(parse_ref("test_isolate:noisy"), fn=noisy)]
+    result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=5, minimize=False, explain=False))
+    (finding,) = result.divergences
+    assert finding.kind == "value"
+    assert "did not converge" in finding.outputs["noisy"] and "raw bytes on fd 2" in finding.outputs["noisy"]
+    assert "mse" not in finding.outputs

@@ -684,11 +684,11 @@ def _unpack(p: tuple, device: torch.device) -> torch.Tensor:
 def _pack_outcome(o: Outcome, restart: bool = False) -> bytes:
     value = None if o.value is None else _pack(o.value)
     grads = {k: (None if g is None else _pack(g)) for k, g in o.grads.items()}
-    return pickle.dumps(("outcome", o.status, value, grads, o.error, o.seconds, tuple(o.mutated), restart), _PROTOCOL)
+    return pickle.dumps(("outcome", o.status, value, grads, o.error, o.seconds, tuple(o.mutated), o.output, restart), _PROTOCOL)
 
 
 def _unpack_outcome(reply: tuple, device: torch.device) -> tuple[Outcome, bool]:
-    _, status, value, grads, error, seconds, mutated, restart = reply
+    _, status, value, grads, error, seconds, mutated, output, restart = reply
     out = Outcome(
         status,
         value=None if value is None else _unpack(value, device),
@@ -696,6 +696,7 @@ def _unpack_outcome(reply: tuple, device: torch.device) -> tuple[Outcome, bool]:
         error=error,
         seconds=seconds,
         mutated=mutated,
+        output=output,
     )
     return out, restart
 
