@@ -293,6 +293,22 @@ def test_impact_shows_a_fork_that_does_not_descend_the_official_loss():
     assert "gradients point elsewhere" in ex.sentence()
 
 
+def test_impact_says_why_a_ratio_is_missing_instead_of_printing_nan():
+    # The README's first-version BCE: right values, zero gradient at z = 0, so its own
+    # descent makes no progress and the other side's cross-improvement has no ratio.
+    def first_version(input, target):
+        return (input.clamp(min=0) - input * target + torch.log(1 + torch.exp(-input.abs()))).mean()
+
+    mine = Implementation(parse_ref("t:first_version"), fn=first_version)
+    torch_bce = impl("torch.nn.functional:binary_cross_entropy_with_logits")
+    case = Case({"input": torch.tensor([0.0]), "target": torch.tensor([1.0])}, {"B": 1})
+    ex = explain(mine, torch_bce, preset("binary"), case, "gradient", F32)
+    assert math.isnan(ex.impact.cross_improvement["binary_cross_entropy_with_logits"])
+    (line,) = [l for l in ex.evidence() if l.startswith("training impact")]
+    assert "nan" not in line
+    assert "descending binary_cross_entropy_with_logits: not measurable (the other's own descent made no progress)" in line
+
+
 def test_impact_is_off_for_numerical_unless_asked(bce_audit):
     logits, sigmoid, result = bce_audit
     d = next(d for d in result.divergences if d.kind == "value")

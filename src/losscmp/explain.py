@@ -960,7 +960,10 @@ class Explanation:
             lines.append(f"location: {note}")
         if self.impact is not None:
             im = self.impact
-            cross = ", ".join(f"descending {la} achieves {_g(v)} of the other's own improvement" for la, v in im.cross_improvement.items())
+            # NaN: the other side's own descent made no progress, so there is no ratio to give.
+            cross = ", ".join(f"descending {la} achieves {_g(v)} of the other's own improvement" if not math.isnan(v)
+                              else f"descending {la}: not measurable (the other's own descent made no progress)"
+                              for la, v in im.cross_improvement.items())
             ratio = f"; |∇{a}| / |∇{e}| at the start {_g(im.gradient_ratio)}" if im.gradient_ratio is not None else ""
             lines.append(f"training impact: {im.steps} normalised descent step(s) (backtracking, first step {im.lr:g} of the case's size); "
                          f"end points {_g(im.apart)}× the distance travelled apart; {cross}{ratio}" + (f"; {im.note}" if im.note else ""))
