@@ -9,7 +9,7 @@ import torch
 def bce_with_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy on logits, stable for any |z|: log(1 + exp(z)) - z t.
 
-    (A first version, max(z, 0) - z t + log1p(exp(-|z|)), had the right values but a
+    (A first version, max(z, 0) - z t + log(1 + exp(-|z|)), had the right values but a
     gradient of 1 - t instead of 1/2 - t at z = 0: losscmp found it; see the README.)
     """
     return (torch.logaddexp(torch.zeros_like(logits), logits) - logits * target).mean()
