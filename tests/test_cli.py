@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes and one-line errors."""
 import json
+import shlex
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import torch
 
 from losscmp.cli import main
 
-from .conftest import FIXTURES, PLANTED
+from .conftest import FIXTURES, PLANTED, REPO
 
 BCE_A, BCE_B = f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits"
 
@@ -75,6 +76,21 @@ def test_help_documents_every_option_with_examples():
     assert "examples:" in out and "losscmp replay" in out and "exit codes" in out
     sweep_help = subprocess.run([sys.executable, "-m", "losscmp", "sweep", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--param" in sweep_help and "blur=1e-3:1:log" in sweep_help
+
+
+def test_help_examples_can_be_pasted_into_a_shell_and_name_real_fixtures():
+    from losscmp.cli import EXAMPLES
+    from losscmp.load import load_implementation
+
+    commands = [line.strip().split("  ")[0] for line in EXAMPLES.splitlines() if line.strip().startswith("losscmp ")]
+    assert len(commands) >= 5
+    for command in commands:
+        # An unquoted factory call, say, is a shell syntax error before losscmp ever runs.
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
+        for word in shlex.split(command):
+            ref = word.split("=", 1)[1] if "=" in word.split(":", 1)[0] else word
+            if ref.startswith("fixtures/") and ".py:" in ref:
+                load_implementation(str(REPO / ref))  # raises if the file or attribute is gone
 
 
 def test_spec_inference_is_printed_with_how_to_pin_it(capsys):

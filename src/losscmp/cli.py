@@ -21,8 +21,8 @@ from .settings import checked_device
 EXAMPLES = """\
 examples:
   losscmp fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits
-  losscmp torch.nn.functional:mse_loss fixtures/mse.py:mean_square --spec regression --examples 500
-  losscmp ref=geomloss:SamplesLoss(loss="sinkhorn",blur=0.05) fork=fixtures/sinkhorn_torch.py:handwritten --spec points
+  losscmp torch.nn.functional:mse_loss fixtures/regression.py:mean_square --spec regression --examples 500
+  losscmp 'ref=geomloss:SamplesLoss(loss="sinkhorn", blur=0.05)' fork=fixtures/sinkhorn_torch.py:handwritten --spec points
   losscmp a.py:f b.py:f --spec "x: N D real grad; y: M D real; N=1..100; D=3" --json report.json
   losscmp replay fixtures/losscmp/<case>.json            re-run a saved case (exit 0/1)
   losscmp replay --pytest fixtures/losscmp/<case>.json   write a standalone pytest file
