@@ -138,6 +138,28 @@ def test_replay_only_runs_saved_cases_and_never_fuzzes(pytester):
     replayed.stdout.fnmatch_lines([f"2 check(s): 1 pair(s) checked, 0 case(s) run, {len(_saved(pytester))} saved case(s) replayed*"])
 
 
+def test_bad_input_to_a_check_fails_the_test_in_one_line_without_losscmp_frames(pytester):
+    pytester.makepyfile(test_bad='''
+import sys
+import torch.nn.functional as F
+from losscmp.testing import assert_losses_agree
+
+def test_unknown_domain(losscmp):
+    losscmp.check(F.mse_loss, F.l1_loss, spec="x: N D reel", examples=3)
+
+def test_misspelt_label():
+    assert_losses_agree("official=torch.nn.functional:mse_loss", F.l1_loss, spec="regression", examples=3,
+                        pythons={"offical": sys.executable})
+''')
+    result = pytester.runpytest(*RUN)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*def test_unknown_domain(losscmp):*", ">*losscmp.check(*", "E*Error: *unknown domain 'reel'*"])
+    result.stdout.fnmatch_lines(["*def test_misspelt_label():*", ">*assert_losses_agree(*",
+                                 "E*UsageError: pythons offical: no implementation has that label*"])
+    out = result.stdout.str()
+    assert "src/losscmp/" not in out and "losscmp/testing.py" not in out  # no frame of losscmp's own
+
+
 def test_assert_losses_agree_is_a_plain_assertion_with_losscmp_frames_hidden(pytester):
     pytester.makepyfile(test_plain=f'''
 import torch.nn.functional as F

@@ -27,7 +27,7 @@ import torch
 
 from .audit import AuditResult, audit
 from .compare import Verdict
-from .errors import UsageError
+from .errors import LosscmpError, UsageError
 from .findings import Kind, Subject
 from .generate import Case
 from .load import Implementation, Ref, load_implementation, parse_ref
@@ -183,7 +183,10 @@ SESSIONS: list[Session] = []
 def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
     """The one code path of :func:`assert_losses_agree` and the pytest fixture."""
     __tracebackhide__ = True
-    result = check(impls, spec, options)
+    try:
+        result = check(impls, spec, options)
+    except LosscmpError as error:  # bad input to the call: its one line at the test's own frame, as the report is
+        raise error.with_traceback(None) from None
     if SESSIONS:
         SESSIONS[-1].record(result)
     if result.failure:
