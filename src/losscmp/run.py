@@ -78,7 +78,7 @@ def call(fn: Callable[..., Any], spec: Spec, case: Case) -> Outcome:
     inputs = make_inputs(spec, case)
     device = next(iter(case.tensors.values())).device
     start = time.perf_counter()
-    with captured_output() as output, warnings.catch_warnings(record=True) as caught:
+    with captured_output() as output, warnings.catch_warnings(record=True) as caught, torch_switches_kept():
         warnings.simplefilter("always")
         outcome = _call(fn, spec, case, inputs, device)
     seconds = time.perf_counter() - start
@@ -104,7 +104,8 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
         wanted = [(a.name, t) for a, t in zip(spec.args, inputs) if t.requires_grad]
         if wanted:
             if out.requires_grad:
-                seed = out.reshape(()) if spec.scalar else out.sum()
+                with torch.enable_grad():  # even if the implementation turned grad mode off on its way out
+                    seed = out.reshape(()) if spec.scalar else out.sum()
                 got = torch.autograd.grad(seed, [t for _, t in wanted], allow_unused=True)
                 grads = {name: (g.detach() if g is not None else None) for (name, _), g in zip(wanted, got)}
             else:
@@ -119,6 +120,33 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
     except (Exception, SystemExit) as e:  # the implementation's own failure is a finding, not ours
         return Outcome(Status.EXCEPTION, error=one_line(e))
     return Outcome(Status.OK, value=value, grads=grads)
+
+
+@contextlib.contextmanager
+def torch_switches_kept() -> Iterator[None]:
+    """Grad mode on for the call; torch's global switches as they were after it.
+
+    An implementation that calls ``torch.set_grad_enabled(False)``,
+    ``torch.set_default_dtype(torch.float64)`` or ``torch.use_deterministic_algorithms``
+    must not change how the next call, of any side, runs: with grad mode left off every
+    later call returns no gradient and "agrees" without a gradient being compared.  And
+    a caller inside ``torch.no_grad()`` still gets its gradients compared.
+    """
+    grad = torch.is_grad_enabled()
+    dtype = torch.get_default_dtype()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    anomaly = torch.is_anomaly_enabled()
+    torch.set_grad_enabled(True)
+    try:
+        yield
+    finally:
+        torch.set_grad_enabled(grad)
+        if torch.get_default_dtype() != dtype:
+            torch.set_default_dtype(dtype)
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != deterministic:
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        if torch.is_anomaly_enabled() != anomaly:
+            torch.set_anomaly_enabled(anomaly)
 
 
 # --- Ctrl-C: the user's, or the implementation's? ------------------------------------
