@@ -1,7 +1,16 @@
 """Hostile implementations: what one side does to the process must not make losscmp
 claim agreement it did not see."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
+import losscmp
+from losscmp.cli import main
 from losscmp.audit import Settings, audit
 from losscmp.findings import Alone, Pair
 from losscmp.load import load_implementation
@@ -70,3 +79,81 @@ def mse_wrong_grad(input, target):
     with torch.no_grad():
         result = audit(impls, parse_spec(SPEC), Settings.of(examples=10, save_dir=None, minimize=False, explain=False))
     assert {(d.subject, d.kind) for d in result.divergences} == {(Pair("mse", "mse_wrong_grad"), "gradient")}
+
+
+HOSTILE_RETURNS = """
+class Unreadable(Exception):
+    def __str__(self):
+        raise RuntimeError("no message")
+class NotAnException(BaseException):
+    pass
+class Touchy(torch.Tensor):  # its own code runs on every torch function applied to it
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("to", "isfinite", "__eq__", "eq"):
+            raise ValueError("touched")
+        return super().__torch_function__(func, types, args, kwargs or {})
+class SparseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+    @staticmethod
+    def backward(ctx, g):
+        return g.to_sparse()
+def mse(input, target):
+    return F.mse_loss(input, target)
+def unreadable(input, target):
+    if input.numel() == 1:
+        raise Unreadable()
+    return F.mse_loss(input, target)
+def base_exception(input, target):
+    if input.numel() == 1:
+        raise NotAnException("base")
+    return F.mse_loss(input, target)
+def meta_value(input, target):
+    value = F.mse_loss(input, target)
+    return value.detach().to("meta") if input.numel() == 1 else value
+def touchy(input, target):
+    return F.mse_loss(input, target).as_subclass(Touchy)
+def sparse_grad(input, target):
+    return F.mse_loss(SparseGrad.apply(input), target)
+"""
+
+
+@pytest.mark.parametrize("name, error", [
+    ("unreadable", "unreadable raised Unreadable: (its message could not be read: RuntimeError)"),
+    ("base_exception", "base_exception raised NotAnException: base"),
+    ("meta_value", "meta_value returned a meta tensor (it holds no values), not a dense tensor"),
+])
+def test_a_strange_failure_on_some_inputs_is_a_finding_not_the_end_of_losscmp(tmp_path, capsys, name, error):
+    path = tmp_path / "hostile.py"
+    path.write_text("import torch\nimport torch.nn.functional as F\n" + HOSTILE_RETURNS)
+    code = main([f"{path}:mse", f"{path}:{name}", "--spec", SPEC, "--examples", "20", "--no-save", "--no-explain", "--json", "-"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert [d["kind"] for d in report["divergences"]] in (["exception"], ["non_tensor"])
+    assert error in report["divergences"][0]["detail"]
+
+
+@pytest.mark.parametrize("name", ["touchy", "sparse_grad"])
+def test_a_tensor_subclass_value_or_a_sparse_gradient_is_compared_by_its_values(tmp_path, capsys, name):
+    path = tmp_path / "hostile.py"
+    path.write_text("import torch\nimport torch.nn.functional as F\n" + HOSTILE_RETURNS)
+    code = main([f"{path}:mse", f"{path}:{name}", "--spec", SPEC, "--examples", "10", "--no-save", "--json", "-"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["tally"] == {"agree": 10}
+
+
+def test_a_base_exception_escaping_the_supervised_command_is_said_in_one_line(tmp_path):
+    script = (
+        "import sys, losscmp.cli\n"
+        "class Stray(BaseException): pass\n"
+        "def main(argv): raise Stray('from nowhere')\n"
+        "losscmp.cli.main = main\n"
+        "from losscmp.supervise import entry\n"
+        "sys.exit(entry([]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(losscmp.__file__).parent.parent)})
+    assert done.returncode == 70
+    assert "losscmp: internal error: Stray: from nowhere" in done.stderr and "Traceback" not in done.stderr

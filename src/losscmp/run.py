@@ -32,6 +32,7 @@ import torch
 from .findings import Status
 from .generate import Case, clone_like
 from .spec import Spec
+from .supervise import Terminated
 
 # What an implementation printed is kept up to this many characters (the end is dropped).
 OUTPUT_LIMIT = 4000
@@ -59,7 +60,11 @@ class Outcome:
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    try:
+        said = str(e)
+    except Exception as why:  # an exception whose __str__ raises is still the implementation's failure
+        said = f"(its message could not be read: {type(why).__name__})"
+    text = said.strip().splitlines()
     return f"raised {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
@@ -98,6 +103,9 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
         out = fn(*inputs, **case.params)
         if not isinstance(out, torch.Tensor):
             return Outcome(Status.NON_TENSOR, error=f"returned {type(out).__name__}, not a tensor")
+        if out.layout != torch.strided or out.device.type == "meta":  # nothing losscmp could read values from
+            what = "a meta tensor (it holds no values)" if out.device.type == "meta" else f"a {str(out.layout).removeprefix('torch.')} tensor"
+            return Outcome(Status.NON_TENSOR, error=f"returned {what}, not a dense tensor")
         if spec.scalar and out.numel() != 1:
             return Outcome(Status.NON_SCALAR, error=f"returned shape {tuple(out.shape)}, expected a scalar")
         grads: dict[str, torch.Tensor | None] = {}
@@ -107,17 +115,21 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
                 with torch.enable_grad():  # even if the implementation turned grad mode off on its way out
                     seed = out.reshape(()) if spec.scalar else out.sum()
                 got = torch.autograd.grad(seed, [t for _, t in wanted], allow_unused=True)
-                grads = {name: (g.detach() if g is not None else None) for (name, _), g in zip(wanted, got)}
+                # A sparse gradient of a dense input (an embedding's, a custom backward's) is compared by value.
+                grads = {name: (_plain(g.detach() if g.layout == torch.strided else g.detach().to_dense()) if g is not None else None)
+                         for (name, _), g in zip(wanted, got)}
             else:
                 grads = {name: None for name, _ in wanted}
-        value = out.detach().reshape(()) if spec.scalar else out.detach()
+        value = _plain(out.detach().reshape(()) if spec.scalar else out.detach())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except KeyboardInterrupt as e:
         if _user_interrupts.count != interrupts or not _user_interrupts.watching:
             raise  # the user pressed Ctrl-C (or nobody can tell): stop the run
         return Outcome(Status.EXCEPTION, error=one_line(e))
-    except (Exception, SystemExit) as e:  # the implementation's own failure is a finding, not ours
+    except BaseException as e:  # the implementation's own failure is a finding, not ours
+        if isinstance(e, Terminated):
+            raise  # SIGTERM to losscmp: unwind
         return Outcome(Status.EXCEPTION, error=one_line(e))
     return Outcome(Status.OK, value=value, grads=grads)
 
@@ -147,6 +159,13 @@ def torch_switches_kept() -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if torch.is_anomaly_enabled() != anomaly:
             torch.set_anomaly_enabled(anomaly)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The same data as a plain tensor.  A subclass's ``__torch_function__`` is the
+    implementation's code: it runs here, inside the guarded call, never later in
+    losscmp's own comparisons, where what it raises would end the run."""
+    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
 
 
 # --- Ctrl-C: the user's, or the implementation's? ------------------------------------
