@@ -157,3 +157,32 @@ def test_a_base_exception_escaping_the_supervised_command_is_said_in_one_line(tm
                           env={**os.environ, "PYTHONPATH": str(Path(losscmp.__file__).parent.parent)})
     assert done.returncode == 70
     assert "losscmp: internal error: Stray: from nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_json_on_stdout_stays_pure_when_a_reference_prints_as_it_is_imported(tmp_path):
+    path = tmp_path / "chatty.py"
+    path.write_text(
+        "import os\nimport torch.nn.functional as F\n"
+        "print('loading my research code')\n"
+        "os.write(1, b'banner from C\\n')\n"
+        "def mse(input, target):\n    return F.mse_loss(input, target)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "losscmp", "torch.nn.functional:mse_loss", f"{path}:mse", "--spec", SPEC,
+         "--examples", "5", "--no-save", "--json", "-"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(losscmp.__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tally"] == {"agree": 5}
+    assert "loading my research code" in done.stderr and "banner from C" in done.stderr
+
+
+def test_json_on_stdout_stays_pure_in_process_too(tmp_path, capsys):
+    path = tmp_path / "chatty_in_process.py"
+    path.write_text("import torch.nn.functional as F\nprint('loading my research code')\n"
+                    "def mse(input, target):\n    return F.mse_loss(input, target)\n")
+    code = main(["torch.nn.functional:mse_loss", f"{path}:mse", "--spec", SPEC, "--examples", "5", "--no-save", "--json", "-"])
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["tally"] == {"agree": 5}
+    assert "loading my research code" in captured.err
