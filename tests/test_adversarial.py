@@ -186,3 +186,23 @@ def test_json_on_stdout_stays_pure_in_process_too(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0 and json.loads(captured.out)["tally"] == {"agree": 5}
     assert "loading my research code" in captured.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case is about a machine without CUDA")
+def test_a_cuda_case_replayed_on_a_machine_without_cuda_says_where_it_ran(tmp_path, capsys):
+    path = tmp_path / "pair.py"
+    path.write_text("import torch.nn.functional as F\n"
+                    "def mse(input, target):\n    return F.mse_loss(input, target)\n"
+                    "def twice(input, target):\n    return 2 * F.mse_loss(input, target)\n")
+    assert main([f"{path}:mse", f"{path}:twice", "--spec", SPEC, "--examples", "5", "--no-explain", "--no-minimize",
+                 "--save-dir", str(tmp_path / "saved"), "-q"]) == 1
+    saved = sorted((tmp_path / "saved").glob("*value*.json"))[0]
+    meta = json.loads(saved.read_text())
+    meta["device"] = "cuda"  # as found on a GPU machine
+    meta["implementations"][1]["ref"] = f"{path}:mse"  # and fixed since
+    saved.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["replay", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "recorded on cuda, replayed on cpu" in out
+    assert "agree now on cpu" in out and "not replayed on cuda" in out

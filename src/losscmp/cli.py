@@ -377,6 +377,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     result = replay(repro, impls, pythons=pythons)
     how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
     console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; input {repro.case.describe()}{how}", markup=False)
+    recorded, here = str(repro.meta.get("device", "cpu")), str(next(iter(repro.case.tensors.values())).device)
+    elsewhere = torch.device(recorded).type != torch.device(here).type
+    if elsewhere:  # the file may say cuda on a machine without it: what ran here is not what was recorded
+        console.print(f"recorded on {recorded}, replayed on {here}: this machine has no {recorded}", markup=False)
     if result.same_bits is not None:
         console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
     verdict = result.verdict
@@ -386,7 +390,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     if not verdict.compared:
         console.print(f"[yellow]not compared[/]: {escape(verdict.detail)}", highlight=False)
         return 1
-    console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
+    if elsewhere:
+        console.print(f"[green]agree now on {here}[/] (score {verdict.score:.3g}); not replayed on {recorded}, where it was recorded")
+    else:
+        console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
     return 0
 
 
