@@ -206,3 +206,22 @@ def test_a_cuda_case_replayed_on_a_machine_without_cuda_says_where_it_ran(tmp_pa
     out = capsys.readouterr().out
     assert "recorded on cuda, replayed on cpu" in out
     assert "agree now on cpu" in out and "not replayed on cuda" in out
+
+
+def test_the_other_interpreter_worker_treats_strange_returns_and_failures_as_the_in_process_call_does(tmp_path, capsys):
+    path = tmp_path / "hostile.py"
+    path.write_text("import torch\nimport torch.nn.functional as F\n" + HOSTILE_RETURNS + """
+def switches_off(input, target):
+    value = F.mse_loss(input, target)
+    torch.set_grad_enabled(False)
+    return value
+""")
+    remote = ["unreadable", "meta_value", "switches_off"]  # a worker each: few, to stay fast
+    argv = [f"{path}:mse"] + [f"{n}={path}:{n}" for n in remote] + [a for n in remote for a in ("--python", f"{n}={sys.executable}")]
+    code = main(argv + ["--reference", "mse", "--spec", SPEC, "--examples", "12", "--no-save", "--no-explain", "--no-minimize",
+                        "--json", "-"])
+    report = json.loads(capsys.readouterr().out)
+    found = {d["pair"][1]: (d["kind"], d["detail"]) for d in report["divergences"]}
+    assert code == 1 and set(found) == {"unreadable", "meta_value"}, found  # switches_off agrees: its gradients were compared
+    assert found["unreadable"][0] == "exception" and "(its message could not be read: RuntimeError)" in found["unreadable"][1]
+    assert found["meta_value"][0] == "non_tensor" and "returned a meta tensor (it holds no values)" in found["meta_value"][1]
