@@ -268,7 +268,11 @@ def load_reference(text):
 
 # ---------------------------------------------------------------------- calling
 def _first_line(e):
-    lines = str(e).strip().splitlines()
+    try:
+        said = str(e)
+    except Exception as why:  # an exception whose __str__ raises is still the implementation's failure
+        said = "(its message could not be read: %s)" % type(why).__name__
+    lines = said.strip().splitlines()
     return lines[0] if lines else ""
 
 
@@ -305,9 +309,16 @@ def call(fn, args, scalar, tensors, params):
         inputs.append(t)
     device = tensors[args[0]["name"]].device if args else torch.device("cpu")
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = _call(fn, args, scalar, inputs, params, device)
+    grad_mode, default_dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.set_grad_enabled(True)
+            result = _call(fn, args, scalar, inputs, params, device)
+    finally:  # what one call switched off must not change the next (losscmp.run.torch_switches_kept)
+        torch.set_grad_enabled(grad_mode)
+        if torch.get_default_dtype() != default_dtype:
+            torch.set_default_dtype(default_dtype)
     result["seconds"] = time.perf_counter() - start
     try:
         result["mutated"] = [a["name"] for a, t in zip(args, inputs) if not _same(t.detach(), tensors[a["name"]])]
@@ -323,23 +334,35 @@ def _call(fn, args, scalar, inputs, params, device):
         out = fn(*inputs, **params)
         if not isinstance(out, torch.Tensor):
             return {"status": "non_tensor", "error": "returned %s, not a tensor" % type(out).__name__}
+        if out.layout != torch.strided or out.device.type == "meta":  # nothing losscmp could read values from
+            what = "a meta tensor (it holds no values)" if out.device.type == "meta" else "a %s tensor" % str(out.layout).replace("torch.", "", 1)
+            return {"status": "non_tensor", "error": "returned %s, not a dense tensor" % what}
         if scalar and out.numel() != 1:
             return {"status": "non_scalar", "error": "returned shape %s, expected a scalar" % (tuple(out.shape),)}
         grads = {}
         wanted = [(a["name"], t) for a, t in zip(args, inputs) if t.requires_grad]
         if wanted:
             if out.requires_grad:
-                seed = out.reshape(()) if scalar else out.sum()
+                with torch.enable_grad():  # even if the implementation turned grad mode off on its way out
+                    seed = out.reshape(()) if scalar else out.sum()
                 got = torch.autograd.grad(seed, [t for _, t in wanted], allow_unused=True)
-                grads = dict((name, (g.detach() if g is not None else None)) for (name, _), g in zip(wanted, got))
+                grads = dict((name, (_plain(g.detach() if g.layout == torch.strided else g.detach().to_dense()) if g is not None else None))
+                             for (name, _), g in zip(wanted, got))
             else:
                 grads = dict((name, None) for name, _ in wanted)
-        value = out.detach().reshape(()) if scalar else out.detach()
+        value = _plain(out.detach().reshape(()) if scalar else out.detach())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    except (Exception, SystemExit, KeyboardInterrupt) as e:  # the implementation's failure is a finding
+    except BaseException as e:  # the implementation's failure, whatever it raised, is a finding
         return {"status": "exception", "error": one_line(e)}
     return {"status": "ok", "value": value, "grads": grads}
+
+
+def _plain(t):
+    """The same data as a plain tensor: a subclass's __torch_function__ runs here, not while packing."""
+    import torch
+
+    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
 
 
 def poisons_cuda(error):

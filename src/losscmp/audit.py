@@ -18,6 +18,7 @@ of findings; a new stage is one module and one list entry.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -288,9 +289,12 @@ class _Exploration:
     def divergences(self) -> list[Divergence]:
         # A side that disagrees with itself is blamed for a pair divergence only when the
         # pair disagrees far beyond the worst run-to-run noise that side showed all run.
+        # Noise with no size (a side that raised on one call of two, or changed dtype) is
+        # no yardstick: it would excuse every pair finding, and the pair would read "agree".
         kept = []
         for g in self.groups.values():
-            if isinstance(g.subject, Pair) and g.verdict.score <= NOISE_MARGIN * max(self.noise.get(la, 0.0) for la in g.subject.labels):
+            noise = max(self.noise.get(la, 0.0) for la in g.subject.labels)
+            if isinstance(g.subject, Pair) and math.isfinite(noise) and g.verdict.score <= NOISE_MARGIN * noise:
                 self.subject_cases.pop(g.subject, None)
                 continue
             kept.append(g.divergence())

@@ -5,10 +5,11 @@ Exit codes: 0 all agree, 1 some pair diverges, 2 bad usage or bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Any, Iterator, Sequence
 
 import torch
 from rich.console import Console
@@ -237,9 +238,6 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from .audit import audit
-    from .engine import pairs_for
-    from .report import audit_json, print_audit, write_json
     from .settings import Settings
 
     if args.timeout is not None and not (args.isolate or args.python):
@@ -270,18 +268,61 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         pythons=tuple(pythons.items()),
         **kw,
     )
-    if args.json == "-":  # stdout carries the JSON alone; the human report goes to stderr
-        console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+    if args.json != "-":
+        return _audit_run(args, settings, pythons, kw, console, err, sys.stdout)
+    # stdout carries the JSON alone; the human report goes to stderr
+    console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+    with _stdout_reserved_for_json() as json_out:
+        return _audit_run(args, settings, pythons, kw, console, err, json_out)
+
+
+@contextlib.contextmanager
+def _stdout_reserved_for_json() -> Iterator[IO[str]]:
+    """``--json -``: only the JSON reaches stdout.  What else would reach it during the
+    run (a reference printing as it is imported, a thread it leaves printing between
+    calls) goes to stderr.  Yields the stream the JSON is written to."""
+    real = sys.stdout
+    with contextlib.suppress(Exception):
+        real.flush()
+    try:
+        on_fd1 = real.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # a stream with no descriptor (pytest's capsys)
+        on_fd1 = False
+    saved = None
+    with contextlib.suppress(OSError):
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    json_out = os.fdopen(os.dup(saved), "w") if on_fd1 and saved is not None else real
+    try:
+        yield json_out
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        if json_out is not real:
+            json_out.close()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        sys.stdout = real
+
+
+def _audit_run(args: argparse.Namespace, settings: Any, pythons: dict[str, str], kw: dict[str, Any], console: Console, err: Console,
+               json_out: IO[str]) -> int:
+    from .audit import audit
+    from .engine import pairs_for
+    from .report import audit_json, print_audit, write_json
+
     impls = _load_all(args.impls, pythons)
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
     pairs = pairs_for([i.label for i in impls], args.reference)
-    supervise.describe_run(impls, save_dir, args.seed, settings.tolerance, pairs)
+    supervise.describe_run(impls, settings.outputs.save_dir, args.seed, settings.tolerance, pairs)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
     result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
     print_audit(result, console, details=not args.quiet)
     if args.json:
-        write_json(audit_json(result), args.json)
+        write_json(audit_json(result), args.json, stdout=json_out)
     return 0 if result.agree else 1
 
 
@@ -336,6 +377,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     result = replay(repro, impls, pythons=pythons)
     how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
     console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; input {repro.case.describe()}{how}", markup=False)
+    recorded, here = str(repro.meta.get("device", "cpu")), str(next(iter(repro.case.tensors.values())).device)
+    elsewhere = torch.device(recorded).type != torch.device(here).type
+    if elsewhere:  # the file may say cuda on a machine without it: what ran here is not what was recorded
+        console.print(f"recorded on {recorded}, replayed on {here}: this machine has no {recorded}", markup=False)
     if result.same_bits is not None:
         console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
     verdict = result.verdict
@@ -345,7 +390,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     if not verdict.compared:
         console.print(f"[yellow]not compared[/]: {escape(verdict.detail)}", highlight=False)
         return 1
-    console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
+    if elsewhere:
+        console.print(f"[green]agree now on {here}[/] (score {verdict.score:.3g}); not replayed on {recorded}, where it was recorded")
+    else:
+        console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,9 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def write_json(data: dict[str, Any], path: str | Path) -> None:
+def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None) -> None:
     text = json.dumps(data, indent=2, allow_nan=False, default=str)
     if str(path) == "-":
-        print(text)
+        print(text, file=stdout or sys.stdout, flush=True)
     else:
         Path(path).write_text(text + "\n")

@@ -32,6 +32,7 @@ import torch
 from .findings import Status
 from .generate import Case, clone_like
 from .spec import Spec
+from .supervise import Terminated
 
 # What an implementation printed is kept up to this many characters (the end is dropped).
 OUTPUT_LIMIT = 4000
@@ -59,7 +60,11 @@ class Outcome:
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    try:
+        said = str(e)
+    except Exception as why:  # an exception whose __str__ raises is still the implementation's failure
+        said = f"(its message could not be read: {type(why).__name__})"
+    text = said.strip().splitlines()
     return f"raised {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
@@ -78,7 +83,7 @@ def call(fn: Callable[..., Any], spec: Spec, case: Case) -> Outcome:
     inputs = make_inputs(spec, case)
     device = next(iter(case.tensors.values())).device
     start = time.perf_counter()
-    with captured_output() as output, warnings.catch_warnings(record=True) as caught:
+    with captured_output() as output, warnings.catch_warnings(record=True) as caught, torch_switches_kept():
         warnings.simplefilter("always")
         outcome = _call(fn, spec, case, inputs, device)
     seconds = time.perf_counter() - start
@@ -98,27 +103,69 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
         out = fn(*inputs, **case.params)
         if not isinstance(out, torch.Tensor):
             return Outcome(Status.NON_TENSOR, error=f"returned {type(out).__name__}, not a tensor")
+        if out.layout != torch.strided or out.device.type == "meta":  # nothing losscmp could read values from
+            what = "a meta tensor (it holds no values)" if out.device.type == "meta" else f"a {str(out.layout).removeprefix('torch.')} tensor"
+            return Outcome(Status.NON_TENSOR, error=f"returned {what}, not a dense tensor")
         if spec.scalar and out.numel() != 1:
             return Outcome(Status.NON_SCALAR, error=f"returned shape {tuple(out.shape)}, expected a scalar")
         grads: dict[str, torch.Tensor | None] = {}
         wanted = [(a.name, t) for a, t in zip(spec.args, inputs) if t.requires_grad]
         if wanted:
             if out.requires_grad:
-                seed = out.reshape(()) if spec.scalar else out.sum()
+                with torch.enable_grad():  # even if the implementation turned grad mode off on its way out
+                    seed = out.reshape(()) if spec.scalar else out.sum()
                 got = torch.autograd.grad(seed, [t for _, t in wanted], allow_unused=True)
-                grads = {name: (g.detach() if g is not None else None) for (name, _), g in zip(wanted, got)}
+                # A sparse gradient of a dense input (an embedding's, a custom backward's) is compared by value.
+                grads = {name: (_plain(g.detach() if g.layout == torch.strided else g.detach().to_dense()) if g is not None else None)
+                         for (name, _), g in zip(wanted, got)}
             else:
                 grads = {name: None for name, _ in wanted}
-        value = out.detach().reshape(()) if spec.scalar else out.detach()
+        value = _plain(out.detach().reshape(()) if spec.scalar else out.detach())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except KeyboardInterrupt as e:
         if _user_interrupts.count != interrupts or not _user_interrupts.watching:
             raise  # the user pressed Ctrl-C (or nobody can tell): stop the run
         return Outcome(Status.EXCEPTION, error=one_line(e))
-    except (Exception, SystemExit) as e:  # the implementation's own failure is a finding, not ours
+    except BaseException as e:  # the implementation's own failure is a finding, not ours
+        if isinstance(e, Terminated):
+            raise  # SIGTERM to losscmp: unwind
         return Outcome(Status.EXCEPTION, error=one_line(e))
     return Outcome(Status.OK, value=value, grads=grads)
+
+
+@contextlib.contextmanager
+def torch_switches_kept() -> Iterator[None]:
+    """Grad mode on for the call; torch's global switches as they were after it.
+
+    An implementation that calls ``torch.set_grad_enabled(False)``,
+    ``torch.set_default_dtype(torch.float64)`` or ``torch.use_deterministic_algorithms``
+    must not change how the next call, of any side, runs: with grad mode left off every
+    later call returns no gradient and "agrees" without a gradient being compared.  And
+    a caller inside ``torch.no_grad()`` still gets its gradients compared.
+    """
+    grad = torch.is_grad_enabled()
+    dtype = torch.get_default_dtype()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    anomaly = torch.is_anomaly_enabled()
+    torch.set_grad_enabled(True)
+    try:
+        yield
+    finally:
+        torch.set_grad_enabled(grad)
+        if torch.get_default_dtype() != dtype:
+            torch.set_default_dtype(dtype)
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != deterministic:
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        if torch.is_anomaly_enabled() != anomaly:
+            torch.set_anomaly_enabled(anomaly)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The same data as a plain tensor.  A subclass's ``__torch_function__`` is the
+    implementation's code: it runs here, inside the guarded call, never later in
+    losscmp's own comparisons, where what it raises would end the run."""
+    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
 
 
 # --- Ctrl-C: the user's, or the implementation's? ------------------------------------

@@ -165,7 +165,7 @@ def entry(argv: Sequence[str] | None = None) -> int:
             code = main(argv)
         except Terminated:
             code = 143
-        except Exception as e:  # a bug in losscmp itself: say so in one line, never end in silence
+        except BaseException as e:  # a bug in losscmp itself: say so in one line, never end in silence
             where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
             at = f" at {Path(where[0].filename).name}:{where[0].lineno} in {where[0].name}" if where else ""
             message = " ".join(str(e).split())
