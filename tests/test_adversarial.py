@@ -225,3 +225,21 @@ def switches_off(input, target):
     assert code == 1 and set(found) == {"unreadable", "meta_value"}, found  # switches_off agrees: its gradients were compared
     assert found["unreadable"][0] == "exception" and "(its message could not be read: RuntimeError)" in found["unreadable"][1]
     assert found["meta_value"][0] == "non_tensor" and "returned a meta tensor (it holds no values)" in found["meta_value"][1]
+
+
+def test_pair_differences_within_a_sides_own_noise_are_not_compared_never_agree(tmp_path):
+    # A side whose answers wobble by 1e-3 from call to call: the pair's differences are no
+    # bigger than that wobble, so they were excused, and the pair row read plain "agree"
+    # although 9 of 10 cases differed.  Those cases were not seen to agree.
+    impls = _impls(tmp_path, """
+def mse(input, target):
+    return F.mse_loss(input, target)
+def noisy(input, target):
+    return F.mse_loss(input, target) + 1e-3 * torch.rand(())
+""", "mse", "noisy")
+    result = audit(impls, parse_spec(SPEC), Settings.of(examples=20, minimize=False, explain=False))
+    pair = Pair("mse", "noisy")
+    assert any(d.subject == Alone("noisy") and d.kind.value == "nondeterminism" for d in result.divergences)
+    if not any(d.subject == pair for d in result.divergences):  # excused as noise: then reported as not compared
+        n, why = result.not_compared[pair]
+        assert n >= 1 and "noisy's own run-to-run noise" in why

@@ -291,13 +291,21 @@ class _Exploration:
         # pair disagrees far beyond the worst run-to-run noise that side showed all run.
         # Noise with no size (a side that raised on one call of two, or changed dtype) is
         # no yardstick: it would excuse every pair finding, and the pair would read "agree".
-        kept = []
+        # The excused cases were not seen to agree either: they are "not compared", with why.
+        kept, excused = [], {}
         for g in self.groups.values():
             noise = max(self.noise.get(la, 0.0) for la in g.subject.labels)
             if isinstance(g.subject, Pair) and math.isfinite(noise) and g.verdict.score <= NOISE_MARGIN * noise:
-                self.subject_cases.pop(g.subject, None)
+                noisy = max(g.subject.labels, key=lambda la: self.noise.get(la, 0.0))
+                excused[g.subject] = noisy
                 continue
             kept.append(g.divergence())
+        for subject in set(excused) - {d.subject for d in kept}:
+            n = self.subject_cases.pop(subject, 0)
+            count, why = self.not_compared.get(subject, (0, ""))
+            within = (f"the two differ by no more than {NOISE_MARGIN:g}x {excused[subject]}'s own run-to-run noise: "
+                      f"these cases cannot tell the two apart")
+            self.not_compared[subject] = (count + n, "; ".join(w for w in (why, within) if w))
         return sorted(kept, key=_finding_order)
 
 
