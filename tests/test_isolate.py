@@ -348,6 +348,9 @@ def test_a_crash_input_is_a_repro_that_replay_runs_isolated(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr  # still diverges, and losscmp survived the segfault
     assert "still diverges (crash)" in proc.stdout and "SIGSEGV" in proc.stdout
     assert "Traceback" not in proc.stderr
+    # The replayed file is the input: it is named, and no copy is left in a temporary folder.
+    assert f"input saved to {path}" in " ".join(proc.stdout.split())
+    assert not list(tmp_path.glob("losscmp-isolate-*"))
 
 
 def test_inputs_that_did_not_crash_leave_no_file(tmp_path):

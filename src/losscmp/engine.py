@@ -14,6 +14,7 @@ knows or cares which one ran.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from dataclasses import replace
 from typing import Protocol, Sequence
 
@@ -47,8 +48,9 @@ class InProcessRunner:
         pass
 
 
-def make_runner(settings: Settings, impls: Sequence[Implementation] = ()) -> Runner:
-    """In-process unless isolation or another interpreter is asked for."""
+def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:
+    """In-process unless isolation or another interpreter is asked for.  ``replaying``: the
+    repro being replayed, named as the input of a crash or timeout instead of a new copy."""
     execution = settings.execution
     if not execution.isolate and not execution.pythons:
         return InProcessRunner()
@@ -57,7 +59,7 @@ def make_runner(settings: Settings, impls: Sequence[Implementation] = ()) -> Run
     # What a crash or timeout repro records: the run's implementations, tolerance and seed.
     tol = settings.tolerance
     record = RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
-                       settings.outputs.save_dir)
+                       settings.outputs.save_dir, replaying)
     isolated = IsolatedRunner(timeout=execution.timeout, record=record) if execution.isolate else None
     if execution.pythons:
         from .interpreter import InterpreterRunner

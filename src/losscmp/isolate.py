@@ -115,6 +115,7 @@ class RunRecord:
     tolerance: tuple[float, float] = (1.3e-6, 1e-5)
     seed: int = 0
     keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
+    replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
 
     def partner(self, label: str) -> str:
         """Who ``label`` is compared with: the reference, else the first other implementation."""
@@ -206,8 +207,12 @@ class CaseKeeper:
 
     def keep(self, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None) -> Path:
         """The case as a kept repro of ``kind`` ("crash" or "timeout"); returns its .json path."""
-        directory = self.record.keep_dir if self.record.keep_dir is not None else self.directory()
         pending = self._pending.pop(case, None)
+        if self.record.replaying is not None:  # a copy in a temporary folder would only be litter
+            if pending is not None:
+                _forget(self.files, pending)
+            return self.record.replaying
+        directory = self.record.keep_dir if self.record.keep_dir is not None else self.directory()
         try:
             kept = self._save(directory, impl, spec, case, kind, error, timeout)
         except (OSError, TypeError, ValueError):  # an unwritable save folder: the pending copy stays

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .compare import Verdict
-from .engine import Evaluator
+from .engine import Evaluator, make_runner
 from .findings import Alone, Kind
 from .load import Implementation
 from .repro import Repro, load_repro_implementations, same_bits
@@ -59,7 +59,7 @@ def replay(repro: Repro, impls: Sequence[Implementation] | None = None, *, isola
         rtol=rtol, atol=atol, isolate=isolated, timeout=timeout if isolated or pythons else None,
         pythons=tuple((pythons or {}).items()),
     )
-    ev = Evaluator(impls, repro.spec, settings)
+    ev = Evaluator(impls, repro.spec, settings, make_runner(settings, impls, replaying=repro.path))
     try:
         subject = repro.subject
         if isinstance(subject, Alone):
