@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import losscmp
 from losscmp.audit import Settings, audit
 from losscmp.cli import main
 from losscmp.generate import Case
@@ -44,6 +45,8 @@ def test_metadata_records_what_is_needed_to_rerun(bce_repros):
         assert key in meta
     assert meta["versions"]["torch"] == torch.__version__.split("+")[0] or meta["versions"]["torch"].startswith(torch.__version__.split("+")[0])
     assert {"python", "numpy", "geomloss", "implementations"} <= set(meta["versions"])
+    # The running code's version, not an editable install's stale metadata.
+    assert meta["versions"]["losscmp"] == losscmp.__version__
 
 
 def test_generated_pytest_fails_while_the_divergence_exists(bce_repros, tmp_path, capsys):

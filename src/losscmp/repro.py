@@ -114,8 +114,12 @@ def _package_version(pkg: str) -> str | None:
 
 def versions(refs: list[Ref]) -> dict[str, Any]:
     found: dict[str, Any] = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "geomloss", "pykeops", "losscmp"):
+    for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
+    # The running code's own version: an editable install's metadata keeps the version it was installed at.
+    from . import __version__
+
+    found["losscmp"] = __version__
     impls = {}
     for ref in refs:
         if ref.is_path:
