@@ -157,9 +157,9 @@ def with_call_arguments(base: CheckOptions, **given: Any) -> CheckOptions:
     if "dtype" in given:
         given["dtype"] = as_dtype(given["dtype"])
     if "pythons" in given:  # the call's interpreters join the command line's
-        from .interpreter import parse_pythons
+        from .interpreter import check_python
 
-        called = parse_pythons((f"{label}={path}" for label, path in dict(given["pythons"]).items()), "pythons")
+        called = {label: check_python(label, path, "pythons") for label, path in dict(given["pythons"]).items()}
         given["pythons"] = tuple({**dict(base.pythons), **called}.items())
         given["called_pythons"] = tuple(called)
     if "audit" in given:
@@ -199,23 +199,25 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     from .infer import infer_spec
     from .spec import resolve_spec
 
-    from .interpreter import check_labels, is_remote
-
     given = dict(options.pythons)
     named = [implementation(i, given, strict=options.called_pythons) for i in impls]
     loaded = unique_labels(named)
-    # Only the references sent elsewhere run elsewhere, each under its label after renaming
-    # (mse -> mse#2); a callable that shares a --losscmp-python label stays here.
-    pythons = {new.label: given[old.label] for old, new in zip(named, loaded) if is_remote(old)}
+    pythons: dict[str, str] = {}
+    if given:  # worker machinery is imported only by checks that use it
+        from .interpreter import check_labels, is_remote
+
+        # Only the references sent elsewhere run elsewhere, each under its label after
+        # renaming (mse -> mse#2); a callable that shares a --losscmp-python label stays here.
+        pythons = {new.label: given[old.label] for old, new in zip(named, loaded) if is_remote(old)}
+        check_labels({la: given[la] for la in options.called_pythons}, [i.label for i in named], "pythons")
     if len(loaded) < 2:
         raise UsageError(f"losscmp needs at least two implementations to compare, got {len(loaded)}")
-    check_labels({la: given[la] for la in options.called_pythons}, [i.label for i in named], "pythons")
     here = [i for i in loaded if i.label not in pythons]  # inference probes in this interpreter
     if not spec and not here:
         raise UsageError("give spec= when every implementation runs under another interpreter (inference probes in this one)")
     the_spec = spec if isinstance(spec, Spec) else resolve_spec(spec) if spec else infer_spec(here)
     try:
-        replayed = _replay_saved(loaded, the_spec, replace(options, pythons=tuple(pythons.items())))
+        replayed = _replay_saved(loaded, the_spec, options, pythons)
     except ReproError as e:  # unreadable saved case: one line, the test fails
         return CheckResult(tuple(loaded), (), None, f"losscmp: {e}")
     still = [r for r in replayed if r.verdict.kind]
@@ -237,7 +239,8 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     return CheckResult(tuple(loaded), replayed, result, None if result.agree else _audit_failure(result, options))
 
 
-def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOptions) -> tuple[ReplayedCase, ...]:
+def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOptions,
+                  pythons: Mapping[str, str]) -> tuple[ReplayedCase, ...]:
     """Judge every saved case whose pair the test passes again, with the test's own callables.
 
     A saved case is matched by the labels of its pair and by its spec, never re-imported
@@ -260,7 +263,7 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
         if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
             continue  # saved for another pairing or spec of this test
         replayed = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=options.isolate or None,
-                          pythons=dict(options.pythons))
+                          pythons=pythons)
         verdict = replayed.verdict
         out.append(ReplayedCase(path, repro.kind, verdict, repro.case))
     return tuple(out)
