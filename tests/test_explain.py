@@ -304,7 +304,7 @@ def test_impact_says_why_a_ratio_is_missing_instead_of_printing_nan():
     case = Case({"input": torch.tensor([0.0]), "target": torch.tensor([1.0])}, {"B": 1})
     ex = explain(mine, torch_bce, preset("binary"), case, "gradient", F32)
     assert math.isnan(ex.impact.cross_improvement["binary_cross_entropy_with_logits"])
-    (line,) = [l for l in ex.evidence() if l.startswith("training impact")]
+    (line,) = [text for text in ex.evidence() if text.startswith("training impact")]
     assert "nan" not in line
     assert "descending binary_cross_entropy_with_logits: not measurable (the other's own descent made no progress)" in line
 

@@ -58,7 +58,9 @@ def test_a_crash_on_both_sides_is_a_finding_not_agreement(tmp_path, capsys):
 
 
 def test_both_failing_differently_is_a_finding_and_the_same_way_is_reported_not_compared():
-    failed = lambda why: Outcome("exception", error=f"raised ValueError: {why}")
+    def failed(why):
+        return Outcome("exception", error=f"raised ValueError: {why}")
+
     tol = Tolerance(1e-6, 1e-6)
     different = compare_outcomes(Pair("a", "b"), failed("x"), failed("y"), tol)
     same = compare_outcomes(Pair("a", "b"), failed("x"), failed("x"), tol)
@@ -123,7 +125,9 @@ def test_sweep_of_a_knob_no_call_accepts_is_a_usage_error(capsys):
 
 def test_mismatch_message_points_at_a_mismatched_element_only():
     tol = Tolerance(1e-3, 1e-5)
-    ok = lambda *v: Outcome("ok", value=torch.tensor(v, dtype=torch.float64))
+    def ok(*v):
+        return Outcome("ok", value=torch.tensor(v, dtype=torch.float64))
+
     v = compare_outcomes(Pair("e", "a"), ok(1000.0, 0.0), ok(1000.5, 0.001), tol)
     assert v.kind is Kind.VALUE
     assert "mismatched elements: 1 / 2" in v.detail
@@ -327,6 +331,8 @@ def test_regime_flags_focus_the_search_and_reject_unknown_names(capsys, tmp_path
 
 
 def test_mismatch_messages_print_the_digits_that_tell_the_sides_apart():
-    ok = lambda v: Outcome("ok", value=torch.tensor(v, dtype=torch.float32))
+    def ok(v):
+        return Outcome("ok", value=torch.tensor(v, dtype=torch.float32))
+
     v = compare_outcomes(Pair("tensorized", "online"), ok(2684017.0), ok(2684019.0), Tolerance(1e-8, 0))
     assert "tensorized 2684017 vs online 2684019" in v.detail

@@ -5,7 +5,6 @@ Real processes throughout, no mocking.  The misbehaving implementations are in
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -90,7 +90,6 @@ def test_an_internal_error_is_one_line_never_a_silent_exit(tmp_path):
 def test_a_stage_that_raises_keeps_the_findings(tmp_path):
     # An exception in a stage (a bug in the explanation, a trace the implementation
     # cannot run under) escaped audit() and lost every finding of the search.
-    import torch
     import losscmp
     from losscmp.spec import resolve_spec
     from losscmp.stages import Minimize

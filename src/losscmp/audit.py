@@ -83,7 +83,7 @@ class AuditResult:
     pairs: tuple[Pair, ...] = ()  # the pairs compared
     subject_cases: dict[Subject, int] = field(default_factory=dict)  # diverging cases per subject
     tally: dict[str, int] = field(default_factory=dict)  # every case: "agree", "not compared", or its most severe kind
-    not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
+    not_compared: dict[Subject, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
     evaluations: int = 0
     stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
 
@@ -157,7 +157,7 @@ class _Group:
         if self.mildest is None or (rank, case.numel()) < (self.mildest[0], self.mildest[1].numel()):
             self.mildest = (rank, case, v)
 
-    def absorb(self, other: "_Group") -> None:
+    def absorb(self, other: _Group) -> None:
         """Another worker's cases of the same group (``--jobs``)."""
         self.count += other.count
         self.regimes.update(other.regimes)
@@ -192,11 +192,11 @@ class _Exploration:
     """The search's bookkeeping: findings by group, and a tally of every case."""
 
     def __init__(self, ev: Evaluator):
-        self.ev = ev
+        self.ev: Evaluator | None = ev  # None once shipped back from a --jobs worker
         self.groups: dict[tuple, _Group] = {}
         self.subject_cases: Counter = Counter()
         self.tally: Counter = Counter()
-        self.not_compared: dict[Pair, tuple[int, str]] = {}
+        self.not_compared: dict[Subject, tuple[int, str]] = {}
         self.checked_self: set[str] = set()
         self.noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
         self.cases = 0
@@ -214,12 +214,14 @@ class _Exploration:
             if len(siblings) >= GROUPS_PER_KIND:  # budget spent: join the group most like it
                 group = siblings[0]
             else:
+                assert v.kind is not None  # only findings are recorded
                 group = self.groups[key] = _Group(v.subject, v.kind, key, v, case, outputs)
         group.add(v, case, outputs)
 
     def examine(self, case: Case, outcomes: dict[str, Outcome] | None = None) -> float:
         """Run and judge one case; returns the score the search climbs."""
         ev = self.ev
+        assert ev is not None, "a shipped exploration cannot examine more cases"
         outcomes = outcomes or ev.outcomes(case)
         self.cases += 1
         found: list[Verdict] = []
@@ -254,14 +256,14 @@ class _Exploration:
             self.record(v, case, outcomes)
             self.subject_cases[v.subject] += 1
         if found:
-            self.tally[min((v.kind for v in found), key=lambda k: k.severity).value] += 1
+            self.tally[min((v.kind for v in found if v.kind), key=lambda k: k.severity).value] += 1
         elif any(not v.compared for v in verdicts):
             self.tally["not compared"] += 1
         else:
             self.tally["agree"] += 1
         return max((v.max_score for v in verdicts if v.kind), default=max((v.max_score for v in verdicts), default=0.0))
 
-    def absorb(self, other: "_Exploration") -> None:
+    def absorb(self, other: _Exploration) -> None:
         """Merge another worker's exploration (``--jobs``); merging in worker order keeps
         the report the same for the same seed and the same number of jobs."""
         for key, group in other.groups.items():

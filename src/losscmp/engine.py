@@ -65,6 +65,7 @@ def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replay
         from .interpreter import InterpreterRunner
 
         return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=isolated, record=record)
+    assert isolated is not None  # neither isolation nor pythons returned in-process above
     return isolated
 
 

@@ -40,6 +40,8 @@ class Status(str, Enum):
 class Kind(str, Enum):
     """Kinds of finding, most severe first."""
 
+    description: str  # set per member by __new__; an annotation only, so not a member
+
     CRASH = "crash", "the process died (segfault, abort, exit)"
     TIMEOUT = "timeout", "did not return within the time limit"
     EXCEPTION = "exception", "raised where the other returned"
@@ -54,7 +56,9 @@ class Kind(str, Enum):
     MUTATION = "mutation", "the implementation modified its inputs in place"
     NONDETERMINISM = "nondeterminism", "the same implementation answered differently on the same input"
 
-    def __new__(cls, value: str, description: str) -> "Kind":
+    # ``description`` has a default only for the type checker: ``Kind("value")`` is the
+    # enum's lookup by value, which never reaches ``__new__`` once the class is built.
+    def __new__(cls, value: str, description: str = "") -> Kind:
         member = str.__new__(cls, value)
         member._value_ = value
         member.description = description
@@ -73,7 +77,7 @@ class Kind(str, Enum):
         return self.value in Status._value2member_map_
 
     @classmethod
-    def of_status(cls, status: Status) -> "Kind":
+    def of_status(cls, status: Status) -> Kind:
         return cls(status.value)
 
 

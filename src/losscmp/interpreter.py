@@ -162,6 +162,7 @@ class InterpreterRunner:
                                 self.timeout, seconds, transport)
         if failed is not None:
             return failed
+        assert isinstance(reply, tuple)  # worker_failure took the deaths and silences
         head, bufs = reply
         if head.get("type") != "outcome":
             self._discard(impl.label, kill=True)
@@ -180,13 +181,13 @@ class InterpreterRunner:
         if close:
             close()
 
-    def __enter__(self) -> "InterpreterRunner":
+    def __enter__(self) -> InterpreterRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _worker(self, impl: Implementation) -> "_Process":
+    def _worker(self, impl: Implementation) -> _Process:
         label = impl.label
         w = self._state.workers.get(label)
         if w is not None and w.popen.poll() is not None:  # died between calls
@@ -232,7 +233,7 @@ class _Process:
         self.stopped = False
 
     @classmethod
-    def start(cls, python: str, label: str, worker_file: str, directory: Path, n: int, limit: float) -> "_Process":
+    def start(cls, python: str, label: str, worker_file: str, directory: Path, n: int, limit: float) -> _Process:
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()  # closes when losscmp dies: the worker's watchdog exits it

@@ -229,11 +229,11 @@ class Shrinker:
             return True
         return False
 
-    def run(self, name: str, fn: Callable[["Shrinker"], bool]) -> bool:
+    def run(self, name: str, fn: Callable[[Shrinker], bool]) -> bool:
         self.current = name
         return fn(self)
 
-    def fixate(self, passes: Sequence[tuple[str, Callable[["Shrinker"], bool]]]) -> None:
+    def fixate(self, passes: Sequence[tuple[str, Callable[[Shrinker], bool]]]) -> None:
         """Run ``passes`` in order until none changes the case (Hypothesis' fixate_shrink_passes)."""
         for _ in range(MAX_ROUNDS):
             before = case_key(self.case)

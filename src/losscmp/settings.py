@@ -119,7 +119,7 @@ class Settings:
         return self.tolerances.resolve(self.execution.dtype)
 
     @classmethod
-    def of(cls, reference: str | None = None, **flat: Any) -> "Settings":
+    def of(cls, reference: str | None = None, **flat: Any) -> Settings:
         """Build from flat keywords, each routed to the record that owns it:
         ``Settings.of(examples=50, dtype=torch.float64, rtol=1e-4, save_dir="out")``."""
         parts: dict[str, dict[str, Any]] = {}

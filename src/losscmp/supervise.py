@@ -99,6 +99,7 @@ def describe_run(impls: Sequence[Any], save_dir: Path | None, seed: int, toleran
 
 
 def _describe(spec: Any, case: Any) -> bytes:
+    assert _crumbs is not None  # only before_call calls it, once it has checked
     first = next(iter(case.tensors.values()))
     where = {"spec": spec.text(), "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device), "case": case.describe()}
     recipe = case.recipe
@@ -265,7 +266,7 @@ def _materialise(crumb: dict[str, Any], directory: Path, how: str) -> str | None
 
 def materialise(directory: Path) -> Path:
     """In a fresh interpreter: write the crash repro described by the breadcrumb."""
-    from .findings import Kind
+    from .findings import Kind, Status
     from .generate import Recipe, build_case
     from .load import parse_ref
     from .repro import DTYPES, load_input, save_case
@@ -287,7 +288,7 @@ def materialise(directory: Path) -> Path:
     save_dir = Path(context["save_dir"] or ".")
     if not save_dir.is_absolute():
         save_dir = Path(context["cwd"]) / save_dir
-    outcomes = {label: Outcome("crash", error=f"ended the losscmp process ({crumb['how']})")}
+    outcomes = {label: Outcome(Status.CRASH, error=f"ended the losscmp process ({crumb['how']})")}
     return save_case(
         save_dir, spec=spec, case=case, refs=refs, pair=tuple(partner), kind=Kind.CRASH, outcomes=outcomes,
         tolerance=(context["tolerance"]["rtol"], context["tolerance"]["atol"]), seed=context["seed"],

@@ -177,6 +177,7 @@ def summary_diff(actual: Summary | None, expected: Summary | None, tol: Toleranc
     if (actual.nans, actual.posinfs, actual.neginfs) != (expected.nans, expected.posinfs, expected.neginfs):
         return (f"NaN/+inf/-inf counts differ: expected {expected.nans}/{expected.posinfs}/{expected.neginfs}, "
                 f"actual {actual.nans}/{actual.posinfs}/{actual.neginfs}")
+    assert actual.sample is not None and expected.sample is not None  # a summary without values has a sample
     d = diff_tensors("output (sampled elements)", actual.sample, expected.sample, tol)
     if d.score > 1.0:
         return d.message()
@@ -214,7 +215,7 @@ class OpRecord:
     origin: int | None  # backward: the forward record whose autograd node ran this op
     key: tuple  # what alignment matches on
 
-    def describe(self, records: Sequence["OpRecord"]) -> str:
+    def describe(self, records: Sequence[OpRecord]) -> str:
         if self.origin is not None and self.phase is Phase.BACKWARD:
             return f"{self.op} (backward of {records[self.origin].op})"
         return self.op
@@ -506,9 +507,10 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
     """One side's gradient runs ops the other lacks; on the lacking side the cause is the
     partner of the forward op those ops belong to — or, if that op reads something
     only this side computes (a ``.detach()``), that."""
-    if other_root is None or other[other_root].origin is None:
+    origin = other[other_root].origin if other_root is not None else None
+    if origin is None:
         return None
-    partner = other_to_own.get(other[other_root].origin)
+    partner = other_to_own.get(origin)
     if partner is None:
         return None
     cut = _unaligned_root(own, own[partner].producers, own_aligned)
@@ -593,11 +595,12 @@ def _split(expected: Recording, actual: Recording, alignment: Alignment, tol: To
         )
     # Every aligned op agrees, yet the results differ: ops only one side runs made them
     # (a gradient summed from one more path, say).  Follow the results back instead.
-    for ra, rb in zip(expected.results, actual.results):
-        why = summary_diff(rb.summary, ra.summary, tol)
-        if why is not None and ra.what == rb.what:
-            return _Split(ra.phase, f"the {ra.what}", "the returned results", why, {le: _text(ra.summary), la: _text(rb.summary)},
-                          (0,), (0,), ((ra.producer,), (rb.producer,)), (None, None))
+    for res_a, res_b in zip(expected.results, actual.results):
+        why_res = summary_diff(res_b.summary, res_a.summary, tol)
+        if why_res is not None and res_a.what == res_b.what:
+            return _Split(res_a.phase, f"the {res_a.what}", "the returned results", why_res,
+                          {le: _text(res_a.summary), la: _text(res_b.summary)},
+                          (0,), (0,), ((res_a.producer,), (res_b.producer,)), (None, None))
     return None
 
 
@@ -637,11 +640,12 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
         head += _first_difference(expected, actual, alignment, split.own[0])
     lines = {le: _source_line(a[cause_a], a, split.phase) if cause_a is not None else None,
              la: _source_line(b[cause_b], b, split.phase) if cause_b is not None else None}
-    missing = [label for label, where in lines.items() if where is None]
+    found = {label: where for label, where in lines.items() if where is not None}
+    missing = [label for label in lines if label not in found]
     if missing:
         return Localisation(None, f"{head}; no source line for {' and '.join(missing)}: the op was not issued from Python "
                             f"code that this torch can attribute; {split.why}; {coverage}", cov, split.values)
-    return Localisation(lines, f"{head}; {split.why}; {coverage}", cov, split.values)
+    return Localisation(found, f"{head}; {split.why}; {coverage}", cov, split.values)
 
 
 def _text(s: Summary | None) -> str:
