@@ -65,11 +65,6 @@ def audited(a, b, spec):
     return ea, eb, result
 
 
-@pytest.fixture(scope="module")
-def bce_audit():
-    return audited("bce.py:bce_with_logits", "bce.py:bce_on_sigmoid", "binary")
-
-
 # --- the float64 oracle on the bundled pairs ------------------------------------------------
 
 def test_bce_value_finding_is_numerical_with_the_sigmoid_side_unstable_and_the_clamp_note(bce_audit):

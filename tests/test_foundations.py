@@ -111,7 +111,7 @@ def test_an_implementation_raising_keyboard_interrupt_is_a_finding(tmp_path, cap
                 raise KeyboardInterrupt
             return ((input - target) ** 2).mean()
     """)
-    code = main([f"{f}:mse", f"{f}:interrupts", "--spec", "regression", "--examples", "20", "--no-save", "--no-minimize"])
+    code = main([f"{f}:mse", f"{f}:interrupts", "--spec", "regression", "--examples", "20", "--no-save", "--no-minimize", "--no-explain"])
     out = capsys.readouterr().out
     assert code == 1 and "raised KeyboardInterrupt" in out
 
@@ -136,7 +136,7 @@ def test_mismatch_message_points_at_a_mismatched_element_only():
 
 def test_a_value_finding_says_how_the_gradients_compare(capsys):
     code = main([f"{FIXTURES}/regression.py:huber", f"{FIXTURES}/regression.py:smooth_l1", "--spec", "regression",
-                 "--examples", "10", "--no-save", "--no-minimize"])
+                 "--examples", "10", "--no-save", "--no-minimize", "--no-explain"])
     out = capsys.readouterr().out
     assert code == 1 and "meanwhile gradient w.r.t. input" in out
 
@@ -244,12 +244,9 @@ def test_the_library_writes_nothing_unless_asked(tmp_path, monkeypatch):
 
 # --- saved cases: trust, and a replay that survives what it replays -------------------
 
-@pytest.fixture(scope="module")
-def saved_bce(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saved")
-    assert main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--examples", "20",
-                 "--save-dir", str(folder), "-q"]) == 1
-    return sorted(folder.glob("*.json"))[0]
+@pytest.fixture
+def saved_bce(bce_repros):
+    return sorted(bce_repros)[0]
 
 
 def tampered(saved, tmp_path, **changes):
@@ -322,7 +319,7 @@ def test_a_side_that_raises_on_every_tame_input_is_an_argument_format_mismatch(t
 def test_regime_flags_focus_the_search_and_reject_unknown_names(capsys, tmp_path):
     out = tmp_path / "r.json"
     code = main([f"{FIXTURES}/regression.py:huber", f"{FIXTURES}/regression.py:smooth_l1", "--spec", "regression", "--examples", "20",
-                 "--no-save", "--no-minimize", "--regimes", "standard,tiny", "--exclude-regimes", "tiny", "--json", str(out)])
+                 "--no-save", "--no-minimize", "--no-explain", "--regimes", "standard,tiny", "--exclude-regimes", "tiny", "--json", str(out)])
     capsys.readouterr()
     assert code == 1
     assert {r for d in json.loads(out.read_text())["divergences"] for r in d["regimes"]} == {"standard"}

@@ -20,15 +20,6 @@ from losscmp.spec import preset
 from .conftest import FIXTURES, PLANTED
 
 
-@pytest.fixture(scope="module")
-def bce_repros(tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("cases")
-    impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
-    result = audit(impls, preset("binary"), Settings.of(examples=40, save_dir=save_dir))
-    assert result.divergences
-    return [Path(d.repro) for d in result.divergences]
-
-
 def test_save_then_replay_gives_the_same_verdict_bit_for_bit(bce_repros, capsys):
     for path in bce_repros:
         assert path.exists() and path.with_suffix(".npz").exists()
@@ -147,7 +138,7 @@ def test_corrupt_repros_give_one_line_errors(bce_repros, tmp_path, capsys, damag
 
 def test_replay_of_a_self_finding(tmp_path, capsys):
     impls = [load_implementation(f"{PLANTED}:mse"), load_implementation(f"{PLANTED}:mse_inplace")]
-    result = audit(impls, preset("regression"), Settings.of(examples=10, save_dir=tmp_path))
+    result = audit(impls, preset("regression"), Settings.of(examples=10, save_dir=tmp_path, explain=False))
     mutation = next(d for d in result.divergences if d.kind == "mutation")
     assert main(["replay", mutation.repro]) == 1
     assert "mutation" in capsys.readouterr().out
@@ -157,7 +148,8 @@ def _audit_and_save(tmp_path, source, a, b, spec, examples=20, module="impls"):
     f = tmp_path / f"{module}.py"  # a fresh name per source: loaded files stay cached
     f.write_text(source)
     save = tmp_path / "cases"
-    result = audit([load_implementation(f"{f}:{a}"), load_implementation(f"{f}:{b}")], spec, Settings.of(examples=examples, save_dir=save))
+    result = audit([load_implementation(f"{f}:{a}"), load_implementation(f"{f}:{b}")], spec,
+                   Settings.of(examples=examples, save_dir=save, explain=False))  # repros do not hold the explanation
     assert result.divergences
     return [Path(d.repro) for d in result.divergences]
 
@@ -173,7 +165,7 @@ def test_qualified_labels_replay(tmp_path, capsys):
     for name, factor in (("p1", 1), ("p2", 2)):
         (tmp_path / f"{name}.py").write_text(f"def a(input, target):\n    return ((input - target) ** 2).mean() * {factor}\n")
     code = main([str(tmp_path / "p1.py") + ":a", str(tmp_path / "p2.py") + ":a", "--spec", "regression", "--examples", "5",
-                 "--no-minimize", "--save-dir", str(tmp_path / "o")])
+                 "--no-minimize", "--no-explain", "--save-dir", str(tmp_path / "o")])
     assert code == 1
     saved = next((tmp_path / "o").glob("*.json"))
     assert main(["replay", str(saved)]) == 1
@@ -201,7 +193,7 @@ def test_generated_test_imports_a_forked_package(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("from .core import loss\n")
     (pkg / "core.py").write_text("def loss(input, target):\n    return ((input - target) ** 2).mean() * 2\n")
     monkeypatch.chdir(tmp_path)
-    code = main([f"{pkg}:loss", "torch.nn.functional:mse_loss", "--spec", "regression", "--examples", "5", "--save-dir", "cases"])
+    code = main([f"{pkg}:loss", "torch.nn.functional:mse_loss", "--spec", "regression", "--examples", "5", "--no-explain", "--save-dir", "cases"])
     assert code == 1
     failed, log = _pytest_file_fails(next((tmp_path / "cases").glob("*.json")), tmp_path)
     assert failed, log
