@@ -41,6 +41,7 @@ def test_divergent_pairs_are_found_within_the_default_budget(a, b, spec, kinds):
         ("torch.nn.functional:mse_loss", f"{FIXTURES}/regression.py:mean_square", "regression"),
     ],
 )
+@pytest.mark.slow
 def test_equivalent_pairs_never_raise_an_alarm(a, b, spec):
     result = audit(impls(a, b), preset(spec), Settings.of(examples=500, save_dir=None, minimize=False))
     assert result.cases_run == 500
@@ -48,6 +49,7 @@ def test_equivalent_pairs_never_raise_an_alarm(a, b, spec):
     assert result.agree, [(d.kind, d.verdict.detail, regimes) for d in result.divergences]
 
 
+@pytest.mark.slow
 def test_same_seed_same_report(tmp_path):
     reports = []
     for run in range(2):
@@ -126,6 +128,7 @@ print(hashlib.sha256(repr(seen).encode()).hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_same_seed_same_cases_whatever_else_the_process_imported():
     """Hypothesis harvests float literals from local modules; our cases must not depend on them."""
     import subprocess

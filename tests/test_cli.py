@@ -101,6 +101,7 @@ def test_spec_inference_is_printed_with_how_to_pin_it(capsys):
     assert "inferred spec regression" in out and "--spec regression" in out
 
 
+@pytest.mark.slow
 def test_python_dash_m_agrees_with_entry_point(tmp_path):
     report = tmp_path / "r.json"
     proc = subprocess.run(

@@ -37,6 +37,7 @@ def run_losscmp(*argv, cwd=None, timeout=240):
 
 # --- false verdicts -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_crash_on_both_sides_is_a_finding_not_agreement(tmp_path, capsys):
     f = module(tmp_path, """
         import ctypes
@@ -86,6 +87,7 @@ def test_cases_both_sides_refuse_are_counted_and_shown_as_not_compared(tmp_path,
     assert "cases: " in out and "not compared" in out.split("cases: ")[1].splitlines()[0]
 
 
+@pytest.mark.slow
 def test_process_killing_implementation_never_exits_0_and_its_input_replays(tmp_path):
     f = module(tmp_path, """
         import os
@@ -143,6 +145,7 @@ def test_a_value_finding_says_how_the_gradients_compare(capsys):
 
 # --- losscmp itself never dies, hangs or leaks implementations' output ---------------
 
+@pytest.mark.slow
 def test_isolate_without_spec_never_probes_in_process(tmp_path):
     f = module(tmp_path, """
         import ctypes
@@ -153,6 +156,7 @@ def test_isolate_without_spec_never_probes_in_process(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("losscmp: error:") and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_printing_closing_stdout_and_leaving_threads_cannot_break_losscmp(tmp_path):
     f = module(tmp_path, """
         import os, sys, threading, time, warnings

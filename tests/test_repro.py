@@ -40,6 +40,7 @@ def test_metadata_records_what_is_needed_to_rerun(bce_repros):
     assert meta["versions"]["losscmp"] == losscmp.__version__
 
 
+@pytest.mark.slow
 def test_generated_pytest_fails_while_the_divergence_exists(bce_repros, tmp_path, capsys):
     out = tmp_path / "test_repro_bce.py"
     assert main(["replay", "--pytest", str(bce_repros[0]), "-o", str(out)]) == 0
@@ -50,6 +51,7 @@ def test_generated_pytest_fails_while_the_divergence_exists(bce_repros, tmp_path
     assert "1 failed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_generated_pytest_passes_once_implementations_agree(tmp_path, capsys):
     spec = preset("regression")
     case = Case({"input": torch.randn(5), "target": torch.randn(5)}, {"B": 5})
@@ -172,6 +174,7 @@ def test_qualified_labels_replay(tmp_path, capsys):
     assert "p1:a vs p2:a" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_generated_test_keeps_layout_and_tuple_parameters(tmp_path):
     layout_src = ("def a(x, y):\n    return (x - y).pow(2).mean()\n"
                   "def b(x, y):\n    return (x - y).pow(2).mean() * (1 if x.is_contiguous() else 2)\n")
@@ -187,6 +190,7 @@ def test_generated_test_keeps_layout_and_tuple_parameters(tmp_path):
     assert failed, log
 
 
+@pytest.mark.slow
 def test_generated_test_imports_a_forked_package(tmp_path, monkeypatch):
     pkg = tmp_path / "fork" / "mypkg"
     pkg.mkdir(parents=True)
@@ -199,6 +203,7 @@ def test_generated_test_imports_a_forked_package(tmp_path, monkeypatch):
     assert failed, log
 
 
+@pytest.mark.slow
 def test_a_hostile_file_name_cannot_inject_code_into_a_generated_test(bce_repros, tmp_path):
     victim = tmp_path / "PWNED"  # the generated test runs with tmp_path as its working directory
     name = 'x"""+__import__("os").system("touch PWNED")+"""'

@@ -2,6 +2,8 @@
 import json
 import textwrap
 
+import pytest
+
 from losscmp.cli import main
 
 
@@ -42,6 +44,7 @@ def test_complex_divergence_is_explained_without_crashing_the_run(tmp_path, caps
     assert d["category"] == "semantic"
 
 
+@pytest.mark.slow
 def test_explaining_a_complex_loss_leaks_no_casting_warning(tmp_path):
     # The known-number notes summed float(value.double()): torch warned "Casting complex
     # values to real discards the imaginary part" into the report.  A fresh process: the
@@ -62,6 +65,7 @@ def test_explaining_a_complex_loss_leaks_no_casting_warning(tmp_path):
     assert "Casting complex values" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_an_internal_error_is_one_line_never_a_silent_exit(tmp_path):
     # An unforeseen exception in the supervised child ended the process with code 70 and
     # no output at all: the os._exit in the child's `finally` ate the traceback.
@@ -218,6 +222,7 @@ def test_a_saved_case_that_still_diverges_fails_with_its_report(tmp_path):
     assert "input = [" in message
 
 
+@pytest.mark.slow
 def test_an_implementation_killing_a_jobs_worker_is_one_line(tmp_path):
     # Without --isolate, a segfault inside a --jobs worker surfaced as BrokenProcessPool
     # from the pool: exit 70 and (before the supervisor fix) no output at all.
@@ -251,6 +256,7 @@ def test_sweep_prints_its_result(tmp_path, capsys):
     assert "a vs b" in out and "DIVERGE" in out
 
 
+@pytest.mark.slow
 def test_standalone_test_of_a_hang_fails_in_time_instead_of_hanging_pytest(tmp_path):
     # `replay --pytest` of a timeout repro called the hanging implementation in pytest's
     # own process (and a crash repro segfaulted pytest): now each side runs first in its

@@ -20,6 +20,7 @@ def test_handwritten_sinkhorn_agrees_with_geomloss_over_the_default_budget():
     assert result.agree, [(d.kind, d.verdict.detail, d.case.describe()) for d in result.divergences]
 
 
+@pytest.mark.slow
 def test_a_fork_of_the_schedule_is_caught(tmp_path):
     """One changed constant (the eps-scaling ratio) in an otherwise identical copy is found."""
     fork = tmp_path / "fork_sinkhorn.py"
