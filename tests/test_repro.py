@@ -281,6 +281,7 @@ def test_a_tampered_repro_never_generates_a_test_that_runs_code(bce_repros, tmp_
     assert not (tmp_path / "MARKER").exists() and not Path("MARKER").exists()
 
 
+@pytest.mark.slow
 def test_a_generated_test_calls_no_factory_but_a_module_class(bce_repros, tmp_path, capsys):
     """A user file may be imported (it is the implementation the repro names), but a call
     of one of its plain functions is refused by replay and by the generated test alike."""
