@@ -1,3 +1,5 @@
+from __future__ import annotations  # "str | None" below must not be evaluated on Python 3.9
+
 import os
 from pathlib import Path
 
