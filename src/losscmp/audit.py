@@ -30,14 +30,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import target
 
 from . import supervise
-from .compare import Verdict
 from .engine import Evaluator, mutation_verdict
 from .explain import observe
 from .errors import LosscmpError
-from .findings import Alone, Kind, Pair, Status, Subject
-from .generate import REGIMES, Case, build_case, check_fits, probe_recipe, recipes
+from .generate import REGIMES, build_case, check_fits, probe_recipe, recipes
 from .load import Implementation
-from .run import Outcome, finite, watching_interrupts
+from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
+from .run import finite, watching_interrupts
 from .settings import Settings
 from .spec import Spec
 
@@ -46,54 +45,6 @@ from .spec import Spec
 NOISE_MARGIN = 10.0
 # Distinct-looking groups kept per (subject, kind) during the search.
 GROUPS_PER_KIND = 4
-
-
-@dataclass(frozen=True, eq=False)
-class Divergence:
-    """One kind of disagreement for one subject, and one of its causes (a group)."""
-
-    subject: Subject
-    kind: Kind
-    verdict: Verdict  # on the worst case
-    case: Case  # the worst case: highest score, then fewest elements
-    count: int  # diverging cases in this group
-    regimes: dict[str, int] = field(default_factory=dict)  # diverging cases per regime
-    representative: Case | None = None  # the mildest-regime case
-    representative_verdict: Verdict | None = None
-    outputs: dict[str, str] = field(default_factory=dict)  # what each side printed or warned on the worst case
-    minimized: Any = None  # minimize.Minimized
-    explanation: Any = None  # explain.Explanation
-    repro: str | None = None
-    repro_error: str | None = None  # why the repro could not be saved
-    group_key: tuple = ()
-
-    @property
-    def score(self) -> float:
-        return self.verdict.score
-
-
-@dataclass(frozen=True, eq=False)
-class AuditResult:
-    implementations: tuple[Implementation, ...]
-    spec: Spec
-    settings: Settings
-    cases_run: int
-    divergences: tuple[Divergence, ...]
-    seconds: float  # everything the caller waited for: search, minimisation, explanation, saving
-    pairs: tuple[Pair, ...] = ()  # the pairs compared
-    subject_cases: dict[Subject, int] = field(default_factory=dict)  # diverging cases per subject
-    tally: dict[str, int] = field(default_factory=dict)  # every case: "agree", "not compared", or its most severe kind
-    not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
-    evaluations: int = 0
-    stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return tuple(i.label for i in self.implementations)
-
-    @property
-    def agree(self) -> bool:
-        return not self.divergences
 
 
 class ProbeError(LosscmpError):

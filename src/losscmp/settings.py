@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .compare import Tolerance
+from .model import Tolerance
 from .errors import UsageError
 
 

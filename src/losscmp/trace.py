@@ -57,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .compare import Tolerance, compare_outcomes, diff_tensors
+from .compare import Tolerance, compare_outcomes, diff_message, diff_tensors
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
@@ -173,13 +173,13 @@ def summary_diff(actual: Summary | None, expected: Summary | None, tol: Toleranc
     if actual.values is not None and expected.values is not None:
         shape = tuple(expected.shape) + ((2,) if expected.dtype.is_complex else ())  # complex: summarised as (real, imaginary) pairs
         d = diff_tensors("output", actual.values.reshape(shape), expected.values.reshape(shape), tol)
-        return d.message() if d.score > 1.0 else None
+        return diff_message(d) if d.score > 1.0 else None
     if (actual.nans, actual.posinfs, actual.neginfs) != (expected.nans, expected.posinfs, expected.neginfs):
         return (f"NaN/+inf/-inf counts differ: expected {expected.nans}/{expected.posinfs}/{expected.neginfs}, "
                 f"actual {actual.nans}/{actual.posinfs}/{actual.neginfs}")
     d = diff_tensors("output (sampled elements)", actual.sample, expected.sample, tol)
     if d.score > 1.0:
-        return d.message()
+        return diff_message(d)
     n = expected.numel
     big = max(abs(expected.low), abs(expected.high)) if expected.abs_total else 0.0
     checks = (
