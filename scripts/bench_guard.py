@@ -1,7 +1,7 @@
 """Per-case cost of the no-silent-exit protection, and of output capture, on a tiny loss.
 
 Under the command line's supervisor every in-process call first leaves a breadcrumb
-(``losscmp.supervise.before_call``: one pwrite; a case the minimiser or the explain
+(``losscmp.breadcrumbs.before_call``: one pwrite; a case the minimiser or the explain
 stage derived is also written to disk once, without fsync).  Every call also captures what the implementation prints at
 the file-descriptor level (``losscmp.run.captured_output``).  This benchmark runs the
 same audit of a tiny loss (mse, B <= 64) in rounds, interleaved so that machine drift
@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from losscmp import audit, load_implementation, parse_spec, run, supervise
+from losscmp import audit, breadcrumbs, load_implementation, parse_spec, run
+from losscmp.repro import save_input
 from losscmp.settings import Settings
 
 SPEC = "input: B real grad; target: B real; B=1..64"
@@ -50,11 +51,11 @@ def no_capture():
 @contextlib.contextmanager
 def breadcrumbs():
     with tempfile.TemporaryDirectory() as d:
-        supervise._crumbs = supervise._Breadcrumbs(Path(d))
+        breadcrumbs._crumbs = breadcrumbs._Breadcrumbs(Path(d), save_input)
         try:
             yield
         finally:
-            supervise._crumbs = None
+            breadcrumbs._crumbs = None
 
 
 def per_case_ms(mode: str, impls, spec, examples: int) -> float:
@@ -114,8 +115,8 @@ def per_call(spec, calls: int = 5000) -> None:
             pass
 
     with breadcrumbs():
-        supervise.rebuildable(case)
-        crumb = timed(lambda: supervise.before_call("mse", spec, case))
+        breadcrumbs.rebuildable(case)
+        crumb = timed(lambda: breadcrumbs.before_call("mse", spec, case))
     print(f"per call, {calls} calls each: bare mse_loss forward {bare:.1f} us; output capture {timed(capture_only):.1f} us; "
           f"breadcrumb {crumb:.1f} us")
 

@@ -18,11 +18,13 @@ from pathlib import Path
 from dataclasses import replace
 from typing import Protocol, Sequence
 
-from . import supervise
+from . import breadcrumbs
 from .compare import Tolerance, Verdict, compare_outcomes
 from .errors import UsageError
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
+from .interpreter import InterpreterRunner
+from .isolate import IsolatedRunner, RunRecord
 from .load import Implementation
 from .run import Outcome, call
 from .settings import Settings
@@ -41,7 +43,7 @@ class InProcessRunner:
     the process is named, with its input, instead of ending the run silently."""
 
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
-        supervise.before_call(impl.label, spec, case)
+        breadcrumbs.before_call(impl.label, spec, case)
         return call(impl.fn, spec, case)
 
     def close(self) -> None:
@@ -54,16 +56,12 @@ def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replay
     execution = settings.execution
     if not execution.isolate and not execution.pythons:
         return InProcessRunner()
-    from .isolate import IsolatedRunner, RunRecord  # workers, pipes: only when asked for
-
     # What a crash or timeout repro records: the run's implementations, tolerance and seed.
     tol = settings.tolerance
     record = RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
                        settings.outputs.save_dir, replaying)
     isolated = IsolatedRunner(timeout=execution.timeout, record=record) if execution.isolate else None
     if execution.pythons:
-        from .interpreter import InterpreterRunner
-
         return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=isolated, record=record)
     return isolated
 

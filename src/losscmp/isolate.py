@@ -74,12 +74,14 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as tmp
 
+from . import load
 from ._standalone_worker import poisons_cuda
+from .breadcrumbs import request_death_signal
 from .generate import Case
-from .load import Implementation, LoadError, Ref, load_object
+from .load import Implementation, LoadError, Ref, load_implementation, load_object
+from .repro import save_case
 from .run import Outcome, call
 from .spec import Spec
-from .supervise import request_death_signal
 
 __all__ = ["IsolatedRunner", "IsolationError", "RunRecord", "Transport"]
 
@@ -227,8 +229,6 @@ class CaseKeeper:
 
     def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None,
               durable: bool = True) -> Path:
-        from .repro import save_case
-
         label = impl.label
         partner = self.record.partner(label)
         refs = {r.label: r for r in self.record.refs}
@@ -590,8 +590,6 @@ def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None
     if isinstance(what, Implementation):  # forked: the callable came with the process
         impl = what
     else:
-        from .load import load_implementation
-
         try:
             impl = load_implementation(what)
         except Exception as e:
@@ -715,8 +713,6 @@ def _portable_ref(ref: Ref) -> Ref:
         return replace(ref, target=str(Path(ref.target).resolve()))
     # Loaded relative to some other folder (a repro's base_dir): find the file it came from.
     want = Path(ref.target).parts
-    from . import load
-
     modules = list(sys.modules.values()) + list(getattr(load, "_SHADOW_CACHE", {}).values())
     for m in modules:
         file = getattr(m, "__file__", None)

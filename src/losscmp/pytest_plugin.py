@@ -29,10 +29,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
+from .errors import LosscmpError, UsageError
+
 if TYPE_CHECKING:
     from .testing import CheckOptions, CheckResult, Session
 
 SAVE_DIR = "fixtures/losscmp"
+# losscmp.testing, settings and interpreter import torch: this module imports them inside
+# the hooks that need them, so that a pytest run that runs no check never loads torch.
 # Spelled out, not imported: importing losscmp.testing imports torch, and every pytest
 # run of a project that merely has losscmp installed loads this module.
 DTYPE_NAMES = ["float16", "bfloat16", "float32", "float64"]
@@ -132,7 +136,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _command_line_options(config: pytest.Config) -> "CheckOptions":
-    from .errors import LosscmpError, UsageError
     from .interpreter import parse_pythons
     from .settings import checked_device
     from .testing import CheckOptions, as_dtype

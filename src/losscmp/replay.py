@@ -9,7 +9,8 @@ pytest session).  The implementations come from the file (after the trust check 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Collection, Mapping, Sequence
 
 import torch
 
@@ -17,11 +18,28 @@ from .compare import Verdict
 from .engine import Evaluator, make_runner
 from .findings import Alone, Kind
 from .load import Implementation
-from .repro import Repro, load_repro_implementations, same_bits
+from .interpreter import remote_implementation
+from .load import load_implementation
+from .repro import Repro, ReproError, refuse_untrusted, same_bits
 from .settings import Settings
 
 # A saved timeout case without a recorded limit still must not hang the replay.
 DEFAULT_REPLAY_TIMEOUT = 60.0
+
+
+def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
+    """The implementations of a saved case's subject, after the trust check, with the safe factory policy.
+    Labels in ``remote`` run under another interpreter: never imported here."""
+    base = repro.meta.get("base_dir")
+    base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
+    by_label = {r.label: r for r in repro.refs}
+    wanted = [by_label[label] for label in dict.fromkeys(repro.pair)]
+    for ref in wanted:
+        if not ref.target:
+            raise ReproError(f"{ref.label} ({ref.text}) lives only inside its test: re-run that test to replay this case")
+    refuse_untrusted(wanted)
+    return [remote_implementation(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+            for ref in wanted]
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,15 +30,16 @@ import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from ._version import __version__
 from .errors import LosscmpError
-from .findings import Kind
-from .generate import Case, Recipe, _with_layout
-from .load import LoadError, Ref, load_implementation, parse_ref
+from .generate import _with_layout
+from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
+from .load import LoadError, Ref, parse_ref
 from .spec import Spec, SpecError, parse_spec
 
 FORMAT = "losscmp-repro/1"
@@ -117,8 +118,6 @@ def versions(refs: list[Ref]) -> dict[str, Any]:
     for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
     # The running code's own version: an editable install's metadata keeps the version it was installed at.
-    from . import __version__
-
     found["losscmp"] = __version__
     impls = {}
     for ref in refs:
@@ -238,8 +237,6 @@ def _json_default(x: Any) -> Any:
 
 def save_divergence(ev, d, directory: Path) -> Path:
     """Save the (minimised, if available) case of an audit divergence."""
-    from .findings import subject_labels_json
-
     case = d.minimized.case if d.minimized else d.case
     labels = list(d.subject.labels)
     if d.kind.failed_call and d.kind in (Kind.CRASH, Kind.TIMEOUT):
@@ -288,8 +285,6 @@ class Repro:
 
     @property
     def subject(self):
-        from .findings import subject_from_labels
-
         return subject_from_labels(self.meta["pair"])
 
     @property
@@ -496,23 +491,6 @@ def refuse_untrusted(refs: Sequence[Ref]) -> None:
         why = untrusted_reason(ref)
         if why:
             raise ReproError(f"refusing to run {ref.label} = {ref.source()} from a saved file: {why}")
-
-
-def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
-    """The subject's implementations, after the trust check, with the safe factory policy.
-    Labels in ``remote`` run under another interpreter: never imported here."""
-    base = repro.meta.get("base_dir")
-    base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
-    by_label = {r.label: r for r in repro.refs}
-    wanted = [by_label[label] for label in dict.fromkeys(repro.pair)]
-    for ref in wanted:
-        if not ref.target:
-            raise ReproError(f"{ref.label} ({ref.text}) lives only inside its test: re-run that test to replay this case")
-    refuse_untrusted(wanted)
-    if remote:
-        from .interpreter import remote_implementation
-    return [remote_implementation(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
-            for ref in wanted]
 
 
 def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:

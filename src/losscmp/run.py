@@ -32,7 +32,7 @@ import torch
 from .generate import clone_like
 from .model import Case, Outcome, Status  # noqa: F401  Outcome re-exported: moved to model
 from .spec import Spec
-from .supervise import Terminated
+from .breadcrumbs import Terminated
 
 # What an implementation printed is kept up to this many characters (the end is dropped).
 OUTPUT_LIMIT = 4000

@@ -27,13 +27,18 @@ import torch
 
 from .audit import AuditResult, audit
 from .compare import Verdict
+from .display import tensor_text
 from .errors import LosscmpError, UsageError
 from .findings import Kind, Subject
 from .generate import Case
+from .infer import infer_spec
+from .interpreter import check_labels, check_python, is_remote, remote_implementation
 from .load import Implementation, Ref, load_implementation, parse_ref
-from .repro import ReproError
+from .replay import replay
+from .report import print_audit
+from .repro import ReproError, load_repro
 from .settings import Settings
-from .spec import Spec
+from .spec import Spec, resolve_spec
 
 __all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase", "Session"]
 
@@ -157,8 +162,6 @@ def with_call_arguments(base: CheckOptions, **given: Any) -> CheckOptions:
     if "dtype" in given:
         given["dtype"] = as_dtype(given["dtype"])
     if "pythons" in given:  # the call's interpreters join the command line's
-        from .interpreter import check_python
-
         called = {label: check_python(label, path, "pythons") for label, path in dict(given["pythons"]).items()}
         given["pythons"] = tuple({**dict(base.pythons), **called}.items())
         given["called_pythons"] = tuple(called)
@@ -196,16 +199,11 @@ def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str |
 
 def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
     """Replay the saved cases, then (unless replay-only, or a saved case still diverges) fuzz."""
-    from .infer import infer_spec
-    from .spec import resolve_spec
-
     given = dict(options.pythons)
     named = [implementation(i, given, strict=options.called_pythons) for i in impls]
     loaded = unique_labels(named)
     pythons: dict[str, str] = {}
-    if given:  # worker machinery is imported only by checks that use it
-        from .interpreter import check_labels, is_remote
-
+    if given:
         # Only the references sent elsewhere run elsewhere, each under its label after
         # renaming (mse -> mse#2); a callable that shares a --losscmp-python label stays here.
         pythons = {new.label: given[old.label] for old, new in zip(named, loaded) if is_remote(old)}
@@ -247,9 +245,6 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
     from the references it records: a lambda has none.  It is judged with the tolerance
     it was saved with; a case that crashed or hung is replayed in a worker process.
     """
-    from .replay import replay
-    from .repro import load_repro
-
     directory = options.replay_dir
     if directory is None or not directory.is_dir():
         return ()
@@ -288,8 +283,6 @@ def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str
 def _audit_failure(result: AuditResult, options: CheckOptions) -> str:
     from rich.console import Console
 
-    from .report import print_audit
-
     buffer = io.StringIO()
     print_audit(result, Console(file=buffer, width=160, soft_wrap=True, color_system=None, highlight=False))
     lines = buffer.getvalue().rstrip("\n").splitlines()
@@ -304,8 +297,6 @@ def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
 
 
 def _tensor_text(t: torch.Tensor) -> str:
-    from .display import tensor_text
-
     return tensor_text(t)
 
 
@@ -367,8 +358,6 @@ def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | 
     if isinstance(impl, str):
         ref = parse_ref(impl)
         if ref.label in pythons:
-            from .interpreter import remote_implementation
-
             return remote_implementation(ref)
         return load_implementation(ref)
     if not callable(impl):
