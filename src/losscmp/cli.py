@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import breadcrumbs
+from . import breadcrumbs, jsonout
 from ._version import __version__
 from .audit import audit
 from .engine import pairs_for
@@ -439,7 +438,7 @@ def _trace(argv: list[str]) -> int:
         print(f"      {where.code}", file=human)
         print(f"      value: {result.values.get(label, '?')}", file=human)
     if args.json:
-        text = json.dumps(result.to_json(), indent=2)
+        text = jsonout.dumps(result.to_json(), indent=2)
         if args.json == "-":
             print(text)
         else:

@@ -1,7 +1,6 @@
 """Reports: a terminal summary (rich) and the machine-readable JSON report."""
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import sys
@@ -12,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .audit import AuditResult, Divergence
+from . import jsonout
 from .display import tensor_text
-from .findings import Alone, subject_labels_json
+from .model import Alone, AuditResult, Divergence, subject_labels_json
 
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
@@ -146,13 +145,14 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
 
 def divergence_json(d: Divergence) -> dict[str, Any]:
     m = d.minimized
-    explained = d.explanation.to_json() if d.explanation is not None else {}
-    explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
+    explained = d.explanation.to_json() if d.explanation is not None else None
+    if explained is not None:
+        explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
     return {
         "pair": subject_labels_json(d.subject),
         "alone": isinstance(d.subject, Alone),
         "kind": d.kind.value,
-        "score": _num(d.score),
+        "score": d.score,
         "score_text": _score(d.score),
         "cases": d.count,
         "regimes": dict(d.regimes),
@@ -174,24 +174,21 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
         "repro": d.repro,
         "repro_error": d.repro_error,
         "gradient_summaries": [
-            {"what": t.what, "max_abs": _num(t.max_abs), "max_rel": _num(t.max_rel), "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine), "score": _num(t.score)}
+            {"what": t.what, "max_abs": t.max_abs, "max_rel": t.max_rel, "rel_l2": t.rel_l2, "cosine": t.cosine, "score": t.score}
             for t in d.verdict.diffs
         ],
-        "explanation": d.explanation.sentence() if d.explanation is not None else None,
-        "category": explained.get("category"),
-        "unstable_side": explained.get("unstable_side"),
-        "location": explained.get("location"),
-        **{k: v for k, v in explained.items() if k not in ("category", "unstable_side", "location")},
+        # The contract's three explanation fields stay at the top; the whole explanation,
+        # with its own call count ("evaluations"), nests under its own key so that it can
+        # never overwrite a field of the finding (the minimiser's "evaluations").
+        "category": explained["category"] if explained else None,
+        "unstable_side": explained["unstable_side"] if explained else None,
+        "location": explained["location"] if explained else None,
+        "explanation": explained,
     }
 
 
-def _num(x: float) -> float | None:
-    """JSON has no inf/NaN: those become null (``score_text`` keeps "inf")."""
-    return x if math.isfinite(x) else None
-
-
 def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None) -> None:
-    text = json.dumps(data, indent=2, allow_nan=False, default=str)
+    text = jsonout.dumps(data, indent=2, default=str)
     if str(path) == "-":
         print(text, file=stdout or sys.stdout, flush=True)
     else:

@@ -35,11 +35,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import jsonout
 from ._version import __version__
 from .errors import LosscmpError
 from .generate import _with_layout
-from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
 from .load import LoadError, Ref, parse_ref
+from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
 from .spec import Spec, SpecError, parse_spec
 
 FORMAT = "losscmp-repro/1"
@@ -199,7 +200,7 @@ def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict
     """STEM.npz and STEM.json, each written atomically; returns the JSON path."""
     directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
-    text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)  # fails before any write
+    text = jsonout.dumps(meta, indent=2, default=_json_default)  # fails before any write
     _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)
     _atomic_write(json_path, lambda f: f.write(text.encode()), durable)
     return json_path
@@ -245,7 +246,7 @@ def save_divergence(ev, d, directory: Path) -> Path:
     else:
         outcomes = ev.outcomes(case, labels)
     extra = {
-        "score": _finite_or_str(d.verdict.score),
+        "score": d.verdict.score,
         "detail": d.verdict.detail,
         "original_sizes": d.minimized.original_sizes if d.minimized else case.sizes,
         "threshold": asdict(d.minimized.threshold) if d.minimized and d.minimized.threshold else None,
@@ -266,10 +267,6 @@ def save_divergence(ev, d, directory: Path) -> Path:
         device=ev.settings.execution.device,
         extra=extra,
     )
-
-
-def _finite_or_str(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
 
 
 # --- loading ------------------------------------------------------------------------
