@@ -30,7 +30,7 @@ from .plot import plot_sweep  # matplotlib itself is imported only when a plot i
 from .replay import load_repro_implementations, replay
 from .report import audit_json, print_audit, write_json
 from .repro import load_repro
-from .settings import Settings, checked_device
+from .settings import RunnerKind, Settings, check_timeout, checked_device
 from .spec import resolve_spec
 from .sweep import parse_knob, sweep, sweep_case
 from .testgen import generate_pytest
@@ -242,8 +242,7 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    if args.timeout is not None and not (args.isolate or args.python):
-        raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
+    check_timeout(args.timeout, RunnerKind.choose(args.isolate, args.python), ("--timeout", "--isolate", "--python"))
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 from dataclasses import replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from . import breadcrumbs
 from .compare import Tolerance, Verdict, compare_outcomes
@@ -27,11 +27,13 @@ from .interpreter import InterpreterRunner
 from .isolate import IsolatedRunner, RunRecord
 from .load import Implementation
 from .run import Outcome, call
-from .settings import Settings
+from .settings import Execution, RunnerKind, Settings
 from .spec import Spec
 
 
 class Runner(Protocol):
+    """How one implementation is called on one case; every runner returns the same Outcome."""
+
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome: ...
 
     def close(self) -> None: ...
@@ -50,20 +52,32 @@ class InProcessRunner:
         pass
 
 
+def _isolated(execution: Execution, record: RunRecord) -> Runner:
+    return IsolatedRunner(timeout=execution.timeout, record=record)
+
+
+def _other_interpreter(execution: Execution, record: RunRecord) -> Runner:
+    # The sides without an interpreter of their own run isolated when asked, else in-process.
+    fallback = _isolated(execution, record) if execution.isolate else None
+    return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=fallback, record=record)
+
+
+# One row per way of calling an implementation; which row, ``RunnerKind.choose`` says.
+RUNNERS: dict[RunnerKind, Callable[[Execution, RunRecord], Runner]] = {
+    RunnerKind.IN_PROCESS: lambda execution, record: InProcessRunner(),
+    RunnerKind.ISOLATED: _isolated,
+    RunnerKind.OTHER_INTERPRETER: _other_interpreter,
+}
+
+
 def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:
-    """In-process unless isolation or another interpreter is asked for.  ``replaying``: the
-    repro being replayed, named as the input of a crash or timeout instead of a new copy."""
-    execution = settings.execution
-    if not execution.isolate and not execution.pythons:
-        return InProcessRunner()
+    """The runner ``settings.execution`` asks for.  ``replaying``: the repro being replayed,
+    named as the input of a crash or timeout instead of a new copy."""
     # What a crash or timeout repro records: the run's implementations, tolerance and seed.
     tol = settings.tolerance
     record = RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
                        settings.outputs.save_dir, replaying)
-    isolated = IsolatedRunner(timeout=execution.timeout, record=record) if execution.isolate else None
-    if execution.pythons:
-        return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=isolated, record=record)
-    return isolated
+    return RUNNERS[settings.execution.runner](settings.execution, record)
 
 
 def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
@@ -128,4 +142,4 @@ def mutation_verdict(label: str, outcome: Outcome) -> Verdict:
     return Verdict(Alone(label), Kind.MUTATION, float("inf"), f"{label} modified its input(s) {', '.join(outcome.mutated)} in place")
 
 
-__all__ = ["Evaluator", "InProcessRunner", "Runner", "make_runner", "mutation_verdict", "pairs_for", "Tolerance"]
+__all__ = ["Evaluator", "InProcessRunner", "RUNNERS", "Runner", "make_runner", "mutation_verdict", "pairs_for", "Tolerance"]
