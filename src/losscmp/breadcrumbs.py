@@ -14,7 +14,10 @@ import signal
 import sys
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # the record is only read here; this module stays free of torch
+    from .model import RunRecord
 
 
 class Terminated(BaseException):
@@ -61,15 +64,16 @@ def rebuildable(case: Any) -> None:
         _crumbs.rebuildable.add(case)
 
 
-def describe_run(impls: Sequence[Any], save_dir: Path | None, seed: int, tolerance: Any, pairs: Sequence[Any]) -> None:
-    """What the parent needs to write a repro if an implementation kills the child."""
+def describe_run(record: RunRecord, pairs: Sequence[Any]) -> None:
+    """What the parent needs to write a repro if an implementation kills the child: the
+    same record of the run that the isolated runners keep (``engine.run_record``)."""
     if _crumbs is None:
         return
     context = {
-        "implementations": [{"label": i.label, "ref": i.ref.source()} for i in impls],
-        "save_dir": str(save_dir) if save_dir is not None else None,
-        "seed": seed,
-        "tolerance": {"rtol": tolerance.rtol, "atol": tolerance.atol},
+        "implementations": [{"label": r.label, "ref": r.source()} for r in record.refs],
+        "save_dir": str(record.keep_dir) if record.keep_dir is not None else None,
+        "seed": record.seed,
+        "tolerance": {"rtol": record.tolerance[0], "atol": record.tolerance[1]},
         "pairs": [list(p.labels) for p in pairs],
         "cwd": os.getcwd(),
     }

@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Iterator, Sequence
 
 import torch
 from rich.console import Console
@@ -18,7 +18,7 @@ from rich.markup import escape
 from . import breadcrumbs, jsonout
 from ._version import __version__
 from .audit import audit
-from .engine import pairs_for
+from .engine import pairs_for, run_record
 from .errors import LosscmpError, UsageError
 from .generate import select_regimes
 from .infer import infer_spec
@@ -30,7 +30,7 @@ from .plot import plot_sweep  # matplotlib itself is imported only when a plot i
 from .replay import load_repro_implementations, replay
 from .report import audit_json, print_audit, write_json
 from .repro import load_repro
-from .settings import RunnerKind, Settings, check_timeout, checked_device
+from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
 from .spec import resolve_spec
 from .sweep import parse_knob, sweep, sweep_case
 from .testgen import generate_pytest
@@ -217,17 +217,17 @@ def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
     return impls
 
 
-def _resolve_spec(args, impls, kw, console: Console, isolate: bool = False):
+def _resolve_spec(args, impls, execution: Execution, console: Console):
     if args.spec:
         return resolve_spec(args.spec)
-    if isolate:  # probing calls the implementations: where they may crash, only in workers
-        runner = IsolatedRunner(timeout=getattr(args, "timeout", None))
+    if execution.isolate:  # probing calls the implementations: where they may crash, only in workers
+        runner = IsolatedRunner(timeout=execution.timeout)
         try:
-            spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"], run=runner)
+            spec = infer_spec(impls, dtype=execution.dtype, device=execution.device, run=runner)
         finally:
             runner.close()
     else:
-        spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"])
+        spec = infer_spec(impls, dtype=execution.dtype, device=execution.device)
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
         console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
@@ -268,11 +268,11 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         **kw,
     )
     if args.json != "-":
-        return _audit_run(args, settings, pythons, kw, console, err, sys.stdout)
+        return _audit_run(args, settings, console, err, sys.stdout)
     # stdout carries the JSON alone; the human report goes to stderr
     console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
     with _stdout_reserved_for_json() as json_out:
-        return _audit_run(args, settings, pythons, kw, console, err, json_out)
+        return _audit_run(args, settings, console, err, json_out)
 
 
 @contextlib.contextmanager
@@ -306,15 +306,16 @@ def _stdout_reserved_for_json() -> Iterator[IO[str]]:
         sys.stdout = real
 
 
-def _audit_run(args: argparse.Namespace, settings: Any, pythons: dict[str, str], kw: dict[str, Any], console: Console, err: Console,
-               json_out: IO[str]) -> int:
+def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, err: Console, json_out: IO[str]) -> int:
+    """The run as ``settings`` describe it (``args`` only for what is the command line's own:
+    the references, the spec text, the report's destinations)."""
+    pythons = dict(settings.execution.pythons)
     impls = _load_all(args.impls, pythons)
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
-    pairs = pairs_for([i.label for i in impls], args.reference)
-    breadcrumbs.describe_run(impls, settings.outputs.save_dir, args.seed, settings.tolerance, pairs)
-    spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
+    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference))
+    spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], settings.execution, console)
+    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), settings.search.examples, err)
     print_audit(result, console, details=not args.quiet)
     if args.json:
         write_json(audit_json(result), args.json, stdout=json_out)
@@ -396,7 +397,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)
-    spec = _resolve_spec(args, impls, kw, console)
+    spec = _resolve_spec(args, impls, settings.execution, console)
     result = sweep(impls, spec, settings, knob, points=args.points, case=sweep_case(spec, settings, args.size))
     console.print(f"sweep {knob.name} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair.expected} vs {result.pair.actual}, input {result.case.describe()}", markup=False)
     for p in result.points:

@@ -24,8 +24,9 @@ from .errors import UsageError
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
 from .interpreter import InterpreterRunner
-from .isolate import IsolatedRunner, RunRecord
+from .isolate import IsolatedRunner
 from .load import Implementation
+from .model import RunRecord
 from .run import Outcome, call
 from .settings import Execution, RunnerKind, Settings
 from .spec import Spec
@@ -70,14 +71,17 @@ RUNNERS: dict[RunnerKind, Callable[[Execution, RunRecord], Runner]] = {
 }
 
 
-def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:
-    """The runner ``settings.execution`` asks for.  ``replaying``: the repro being replayed,
-    named as the input of a crash or timeout instead of a new copy."""
-    # What a crash or timeout repro records: the run's implementations, tolerance and seed.
+def run_record(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> RunRecord:
+    """What a crash or timeout repro records of the run: its implementations, tolerance and
+    seed.  ``replaying``: the repro being replayed, named as the input instead of a new copy."""
     tol = settings.tolerance
-    record = RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
-                       settings.outputs.save_dir, replaying)
-    return RUNNERS[settings.execution.runner](settings.execution, record)
+    return RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
+                     settings.outputs.save_dir, replaying)
+
+
+def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:
+    """The runner ``settings.execution`` asks for, from the :data:`RUNNERS` table."""
+    return RUNNERS[settings.execution.runner](settings.execution, run_record(settings, impls, replaying))
 
 
 def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
@@ -142,4 +146,4 @@ def mutation_verdict(label: str, outcome: Outcome) -> Verdict:
     return Verdict(Alone(label), Kind.MUTATION, float("inf"), f"{label} modified its input(s) {', '.join(outcome.mutated)} in place")
 
 
-__all__ = ["Evaluator", "InProcessRunner", "RUNNERS", "Runner", "make_runner", "mutation_verdict", "pairs_for", "Tolerance"]
+__all__ = ["Evaluator", "InProcessRunner", "RUNNERS", "Runner", "make_runner", "run_record", "mutation_verdict", "pairs_for", "Tolerance"]

@@ -64,7 +64,7 @@ import threading
 import time
 import types
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import Enum
 from multiprocessing import connection as mpc
 from multiprocessing.reduction import ForkingPickler
@@ -79,6 +79,7 @@ from ._standalone_worker import poisons_cuda
 from .breadcrumbs import request_death_signal
 from .generate import Case
 from .load import Implementation, LoadError, Ref, load_implementation, load_object
+from .model import RunRecord  # noqa: F401  re-exported: moved to model
 from .repro import save_case
 from .run import Outcome, call
 from .spec import Spec
@@ -106,24 +107,6 @@ class Transport(str, Enum):
     PIPE = "pipe"  # CPU tensors as raw bytes through the worker's pipe
     CUDA_IPC = "cuda-ipc"  # CUDA tensors shared with the worker by CUDA IPC handles
     HOST_COPY = "host-copy"  # CUDA tensors copied to host bytes and rebuilt on the device
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What a kept crash or timeout repro records besides the case itself."""
-
-    refs: tuple[Ref, ...] = ()  # every implementation of the run: the partner is named from these
-    reference: str | None = None
-    tolerance: tuple[float, float] = (1.3e-6, 1e-5)
-    seed: int = 0
-    keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
-    replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
-
-    def partner(self, label: str) -> str:
-        """Who ``label`` is compared with: the reference, else the first other implementation."""
-        if self.reference and self.reference != label and any(r.label == self.reference for r in self.refs):
-            return self.reference
-        return next((r.label for r in self.refs if r.label != label), label)
 
 
 def _context(start_method: str | None):

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 if TYPE_CHECKING:  # annotations only: these modules stand above the model
     from .explain import Explanation
-    from .load import Implementation
+    from .load import Implementation, Ref
     from .minimize import Minimized
     from .settings import Settings
     from .spec import Spec
@@ -276,6 +277,27 @@ class Verdict:
     @property
     def max_score(self) -> float:
         return max([self.score] + [d.score for d in self.diffs])
+
+
+# --- the run, as a crash repro records it ----------------------------------------------
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a kept crash or timeout repro records besides the case itself: the run the
+    isolated runners, and the supervisor (:func:`losscmp.breadcrumbs.describe_run`), know."""
+
+    refs: tuple[Ref, ...] = ()  # every implementation of the run: the partner is named from these
+    reference: str | None = None
+    tolerance: tuple[float, float] = (1.3e-6, 1e-5)
+    seed: int = 0
+    keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
+    replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
+
+    def partner(self, label: str) -> str:
+        """Who ``label`` is compared with: the reference, else the first other implementation."""
+        if self.reference and self.reference != label and any(r.label == self.reference for r in self.refs):
+            return self.reference
+        return next((r.label for r in self.refs if r.label != label), label)
 
 
 # --- findings and the audit's result -------------------------------------------------
