@@ -27,8 +27,8 @@ from .isolate import IsolatedRunner
 from .load import disambiguate, load_implementation, parse_ref
 from .model import Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
-from .replay import load_repro_implementations, replay
-from .report import audit_json, print_audit, write_json
+from .replay import load_repro_implementations, replay, replay_saved
+from .report import audit_json, print_audit, print_replayed, write_json
 from .repro import load_repro
 from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
 from .spec import resolve_spec
@@ -315,11 +315,15 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
     breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference))
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], settings.execution, console)
+    # First the cases saved by earlier runs of these implementations, as the pytest fixture does.
+    replayed = replay_saved(settings.outputs.save_dir, impls, spec, isolate=settings.execution.isolate or None,
+                            pythons=pythons, same_references=True)
+    print_replayed(replayed, console)
     result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), settings.search.examples, err)
     print_audit(result, console, details=not args.quiet)
     if args.json:
-        write_json(audit_json(result), args.json, stdout=json_out)
-    return 0 if result.agree else 1
+        write_json(audit_json(result, replayed), args.json, stdout=json_out)
+    return 0 if result.agree and not any(r.result.verdict.kind for r in replayed) else 1
 
 
 def _with_progress(run, total: int, err: Console):

@@ -5,7 +5,7 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -14,6 +14,7 @@ from rich.table import Table
 from . import jsonout
 from .display import tensor_text
 from .model import Alone, AuditResult, Divergence, subject_labels_json
+from .replay import SavedReplay
 
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
@@ -122,7 +123,25 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
         say(f"repro not saved: {d.repro_error}")
 
 
-def audit_json(result: AuditResult) -> dict[str, Any]:
+def print_replayed(replayed: Sequence[SavedReplay], console: Console) -> None:
+    """The saved cases replayed before the search, one line each."""
+    if replayed:
+        console.print(f"replayed {len(replayed)} saved case(s) first:", markup=False, highlight=False)
+    for s in replayed:
+        v = s.result.verdict
+        now = (f"[red]still diverges[/] ({v.kind.value}): {escape(v.detail)}" if v.kind
+               else f"[yellow]not compared[/]: {escape(v.detail)}" if not v.compared else "[green]agrees now[/]")
+        console.print(f"  {escape(str(s.path))} (saved as {s.recorded.value}, {escape(str(v.subject))}): {now}", highlight=False)
+
+
+def replayed_json(s: SavedReplay) -> dict[str, Any]:
+    v = s.result.verdict
+    return {"path": str(s.path), "pair": subject_labels_json(v.subject), "recorded": s.recorded.value,
+            "kind": v.kind.value if v.kind else None, "compared": v.compared, "score": v.score, "detail": v.detail}
+
+
+def audit_json(result: AuditResult, replayed: Sequence[SavedReplay] = ()) -> dict[str, Any]:
+    """The ``--json`` report; ``agree`` is false when a replayed saved case still diverges, as the exit code says."""
     s = result.settings
     return {
         "implementations": list(result.labels),
@@ -135,7 +154,8 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
         "device": s.execution.device,
         "dtype": str(s.execution.dtype).removeprefix("torch."),
         "tolerance": {"rtol": s.tolerance.rtol, "atol": s.tolerance.atol},
-        "agree": result.agree,
+        "agree": result.agree and not any(r.result.verdict.kind for r in replayed),
+        "replayed": [replayed_json(r) for r in replayed],
         "seconds": round(result.seconds, 3),
         "evaluations": result.evaluations,
         "divergences": [divergence_json(d) for d in result.divergences],

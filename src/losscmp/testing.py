@@ -34,9 +34,9 @@ from .generate import Case
 from .infer import infer_spec
 from .interpreter import check_labels, check_python, is_remote, remote_implementation
 from .load import Implementation, Ref, load_implementation, parse_ref
-from .replay import replay
+from .replay import replay_saved
 from .report import print_audit
-from .repro import ReproError, load_repro
+from .repro import ReproError
 from .settings import Settings
 from .spec import Spec, resolve_spec
 
@@ -245,23 +245,8 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
     from the references it records: a lambda has none.  It is judged with the tolerance
     it was saved with; a case that crashed or hung is replayed in a worker process.
     """
-    directory = options.replay_dir
-    if directory is None or not directory.is_dir():
-        return ()
-    by_label = {i.label: i for i in impls}
-    out = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            repro = load_repro(path)
-        except ReproError as e:  # a corrupt file is an error, not a case to skip silently
-            raise ReproError(f"saved case {_shown_path(path)} cannot be replayed: {e}") from None
-        if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
-            continue  # saved for another pairing or spec of this test
-        replayed = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=options.isolate or None,
-                          pythons=pythons)
-        verdict = replayed.verdict
-        out.append(ReplayedCase(path, repro.kind, verdict, repro.case))
-    return tuple(out)
+    saved = replay_saved(options.replay_dir, impls, spec, isolate=options.isolate or None, pythons=pythons, shown=_shown_path)
+    return tuple(ReplayedCase(s.path, s.recorded, s.result.verdict, s.result.repro.case) for s in saved)
 
 
 # --- failure messages ----------------------------------------------------------------
