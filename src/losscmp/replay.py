@@ -21,7 +21,7 @@ from .findings import Alone, Kind
 from .load import Implementation
 from .interpreter import remote_implementation
 from .load import load_implementation
-from .repro import Repro, ReproError, load_repro, refuse_untrusted, same_bits
+from .repro import Repro, ReproError, load_repro, repro_base_dir, same_bits, trusted_refs
 from .spec import Spec
 from .settings import Settings
 
@@ -30,18 +30,12 @@ DEFAULT_REPLAY_TIMEOUT = 60.0
 
 
 def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
-    """The implementations of a saved case's subject, after the trust check, with the safe factory policy.
+    """The implementations of a saved case's subject, after the trust check
+    (:func:`losscmp.repro.trusted_refs`), with the safe factory policy.
     Labels in ``remote`` run under another interpreter: never imported here."""
-    base = repro.meta.get("base_dir")
-    base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
-    by_label = {r.label: r for r in repro.refs}
-    wanted = [by_label[label] for label in dict.fromkeys(repro.pair)]
-    for ref in wanted:
-        if not ref.target:
-            raise ReproError(f"{ref.label} ({ref.text}) lives only inside its test: re-run that test to replay this case")
-    refuse_untrusted(wanted)
+    base_dir = repro_base_dir(repro)
     return [remote_implementation(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
-            for ref in wanted]
+            for ref in trusted_refs(repro)]
 
 
 @dataclass(frozen=True, eq=False)
