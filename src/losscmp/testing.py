@@ -37,7 +37,7 @@ from .load import Implementation, Ref, load_implementation, parse_ref
 from .replay import replay_saved
 from .report import print_audit
 from .repro import ReproError
-from .settings import Settings
+from .settings import RunnerKind, Settings
 from .spec import Spec, resolve_spec
 
 __all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase", "Session"]
@@ -225,12 +225,10 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
         return CheckResult(tuple(loaded), replayed, None, None)
     kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
     kw["pythons"] = tuple(pythons.items())
-    if "timeout" in kw and options.pythons and not (pythons or options.isolate):
+    if "timeout" in kw and options.pythons and not RunnerKind.choose(options.isolate, pythons).stops_hung_calls:
         del kw["timeout"]  # given for the --losscmp-python sides: this check has none, no worker to time
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
-    examples = options.examples if options.examples is not None else profile_examples()
-    if examples < 1:
-        raise UsageError(f"examples must be at least 1, not {examples}")
+    examples = options.examples if options.examples is not None else profile_examples()  # Settings checks it
     settings = Settings.of(examples=examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
                            **kw, **options.audit)
     result = audit(loaded, the_spec, settings)
