@@ -18,14 +18,13 @@ from rich.markup import escape
 from . import breadcrumbs, jsonout
 from ._version import __version__
 from .audit import audit
-from .engine import pairs_for, run_record
+from .engine import RUNNERS, pairs_for, run_record
 from .errors import LosscmpError, UsageError
 from .generate import select_regimes
 from .infer import infer_spec
 from .interpreter import check_labels, parse_pythons, remote_implementation
-from .isolate import IsolatedRunner
 from .load import disambiguate, load_implementation, parse_ref
-from .model import Tolerance
+from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
 from .replay import load_repro_implementations, replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
@@ -221,7 +220,7 @@ def _resolve_spec(args, impls, execution: Execution, console: Console):
     if args.spec:
         return resolve_spec(args.spec)
     if execution.isolate:  # probing calls the implementations: where they may crash, only in workers
-        runner = IsolatedRunner(timeout=execution.timeout)
+        runner = RUNNERS[RunnerKind.ISOLATED](execution, RunRecord())  # the probes' own: nothing of the run to record
         try:
             spec = infer_spec(impls, dtype=execution.dtype, device=execution.device, run=runner)
         finally:
