@@ -49,7 +49,7 @@ def no_capture():
 
 
 @contextlib.contextmanager
-def breadcrumbs():
+def leaving_breadcrumbs():
     with tempfile.TemporaryDirectory() as d:
         breadcrumbs._crumbs = breadcrumbs._Breadcrumbs(Path(d), save_input)
         try:
@@ -64,7 +64,7 @@ def per_case_ms(mode: str, impls, spec, examples: int) -> float:
         if mode == "plain":
             stack.enter_context(no_capture())
         if mode == "guarded":
-            stack.enter_context(breadcrumbs())
+            stack.enter_context(leaving_breadcrumbs())
         start = time.perf_counter()
         result = audit(impls, spec, settings)
         return 1000 * (time.perf_counter() - start) / result.cases_run
@@ -114,7 +114,7 @@ def per_call(spec, calls: int = 5000) -> None:
         with run.captured_output():
             pass
 
-    with breadcrumbs():
+    with leaving_breadcrumbs():
         breadcrumbs.rebuildable(case)
         crumb = timed(lambda: breadcrumbs.before_call("mse", spec, case))
     print(f"per call, {calls} calls each: bare mse_loss forward {bare:.1f} us; output capture {timed(capture_only):.1f} us; "
