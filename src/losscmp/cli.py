@@ -26,9 +26,9 @@ from .interpreter import check_labels, parse_pythons, remote_implementation
 from .load import disambiguate, load_implementation, parse_ref
 from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
-from .replay import load_repro_implementations, replay, replay_saved
+from .replay import replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
-from .repro import load_repro
+from .repro import load_repro, load_repro_implementations
 from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
 from .spec import resolve_spec
 from .sweep import parse_knob, sweep, sweep_case
@@ -362,7 +362,7 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         return 0
     pythons = parse_pythons(args.python)
     check_labels(pythons, list(dict.fromkeys(repro.pair)))
-    impls = load_repro_implementations(repro, remote=pythons)  # refuses what a saved file may not run, before anything runs
+    impls = load_repro_implementations(repro, remote=pythons, elsewhere=remote_implementation)  # refuses what a saved file may not run, before anything runs
     for impl in impls:
         there = f" (under {pythons[impl.label]})" if impl.label in pythons else ""
         console.print(f"will run {impl.label} = {impl.ref.source()}{there}", markup=False)

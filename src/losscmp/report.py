@@ -16,6 +16,8 @@ from .display import tensor_text
 from .model import Alone, AuditResult, Divergence, subject_labels_json
 from .replay import SavedReplay
 
+# Explanation fields also found at the top of each divergence in --json.
+CONTRACT_FIELDS = ("category", "unstable_side", "location", "location_note", "self_consistency", "relation", "impact", "notes")
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
 
@@ -197,12 +199,11 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
             {"what": t.what, "max_abs": t.max_abs, "max_rel": t.max_rel, "rel_l2": t.rel_l2, "cosine": t.cosine, "score": t.score}
             for t in d.verdict.diffs
         ],
-        # The contract's three explanation fields stay at the top; the whole explanation,
-        # with its own call count ("evaluations"), nests under its own key so that it can
-        # never overwrite a field of the finding (the minimiser's "evaluations").
-        "category": explained["category"] if explained else None,
-        "unstable_side": explained["unstable_side"] if explained else None,
-        "location": explained["location"] if explained else None,
+        # The whole explanation, with its own call count ("evaluations") and its sentence,
+        # nests under its own key, so it can never overwrite a field of the finding (the
+        # minimiser's "evaluations").  The fields the report has always carried at the top
+        # (DESIGN's "JSON per divergence") are copied there by name: null without one.
+        **{key: explained[key] if explained else None for key in CONTRACT_FIELDS},
         "explanation": explained,
     }
 
