@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .compare import Tolerance, Verdict, compare_outcomes, diff_tensors
-from .engine import InProcessRunner
+from .engine import InProcessRunner, Runner
 from .findings import Kind, Pair
 from .generate import Case, renormalise
 from .load import Implementation
@@ -61,8 +61,6 @@ from .domains import SCALABLE
 from .minimize import scaled
 from .run import Outcome
 from .spec import Spec
-
-Runner = Callable[[Implementation, Spec, Case], Outcome]  # what engine.Runner calls
 
 
 # The default runner: the implementation called in this process, as the engine does.
@@ -1038,6 +1036,9 @@ class _Counted:
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
         self.calls += 1
         return self.run(impl, spec, case)
+
+    def close(self) -> None:
+        pass  # the wrapped runner is its owner's to close
 
 
 def explain(
