@@ -87,6 +87,7 @@ def test_a_loss_returning_one_value_per_element_is_inferred_with_output_any(tmp_
     assert not spec.scalar and spec.arg("input").dims == spec.arg("target").dims
 
 
+@pytest.mark.slow
 def test_probing_through_the_isolated_runner_survives_a_crash_and_retries_larger(tmp_path):
     from losscmp.isolate import IsolatedRunner
 
