@@ -50,3 +50,118 @@ def test_soak_every_case_accounted_for_and_every_crash_input_replayable(tmp_path
         assert main(["replay", str(path)]) == 1  # still a crash or a hang, replayed in a worker: we survive it
         out = capsys.readouterr().out
         assert "still diverges (crash)" in out or "still diverges (timeout)" in out
+
+
+# ----------------------------------------------------------------------------- faults through the command
+# Each run is the real command (supervisor included) in a subprocess with a time limit.
+# Every process of a run carries a marker in its environment; a marked process alive
+# after the command returned is a process losscmp left behind.
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from losscmp import supervise  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MIS = "fixtures/misbehaving.py"
+MARK = "LOSSCMP_TEST_MARK"
+
+
+def marked(mark: str) -> list[int]:
+    """Live processes whose environment carries ``mark``."""
+    needle = f"{MARK}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:  # gone, or a zombie
+                continue
+    return found
+
+
+def left_behind(mark: str, patience: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + patience
+    while (pids := marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def losscmp(*argv, timeout: float = 240, **popen):
+    """Run the command; returns (CompletedProcess, what it left running)."""
+    mark = uuid.uuid4().hex
+    env = {**os.environ, MARK: mark, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "losscmp", *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **popen)
+    return proc, left_behind(mark)
+
+
+def report_accounts_for_every_case(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert sum(data["tally"].values()) == data["cases_run"], data["tally"]
+    return data
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds left-behind processes through /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("fault", ["sleeps", "spins", "stops_itself", "hangs_deaf", "hangs_in_backward"])
+def test_an_in_process_hang_ends_the_run_with_a_timeout_finding_its_input_and_the_report_so_far(tmp_path, fault):
+    report = tmp_path / "report.json"
+    proc, left = losscmp(f"{MIS}:mse", f"{MIS}:{fault}", "--spec", "regression", "--timeout", "2", "--examples", "30",
+                         "--no-explain", "--save-dir", tmp_path / "saved", "--json", report)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"implementation {fault} did not return within 2 s" in last and "--isolate" in last, last
+    data = report_accounts_for_every_case(report)
+    assert data["interrupted"] and data["tally"]["timeout"] == 1 and not data["agree"]
+    hang = data["divergences"][-1]
+    assert hang["kind"] == "timeout" and hang["pair"] == ["mse", fault] and Path(hang["repro"]).exists()
+    assert f"mse vs {fault}: timeout on 1 case(s)" in proc.stdout and "cases: " in proc.stdout
+    assert not left
+
+
+@needs_proc
+@pytest.mark.parametrize("fault, how", [("segfaults", "signal SIGSEGV"), ("aborts", "signal SIGABRT"), ("exits_0", "exit code 0")])
+def test_an_in_process_crash_still_writes_the_json_report_with_the_crash(tmp_path, fault, how):
+    report = tmp_path / "report.json"
+    proc, left = losscmp(f"{MIS}:mse", f"{MIS}:{fault}", "--spec", "regression", "--examples", "30", "--no-explain",
+                         "--save-dir", tmp_path / "saved", "--json", report)
+    assert proc.returncode == 1, proc.stderr
+    assert f"implementation {fault} ended the losscmp process ({how})" in proc.stderr.strip().splitlines()[-1]
+    data = report_accounts_for_every_case(report)
+    assert data["interrupted"] and data["tally"]["crash"] == 1 and data["tally"].get("agree", 0) >= 1  # the tame cases before it
+    crash = data["divergences"][-1]
+    assert crash["kind"] == "crash" and how in crash["detail"] and Path(crash["repro"]).exists()
+    assert not left
+
+
+def test_a_crash_with_json_on_stdout_keeps_stdout_pure_json(tmp_path):
+    proc, _ = losscmp(f"{MIS}:mse", f"{MIS}:segfaults", "--spec", "regression", "--examples", "30", "--no-save", "--json", "-")
+    data = json.loads(proc.stdout)  # the human summary went to stderr
+    assert proc.returncode == 1 and data["tally"]["crash"] == 1 and "found until then" in proc.stderr
+
+
+def test_a_hung_call_replays_isolated_as_a_timeout(tmp_path):
+    proc, _ = losscmp(f"{MIS}:mse", f"{MIS}:sleeps", "--spec", "regression", "--timeout", "1", "--examples", "30",
+                      "--save-dir", tmp_path / "saved")
+    saved = proc.stderr.split("its input is saved as ")[1].split(" ")[0]
+    replayed = subprocess.run([sys.executable, "-m", "losscmp", "replay", saved], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 1 and "still diverges (timeout)" in replayed.stdout, replayed.stdout + replayed.stderr
+
+
+def test_the_default_in_process_limit_is_generous_and_grows_with_a_slow_implementation(monkeypatch):
+    monkeypatch.setattr(supervise, "_timeout", None)
+    monkeypatch.setattr(supervise, "_slowest", {"fast": 0.01, "slow": 30.0})
+    assert supervise.call_limit("fast") == supervise.DEFAULT_TIMEOUT_FLOOR == 120
+    assert supervise.call_limit("slow") == 30.0 * supervise.DEFAULT_TIMEOUT_FACTOR  # a slow side is not a hang
+    assert supervise.call_limit("never called") == supervise.DEFAULT_TIMEOUT_FLOOR
+    monkeypatch.setattr(supervise, "_timeout", 2.0)
+    assert supervise.call_limit("slow") == 2.0  # --timeout is exact

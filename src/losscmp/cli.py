@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
@@ -70,7 +71,10 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", metavar="LIST", help="draw only these numeric regimes, e.g. standard,tiny (default: all)")
     p.add_argument("--exclude-regimes", metavar="LIST", help="never draw these regimes, e.g. duplicates")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate or --python: a call slower than this is a 'timeout' finding")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="a call slower than this is a 'timeout' finding: with --isolate or --python the run goes on; in-process "
+                   "the run stops there and reports (default in-process: %g s, or %g x the implementation's slowest call if "
+                   "longer; isolated: none)" % (supervise.DEFAULT_TIMEOUT_FLOOR, supervise.DEFAULT_TIMEOUT_FACTOR))
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
@@ -240,8 +244,13 @@ def _shell_quote(text: str) -> str:
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     from .settings import Settings
 
-    if args.timeout is not None and not (args.isolate or args.python):
-        raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
+    if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    in_process_timeout = args.timeout is not None and not (args.isolate or args.python)
+    if in_process_timeout and not supervise.supervised():
+        raise UsageError("--timeout without --isolate needs the losscmp command's supervising process, which stops a hung "
+                         "in-process call (here losscmp runs unsupervised); add --isolate")
+    supervise.watch_calls(args.timeout)  # every in-process call, in any mode (inference probes, trace)
     kw = _settings_kw(args)
     from .interpreter import parse_pythons
 
@@ -262,7 +271,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         max_size=args.max_size,
         regimes=_regimes(args),
         isolate=args.isolate,
-        timeout=args.timeout,
+        timeout=None if in_process_timeout else args.timeout,  # in-process, the supervisor's watchdog enforces it
         jobs=args.jobs,
         devices=_devices(args.devices),
         pythons=tuple(pythons.items()),
@@ -317,12 +326,19 @@ def _audit_run(args: argparse.Namespace, settings: Any, pythons: dict[str, str],
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
     pairs = pairs_for([i.label for i in impls], args.reference)
-    supervise.describe_run(impls, settings.outputs.save_dir, args.seed, settings.tolerance, pairs)
+    supervise.describe_run(impls, settings.outputs.save_dir, args.seed, settings.tolerance, pairs, args.json)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
+    # The report so far, after every case: what the supervisor reports if an implementation kills or hangs this process.
+    keep = (lambda partial: supervise.keep_report(audit_json(partial), partial.phase)) if supervise.supervised() else None
+    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb, on_progress=keep, keep_on_interrupt=True), args.examples, err)
+    if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     print_audit(result, console, details=not args.quiet)
     if args.json:
         write_json(audit_json(result), args.json, stdout=json_out)
+    if result.interrupted:  # the run did not finish: the signal's exit code, whatever was found (README: Exit codes)
+        return 128 + getattr(signal, result.interrupted)
     return 0 if result.agree else 1
 
 

@@ -37,12 +37,13 @@ class Runner(Protocol):
 
 class InProcessRunner:
     """Calls in this process.  Under the CLI's supervisor, each call leaves a breadcrumb
-    first (which implementation, on which input) so that an implementation that kills
-    the process is named, with its input, instead of ending the run silently."""
+    first (which implementation, on which input) and a deadline for the supervisor's
+    watchdog, so that an implementation that kills the process or hangs is named, with its
+    input, instead of ending the run silently or never."""
 
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
-        supervise.before_call(impl.label, spec, case)
-        return call(impl.fn, spec, case)
+        with supervise.watched(impl.label, spec, case):
+            return call(impl.fn, spec, case)
 
     def close(self) -> None:
         pass

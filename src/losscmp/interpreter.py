@@ -39,8 +39,11 @@ from .errors import UsageError
 from .generate import Case
 from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
 from .load import Implementation, Ref
-from .run import Outcome, call
+from .engine import InProcessRunner
+from .run import Outcome
 from .spec import Spec
+
+_in_process = InProcessRunner()  # the sides not under another interpreter, without --isolate
 
 __all__ = ["InterpreterError", "InterpreterRunner", "WORKER_FILE", "check_python", "remote_implementation"]
 
@@ -143,7 +146,7 @@ class InterpreterRunner:
         if self._closed:
             raise RuntimeError("this InterpreterRunner is closed")
         if impl.label not in self.pythons:
-            return self.fallback(impl, spec, case) if self.fallback else call(impl.fn, spec, case)
+            return (self.fallback or _in_process)(impl, spec, case)
         keeper = self._state.keeper
         device = next(iter(case.tensors.values())).device
         header, buffers = _request(impl.label, spec, case)

@@ -99,8 +99,13 @@ def _clip(text: str) -> str:
 
 def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Tensor], device: torch.device) -> Outcome:
     interrupts = _user_interrupts.count
+    pid = os.getpid()
     try:
-        out = fn(*inputs, **case.params)
+        try:
+            out = fn(*inputs, **case.params)
+        finally:
+            if os.getpid() != pid:  # a child the implementation forked, returning into losscmp: it must not run a second losscmp
+                os._exit(0)
         if not isinstance(out, torch.Tensor):
             return Outcome(Status.NON_TENSOR, error=f"returned {type(out).__name__}, not a tensor")
         if out.layout != torch.strided or out.device.type == "meta":  # nothing losscmp could read values from
@@ -183,6 +188,12 @@ _user_interrupts = _UserInterrupts()
 def _on_sigint(signum: int, frame: Any) -> None:
     _user_interrupts.count += 1
     raise KeyboardInterrupt
+
+
+def no_user_interrupts() -> None:
+    """In a process that ignores SIGINT (an isolated worker), every KeyboardInterrupt is
+    the implementation's own: a finding, never the end of the worker."""
+    _user_interrupts.watching = True
 
 
 @contextlib.contextmanager
