@@ -165,3 +165,37 @@ def test_the_default_in_process_limit_is_generous_and_grows_with_a_slow_implemen
     assert supervise.call_limit("never called") == supervise.DEFAULT_TIMEOUT_FLOOR
     monkeypatch.setattr(supervise, "_timeout", 2.0)
     assert supervise.call_limit("slow") == 2.0  # --timeout is exact
+
+
+@needs_proc
+@pytest.mark.parametrize("fault, kind", [("keyboard_interrupt_sometimes", "exception"), ("raises_keyboard_interrupt", None),
+                                         ("forks_and_continues", None), ("leaves_a_process", None)])
+@pytest.mark.parametrize("mode", ["in-process", "isolate"])
+def test_interrupting_forking_or_spawning_implementations_give_no_traceback_and_leave_nothing_running(tmp_path, fault, kind, mode):
+    report = tmp_path / "report.json"
+    extra = ["--isolate", "--timeout", "5"] if mode == "isolate" else []
+    proc, left = losscmp(f"{MIS}:mse", f"{MIS}:{fault}", "--spec", "regression", "--examples", "15", "--no-minimize", "--no-explain",
+                         "--no-save", "--json", report, *extra)
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert not left  # not even the implementation's own background process, nor a forked copy of losscmp
+    if fault == "raises_keyboard_interrupt":  # on the probe input already, while mse works: bad usage, in one line
+        assert proc.returncode == 2 and "KeyboardInterrupt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        return
+    data = report_accounts_for_every_case(report)
+    assert proc.stdout.count("losscmp: 2 implementations") == 1  # a forked child did not go on to print a second report
+    if kind:
+        assert proc.returncode == 1 and data["tally"][kind] >= 1 and "raised KeyboardInterrupt" in proc.stdout
+    else:  # the side effect is not a difference in the loss: the values were seen to agree
+        assert proc.returncode == 0 and data["tally"] == {"agree": 15}
+
+
+@needs_proc
+@pytest.mark.parametrize("fault", ["segfaults", "aborts", "exits_0", "stops_itself", "hangs_deaf"])
+def test_self_killing_or_hanging_implementations_under_isolate_leave_no_process_behind(tmp_path, fault):
+    report = tmp_path / "report.json"
+    proc, left = losscmp(f"{MIS}:mse", f"{MIS}:{fault}", "--spec", "regression", "--examples", "8", "--isolate", "--timeout", "1",
+                         "--no-minimize", "--no-explain", "--no-save", "--json", report)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    data = report_accounts_for_every_case(report)
+    assert not data["interrupted"] and (data["tally"].get("crash", 0) + data["tally"].get("timeout", 0)) >= 1
+    assert not left
