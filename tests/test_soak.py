@@ -199,3 +199,74 @@ def test_self_killing_or_hanging_implementations_under_isolate_leave_no_process_
     data = report_accounts_for_every_case(report)
     assert not data["interrupted"] and (data["tally"].get("crash", 0) + data["tally"].get("timeout", 0)) >= 1
     assert not left
+
+
+SLOW = """
+import os, time
+from pathlib import Path
+calls = [0]
+
+def mse(input, target):
+    return ((input - target) ** 2).mean()
+
+def slow_double(input, target):  # differs on inputs of more than 3 elements; slow, so a signal lands mid-run
+    calls[0] += 1
+    if calls[0] == 6:
+        Path(os.environ["LOSSCMP_TEST_UNDER_WAY"]).touch()
+    time.sleep(0.2)
+    return (2 if input.numel() > 3 else 1) * ((input - target) ** 2).mean()
+"""
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_run_keeps_the_table_the_findings_and_the_json(tmp_path, how):
+    module, under_way, report = tmp_path / "slow.py", tmp_path / "under-way", tmp_path / "report.json"
+    module.write_text(SLOW)
+    mark = uuid.uuid4().hex
+    env = {**os.environ, MARK: mark, "LOSSCMP_TEST_UNDER_WAY": str(under_way)}
+    proc = subprocess.Popen([sys.executable, "-m", "losscmp", f"{module}:mse", f"{module}:slow_double", "--spec", "regression",
+                             "--no-save", "--json", str(report)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not under_way.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        if how == "SIGINT":  # Ctrl-C at a terminal: the whole foreground process group gets it
+            os.killpg(proc.pid, signal.SIGINT)
+        else:  # a CI runner or `timeout`: the command's own process
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, how), err
+    assert "Traceback" not in err
+    assert "mse vs slow_double" in out and "DIVERGE" in out and f"Interrupted ({how}) during the search" in out
+    data = report_accounts_for_every_case(report)
+    assert data["interrupted"] and data["interruption"].startswith(how) and data["divergences"][0]["kind"] == "value"
+    assert not left_behind(mark)
+
+
+@needs_proc
+def test_sigterm_while_a_call_hangs_deaf_to_signals_still_writes_the_report(tmp_path):
+    report = tmp_path / "report.json"
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "losscmp", f"{MIS}:mse", f"{MIS}:hangs_deaf", "--spec", "regression",
+                             "--examples", "30", "--no-save", "--json", str(report)], cwd=REPO, env={**os.environ, MARK: mark},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)  # long past the tame first cases: the call hangs, SIGTERM blocked
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "did not finish its report" in err and "found until then" in out
+    data = report_accounts_for_every_case(report)
+    assert data["interrupted"] and data["interruption"].startswith("SIGTERM") and data["cases_run"] >= 1
+    assert not left_behind(mark)

@@ -37,7 +37,7 @@ from .errors import LosscmpError
 from .findings import Alone, Kind, Pair, Status, Subject
 from .generate import REGIMES, Case, build_case, check_fits, probe_recipe, recipes
 from .load import Implementation
-from .run import Outcome, finite, watching_interrupts
+from .run import Outcome, finite, user_interrupts, watching_interrupts
 from .settings import Settings
 from .spec import Spec
 
@@ -204,6 +204,7 @@ class _Exploration:
         self.cases = 0
         self.evaluations = 0  # of workers (--jobs); this process's own are on the Evaluator
         self.history: dict[Pair, list] = {}  # explain.Observation of every compared case, per pair
+        self.interrupts = user_interrupts()  # Ctrl-Cs before this search are not its business
 
     def record(self, v: Verdict, case: Case, outcomes: dict[str, Outcome]) -> None:
         base = (v.subject, v.kind)
@@ -221,6 +222,7 @@ class _Exploration:
 
     def examine(self, case: Case, outcomes: dict[str, Outcome] | None = None) -> float:
         """Run and judge one case; returns the score the search climbs."""
+        stop_if_asked(self.interrupts)
         ev = self.ev
         outcomes = outcomes or ev.outcomes(case)
         self.cases += 1
@@ -320,6 +322,14 @@ class _Exploration:
         return sorted(kept, key=_finding_order), subject_cases, not_compared
 
 
+def stop_if_asked(interrupts_before: int) -> None:
+    """Between cases and stages: stop for a SIGTERM or Ctrl-C whose exception was lost (it
+    landed in a garbage-collector callback, or an implementation swallowed it)."""
+    supervise.check_terminated()
+    if user_interrupts() != interrupts_before:
+        raise KeyboardInterrupt
+
+
 def _finding_order(d: Divergence) -> tuple:
     return (isinstance(d.subject, Alone), d.subject.labels, d.kind.severity, -d.count)
 
@@ -350,6 +360,7 @@ def audit(
         check_fits(spec, dtype=execution.dtype, device=device, max_size=settings.search.max_size)
     ev = Evaluator(impls, spec, settings)
     exploration = _Exploration(ev)
+    interrupts = user_interrupts()
     divergences: list[Divergence] | None = None  # settled once the search is over
     stage_errors: list[str] = []
 
@@ -383,6 +394,7 @@ def audit(
             divergences = exploration.divergences()
             ctx = StageContext(ev=ev, settings=settings, history=exploration.history)
             for stage in default_stages(settings) if stages is None else stages:
+                stop_if_asked(interrupts)
                 if on_progress:
                     on_progress(result("stages"))
                 try:

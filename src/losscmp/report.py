@@ -67,8 +67,7 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
     for why in result.stage_errors:
         console.print(f"warning: {why}", markup=False, highlight=False)
     if result.interrupted:
-        console.print(f"[yellow]Interrupted[/] ({result.interrupted}) {_unfinished(result.phase)}: the findings above are what "
-                      f"{result.cases_run} cases showed; the run did not finish.", highlight=False)
+        console.print(f"[yellow]Interrupted[/] ({result.interrupted}) {_unfinished(result.phase)}; the run did not finish.", highlight=False)
     elif result.agree and not result.not_compared:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
     elif result.agree:
@@ -77,7 +76,9 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
 
 
 def _unfinished(phase: str) -> str:
-    return "during the search, so they are not minimised or explained" if phase == "explore" else "while minimising and explaining"
+    if phase == "explore":
+        return "during the search: the findings above are what its first cases showed, not minimised or explained"
+    return "while minimising and explaining: the findings above may lack their minimal example or explanation"
 
 
 def print_partial(data: dict[str, Any], file: Any) -> None:

@@ -114,12 +114,19 @@ class _Clock:
 
 
 _clock: _Clock | None = None
+_terminated = False  # SIGTERM arrived (the Terminated it raised may have landed where Python drops it)
 _timeout: float | None = None  # the user's --timeout for in-process calls; None: the default rule
 _slowest: dict[str, float] = {}  # seconds of each implementation's slowest in-process call so far
 
 
 def supervised() -> bool:
     return _crumbs is not None
+
+
+def check_terminated() -> None:
+    """Raise :class:`Terminated` if SIGTERM arrived, even if its first raise was lost."""
+    if _terminated:
+        raise Terminated()
 
 
 def watch_calls(timeout: float | None) -> None:
@@ -230,6 +237,8 @@ def _child_setup(directory: Path, parent: int, clock: _Clock) -> None:
     _clock = clock
 
     def on_term(signum: int, frame: Any) -> None:
+        global _terminated
+        _terminated = True
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_term)
