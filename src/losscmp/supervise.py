@@ -82,10 +82,16 @@ class _Breadcrumbs:
         self.described: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
         self.rebuildable: weakref.WeakSet[Any] = weakref.WeakSet()
         self.saved = 0
+        self.report_fd: int | None = None
 
     def leave(self, payload: bytes) -> None:
         # Overwrite in place; a newline ends the current crumb (an older, longer one may trail).
         os.pwrite(self.fd, payload + b"\n", 0)
+
+    def snapshot(self, payload: bytes) -> None:
+        if self.report_fd is None:
+            self.report_fd = os.open(self.dir / "report.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.pwrite(self.report_fd, payload + b"\n", 0)
 
 
 _crumbs: _Breadcrumbs | None = None
@@ -165,13 +171,12 @@ def watched(label: str, spec: Any, case: Any) -> Iterator[None]:
 def keep_report(data: dict[str, Any], phase: str) -> None:
     """The JSON report so far, for the parent to complete if the child dies or is killed.
     ``phase``: "explore" while the search runs (a call that dies then is one more case),
-    "stages" after it.  Written beside and renamed over, so the parent never reads half."""
+    "stages" after it.  Overwritten in place like a breadcrumb (a newline ends it; JSON
+    text has none): the child only dies mid-call, never mid-write, and a rename per case
+    costs milliseconds on some file systems."""
     if _crumbs is None:
         return
-    path = _crumbs.dir / "report.json"
-    partial = _crumbs.dir / "report.json.part"
-    partial.write_text(json.dumps({**data, "_phase": phase}, allow_nan=False, default=str))
-    os.replace(partial, path)
+    _crumbs.snapshot(json.dumps({**data, "_phase": phase}, allow_nan=False, default=str).encode())
 
 
 def before_call(label: str, spec: Any, case: Any) -> None:
@@ -442,9 +447,10 @@ def _last_crumb(directory: Path) -> dict[str, Any]:
         return {}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, first_line: bool = False) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        text = path.read_bytes()
+        data = json.loads(text.split(b"\n", 1)[0] if first_line else text)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -515,7 +521,7 @@ def _write_partial(directory: Path, context: dict[str, Any], finding: dict[str, 
     """Complete the child's last snapshot with ``finding`` and write it where ``--json`` said;
     print what was found so far."""
     target = context.get("json")
-    snapshot = _read_json(directory / "report.json")
+    snapshot = _read_json(directory / "report.json", first_line=True)
     phase = snapshot.pop("_phase", None)
     if not snapshot and target is None:
         return  # not an audit, or it ended before there was anything to report
