@@ -250,6 +250,8 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     if in_process_timeout and not supervise.supervised():
         raise UsageError("--timeout without --isolate needs the losscmp command's supervising process, which stops a hung "
                          "in-process call (here losscmp runs unsupervised); add --isolate")
+    if in_process_timeout and (args.jobs > 1 or args.devices):
+        raise UsageError("--timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)")
     supervise.watch_calls(args.timeout)  # every in-process call, in any mode (inference probes, trace)
     kw = _settings_kw(args)
     from .interpreter import parse_pythons
