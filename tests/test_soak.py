@@ -276,3 +276,46 @@ def test_an_in_process_timeout_with_jobs_is_refused_in_one_line():
     proc, _ = losscmp(f"{MIS}:mse", f"{MIS}:sleeps", "--spec", "regression", "--timeout", "2", "--jobs", "2", "--no-save")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "losscmp: error: --timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)"]
+
+
+def stopped_child(pid: int) -> bool:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] == "T":
+                return True
+    return False
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_an_implementation_has_stopped_itself_is_reported_at_once(tmp_path, how):
+    report = tmp_path / "report.json"
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "losscmp", f"{MIS}:mse", f"{MIS}:stops_itself", "--spec", "regression",
+                             "--examples", "30", "--no-save", "--json", str(report)], cwd=REPO, env={**os.environ, MARK: mark},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not stopped_child(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        sent = time.monotonic()
+        if how == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, how), err
+    assert took < supervise.INTERRUPT_GRACE  # the child was woken to write its own report, not killed after the grace
+    assert f"Interrupted ({how})" in out and "Traceback" not in err
+    data = report_accounts_for_every_case(report)
+    assert data["interrupted"] and data["cases_run"] >= 1
+    assert not left_behind(mark)

@@ -335,10 +335,10 @@ def _supervise(pid: int, directory: Path, clock: _Clock) -> int:
 
     def forward(signum: int, frame: Any) -> None:
         signals.append((signum, time.monotonic()))
-        if signum == signal.SIGINT:
-            return  # Ctrl-C at a terminal reaches the child too; a second copy would cut its report short
         try:
-            os.kill(pid, signum)
+            # Ctrl-C at a terminal reaches the child too: a second copy would cut its report short.
+            if signum != signal.SIGINT:
+                os.kill(pid, signum)
             os.kill(pid, signal.SIGCONT)  # a child that stopped itself (SIGSTOP) must run to unwind
         except ProcessLookupError:
             pass
