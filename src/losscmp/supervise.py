@@ -484,7 +484,8 @@ def _report_end(status: int, crumb: dict[str, Any], directory: Path, hung: float
         _write_partial(directory, context, None, f"the losscmp process {what} ({how}) while {doing}")
         print(f"losscmp: error: the losscmp process {what} ({how}) while {doing}", file=sys.stderr)
         return 2 if "loading" in doing else 1
-    saved = _materialise({**crumb, "limit": hung}, directory, how, kind)
+    made = _materialise({**crumb, "limit": hung}, directory, how, kind)
+    saved = made.get("repro") if made else None
     where = f"its input is saved as {saved} (replay it: losscmp replay {saved})" if saved else "its input could not be saved"
     if hung is not None:
         headline = (f"implementation {label} did not return within {hung:g} s while it was being called in-process on input "
@@ -493,24 +494,24 @@ def _report_end(status: int, crumb: dict[str, Any], directory: Path, hung: float
     else:
         headline = (f"implementation {label} ended the losscmp process ({how}) while it was being called on "
                     f"input {crumb.get('case', '?')}; {where}; run again with --isolate to record this as a crash finding and go on")
-    finding = _finding(crumb, context, kind, how, saved)
+    finding = made["finding"] if made else _bare_finding(crumb, context, kind, how)
     _write_partial(directory, context, finding, f"{kind}: {label} {how}")
     print(f"losscmp: error: {headline}", file=sys.stderr)
     return 1
 
 
-def _finding(crumb: dict[str, Any], context: dict[str, Any], kind: str, how: str, saved: str | None) -> dict[str, Any]:
-    """The crash or timeout as a divergence of the JSON report."""
+def _bare_finding(crumb: dict[str, Any], context: dict[str, Any], kind: str, how: str) -> dict[str, Any]:
+    """The crash or timeout when the fresh interpreter that writes its full record (and its
+    repro) failed: the fields a reader of the report needs, from the breadcrumb alone."""
     label = crumb["calling"]
     pair = _partner(label, context)
-    detail = f"{label} {'ended the losscmp process (' + how + ')' if kind == 'crash' else how + ' (in-process)'}"
-    return {
-        "pair": pair if pair[0] != pair[1] else [label], "alone": pair[0] == pair[1], "kind": kind, "score": None, "score_text": "inf",
-        "cases": 1, "regimes": {}, "detail": detail, "regime": (crumb.get("recipe") or {}).get("regime"), "input": crumb.get("case"),
-        "representative": None, "output": {}, "original_sizes": crumb.get("sizes", {}), "minimized_sizes": None, "evaluations": None,
-        "minimize_steps": None, "threshold": None, "repro": saved, "repro_error": None if saved else "its input could not be saved",
-        "gradient_summaries": [], "explanation": None, "category": kind, "unstable_side": None, "location": None,
-    }
+    return {"pair": pair if pair[0] != pair[1] else [label], "alone": pair[0] == pair[1], "kind": kind, "score": None, "score_text": "inf",
+            "cases": 1, "detail": f"{label} {_said(kind, how)}", "input": crumb.get("case"), "original_sizes": crumb.get("sizes", {}),
+            "repro": None, "repro_error": "its input could not be rebuilt"}
+
+
+def _said(kind: str, how: str) -> str:
+    return f"ended the losscmp process ({how})" if kind == "crash" else f"{how} (in-process)"
 
 
 def _partner(label: str, context: dict[str, Any]) -> list[str]:
@@ -551,9 +552,10 @@ def _write_partial(directory: Path, context: dict[str, Any], finding: dict[str, 
             print(f"losscmp: error: --json {target}: could not be written ({e.strerror or e})", file=sys.stderr)
 
 
-def _materialise(crumb: dict[str, Any], directory: Path, how: str, kind: str = "crash") -> str | None:
-    """Turn the breadcrumb into an ordinary repro file, in a fresh interpreter (torch is
-    needed to rebuild the input, and the supervisor never uses it)."""
+def _materialise(crumb: dict[str, Any], directory: Path, how: str, kind: str = "crash") -> dict[str, Any] | None:
+    """Turn the breadcrumb into an ordinary repro file and the finding's JSON record, in a
+    fresh interpreter (the case is rebuilt with torch there; the supervisor never uses it).
+    Returns ``{"repro": path or None, "finding": {...}}``, or None if that failed."""
     (directory / "crumb.json").write_text(json.dumps({**crumb, "how": how, "kind": kind}))
     try:
         done = subprocess.run(
@@ -563,14 +565,24 @@ def _materialise(crumb: dict[str, Any], directory: Path, how: str, kind: str = "
     except (OSError, subprocess.SubprocessError):
         return None
     lines = done.stdout.strip().splitlines()
-    return lines[-1] if done.returncode == 0 and lines else None
+    try:
+        made = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+    except ValueError:
+        return None
+    return made if isinstance(made, dict) and isinstance(made.get("finding"), dict) else None
 
 
-def materialise(directory: Path) -> Path:
-    """In a fresh interpreter: write the crash or timeout repro described by the breadcrumb."""
-    from .findings import Kind
+def materialise(directory: Path) -> dict[str, Any]:
+    """In a fresh interpreter: the crash or timeout described by the breadcrumb, as a repro
+    file and as the divergence record of the JSON report (the report's own renderer)."""
+    import math
+
+    from .audit import Divergence
+    from .compare import Verdict
+    from .findings import Alone, Kind, Pair
     from .generate import Recipe, build_case
     from .load import parse_ref
+    from .report import divergence_json
     from .repro import DTYPES, load_input, save_case
     from .run import Outcome
     from .spec import parse_spec
@@ -591,14 +603,21 @@ def materialise(directory: Path) -> Path:
     save_dir = Path(context["save_dir"] or ".")
     if not save_dir.is_absolute():
         save_dir = Path(context["cwd"]) / save_dir
-    said = f"ended the losscmp process ({crumb['how']})" if kind is Kind.CRASH else f"{crumb['how']} (in-process)"
-    outcomes = {label: Outcome(kind.value, error=said)}
-    return save_case(
-        save_dir, spec=spec, case=case, refs=refs, pair=tuple(partner), kind=kind, outcomes=outcomes,
-        tolerance=(context["tolerance"]["rtol"], context["tolerance"]["atol"]), seed=context["seed"],
-        device=crumb["device"], extra={"detail": f"{label} {said}", "base_dir": context["cwd"], "timeout": crumb.get("limit")},
-    )
+    said = _said(kind.value, crumb["how"])
+    repro, error = None, None
+    try:
+        repro = str(save_case(
+            save_dir, spec=spec, case=case, refs=refs, pair=tuple(partner), kind=kind, outcomes={label: Outcome(kind.value, error=said)},
+            tolerance=(context["tolerance"]["rtol"], context["tolerance"]["atol"]), seed=context["seed"],
+            device=crumb["device"], extra={"detail": f"{label} {said}", "base_dir": context["cwd"], "timeout": crumb.get("limit")},
+        ))
+    except (OSError, TypeError, ValueError) as e:  # an unwritable save folder: the finding stands without its file
+        error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    subject = Pair(*partner) if partner[0] != partner[1] else Alone(label)
+    regimes = {case.recipe.regime: 1} if case.recipe else {}
+    d = Divergence(subject, kind, Verdict(subject, kind, math.inf, f"{label} {said}"), case, 1, regimes, repro=repro, repro_error=error)
+    return {"repro": repro, "finding": divergence_json(d)}
 
 
 if __name__ == "__main__":
-    print(materialise(Path(sys.argv[1])))
+    print(json.dumps(materialise(Path(sys.argv[1])), allow_nan=False, default=str))
