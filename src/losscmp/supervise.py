@@ -487,13 +487,15 @@ def _report_end(status: int, crumb: dict[str, Any], directory: Path, hung: float
     made = _materialise({**crumb, "limit": hung}, directory, how, kind)
     saved = made.get("repro") if made else None
     where = f"its input is saved as {saved} (replay it: losscmp replay {saved})" if saved else "its input could not be saved"
+    audit = bool(context)  # replay, sweep and trace have no --isolate to suggest
     if hung is not None:
         headline = (f"implementation {label} did not return within {hung:g} s while it was being called in-process on input "
-                    f"{crumb.get('case', '?')}; {where}; the run stopped there (a hung call cannot be abandoned safely "
-                    f"in-process): run again with --isolate (and --timeout) to record hangs as findings and go on")
+                    f"{crumb.get('case', '?')}; {where}; the run stopped there (a hung call cannot be abandoned safely in-process)"
+                    + ("; run again with --isolate (and --timeout) to record hangs as findings and go on" if audit else ""))
     else:
         headline = (f"implementation {label} ended the losscmp process ({how}) while it was being called on "
-                    f"input {crumb.get('case', '?')}; {where}; run again with --isolate to record this as a crash finding and go on")
+                    f"input {crumb.get('case', '?')}; {where}"
+                    + ("; run again with --isolate to record this as a crash finding and go on" if audit else ""))
     finding = made["finding"] if made else _bare_finding(crumb, context, kind, how)
     _write_partial(directory, context, finding, f"{kind}: {label} {how}")
     print(f"losscmp: error: {headline}", file=sys.stderr)
