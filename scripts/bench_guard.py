@@ -69,7 +69,7 @@ def per_case_ms(mode: str, impls, spec, examples: int) -> float:
             stack.enter_context(no_capture())
         if mode == "guarded":
             stack.enter_context(breadcrumbs())
-        keep = (lambda partial: supervise.keep_report(audit_json(partial), partial.phase)) if mode == "guarded" else None
+        keep = (lambda partial: supervise.keep_report(audit_json(partial), partial.phase.value)) if mode == "guarded" else None
         start = time.perf_counter()
         result = audit(impls, spec, settings, on_progress=keep)
         return 1000 * (time.perf_counter() - start) / result.cases_run

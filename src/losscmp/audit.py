@@ -22,6 +22,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Iterator, Sequence
 
 from hypothesis import HealthCheck, Phase, Verbosity, given
@@ -46,6 +47,15 @@ from .spec import Spec
 NOISE_MARGIN = 10.0
 # Distinct-looking groups kept per (subject, kind) during the search.
 GROUPS_PER_KIND = 4
+
+
+class RunPhase(str, Enum):
+    """How far a run got when its result was taken (the supervisor counts a call that died
+    during the search as one more case, one that died later as not)."""
+
+    EXPLORE = "explore"
+    STAGES = "stages"
+    DONE = "done"
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +97,7 @@ class AuditResult:
     evaluations: int = 0
     stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
     interrupted: str | None = None  # "SIGTERM" / "SIGINT": the run was stopped; what it found until then
-    phase: str = "done"  # how far the run got: "explore", "stages" (a snapshot or an interrupted run) or "done"
+    phase: RunPhase = RunPhase.DONE  # how far the run got (a snapshot, an interrupted run)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -364,7 +374,7 @@ def audit(
     divergences: list[Divergence] | None = None  # settled once the search is over
     stage_errors: list[str] = []
 
-    def result(phase: str, interrupted: str | None = None) -> AuditResult:
+    def result(phase: RunPhase, interrupted: str | None = None) -> AuditResult:
         if divergences is None:
             found, subject_cases, not_compared = exploration.settled()
         else:
@@ -379,12 +389,12 @@ def audit(
         if on_case:
             on_case(n, score)
         if on_progress:
-            on_progress(result("explore"))
+            on_progress(result(RunPhase.EXPLORE))
 
     try:
         with watching_interrupts():
             if on_progress:
-                on_progress(result("explore"))
+                on_progress(result(RunPhase.EXPLORE))
             if settings.execution.jobs > 1:
                 from .jobs import explore_in_workers
 
@@ -396,18 +406,18 @@ def audit(
             for stage in default_stages(settings) if stages is None else stages:
                 stop_if_asked(interrupts)
                 if on_progress:
-                    on_progress(result("stages"))
+                    on_progress(result(RunPhase.STAGES))
                 try:
                     divergences = stage(divergences, ctx)
                 except Exception as e:  # the findings stand without what this stage would have added
                     name = getattr(stage, "name", type(stage).__name__)
                     stage_errors.append(f"{name} stage failed ({type(e).__name__}: {' '.join(str(e).split())}); findings reported without it")
-        return result("done")
+        return result(RunPhase.DONE)
     except (KeyboardInterrupt, supervise.Terminated) as e:
         # Only the user's Ctrl-C gets here: an implementation's own KeyboardInterrupt is its finding (run.call).
         if not keep_on_interrupt:
             raise
-        return result("explore" if divergences is None else "stages", "SIGTERM" if isinstance(e, supervise.Terminated) else "SIGINT")
+        return result(RunPhase.EXPLORE if divergences is None else RunPhase.STAGES, "SIGTERM" if isinstance(e, supervise.Terminated) else "SIGINT")
     finally:
         ev.close()
 
@@ -477,4 +487,4 @@ def _without_local_constants() -> Iterator[None]:
         providers._get_local_constants = original
 
 
-__all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "audit", "explore", "probe"]
+__all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]

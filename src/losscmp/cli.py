@@ -331,7 +331,7 @@ def _audit_run(args: argparse.Namespace, settings: Any, pythons: dict[str, str],
     supervise.describe_run(impls, settings.outputs.save_dir, args.seed, settings.tolerance, pairs, args.json)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
     # The report so far, after every case: what the supervisor reports if an implementation kills or hangs this process.
-    keep = (lambda partial: supervise.keep_report(audit_json(partial), partial.phase)) if supervise.supervised() else None
+    keep = (lambda partial: supervise.keep_report(audit_json(partial), partial.phase.value)) if supervise.supervised() else None
     result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb, on_progress=keep, keep_on_interrupt=True), args.examples, err)
     if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
         for sig in (signal.SIGINT, signal.SIGTERM):

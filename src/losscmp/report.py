@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .audit import AuditResult, Divergence
+from .audit import AuditResult, Divergence, RunPhase
 from .display import tensor_text
 from .findings import Alone, subject_labels_json
 
@@ -75,8 +75,8 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
         console.print(f"[yellow]No divergence[/] on the {compared_cases} cases that could be compared; the others were not compared (above).")
 
 
-def _unfinished(phase: str) -> str:
-    if phase == "explore":
+def _unfinished(phase: RunPhase) -> str:
+    if phase is RunPhase.EXPLORE:
         return "during the search: the findings above are what its first cases showed, not minimised or explained"
     return "while minimising and explaining: the findings above may lack their minimal example or explanation"
 
