@@ -1,10 +1,10 @@
 """Per-case cost of the no-silent-exit protection, and of output capture, on a tiny loss.
 
 Under the command line's supervisor every in-process call first leaves a breadcrumb
-(``losscmp.supervise.before_call``: one pwrite; a case the minimiser or the explain
+(``losscmp.breadcrumbs.before_call``: one pwrite; a case the minimiser or the explain
 stage derived is also written to disk once, without fsync) and stores its deadline for the
-supervisor's watchdog (two stores into a shared page); after every case the JSON report so
-far is written for the supervisor (``supervise.keep_report``).  Every call also captures what the implementation prints at
+supervisor's watchdog; after every case the JSON report so far is written for the
+supervisor (``breadcrumbs.keep_report``).  Every call also captures what the implementation prints at
 the file-descriptor level (``losscmp.run.captured_output``).  This benchmark runs the
 same audit of a tiny loss (mse, B <= 64) in rounds, interleaved so that machine drift
 cancels:
@@ -29,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from losscmp import audit, load_implementation, parse_spec, run, supervise
+from losscmp import audit, breadcrumbs, load_implementation, parse_spec, run
 from losscmp.report import audit_json
+from losscmp.repro import save_input
 from losscmp.settings import Settings
 
 SPEC = "input: B real grad; target: B real; B=1..64"
@@ -52,14 +53,14 @@ def no_capture():
 
 
 @contextlib.contextmanager
-def breadcrumbs():
+def leaving_breadcrumbs():
     with tempfile.TemporaryDirectory() as d:
-        supervise._crumbs = supervise._Breadcrumbs(Path(d))
-        supervise._clock = supervise._Clock()
+        breadcrumbs._crumbs = breadcrumbs._Breadcrumbs(Path(d), save_input)
+        breadcrumbs._clock = breadcrumbs.Clock()
         try:
             yield
         finally:
-            supervise._crumbs = supervise._clock = None
+            breadcrumbs._crumbs = breadcrumbs._clock = None
 
 
 def per_case_ms(mode: str, impls, spec, examples: int) -> float:
@@ -68,9 +69,9 @@ def per_case_ms(mode: str, impls, spec, examples: int) -> float:
         if mode == "plain":
             stack.enter_context(no_capture())
         if mode == "guarded":
-            stack.enter_context(breadcrumbs())
-        keep = (lambda partial: supervise.keep_report(audit_json(partial), partial.phase.value)) if mode == "guarded" else None
+            stack.enter_context(leaving_breadcrumbs())
         start = time.perf_counter()
+        keep = (lambda partial: breadcrumbs.keep_report(audit_json(partial), partial.phase.value)) if mode == "guarded" else None
         result = audit(impls, spec, settings, on_progress=keep)
         return 1000 * (time.perf_counter() - start) / result.cases_run
 
@@ -119,12 +120,12 @@ def per_call(spec, calls: int = 5000) -> None:
         with run.captured_output():
             pass
 
-    with breadcrumbs():
-        supervise.rebuildable(case)
-        crumb = timed(lambda: supervise.before_call("mse", spec, case))
+    with leaving_breadcrumbs():
+        breadcrumbs.rebuildable(case)
+        crumb = timed(lambda: breadcrumbs.before_call("mse", spec, case))
 
         def watched_only():
-            with supervise.watched("mse", spec, case):
+            with breadcrumbs.watched("mse", spec, case):
                 pass
 
         watched = timed(watched_only)

@@ -36,7 +36,7 @@ def run_cli(capsys, *argv):
         ([f"{PLANTED}:mse", f"{PLANTED}:mse_vector", "--spec", "regression"], "returned shape (4,), expected a scalar"),
         ([f"{PLANTED}:mse", BCE_B, "--spec", "x: N real grad"], "every implementation failed"),
         ([BCE_A, BCE_B, "--reference", "zzz"], "--reference 'zzz' is not one of"),
-        ([BCE_A, BCE_B, "--timeout", "3"], "--timeout without --isolate needs the losscmp command's supervising process"),  # main() unsupervised; the command accepts it
+        ([BCE_A, BCE_B, "--timeout", "3"], "--timeout needs --isolate"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

@@ -64,7 +64,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from losscmp import supervise  # noqa: E402
+from losscmp import breadcrumbs, supervise  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MIS = "fixtures/misbehaving.py"
@@ -158,13 +158,13 @@ def test_a_hung_call_replays_isolated_as_a_timeout(tmp_path):
 
 
 def test_the_default_in_process_limit_is_generous_and_grows_with_a_slow_implementation(monkeypatch):
-    monkeypatch.setattr(supervise, "_timeout", None)
-    monkeypatch.setattr(supervise, "_slowest", {"fast": 0.01, "slow": 30.0})
-    assert supervise.call_limit("fast") == supervise.DEFAULT_TIMEOUT_FLOOR == 120
-    assert supervise.call_limit("slow") == 30.0 * supervise.DEFAULT_TIMEOUT_FACTOR  # a slow side is not a hang
-    assert supervise.call_limit("never called") == supervise.DEFAULT_TIMEOUT_FLOOR
-    monkeypatch.setattr(supervise, "_timeout", 2.0)
-    assert supervise.call_limit("slow") == 2.0  # --timeout is exact
+    monkeypatch.setattr(breadcrumbs, "_timeout", None)
+    monkeypatch.setattr(breadcrumbs, "_slowest", {"fast": 0.01, "slow": 30.0})
+    assert breadcrumbs.call_limit("fast") == breadcrumbs.DEFAULT_TIMEOUT_FLOOR == 120
+    assert breadcrumbs.call_limit("slow") == 30.0 * breadcrumbs.DEFAULT_TIMEOUT_FACTOR  # a slow side is not a hang
+    assert breadcrumbs.call_limit("never called") == breadcrumbs.DEFAULT_TIMEOUT_FLOOR
+    monkeypatch.setattr(breadcrumbs, "_timeout", 2.0)
+    assert breadcrumbs.call_limit("slow") == 2.0  # --timeout is exact
 
 
 @needs_proc

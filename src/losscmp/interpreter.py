@@ -39,11 +39,8 @@ from .errors import UsageError
 from .generate import Case
 from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
 from .load import Implementation, Ref
-from .engine import InProcessRunner
-from .run import Outcome
+from .run import Outcome, call
 from .spec import Spec
-
-_in_process = InProcessRunner()  # the sides not under another interpreter, without --isolate
 
 __all__ = ["InterpreterError", "InterpreterRunner", "WORKER_FILE", "check_python", "remote_implementation"]
 
@@ -146,7 +143,7 @@ class InterpreterRunner:
         if self._closed:
             raise RuntimeError("this InterpreterRunner is closed")
         if impl.label not in self.pythons:
-            return (self.fallback or _in_process)(impl, spec, case)
+            return self.fallback(impl, spec, case) if self.fallback else call(impl.fn, spec, case)
         keeper = self._state.keeper
         device = next(iter(case.tensors.values())).device
         header, buffers = _request(impl.label, spec, case)
@@ -396,4 +393,5 @@ def _outcome(head: dict, buffers: list[bytes], device: torch.device) -> Outcome:
         error=head.get("error"),
         seconds=float(head.get("seconds", 0.0)),
         mutated=tuple(head.get("mutated", ())),
+        output=str(head.get("output", "")),  # an older worker file sends none
     )

@@ -19,8 +19,8 @@ the child dies with the parent (``PR_SET_PDEATHSIG``) on SIGKILL.
 
 The parent is also the child's *watchdog*.  Before an in-process call the child writes the
 call's deadline into a page shared with the parent (a store, no system call); a call that
-outlasts it (``--timeout``, or by default the larger of ``DEFAULT_TIMEOUT_FLOOR`` seconds and
-``DEFAULT_TIMEOUT_FACTOR`` times the slowest call that implementation made so far) is a
+outlasts it (``--timeout``, or by default the larger of ``breadcrumbs.DEFAULT_TIMEOUT_FLOOR`` seconds and
+``breadcrumbs.DEFAULT_TIMEOUT_FACTOR`` times the slowest call that implementation made so far) is a
 hang: the parent kills the child (a hung call cannot be unwound safely: it may hold a lock,
 spin in C, or have stopped itself) and reports a ``timeout`` finding the way it reports a
 crash.  After every case the child also leaves a *snapshot* of its JSON report so far; when
@@ -39,232 +39,40 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import mmap
+import math
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
-import struct
 import tempfile
 import time
 import traceback
-import weakref
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+
+from . import breadcrumbs, jsonout
+from .breadcrumbs import (  # noqa: F401  re-exported: the child's side moved to breadcrumbs
+    Terminated, before_call, describe_run, note, rebuildable, request_death_signal,
+)
+from .cli import main
+from .generate import build_case
+from .load import parse_ref
+from .model import Alone, Divergence, Kind, Outcome, Pair, Recipe, Verdict
+from .report import divergence_json, print_partial, write_json
+from .repro import DTYPES, load_input, save_case, save_input
+from .spec import parse_spec
 
 ENV_DISABLE = "LOSSCMP_UNSUPERVISED"
-
-# Without --timeout an in-process call is a hang once it has run this long, or this many
-# times its implementation's slowest call so far, whichever is longer.  A real loss takes
-# milliseconds to seconds (the slowest seen here, a forked Sinkhorn, 1.5 s a call): two
-# minutes is far beyond any of them on a loaded machine, and a slow side raises its own bar.
-DEFAULT_TIMEOUT_FLOOR = 120.0
-DEFAULT_TIMEOUT_FACTOR = 20.0
 # How long the child may take to write its report after SIGTERM / Ctrl-C before the parent
 # kills it and writes the report from the last snapshot (a call hung in C never unwinds).
 INTERRUPT_GRACE = 10.0
 # How often the parent looks at the watchdog's deadline.
 _TICK = 0.1
 
-
-class Terminated(BaseException):
-    """SIGTERM: unwind (close workers, delete temporary files) and stop."""
-
-
-# --- the child's side: breadcrumbs ------------------------------------------------------
-
-class _Breadcrumbs:
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.fd = os.open(directory / "call", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.described: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
-        self.rebuildable: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.saved = 0
-        self.report_fd: int | None = None
-
-    def leave(self, payload: bytes) -> None:
-        # Overwrite in place; a newline ends the current crumb (an older, longer one may trail).
-        os.pwrite(self.fd, payload + b"\n", 0)
-
-    def snapshot(self, payload: bytes) -> None:
-        if self.report_fd is None:
-            self.report_fd = os.open(self.dir / "report.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.pwrite(self.report_fd, payload + b"\n", 0)
-
-
-_crumbs: _Breadcrumbs | None = None
-
-
-class _Clock:
-    """The deadline of the in-process call under way (0: none), in a page the parent shares.
-
-    Two doubles: the deadline on ``time.monotonic()`` (one clock for both processes) and
-    the limit it was set from (for the message).  The child only stores; the parent reads
-    twice and acts only on two equal reads, so a torn read never kills a healthy call."""
-
-    FORMAT = "dd"
-
-    def __init__(self) -> None:
-        self.page = mmap.mmap(-1, struct.calcsize(self.FORMAT))  # anonymous, MAP_SHARED: survives the fork shared
-
-    def arm(self, deadline: float, limit: float) -> None:
-        struct.pack_into(self.FORMAT, self.page, 0, deadline, limit)
-
-    def disarm(self) -> None:
-        struct.pack_into(self.FORMAT, self.page, 0, 0.0, 0.0)
-
-    def read(self) -> tuple[float, float]:
-        return struct.unpack_from(self.FORMAT, self.page, 0)
-
-
-_clock: _Clock | None = None
-_terminated = False  # SIGTERM arrived (the Terminated it raised may have landed where Python drops it)
-_timeout: float | None = None  # the user's --timeout for in-process calls; None: the default rule
-_slowest: dict[str, float] = {}  # seconds of each implementation's slowest in-process call so far
-
-
-def supervised() -> bool:
-    return _crumbs is not None
-
-
-def check_terminated() -> None:
-    """Raise :class:`Terminated` if SIGTERM arrived, even if its first raise was lost."""
-    if _terminated:
-        raise Terminated()
-
-
-def watch_calls(timeout: float | None) -> None:
-    """In-process calls that outlast ``timeout`` seconds are hangs (None: the default rule)."""
-    global _timeout
-    _timeout = timeout
-
-
-def call_limit(label: str) -> float:
-    """Seconds an in-process call of ``label`` may take before it is a hang."""
-    if _timeout is not None:
-        return _timeout
-    return max(DEFAULT_TIMEOUT_FLOOR, DEFAULT_TIMEOUT_FACTOR * _slowest.get(label, 0.0))
-
-
-@contextlib.contextmanager
-def watched(label: str, spec: Any, case: Any) -> Iterator[None]:
-    """Around every in-process call: the breadcrumb, then the watchdog's deadline.  Free
-    (a no-op) when not supervised."""
-    before_call(label, spec, case)
-    if _clock is None:
-        yield
-        return
-    limit = call_limit(label)
-    start = time.monotonic()
-    _clock.arm(start + limit, limit)
-    try:
-        yield
-    finally:
-        _clock.disarm()
-        took = time.monotonic() - start
-        if took > _slowest.get(label, 0.0):
-            _slowest[label] = took
-
-
-def keep_report(data: dict[str, Any], phase: str) -> None:
-    """The JSON report so far, for the parent to complete if the child dies or is killed.
-    ``phase``: "explore" while the search runs (a call that dies then is one more case),
-    "stages" after it.  Overwritten in place like a breadcrumb (a newline ends it; JSON
-    text has none): the child only dies mid-call, never mid-write, and a rename per case
-    costs milliseconds on some file systems."""
-    if _crumbs is None:
-        return
-    _crumbs.snapshot(json.dumps({**data, "_phase": phase}, allow_nan=False, default=str).encode())
-
-
-def before_call(label: str, spec: Any, case: Any) -> None:
-    """Called by the in-process runner before every call; free when not supervised."""
-    if _crumbs is None:
-        return
-    described = _crumbs.described.get(case)
-    if described is None:
-        described = _describe(spec, case)
-        _crumbs.described[case] = described
-    _crumbs.leave(b'{"calling": ' + json.dumps(label).encode() + b", " + described + b"}")
-
-
-def note(what: str) -> None:
-    """A breadcrumb outside implementation calls (e.g. loading a reference)."""
-    if _crumbs is not None:
-        _crumbs.leave(json.dumps({"doing": what}).encode())
-
-
-def rebuildable(case: Any) -> None:
-    """``case`` was built straight from its recipe: the recipe alone rebuilds it."""
-    if _crumbs is not None:
-        _crumbs.rebuildable.add(case)
-
-
-def describe_run(impls: Sequence[Any], save_dir: Path | None, seed: int, tolerance: Any, pairs: Sequence[Any],
-                 json_path: str | None = None) -> None:
-    """What the parent needs to write a repro and the report if an implementation kills the child."""
-    if _crumbs is None:
-        return
-    context = {
-        "json": json_path,
-        "implementations": [{"label": i.label, "ref": i.ref.source()} for i in impls],
-        "save_dir": str(save_dir) if save_dir is not None else None,
-        "seed": seed,
-        "tolerance": {"rtol": tolerance.rtol, "atol": tolerance.atol},
-        "pairs": [list(p.labels) for p in pairs],
-        "cwd": os.getcwd(),
-    }
-    (_crumbs.dir / "context.json").write_text(json.dumps(context))
-
-
-def _describe(spec: Any, case: Any) -> bytes:
-    first = next(iter(case.tensors.values()))
-    where = {"spec": spec.text(), "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device), "case": case.describe(),
-             "sizes": dict(case.sizes)}
-    recipe = case.recipe
-    if case in _crumbs.rebuildable and recipe is not None:
-        where["recipe"] = dict(recipe.__dict__)  # flat fields of numbers, strings and tuples
-    else:  # derived by the minimiser or a stage: its tensors go to disk before the call
-        from .repro import save_input
-
-        _crumbs.saved += 1
-        # No fsync: the supervising parent outlives the child and reads it from the page cache.
-        where["saved"] = str(save_input(_crumbs.dir / "inputs", spec, case, stem=f"input-{_crumbs.saved}", durable=False))
-    return json.dumps(where)[1:-1].encode()
-
-
-def _child_setup(directory: Path, parent: int, clock: _Clock) -> None:
-    global _crumbs, _clock
-    _die_with_parent(parent)
-    _crumbs = _Breadcrumbs(directory)
-    _clock = clock
-
-    def on_term(signum: int, frame: Any) -> None:
-        global _terminated
-        _terminated = True
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, on_term)
-
-
-def request_death_signal() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux), even mid-hang."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:
-            pass
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when ``parent`` dies, even while it hangs."""
-    request_death_signal()
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
+# The child's side (breadcrumbs and deadlines before each call, report snapshots,
+# Terminated) is :mod:`losscmp.breadcrumbs`.
 
 
 # --- the parent's side ------------------------------------------------------------------
@@ -273,12 +81,10 @@ def entry(argv: Sequence[str] | None = None) -> int:
     """The ``losscmp`` command: supervised where the platform can fork, else plain."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not hasattr(os, "fork") or os.environ.get(ENV_DISABLE):
-        from .cli import main
-
         return main(argv)
     directory = Path(tempfile.mkdtemp(prefix="losscmp-run-"))
     parent = os.getpid()
-    clock = _Clock()
+    clock = breadcrumbs.Clock()
     _become_subreaper()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -286,9 +92,7 @@ def entry(argv: Sequence[str] | None = None) -> int:
     if pid == 0:
         code = 70  # EX_SOFTWARE, should main itself fail in an unforeseen way
         try:
-            _child_setup(directory, parent, clock)
-            from .cli import main
-
+            breadcrumbs.start(directory, parent, save_input, clock)
             code = main(argv)
         except Terminated:
             code = 143
@@ -305,8 +109,8 @@ def entry(argv: Sequence[str] | None = None) -> int:
                 except Exception:
                     pass
             try:
-                if _crumbs is not None:
-                    _crumbs.leave(json.dumps({"done": code}).encode())
+                if breadcrumbs._crumbs is not None:
+                    breadcrumbs._crumbs.leave(json.dumps({"done": code}).encode())
                 atexit._run_exitfuncs()
             finally:
                 # Not sys.exit: a non-daemon thread an implementation left running must not keep us alive.
@@ -330,7 +134,7 @@ def _become_subreaper() -> None:
 _subreaper = False
 
 
-def _supervise(pid: int, directory: Path, clock: _Clock) -> int:
+def _supervise(pid: int, directory: Path, clock: breadcrumbs.Clock) -> int:
     signals: list[tuple[int, float]] = []  # (signal, when) received by this process
 
     def forward(signum: int, frame: Any) -> None:
@@ -358,7 +162,7 @@ def _supervise(pid: int, directory: Path, clock: _Clock) -> int:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _wait(pid: int, clock: _Clock, signals: list[tuple[int, float]]) -> tuple[int, float | None]:
+def _wait(pid: int, clock: breadcrumbs.Clock, signals: list[tuple[int, float]]) -> tuple[int, float | None]:
     """Wait for the child; kill it when an in-process call outlasts its deadline, or when it
     has not finished ``INTERRUPT_GRACE`` seconds after a signal.  Returns its wait status and,
     for a hung call, the limit it outlasted."""
@@ -542,8 +346,6 @@ def _write_partial(directory: Path, context: dict[str, Any], finding: dict[str, 
         data["agree"] = False
     data["interrupted"] = True
     data["interruption"] = interruption
-    from .report import print_partial, write_json  # only after a death: the parent never needs them otherwise
-
     human = sys.stderr if target == "-" else sys.stdout
     if snapshot or finding is not None:
         print_partial(data, human)
@@ -577,18 +379,6 @@ def _materialise(crumb: dict[str, Any], directory: Path, how: str, kind: str = "
 def materialise(directory: Path) -> dict[str, Any]:
     """In a fresh interpreter: the crash or timeout described by the breadcrumb, as a repro
     file and as the divergence record of the JSON report (the report's own renderer)."""
-    import math
-
-    from .audit import Divergence
-    from .compare import Verdict
-    from .findings import Alone, Kind, Pair
-    from .generate import Recipe, build_case
-    from .load import parse_ref
-    from .report import divergence_json
-    from .repro import DTYPES, load_input, save_case
-    from .run import Outcome
-    from .spec import parse_spec
-
     crumb = json.loads((directory / "crumb.json").read_text())
     context = json.loads((directory / "context.json").read_text())
     label = crumb["calling"]
@@ -622,4 +412,4 @@ def materialise(directory: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(materialise(Path(sys.argv[1])), allow_nan=False, default=str))
+    print(jsonout.dumps(materialise(Path(sys.argv[1])), default=str))
