@@ -209,7 +209,7 @@ def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
 
 
 def _resolve_spec(args, impls, kw, console: Console, isolate: bool = False):
-    from .infer import infer_spec
+    from .infer import infer
     from .spec import resolve_spec
 
     if args.spec:
@@ -219,17 +219,21 @@ def _resolve_spec(args, impls, kw, console: Console, isolate: bool = False):
 
         runner = IsolatedRunner(timeout=getattr(args, "timeout", None))
         try:
-            spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"], run=runner)
+            found = infer(impls, dtype=kw["dtype"], device=kw["device"], run=runner)
         finally:
             runner.close()
     else:
-        spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"])
+        found = infer(impls, dtype=kw["dtype"], device=kw["device"])
+    spec = found.spec
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
         console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
     else:
         console.print(f"inferred spec: {spec.text()}", markup=False, highlight=False)
         console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+    console.print(f"  why: {found.reason}", markup=False, highlight=False)
+    for passed in found.passed_over:
+        console.print(f"  passed over {passed}", markup=False, highlight=False)
     return spec
 
 
