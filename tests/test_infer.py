@@ -185,3 +185,38 @@ def test_a_multi_dim_spec_finds_the_view_that_fails_on_non_contiguous_inputs(tmp
                  "--examples", "30", "--no-save", "--no-minimize", "--no-explain", "--json", str(out)])
     report = json.loads(out.read_text())
     assert code == 1 and any(d["kind"] == "exception" for d in report["divergences"]), report["divergences"]
+
+
+INTERMITTENT = (
+    "import torch\n"
+    "def mse(input, target):\n    return ((input - target) ** 2).mean()\n"
+    "def mse_flaky(input, target):\n"
+    "    # fails on about a quarter of inputs, the first probe input among them (its input[0] is 1.54)\n"
+    "    if float(input.reshape(-1)[0]) > 1.2:\n        raise KeyboardInterrupt\n"
+    "    return ((input - target) ** 2).mean()\n"
+)
+
+
+def test_a_side_failing_on_some_inputs_the_first_probe_among_them_is_a_finding(tmp_path, capsys):
+    f = tmp_path / "flaky.py"
+    f.write_text(INTERMITTENT)
+    out = tmp_path / "r.json"
+    code = main([f"{f}:mse", f"{f}:mse_flaky", "--examples", "30", "--no-save", "--no-minimize", "--no-explain", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "inferred spec regression" in printed
+    report = json.loads(out.read_text())
+    assert code == 1 and [d["kind"] for d in report["divergences"]] == ["exception"]
+    assert 0 < report["divergences"][0]["cases"] < 30  # intermittent: the other cases agree
+    # Under an explicit spec too (the audit's own probe uses several inputs).
+    code = main([f"{f}:mse", f"{f}:mse_flaky", "--spec", "regression", "--examples", "10", "--no-save", "--no-minimize", "--no-explain"])
+    assert code == 1
+
+
+def test_a_library_that_raises_on_every_input_under_an_explicit_spec_is_an_exception_finding(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(['geomloss:SamplesLoss(loss="hausdorff", backend="tensorized")', 'geomloss:SamplesLoss(loss="energy", backend="tensorized")',
+                 "--spec", "points", "--examples", "5", "--no-explain", "--save-dir", str(tmp_path / "saved"), "--json", str(out)])
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert code == 1 and [d["kind"] for d in report["divergences"]] == ["exception"]
+    assert "KeyError" in report["divergences"][0]["detail"] and report["divergences"][0]["repro"]

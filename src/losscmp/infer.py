@@ -47,7 +47,7 @@ from .domains import DOMAINS
 from .engine import InProcessRunner
 from .generate import Case, Recipe, build_case
 from .load import Implementation
-from .run import Outcome
+from .run import Outcome, watching_interrupts
 from .spec import PRESETS, Arg, Spec, SpecError, parse_spec, preset
 
 HINTS = [
@@ -435,7 +435,11 @@ def infer(
 ) -> Inference:
     """The most plausible candidate on which every implementation returns finite values,
     with the reason it was chosen (see the module docstring for the order and the checks)."""
-    run = run or in_process
+    with watching_interrupts():  # a KeyboardInterrupt that no Ctrl-C caused is a probe's failure
+        return _infer(impls, dtype, device, run or in_process)
+
+
+def _infer(impls: Sequence[Implementation], dtype: torch.dtype, device: str, run: Runner) -> Inference:
     required = {kw for i in impls for kw in _required_keywords(i.fn)}
     if required:
         names = ", ".join(sorted(required))
