@@ -35,7 +35,7 @@ from .engine import Evaluator, mutation_verdict
 from .explain import observe
 from .errors import LosscmpError
 from .findings import Alone, Kind, Pair, Status, Subject
-from .generate import REGIMES, Case, build_case, check_fits, probe_recipe, recipes
+from .generate import DEGENERATE, REGIMES, Case, build_case, check_fits, degenerate_cases, probe_recipe, recipes
 from .load import Implementation
 from .run import Outcome, finite, watching_interrupts
 from .settings import Settings
@@ -173,7 +173,7 @@ class _Group:
 
 
 def _regime_rank(regime: str) -> int:
-    order = list(REGIMES)  # mildest first
+    order = list(REGIMES) + list(DEGENERATE)  # mildest first
     return order.index(regime) if regime in order else len(order)
 
 
@@ -363,6 +363,13 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None) 
         score = exploration.examine(probe_case, probe_outcomes)
         if on_case:
             on_case(exploration.cases, score)
+    if not search.regimes:  # the degenerate inputs, unless the regimes were narrowed
+        for case in degenerate_cases(ev.spec, search.seed, dtype=execution.dtype, device=execution.device):
+            if exploration.cases >= search.examples:
+                break
+            score = exploration.examine(case)  # not rebuildable from a recipe: saved before a risky call
+            if on_case:
+                on_case(exploration.cases, score)
 
     regimes = tuple(search.regimes) if search.regimes else tuple(REGIMES)
 
