@@ -100,12 +100,15 @@ class ProbeError(LosscmpError):
     """The implementations cannot be run on this spec at all."""
 
 
-PROBE_INPUTS = 3  # tame inputs tried before the search: one bad draw must not decide anything
+# Inputs tried before the search (one bad draw must not decide anything): tame, then
+# every dim at its smallest (size-1 dims break reductions), then tame again.
+PROBE_SIZES = (4, 1, 4)
+PROBE_INPUTS = len(PROBE_SIZES)
 
 
 def probe(ev: Evaluator, inputs: int = PROBE_INPUTS) -> list[tuple[Case, dict[str, Outcome]]]:
-    """A few tame inputs first (standard regime, consecutive seeds), each an ordinary case
-    that the audit counts.
+    """A few inputs first (standard regime, consecutive seeds, :data:`PROBE_SIZES`), each
+    an ordinary case that the audit counts.
 
     Only what leaves nothing to compare is a usage error: a side that returns a
     non-tensor or a non-scalar on every probe input (the spec is wrong), or every side
@@ -117,7 +120,8 @@ def probe(ev: Evaluator, inputs: int = PROBE_INPUTS) -> list[tuple[Case, dict[st
     s = ev.settings
     probed: list[tuple[Case, dict[str, Outcome]]] = []
     for k in range(max(1, inputs)):
-        case = build_case(ev.spec, probe_recipe(ev.spec, (s.search.seed + k) % 2**63), dtype=s.execution.dtype, device=s.execution.device)
+        recipe = probe_recipe(ev.spec, (s.search.seed + k) % 2**63, PROBE_SIZES[k % PROBE_INPUTS])
+        case = build_case(ev.spec, recipe, dtype=s.execution.dtype, device=s.execution.device)
         supervise.rebuildable(case)
         probed.append((case, ev.outcomes(case)))
     first = probed[0][0]

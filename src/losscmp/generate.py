@@ -374,10 +374,11 @@ def _holds(domain: str, source: str) -> bool:
                                 ("real", "logits"), ("real", "unit"), ("real", "image")}
 
 
-def probe_recipe(spec: Spec, seed: int = 0) -> Recipe:
-    """A tame, mid-sized case: used to check that implementations accept the spec."""
+def probe_recipe(spec: Spec, seed: int = 0, size: int = 4) -> Recipe:
+    """A tame case, every dim about ``size`` (within its range): used to check that
+    implementations accept the spec."""
     sizes = []
     for dim in spec.dims:
         lo, hi = spec.size_range(dim)
-        sizes.append((dim, max(lo, min(hi, 4))))
+        sizes.append((dim, max(lo, min(hi, size))))
     return Recipe(sizes=tuple(sizes), seed=seed)
