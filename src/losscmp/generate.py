@@ -355,7 +355,11 @@ def _degenerate(spec: Spec, base: Case, name: str) -> dict[str, torch.Tensor]:
                     continue
                 src, dst = (a, b) if a.domain == b.domain or _holds(b.domain, a.domain) else (b, a)
                 if src.domain == dst.domain or _holds(dst.domain, src.domain):
-                    tensors[dst.name] = DOMAINS[dst.domain].legalise(tensors[src.name].clone())
+                    values = tensors[src.name].clone()
+                    if dst.domain == "unit":  # 0/1 targets: the nearest probabilities a float tells apart, not denormals
+                        eps = torch.finfo(values.dtype).eps
+                        values = values.clamp(eps, 1 - eps)
+                    tensors[dst.name] = DOMAINS[dst.domain].legalise(values)
                     done |= {a.name, b.name}
     elif name == "empty masks":  # every other sample's mask empty (samples along the first dim)
         for a in spec.args:
