@@ -220,3 +220,14 @@ def test_a_library_that_raises_on_every_input_under_an_explicit_spec_is_an_excep
     report = json.loads(out.read_text())
     assert code == 1 and [d["kind"] for d in report["divergences"]] == ["exception"]
     assert "KeyError" in report["divergences"][0]["detail"] and report["divergences"][0]["repro"]
+
+
+def test_a_side_that_segfaults_on_some_inputs_the_first_probe_among_them_is_a_crash_finding_under_isolate(tmp_path, capsys):
+    f = tmp_path / "flaky.py"
+    f.write_text(INTERMITTENT.replace("raise KeyboardInterrupt", "import os; os.abort()"))
+    out = tmp_path / "r.json"
+    code = main([f"{f}:mse", f"{f}:mse_flaky", "--isolate", "--timeout", "60", "--examples", "12", "--no-save", "--no-minimize",
+                 "--no-explain", "--json", str(out)])
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert code == 1 and [d["kind"] for d in report["divergences"]] == ["crash"]
