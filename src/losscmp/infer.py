@@ -401,7 +401,7 @@ def _with_softmax(spec: Spec, axes: list[tuple[str, int]]) -> tuple[Spec, list[s
                   and axis == len(arg.dims) - 1):
                 args[k] = replace(a, domain="simplex")
                 notes.append(f"{a.name}: rows on the simplex beside it")
-        notes.insert(0, f"the loss does not change when a constant is added to {name} along {dim} (a softmax inside): "
+        notes.insert(0, f"the loss does not change when a constant is added to {name} along {dim} (as with a softmax over it): "
                         f"{name} is logits" + (f", {dim} >= 2" if not dim.isdigit() else ""))
     out = replace(spec, args=tuple(args))
     if lows:
