@@ -233,7 +233,7 @@ def test_a_file_exiting_at_import_is_a_load_error(tmp_path, capsys):
 def test_the_library_writes_nothing_unless_asked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
-    result = audit(impls, preset("binary"), Settings.of(examples=10, minimize=False))
+    result = audit(impls, preset("binary"), Settings.of(examples=20, minimize=False))
     assert not result.agree and not any(d.repro for d in result.divergences)
     assert list(tmp_path.iterdir()) == []
 
