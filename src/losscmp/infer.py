@@ -18,9 +18,9 @@ argument names keeps its gradients as they are.
 Each candidate is probed on several inputs at small sizes first, then larger ones (an
 11x11 SSIM window does not fit a 4x4 image); it fits when every implementation returns
 a finite tensor on most of them (a side that fails now and then is a finding for the
-search, not a reason to refuse the spec).  A probe whose errors say a value must be
-positive (``var has negative entries``, ``GreaterThan(lower_bound=0.0)``) is retried with
-the argument they name, or the non-target real arguments, positive.  A fitting spec is
+search, not a reason to refuse the spec).  A probe whose errors say what values an
+argument takes (``var has negative entries``, ``GreaterThan(lower_bound=0.0)``: positive;
+``should be between 0 and 1``: probabilities) is retried with that argument so.  A fitting spec is
 then checked on the data: a loss that does not change when a constant is added along an
 argument's class axis applies a softmax there, so that argument is logits and the axis
 has at least two classes (softmax over one class is constant); a 1-D spec on which that
@@ -80,8 +80,12 @@ DOMAIN_WORDS = (  # first match wins; (words, domain, the domains it replaces)
     ({"counts", "count"}, "counts", ("real", "binary", "positive")),
 )
 NO_GRAD_DOMAINS = ("binary", "labels", "counts")
-# Error messages that say a value must be positive (torch's, torch.distributions', numpy-style).
-POSITIVE_ERRORS = re.compile(r"negative|must be positive|non-?positive|GreaterThan\(lower_bound=0|positive\b|> ?0\b|>= ?0\b", re.I)
+# Error messages that say which values an argument takes (torch's, torch.distributions'):
+# (pattern, domain, whether an argument no message names falls back to the first one).
+ERROR_DOMAINS = (
+    (re.compile(r"between 0 and 1|in \[0, ?1\]|Interval\(lower_bound=0\.0, upper_bound=1\.0\)|probabilit", re.I), "unit", True),
+    (re.compile(r"negative|must be positive|non-?positive|GreaterThan\(lower_bound=0|positive\b|> ?0\b|>= ?0\b", re.I), "positive", False),
+)
 SHIFT_RTOL = 1e-4  # a value this close after adding a constant along an axis: a softmax over it
 
 Runner = Callable[[Implementation, Spec, Case], Outcome]
@@ -322,23 +326,26 @@ def _probe(impls, spec, dtype, device, run: Runner) -> tuple[Spec | None, Attemp
     return None, Attempt(spec, tuple(tried), failures, worked), []
 
 
-def positive_retry(attempt: Attempt) -> Spec | None:
-    """The candidate again with positive values where its errors said so, or None.
+def domain_retry(attempt: Attempt) -> tuple[Spec, str] | None:
+    """The candidate again with the domain its errors asked for, and what changed; or None.
 
-    Arguments the messages name become positive; where they name none (``scale`` of a
-    distribution built inside), every real argument that is not a target or the first
-    (the prediction) does."""
-    messages = [error for _, error in attempt.failures if POSITIVE_ERRORS.search(error)]
-    if not messages:
-        return None
+    "all elements of input should be between 0 and 1" makes ``input`` probabilities; "var
+    has negative entries" makes ``var`` positive.  Arguments the messages name change;
+    where they name none (the ``scale`` of a distribution built inside), the first real
+    argument does for probabilities (the prediction), and every real argument after it
+    that is not a target does for positive values."""
     spec = attempt.spec
     real = [a for a in spec.args if a.domain in ("real", "logits")]
-    named = [a for a in real if any(re.search(rf"\b{re.escape(a.name)}\b", m) for m in messages)]
-    chosen = named or [a for a in real[1:] if not is_target(a.name)] or real
-    if not chosen:
-        return None
-    args = tuple(replace(a, domain="positive") if a in chosen else a for a in spec.args)
-    return replace(spec, args=args, name=None)
+    for pattern, domain, first in ERROR_DOMAINS:
+        messages = [error for _, error in attempt.failures if pattern.search(error)]
+        if not messages or not real:
+            continue
+        named = [a for a in real if any(re.search(rf"\b{re.escape(a.name)}\b", m) for m in messages)]
+        chosen = named or (real[:1] if first else [a for a in real[1:] if not is_target(a.name)] or real)
+        args = tuple(replace(a, domain=domain) if a in chosen else a for a in spec.args)
+        what = "probabilities" if domain == "unit" else "positive"
+        return replace(spec, args=args, name=None), f"{', '.join(a.name for a in chosen)} {what}, as the errors on real values said"
+    return None
 
 
 # --- checks on the data -------------------------------------------------------------
@@ -458,10 +465,9 @@ def _infer(impls: Sequence[Implementation], dtype: torch.dtype, device: str, run
             reason = "; ".join(w for w in (candidate.why, probes, notes) if w)
             return Inference(spec, reason, tuple(a.describe() for a in attempts))
         attempts.append(attempt)
-        retry = positive_retry(attempt) if not attempt.note else None
-        if retry is not None and retry.text() not in seen:
-            positive = ", ".join(a.name for a in retry.args if a.domain == "positive" and candidate.spec.arg(a.name).domain != "positive")
-            queue.insert(0, Candidate(retry, f"{candidate.why}; {positive} positive, as the errors on real values said"))
+        retry = domain_retry(attempt) if not attempt.note else None
+        if retry is not None and retry[0].text() not in seen:
+            queue.insert(0, Candidate(retry[0], f"{candidate.why}; {retry[1]}"))
     if not attempts:
         raise InferenceError("these implementations take no tensor argument that losscmp can see; give --spec explicitly")
     # Where one side worked, the inputs were right and the other side's format differs: say that first.
