@@ -231,3 +231,18 @@ def test_a_side_that_segfaults_on_some_inputs_the_first_probe_among_them_is_a_cr
     capsys.readouterr()
     report = json.loads(out.read_text())
     assert code == 1 and [d["kind"] for d in report["divergences"]] == ["crash"]
+
+
+def test_a_reference_that_squashes_its_own_input_is_given_logits(tmp_path):
+    # MONAI's DiceLoss(sigmoid=True) and FocalLoss() were given probabilities.
+    f = tmp_path / "seg.py"
+    f.write_text("import torch\n"
+                 "class DiceLoss(torch.nn.Module):  # channels first, per image and channel, as MONAI's\n"
+                 "    def __init__(self, sigmoid=False, smooth=1e-5):\n"
+                 "        super().__init__(); self.sigmoid, self.smooth = sigmoid, smooth\n"
+                 "    def forward(self, input, target):\n"
+                 "        p = torch.sigmoid(input) if self.sigmoid else input\n"
+                 "        inter = (p * target).sum((2, 3))\n"
+                 "        return (1 - (2 * inter + self.smooth) / (p.sum((2, 3)) + target.sum((2, 3)) + self.smooth)).mean()\n")
+    found = infer(impls(f"{f}:DiceLoss(sigmoid=True)", f"{f}:DiceLoss(sigmoid=True, smooth=1.0)"))
+    assert found.spec.arg("input").domain == "logits" and "the references' names say logits" in found.reason

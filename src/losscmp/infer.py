@@ -13,7 +13,9 @@ Every candidate is read through the parameter names before it is probed: a param
 named like a target (``target``, ``labels``, ``mask``, ``y``) never gets a gradient; one
 named ``logits`` / ``scores`` is given logits, ``var`` / ``sigma`` / ``std`` a positive
 value, ``probs`` probabilities, ``counts`` counts.  A preset with the function's own
-argument names keeps its gradients as they are.
+argument names keeps its gradients as they are.  References that say they squash their
+input themselves (``logit``, ``focal``, ``sigmoid``, ``softmax`` in their text: MONAI's
+``DiceLoss(sigmoid=True)``) get logits where a preset says probabilities.
 
 Each candidate is probed on several inputs at small sizes first, then larger ones (an
 11x11 SSIM window does not fit a 4x4 image); it fits when every implementation returns
@@ -80,6 +82,9 @@ DOMAIN_WORDS = (  # first match wins; (words, domain, the domains it replaces)
     ({"counts", "count"}, "counts", ("real", "binary", "positive")),
 )
 NO_GRAD_DOMAINS = ("binary", "labels", "counts")
+# Words in a reference that say the loss takes logits and squashes them itself
+# (MONAI's DiceLoss(sigmoid=True), FocalLoss, BCEWithLogitsLoss, bce_on_sigmoid).
+LOGITS_WORDS = ("logit", "focal", "sigmoid", "softmax")
 # Error messages that say which values an argument takes (torch's, torch.distributions'):
 # (pattern, domain, whether an argument no message names falls back to the first one).
 ERROR_DOMAINS = (
@@ -204,8 +209,27 @@ def _hinted(impls: Sequence[Implementation]) -> list[str]:
     return order
 
 
+def takes_logits(spec: Spec, names: Sequence[str] | None) -> Spec:
+    """Probabilities become logits on the arguments with a gradient whose own names ask
+    for no domain (a ``probs`` parameter stays probabilities)."""
+    own = list(names) if names and len(names) == len(spec.args) else [a.name for a in spec.args]
+    args = tuple(replace(a, domain="logits") if a.domain == "unit" and a.grad and named_domain(n, "unit") == "unit"
+                 and named_domain(n, "real") == "real" else a for a, n in zip(spec.args, own))
+    return spec if args == spec.args else replace(spec, args=args, name=None)
+
+
 def candidates(impls: Sequence[Implementation]) -> list[Candidate]:
     """Every candidate spec, most plausible first, each read through the parameter names."""
+    out = _candidates(impls)
+    text = " ".join(i.ref.text.lower() for i in impls)
+    if any(w in text for w in LOGITS_WORDS):
+        names = _tensor_names(impls[0].fn)
+        out = [Candidate(s, c.why + ("; the references' names say logits" if s is not c.spec else ""))
+               for c in out for s in [takes_logits(c.spec, names)]]
+    return out
+
+
+def _candidates(impls: Sequence[Implementation]) -> list[Candidate]:
     names = _tensor_names(impls[0].fn)
     arity = _positional_range(impls[0].fn)
     fits_arity = lambda n: arity is None or arity[0] <= len(preset(n).args) <= arity[1]  # noqa: E731
