@@ -41,14 +41,15 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .domains import DOMAINS
-from .engine import InProcessRunner
-from .generate import Case, Recipe, build_case
+from .engine import InProcessRunner, Runner
+from .generate import build_case
 from .load import Implementation
+from .model import Case, Recipe
 from .run import Outcome, watching_interrupts
 from .spec import PRESETS, Arg, Spec, SpecError, parse_spec, preset
 
@@ -92,8 +93,6 @@ ERROR_DOMAINS = (
     (re.compile(r"negative|must be positive|non-?positive|GreaterThan\(lower_bound=0|positive\b|> ?0\b|>= ?0\b", re.I), "positive", False),
 )
 SHIFT_RTOL = 1e-4  # a value this close after adding a constant along an axis: a softmax over it
-
-Runner = Callable[[Implementation, Spec, Case], Outcome]
 
 
 class InferenceError(SpecError):
