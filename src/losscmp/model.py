@@ -330,6 +330,15 @@ class Divergence:
         return self.verdict.score
 
 
+class RunPhase(str, Enum):
+    """How far a run got when its result was taken (the supervisor counts a call that died
+    during the search as one more case, one that died later as not)."""
+
+    EXPLORE = "explore"
+    STAGES = "stages"
+    DONE = "done"
+
+
 @dataclass(frozen=True, eq=False)
 class AuditResult:
     implementations: tuple[Implementation, ...]
@@ -341,9 +350,11 @@ class AuditResult:
     pairs: tuple[Pair, ...] = ()  # the pairs compared
     subject_cases: dict[Subject, int] = field(default_factory=dict)  # diverging cases per subject
     tally: dict[str, int] = field(default_factory=dict)  # every case: "agree", "not compared", or its most severe kind
-    not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
+    not_compared: dict[Subject, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
     evaluations: int = 0
     stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
+    interrupted: str | None = None  # "SIGTERM" / "SIGINT": the run was stopped; what it found until then
+    phase: RunPhase = RunPhase.DONE  # how far the run got (a snapshot, an interrupted run)
 
     @property
     def labels(self) -> tuple[str, ...]:
