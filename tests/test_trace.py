@@ -149,7 +149,8 @@ def test_programs_with_too_little_in_common_get_the_coverage_not_a_location(tmp_
     assert found.coverage < MIN_COVERAGE
     assert "share too little structure" in found.note
     assert f"{found.coverage:.0%}" in found.note
-    assert found.to_json() == {"location": None, "location_note": found.note, "coverage": found.coverage}
+    assert found.to_json() == {"location": None, "location_note": found.note, "coverage": found.coverage,
+                               "confidence": None, "side": None}
 
 
 def test_two_sides_that_agree_get_no_location():

@@ -42,7 +42,9 @@ records every op with summaries: it is meant for small cases, never for the sear
 from __future__ import annotations
 
 import contextlib
+import bisect
 import difflib
+import inspect
 import json
 import linecache
 import math
@@ -257,12 +259,52 @@ def _current_node() -> Any:
     return get() if get is not None else None
 
 
-def _user_site(frame: Any, phase: Phase) -> Site | None:
-    """Innermost frame outside torch and losscmp — unless losscmp is reached first, which
-    means the op was not issued by the implementation (losscmp's own bookkeeping, the
-    autograd engine).  A torch function called directly as the implementation has only
-    torch frames: in the forward its outermost one is the best line there is."""
+def own_root(impl: Implementation) -> str | None:
+    """Where the implementation's own code lives: its top-level package's folder (an
+    installed library, or a fork copied into a repository), or for a lone module its
+    folder (a researcher's file and its neighbours).  None for torch's own functions."""
+    target: Any = impl.fn
+    target = getattr(target, "func", target)  # functools.partial
+    if isinstance(target, torch.nn.Module):
+        target = type(target)
+    target = getattr(target, "__func__", target)  # a bound method
+    module = inspect.getmodule(target)
+    if module is None:
+        module = sys.modules.get(getattr(target, "__module__", None) or "")
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    file = os.path.abspath(file)
+    top = sys.modules.get(module.__name__.partition(".")[0])
+    top_file = getattr(top, "__file__", None)
+    if top is not module and top_file and getattr(top, "__path__", None):
+        root = os.path.dirname(os.path.abspath(top_file)) + os.sep
+    else:
+        root = os.path.dirname(file) + os.sep
+        if os.path.basename(os.path.dirname(file)) in _LIBRARY_DIRS:
+            root = file  # a single-module library: not every neighbour in site-packages
+    return None if root.startswith(_TORCH_DIR) or root.startswith(_OWN_DIR) else root
+
+
+_LIBRARY_DIRS = ("site-packages", "dist-packages")
+
+
+def installed(path: str) -> bool:
+    """A file of an installed library, not of the project under test."""
+    parts = os.path.abspath(path).split(os.sep)
+    return any(p in _LIBRARY_DIRS for p in parts)
+
+
+def _user_site(frame: Any, phase: Phase, own: str | None = None) -> Site | None:
+    """The innermost frame in the implementation's own files (``own``, see
+    :func:`own_root`), else the innermost outside torch and losscmp: a researcher's loss
+    that calls a helper library is blamed at its own line, not inside the helper.  If
+    losscmp is reached first, the op was not issued by the implementation (losscmp's own
+    bookkeeping, the autograd engine).  A torch function called directly as the
+    implementation has only torch frames: in the forward its outermost one is the best
+    line there is."""
     outermost_torch = None
+    innermost_other = None
     while frame is not None:
         name = frame.f_code.co_filename
         if name.startswith(_OWN_DIR):
@@ -270,8 +312,13 @@ def _user_site(frame: Any, phase: Phase) -> Site | None:
         if name.startswith(_TORCH_DIR):
             outermost_torch = frame
         elif not name.startswith("<frozen"):
-            return Site(name, frame.f_lineno)
+            if own is not None and (name == own or name.startswith(own)):
+                return Site(name, frame.f_lineno)
+            if innermost_other is None:
+                innermost_other = frame
         frame = frame.f_back
+    if innermost_other is not None:
+        return Site(innermost_other.f_code.co_filename, innermost_other.f_lineno)
     if phase is Phase.FORWARD and outermost_torch is not None:
         return Site(outermost_torch.f_code.co_filename, outermost_torch.f_lineno)
     return None
@@ -280,8 +327,9 @@ def _user_site(frame: Any, phase: Phase) -> Site | None:
 class _Recorder(TorchDispatchMode):
     """Records every aten op of one forward + backward."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: str | None = None) -> None:
         super().__init__()
+        self.own = own
         self.records: list[OpRecord] = []
         self.phase = Phase.FORWARD
         # tensor -> (version, producing record, summary); weak, so a dead tensor's id is never misread
@@ -339,7 +387,7 @@ class _Recorder(TorchDispatchMode):
         seen_in = [self._input(t) for t in tensors_in]
         out = func(*args, **kwargs)
         node = _current_node() if self.phase is Phase.BACKWARD else None
-        site = _user_site(sys._getframe(1), self.phase)
+        site = _user_site(sys._getframe(1), self.phase, self.own)
         if self.phase is Phase.BACKWARD and site is None and (node is None or self._made_after_forward(node)):
             # Not the implementation's op: the loss seed and its reshape, run.call's detach
             # of the results, its mutation checks.  Unrecorded, but a one-input op passes on its input's
@@ -362,8 +410,8 @@ class _Recorder(TorchDispatchMode):
             self._seen[t] = (t._version, index, s)
             out_summaries.append(s)
         out_summaries += [summarise(torch.tensor(float(v), dtype=torch.float64)) for v in numbers]
-        in_key = tuple((_squeezed(t.shape), str(t.dtype)) for t in tensors_in)
-        out_key = tuple((_squeezed(t.shape), str(t.dtype)) for t in outputs) + (("number",) * len(numbers),)
+        in_key = tuple((_squeezed(t.shape), _dtype_class(t.dtype)) for t in tensors_in)
+        out_key = tuple((_squeezed(t.shape), _dtype_class(t.dtype)) for t in outputs) + (("number",) * len(numbers),)
         self.records.append(OpRecord(
             index=index,
             op=str(func),
@@ -381,13 +429,19 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def _dtype_class(dtype: torch.dtype) -> str:
+    # float32 and float64 runs of one program are the same computation: a numerical
+    # finding is located by aligning the unstable side's run with its own float64 run.
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else str(dtype)
+
+
 def _scalar_text(x: Any) -> str:
     return f"{x:.17g}" if isinstance(x, float) else str(x)
 
 
 def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
     """Run ``impl`` on ``case`` as :func:`run.call` does, recording every aten op."""
-    recorder = _Recorder()
+    recorder = _Recorder(own_root(impl))
     with contextlib.ExitStack() as active:
 
         def traced(*args: Any, **kwargs: Any) -> Any:
@@ -468,16 +522,28 @@ class SourceLine:
         return {"file": self.file, "line": self.line, "code": self.code, "op": self.op, "phase": self.phase}
 
 
+class Confidence(str, Enum):
+    """How much the data backs a location (see :func:`localise`)."""
+
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
 @dataclass(frozen=True)
 class Localisation:
     location: dict[str, SourceLine] | None  # label -> where; None when undecided
     note: str  # one line: what was found, or why nothing was (with the coverage)
     coverage: float
-    values: dict[str, str] = field(default_factory=dict)  # label -> the diverging op's output
+    values: dict[str, str] = field(default_factory=dict)  # label -> the departing op's output
+    differs: bool = True  # the two sides' results differ on the case (False: nothing to locate)
+    confidence: Confidence | None = None  # None when there is no location
+    side: str | None = None  # the side a one-line summary names: the side under test, or the unstable one
 
     def to_json(self) -> dict[str, Any]:
         location = None if self.location is None else {k: v.to_json() for k, v in self.location.items()}
-        return {"location": location, "location_note": self.note, "coverage": self.coverage}
+        return {"location": location, "location_note": self.note, "coverage": self.coverage,
+                "confidence": None if self.confidence is None else self.confidence.value, "side": self.side}
 
 
 def _unaligned_root(records: Sequence[OpRecord], starts: Sequence[int | None], aligned: dict[int, int]) -> int | None:
@@ -491,14 +557,6 @@ def _unaligned_root(records: Sequence[OpRecord], starts: Sequence[int | None], a
         seen.add(p)
         todo += [q for q in records[p].producers if q is not None and q not in aligned]
     return min(seen) if seen else None
-
-
-def _first_output_diff(ra: OpRecord, rb: OpRecord, tol: Tolerance) -> tuple[int, str] | None:
-    for k, (sa, sb) in enumerate(zip(ra.outputs, rb.outputs)):
-        why = summary_diff(sb, sa, tol)
-        if why is not None:
-            return k, why
-    return None
 
 
 def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], other_root: int | None,
@@ -515,94 +573,172 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
     return cut if cut is not None else partner
 
 
-def _causes(a: Sequence[OpRecord], b: Sequence[OpRecord], alignment: Alignment,
-            inputs: tuple[Sequence[int | None], Sequence[int | None]], own: tuple[int | None, int | None]) -> tuple[tuple, tuple]:
-    """Per side, the op to blame for inputs that differ (see the module docstring), and
-    the unaligned root it came from, if any."""
-    to_b, to_a = alignment.expected_to_actual, alignment.actual_to_expected
-    root_a = _unaligned_root(a, inputs[0], to_b)
-    root_b = _unaligned_root(b, inputs[1], to_a)
-    cause_a = root_a if root_a is not None else _cause_via_other_side(a, b, root_b, to_a, to_b)
-    cause_b = root_b if root_b is not None else _cause_via_other_side(b, a, root_a, to_b, to_a)
-    return (own[0] if cause_a is None else cause_a, own[1] if cause_b is None else cause_b), (root_a, root_b)
+# --- alignment by data ---------------------------------------------------------------------
 
 
-def _first_difference(expected: Recording, actual: Recording, alignment: Alignment, before: int) -> str:
-    """Where a difference of any size first appears, for a split whose inputs only agree
-    within tolerance: the amplifier is the location, this is where it got its input."""
-    a, b = expected.records, actual.records
-    for i, j in alignment.pairs:
-        if i >= before:
-            break
-        if _first_output_diff(a[i], b[j], _EXACT) is None:
-            continue
-        unequal = [n for n, (sa, sb) in enumerate(zip(a[i].inputs, b[j].inputs)) if summary_diff(sb, sa, _EXACT) is not None]
-        producers = ([a[i].producers[n] for n in unequal], [b[j].producers[n] for n in unequal])
-        (ca, cb), _ = _causes(a, b, alignment, producers, (i, j))
-        where = [f"{r.label} {r.records[c].site.file}:{r.records[c].site.line}" for r, c in ((expected, ca), (actual, cb))
-                 if r.records[c].site is not None]
-        return f"; a difference below tolerance first appears at {a[i].describe(a)} ({', '.join(where) or 'no source line'})"
-    return ""
+def _trivial(s: Summary) -> bool:
+    """Every element equal (zeros, ones, a 1/N fill): such values recur by coincidence."""
+    if s.nans or s.posinfs or s.neginfs:
+        return False
+    return s.numel == 0 or s.low == s.high
 
 
-def _source_line(r: OpRecord, records: Sequence[OpRecord], phase: Phase) -> SourceLine | None:
-    if r.site is None:
-        return None
-    code = linecache.getline(r.site.file, r.site.line).strip()
-    # A forward op named for a backward split: the op whose gradient path differs (a .detach()).
-    op = r.describe(records) + (" (in the forward)" if r.phase is not phase else "")
-    return SourceLine(r.site.file, r.site.line, code, op, phase.value)
+class _Values:
+    """Every tensor value one side saw: op outputs, and tensors from outside (the case,
+    a module's constants).  Answers "did this side compute that value too?"."""
+
+    def __init__(self, rec: Recording) -> None:
+        self._buckets: dict[tuple, list[tuple[float, Summary, int | None]]] = {}
+        for r in rec.records:
+            for out in r.outputs:
+                self._add(out, r.index)
+            for s, p in zip(r.inputs, r.producers):
+                if p is None:
+                    self._add(s, None)
+        for bucket in self._buckets.values():
+            bucket.sort(key=lambda e: e[0])
+        self._totals = {k: [e[0] for e in b] for k, b in self._buckets.items()}
+
+    @staticmethod
+    def _key(s: Summary) -> tuple:
+        return (_squeezed(s.shape), _dtype_class(s.dtype))
+
+    def _add(self, s: Summary | None, producer: int | None) -> None:
+        if s is not None:
+            self._buckets.setdefault(self._key(s), []).append((s.total, s, producer))
+
+    def producers(self, s: Summary, tol: Tolerance) -> set[int | None]:
+        """The ops (None: from outside) whose output agrees with ``s`` within ``tol``."""
+        key = self._key(s)
+        bucket = self._buckets.get(key)
+        if not bucket:
+            return set()
+        t = _tolerance_for(s, tol)
+        # A necessary condition on the sums (see summary_diff) narrows the search first.
+        slack = s.numel * t.atol + 2 * t.rtol * s.abs_total + 1e-300
+        totals = self._totals[key]
+        lo, hi = bisect.bisect_left(totals, s.total - slack), bisect.bisect_right(totals, s.total + slack)
+        found: set[int | None] = set()
+        for _, other, producer in bucket[lo:hi]:
+            if producer not in found and summary_diff(s, other, t) is None:
+                found.add(producer)
+        return found
 
 
-@dataclass(frozen=True)
-class _Split:
-    """Where the two sides' values part: the first aligned op (or returned result) that differs."""
+class _Walk:
+    """One side's view of the other: which of its values the other side computed too,
+    and where, reached from a differing result, its computation departs."""
 
-    phase: Phase
-    what: str  # the op, or "the gradient w.r.t. x"
-    where: str  # its position on both sides, for the note
-    why: str  # the torch.testing-style message
-    values: dict[str, str]
-    differing: tuple[int, ...]  # which inputs differ beyond the tolerance
-    unequal: tuple[int, ...]  # which inputs differ at all
-    inputs: tuple[tuple[int | None, ...], tuple[int | None, ...]]  # producers of the unequal inputs, per side
-    own: tuple[int | None, int | None]  # the op itself per side (None for a returned result)
-    scalars: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    def __init__(self, own: Recording, other: _Values, partner: dict[int, int], tol: Tolerance) -> None:
+        self.own, self.other, self.partner, self.tol = own, other, partner, tol
+        self._cache: dict[tuple[int, int | None], bool] = {}
+
+    def shared(self, s: Summary | None, producer: int | None) -> bool:
+        """Did the other side compute this value?  A distinctive value matched anywhere
+        counts; a constant-valued one only where the ops that made it are counterparts in
+        the op alignment too (or both came from outside): equal fills are no evidence."""
+        if s is None:
+            return True  # no values to compare: never followed
+        key = (id(s), producer)
+        if key not in self._cache:
+            hits = self.other.producers(s, self.tol)
+            if hits and _trivial(s):
+                hits = {h for h in hits if (h is None and producer is None) or
+                        (producer is not None and h is not None and self.partner.get(producer) == h)}
+            self._cache[key] = bool(hits)
+        return self._cache[key]
+
+    def departure(self, start: int | None) -> int | None:
+        """From the op that made a differing result, back through values the other side
+        never computed, to the earliest op that makes such a value out of values the other
+        side has too (or reads a tensor from outside that only this side has).  None when
+        the result itself is a value the other side computed (this side stops early)."""
+        if start is None:
+            return None
+        records = self.own.records
+        found: list[int] = []
+        todo, seen = [start], set()
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            r = records[p]
+            novel = [q for s, q in zip(r.inputs, r.producers) if not self.shared(s, q)]
+            follow = [q for q in novel if q is not None]
+            todo += follow
+            if len(follow) < len(novel) or not novel:
+                found.append(p)
+        return min(found) if found else None
 
 
-def _split(expected: Recording, actual: Recording, alignment: Alignment, tol: Tolerance) -> _Split | None:
-    a, b = expected.records, actual.records
-    le, la = expected.label, actual.label
-    for i, j in alignment.pairs:
-        found = _first_output_diff(a[i], b[j], tol)
-        if found is None:
-            continue
-        k, why = found
-        ra, rb = a[i], b[j]
-        pairs = list(enumerate(zip(ra.inputs, rb.inputs)))
-        differing = tuple(n for n, (sa, sb) in pairs if summary_diff(sb, sa, tol) is not None)
-        # Inputs within tolerance can still carry a small difference that this op
-        # amplifies (scaling an atol-sized error, cancellation).  Made by ops only one
-        # side runs, that difference is the better suspect than the amplifier.
-        unequal = tuple(n for n, (sa, sb) in pairs if summary_diff(sb, sa, _EXACT) is not None)
-        return _Split(
-            ra.phase, ra.describe(a), f"op {i + 1} of {len(a)} in {le}, {j + 1} of {len(b)} in {la}", why,
-            {le: _text(ra.outputs[k]), la: _text(rb.outputs[k])}, differing, unequal,
-            (tuple(ra.producers[n] for n in unequal), tuple(rb.producers[n] for n in unequal)), (i, j),
-            (ra.scalars, rb.scalars),
-        )
-    # Every aligned op agrees, yet the results differ: ops only one side runs made them
-    # (a gradient summed from one more path, say).  Follow the results back instead.
+def _first_differing_result(expected: Recording, actual: Recording, tol: Tolerance) -> tuple[Result, Result, str] | None:
     for ra, rb in zip(expected.results, actual.results):
+        if ra.what != rb.what:
+            continue
         why = summary_diff(rb.summary, ra.summary, tol)
-        if why is not None and ra.what == rb.what:
-            return _Split(ra.phase, f"the {ra.what}", "the returned results", why, {le: _text(ra.summary), la: _text(rb.summary)},
-                          (0,), (0,), ((ra.producer,), (rb.producer,)), (None, None))
+        if why is not None:
+            return ra, rb, why
     return None
 
 
+def _exact_match(walk: _Walk, r: OpRecord) -> bool:
+    """Do the op's inputs agree with the other side's values to a few ulps, not just
+    within the tolerance?"""
+    tight = _tight(walk.tol, r)
+    strict = _Walk(walk.own, walk.other, walk.partner, tight)
+    return all(strict.shared(s, q) for s, q in zip(r.inputs, r.producers))
+
+
+def _tight(tol: Tolerance, r: OpRecord) -> Tolerance:
+    dtypes = [s.dtype for s in r.inputs if s is not None and s.dtype.is_floating_point]
+    eps = max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps)
+    return Tolerance(8 * eps, 0.0)
+
+
+def _at(rec: Recording, index: int) -> str:
+    """An op named by its source line and which of that line's runs it is: a Sinkhorn
+    loop runs one line hundreds of times, and "op 345 of 1020" says nothing."""
+    records = rec.records
+    r = records[index]
+    if r.site is None:
+        return f"{r.describe(records)} (op {index + 1} of {len(records)}, no source line)"
+    same = [q.index for q in records if q.site == r.site and q.op == r.op and q.phase is r.phase]
+    where = f"{_short(r.site.file)}:{r.site.line}"
+    run = f", run {same.index(index) + 1} of {len(same)} there" if len(same) > 1 else ""
+    return f"{r.describe(records)} at {where}{run}"
+
+
+def _short(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _side_under_test(lines: dict[str, SourceLine], expected: str, actual: str) -> str:
+    """The side a one-line summary names: an installed library is the reference a
+    researcher compares against, so the side whose line is in their own files is named;
+    otherwise the implementation being compared (the second)."""
+    mine = [label for label in (actual, expected) if not installed(lines[label].file)]
+    return mine[0] if mine else actual
+
+
 def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisation:
-    """The first diverging op of two recordings (see the module docstring)."""
+    """Where two recordings part ways, by data.
+
+    The ops are aligned by structure (:func:`align`) only to measure how much the two
+    programs share (below :data:`MIN_COVERAGE`: not localised) and to vouch for
+    constant-valued tensors.  The location itself is found by values: from the first
+    result that differs, each side is followed back through values the other side never
+    computed, to the earliest op that makes such a value out of values both sides
+    computed (within the tolerance).  That op computes a different quantity on agreeing
+    inputs; ops that merely line up by position (a ``sum(p) + sum(t)`` against a
+    ``sum(p) - tp``) are never blamed.  A side whose result is a value the other side
+    computes along the way (a dropped term, a ``.detach()``) is placed through the
+    other side's departure (:func:`_cause_via_other_side`).
+    """
     le, la = expected.label, actual.label
     a, b = expected.records, actual.records
     alignment = align(a, b)
@@ -613,35 +749,102 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
         return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}",
                             cov)
     if not compare_outcomes(Pair(le, la), expected.outcome, actual.outcome, tol).diverges:
-        return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov)
+        return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov, differs=False)
     if cov < MIN_COVERAGE:
         return Localisation(None, f"not localised: the two executions share too little structure ({coverage}, "
                             f"below {MIN_COVERAGE:.0%})", cov)
-    split = _split(expected, actual, alignment, tol)
-    if split is None:
-        return Localisation(None, f"not localised: the results differ but no aligned op or result shows it; {coverage}", cov)
-    (cause_a, cause_b), (root_a, root_b) = _causes(a, b, alignment, split.inputs, split.own)
-    only = [f"{label} {recs[root].describe(recs)}" for label, recs, root in ((le, a, root_a), (la, b, root_b)) if root is not None]
-    made = f", made by ops only one side runs ({'; '.join(only)})" if only else ""
-    if split.own[0] is None:
-        how = f"it differs{made}"
-    elif split.differing:
-        how = f"input {', '.join(map(str, split.differing))} differs{made}"
-    elif split.unequal:
-        how = f"its inputs agree within tolerance, not exactly{made}"
-    else:
-        sa, sb = split.scalars
-        how = "its inputs agree" + ("" if sa == sb else f" but its other arguments differ ({', '.join(sa)} vs {', '.join(sb)})")
-    head = f"{split.phase.value}: values first differ at {split.what} ({split.where}); {how}"
-    if split.own[0] is not None and split.unequal and not split.differing and root_a is None and root_b is None:
-        head += _first_difference(expected, actual, alignment, split.own[0])
-    lines = {le: _source_line(a[cause_a], a, split.phase) if cause_a is not None else None,
-             la: _source_line(b[cause_b], b, split.phase) if cause_b is not None else None}
+    first = _first_differing_result(expected, actual, tol)
+    if first is None:
+        return Localisation(None, f"not localised: the results differ but no returned tensor shows it; {coverage}", cov)
+    res_a, res_b, why = first
+    to_b, to_a = alignment.expected_to_actual, alignment.actual_to_expected
+    walk_a = _Walk(expected, _Values(actual), to_b, tol)
+    walk_b = _Walk(actual, _Values(expected), to_a, tol)
+    dep_a, dep_b = walk_a.departure(res_a.producer), walk_b.departure(res_b.producer)
+    how: dict[str, str] = {}
+    causes = {}
+    for label, own, other, dep, other_dep, own_to_other, other_to_own in (
+            (le, a, b, dep_a, dep_b, to_b, to_a), (la, b, a, dep_b, dep_a, to_a, to_b)):
+        cause = dep
+        lacking = other_dep is not None and other[other_dep].phase is Phase.BACKWARD and other_dep not in other_to_own
+        if dep is None or lacking:
+            # This side's result is a value the other computes on the way, or its gradient
+            # lacks ops the other runs: the cause is where the other side's extra path
+            # leaves the shared program (a dropped term, a .detach()).
+            via = _cause_via_other_side(own, other, other_dep, other_to_own, own_to_other)
+            if via is not None:
+                cause = via
+                how[label] = ("its result is a value the other side computes on the way" if dep is None
+                              else "its gradient lacks ops the other side runs") + ", placed where the other side's extra path leaves the shared program"
+        causes[label] = cause
+    cause_a, cause_b = causes[le], causes[la]
+    if cause_a is None or cause_b is None:
+        stuck = [label for label, c in ((le, cause_a), (la, cause_b)) if c is None]
+        return Localisation(None, f"not localised: the {res_a.what} differs, but no op of {' and '.join(stuck)} makes a value "
+                            f"the other side lacks from values both compute; {why}; {coverage}", cov)
+    phase = res_a.phase
+    lines = {le: _source_line(a[cause_a], a, phase), la: _source_line(b[cause_b], b, phase)}
+    values = {le: _text(a[cause_a].outputs[0] if a[cause_a].outputs else None),
+              la: _text(b[cause_b].outputs[0] if b[cause_b].outputs else None)}
     missing = [label for label, where in lines.items() if where is None]
+    parts = [f"{phase.value}: the {res_a.what} differs; {le} departs at {_at(expected, cause_a)}, {la} at {_at(actual, cause_b)}"]
+    amplified = [label for label, walk, dep in ((le, walk_a, dep_a), (la, walk_b, dep_b))
+                 if dep is not None and not _exact_match(walk, walk.own.records[dep])]
+    if amplified:
+        origin = _sub_tolerance_origin(expected, actual, res_a, res_b, alignment, tol)
+        parts.append(f"the inputs of {' and '.join(amplified)}'s op agree within tolerance, not exactly: it amplifies a smaller difference"
+                     + (f", which first appears at {origin}" if origin else ""))
+    parts += [f"{label}: {text}" for label, text in how.items()]
     if missing:
-        return Localisation(None, f"{head}; no source line for {' and '.join(missing)}: the op was not issued from Python "
-                            f"code that this torch can attribute; {split.why}; {coverage}", cov, split.values)
-    return Localisation(lines, f"{head}; {split.why}; {coverage}", cov, split.values)
+        parts.append(f"no source line for {' and '.join(missing)}: the op was not issued from Python code that this torch can attribute")
+        return Localisation(None, "; ".join(parts + [why, coverage]), cov, values)
+    confidence, reason = _confidence(cov, how, amplified, (walk_a, a[cause_a], dep_a), (walk_b, b[cause_b], dep_b))
+    parts.append(f"confidence {confidence.value} ({reason})")
+    return Localisation(lines, "; ".join(parts + [why, coverage]), cov, values, confidence=confidence,
+                        side=_side_under_test(lines, le, la))
+
+
+def _sub_tolerance_origin(expected: Recording, actual: Recording, res_a: Result, res_b: Result,
+                          alignment: Alignment, tol: Tolerance) -> str | None:
+    """Where a difference below tolerance, amplified past it later, first appears: the
+    same walk with a tolerance of a few ulps."""
+    dtypes = [s.dtype for r in (res_a, res_b) for s in (r.summary,) if s is not None and s.dtype.is_floating_point]
+    eps = max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps)
+    tight = Tolerance(8 * eps, 0.0)
+    where = []
+    for rec, other, partner, res in ((expected, actual, alignment.expected_to_actual, res_a),
+                                     (actual, expected, alignment.actual_to_expected, res_b)):
+        dep = _Walk(rec, _Values(other), partner, tight).departure(res.producer)
+        if dep is not None and rec.records[dep].site is not None:
+            where.append(f"{rec.label} {_at(rec, dep)}")
+    return ", ".join(where) or None
+
+
+def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: tuple) -> tuple[Confidence, str]:
+    """High: both departures found by data, on inputs that match distinctive values of the
+    other side, in programs that share most of their structure.  Each doubt lowers it."""
+    doubts = []
+    if how:
+        doubts.append(f"{' and '.join(how)} placed through the other side's departure")
+    if amplified:
+        doubts.append("an op that amplifies a sub-tolerance difference")
+    for walk, r, dep in sides:
+        if dep is not None and r.inputs and all(s is None or _trivial(s) for s in r.inputs):
+            doubts.append(f"{walk.own.label}'s op reads only constant-valued tensors")
+    if cov < 0.8:
+        doubts.append(f"only {cov:.0%} of ops aligned")
+    if not doubts:
+        return Confidence.HIGH, "both departures read values the other side computes, and the programs align"
+    return (Confidence.MEDIUM if len(doubts) == 1 else Confidence.LOW), "; ".join(doubts)
+
+
+def _source_line(r: OpRecord, records: Sequence[OpRecord], phase: Phase) -> SourceLine | None:
+    if r.site is None:
+        return None
+    code = linecache.getline(r.site.file, r.site.line).strip()
+    # A forward op named for a backward split: the op whose gradient path differs (a .detach()).
+    op = r.describe(records) + (" (in the forward)" if r.phase is not phase else "")
+    return SourceLine(r.site.file, r.site.line, code, op, phase.value)
 
 
 def _text(s: Summary | None) -> str:
