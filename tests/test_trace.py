@@ -1,5 +1,7 @@
 """trace: the first diverging op of two programs, named by file and line, forward and backward."""
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,8 +9,10 @@ import torch
 
 from losscmp.cli import main
 from losscmp.compare import Tolerance
-from losscmp.generate import Recipe, build_case
-from losscmp.load import load_implementation
+from losscmp.audit import Settings, audit
+from losscmp.generate import Case, Recipe, build_case
+from losscmp.load import load_implementation, parse_ref
+from losscmp.repro import save_case
 from losscmp.spec import parse_spec
 from losscmp.run import call
 from losscmp.trace import MIN_COVERAGE, Phase, locate, record
@@ -177,7 +181,7 @@ def test_the_trace_command_localises_a_saved_repro(sum_fork_repro, capsys, tmp_p
     refs, repro = sum_fork_repro
     capsys.readouterr()
     out_json = tmp_path / "where.json"
-    assert main(["trace", *refs, str(repro), "--json", str(out_json)]) == 0
+    assert main(["trace", *refs, str(repro), "--json", str(out_json)]) == 1  # a difference reported: exit 1
     printed = capsys.readouterr().out
     line = marker_line(FORKS / "fork_sum.py", "FORK:")
     assert f"{FORKS / 'fork_sum.py'}:{line}" in printed
@@ -189,10 +193,12 @@ def test_the_trace_command_localises_a_saved_repro(sum_fork_repro, capsys, tmp_p
     assert 0.8 < where["coverage"] <= 1.0 and where["location_note"].startswith("forward:")
 
 
-def test_the_trace_command_exits_1_when_nothing_is_located(sum_fork_repro, capsys):
+def test_the_trace_command_exits_0_when_the_sides_agree_on_the_case(sum_fork_repro, capsys):
+    # Changed on purpose: exit 1 means "a difference was reported", so two sides that
+    # agree (nothing to locate) exit 0, as `losscmp` itself does.
     refs, repro = sum_fork_repro
     capsys.readouterr()
-    assert main(["trace", refs[0], f"again={BASE}:sinkhorn_divergence", str(repro), "--json", "-"]) == 1
+    assert main(["trace", refs[0], f"again={BASE}:sinkhorn_divergence", str(repro), "--json", "-"]) == 0
     printed = capsys.readouterr()
     where = json.loads(printed.out)  # the JSON alone on stdout, the words on stderr
     assert where["location"] is None and "agree on this case" in where["location_note"]
@@ -209,3 +215,69 @@ def test_the_trace_command_rejects_a_missing_repro_in_one_line(capsys, tmp_path)
 def test_the_trace_command_needs_two_implementations_and_a_repro(capsys):
     assert main(["trace", f"{BASE}:sinkhorn_divergence"]) == 2
     assert "usage: losscmp trace" in capsys.readouterr().err
+
+
+# --- location by data: a hand-written Dice against an installed, MONAI-style library ---
+
+DICE = FIXTURES / "dice.py"
+MINE = f"mine={DICE}:dice_eps_in_denominator"
+LIBRARY = "library=segloss:DiceLoss(softmax=True)"
+DICE_SPEC = "input: B C H W real grad; target: B C H W binary; B=1; C=2; H=2; W=2"
+
+
+@pytest.fixture
+def installed_segloss(tmp_path, monkeypatch):
+    """fixtures/segloss as an installed library (in a site-packages folder), as MONAI is."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(FIXTURES / "segloss", site / "segloss")
+    monkeypatch.syspath_prepend(str(site))
+    yield site / "segloss"
+    for name in [n for n in sys.modules if n == "segloss" or n.startswith("segloss.")]:
+        del sys.modules[name]
+
+
+def empty_class_case() -> Case:
+    """Class 1 is empty and predicted near 0: the library's smooth_nr scores it 1, the
+    eps-in-the-denominator-only Dice scores it 0 (0.011 apart in the loss)."""
+    logits = torch.tensor([[[[2.0, 1.0], [0.5, 3.0]], [[-8.0, -9.0], [-7.5, -8.5]]]])
+    target = torch.zeros(1, 2, 2, 2)
+    target[0, 0] = 1
+    return Case({"input": logits, "target": target}, {"B": 1, "C": 2, "H": 2, "W": 2})
+
+
+def test_a_dice_is_located_at_the_line_that_differs_not_at_ops_in_the_same_position(installed_segloss, tmp_path, capsys):
+    """The denominators agree (sum(p) + sum(t) on one side, 2 (tp + fp + fn) with
+    fp = sum(p) - tp on the other): neither the researcher's `denom` line nor the
+    library's `fp` line computes a different quantity.  The numerators do."""
+    spec = parse_spec(DICE_SPEC)
+    repro = save_case(tmp_path, spec=spec, case=empty_class_case(), refs=[parse_ref(MINE), parse_ref(LIBRARY)],
+                      pair=("mine", "library"), kind="value", outcomes={}, tolerance=(1.3e-6, 1e-5), seed=0, device="cpu")
+    out_json = tmp_path / "where.json"
+    assert main(["trace", MINE, LIBRARY, str(repro), "--json", str(out_json)]) == 1
+    printed = capsys.readouterr().out
+    where = json.loads(out_json.read_text())
+    mine, library = where["location"]["mine"], where["location"]["library"]
+    assert (mine["file"], mine["line"]) == (str(DICE), marker_line(DICE, "# mine: dice"))
+    lib_dice = installed_segloss / "dice.py"
+    # The ratio amplifies the numerator's 1e-5 (at the float32 atol) to 0.011: located at
+    # the ratio, and the note names the numerator where the smaller difference starts.
+    assert (library["file"], library["line"]) == (str(lib_dice), marker_line(lib_dice, "# lib: ratio"))
+    assert f"segloss/dice.py:{marker_line(lib_dice, '# lib: numerator')}" in where["location_note"]
+    assert where["side"] == "mine"  # the side under test, not the installed library
+    assert where["confidence"] in ("high", "medium", "low") and f"confidence {where['confidence']}" in where["location_note"]
+    assert f"{DICE}:{marker_line(DICE, '# mine: dice')}" in printed
+
+
+def test_audit_names_the_researchers_line_not_the_installed_librarys(installed_segloss):
+    impls = [load_implementation(MINE), load_implementation(LIBRARY)]
+    spec = parse_spec("input: B C H W real grad; target: B C H W binary; B=1..2; C=2..3; H=1..4; W=1..4")
+    result = audit(impls, spec, Settings.of(examples=30, seed=0, impact_steps=0))
+    found = [d for d in result.divergences if d.explanation is not None and d.explanation.location is not None]
+    assert found, [d.explanation.sentence() for d in result.divergences if d.explanation]
+    for d in found:
+        loc = d.explanation.location
+        assert loc.side == "mine"
+        assert loc.location["mine"].line != marker_line(DICE, "# mine: denom")
+        assert loc.location["library"].line != marker_line(installed_segloss / "utils.py", "# lib: fp")
+        where = d.explanation.sentence().split("first differing op at ")[1].split(";")[0]
+        assert where == f"{DICE.relative_to(Path.cwd()) if DICE.is_relative_to(Path.cwd()) else DICE}:{loc.location['mine'].line}"

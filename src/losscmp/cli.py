@@ -110,7 +110,8 @@ def trace_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="losscmp trace",
         description="Record both implementations on a saved case, forward and backward, align their aten ops, and "
-        "name the source line of each where their values first differ. Exit 0 located, 1 not located, 2 bad input.",
+        "name the source line of each where their values first differ. Exit codes: 0 the two agree on the case "
+        "(nothing to locate), 1 they differ (whether or not a line is named), 2 bad usage or input.",
     )
     p.add_argument("expected", metavar="A", help="the reference implementation, e.g. upstream.py:loss")
     p.add_argument("actual", metavar="B", help="the implementation compared with it, e.g. fork.py:loss")

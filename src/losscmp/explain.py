@@ -910,7 +910,9 @@ class Explanation:
         loc = _location_json(self.location)[0]
         if not isinstance(loc, dict):
             return None
-        for label in (self.pair[1], self.pair[0]):
+        # The side the trace names (the one under test, or the unstable one) comes first.
+        named = getattr(self.location, "side", None)
+        for label in (named, self.pair[1], self.pair[0]):
             site = loc.get(label)
             if isinstance(site, dict) and site.get("file"):
                 return f"{_short_path(site['file'])}:{site.get('line')}"

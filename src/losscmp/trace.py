@@ -588,6 +588,7 @@ class _Values:
     a module's constants).  Answers "did this side compute that value too?"."""
 
     def __init__(self, rec: Recording) -> None:
+        self.records = rec.records
         self._buckets: dict[tuple, list[tuple[float, Summary, int | None]]] = {}
         for r in rec.records:
             for out in r.outputs:
@@ -641,12 +642,25 @@ class _Walk:
             return True  # no values to compare: never followed
         key = (id(s), producer)
         if key not in self._cache:
+            self._cache[key] = False  # a cycle through constant values proves nothing
             hits = self.other.producers(s, self.tol)
             if hits and _trivial(s):
-                hits = {h for h in hits if (h is None and producer is None) or
-                        (producer is not None and h is not None and self.partner.get(producer) == h)}
+                hits = {h for h in hits if self._same_op(producer, h)}
             self._cache[key] = bool(hits)
         return self._cache[key]
+
+    def _same_op(self, producer: int | None, other: int | None) -> bool:
+        """Both from outside, counterparts in the op alignment, or the same op with the
+        same other arguments on inputs the other side computed too."""
+        if producer is None or other is None:
+            return producer is None and other is None
+        if self.partner.get(producer) == other:
+            return True
+        mine, theirs = self.own.records[producer], self.other.records[other]
+        if mine.origin is not None and theirs.origin is not None and self.partner.get(mine.origin) != theirs.origin:
+            return False  # look-alike gradients of different forward ops (twin Sinkhorn branches)
+        return (mine.op == theirs.op and mine.scalars == theirs.scalars
+                and all(self.shared(s, q) for s, q in zip(mine.inputs, mine.producers)))
 
     def departure(self, start: int | None) -> int | None:
         """From the op that made a differing result, back through values the other side
@@ -860,7 +874,8 @@ def locate(expected: Implementation, actual: Implementation, spec: Spec, case: C
 
 
 def trace_command(argv: list[str]) -> int:
-    """``losscmp trace A B REPRO.json``: 0 located, 1 not located, 2 bad usage or input."""
+    """``losscmp trace A B REPRO.json``: 0 the sides agree on the case (nothing to locate),
+    1 they differ (located or not: a difference is never an exit 0), 2 bad usage or input."""
     from .cli import trace_parser
     from .errors import UsageError
     from .load import disambiguate, load_implementation, parse_ref
@@ -895,4 +910,4 @@ def trace_command(argv: list[str]) -> int:
         else:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-    return 0 if result.location is not None else 1
+    return 1 if result.differs else 0
