@@ -281,3 +281,43 @@ def test_audit_names_the_researchers_line_not_the_installed_librarys(installed_s
         assert loc.location["library"].line != marker_line(installed_segloss / "utils.py", "# lib: fp")
         where = d.explanation.sentence().split("first differing op at ")[1].split(";")[0]
         assert where == f"{DICE.relative_to(Path.cwd()) if DICE.is_relative_to(Path.cwd()) else DICE}:{loc.location['mine'].line}"
+
+
+# --- numerical findings: located on the unstable side by its own float32 vs float64 run ---
+
+SOFTPLUS = FIXTURES / "softplus.py"
+STABLE, NAIVE = f"stable={SOFTPLUS}:softplus", f"naive={SOFTPLUS}:softplus_naive"
+
+
+def test_a_numerical_finding_with_little_shared_structure_is_located_on_the_unstable_side(tmp_path, capsys):
+    spec = parse_spec("x: N real grad; N=3")
+    case = Case({"x": torch.tensor([89.0, 1.0, -2.0])}, {"N": 3})
+    stable, naive = load_implementation(STABLE), load_implementation(NAIVE)
+    tol = Tolerance.for_dtype(torch.float32)
+    between = locate(stable, naive, spec, case, tol)
+    assert between.location is None and between.coverage < MIN_COVERAGE  # the two programs barely align
+    repro = save_case(tmp_path, spec=spec, case=case, refs=[parse_ref(STABLE), parse_ref(NAIVE)], pair=("stable", "naive"),
+                      kind="value", outcomes={}, tolerance=(tol.rtol, tol.atol), seed=0, device="cpu")
+    assert main(["trace", STABLE, NAIVE, str(repro), "--json", "-"]) == 1
+    printed = capsys.readouterr()
+    where = json.loads(printed.out)
+    assert set(where["location"]) == {"naive"} and where["side"] == "naive"
+    assert where["location"]["naive"]["line"] == marker_line(SOFTPLUS, "# naive:")
+    assert where["location"]["naive"]["op"] == "aten.exp.default"
+    assert where["confidence"] == "high" and where["coverage"] == 1.0
+    assert "float64 oracle: numerical (naive is the unstable side)" in printed.err
+    assert "inf" in printed.err and "4.4896128e+38" in printed.err  # exp(89): float32 overflows, float64 does not
+
+
+def test_audit_locates_a_numerical_finding_on_the_unstable_side():
+    impls = [load_implementation(STABLE), load_implementation(NAIVE)]
+    result = audit(impls, parse_spec("x: N real grad; N=1..4"), Settings.of(examples=40, seed=0, impact_steps=0))
+    numerical = [d for d in result.divergences if d.explanation is not None and d.explanation.category.value == "numerical"]
+    assert numerical, [d.explanation.sentence() for d in result.divergences if d.explanation]
+    for d in numerical:
+        ex = d.explanation
+        assert ex.unstable_side == "naive"
+        assert ex.location is not None and ex.location.location is not None, ex.location and ex.location.note
+        assert ex.location.location["naive"].line == marker_line(SOFTPLUS, "# naive:")
+        assert "by its own float32 vs float64 run" in ex.location.note
+        assert f"first differing op at {SOFTPLUS.relative_to(Path.cwd()) if SOFTPLUS.is_relative_to(Path.cwd()) else SOFTPLUS}:" in ex.sentence()

@@ -50,7 +50,7 @@ import linecache
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Sequence
 
@@ -60,6 +60,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .compare import Tolerance, compare_outcomes, diff_tensors
+from .explain import Category, float64_case, in_float64, oracle
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
@@ -865,9 +866,48 @@ def _text(s: Summary | None) -> str:
     return "(no values)" if s is None else s.text()
 
 
-def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
-    """Record both sides on ``case`` and localise their first divergence."""
+def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance,
+           *, unstable: str | None = None) -> Localisation:
+    """Record both sides on ``case`` and localise their first divergence.
+
+    ``unstable``: the label of the side a numerical finding blames (the float64 oracle's
+    ``unstable_side``).  Two programs that compute one function in different ways share
+    little structure (``softplus`` against ``log(1 + exp(x))``), but the unstable side's
+    float32 and float64 runs are one program: it is located there (:func:`locate_unstable`).
+    """
+    if unstable is not None:
+        if unstable not in (expected.label, actual.label):
+            raise ValueError(f"unstable side {unstable!r} is neither {expected.label!r} nor {actual.label!r}")
+        return locate_unstable(expected if unstable == expected.label else actual, spec, case, tol)
     return localise(record(expected, spec, case), record(actual, spec, case), tol)
+
+
+def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
+    """The first op of ``impl`` whose output in the working dtype departs from its own
+    float64 output while its inputs agree: where the precision is lost."""
+    label = impl.label
+    impl64, problem = in_float64(impl)
+    if problem:
+        return Localisation(None, f"not localised: {problem}", 0.0)
+    wide_label, work_label = f"{label} in float64", f"{label} in {_dtype_word(case)}"
+    wide = replace(record(impl64, spec, float64_case(case)), label=wide_label)
+    work = replace(record(impl, spec, case), label=work_label)
+    found = localise(wide, work, tol)
+    head = f"numerical: located on {label}, the unstable side, by its own {_dtype_word(case)} vs float64 run"
+    if not found.differs:
+        return Localisation(None, f"{head}: not localised, {label} agrees with its own float64 run on this case; {found.note}",
+                            found.coverage, differs=True)
+    if found.location is None:
+        return Localisation(None, f"{head}: {found.note}", found.coverage)
+    where = found.location[work_label]
+    return Localisation({label: where}, f"{head}: {found.note}", found.coverage,
+                        {label: found.values.get(work_label, "?"), f"{label} (float64)": found.values.get(wide_label, "?")},
+                        confidence=found.confidence, side=label)
+
+
+def _dtype_word(case: Case) -> str:
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in case.tensors.values() if t.is_floating_point()})
+    return "/".join(dtypes) or "its working dtype"
 
 
 # --- command line -------------------------------------------------------------------------
@@ -895,14 +935,22 @@ def trace_command(argv: list[str]) -> int:
     if refs[0].label == refs[1].label:
         raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
     impls = [load_implementation(r) for r in refs]
-    result = locate(impls[0], impls[1], repro.spec, repro.case, Tolerance(*repro.tolerance))
+    tol = Tolerance(*repro.tolerance)
+    # The float64 oracle decides whether this is a numerical finding, and on which side:
+    # such a finding is located on that side by its own float32 vs float64 run.
+    verdict = oracle(impls[0], impls[1], repro.spec, repro.case, tol)
+    unstable = verdict.unstable_side if verdict.category is Category.NUMERICAL else None
+    result = locate(impls[0], impls[1], repro.spec, repro.case, tol, unstable=unstable)
     human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
     print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
+    print(f"float64 oracle: {verdict.category.value}" + (f" ({unstable} is the unstable side)" if unstable else ""), file=human)
     print(result.note, file=human)
     for label, where in (result.location or {}).items():
         print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
         print(f"      {where.code}", file=human)
         print(f"      value: {result.values.get(label, '?')}", file=human)
+        if f"{label} (float64)" in result.values:
+            print(f"      in float64: {result.values[f'{label} (float64)']}", file=human)
     if args.json:
         text = json.dumps(result.to_json(), indent=2)
         if args.json == "-":
