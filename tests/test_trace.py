@@ -259,10 +259,10 @@ def test_a_dice_is_located_at_the_line_that_differs_not_at_ops_in_the_same_posit
     mine, library = where["location"]["mine"], where["location"]["library"]
     assert (mine["file"], mine["line"]) == (str(DICE), marker_line(DICE, "# mine: dice"))
     lib_dice = installed_segloss / "dice.py"
-    # The ratio amplifies the numerator's 1e-5 (at the float32 atol) to 0.011: located at
-    # the ratio, and the note names the numerator where the smaller difference starts.
-    assert (library["file"], library["line"]) == (str(lib_dice), marker_line(lib_dice, "# lib: ratio"))
-    assert f"segloss/dice.py:{marker_line(lib_dice, '# lib: numerator')}" in where["location_note"]
+    # The numerators differ by smooth_nr = 1e-5, within the float32 atol; the ratio carries
+    # it to 0.011.  The line is where the difference starts; the note names the ratio.
+    assert (library["file"], library["line"]) == (str(lib_dice), marker_line(lib_dice, "# lib: numerator"))
+    assert f"segloss/dice.py:{marker_line(lib_dice, '# lib: ratio')} only carries past the tolerance" in where["location_note"]
     assert where["side"] == "mine"  # the side under test, not the installed library
     assert where["confidence"] in ("high", "medium", "low") and f"confidence {where['confidence']}" in where["location_note"]
     assert f"{DICE}:{marker_line(DICE, '# mine: dice')}" in printed
@@ -321,3 +321,43 @@ def test_audit_locates_a_numerical_finding_on_the_unstable_side():
         assert ex.location.location["naive"].line == marker_line(SOFTPLUS, "# naive:")
         assert "by its own float32 vs float64 run" in ex.location.note
         assert f"first differing op at {SOFTPLUS.relative_to(Path.cwd()) if SOFTPLUS.is_relative_to(Path.cwd()) else SOFTPLUS}:" in ex.sentence()
+
+
+# --- an EMLight-style fork of GeomLoss: located at the cost it computes, not the call site ---
+
+EMLIGHT = FORKS / "emlight" / "geomloss"
+OFFICIAL = 'official=geomloss:SamplesLoss(loss="sinkhorn", p=2, blur=0.05, scaling=0.5, backend="tensorized")'
+EMLIGHT_FORK = f'fork={EMLIGHT}:SamplesLoss(loss="sinkhorn", p=2, blur=0.05, scaling=0.5, anchors=6)'
+EMLIGHT_SPEC = "x: N D real grad; y: N D real grad; N=6; D=3"
+
+
+def test_an_emlight_style_fork_is_located_at_its_cost_line_inside_the_sinkhorn_loop(tmp_path, capsys):
+    pytest.importorskip("geomloss")
+    spec = parse_spec(EMLIGHT_SPEC)
+    case = build_case(spec, Recipe(sizes=(("N", 6), ("D", 3)), magnitude=1.0, seed=1))
+    repro = save_case(tmp_path, spec=spec, case=case, refs=[parse_ref(OFFICIAL), parse_ref(EMLIGHT_FORK)],
+                      pair=("official", "fork"), kind="value", outcomes={}, tolerance=(1.3e-6, 1e-5), seed=0, device="cpu")
+    out_json = tmp_path / "where.json"
+    assert main(["trace", OFFICIAL, EMLIGHT_FORK, str(repro), "--json", str(out_json)]) == 1
+    where = json.loads(out_json.read_text())
+    fork = where["location"]["fork"]
+    assert (fork["file"], fork["line"]) == (str(EMLIGHT / "utils.py"), marker_line(EMLIGHT / "utils.py", "FORK:"))
+    assert "samples_loss.py" not in fork["file"]
+    assert where["side"] == "fork"  # the official package is installed: the fork is the side under test
+    assert "cost_routines" not in where["location_note"]
+    # Loop ops are named by their line and which of that line's runs they are, not "op 345 of 1020".
+    assert "run 2 of 8 there" in where["location_note"]
+    official = where["location"]["official"]
+    assert official["code"].endswith("squared_distances(x, y) / 2),")  # official cost: |x - y|^2 / 2
+
+
+def test_audit_of_the_emlight_style_fork_names_its_cost_line():
+    pytest.importorskip("geomloss")
+    impls = [load_implementation(OFFICIAL), load_implementation(EMLIGHT_FORK)]
+    result = audit(impls, parse_spec(EMLIGHT_SPEC), Settings.of(examples=6, seed=0, impact_steps=0))
+    located = [d for d in result.divergences if d.explanation is not None and d.explanation.location is not None
+               and d.explanation.location.location is not None]
+    assert located, [d.explanation.sentence() for d in result.divergences if d.explanation]
+    for d in located:
+        assert d.explanation.location.location["fork"].line == marker_line(EMLIGHT / "utils.py", "FORK:")
+        assert f"first differing op at {EMLIGHT.relative_to(Path.cwd()) if EMLIGHT.is_relative_to(Path.cwd()) else EMLIGHT}/utils.py:" in d.explanation.sentence()

@@ -697,18 +697,21 @@ def _first_differing_result(expected: Recording, actual: Recording, tol: Toleran
     return None
 
 
-def _exact_match(walk: _Walk, r: OpRecord) -> bool:
-    """Do the op's inputs agree with the other side's values to a few ulps, not just
-    within the tolerance?"""
-    tight = _tight(walk.tol, r)
-    strict = _Walk(walk.own, walk.other, walk.partner, tight)
-    return all(strict.shared(s, q) for s, q in zip(r.inputs, r.producers))
+ULPS = 8  # "exactly": within this many units in the last place (reordered sums round differently)
 
 
-def _tight(tol: Tolerance, r: OpRecord) -> Tolerance:
-    dtypes = [s.dtype for s in r.inputs if s is not None and s.dtype.is_floating_point]
+def _ulp_tolerance(summaries: Sequence[Summary | None]) -> Tolerance:
+    dtypes = [s.dtype for s in summaries if s is not None and s.dtype.is_floating_point]
     eps = max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps)
-    return Tolerance(8 * eps, 0.0)
+    return Tolerance(ULPS * eps, 0.0)
+
+
+def _amplifies(walk: _Walk, r: OpRecord) -> bool:
+    """Do the op's inputs match the other side's values only within the tolerance, not to
+    a few ulps?  Then the op carries a smaller difference past the tolerance (a division
+    by a small eps, a sum of atol-sized differences) rather than making one."""
+    strict = _Walk(walk.own, walk.other, walk.partner, _ulp_tolerance(r.inputs))
+    return not all(strict.shared(s, q) for s, q in zip(r.inputs, r.producers))
 
 
 def _at(rec: Recording, index: int) -> str:
@@ -776,6 +779,24 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
     walk_a = _Walk(expected, _Values(actual), to_b, tol)
     walk_b = _Walk(actual, _Values(expected), to_a, tol)
     dep_a, dep_b = walk_a.departure(res_a.producer), walk_b.departure(res_b.producer)
+    # A departure whose inputs agree only within tolerance carries a smaller difference
+    # past it; where that difference starts (the same walk at a few ulps) is the cause.
+    # Cases minimised to just past the threshold sit there: every intermediate is within
+    # atol, and only the final sum is not.
+    carried: dict[str, str] = {}
+    refined = []
+    for walk, res, dep in ((walk_a, res_a, dep_a), (walk_b, res_b, dep_b)):
+        if dep is not None and _amplifies(walk, walk.own.records[dep]):
+            ulps = _Walk(walk.own, walk.other, walk.partner, _ulp_tolerance((res_a.summary, res_b.summary)))
+            start = ulps.departure(res.producer)
+            if start is not None and start != dep and walk.own.records[start].site is not None:
+                carried[walk.own.label] = (f"{walk.own.label}'s {_at(walk.own, dep)} only carries past the tolerance a smaller "
+                                           f"difference that starts at the line named")
+                dep = start
+            else:
+                carried[walk.own.label] = f"{walk.own.label}'s op amplifies a difference its inputs carry within the tolerance"
+        refined.append(dep)
+    dep_a, dep_b = refined
     how: dict[str, str] = {}
     causes = {}
     for label, own, other, dep, other_dep, own_to_other, other_to_own in (
@@ -803,36 +824,15 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
               la: _text(b[cause_b].outputs[0] if b[cause_b].outputs else None)}
     missing = [label for label, where in lines.items() if where is None]
     parts = [f"{phase.value}: the {res_a.what} differs; {le} departs at {_at(expected, cause_a)}, {la} at {_at(actual, cause_b)}"]
-    amplified = [label for label, walk, dep in ((le, walk_a, dep_a), (la, walk_b, dep_b))
-                 if dep is not None and not _exact_match(walk, walk.own.records[dep])]
-    if amplified:
-        origin = _sub_tolerance_origin(expected, actual, res_a, res_b, alignment, tol)
-        parts.append(f"the inputs of {' and '.join(amplified)}'s op agree within tolerance, not exactly: it amplifies a smaller difference"
-                     + (f", which first appears at {origin}" if origin else ""))
+    parts += list(carried.values())
     parts += [f"{label}: {text}" for label, text in how.items()]
     if missing:
         parts.append(f"no source line for {' and '.join(missing)}: the op was not issued from Python code that this torch can attribute")
         return Localisation(None, "; ".join(parts + [why, coverage]), cov, values)
-    confidence, reason = _confidence(cov, how, amplified, (walk_a, a[cause_a], dep_a), (walk_b, b[cause_b], dep_b))
+    confidence, reason = _confidence(cov, how, list(carried), (walk_a, a[cause_a], dep_a), (walk_b, b[cause_b], dep_b))
     parts.append(f"confidence {confidence.value} ({reason})")
     return Localisation(lines, "; ".join(parts + [why, coverage]), cov, values, confidence=confidence,
                         side=_side_under_test(lines, le, la))
-
-
-def _sub_tolerance_origin(expected: Recording, actual: Recording, res_a: Result, res_b: Result,
-                          alignment: Alignment, tol: Tolerance) -> str | None:
-    """Where a difference below tolerance, amplified past it later, first appears: the
-    same walk with a tolerance of a few ulps."""
-    dtypes = [s.dtype for r in (res_a, res_b) for s in (r.summary,) if s is not None and s.dtype.is_floating_point]
-    eps = max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps)
-    tight = Tolerance(8 * eps, 0.0)
-    where = []
-    for rec, other, partner, res in ((expected, actual, alignment.expected_to_actual, res_a),
-                                     (actual, expected, alignment.actual_to_expected, res_b)):
-        dep = _Walk(rec, _Values(other), partner, tight).departure(res.producer)
-        if dep is not None and rec.records[dep].site is not None:
-            where.append(f"{rec.label} {_at(rec, dep)}")
-    return ", ".join(where) or None
 
 
 def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: tuple) -> tuple[Confidence, str]:
@@ -842,7 +842,7 @@ def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: t
     if how:
         doubts.append(f"{' and '.join(how)} placed through the other side's departure")
     if amplified:
-        doubts.append("an op that amplifies a sub-tolerance difference")
+        doubts.append(f"a difference below the tolerance carried past it on {' and '.join(amplified)}'s side")
     for walk, r, dep in sides:
         if dep is not None and r.inputs and all(s is None or _trivial(s) for s in r.inputs):
             doubts.append(f"{walk.own.label}'s op reads only constant-valued tensors")
