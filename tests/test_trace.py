@@ -44,6 +44,10 @@ SMALL = {"N": 5, "M": 7, "D": 2}
         # exp over/underflows once |f| / eps passes ~709: float64 keeps the rounding noise
         # of the earlier iterations far below tolerance, so the overflow is the divergence.
         ("fork_logsumexp.py", "softmin", SMALL, 3.0, torch.float64, "forward"),
+        # float32: log(sum(exp)) differs from logsumexp by a few ulps from the first call,
+        # below the tolerance, until a later op carries it past: the line is still where it
+        # started (it used to be the carrying op, with the FORK line only in the note).
+        ("fork_logsumexp.py", "softmin", SMALL, 3.0, torch.float32, "forward"),
         ("fork_no_debias.py", "divergence", SMALL, 1.0, torch.float32, "forward"),
         ("fork_schedule.py", "schedule", SMALL, 1.0, torch.float32, "forward"),
         # Same value; the gradient loses the auto-correlation term (visible for tight clouds).

@@ -789,7 +789,13 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
         if dep is not None and _amplifies(walk, walk.own.records[dep]):
             ulps = _Walk(walk.own, walk.other, walk.partner, _ulp_tolerance((res_a.summary, res_b.summary)))
             start = ulps.departure(res.producer)
-            if start is not None and start != dep and walk.own.records[start].site is not None:
+            # Trusted only where it is clean: the same inputs to the bit, another output.  A
+            # walk at a few ulps can stop at a cancellation (a + b with a and b each a few
+            # ulps off) deep inside a loop, far from where the difference began.
+            exact = _Walk(walk.own, walk.other, walk.partner, _EXACT)
+            clean = start is not None and all(exact.shared(s, q) for s, q in
+                                              zip(walk.own.records[start].inputs, walk.own.records[start].producers))
+            if clean and start != dep and walk.own.records[start].site is not None:
                 carried[walk.own.label] = (f"{walk.own.label}'s {_at(walk.own, dep)} only carries past the tolerance a smaller "
                                            f"difference that starts at the line named")
                 dep = start
