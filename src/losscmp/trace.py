@@ -634,6 +634,7 @@ class _Walk:
     def __init__(self, own: Recording, other: _Values, partner: dict[int, int], tol: Tolerance) -> None:
         self.own, self.other, self.partner, self.tol = own, other, partner, tol
         self._cache: dict[tuple[int, int | None], bool] = {}
+        self._depth = 0
 
     def shared(self, s: Summary | None, producer: int | None) -> bool:
         """Did the other side compute this value?  A distinctive value matched anywhere
@@ -660,8 +661,13 @@ class _Walk:
         mine, theirs = self.own.records[producer], self.other.records[other]
         if mine.origin is not None and theirs.origin is not None and self.partner.get(mine.origin) != theirs.origin:
             return False  # look-alike gradients of different forward ops (twin Sinkhorn branches)
-        return (mine.op == theirs.op and mine.scalars == theirs.scalars
-                and all(self.shared(s, q) for s, q in zip(mine.inputs, mine.producers)))
+        if mine.op != theirs.op or mine.scalars != theirs.scalars or self._depth > MAX_CONSTANT_CHAIN:
+            return False
+        self._depth += 1  # a loop over all-zero potentials chains constants hundreds deep
+        try:
+            return all(self.shared(s, q) for s, q in zip(mine.inputs, mine.producers))
+        finally:
+            self._depth -= 1
 
     def departure(self, start: int | None) -> int | None:
         """From the op that made a differing result, back through values the other side
@@ -697,6 +703,7 @@ def _first_differing_result(expected: Recording, actual: Recording, tol: Toleran
     return None
 
 
+MAX_CONSTANT_CHAIN = 64  # how far back a constant-valued tensor's ops are compared before giving up
 ULPS = 8  # "exactly": within this many units in the last place (reordered sums round differently)
 
 
@@ -951,6 +958,9 @@ def trace_command(argv: list[str]) -> int:
     print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
     print(f"float64 oracle: {verdict.category.value}" + (f" ({unstable} is the unstable side)" if unstable else ""), file=human)
     print(result.note, file=human)
+    if result.side is not None and result.confidence is not None:
+        role = "the unstable side" if unstable else "the side under test"
+        print(f"named first: {result.side} ({role}); confidence {result.confidence.value}", file=human)
     for label, where in (result.location or {}).items():
         print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
         print(f"      {where.code}", file=human)
