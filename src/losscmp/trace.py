@@ -862,7 +862,7 @@ def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: t
     if cov < 0.8:
         doubts.append(f"only {cov:.0%} of ops aligned")
     if not doubts:
-        return Confidence.HIGH, "both departures read values the other side computes, and the programs align"
+        return Confidence.HIGH, "each departure reads only values the other side computes too, and the programs align"
     return (Confidence.MEDIUM if len(doubts) == 1 else Confidence.LOW), "; ".join(doubts)
 
 
