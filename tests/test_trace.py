@@ -365,3 +365,42 @@ def test_audit_of_the_emlight_style_fork_names_its_cost_line():
     for d in located:
         assert d.explanation.location.location["fork"].line == marker_line(EMLIGHT / "utils.py", "FORK:")
         assert f"first differing op at {EMLIGHT.relative_to(Path.cwd()) if EMLIGHT.is_relative_to(Path.cwd()) else EMLIGHT}/utils.py:" in d.explanation.sentence()
+
+
+HELPER_LIBRARY = '''
+import torch
+
+def capped_square(x):
+    return torch.clamp(x, max=1.0) ** 2
+'''
+
+USES_HELPER = '''
+import torch
+import capsq
+
+
+def squares(x):
+    return (x ** 2).mean()
+
+
+def squares_via_helper(x):
+    return capsq.capped_square(x).mean()  # calls the helper
+'''
+
+
+def test_the_line_is_in_the_implementations_own_file_not_in_a_helper_library_it_calls(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "capsq.py").write_text(HELPER_LIBRARY)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "capsq", raising=False)
+    mine = tmp_path / "mine.py"
+    mine.write_text(USES_HELPER)
+    spec = parse_spec("x: N real grad; N=4")
+    case = Case({"x": torch.tensor([0.5, 3.0, -2.0, 0.25])}, {"N": 4})
+    found = locate(load_implementation(f"{mine}:squares"), load_implementation(f"{mine}:squares_via_helper"),
+                   spec, case, Tolerance.for_dtype(torch.float32))
+    assert found.location is not None, found.note
+    helper_side = found.location["squares_via_helper"]
+    assert (Path(helper_side.file), helper_side.line) == (mine, marker_line(mine, "# calls the helper"))
+    assert found.side == "squares_via_helper"

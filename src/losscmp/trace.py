@@ -292,8 +292,7 @@ _LIBRARY_DIRS = ("site-packages", "dist-packages")
 
 def installed(path: str) -> bool:
     """A file of an installed library, not of the project under test."""
-    parts = os.path.abspath(path).split(os.sep)
-    return any(p in _LIBRARY_DIRS for p in parts)
+    return any(p in _LIBRARY_DIRS for p in path.split(os.sep))
 
 
 def _user_site(frame: Any, phase: Phase, own: str | None = None) -> Site | None:
@@ -313,7 +312,8 @@ def _user_site(frame: Any, phase: Phase, own: str | None = None) -> Site | None:
         if name.startswith(_TORCH_DIR):
             outermost_torch = frame
         elif not name.startswith("<frozen"):
-            if own is not None and (name == own or name.startswith(own)):
+            # A virtual environment inside the project folder is not the project's code.
+            if own is not None and (name == own or (name.startswith(own) and not installed(name[len(own):]))):
                 return Site(name, frame.f_lineno)
             if innermost_other is None:
                 innermost_other = frame
