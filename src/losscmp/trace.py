@@ -9,24 +9,35 @@ the first operation whose result differs, or ``None`` with the reason.
    :class:`OpRecord`: op name, input and output shapes and dtypes, a cheap
    :class:`Summary` of each tensor (small tensors whole, large ones as statistics plus a
    fixed sample), which earlier op produced each input, and the issuing line — the
-   innermost frame outside torch and outside losscmp (site-packages code such as
-   geomloss *is* user code).  A backward op has no user frame on the stack: it is
-   attributed to the forward op whose autograd node is running it
-   (``torch._C._current_autograd_node()``, matched to the node each forward op created).
+   innermost frame in the implementation's own files (:func:`own_root`: its package, or
+   its file's folder), else the innermost outside torch and losscmp.  A backward op has
+   no user frame on the stack: it is attributed to the forward op whose autograd node is
+   running it (``torch._C._current_autograd_node()``, matched to the node each forward
+   op created).
 2. **Align** the two op sequences with :class:`difflib.SequenceMatcher`, tolerant of
    inserted and removed ops (forks add and drop some): forward ops on (op, input and
-   output shapes without unit dims, dtypes); backward ops on the same plus the aligned
-   forward op they belong to.  Coverage = the fraction of all ops that found a partner.
-3. **Localise.**  The first aligned op (execution order) whose output differs beyond the
-   tolerance (:class:`compare.Tolerance`) is where the values part.  If its inputs agree,
-   the op itself is the cause.  If an input differs at all and was made by ops only one
-   side runs, the cause on that side is the earliest of those ops.  When one side's
-   gradient runs ops the other lacks, the other side's cause is the forward op those
-   belong to, or the op that cuts the graph there (a ``.detach()``).  When no aligned op
-   differs yet the results do, the results are followed back the same way.  An op that
-   amplifies a sub-tolerance difference is reported as the location (it is the first
-   whose output differs while its inputs agree); the note says where that smaller
-   difference first appeared.
+   output shapes without unit dims, float/int class); backward ops on the same plus the
+   aligned forward op they belong to.  Coverage = the fraction of all ops that found a
+   partner.  This structural alignment only gates (below :data:`MIN_COVERAGE`, too
+   little is shared to say anything) and vouches for constant-valued tensors.
+3. **Localise by data.**  From the first returned result that differs (the value, then
+   each gradient), each side is followed back through values the other side never
+   computed (no output of the other side agrees within the tolerance) to the earliest
+   op that makes such a value out of values the other side computed too: the op that
+   computes a different quantity on agreeing inputs (:class:`_Walk`).  Ops that only sit
+   in the same position are never paired.  If that op's inputs agree only within the
+   tolerance, it carries a smaller difference past it; the same walk at a few ulps finds
+   where that difference starts, and is trusted where that op's inputs are bit-identical
+   to the other side's.  A side whose result is a value the other side computes on the
+   way, or whose gradient lacks ops the other runs, is placed where the other side's
+   extra path leaves the shared program: the partner of the forward op those ops belong
+   to, or the op that cuts the graph there (a ``.detach()``).  A **confidence** says how
+   well the data backs the pair of lines, and ``side`` which side a one-line summary
+   names (the one under test: not an installed library).
+
+A numerical finding (``unstable=``) is located on the unstable side alone, by the same
+walk between its own working-dtype and float64 runs (:func:`locate_unstable`): one
+program, so it aligns even where the two sides share nothing.
 
 Too little shared structure (coverage below :data:`MIN_COVERAGE`), nothing that differs,
 or an op with no source line: ``location=None`` and a note that says so with the
