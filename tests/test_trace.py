@@ -404,3 +404,15 @@ def test_the_line_is_in_the_implementations_own_file_not_in_a_helper_library_it_
     helper_side = found.location["squares_via_helper"]
     assert (Path(helper_side.file), helper_side.line) == (mine, marker_line(mine, "# calls the helper"))
     assert found.side == "squares_via_helper"
+
+
+def test_the_json_report_carries_the_locations_confidence_and_side(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main([STABLE, NAIVE, "--spec", "x: N real grad; N=1..4", "--examples", "40", "--impact", "0",
+                 "--no-save", "--json", str(out), "-q"]) == 1
+    found = [d for d in json.loads(out.read_text())["divergences"] if d.get("category") == "numerical"]
+    assert found
+    for d in found:
+        assert d["location_side"] == d["unstable_side"] == "naive"
+        assert d["location_confidence"] == "high"
+        assert d["location"]["naive"]["line"] == marker_line(SOFTPLUS, "# naive:")

@@ -985,6 +985,9 @@ class Explanation:
             "relation": self.relation.to_json() if self.relation else None,
             "location": loc,
             "location_note": note,
+            # How well the data backs the lines, and which side a summary names (trace.Localisation).
+            "location_confidence": getattr(getattr(self.location, "confidence", None), "value", None),
+            "location_side": getattr(self.location, "side", None),
             "impact": self.impact.to_json() if self.impact else None,
             "notes": list(self.notes),
             "skipped": list(self.skipped),

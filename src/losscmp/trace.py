@@ -868,8 +868,11 @@ def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: t
     if amplified:
         doubts.append(f"a difference below the tolerance carried past it on {' and '.join(amplified)}'s side")
     for walk, r, dep in sides:
-        if dep is not None and r.inputs and all(s is None or _trivial(s) for s in r.inputs):
-            doubts.append(f"{walk.own.label}'s op reads only constant-valued tensors")
+        # Constant-valued inputs matched by value alone (not from outside on both sides, not
+        # made by counterpart ops) may be a coincidence: zeros and fills recur.
+        loose = [s is None or (_trivial(s) and q is not None and q not in walk.partner) for s, q in zip(r.inputs, r.producers)]
+        if dep is not None and loose and all(loose):
+            doubts.append(f"{walk.own.label}'s op reads only constant-valued tensors matched by value alone")
     if cov < 0.8:
         doubts.append(f"only {cov:.0%} of ops aligned")
     if not doubts:
