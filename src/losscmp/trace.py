@@ -571,6 +571,19 @@ def _unaligned_root(records: Sequence[OpRecord], starts: Sequence[int | None], a
     return min(seen) if seen else None
 
 
+def _same_forward_value(other: Sequence[OpRecord], own: Sequence[OpRecord], other_dep: int,
+                        other_to_own: dict[int, int], tol: Tolerance) -> bool:
+    """Does this side compute, at the counterpart of the forward op whose backward the
+    other side runs alone, the same value?  Then this side lacks that gradient path (a
+    dropped term, a .detach()); if not, the forward values already differ there and this
+    side's own departure stands."""
+    origin = other[other_dep].origin
+    partner = other_to_own.get(origin) if origin is not None else None
+    if partner is None or not other[origin].outputs or not own[partner].outputs:
+        return False
+    return summary_diff(own[partner].outputs[0], other[origin].outputs[0], tol) is None
+
+
 def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], other_root: int | None,
                           other_to_own: dict[int, int], own_aligned: dict[int, int]) -> int | None:
     """One side's gradient runs ops the other lacks; on the lacking side the cause is the
@@ -588,11 +601,15 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
 # --- alignment by data ---------------------------------------------------------------------
 
 
-def _trivial(s: Summary) -> bool:
-    """Every element equal (zeros, ones, a 1/N fill): such values recur by coincidence."""
+def _indistinct(s: Summary, tol: Tolerance) -> bool:
+    """A value that says little about which quantity it is: every element equal (zeros,
+    ones, a 1/N fill), or every element within atol of zero (so within the tolerance of
+    any other such tensor).  Such values recur by coincidence."""
     if s.nans or s.posinfs or s.neginfs:
         return False
-    return s.numel == 0 or s.low == s.high
+    if s.numel == 0 or s.low == s.high:
+        return True
+    return s.dtype.is_floating_point and max(abs(s.low), abs(s.high)) <= _tolerance_for(s, tol).atol
 
 
 class _Values:
@@ -638,35 +655,98 @@ class _Values:
         return found
 
 
+# Ops that only move, relabel or copy their one input's values: transparent when asking
+# which quantity a value is (one side's `y = y.detach()` on an already detached tensor).
+_PASS_THROUGH = ("aten.detach.", "aten.alias.", "aten.view.", "aten._unsafe_view.", "aten.clone.", "aten.expand.",
+                 "aten.unsqueeze.", "aten.squeeze.", "aten.reshape.", "aten.permute.", "aten.t.", "aten.transpose.",
+                 "aten.contiguous.", "aten._to_copy.", "aten.lift_fresh.", "aten.lift_fresh_copy.")
+
+
+def _root(records: Sequence[OpRecord], index: int | None, summary: Summary | None) -> tuple[int | None, Summary | None]:
+    """The op that computed a value, seen through pass-through ops; None with the outside
+    tensor's summary when the chain starts outside."""
+    for _ in range(len(records)):
+        if index is None:
+            break
+        r = records[index]
+        tensors = [k for k, s in enumerate(r.inputs) if s is not None]
+        if not r.op.startswith(_PASS_THROUGH) or len(tensors) != 1:
+            break
+        index, summary = r.producers[tensors[0]], r.inputs[tensors[0]]
+    return index, summary
+
+
+def _carries_gradient(records: Sequence[OpRecord], index: int) -> bool:
+    """A backward op fed by another backward op: part of the gradient's flow, not a
+    re-read of a saved forward value (those are compared by value like any other)."""
+    r = records[index]
+    return r.phase is Phase.BACKWARD and r.origin is not None and any(
+        q is not None and records[q].phase is Phase.BACKWARD for q in r.producers)
+
+
 class _Walk:
     """One side's view of the other: which of its values the other side computed too,
     and where, reached from a differing result, its computation departs."""
 
     def __init__(self, own: Recording, other: _Values, partner: dict[int, int], tol: Tolerance) -> None:
         self.own, self.other, self.partner, self.tol = own, other, partner, tol
-        self._cache: dict[tuple[int, int | None], bool] = {}
+        self._cache: dict[tuple[int, int | None], set[int | None]] = {}
         self._depth = 0
 
     def shared(self, s: Summary | None, producer: int | None) -> bool:
         """Did the other side compute this value?  A distinctive value matched anywhere
-        counts; a constant-valued one only where the ops that made it are counterparts in
-        the op alignment too (or both came from outside): equal fills are no evidence."""
+        counts; an indistinct one (constant, or all within atol of zero) only where the ops
+        that made it are counterparts too (or both came from outside): equal fills, and
+        tiny values that are all "equal" under atol, are no evidence."""
         if s is None:
             return True  # no values to compare: never followed
+        return bool(self._matches(s, producer))
+
+    def _matches(self, s: Summary, producer: int | None) -> set[int | None]:
+        """The other side's ops (None: from outside) that computed this same quantity."""
         key = (id(s), producer)
         if key not in self._cache:
-            self._cache[key] = False  # a cycle through constant values proves nothing
+            self._cache[key] = set()  # a cycle through constant values proves nothing
             hits = self.other.producers(s, self.tol)
-            if hits and _trivial(s):
-                hits = {h for h in hits if self._same_op(producer, h)}
-            self._cache[key] = bool(hits)
+            if hits and producer is not None and _carries_gradient(self.own.records, producer):
+                hits = {h for h in hits if self._same_forward(producer, h)}
+            if hits and _indistinct(s, self.tol):
+                mine = _root(self.own.records, producer, s)
+                hits = {h for h in hits if self._same_root(mine, _root(self.other.records, h, None))}
+            self._cache[key] = hits
         return self._cache[key]
 
+    def _same_forward(self, producer: int, other: int | None) -> bool:
+        """A gradient is the same quantity only as the gradient of the same forward value:
+        counterpart forward ops, or forward ops whose outputs agree.  (In a degenerate case
+        the gradients of two different cost matrices can be equal to the digit.)"""
+        mine = self.own.records[self.own.records[producer].origin]
+        theirs = None if other is None else self.other.records[other].origin
+        if theirs is None:
+            return False
+        if self.partner.get(mine.index) == theirs:
+            return True
+        out = mine.outputs[0] if mine.outputs else None
+        return out is not None and theirs in self._matches(out, mine.index)
+
+    def _same_root(self, mine: tuple[int | None, Summary | None], theirs: tuple[int | None, Summary | None]) -> bool:
+        """Indistinct values are the same quantity when, seen through views and copies, they
+        come from the same outside tensor (to the bit: x = 1e-5 and y = 0 are "equal" under
+        atol, not the same input) or from the same op on the same inputs."""
+        (a, sa), (b, sb) = mine, theirs
+        if a is None or b is None:
+            if a is not None or b is not None or sa is None:
+                return False
+            if sb is None:  # the other side's hit is an outside tensor itself
+                return None in self.other.producers(sa, _EXACT)
+            return summary_diff(sa, sb, _EXACT) is None
+        return self._same_op(a, b)
+
     def _same_op(self, producer: int | None, other: int | None) -> bool:
-        """Both from outside, counterparts in the op alignment, or the same op with the
-        same other arguments on inputs the other side computed too."""
+        """Counterparts in the op alignment, or the same op with the same other arguments
+        on the same quantities as inputs."""
         if producer is None or other is None:
-            return producer is None and other is None
+            return False  # outside tensors are matched to the bit in _matches
         if self.partner.get(producer) == other:
             return True
         mine, theirs = self.own.records[producer], self.other.records[other]
@@ -674,9 +754,14 @@ class _Walk:
             return False  # look-alike gradients of different forward ops (twin Sinkhorn branches)
         if mine.op != theirs.op or mine.scalars != theirs.scalars or self._depth > MAX_CONSTANT_CHAIN:
             return False
+        if len(mine.inputs) != len(theirs.inputs):
+            return False
         self._depth += 1  # a loop over all-zero potentials chains constants hundreds deep
         try:
-            return all(self.shared(s, q) for s, q in zip(mine.inputs, mine.producers))
+            # Each input the same quantity as *that* op's input, not merely computed somewhere.
+            return all(s is None or _root(self.other.records, q_theirs, None)[0] in
+                       {_root(self.other.records, h, None)[0] for h in self._matches(s, q)}
+                       for s, q, q_theirs in zip(mine.inputs, mine.producers, theirs.producers))
         finally:
             self._depth -= 1
 
@@ -701,7 +786,11 @@ class _Walk:
             todo += follow
             if len(follow) < len(novel) or not novel:
                 found.append(p)
-        return min(found) if found else None
+        # In the backward, a branch only one side runs also recomputes saved forward values
+        # (2 * diff before it meets the gradient): those are novel only because the branch
+        # exists.  Where the gradient itself first flows differently is the departure.
+        flow = [p for p in found if _carries_gradient(records, p)]
+        return min(flow or found) if found else None
 
 
 def _first_differing_result(expected: Recording, actual: Recording, tol: Tolerance) -> tuple[Result, Result, str] | None:
@@ -826,7 +915,8 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
     for label, own, other, dep, other_dep, own_to_other, other_to_own in (
             (le, a, b, dep_a, dep_b, to_b, to_a), (la, b, a, dep_b, dep_a, to_a, to_b)):
         cause = dep
-        lacking = other_dep is not None and other[other_dep].phase is Phase.BACKWARD and other_dep not in other_to_own
+        lacking = (other_dep is not None and other[other_dep].phase is Phase.BACKWARD and other_dep not in other_to_own
+                   and _same_forward_value(other, own, other_dep, other_to_own, tol))
         if dep is None or lacking:
             # This side's result is a value the other computes on the way, or its gradient
             # lacks ops the other runs: the cause is where the other side's extra path
@@ -870,9 +960,10 @@ def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: t
     for walk, r, dep in sides:
         # Constant-valued inputs matched by value alone (not from outside on both sides, not
         # made by counterpart ops) may be a coincidence: zeros and fills recur.
-        loose = [s is None or (_trivial(s) and q is not None and q not in walk.partner) for s, q in zip(r.inputs, r.producers)]
+        loose = [s is None or (_indistinct(s, walk.tol) and q is not None and q not in walk.partner)
+                 for s, q in zip(r.inputs, r.producers)]
         if dep is not None and loose and all(loose):
-            doubts.append(f"{walk.own.label}'s op reads only constant-valued tensors matched by value alone")
+            doubts.append(f"{walk.own.label}'s op reads only constant or below-atol tensors matched by value alone")
     if cov < 0.8:
         doubts.append(f"only {cov:.0%} of ops aligned")
     if not doubts:
