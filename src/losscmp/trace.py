@@ -786,11 +786,13 @@ class _Walk:
             todo += follow
             if len(follow) < len(novel) or not novel:
                 found.append(p)
-        # In the backward, a branch only one side runs also recomputes saved forward values
-        # (2 * diff before it meets the gradient): those are novel only because the branch
-        # exists.  Where the gradient itself first flows differently is the departure.
+        # A forward value that differs explains everything after it, gradients included.
+        # Otherwise: in the backward, a branch only one side runs also recomputes saved
+        # forward values (2 * diff before it meets the gradient), novel only because the
+        # branch exists; where the gradient itself first flows differently is the departure.
+        forward = [p for p in found if records[p].phase is Phase.FORWARD]
         flow = [p for p in found if _carries_gradient(records, p)]
-        return min(flow or found) if found else None
+        return min(forward or flow or found) if found else None
 
 
 def _first_differing_result(expected: Recording, actual: Recording, tol: Tolerance) -> tuple[Result, Result, str] | None:
@@ -943,16 +945,31 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
     if missing:
         parts.append(f"no source line for {' and '.join(missing)}: the op was not issued from Python code that this torch can attribute")
         return Localisation(None, "; ".join(parts + [why, coverage]), cov, values)
-    confidence, reason = _confidence(cov, how, list(carried), (walk_a, a[cause_a], dep_a), (walk_b, b[cause_b], dep_b))
+    confidence, reason = _confidence(cov, how, list(carried), (walk_a, a[cause_a], dep_a), (walk_b, b[cause_b], dep_b),
+                                     near_zero=_near_zero(res_a.summary, res_b.summary, tol))
     parts.append(f"confidence {confidence.value} ({reason})")
     return Localisation(lines, "; ".join(parts + [why, coverage]), cov, values, confidence=confidence,
                         side=_side_under_test(lines, le, la))
 
 
-def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: tuple) -> tuple[Confidence, str]:
+def _near_zero(sa: Summary | None, sb: Summary | None, tol: Tolerance) -> bool:
+    """Results within a few atol of zero: the minimiser's favourite place (just past the
+    threshold), where most intermediates agree with each other under atol."""
+    sizes = [max(abs(s.low), abs(s.high)) for s in (sa, sb) if s is not None and s.dtype.is_floating_point
+             and not (s.nans or s.posinfs or s.neginfs) and s.numel]
+    return bool(sizes) and max(sizes) <= NEAR_ZERO_ATOLS * tol.atol
+
+
+NEAR_ZERO_ATOLS = 10
+
+
+def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: tuple,
+                near_zero: bool = False) -> tuple[Confidence, str]:
     """High: both departures found by data, on inputs that match distinctive values of the
     other side, in programs that share most of their structure.  Each doubt lowers it."""
     doubts = []
+    if near_zero:
+        doubts.append(f"the results are within {NEAR_ZERO_ATOLS}× atol of zero, where small intermediates all agree under atol")
     if how:
         doubts.append(f"{' and '.join(how)} placed through the other side's departure")
     if amplified:
