@@ -25,7 +25,10 @@ the first operation whose result differs, or ``None`` with the reason.
    computed (no output of the other side agrees within the tolerance) to the earliest
    op that makes such a value out of values the other side computed too: the op that
    computes a different quantity on agreeing inputs (:class:`_Walk`).  Ops that only sit
-   in the same position are never paired.  If that op's inputs agree only within the
+   in the same position are never paired.  Values that say little (constant fills, all
+   within atol of zero) count as the same quantity only through views of the same
+   outside tensor or the same op on the same inputs; a gradient only as the gradient of
+   the counterpart forward value.  A forward departure comes before a backward one.  If that op's inputs agree only within the
    tolerance, it carries a smaller difference past it; the same walk at a few ulps finds
    where that difference starts, and is trusted where that op's inputs are bit-identical
    to the other side's.  A side whose result is a value the other side computes on the
