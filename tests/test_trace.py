@@ -412,7 +412,7 @@ def test_the_json_report_carries_the_locations_confidence_and_side(tmp_path, cap
                  "--no-save", "--json", str(out), "-q"]) == 1
     found = [d for d in json.loads(out.read_text())["divergences"] if d.get("category") == "numerical"]
     assert found
-    for d in found:
-        assert d["location_side"] == d["unstable_side"] == "naive"
-        assert d["location_confidence"] == "high"
+    for d in found:  # the explanation's own record carries them (the top level copies the contract fields)
+        assert d["explanation"]["location_side"] == d["unstable_side"] == "naive"
+        assert d["explanation"]["location_confidence"] == "high"
         assert d["location"]["naive"]["line"] == marker_line(SOFTPLUS, "# naive:")

@@ -59,7 +59,6 @@ import contextlib
 import bisect
 import difflib
 import inspect
-import json
 import linecache
 import math
 import os
@@ -73,8 +72,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .compare import Tolerance, compare_outcomes, diff_tensors
-from .explain import Category, float64_case, in_float64, oracle
+from . import breadcrumbs
+from .compare import Tolerance, compare_outcomes, diff_message, diff_tensors
+from .explain import float64_case, in_float64
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
@@ -190,13 +190,13 @@ def summary_diff(actual: Summary | None, expected: Summary | None, tol: Toleranc
     if actual.values is not None and expected.values is not None:
         shape = tuple(expected.shape) + ((2,) if expected.dtype.is_complex else ())  # complex: summarised as (real, imaginary) pairs
         d = diff_tensors("output", actual.values.reshape(shape), expected.values.reshape(shape), tol)
-        return d.message() if d.score > 1.0 else None
+        return diff_message(d) if d.score > 1.0 else None
     if (actual.nans, actual.posinfs, actual.neginfs) != (expected.nans, expected.posinfs, expected.neginfs):
         return (f"NaN/+inf/-inf counts differ: expected {expected.nans}/{expected.posinfs}/{expected.neginfs}, "
                 f"actual {actual.nans}/{actual.posinfs}/{actual.neginfs}")
     d = diff_tensors("output (sampled elements)", actual.sample, expected.sample, tol)
     if d.score > 1.0:
-        return d.message()
+        return diff_message(d)
     n = expected.numel
     big = max(abs(expected.low), abs(expected.high)) if expected.abs_total else 0.0
     checks = (
@@ -466,7 +466,8 @@ def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
             finally:
                 recorder.forward_done()
 
-        outcome = call(traced, spec, case)
+        with breadcrumbs.watched(impl.label, spec, case):  # a hang or crash here is named like any in-process call
+            outcome = call(traced, spec, case)
     returned = [("value", Phase.FORWARD, outcome.value)]
     returned += [(f"gradient w.r.t. {k}", Phase.BACKWARD, g) for k, g in outcome.grads.items()]
     results = tuple(Result(what, phase, summarise(t) if t is not None else None, recorder.producer(t) if t is not None else None)
@@ -1051,57 +1052,3 @@ def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance
 def _dtype_word(case: Case) -> str:
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in case.tensors.values() if t.is_floating_point()})
     return "/".join(dtypes) or "its working dtype"
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def trace_command(argv: list[str]) -> int:
-    """``losscmp trace A B REPRO.json``: 0 the sides agree on the case (nothing to locate),
-    1 they differ (located or not: a difference is never an exit 0), 2 bad usage or input."""
-    from .cli import trace_parser
-    from .errors import UsageError
-    from .load import disambiguate, load_implementation, parse_ref
-    from .repro import load_repro
-
-    try:
-        args = trace_parser().parse_args(argv)
-    except SystemExit as e:  # argparse has printed its usage line
-        return int(e.code or 0)
-    # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
-    if args.json:
-        from .cli import _writable_file
-
-        _writable_file(args.json, "--json")  # before the trace runs, not after it
-    repro = load_repro(args.repro)
-    refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
-    if refs[0].label == refs[1].label:
-        raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
-    impls = [load_implementation(r) for r in refs]
-    tol = Tolerance(*repro.tolerance)
-    # The float64 oracle decides whether this is a numerical finding, and on which side:
-    # such a finding is located on that side by its own float32 vs float64 run.
-    verdict = oracle(impls[0], impls[1], repro.spec, repro.case, tol)
-    unstable = verdict.unstable_side if verdict.category is Category.NUMERICAL else None
-    result = locate(impls[0], impls[1], repro.spec, repro.case, tol, unstable=unstable)
-    human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
-    print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
-    print(f"float64 oracle: {verdict.category.value}" + (f" ({unstable} is the unstable side)" if unstable else ""), file=human)
-    print(result.note, file=human)
-    if result.side is not None and result.confidence is not None:
-        role = "the unstable side" if unstable else "the side under test"
-        print(f"named first: {result.side} ({role}); confidence {result.confidence.value}", file=human)
-    for label, where in (result.location or {}).items():
-        print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
-        print(f"      {where.code}", file=human)
-        print(f"      value: {result.values.get(label, '?')}", file=human)
-        if f"{label} (float64)" in result.values:
-            print(f"      in float64: {result.values[f'{label} (float64)']}", file=human)
-    if args.json:
-        text = json.dumps(result.to_json(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 1 if result.differs else 0
