@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, supervise
+from . import __version__, files, supervise
 from .errors import LosscmpError, UsageError
 from .settings import checked_device
 
@@ -34,6 +34,11 @@ spec:        a preset (points, weighted-points, classification, binary, regressi
              images, distributions), a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
 exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input
 """
+
+# A grid finer than this says nothing the bisection to 1% does not; a larger dim is a
+# tensor of every argument that no sweep needs (and 10**9 points or elements never end).
+MAX_SWEEP_POINTS = 1000
+MAX_SWEEP_SIZE = 100_000
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -99,8 +104,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("impls", nargs=2, metavar="IMPL")
     p.add_argument("--param", required=True, metavar="NAME=LO:HI[:log|lin]", help="'scale' (largest |input|), 'offset' (added to real inputs) or a keyword parameter")
-    p.add_argument("--points", type=int, default=9, help="grid points before bisection (default 9)")
-    p.add_argument("--size", type=int, default=8, help="size of every symbolic dim in the swept case (default 8)")
+    p.add_argument("--points", type=int, default=9, help=f"grid points before bisection (default 9, at most {MAX_SWEEP_POINTS})")
+    p.add_argument("--size", type=int, default=8, help=f"size of every symbolic dim in the swept case (default 8, at most {MAX_SWEEP_SIZE})")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
     _common(p)
     return p
@@ -149,19 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def _writable_file(path: str, option: str) -> None:
-    """Fail before the run, not after it: a report that cannot be written is lost work."""
-    if path == "-":
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{option} {path}: is a directory; give a file path")
-    if not p.parent.is_dir():
-        raise UsageError(f"{option} {path}: folder {p.parent} does not exist")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"{option} {path}: not writable")
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
@@ -247,10 +239,10 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
 
     pythons = parse_pythons(args.python)
     if args.json:
-        _writable_file(args.json, "--json")
+        files.check_writable(args.json, "--json")
     save_dir = None if args.no_save else Path(args.save_dir)
-    if save_dir is not None and save_dir.exists() and not save_dir.is_dir():
-        raise UsageError(f"--save-dir {args.save_dir}: exists and is not a folder")
+    if save_dir is not None:
+        files.check_folder(save_dir, "--save-dir")
     settings = Settings.of(
         reference=args.reference,
         examples=args.examples,
@@ -362,8 +354,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         from .testgen import generate_pytest
 
         out = Path(args.output) if args.output else repro.path.with_name(f"test_{repro.path.stem.replace('-', '_')}.py")
-        _writable_file(str(out), "--output")
-        out.write_text(generate_pytest(repro, str(repro.path)))
+        files.check_writable(str(out), "--output")
+        files.write_text(out, generate_pytest(repro, str(repro.path)), "--output")
         console.print(f"wrote {out}  (run: pytest {out})", markup=False)
         return 0
     from .interpreter import check_labels, parse_pythons
@@ -402,12 +394,13 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     from .sweep import parse_knob, sweep, sweep_case
 
     knob = parse_knob(args.param)
-    if args.points < 2:
-        raise UsageError(f"--points must be at least 2, not {args.points}")
-    if args.size < 1:
-        raise UsageError(f"--size must be at least 1, not {args.size}")
+    # Bounded before any work: each point is a pair of calls, each size a dim of every input.
+    if not 2 <= args.points <= MAX_SWEEP_POINTS:
+        raise UsageError(f"--points must be between 2 and {MAX_SWEEP_POINTS}, not {args.points}")
+    if not 1 <= args.size <= MAX_SWEEP_SIZE:
+        raise UsageError(f"--size must be between 1 and {MAX_SWEEP_SIZE}, not {args.size}")
     if args.plot:
-        _writable_file(args.plot, "--plot")
+        files.check_writable(args.plot, "--plot")
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)

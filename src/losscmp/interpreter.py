@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import _standalone_worker as wire
-from .errors import UsageError
+from .errors import UsageError, shown
 from .generate import Case
 from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
 from .load import Implementation, Ref
@@ -75,13 +75,20 @@ class InterpreterError(IsolationError):
 
 def check_python(label: str, path: str, option: str = "--python") -> str:
     """The absolute path of an executable interpreter file, or a one-line error."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InterpreterError(f"{option} {label}={path}: no such file")
-    if p.is_dir():
-        raise InterpreterError(f"{option} {label}={path}: is a folder, not a Python interpreter")
+    where = f"{option} {label}={shown(path, quote=False)}"
+    try:
+        p = Path(path).expanduser()
+        exists, is_dir = p.exists(), p.is_dir()
+    except RuntimeError as e:  # ~nosuchuser (no such home folder), or a symlink loop before Python 3.13
+        raise InterpreterError(f"{where}: {'no such user' if path.startswith('~') else 'a symlink loop'}") from None
+    except OSError as e:  # a name too long, ...
+        raise InterpreterError(f"{where}: cannot be used: {e.strerror or type(e).__name__}") from None
+    if not exists:
+        raise InterpreterError(f"{where}: no such file")
+    if is_dir:
+        raise InterpreterError(f"{where}: is a folder, not a Python interpreter")
     if not os.access(p, os.X_OK):
-        raise InterpreterError(f"{option} {label}={path}: is not executable")
+        raise InterpreterError(f"{where}: is not executable")
     return str(p.absolute())  # not resolved: a venv's python is a symlink that must stay one
 
 

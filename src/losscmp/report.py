@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import files
 from .audit import AuditResult, Divergence
 from .display import tensor_text
 from .findings import Alone, subject_labels_json
@@ -190,9 +191,9 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None) -> None:
+def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None, option: str = "--json") -> None:
     text = json.dumps(data, indent=2, allow_nan=False, default=str)
     if str(path) == "-":
         print(text, file=stdout or sys.stdout, flush=True)
     else:
-        Path(path).write_text(text + "\n")
+        files.write_text(path, text + "\n", option)

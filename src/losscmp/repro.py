@@ -453,7 +453,7 @@ def untrusted_reason(ref: Ref, base_dir: Path | None = None) -> str | None:
             path = base_dir / path
         try:
             resolved = path.resolve()
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop before Python 3.13; loading refuses it in one line
             resolved = path
         if any(_inside(resolved, d) for d in _stdlib_dirs()):
             return "it names a file of the Python standard library"

@@ -669,9 +669,9 @@ def trace_command(argv: list[str]) -> int:
         return int(e.code or 0)
     # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
     if args.json:
-        from .cli import _writable_file
+        from .files import check_writable
 
-        _writable_file(args.json, "--json")  # before the trace runs, not after it
+        check_writable(args.json, "--json")  # before the trace runs, not after it
     repro = load_repro(args.repro)
     refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
     if refs[0].label == refs[1].label:
@@ -690,6 +690,7 @@ def trace_command(argv: list[str]) -> int:
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            from .files import write_text
+
+            write_text(args.json, text + "\n", "--json")
     return 0 if result.location is not None else 1
