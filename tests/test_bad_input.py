@@ -205,6 +205,14 @@ SUBPROCESS = [
     Row("factory that never returns", lambda t: [write(t, "slowfac.py", "import time\ndef make():\n    time.sleep(10**6)\n") + ":make()", OK, *RUN],
         ("calling the factory did not finish within 3 s",), env=LOAD_LIMIT),
     Row("BaseException at import, supervised", lambda t: [base_exception_module(t) + ":f", OK, *RUN], ("raised Stop: at import",)),
+    Row("--python that never answers", lambda t: [OK, "b=" + OK, "--python", "b=" + script(t, "hang.sh", "#!/bin/sh\nexec sleep 1000\n"), *RUN],
+        ("--python b=", "did not start losscmp's worker within 3 s", "it wrote nothing"), env=LOAD_LIMIT),
+    # Garbage where the worker's greeting belongs (the reply pipe is its 5th argument), then silence.
+    Row("--python that writes garbage", lambda t: [OK, "b=" + OK, "--python", "b=" + script(
+        t, "garbage.py", f"#!{sys.executable}\nimport os, sys, time\nos.write(int(sys.argv[5]), b'garbage' * 1000)\ntime.sleep(1000)\n"), *RUN],
+        ("--python b=", "did not start losscmp's worker", "it wrote 'garbage"), env=LOAD_LIMIT),
+    Row("--python that exits at once", lambda t: [OK, "b=" + OK, "--python", "b=" + script(t, "false.sh", "#!/bin/sh\necho broken >&2\nexit 3\n"), *RUN],
+        ("--python b=", "the worker exited at start (exit code 3): broken",)),
 ]
 
 
