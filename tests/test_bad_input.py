@@ -108,6 +108,8 @@ IN_PROCESS = [
         ("parameter p=", "not a Python literal")),
     Row("huge size in a spec", lambda t: [OK, "b=" + OK, "--spec", "input: B real grad; target: B real; B=" + "9" * 5000],
         ("size of B",)),
+    Row("unicode digit as a dim", lambda t: [OK, "b=" + OK, "--spec", "input: \u00b2 real grad; target: B real"], ("bad dim",)),
+    Row("huge literal dim", lambda t: [OK, "b=" + OK, "--spec", "input: " + "9" * 5000 + " real grad; target: B real"], ("bad dim", "characters")),
     Row("spec file naming itself", lambda t: [OK, "b=" + OK, "--spec", write(t, "spec.py", f"SPEC = {str(t / 'spec.py:SPEC')!r}\n") + ":SPEC"],
         ("cannot parse spec item",)),
     Row("--python ~nosuchuser", lambda t: [OK, "b=" + OK, "--python", "b=~nosuchuser-losscmp/bin/python", *RUN], ("no such user",)),
@@ -118,6 +120,9 @@ IN_PROCESS = [
     Row("--save-dir under a regular file", lambda t: [OK, "b=" + OK, "--spec", "regression", "--save-dir", write(t, "f.txt", "x") + "/sub"],
         ("--save-dir", "f.txt exists and is not a folder")),
     Row("sweep --points 10**9", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:100", "--points", str(10**9)], ("--points must be between 2 and",)),
+    Row("sweep --param beyond float", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:1e400", "--spec", "regression"], ("finite",)),
+    Row("replay of a long name", lambda t: ["replay", LONG_NAME], ("cannot be read", "File name too long")),
+    Row("--reference long", lambda t: [OK, "b=" + OK, *RUN, "--reference", "x" * 5000], ("--reference", "is not one of")),
     Row("sweep --size 10**9", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:100", "--size", str(10**9)], ("--size must be between 1 and",)),
 ]
 

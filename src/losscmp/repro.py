@@ -35,7 +35,7 @@ from typing import Any, Collection, Sequence
 import numpy as np
 import torch
 
-from .errors import LosscmpError
+from .errors import LosscmpError, shown
 from .findings import Kind
 from .generate import Case, Recipe, _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
@@ -318,10 +318,14 @@ def _need(cond: bool, what: str) -> None:
 def _read_files(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Path, Path]:
     p = Path(path)
     json_path, npz_path = p.with_suffix(".json"), p.with_suffix(".npz")
-    if not json_path.is_file():
-        raise ReproError(f"no such repro: {json_path}")
-    if not npz_path.is_file():
-        raise ReproError(f"repro {json_path.name} has no tensors file {npz_path.name}")
+    try:  # is_file(): never a FIFO, which would block the read
+        json_ok, npz_ok = json_path.is_file(), npz_path.is_file()
+    except OSError as e:  # a name too long; a symlink loop before Python 3.13 (RuntimeError) ends in is_file's False
+        raise ReproError(f"repro {shown(str(json_path), quote=False)}: cannot be read: {e.strerror or type(e).__name__}") from None
+    if not json_ok:
+        raise ReproError(f"no such repro: {shown(str(json_path), quote=False)}")
+    if not npz_ok:
+        raise ReproError(f"repro {shown(json_path.name, quote=False)} has no tensors file {shown(npz_path.name, quote=False)}")
     try:
         meta = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:

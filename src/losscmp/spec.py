@@ -189,7 +189,8 @@ def _parse_arg(name: str, words: list[str]) -> Arg:
     else:
         raise SpecError(f"{name}: unknown domain {shown(domain_word)} (choose from {', '.join(DOMAINS)})")
     for d in dims:
-        if not (d.isdigit() or re.match(r"^[A-Za-z_]\w*$", d)):
+        # ASCII digits only ('²'.isdigit() is true, int('²') fails) and 18 at most (int() of 5,000 digits fails).
+        if not (re.fullmatch(r"[0-9]{1,18}", d) or re.fullmatch(r"[A-Za-z_]\w*", d)):
             raise SpecError(f"{name}: bad dim {shown(d)}")
     if domain == "labels" and grad:
         raise SpecError(f"{name}: integer labels cannot require gradients")
