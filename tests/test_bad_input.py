@@ -42,6 +42,11 @@ def symlink_loop(t: Path) -> str:
     return str(loop)
 
 
+def symlink_to(t: Path, name: str, target: str) -> Path:
+    (t / name).symlink_to(target)
+    return t / name
+
+
 def fifo(t: Path, name: str) -> str:
     os.mkfifo(t / name)
     return str(t / name)
@@ -82,6 +87,12 @@ IN_PROCESS = [
     Row("long name", lambda t: [LONG_NAME + ":f", OK, *RUN], ("cannot be read", "File name too long", "characters")),
     Row("long path", lambda t: [LONG_PATH + ":f", OK, *RUN], ("cannot be read", "File name too long")),
     Row("symlink loop", lambda t: [symlink_loop(t) + ":f", OK, *RUN], ("loop.py", "symlink loop")),
+    # Only in process: execve refuses a NUL in an argument, but main(argv) and a repro's JSON do not.
+    Row("NUL byte in a reference", lambda t: ["a\0.py:f", OK, *RUN], ("NUL byte",)),
+    Row("NUL byte in --json", lambda t: [OK, "b=" + OK, "--json", "r\0.json", *RUN], ("--json", "NUL byte")),
+    Row("NUL byte in --save-dir", lambda t: [OK, "b=" + OK, "--spec", "regression", "--save-dir", "d\0d"], ("--save-dir", "NUL byte")),
+    Row("FIFO behind a symlink", lambda t: [str(symlink_to(t, "link.py", fifo(t, "fifo.py"))) + ":f", OK, *RUN], ("is not a regular file",)),
+    Row("device as a reference", lambda t: [str(symlink_to(t, "zero.py", "/dev/zero")) + ":f", OK, *RUN], ("zero.py is not a .py file",)),  # judged by what the link names
     Row("BaseException at import", lambda t: [base_exception_module(t) + ":f", OK, *RUN], ("importing", "raised Stop: at import")),
     Row("GeneratorExit at import", lambda t: [write(t, "genexit.py", "raise GeneratorExit('bye')\n") + ":f", OK, *RUN],
         ("raised GeneratorExit: bye",)),

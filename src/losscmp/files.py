@@ -31,6 +31,8 @@ def check_writable(path: str, option: str) -> None:
     if path == "-":
         return
     where = f"{option} {shown(path, quote=False)}"
+    if "\0" in path:
+        raise UsageError(f"{option} {shown(path)}: a file name cannot hold a NUL byte")
     p = Path(path)
     try:
         st = p.stat() if p.exists() else None
@@ -58,6 +60,8 @@ def check_folder(path: str | Path, option: str) -> None:
     """A folder losscmp may create and write into: its nearest existing ancestor is a
     writable folder (never a regular file: ``--save-dir report.txt/sub``)."""
     where = f"{option} {shown(str(path), quote=False)}"
+    if "\0" in str(path):
+        raise UsageError(f"{option} {shown(str(path))}: a file name cannot hold a NUL byte")
     p = Path(path)
     try:
         while not p.exists() and p != p.parent:

@@ -234,10 +234,14 @@ def _source_file(target: str, base_dir: Path | None) -> Path:
         elif path.suffix != ".py":
             raise LoadError(f"{shown(target, quote=False)} is not a .py file")
         mode = path.stat().st_mode
+    except LoadError:
+        raise
     except RuntimeError:  # pathlib before 3.13 says a symlink loop this way
         raise LoadError(f"{shown(target, quote=False)} cannot be read: a symlink loop") from None
     except OSError as e:
         raise LoadError(f"{shown(target, quote=False)} cannot be read: {e.strerror or type(e).__name__}") from None
+    except ValueError:  # os.stat refuses a NUL byte
+        raise LoadError(f"{shown(target)} cannot be a file name: it holds a NUL byte") from None
     if not stat.S_ISREG(mode):
         raise LoadError(f"{shown(str(path), quote=False)} is not a regular file (a FIFO or a device is never imported)")
     return path

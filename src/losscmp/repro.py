@@ -374,7 +374,7 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
     tensors = {}
     for arg in spec.args:
         m = tmeta[arg.name]
-        _need(isinstance(m, dict) and m.get("dtype") in DTYPES, f"dtype of {arg.name} missing or unknown")
+        _need(isinstance(m, dict) and isinstance(m.get("dtype"), str) and m["dtype"] in DTYPES, f"dtype of {arg.name} missing or unknown")
         key = f"input.{arg.name}"
         _need(key in arrays, f"tensor {arg.name} missing from {npz_path.name}")
         t = numpy_to_tensor(arrays[key], DTYPES[m["dtype"]])
@@ -528,7 +528,11 @@ def trusted_refs(repro: Repro) -> list[Ref]:
 def repro_base_dir(repro: Repro) -> Path:
     """Where relative file references of the repro are loaded from."""
     base = repro.meta.get("base_dir")
-    return Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
+    try:
+        usable = isinstance(base, str) and Path(base).is_dir()
+    except OSError:  # a name too long: as unusable as a folder that is gone
+        usable = False
+    return Path(base) if usable else Path.cwd()
 
 
 def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
