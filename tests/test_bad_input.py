@@ -195,6 +195,8 @@ REPLAYS = [
     Row("trace: symlink loop", lambda t, r: ["trace", OK, symlink_loop(t) + ":f", str(r)], ("symlink loop",)),
     Row("trace: nested literal", lambda t, r: ["trace", OK, factories(t) + ":make(x=" + "[" * 5000 + "]" * 5000 + ")", str(r)],
         ("literal",)),
+    Row("trace --json /dev/full", lambda t, r: ["trace", f"{FIXTURES}/regression.py:huber", f"{FIXTURES}/regression.py:smooth_l1", str(r),
+                                                "--json", "/dev/full"], ("--json /dev/full", "No space left on device")),
     Row("trace --json /proc/version", lambda t, r: ["trace", OK, "b=" + OK, str(r), "--json", "/proc/version"], ("--json /proc/version", "read-only")),
 ]
 
@@ -266,3 +268,21 @@ def test_a_real_ctrl_c_during_an_import_still_interrupts(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     assert err.strip() == "losscmp: interrupted"
+
+
+REPLAYS_THAT_COULD_HANG = [
+    Row("replay: FIFO as the reference", lambda t, r: ["replay", tampered(r, t, fifo(t, "fifo.py") + ":f")], ("fifo.py is not a regular file",)),
+    Row("replay: import that never returns", lambda t, r: ["replay", tampered(r, t, write(t, "sleepy.py", "import time\ntime.sleep(10**6)\n") + ":f")],
+        ("did not finish within 3 s",), env=LOAD_LIMIT),
+    Row("replay --pytest -o FIFO", lambda t, r: ["replay", "--pytest", str(r), "-o", fifo(t, "test_case.py")], ("--output", "a FIFO that no process reads")),
+    Row("trace: import that never returns", lambda t, r: ["trace", OK, write(t, "sleepy.py", "import time\ntime.sleep(10**6)\n") + ":f", str(r)],
+        ("did not finish within 3 s",), env=LOAD_LIMIT),
+]
+
+
+@pytest.mark.parametrize("row", REPLAYS_THAT_COULD_HANG, ids=lambda r: r.id)
+def test_bad_input_through_replay_and_trace_that_could_hang_is_one_line_and_exit_2(row, repro, tmp_path):
+    argv = row.argv(tmp_path, repro)
+    start = time.monotonic()
+    code, err = run_losscmp(argv, row.env, 120, tmp_path)
+    assert_one_line(err, code, row, time.monotonic() - start, limit=120)
