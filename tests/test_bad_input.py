@@ -130,11 +130,11 @@ IN_PROCESS = [
     Row("--json long name", lambda t: [OK, "b=" + OK, "--json", str(t / LONG_NAME), *RUN], ("--json", "File name too long")),
     Row("--save-dir under a regular file", lambda t: [OK, "b=" + OK, "--spec", "regression", "--save-dir", write(t, "f.txt", "x") + "/sub"],
         ("--save-dir", "f.txt exists and is not a folder")),
-    Row("sweep --points 10**9", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:100", "--points", str(10**9)], ("--points must be between 2 and",)),
+    Row("sweep --points 10**9", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:100", "--points", str(10**9)], ("--points must be at least 2 and at most 1000",)),
     Row("sweep --param beyond float", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:1e400", "--spec", "regression"], ("finite",)),
     Row("replay of a long name", lambda t: ["replay", LONG_NAME], ("cannot be read", "File name too long")),
     Row("--reference long", lambda t: [OK, "b=" + OK, *RUN, "--reference", "x" * 5000], ("--reference", "is not one of")),
-    Row("sweep --size 10**9", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:100", "--size", str(10**9)], ("--size must be between 1 and",)),
+    Row("sweep --size 10**9", lambda t: ["sweep", OK, "b=" + OK, "--param", "scale=1:100", "--size", str(10**9)], ("--size must be at least 1 and at most",)),
 ]
 
 

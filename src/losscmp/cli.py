@@ -396,9 +396,9 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     knob = parse_knob(args.param)
     # Bounded before any work: each point is a pair of calls, each size a dim of every input.
     if not 2 <= args.points <= MAX_SWEEP_POINTS:
-        raise UsageError(f"--points must be between 2 and {MAX_SWEEP_POINTS}, not {args.points}")
+        raise UsageError(f"--points must be at least 2 and at most {MAX_SWEEP_POINTS}, not {args.points}")
     if not 1 <= args.size <= MAX_SWEEP_SIZE:
-        raise UsageError(f"--size must be between 1 and {MAX_SWEEP_SIZE}, not {args.size}")
+        raise UsageError(f"--size must be at least 1 and at most {MAX_SWEEP_SIZE}, not {args.size}")
     if args.plot:
         files.check_writable(args.plot, "--plot")
     kw = _settings_kw(args)
