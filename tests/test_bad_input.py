@@ -286,3 +286,17 @@ def test_bad_input_through_replay_and_trace_that_could_hang_is_one_line_and_exit
     start = time.monotonic()
     code, err = run_losscmp(argv, row.env, 120, tmp_path)
     assert_one_line(err, code, row, time.monotonic() - start, limit=120)
+
+
+def test_a_fifo_that_is_read_gets_the_whole_report(tmp_path):
+    """The counterpart of 'FIFO as --json': a FIFO some process reads is a fine --json
+    target, and the check before the run must not end that reader's input."""
+    path = fifo(tmp_path, "report.json")
+    reader = subprocess.Popen(["cat", path], stdout=subprocess.PIPE, text=True)
+    try:
+        code, err = run_losscmp([OK, "b=" + OK, *RUN, "-q", "--json", path], {}, 120, tmp_path)
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        reader.kill()
+    assert code == 0, err
+    assert json.loads(out)["implementations"] == ["mean_square", "b"]

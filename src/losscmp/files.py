@@ -5,7 +5,8 @@ refused before the work, and written after it with every failure one line.
 What is refused: a folder, a missing or non-folder parent (``--save-dir`` under a
 regular file), a name the system cannot take (too long, a symlink loop), a read-only
 file (``/proc/version``), and a FIFO no process reads (opening it to write would block
-forever).  A FIFO that is read (``--json >(jq .)``) and a character device
+forever).  A FIFO that is read (``--json >(jq .)``, or a named one with a reader, whose
+write end is then held open until the report is written) and a character device
 (``/dev/stdout``) are fine; a write that fails anyway (``/dev/full``) is one line.
 """
 from __future__ import annotations
@@ -16,6 +17,10 @@ import stat
 from pathlib import Path
 
 from .errors import UsageError, shown
+
+
+# FIFOs found read at check time -> the write end opened then (see check_writable).
+_held_fifos: dict[str, int] = {}
 
 
 def _why(e: OSError) -> str:
@@ -47,9 +52,11 @@ def check_writable(path: str, option: str) -> None:
         raise UsageError(f"{where}: folder {shown(str(p.parent), quote=False)} does not exist")
     if st is not None and stat.S_ISFIFO(st.st_mode):
         try:  # succeeds only while some process has it open for reading
-            os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as e:
             raise UsageError(f"{where}: {_why(e)}") from None
+        # Held open until the report is written: closing it now would end the reader's input.
+        _held_fifos.setdefault(os.path.abspath(path), fd)
     if st is not None and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222:
         raise UsageError(f"{where}: is read-only")
     if not os.access(p.parent, os.W_OK) or (st is not None and not os.access(p, os.W_OK)):
@@ -81,8 +88,10 @@ def write_text(path: str | Path, text: str, option: str) -> None:
     """Write ``text`` to a file the user named; any failure is one UsageError line.
     Opened without blocking, so a FIFO whose reader went away is an error, not a hang."""
     where = f"{option} {shown(str(path), quote=False)}"
+    fd = _held_fifos.pop(os.path.abspath(path), None)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
     except OSError as e:
         raise UsageError(f"{where}: cannot write: {_why(e)}") from None
     try:

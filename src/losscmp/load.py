@@ -18,7 +18,7 @@ itself included -- is its failure to load: one :class:`LoadError` line, through 
 choke point :func:`_user_code`.  A real Ctrl-C (a SIGINT that arrived) still interrupts.
 An import that never returns is stopped after ``LOSSCMP_LOAD_TIMEOUT`` seconds (default
 300) by a timer signal, and only a regular file is ever opened as a reference (a FIFO
-would block before any timer could help a read in C).
+or a device is refused at once, not after the timer: it is never Python source).
 """
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def _import_target(target: str, base_dir: Path | None) -> Any:
 def _source_file(target: str, base_dir: Path | None) -> Path:
     """The regular ``.py`` file a path reference names, or a one-line LoadError: an
     over-long name, a symlink loop, a FIFO or a device are refused before anything opens
-    them (reading a FIFO blocks in C, where no timer reaches)."""
+    them (opening a FIFO waits for a writer that never comes)."""
     path = Path(target)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
