@@ -23,6 +23,8 @@ import pytest
 
 from losscmp.cli import main
 
+pytest_plugins = ["pytester"]
+
 from .conftest import FIXTURES, REPO
 
 OK = f"{FIXTURES}/regression.py:mean_square"
@@ -300,3 +302,12 @@ def test_a_fifo_that_is_read_gets_the_whole_report(tmp_path):
         reader.kill()
     assert code == 0, err
     assert json.loads(out)["implementations"] == ["mean_square", "b"]
+
+
+def test_the_plugin_refuses_a_save_dir_under_a_regular_file_before_any_test_runs(pytester):
+    pytester.makefile(".txt", notes="x")
+    pytester.makepyfile("def test_never_run():\n    raise AssertionError('ran')\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-save-dir", "notes.txt/cases")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --losscmp-save-dir notes.txt/cases: notes.txt exists and is not a folder"])
+    assert "ran" not in result.stdout.str()

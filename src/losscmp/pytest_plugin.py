@@ -133,6 +133,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def _command_line_options(config: pytest.Config) -> "CheckOptions":
     from .errors import LosscmpError, UsageError
+    from .files import check_folder
     from .interpreter import parse_pythons
     from .settings import checked_device
     from .testing import CheckOptions, as_dtype
@@ -142,6 +143,7 @@ def _command_line_options(config: pytest.Config) -> "CheckOptions":
         device = opt("--losscmp-device") and checked_device(opt("--losscmp-device"), "--losscmp-device")
         dtype = as_dtype(opt("--losscmp-dtype"))
         pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
+        check_folder(opt("--losscmp-save-dir"), "--losscmp-save-dir")  # e.g. under a regular file: refused now, not at the first save
         if opt("--losscmp-timeout") is not None and not (opt("--losscmp-isolate") or pythons):
             raise UsageError("--losscmp-timeout needs --losscmp-isolate or --losscmp-python (a hung call can only be stopped in a worker process)")
     except LosscmpError as error:
