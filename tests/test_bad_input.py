@@ -121,6 +121,8 @@ IN_PROCESS = [
         ("parameter p=", "not a Python literal")),
     Row("huge size in a spec", lambda t: [OK, "b=" + OK, "--spec", "input: B real grad; target: B real; B=" + "9" * 5000],
         ("size of B",)),
+    Row("more dims than torch has", lambda t: [OK, "b=" + OK, "--spec", "input: " + "1 " * 65 + "real grad; target: B real"],
+        ("65 dims", "at most 64")),
     Row("unicode digit as a dim", lambda t: [OK, "b=" + OK, "--spec", "input: \u00b2 real grad; target: B real"], ("bad dim",)),
     Row("huge literal dim", lambda t: [OK, "b=" + OK, "--spec", "input: " + "9" * 5000 + " real grad; target: B real"], ("bad dim", "characters")),
     Row("spec file naming itself", lambda t: [OK, "b=" + OK, "--spec", write(t, "spec.py", f"SPEC = {str(t / 'spec.py:SPEC')!r}\n") + ":SPEC"],

@@ -27,6 +27,7 @@ from .errors import LosscmpError, shown
 from .literals import LITERAL_ERRORS, literal
 
 DEFAULT_SIZE_RANGE = (1, 32)
+MAX_DIMS = 64  # torch's limit on a tensor's dims
 
 
 class SpecError(LosscmpError, ValueError):
@@ -65,6 +66,8 @@ class Spec:
         if not self.args:
             raise SpecError("a spec needs at least one tensor argument")
         for a in self.args:
+            if len(a.dims) > MAX_DIMS:
+                raise SpecError(f"{a.name}: {len(a.dims)} dims; torch tensors have at most {MAX_DIMS}")
             if a.domain not in DOMAINS:
                 raise SpecError(f"unknown domain {a.domain!r} for {a.name} (choose from {', '.join(DOMAINS)})")
             if a.domain == "labels" and (a.classes is None or a.classes not in self.dims):
