@@ -106,6 +106,10 @@ IN_PROCESS = [
         ("getting 'f'", "raised KeyboardInterrupt")),
     Row("property raises", lambda t: [write(t, "prop.py", "class C:\n    @property\n    def p(self): raise ValueError('bad p')\n"
                                                            "obj = C()\n") + ":obj.p", OK, *RUN], ("getting 'obj.p'", "raised ValueError: bad p")),
+    # Inference reads the signature: a __signature__ property or a __getattr__ that raises makes it unknown, not an internal error.
+    Row("signature that raises", lambda t: [write(t, "sig.py", "class L:\n    @property\n    def __signature__(self): raise RuntimeError('no')\n"
+                                                               "    def __call__(self, x): raise TypeError('takes no tensors')\nloss = L()\n") + ":loss",
+                                            OK, "--examples", "3", "--no-save"], ("no spec fits", "give --spec")),
     Row("factory raises a BaseException", lambda t: [factories(t) + ":stop()", OK, *RUN], ("calling the factory raised Stop: in the factory",)),
     Row("nested unary minus in a reference", lambda t: [factories(t) + ":make(x=" + "-" * 100_000 + "1)", OK, *RUN],
         ("literal", "characters")),
