@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import LosscmpError, shown
 from .literals import LITERAL_ERRORS, literal
-from .supervise import Terminated
+from .breadcrumbs import Terminated
 
 
 class LoadError(LosscmpError, ValueError):

@@ -25,6 +25,7 @@ from typing import Any
 from .domains import DOMAINS
 from .errors import LosscmpError, shown
 from .literals import LITERAL_ERRORS, literal
+from .load import load_object
 
 DEFAULT_SIZE_RANGE = (1, 32)
 MAX_DIMS = 64  # torch's limit on a tensor's dims
@@ -241,8 +242,6 @@ def resolve_spec(text: str, files: bool = True) -> Spec:
     if re.match(r"^[\w-]+$", stripped):
         return preset(stripped)
     if files and re.match(r"^[^;\s]+\.py:[A-Za-z_][\w.]*$", stripped):
-        from .load import load_object
-
         obj = load_object(stripped)
         if isinstance(obj, Spec):
             return obj
