@@ -282,7 +282,7 @@ def _user_code(what: str) -> Iterator[None]:
     """
     limit = load_timeout()
     fired: list[str] = []
-    armed = threading.current_thread() is threading.main_thread()
+    armed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")  # not on Windows
     if armed:
         def on_alarm(signum: int, frame: Any) -> None:
             fired.append("alarm")
@@ -303,7 +303,7 @@ def _user_code(what: str) -> Iterator[None]:
         finally:
             if armed:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old_alarm)
+                signal.signal(signal.SIGALRM, old_alarm if old_alarm is not None else signal.SIG_DFL)  # None: set from C
                 if watch_sigint:
                     signal.signal(signal.SIGINT, signal.default_int_handler)
                 if old_timer[0] > 0:  # someone else's timer was running: let it go on
