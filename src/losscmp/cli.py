@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -21,14 +22,14 @@ from .audit import audit
 from .engine import RUNNERS, pairs_for, run_record
 from .errors import LosscmpError, UsageError
 from .generate import select_regimes
-from .infer import infer_spec
+from .infer import infer
 from .interpreter import check_labels, parse_pythons, remote_implementation
 from .load import disambiguate, load_implementation, parse_ref
 from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
-from .replay import load_repro_implementations, replay, replay_saved
+from .replay import replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
-from .repro import load_repro
+from .repro import load_repro, load_repro_implementations
 from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
 from .spec import resolve_spec
 from .sweep import parse_knob, sweep, sweep_case
@@ -91,7 +92,10 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", metavar="LIST", help="draw only these numeric regimes, e.g. standard,tiny (default: all)")
     p.add_argument("--exclude-regimes", metavar="LIST", help="never draw these regimes, e.g. duplicates")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate or --python: a call slower than this is a 'timeout' finding")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="a call slower than this is a 'timeout' finding: with --isolate or --python the run goes on; in-process "
+                   "the run stops there and reports (default in-process: %g s, or %g x the implementation's slowest call if "
+                   "longer; isolated: none)" % (breadcrumbs.DEFAULT_TIMEOUT_FLOOR, breadcrumbs.DEFAULT_TIMEOUT_FACTOR))
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
@@ -214,17 +218,21 @@ def _resolve_spec(args, impls, execution: Execution, console: Console):
     if execution.isolate:  # probing calls the implementations: where they may crash, only in workers
         runner = RUNNERS[RunnerKind.ISOLATED](execution, RunRecord())  # the probes' own: nothing of the run to record
         try:
-            spec = infer_spec(impls, dtype=execution.dtype, device=execution.device, run=runner)
+            found = infer(impls, dtype=execution.dtype, device=execution.device, run=runner)
         finally:
             runner.close()
     else:
-        spec = infer_spec(impls, dtype=execution.dtype, device=execution.device)
+        found = infer(impls, dtype=execution.dtype, device=execution.device)
+    spec = found.spec
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
         console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
     else:
         console.print(f"inferred spec: {spec.text()}", markup=False, highlight=False)
         console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+    console.print(f"  why: {found.reason}", markup=False, highlight=False)
+    for passed in found.passed_over:
+        console.print(f"  passed over {passed}", markup=False, highlight=False)
     return spec
 
 
@@ -233,7 +241,16 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    check_timeout(args.timeout, RunnerKind.choose(args.isolate, args.python), ("--timeout", "--isolate", "--python"))
+    runner = RunnerKind.choose(args.isolate, args.python)
+    if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    # In-process, the supervisor's watchdog stops a hung call (and the run with it); unsupervised, nothing can.
+    in_process_timeout = args.timeout is not None and not runner.stops_hung_calls
+    if not (in_process_timeout and breadcrumbs.supervised()):
+        check_timeout(args.timeout, runner, ("--timeout", "--isolate", "--python"))
+    if in_process_timeout and (args.jobs > 1 or args.devices):
+        raise UsageError("--timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)")
+    breadcrumbs.watch_calls(args.timeout)  # every in-process call, in any mode (inference probes, trace)
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:
@@ -252,7 +269,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         max_size=args.max_size,
         regimes=_regimes(args),
         isolate=args.isolate,
-        timeout=args.timeout,
+        timeout=None if in_process_timeout else args.timeout,  # in-process, the supervisor's watchdog enforces it
         jobs=args.jobs,
         devices=_devices(args.devices),
         pythons=tuple(pythons.items()),
@@ -304,16 +321,24 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     impls = _load_all(args.impls, pythons)
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
-    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference))
+    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference), args.json)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], settings.execution, console)
     # First the cases saved by earlier runs of these implementations, as the pytest fixture does.
     replayed = replay_saved(settings.outputs.save_dir, impls, spec, isolate=settings.execution.isolate or None,
                             pythons=pythons, same_references=True)
     print_replayed(replayed, console)
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), settings.search.examples, err)
+    # The report so far, after every case: what the supervisor reports if an implementation kills or hangs this process.
+    keep = (lambda partial: breadcrumbs.keep_report(audit_json(partial, replayed), partial.phase.value)) if breadcrumbs.supervised() else None
+    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb, on_progress=keep, keep_on_interrupt=True),
+                            settings.search.examples, err)
+    if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     print_audit(result, console, details=not args.quiet)
     if args.json:
         write_json(audit_json(result, replayed), args.json, stdout=json_out)
+    if result.interrupted:  # the run did not finish: the signal's exit code, whatever was found (README: Exit codes)
+        return 128 + getattr(signal, result.interrupted)
     return 0 if result.agree and not any(r.result.verdict.kind for r in replayed) else 1
 
 
@@ -354,7 +379,7 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         return 0
     pythons = parse_pythons(args.python)
     check_labels(pythons, list(dict.fromkeys(repro.pair)))
-    impls = load_repro_implementations(repro, remote=pythons)  # refuses what a saved file may not run, before anything runs
+    impls = load_repro_implementations(repro, remote=pythons, elsewhere=remote_implementation)  # refuses what a saved file may not run, before anything runs
     for impl in impls:
         there = f" (under {pythons[impl.label]})" if impl.label in pythons else ""
         console.print(f"will run {impl.label} = {impl.ref.source()}{there}", markup=False)

@@ -30,7 +30,7 @@ import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from . import jsonout
 from ._version import __version__
 from .errors import LosscmpError, shown
 from .generate import _with_layout
-from .load import LoadError, Ref, parse_ref
+from .load import LoadError, Ref, load_implementation, parse_ref
 from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
 from .spec import Spec, SpecError, parse_spec
 
@@ -525,6 +525,19 @@ def repro_base_dir(repro: Repro) -> Path:
     except OSError:  # a name too long: as unusable as a folder that is gone
         usable = False
     return Path(base) if usable else Path.cwd()
+
+
+def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
+                               elsewhere: Callable[[Ref], Any] | None = None) -> list[Any]:
+    """The subject's implementations, after the trust check, with the safe factory policy.
+    Labels in ``remote`` run under another interpreter and are never imported here:
+    ``elsewhere`` (``interpreter.remote_implementation``, handed in because that module
+    stands above this one) makes each of them."""
+    if remote and elsewhere is None:
+        raise TypeError("remote labels need elsewhere=interpreter.remote_implementation")
+    base_dir = repro_base_dir(repro)
+    return [elsewhere(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+            for ref in trusted_refs(repro)]
 
 
 def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:
