@@ -38,8 +38,7 @@ from . import _standalone_worker as wire
 from .errors import UsageError, shown
 from .generate import Case
 from .isolate import CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
-from .load import Implementation, Ref
-from .load import load_timeout as load_limit
+from .load import Implementation, Ref, load_timeout as load_limit
 from .run import Outcome, call
 from .spec import Spec
 
