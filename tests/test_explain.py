@@ -393,3 +393,15 @@ def test_explain_with_the_real_trace_names_the_changed_line_of_a_fork():
     assert f"fork_sum.py:{changed}" in ex.sentence()
     assert ("fork", site["file"], changed) in ex.signature()[2]
     assert "trace" in ex.costs
+
+
+def test_a_correctly_rounded_overflow_is_not_the_unstable_side():
+    # exp(89) - 89 = 4.5e38 is past FLT_MAX: PoissonNLLLoss's float32 inf *is* its float64
+    # result rounded to float32; the distribution's NaN (inf - inf) is the drift.  Before,
+    # both drifts were inf against the unrounded float64 value and the library was blamed.
+    lib, dist = impl("poisson.py:poisson_nll"), impl("poisson.py:poisson_by_distribution")
+    case = Case({"input": torch.tensor([89.0]), "target": torch.tensor([1.0])}, {"B": 1})
+    o = oracle(lib, dist, parse_spec("input: B real grad; target: B counts; B=1..4"), case, F32)
+    assert o.category is Category.NUMERICAL, o.reason
+    assert o.unstable_side == "poisson_by_distribution"
+    assert dict(o.drift)["poisson_nll"] <= 1 < dict(o.drift)["poisson_by_distribution"]

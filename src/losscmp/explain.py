@@ -164,16 +164,29 @@ def float64_agrees(expected: Implementation, actual: Implementation, spec: Spec,
 
 
 def drift(reference: Outcome, outcome: Outcome, tol: Tolerance) -> float:
-    """Divergence score of ``outcome`` from ``reference`` over value and gradients, dtypes ignored."""
+    """Divergence score of ``outcome`` from ``reference`` over value and gradients.
+
+    The reference (a float64 result) is first rounded to ``outcome``'s dtype: that is the
+    best a working-dtype program can return.  A float32 ``inf`` where the float64 result
+    is 4.5e38 (past FLT_MAX) is the correctly rounded overflow, no drift; the other side's
+    NaN there (inf - inf) is the drift.
+    """
     assert outcome.value is not None and reference.value is not None  # callers pass successful calls
-    scores = [diff_tensors("value", outcome.value, reference.value, tol).score]
+    scores = [diff_tensors("value", outcome.value, _rounded_like(reference.value, outcome.value), tol).score]
     for name, g_ref in reference.grads.items():
         g = outcome.grads.get(name)
         if (g is None) != (g_ref is None):
             return math.inf
         if g is not None and g_ref is not None:
-            scores.append(diff_tensors(name, g, g_ref, tol).score)
+            scores.append(diff_tensors(name, g, _rounded_like(g_ref, g), tol).score)
     return max(scores)
+
+
+def _rounded_like(reference: torch.Tensor, working: torch.Tensor) -> torch.Tensor:
+    """``reference`` rounded to ``working``'s floating dtype (unchanged when either is not floating)."""
+    if reference.is_floating_point() and working.is_floating_point() and reference.dtype != working.dtype:
+        return reference.detach().to(working.dtype)
+    return reference
 
 
 # --- 1. the float64 oracle ------------------------------------------------------------
