@@ -106,3 +106,19 @@ def test_each_sinkhorn_fork_is_explained_and_localised_to_its_changed_line(fork,
         assert where["base"].line == marked_line(FORKS / "sinkhorn_base.py", f"# fork point: {point}")
     assert where["fork"].phase == phase
     assert f"{fork_file.name}:{where['fork'].line}" in e.sentence()
+
+
+def test_a_constant_offset_never_replaces_a_measured_threshold(capsys, tmp_path):
+    # gaussian_nll_loss vs -Normal.log_prob: 0.9189 = ln(2π)/2 apart on finite cases; past the
+    # 1e-6 var clamp the distribution overflows (a nonfinite finding).  An offset does not
+    # shrink with the input scale, so "no threshold: ... only smaller than atol" was untrue
+    # there; the measured threshold is printed instead.
+    out = tmp_path / "report.json"
+    code = main(["torch.nn.functional:gaussian_nll_loss", f"{FIXTURES}/inference.py:normal_log_prob", "--spec",
+                 "input: B D real grad; target: B D real; var: B D positive grad; B=1..16; D=1..16",
+                 "--no-save", "--json", str(out)])
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert code == 1 and by_kind(report, "nonfinite")
+    assert any(d["relation"]["value"] == "offset" for d in report["divergences"])
+    assert "constant offset apart; below max |input|" not in text

@@ -129,9 +129,11 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
             say(f"  {name} = {tensor_text(t, limit=SHOW_TENSORS_UP_TO)}")
         if m.threshold:
             relation = getattr(d.explanation, "relation", None)
-            if relation is not None and relation.value in ("factor", "offset"):
-                # Not a threshold: a constant factor or offset only hides under atol at small scale.
-                say(f"no threshold: the values are a constant {relation.value} apart; below max |input| {m.threshold.value:.4g} "
+            if relation is not None and relation.value == "factor" and d.kind in ("value", "gradient"):
+                # Not a threshold: a constant factor only hides under atol at small scale.  An
+                # offset does not shrink with the scale, and a NaN/inf is not a factor apart:
+                # there the measured threshold is the true statement.
+                say(f"no threshold: the values are a constant factor apart; below max |input| {m.threshold.value:.4g} "
                     f"the difference is only smaller than atol")
             else:
                 say(f"threshold: {m.threshold.describe()}")
