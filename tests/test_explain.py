@@ -405,3 +405,25 @@ def test_a_correctly_rounded_overflow_is_not_the_unstable_side():
     assert o.category is Category.NUMERICAL, o.reason
     assert o.unstable_side == "poisson_by_distribution"
     assert dict(o.drift)["poisson_nll"] <= 1 < dict(o.drift)["poisson_by_distribution"]
+
+
+def test_a_nonfinite_that_persists_at_every_scale_in_float64_is_semantic_not_unknown():
+    # sqrt(sum(x*x)) has a NaN slope at x = 0 in float64 too, and scaling zeros keeps them
+    # zeros: vector_norm's guard is a different function there, not a precision effect.
+    # (Seen on real code: pytorch-metric-learning's NTXentLoss vs a hand-written one that
+    # normalises by x / x.norm(); torchmetrics PSNR vs one with mse + 1e-10.)
+    spec = parse_spec("x: B D real grad; B=2..16; D=2..16")
+    guarded, bare = impl("degenerate.py:norm"), impl("degenerate.py:norm_by_hand")
+    o = oracle(guarded, bare, spec, Case({"x": torch.zeros(2, 3)}, {"B": 2, "D": 3}), F32)
+    assert o.category is Category.SEMANTIC, o.reason
+    assert o.reason.startswith("norm_by_hand returns a NaN/inf value or gradient in float64 too") and "norm avoids" in o.reason
+
+
+def test_an_overflow_that_a_smaller_input_cures_stays_unknown():
+    # exp(1e8) overflows float64 down the whole ladder (1e8 / 2**16 = 1526), but not at
+    # x1e-6: not a singular point, so the oracle does not call it semantic.
+    spec = parse_spec("x: B real grad; B=1..4")
+    stable = Implementation(parse_ref("stable=x.py:f"), lambda x: torch.logsumexp(x, 0))
+    naive = Implementation(parse_ref("naive=x.py:g"), lambda x: torch.log(torch.exp(x).sum()))
+    o = oracle(stable, naive, spec, Case({"x": torch.tensor([1e8, 9e7])}, {"B": 2}), F32)
+    assert o.category is Category.UNKNOWN and "float64 overflows too" in o.reason

@@ -290,6 +290,15 @@ def oracle(
             first_difference = (scale, v64.detail)
         scale /= 2
     if first_difference is None:
+        every_input_scales = steps and all(a.domain in SCALABLE for a in spec.args
+                                           if a.name in case.tensors and case.tensors[a.name].is_floating_point())
+        singular = _singular_at_every_scale(e64, a64, spec, case, run) if every_input_scales else None
+        if singular is not None:
+            side, other, used = singular
+            reason = (f"{side} returns a NaN/inf value or gradient in float64 too, at every input scale down to x{SINGULAR_SCALES[-1]:g}, "
+                      f"while {other} stays finite: not precision but a singular point (0/0, log 0, 1/0, the slope of "
+                      f"sqrt at 0) that {other} avoids (a guard, or another formula) and {side} does not")
+            return Oracle(Category.SEMANTIC, reason, scale=SINGULAR_SCALES[-1], evaluations=calls + used, values=values)
         return Oracle(Category.UNKNOWN, "float64 overflows too wherever the working dtype diverges", evaluations=calls, values=values)
     at, detail = first_difference
     down_to = f"; still different down to input scale x{scale * 2:g}" if steps else ""
@@ -297,6 +306,40 @@ def oracle(
         down_to += " (the scale ladder was cut short by the time budget)"
     return Oracle(Category.SEMANTIC, f"still different in float64{'' if at == 1 else f' at input scale x{at:g}'}: {detail}{down_to}",
                   scale=at, evaluations=calls, values=values)
+
+
+# Where float64 is non-finite on one side at every step of the ladder, these scales tell a
+# singular point that scaling never leaves (all zeros, identical images: mse = 0 at any
+# scale) from an overflow that a smaller input would cure (exp(1e8 / 2**16) still overflows
+# float64; exp(1e8 * 1e-6) does not).
+SINGULAR_SCALES = (1e-3, 1e-6, 1e-12)
+
+
+def _singular_at_every_scale(e64: Implementation, a64: Implementation, spec: Spec, case: Case,
+                             run: Runner) -> tuple[str, str, int] | None:
+    """(non-finite side, finite side, calls) when, in float64, the same one side has a NaN/inf
+    value or gradient at every one of SINGULAR_SCALES while the other has none; None otherwise."""
+    sides: set[str] = set()
+    calls = 0
+    for factor in SINGULAR_SCALES:
+        here64 = float64_case(scaled(spec, case, factor))
+        finite = {}
+        for impl in (e64, a64):
+            o = run(impl, spec, here64)
+            calls += 1
+            if o.failed or o.value is None or o.value.is_complex():
+                return None
+            finite[impl.label] = bool(torch.isfinite(o.value).all()) and all(
+                bool(torch.isfinite(g).all()) for g in o.grads.values() if g is not None)
+        bad = [label for label, ok in finite.items() if not ok]
+        if len(bad) != 1:
+            return None
+        sides.add(bad[0])
+    if len(sides) != 1:
+        return None
+    side = sides.pop()
+    other = a64.label if side == e64.label else e64.label
+    return side, other, calls
 
 
 # float64 shrinking the discrepancy by this factor or more means precision is the cause.
