@@ -168,9 +168,13 @@ class RayRunner:
             out = ray.get(pending, timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
             ray.kill(actor, no_restart=False)  # Ray starts a fresh one for the next call
+            self._await_restart(ray)
             kind, error = "timeout", f"did not return within {self.timeout:g} s"
         except ray.exceptions.RayActorError as e:
-            kind, error = "crash", f"crashed (its Ray worker process died: {_death(e)})"
+            # The actor was healthy when the call went out (see _await_restart): this call killed it.
+            self._await_restart(ray)
+            detail = _death(e)
+            kind, error = "crash", f"crashed (it killed its Ray actor's process{': ' + detail if detail else ''})"
         except BaseException:  # Ctrl-C while waiting: the actor's state is unknown
             self.close()
             raise
@@ -186,6 +190,19 @@ class RayRunner:
             remote = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(_Actor)
             self.actor = remote.remote()
         return self.actor
+
+    def _await_restart(self, ray: Any, limit: float = 300.0) -> None:
+        """Wait until Ray has restarted the actor, so that the next call, which may be another
+        implementation's, is not refused by an actor still restarting and blamed for it."""
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                ray.get(self.actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         """Kill this runner's actor; the last runner to close ends the connection."""
@@ -203,13 +220,13 @@ class RayRunner:
 
 
 def _death(e: BaseException) -> str:
-    """Ray's multi-line account of an actor's death, cut to the reason."""
+    """Ray's multi-line account of an actor's death, cut to the reason ("" when it gives none)."""
     text = " ".join(str(e).split())
-    for marker in ("The actor is dead because ", "Worker exit type: ", "exit_detail"):
+    for marker in ("Worker exit detail: ", "The actor is dead because "):
         at = text.find(marker)
         if at >= 0:
-            return text[at + len(marker):][:160].rstrip(" .")
-    return text[:160] or type(e).__name__
+            return text[at + len(marker):].split(". ")[0][:160].rstrip(" .")
+    return ""
 
 
 __all__ = ["RayRunner", "stop_ray_runners"]
