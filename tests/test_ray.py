@@ -55,7 +55,29 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
     env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "disabled"  # Ray >= 2.5x turns on token auth for `ray start`; a loopback test needs none
     return env
+
+
+def _end_instance(proc: subprocess.Popen, temp: str) -> None:
+    """The test's Ray processes, by id: its process group, then any process that names its
+    own temporary folder (Ray starts some in sessions of their own)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if temp.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +101,13 @@ def cluster():
         except (ValueError, IndexError, subprocess.TimeoutExpired):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _end_instance(proc, temp)
             pytest.fail(f"the test's Ray head did not come up at {address}")
         time.sleep(2)
     try:
         yield address
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # --block: ray start ends the processes it started
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _end_instance(proc, temp)
 
 
 def _report(capsys, tmp_path, *extra) -> tuple[int, dict]:

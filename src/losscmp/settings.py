@@ -126,11 +126,14 @@ class Execution:
         if not (isinstance(self.ray, str) and self.ray.strip()):
             raise UsageError("--ray needs 'local' or a cluster address (auto, HOST:PORT, ray://HOST:PORT)")
         check_ray_installed()
-        for given, option in ((self.isolate, "--isolate"), (self.pythons, "--python"), (self.devices, "--devices"),
-                              (self.device != "cpu", "--device cuda")):
+        refused = (
+            (self.isolate, "--isolate", "a Ray actor already is a worker process: a crash or a hang there is a finding"),
+            (self.pythons, "--python", "start the cluster's Ray workers with that interpreter instead"),
+            (self.devices or self.device != "cpu", "--device cuda / --devices", "CUDA actors are not scheduled yet"),
+        )
+        for given, option, why in refused:
             if given:
-                raise UsageError(f"{option} is not supported with --ray yet (an actor is already a worker process; "
-                                 "CUDA actors are not scheduled yet): drop one of the two")
+                raise UsageError(f"{option} is not supported with --ray ({why})")
 
     @property
     def runner(self) -> RunnerKind:
