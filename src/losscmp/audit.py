@@ -34,11 +34,11 @@ from . import breadcrumbs
 from .engine import Evaluator, mutation_verdict
 from .explain import observe
 from .errors import LosscmpError
-from .generate import REGIMES, build_case, check_fits, probe_recipe, recipes
+from .generate import DEGENERATE, REGIMES, build_case, check_fits, degenerate_cases, probe_recipe, recipes
 from .jobs import explore_in_workers
 from .load import Implementation
-from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
-from .run import finite, watching_interrupts
+from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, RunPhase, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
+from .run import finite, user_interrupts, watching_interrupts
 from .settings import Settings
 from .spec import Spec
 from .stages import StageContext, default_stages
@@ -54,37 +54,42 @@ class ProbeError(LosscmpError):
     """The implementations cannot be run on this spec at all."""
 
 
-def probe(ev: Evaluator) -> tuple[Case, dict[str, Outcome]]:
-    """One tame case first.  A non-tensor or non-scalar return, every side failing, or
-    one side raising where the others work (an argument-format mismatch, most likely)
-    is a usage error, not a run of 100 identical findings.
+# Inputs tried before the search (one bad draw must not decide anything): tame, then
+# every dim at its smallest (size-1 dims break reductions), then tame again.
+PROBE_SIZES = (4, 1, 4)
+PROBE_INPUTS = len(PROBE_SIZES)
 
-    The probe is an ordinary standard-regime case, so the audit counts it as its first.
+
+def probe(ev: Evaluator, inputs: int = PROBE_INPUTS) -> list[tuple[Case, dict[str, Outcome]]]:
+    """A few inputs first (standard regime, consecutive seeds, :data:`PROBE_SIZES`), each
+    an ordinary case that the audit counts.
+
+    Only what leaves nothing to compare is a usage error: a side that returns a
+    non-tensor or a non-scalar on every tame probe input (the spec is wrong), or every side
+    failing on every probe input.  A side that fails on some inputs, or raises on all of
+    them while another side returns (a library bug: geomloss' ``hausdorff``), is a
+    finding with a repro like any other -- an implementation that crashes on 20% of its
+    inputs must not be refused because the first input happened to be one of them.
     """
     s = ev.settings
-    case = build_case(ev.spec, probe_recipe(ev.spec, s.search.seed), dtype=s.execution.dtype, device=s.execution.device)
-    breadcrumbs.rebuildable(case)
-    outcomes = ev.outcomes(case)
-    for label, o in outcomes.items():
-        if o.status in (Status.NON_TENSOR, Status.NON_SCALAR):
-            raise ProbeError(f"{label} {o.error} on a probe input ({case.describe()}); is --spec right?")
-    failed = {la: o for la, o in outcomes.items() if o.failed}
-    if len(failed) == len(outcomes):
-        label, o = next(iter(failed.items()))
-        raise ProbeError(f"every implementation failed on a probe input ({case.describe()}), e.g. {label} {o.error}; is --spec right?")
-    if failed and not any(o.status.died for o in failed.values()):
-        # Only a side that raises on a tame input is suspect; confirm on a second one.
-        second = build_case(ev.spec, probe_recipe(ev.spec, (s.search.seed + 1) % 2**63), dtype=s.execution.dtype, device=s.execution.device)
-        breadcrumbs.rebuildable(second)
-        again = ev.outcomes(second, list(failed))
-        if all(o.status is Status.EXCEPTION for o in again.values()):
-            label, o = next(iter(failed.items()))
-            works = ", ".join(la for la in outcomes if la not in failed)
-            raise ProbeError(
-                f"{label} {o.error} on every probe input ({case.describe()}) while {works} returned normally: "
-                f"does it take its arguments in another order or format? (spec: {ev.spec.text()})"
-            )
-    return case, outcomes
+    probed: list[tuple[Case, dict[str, Outcome]]] = []
+    for k in range(max(1, inputs)):
+        recipe = probe_recipe(ev.spec, (s.search.seed + k) % 2**63, PROBE_SIZES[k % PROBE_INPUTS])
+        case = build_case(ev.spec, recipe, dtype=s.execution.dtype, device=s.execution.device)
+        breadcrumbs.rebuildable(case)
+        probed.append((case, ev.outcomes(case)))
+    first = probed[0][0]
+    # The smallest input says nothing about a loss that returns one value per element (one
+    # element is a scalar): only the tame inputs decide that the spec is wrong.
+    tame = [o for k, (_, o) in enumerate(probed) if PROBE_SIZES[k % PROBE_INPUTS] > 1]
+    for label in ev.impls:
+        statuses = {o[label].status for o in tame}
+        if len(statuses) == 1 and statuses <= {Status.NON_TENSOR, Status.NON_SCALAR}:
+            raise ProbeError(f"{label} {probed[0][1][label].error} on every probe input ({first.describe()}); is --spec right?")
+    if all(o.failed for _, outcomes in probed for o in outcomes.values()):
+        label, o = next(iter(probed[0][1].items()))
+        raise ProbeError(f"every implementation failed on every probe input ({first.describe()}), e.g. {label} {o.error}; is --spec right?")
+    return probed
 
 
 @dataclass
@@ -129,7 +134,7 @@ class _Group:
 
 
 def _regime_rank(regime: str) -> int:
-    order = list(REGIMES)  # mildest first
+    order = list(REGIMES) + list(DEGENERATE)  # mildest first
     return order.index(regime) if regime in order else len(order)
 
 
@@ -156,6 +161,7 @@ class _Exploration:
         self.cases = 0
         self.evaluations = 0  # of workers (--jobs); this process's own are on the Evaluator
         self.history: dict[Pair, list] = {}  # explain.Observation of every compared case, per pair
+        self.interrupts = user_interrupts()  # Ctrl-Cs before this search are not its business
 
     def record(self, v: Verdict, case: Case, outcomes: dict[str, Outcome]) -> None:
         base = (v.subject, v.kind)
@@ -173,6 +179,7 @@ class _Exploration:
 
     def examine(self, case: Case, outcomes: dict[str, Outcome] | None = None) -> float:
         """Run and judge one case; returns the score the search climbs."""
+        stop_if_asked(self.interrupts)
         ev = self.ev
         outcomes = outcomes or ev.outcomes(case)
         self.cases += 1
@@ -241,11 +248,20 @@ class _Exploration:
             self.history.setdefault(pair, []).extend(observations)
 
     def divergences(self) -> list[Divergence]:
+        """The findings, settled (see :meth:`settled`); the counts of excused pairs move to
+        "not compared"."""
+        kept, self.subject_cases, self.not_compared = self.settled()
+        return kept
+
+    def settled(self) -> tuple[list[Divergence], Counter, dict[Pair, tuple[int, str]]]:
+        """The findings with the noise rule applied, and the per-subject counts that go with
+        them; ``self`` is left as it was (a snapshot mid-search must not change the search)."""
         # A side that disagrees with itself is blamed for a pair divergence only when the
         # pair disagrees far beyond the worst run-to-run noise that side showed all run.
         # Noise with no size (a side that raised on one call of two, or changed dtype) is
         # no yardstick: it would excuse every pair finding, and the pair would read "agree".
         # The excused cases were not seen to agree either: they are "not compared", with why.
+        subject_cases, not_compared = Counter(self.subject_cases), dict(self.not_compared)
         kept, excused = [], {}
         for g in self.groups.values():
             noise = max(self.noise.get(la, 0.0) for la in g.subject.labels)
@@ -255,12 +271,20 @@ class _Exploration:
                 continue
             kept.append(g.divergence())
         for subject in set(excused) - {d.subject for d in kept}:
-            n = self.subject_cases.pop(subject, 0)
-            count, why = self.not_compared.get(subject, (0, ""))
+            n = subject_cases.pop(subject, 0)
+            count, why = not_compared.get(subject, (0, ""))
             within = (f"the two differ by no more than {NOISE_MARGIN:g}x {excused[subject]}'s own run-to-run noise: "
                       f"these cases cannot tell the two apart")
-            self.not_compared[subject] = (count + n, "; ".join(w for w in (why, within) if w))
-        return sorted(kept, key=_finding_order)
+            not_compared[subject] = (count + n, "; ".join(w for w in (why, within) if w))
+        return sorted(kept, key=_finding_order), subject_cases, not_compared
+
+
+def stop_if_asked(interrupts_before: int) -> None:
+    """Between cases and stages: stop for a SIGTERM or Ctrl-C whose exception was lost (it
+    landed in a garbage-collector callback, or an implementation swallowed it)."""
+    breadcrumbs.check_terminated()
+    if user_interrupts() != interrupts_before:
+        raise KeyboardInterrupt
 
 
 def _finding_order(d: Divergence) -> tuple:
@@ -274,53 +298,96 @@ def audit(
     *,
     on_case: Callable[[int, float], None] | None = None,
     stages: Sequence[Any] | None = None,
+    on_progress: Callable[[AuditResult], None] | None = None,
+    keep_on_interrupt: bool = False,
 ) -> AuditResult:
     """Fuzz ``impls`` against each other on ``settings.search.examples`` cases drawn from
-    ``spec``, then run the stages (default: minimise, explain, group, save) on the findings."""
+    ``spec``, then run the stages (default: minimise, explain, group, save) on the findings.
+
+    ``on_progress`` gets the result so far after every search case and after every stage
+    (the CLI keeps it for its supervisor, which reports it if an implementation kills the
+    process).  With ``keep_on_interrupt``, SIGTERM or the user's Ctrl-C ends the run with
+    what was found so far (``AuditResult.interrupted`` says which); otherwise they propagate
+    (a test session must stop, not pass on half a run)."""
     start = time.perf_counter()
     execution = settings.execution
     for device in execution.devices or (execution.device,):
         check_fits(spec, dtype=execution.dtype, device=device, max_size=settings.search.max_size)
     ev = Evaluator(impls, spec, settings)
+    exploration = _Exploration(ev)
+    interrupts = user_interrupts()
+    divergences: list[Divergence] | None = None  # settled once the search is over
+    stage_errors: list[str] = []
+
+    def result(phase: RunPhase, interrupted: str | None = None) -> AuditResult:
+        if divergences is None:
+            found, subject_cases, not_compared = exploration.settled()
+        else:
+            found, subject_cases, not_compared = divergences, exploration.subject_cases, exploration.not_compared
+        return AuditResult(
+            tuple(impls), spec, settings, exploration.cases, tuple(found), time.perf_counter() - start,
+            tuple(ev.pairs), dict(subject_cases), dict(exploration.tally), dict(not_compared),
+            ev.evaluations + exploration.evaluations, tuple(stage_errors), interrupted, phase,
+        )
+
+    def progress(n: int, score: float) -> None:
+        if on_case:
+            on_case(n, score)
+        if on_progress:
+            on_progress(result(RunPhase.EXPLORE))
+
     try:
         with watching_interrupts():
+            if on_progress:
+                on_progress(result(RunPhase.EXPLORE))
             if settings.execution.jobs > 1:
                 exploration = explore_in_workers(explore, impls, spec, settings, on_case)
             else:
-                exploration = explore(ev, on_case)
+                explore(ev, progress if on_case or on_progress else None, exploration)
             divergences = exploration.divergences()
             ctx = StageContext(ev=ev, settings=settings, history=exploration.history)
-            stage_errors = []
             for stage in default_stages(settings) if stages is None else stages:
+                stop_if_asked(interrupts)
+                if on_progress:
+                    on_progress(result(RunPhase.STAGES))
                 try:
                     divergences = stage(divergences, ctx)
                 except Exception as e:  # the findings stand without what this stage would have added
                     name = getattr(stage, "name", type(stage).__name__)
                     stage_errors.append(f"{name} stage failed ({type(e).__name__}: {' '.join(str(e).split())}); findings reported without it")
-        return AuditResult(
-            tuple(impls), spec, settings, exploration.cases, tuple(divergences), time.perf_counter() - start,
-            tuple(ev.pairs), dict(exploration.subject_cases), dict(exploration.tally), dict(exploration.not_compared),
-            ev.evaluations + exploration.evaluations, tuple(stage_errors),
-        )
+        return result(RunPhase.DONE)
+    except (KeyboardInterrupt, breadcrumbs.Terminated) as e:
+        # Only the user's Ctrl-C gets here: an implementation's own KeyboardInterrupt is its finding (run.call).
+        if not keep_on_interrupt:
+            raise
+        return result(RunPhase.EXPLORE if divergences is None else RunPhase.STAGES, "SIGTERM" if isinstance(e, breadcrumbs.Terminated) else "SIGINT")
     finally:
         ev.close()
 
 
-def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None) -> _Exploration:
-    """The search: the probe case, then Hypothesis-drawn cases, climbing the score."""
+def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None, exploration: _Exploration | None = None) -> _Exploration:
+    """The search: the probe case, then Hypothesis-drawn cases, climbing the score.
+    ``exploration``: where to record (the caller keeps what was found if the search is stopped)."""
     s = ev.settings
     search, execution = s.search, s.execution
-    exploration = _Exploration(ev)
-    probe_case, probe_outcomes = probe(ev)
-    score = exploration.examine(probe_case, probe_outcomes)
-    if on_case:
-        on_case(exploration.cases, score)
+    exploration = _Exploration(ev) if exploration is None else exploration
+    for probe_case, probe_outcomes in probe(ev, min(PROBE_INPUTS, search.examples)):
+        score = exploration.examine(probe_case, probe_outcomes)
+        if on_case:
+            on_case(exploration.cases, score)
+    if not search.regimes:  # the degenerate inputs, unless the regimes were narrowed
+        for case in degenerate_cases(ev.spec, search.seed, dtype=execution.dtype, device=execution.device):
+            if exploration.cases >= search.examples:
+                break
+            score = exploration.examine(case)  # not rebuildable from a recipe: saved before a risky call
+            if on_case:
+                on_case(exploration.cases, score)
 
     regimes = tuple(search.regimes) if search.regimes else tuple(REGIMES)
 
     @hypothesis_seed(search.seed)
     @hypothesis_settings(
-        max_examples=max(1, search.examples - 1),  # the probe was the first case (with one example, never called)
+        max_examples=max(1, search.examples - exploration.cases),  # the probes were the first cases
         database=None,
         deadline=None,
         # Our own minimiser works on the concrete tensors; Hypothesis explores and targets.
@@ -338,7 +405,7 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None) 
         if on_case:
             on_case(exploration.cases, score)
 
-    if search.examples > 1:
+    if search.examples > exploration.cases:
         with _without_local_constants():
             search_cases()
     return exploration
@@ -385,4 +452,4 @@ def _without_local_constants() -> Iterator[None]:
                 providers._get_local_constants = _local_constants_original
 
 
-__all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "audit", "explore", "probe"]
+__all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -15,13 +16,13 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import breadcrumbs, jsonout
+from . import breadcrumbs, files, jsonout
 from ._version import __version__
 from .audit import audit
 from .engine import RUNNERS, pairs_for, run_record
 from .errors import LosscmpError, UsageError
 from .generate import select_regimes
-from .infer import infer_spec
+from .infer import infer
 from .interpreter import check_labels, parse_pythons, remote_implementation
 from .load import disambiguate, load_implementation, parse_ref
 from .model import RunRecord, Tolerance
@@ -33,6 +34,7 @@ from .settings import Execution, RunnerKind, Settings, check_timeout, checked_de
 from .spec import resolve_spec
 from .sweep import parse_knob, sweep, sweep_case
 from .testgen import generate_pytest
+from .explain import Category, oracle
 from .trace import locate
 
 EXAMPLES = """\
@@ -50,6 +52,11 @@ spec:        a preset (points, weighted-points, classification, binary, regressi
              images, distributions), a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
 exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input
 """
+
+# A grid finer than this says nothing the bisection to 1% does not; a larger dim is a
+# tensor of every argument that no sweep needs (and 10**9 points or elements never end).
+MAX_SWEEP_POINTS = 1000
+MAX_SWEEP_SIZE = 100_000
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -86,7 +93,10 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", metavar="LIST", help="draw only these numeric regimes, e.g. standard,tiny (default: all)")
     p.add_argument("--exclude-regimes", metavar="LIST", help="never draw these regimes, e.g. duplicates")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate or --python: a call slower than this is a 'timeout' finding")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="a call slower than this is a 'timeout' finding: with --isolate or --python the run goes on; in-process "
+                   "the run stops there and reports (default in-process: %g s, or %g x the implementation's slowest call if "
+                   "longer; isolated: none)" % (breadcrumbs.DEFAULT_TIMEOUT_FLOOR, breadcrumbs.DEFAULT_TIMEOUT_FACTOR))
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
@@ -117,8 +127,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("impls", nargs=2, metavar="IMPL")
     p.add_argument("--param", required=True, metavar="NAME=LO:HI[:log|lin]", help="'scale' (largest |input|), 'offset' (added to real inputs) or a keyword parameter")
-    p.add_argument("--points", type=int, default=9, help="grid points before bisection (default 9)")
-    p.add_argument("--size", type=int, default=8, help="size of every symbolic dim in the swept case (default 8)")
+    p.add_argument("--points", type=int, default=9, help=f"grid points before bisection (default 9, at most {MAX_SWEEP_POINTS})")
+    p.add_argument("--size", type=int, default=8, help=f"size of every symbolic dim in the swept case (default 8, at most {MAX_SWEEP_SIZE})")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
     _common(p)
     return p
@@ -128,7 +138,8 @@ def trace_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="losscmp trace",
         description="Record both implementations on a saved case, forward and backward, align their aten ops, and "
-        "name the source line of each where their values first differ. Exit 0 located, 1 not located, 2 bad input.",
+        "name the source line of each where their values first differ. Exit codes: 0 the two agree on the case "
+        "(nothing to locate), 1 they differ (whether or not a line is named), 2 bad usage or input.",
     )
     p.add_argument("expected", metavar="A", help="the reference implementation, e.g. upstream.py:loss")
     p.add_argument("actual", metavar="B", help="the implementation compared with it, e.g. fork.py:loss")
@@ -165,19 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def _writable_file(path: str, option: str) -> None:
-    """Fail before the run, not after it: a report that cannot be written is lost work."""
-    if path == "-":
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{option} {path}: is a directory; give a file path")
-    if not p.parent.is_dir():
-        raise UsageError(f"{option} {path}: folder {p.parent} does not exist")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"{option} {path}: not writable")
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
@@ -224,17 +222,21 @@ def _resolve_spec(args, impls, execution: Execution, console: Console):
     if execution.isolate:  # probing calls the implementations: where they may crash, only in workers
         runner = RUNNERS[RunnerKind.ISOLATED](execution, RunRecord())  # the probes' own: nothing of the run to record
         try:
-            spec = infer_spec(impls, dtype=execution.dtype, device=execution.device, run=runner)
+            found = infer(impls, dtype=execution.dtype, device=execution.device, run=runner)
         finally:
             runner.close()
     else:
-        spec = infer_spec(impls, dtype=execution.dtype, device=execution.device)
+        found = infer(impls, dtype=execution.dtype, device=execution.device)
+    spec = found.spec
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
         console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
     else:
         console.print(f"inferred spec: {spec.text()}", markup=False, highlight=False)
         console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+    console.print(f"  why: {found.reason}", markup=False, highlight=False)
+    for passed in found.passed_over:
+        console.print(f"  passed over {passed}", markup=False, highlight=False)
     return spec
 
 
@@ -243,14 +245,23 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    check_timeout(args.timeout, RunnerKind.choose(args.isolate, args.python, args.ray), ("--timeout", "--isolate", "--python"))
+    runner = RunnerKind.choose(args.isolate, args.python, args.ray)
+    if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    # In-process, the supervisor's watchdog stops a hung call (and the run with it); unsupervised, nothing can.
+    in_process_timeout = args.timeout is not None and not runner.stops_hung_calls
+    if not (in_process_timeout and breadcrumbs.supervised()):
+        check_timeout(args.timeout, runner, ("--timeout", "--isolate", "--python"))
+    if in_process_timeout and (args.jobs > 1 or args.devices):
+        raise UsageError("--timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)")
+    breadcrumbs.watch_calls(args.timeout)  # every in-process call, in any mode (inference probes, trace)
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:
-        _writable_file(args.json, "--json")
+        files.check_writable(args.json, "--json")
     save_dir = None if args.no_save else Path(args.save_dir)
-    if save_dir is not None and save_dir.exists() and not save_dir.is_dir():
-        raise UsageError(f"--save-dir {args.save_dir}: exists and is not a folder")
+    if save_dir is not None:
+        files.check_folder(save_dir, "--save-dir")
     settings = Settings.of(
         reference=args.reference,
         examples=args.examples,
@@ -262,7 +273,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         max_size=args.max_size,
         regimes=_regimes(args),
         isolate=args.isolate,
-        timeout=args.timeout,
+        timeout=None if in_process_timeout else args.timeout,  # in-process, the supervisor's watchdog enforces it
         jobs=args.jobs,
         devices=_devices(args.devices),
         pythons=tuple(pythons.items()),
@@ -315,16 +326,24 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     impls = _load_all(args.impls, pythons)
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
-    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference))
+    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference), args.json)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], settings.execution, console)
     # First the cases saved by earlier runs of these implementations, as the pytest fixture does.
     replayed = replay_saved(settings.outputs.save_dir, impls, spec, isolate=settings.execution.isolate or None,
                             pythons=pythons, same_references=True)
     print_replayed(replayed, console)
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), settings.search.examples, err)
+    # The report so far, after every case: what the supervisor reports if an implementation kills or hangs this process.
+    keep = (lambda partial: breadcrumbs.keep_report(audit_json(partial, replayed), partial.phase.value)) if breadcrumbs.supervised() else None
+    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb, on_progress=keep, keep_on_interrupt=True),
+                            settings.search.examples, err)
+    if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     print_audit(result, console, details=not args.quiet)
     if args.json:
         write_json(audit_json(result, replayed), args.json, stdout=json_out)
+    if result.interrupted:  # the run did not finish: the signal's exit code, whatever was found (README: Exit codes)
+        return 128 + getattr(signal, result.interrupted)
     return 0 if result.agree and not any(r.result.verdict.kind for r in replayed) else 1
 
 
@@ -359,8 +378,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     repro = load_repro(args.file)
     if args.pytest:
         out = Path(args.output) if args.output else repro.path.with_name(f"test_{repro.path.stem.replace('-', '_')}.py")
-        _writable_file(str(out), "--output")
-        out.write_text(generate_pytest(repro, str(repro.path)))
+        files.check_writable(str(out), "--output")
+        files.write_text(out, generate_pytest(repro, str(repro.path)), "--output")
         console.print(f"wrote {out}  (run: pytest {out})", markup=False)
         return 0
     pythons = parse_pythons(args.python)
@@ -394,12 +413,13 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     knob = parse_knob(args.param)
-    if args.points < 2:
-        raise UsageError(f"--points must be at least 2, not {args.points}")
-    if args.size < 1:
-        raise UsageError(f"--size must be at least 1, not {args.size}")
+    # Bounded before any work: each point is a pair of calls, each size a dim of every input.
+    if not 2 <= args.points <= MAX_SWEEP_POINTS:
+        raise UsageError(f"--points must be at least 2 and at most {MAX_SWEEP_POINTS}, not {args.points}")
+    if not 1 <= args.size <= MAX_SWEEP_SIZE:
+        raise UsageError(f"--size must be at least 1 and at most {MAX_SWEEP_SIZE}, not {args.size}")
     if args.plot:
-        _writable_file(args.plot, "--plot")
+        files.check_writable(args.plot, "--plot")
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)
@@ -422,32 +442,43 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 def _trace(argv: list[str]) -> int:
-    """``losscmp trace A B REPRO.json``: 0 located, 1 not located, 2 bad usage or input."""
+    """``losscmp trace A B REPRO.json``: 0 the sides agree on the case (nothing to locate),
+    1 they differ (located or not: a difference is never an exit 0), 2 bad usage or input."""
     try:
         args = trace_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed its usage line
         return int(e.code or 0)
     # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
     if args.json:
-        _writable_file(args.json, "--json")  # before the trace runs, not after it
+        files.check_writable(args.json, "--json")  # before the trace runs, not after it
     repro = load_repro(args.repro)
     refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
     if refs[0].label == refs[1].label:
         raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
     impls = [load_implementation(r) for r in refs]
-    result = locate(impls[0], impls[1], repro.spec, repro.case, Tolerance(*repro.tolerance))
+    tol = Tolerance(*repro.tolerance)
+    # The float64 oracle decides whether this is a numerical finding, and on which side:
+    # such a finding is located on that side by its own float32 vs float64 run.
+    verdict = oracle(impls[0], impls[1], repro.spec, repro.case, tol)
+    unstable = verdict.unstable_side if verdict.category is Category.NUMERICAL else None
+    result = locate(impls[0], impls[1], repro.spec, repro.case, tol, unstable=unstable)
     human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
     print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
+    print(f"float64 oracle: {verdict.category.value}" + (f" ({unstable} is the unstable side)" if unstable else ""), file=human)
     print(result.note, file=human)
+    if result.side is not None and result.confidence is not None:
+        role = "the unstable side" if unstable else "the side under test"
+        print(f"named first: {result.side} ({role}); confidence {result.confidence.value}", file=human)
     for label, where in (result.location or {}).items():
         print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
         print(f"      {where.code}", file=human)
         print(f"      value: {result.values.get(label, '?')}", file=human)
+        if f"{label} (float64)" in result.values:
+            print(f"      in float64: {result.values[f'{label} (float64)']}", file=human)
     if args.json:
         text = jsonout.dumps(result.to_json(), indent=2)
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0 if result.location is not None else 1
+            files.write_text(args.json, text + "\n", "--json")
+    return 1 if result.differs else 0

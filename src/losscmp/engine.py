@@ -21,7 +21,7 @@ from typing import Callable, Protocol, Sequence
 
 from . import breadcrumbs
 from .compare import Tolerance, Verdict, compare_outcomes
-from .errors import UsageError
+from .errors import UsageError, shown
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
 from .cluster import RayRunner
@@ -44,12 +44,13 @@ class Runner(Protocol):
 
 class InProcessRunner:
     """Calls in this process.  Under the CLI's supervisor, each call leaves a breadcrumb
-    first (which implementation, on which input) so that an implementation that kills
-    the process is named, with its input, instead of ending the run silently."""
+    first (which implementation, on which input) and a deadline for the supervisor's
+    watchdog, so that an implementation that kills the process or hangs is named, with its
+    input, instead of ending the run silently or never."""
 
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
-        breadcrumbs.before_call(impl.label, spec, case)
-        return call(impl.fn, spec, case)
+        with breadcrumbs.watched(impl.label, spec, case):
+            return call(impl.fn, spec, case)
 
     def close(self) -> None:
         pass
@@ -60,8 +61,9 @@ def _isolated(execution: Execution, record: RunRecord) -> Runner:
 
 
 def _other_interpreter(execution: Execution, record: RunRecord) -> Runner:
-    # The sides without an interpreter of their own run isolated when asked, else in-process.
-    fallback = _isolated(execution, record) if execution.isolate else None
+    # The sides without an interpreter of their own run isolated when asked, else in-process
+    # (through InProcessRunner: breadcrumb and watchdog deadline, as every in-process call).
+    fallback = _isolated(execution, record) if execution.isolate else InProcessRunner()
     return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=fallback, record=record)
 
 
@@ -91,7 +93,7 @@ def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
     """Every pair, or each implementation against the reference."""
     if reference is not None:
         if reference not in labels:
-            raise UsageError(f"--reference {reference!r} is not one of {', '.join(labels)}")
+            raise UsageError(f"--reference {shown(reference)} is not one of {', '.join(labels)}")
         return [Pair(reference, la) for la in labels if la != reference]
     return [Pair(a, b) for a, b in itertools.combinations(labels, 2)]
 

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import jsonout
+from . import files, jsonout
 from .display import tensor_text
-from .model import Alone, AuditResult, Divergence, subject_labels_json
+from .model import Alone, AuditResult, Divergence, RunPhase, subject_labels_json
 from .replay import SavedReplay
 
 # Explanation fields also found at the top of each divergence in --json.
@@ -68,11 +68,33 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
         print_divergence(d, result, console)
     for why in result.stage_errors:
         console.print(f"warning: {why}", markup=False, highlight=False)
-    if result.agree and not result.not_compared:
+    if result.interrupted:
+        console.print(f"[yellow]Interrupted[/] ({result.interrupted}) {_unfinished(result.phase)}; the run did not finish.", highlight=False)
+    elif result.agree and not result.not_compared:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
     elif result.agree:
         compared_cases = result.cases_run - max(n for n, _ in result.not_compared.values())
         console.print(f"[yellow]No divergence[/] on the {compared_cases} cases that could be compared; the others were not compared (above).")
+
+
+def _unfinished(phase: RunPhase) -> str:
+    if phase is RunPhase.EXPLORE:
+        return "during the search: the findings above are what its first cases showed, not minimised or explained"
+    return "while minimising and explaining: the findings above may lack their minimal example or explanation"
+
+
+def print_partial(data: dict[str, Any], file: Any) -> None:
+    """What a run that ended early had found, from its JSON report (the supervisor writes
+    it when an implementation killed or hung the process that would have printed more)."""
+    print(f"losscmp: the run ended early ({data.get('interruption')}); found until then:", file=file)
+    tally = sorted(data.get("tally", {}).items(), key=lambda kv: (kv[0] != "agree", -kv[1]))
+    print(f"cases: {', '.join(f'{n} {what}' for what, n in tally) or 'none finished'}", file=file)
+    for p in data.get("not_compared", []):
+        print(f"not compared on {p['cases']} case(s), {' vs '.join(p['pair'])}: {p['why']}", file=file)
+    for d in data.get("divergences", []):
+        line = f"  {' vs '.join(d['pair'])}: {d['kind']} on {d['cases']} case(s), worst score {d['score_text']}: {d['detail']}"
+        print(line + (f"; repro: {d['repro']}" if d.get("repro") else ""), file=file)
+    print("(the run stopped there: these findings are not all minimised or explained)", file=file, flush=True)
 
 
 def print_divergence(d: Divergence, result: AuditResult, console: Console) -> None:
@@ -162,6 +184,8 @@ def audit_json(result: AuditResult, replayed: Sequence[SavedReplay] = ()) -> dic
         "evaluations": result.evaluations,
         "divergences": [divergence_json(d) for d in result.divergences],
         "stage_errors": list(result.stage_errors),
+        "interrupted": result.interrupted is not None,
+        "interruption": f"{result.interrupted}: the run was stopped" if result.interrupted else None,
     }
 
 
@@ -208,9 +232,9 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
     }
 
 
-def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None) -> None:
+def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None, option: str = "--json") -> None:
     text = jsonout.dumps(data, indent=2, default=str)
     if str(path) == "-":
         print(text, file=stdout or sys.stdout, flush=True)
     else:
-        Path(path).write_text(text + "\n")
+        files.write_text(path, text + "\n", option)
