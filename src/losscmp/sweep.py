@@ -78,7 +78,7 @@ class Point:
 class Boundary:
     agree_at: float
     diverge_at: float
-    kind: str
+    kind: Kind
 
     @property
     def value(self) -> float:
@@ -144,6 +144,7 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
             continue
         agree, diverge = (a, b) if b.verdict.kind else (b, a)
         lo, hi = bisect(lambda v: bool(verdict_at(v).kind), agree.value, diverge.value, log=knob.log)
+        assert diverge.verdict.kind is not None  # the diverging end of the bracket has a kind
         boundaries.append(Boundary(lo, hi, diverge.verdict.kind))
     ordered = tuple(sorted(evaluated, key=lambda p: p.value))
     return SweepResult(pair, knob, tuple(grid), tuple(boundaries), len(evaluated), case, ordered)
