@@ -571,19 +571,28 @@ class SelfConsistency:
 # Step and tolerance policy.
 # * Each element is perturbed relative to its own scale: h·max(|x_i|, rms(x)) for
 #   real/logit arguments, h·|x_i| for positive ones, h·min(p, 1-p) for probabilities,
-#   so a step never leaves the domain and means the same at magnitude 1e-8 or 1e8.
-# * Kinks (abs, clamp, relu, max): autograd may return any one-sided slope at a kink
-#   (relu'(0) = 0 while the central difference says 1/2).  So we take the forward and
-#   backward differences separately and accept the autograd derivative anywhere in the
-#   interval they span, widened by the tolerance.  Away from kinks the two differences
-#   bracket the derivative to O(h^2); next to a kink (or a jump) the interval widens to
-#   cover both slopes, so a kink inside [x - h, x + h] is never a false alarm.
+#   never below FD_FLOOR times the RMS
+#   of the case's floating inputs, so a step means the same at magnitude 1e-8 or 1e8
+#   and an element of 1e-30 (a variance under GaussianNLLLoss' clamp) or 1e-45 (a
+#   denormal probability) is still moved by a step the value can feel.
+# * Several steps (FD_STEPS, finest first): the first at which finite differences and
+#   autograd agree decides "consistent"; none agreeing is "inconsistent".  One step is
+#   always wrong somewhere: too fine under rounding, too coarse across curvature.
+# * A step that would leave the domain (x - h < 0 for a positive argument, p outside
+#   [0, 1]) is taken on the side that stays inside, with the one-sided second-order
+#   difference (-3 f(x) + 4 f(x + h) - f(x + 2h)) / 2h.
+# * Kinks (abs, clamp, relu, max): autograd may return any one-sided slope at a kink.
+#   The forward and backward differences are taken separately and autograd is accepted
+#   anywhere in the interval they span, widened by the tolerance.  When the two
+#   one-sided slopes still differ at the finest step, the point is non-differentiable:
+#   that check gives no verdict, and if every check is like it the answer is None with
+#   the slopes said.
+# * A NaN/inf gradient where the value is finite is inconsistent by definition.
 # * A discrepancy counts when it exceeds RTOL of the derivative's magnitude (plus a
-#   rounding floor, ATOL·|f| / h-scale).  1% is far above float64 finite-difference
-#   noise, and far below what a wrong backward or a stray .detach() produces (a factor,
-#   a sign, a dropped term); iterative solvers whose autograd differentiates only the
-#   last iteration (envelope-theorem gradients) stay within it once converged.
+#   rounding floor, ATOL·|f| / h-scale).
 FD_STEP = 1e-6
+FD_STEPS = (1e-6, 1e-4, 1e-2)
+FD_FLOOR = 1e-3
 FD_RTOL = 1e-2
 FD_ATOL = 1e-8  # relative to |f|
 ALL_ELEMENTS_UP_TO = 32  # grad elements; above this, random directional derivatives
@@ -602,8 +611,8 @@ def self_consistency(
 ) -> SelfConsistency:
     """Float64 finite differences of ``impl``'s value against its own autograd gradient.
 
-    All elements one by one when there are at most ``all_elements_up_to`` of them
-    (2 calls each), else ``directions`` random directional derivatives, as
+    All elements one by one when there are at most ``all_elements_up_to`` of them,
+    else ``directions`` random directional derivatives, as
     ``torch.autograd.gradcheck(fast_mode=True)`` does.  gradcheck itself is not used:
     it answers only pass/fail with a fixed absolute step and tolerance, which flags
     relu/abs kinks and scale-dependent steps falsely; see the policy above.
@@ -624,64 +633,133 @@ def self_consistency(
     if not math.isfinite(f0):
         return SelfConsistency(label, None, None, note="its float64 value is not finite here", evaluations=calls)
     grads = {n: (base.grads.get(n) if base.grads.get(n) is not None else torch.zeros_like(case64.tensors[n])) for n in names}
-    scales = {n: _element_scale(spec.arg(n).domain, case64.tensors[n]) for n in names}
+    bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        return SelfConsistency(label, False, math.inf, 0, "", f"its gradient w.r.t. {', '.join(bad)} has NaN/inf where its value "
+                               f"({f0:.6g}) is finite: no derivative is NaN/inf", calls)
+    floats = [t for t in case64.tensors.values() if t.is_floating_point() and t.numel()]
+    rms_all = math.sqrt(sum(float(t.pow(2).sum()) for t in floats) / max(sum(t.numel() for t in floats), 1)) if floats else 0.0
+    floor = FD_FLOOR * (rms_all if math.isfinite(rms_all) and rms_all > 0 else 1.0)
+    own = {n: _element_scale(spec.arg(n).domain, case64.tensors[n]) for n in names}
+    floored = {n: own[n].clamp_min(floor) for n in names}
     total = sum(case64.tensors[n].numel() for n in names)
     if total <= all_elements_up_to:
         mode = "all elements"
-        perturbations = []
+        units = []
         for n in names:
             for i in range(case64.tensors[n].numel()):
                 # Contiguous directions: case tensors may be transposed or strided views.
                 u = {m: torch.zeros(case64.tensors[m].shape, dtype=torch.float64, device=case64.tensors[m].device) for m in names}
-                u[n].view(-1)[i] = scales[n].reshape(-1)[i]
-                perturbations.append(u)
+                u[n].view(-1)[i] = 1.0
+                units.append(u)
     else:
         mode = f"{directions} random directions"
         gen = torch.Generator().manual_seed(seed)
-        perturbations = [
-            {n: torch.randn(case64.tensors[n].shape, generator=gen, dtype=torch.float64).to(case64.tensors[n].device) * scales[n] for n in names}
-            for _ in range(directions)
-        ]
-    worst, checks, skipped = 0.0, 0, 0
-    for u in perturbations:
-        if all(not bool(t.any()) for t in u.values()):
-            skipped += 1  # a zero-scale element (a probability of exactly 0 or 1): no room to step
-            continue
-        values = []
-        for sign in (1.0, -1.0):
-            moved = dict(case64.tensors)
-            for n in names:
-                moved[n] = case64.tensors[n] + sign * FD_STEP * u[n]
-            o = run(impl64, spec, replace(case64, tensors=moved))
-            calls += 1
-            values.append(float(o.value.sum()) if not o.failed else math.nan)
-        f_plus, f_minus = values
-        if not (math.isfinite(f_plus) and math.isfinite(f_minus)):
+        units = [{n: torch.randn(case64.tensors[n].shape, generator=gen, dtype=torch.float64).to(case64.tensors[n].device) for n in names}
+                 for _ in range(directions)]
+    # Each direction at the elements' own scale, then (if different) at the floored scale.
+    perturbations = []
+    for unit in units:
+        variants = [{n: unit[n] * own[n] for n in names}]
+        if any(not torch.equal(own[n], floored[n]) for n in names):
+            variants.append({n: unit[n] * floored[n] for n in names})
+        perturbations.append(variants)
+
+    def value_at(u: dict[str, torch.Tensor], t: float) -> float | None:
+        """The value at x + t·u; None when that leaves an argument's domain."""
+        nonlocal calls
+        moved = dict(case64.tensors)
+        for n in names:
+            moved[n] = case64.tensors[n] + t * u[n]
+            if not _inside(spec.arg(n).domain, moved[n]):
+                return None
+        o = run(impl64, spec, replace(case64, tensors=moved))
+        calls += 1
+        return float(o.value.sum()) if not o.failed else math.nan
+
+    worst, checks, skipped, kinks = 0.0, 0, 0, []
+    for variants in perturbations:
+        best, first, kink, quiet = math.inf, None, None, False
+        for u, h in ((u, h) for u in variants for h in FD_STEPS):
+            if all(not bool(t.any()) for t in u.values()):
+                continue  # a zero-scale element (a probability of exactly 0 or 1) at its own scale
+            auto = float(sum((grads[n] * u[n]).sum() for n in names))
+            f_plus, f_minus = value_at(u, h), value_at(u, -h)
+            if f_plus is not None and f_minus is not None:
+                if not (math.isfinite(f_plus) and math.isfinite(f_minus)):
+                    continue
+                right, left = (f_plus - f0) / h, (f0 - f_minus) / h
+                noise = FD_ATOL * max(abs(f0), abs(f_plus), abs(f_minus)) / h
+                lo, hi = min(left, right), max(left, right)
+                signal = max(abs(left), abs(right), abs(auto))
+                magnitude = max(signal, noise / FD_RTOL)
+                error = max(0.0, lo - auto, auto - hi) / magnitude if magnitude > 0 else 0.0
+                if h == FD_STEPS[0] and error <= FD_RTOL and (hi - lo) > FD_RTOL * magnitude + 2 * noise:
+                    kink = (left, right, auto)  # one-sided slopes apart at the finest step: not differentiable here
+            else:
+                sign = 1.0 if f_plus is not None else -1.0 if f_minus is not None else 0.0
+                far = value_at(u, 2 * sign * h) if sign else None
+                near = f_plus if sign > 0 else f_minus
+                if near is None or far is None or not (math.isfinite(near) and math.isfinite(far)):
+                    continue
+                slope = sign * (-3 * f0 + 4 * near - far) / (2 * h)  # one-sided, second order, at a domain edge
+                noise = 4 * FD_ATOL * max(abs(f0), abs(near), abs(far)) / h
+                signal = max(abs(slope), abs(auto))
+                magnitude = max(signal, noise / FD_RTOL)
+                error = abs(slope - auto) / magnitude if magnitude > 0 else 0.0
+            if signal < noise / FD_RTOL:
+                # The step is too small for the value to show any slope above rounding: it
+                # cannot tell a right gradient from a wrong one (a 1e-30 element's step).
+                quiet = True
+                continue
+            best = min(best, error)
+            first = error if first is None else first
+            if best <= FD_RTOL:
+                break
+        if not math.isfinite(best):
+            if quiet:  # no step showed a slope above rounding, nor did autograd: flat, and agreeing
+                checks += 1
+                continue
             skipped += 1
             continue
-        right, left = (f_plus - f0) / FD_STEP, (f0 - f_minus) / FD_STEP
-        auto = float(sum((grads[n] * u[n]).sum() for n in names))
-        lo, hi = min(left, right), max(left, right)
-        miss = max(0.0, lo - auto, auto - hi)
-        floor = FD_ATOL * max(abs(f0), abs(f_plus), abs(f_minus)) / FD_STEP
-        magnitude = max(abs(left), abs(right), abs(auto), floor / FD_RTOL)
-        worst = max(worst, miss / magnitude if magnitude > 0 else 0.0)
+        if kink is not None:
+            kinks.append(kink)
+            continue
+        # Agreeing at some step: its error.  Agreeing at none: the finest usable step's (the
+        # most accurate where the value is smooth), not a coarse step's lucky near-miss.
+        worst = max(worst, best if best <= FD_RTOL else first)
         checks += 1
-    note = f"{skipped} check(s) skipped (non-finite or no room to step)" if skipped else ""
+    notes = []
+    if skipped:
+        notes.append(f"{skipped} check(s) skipped (non-finite nearby, or no room to step inside the domain)")
+    if kinks:
+        left, right, auto = kinks[0]
+        notes.append(f"{len(kinks)} check(s) at a non-differentiable point (one-sided slopes {left:.6g} and {right:.6g}; "
+                     f"autograd's {auto:.6g} is one of the valid subgradients), no verdict there")
+    note = "; ".join(notes)
     if not checks:
         return SelfConsistency(label, None, None, 0, mode, note or "no check possible", calls)
     return SelfConsistency(label, worst <= FD_RTOL, worst, checks, mode, note, calls)
 
 
+def _inside(domain: str, t: torch.Tensor) -> bool:
+    """Is a perturbed argument still inside its domain (where the loss is defined)?"""
+    if domain == "positive":
+        return bool((t > 0).all())
+    if domain in ("unit", "simplex", "image", "binary"):
+        return bool(((t >= 0) & (t <= 1)).all())
+    return True
+
+
 def _element_scale(domain: str, t: torch.Tensor) -> torch.Tensor:
-    """How far each element may be moved, before the relative step FD_STEP."""
+    """How far each element may be moved, before the relative step (and the floor)."""
     a = t.abs()
     if domain == "positive":
         return a
     if domain in ("unit", "simplex", "image", "binary"):
         return torch.minimum(t, 1 - t).clamp_min(0)
     rms = float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
-    return a.clamp_min(max(rms, 1e-300)) if rms > 0 else torch.ones_like(t)
+    return a.clamp_min(rms) if rms > 0 else torch.ones_like(t)
 
 
 # --- 3. the relation over every compared case ---------------------------------------------
