@@ -1054,7 +1054,8 @@ def impact(
 
     ``max_calls`` caps the implementation calls; each side then gets half of what the
     final comparison leaves, and stops early (with a note) when its share is spent;
-    likewise once ``time.perf_counter()`` passes ``deadline``.
+    likewise once its half of the time to ``deadline`` (``time.perf_counter()``) is spent,
+    but never before its first step: "stopped after 0 steps" would say nothing.
     """
     names = [a.name for a in spec.args if a.grad and a.is_float]
     if not names or steps <= 0:
@@ -1078,9 +1079,13 @@ def impact(
     longest = lr * radius
     ends, first, last, taken, grad_norm, notes = {}, {}, {}, {}, {}, []
     share = None if max_calls is None else max((max_calls - 2) // 2, 2)
-    for impl in (expected, actual):
+    for i, impl in enumerate((expected, actual)):
         la = impl.label
         budget_end = None if share is None else calls + share
+        # Each side gets half of the time left (the first side may not starve the second);
+        # the final cross-evaluation takes two calls more.
+        side_deadline = None if deadline is None else (
+            time.perf_counter() + (deadline - time.perf_counter()) / (2 - i) if deadline > time.perf_counter() else deadline)
         x = dict(start)
         f, g = loss_and_grad(impl, x)
         first[la] = f
@@ -1097,8 +1102,8 @@ def impact(
             if budget_end is not None and calls >= budget_end:
                 notes.append(f"{la} stopped after {k} step(s): the call budget is spent")
                 break
-            if deadline is not None and time.perf_counter() > deadline:
-                notes.append(f"{la} stopped after {k} step(s): the time budget is spent")
+            if k and side_deadline is not None and time.perf_counter() > side_deadline:  # one step is always tried
+                notes.append(f"{la} stopped after {k} step(s): its half of the time budget is spent")
                 break
             for _ in range(HALVINGS + 1):
                 cand = {**x, **{n: _project(spec.arg(n).domain, x[n] - (length / gn) * g[n].to(x[n].dtype)) for n in names}}
