@@ -165,8 +165,7 @@ def check_finding(tally: Tally, where: str, d: dict, truths: Truth | tuple[Truth
     if cat == "numerical" and truth.unstable:
         tally.check(where, "unstable side", d.get("unstable_side"), truth.unstable, d.get("unstable_side") == truth.unstable)
     origin = (d.get("origin") or {}).get("cause")
-    if origin is not None or (truth.origin and cat == "unknown"):
-        # A claimed origin must be the true one; "unknown" where the origin is known is untrue.
+    if origin is not None:  # a claimed origin must be the true one (a wrong "unknown" is already a wrong category)
         tally.check(where, "non-finite origin", origin, truth.origin, origin == truth.origin)
     for side, consistent in truth.consistent.items():
         said = (d.get("self_consistency") or {}).get(side, {}).get("consistent")
