@@ -90,6 +90,9 @@ PAIRS = [
               relation="equal"),
     PairTruth("log_softmax_nll vs cross_entropy", F + "cross_entropy.py:log_softmax_nll", F + "cross_entropy.py:cross_entropy",
               "classification", {}, relation="equal"),
+    # HuberLoss(delta=1) and SmoothL1Loss(beta=1) are the same function (torch built-ins).
+    PairTruth("F.huber_loss vs F.smooth_l1_loss", "torch.nn.functional:huber_loss", "torch.nn.functional:smooth_l1_loss",
+              "regression", {}, relation="equal"),
     # Two causes: cancellation (numerical, the fork unstable) and a cap (semantic).  A
     # non-finite finding is either: x = t = 1e20 makes the fork's x² - 2xt + t² = inf - inf
     # (numerical, the fork unstable), or a huge error overflows mse's (x - t)² while the

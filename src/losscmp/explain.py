@@ -342,9 +342,20 @@ def oracle(
             reason = (f"float64 keeps the non-finite value of {origin.label}: {origin.describe()}; {other} stays finite there "
                       f"(a guard on one side only), and no input scale removes it")
             return Oracle(Category.SEMANTIC, reason, evaluations=calls, values=values, origin=origin)
-        made = f" ({origin.describe()})" if origin is not None else ""
-        return Oracle(Category.UNKNOWN, f"float64 overflows too wherever the working dtype diverges{made}",
-                      evaluations=calls, values=values, origin=origin)
+        if origin is not None and origin.cause is Cause.OVERFLOW:
+            reason = f"float64 overflows too wherever the working dtype diverges ({origin.describe()})"
+        elif origin is not None:
+            reason = f"float64 keeps the NaN/inf too wherever the working dtype diverges ({origin.describe()}: not a known cause)"
+        elif len(persistent) == 2:
+            reason = "both sides are NaN/inf in float64 too wherever the working dtype diverges (differently): nothing finite to compare"
+        elif persistent and not trace_nonfinite:
+            reason = ("float64 keeps the NaN/inf too wherever the working dtype diverges; what makes it is not traced "
+                      "(the side does not run in this process)")
+        elif persistent:
+            reason = "float64 keeps the NaN/inf too wherever the working dtype diverges; no single operation was seen making it"
+        else:
+            reason = "float64 overflows too wherever the working dtype diverges"
+        return Oracle(Category.UNKNOWN, reason, evaluations=calls, values=values, origin=origin)
     at, detail = first_difference
     down_to = f"; still different down to input scale x{scale * 2:g}" if steps else ""
     if cut_short:
@@ -1291,7 +1302,7 @@ class Explanation:
         if self.onset is not None:
             lines.append(f"{self.unstable_side} turns non-finite from max |input| = {self.onset:.6g} (bisected on the input scale)")
         if self.drift:
-            lines.append("drift from own float64 result (score, working tolerance): "
+            lines.append("drift from own float64 result rounded to the working dtype (score, working tolerance): "
                          + ", ".join(f"{la} {_g(v)}" for la, v in self.drift.items()))
         for s in self.self_consistency.values():
             if s.consistent is None:
