@@ -51,6 +51,21 @@ def test_bce_value_finding_is_numerical_whatever_the_seed(tmp_path, seed):
         assert d["unstable_side"] == "bce_on_sigmoid"
 
 
+def test_category_is_decided_over_the_findings_cases_not_the_one_shown():
+    # Probabilities do not rescale, so the oracle cannot walk this case down: at p = 0.9
+    # float64's exp(900) overflows too.  Another case of the same finding (p = 0.2:
+    # exp(200) overflows float32 only) shows the cause is precision.
+    spec = parse_spec("p: B unit grad; B=1..4")
+    stable = Implementation(parse_ref("stable=x.py:f"), lambda p: torch.logsumexp(1000 * p, 0))
+    naive = Implementation(parse_ref("naive=x.py:g"), lambda p: torch.log(torch.exp(1000 * p).sum()))
+    shown, milder = (Case({"p": torch.tensor(v)}, {"B": 2}) for v in ([0.9, 0.8], [0.2, 0.1]))
+    alone = explain(stable, naive, spec, shown, "nonfinite", F32, impact_steps=0)
+    assert alone.category is Category.UNKNOWN
+    ex = explain(stable, naive, spec, shown, "nonfinite", F32, impact_steps=0, also=(milder,))
+    assert ex.category is Category.NUMERICAL and ex.unstable_side == "naive", ex.reason
+    assert "on another case of this finding" in ex.reason and "float64 saturates there as well" in ex.reason
+
+
 # --- persistent non-finite values -------------------------------------------------------------
 
 def test_nonfinite_values_float64_keeps_are_classified_by_the_op_that_makes_them():

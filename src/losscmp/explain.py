@@ -1504,7 +1504,8 @@ def explain(
 
     loc = stage("trace", traced) if locate is not None else None
     others = [c for c in also if c is not None and c is not case]
-    if orc is not None and orc.category in (Category.SEMANTIC, Category.UNKNOWN) and orc.origin is None and others:
+    scale_free = orc is not None and orc.origin is not None and orc.origin.cause.scale_free  # log 0, 1/0: no case resolves those
+    if orc is not None and orc.category in (Category.SEMANTIC, Category.UNKNOWN) and not scale_free and others:
         orc = stage("oracle on the finding's other cases", lambda: _over_cases(orc, expected, actual, spec, others, tol, counted, kind,
                                                                                in_process, start + seconds)) or orc
     category = orc.category if orc else Category.UNKNOWN
