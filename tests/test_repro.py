@@ -247,3 +247,61 @@ def _json_shape_of_first_tensor(path, shape):
     meta = json.loads(path.read_text())
     meta["tensors"][next(iter(meta["tensors"]))]["shape"] = shape
     path.write_text(json.dumps(meta))
+
+
+def _evil_module(tmp_path: Path) -> Path:
+    evil = tmp_path / "evil.py"
+    evil.write_text("import os\n\ndef run(cmd):\n    os.system(cmd)\n    return lambda *a, **k: None\n")
+    return evil
+
+
+@pytest.mark.parametrize(
+    "tamper, refused",
+    [
+        # A factory call of a standard-library function: refused by the one trust gate.
+        (lambda meta, tmp: meta["implementations"][0].update(ref="os:system('touch MARKER')"), "standard library"),
+        (lambda meta, tmp: meta["implementations"][0].update(ref="subprocess:Popen(args='touch MARKER', shell=True)"), "standard library"),
+        # A carriage return ends a comment line in Python source: refused when the file is read.
+        (lambda meta, tmp: _relabel(meta, 'diff\rimport os; os.system("touch MARKER")'), "control character"),
+        (lambda meta, tmp: _relabel(meta, 'diff\nimport os; os.system("touch MARKER")'), "control character"),
+        (lambda meta, tmp: _relabel(meta, "diff\u2028x"), "control character"),
+        # A relative path is judged where it loads from: base_dir pointing into the standard library.
+        (lambda meta, tmp: (meta.update(base_dir=str(Path(json.__file__).parent.parent)),
+                            meta["implementations"][0].update(ref="os.py:system")), "standard library"),
+    ],
+)
+def test_a_tampered_repro_never_generates_a_test_that_runs_code(bce_repros, tmp_path, capsys, tamper, refused):
+    path = _copy(bce_repros[0], tmp_path)
+    meta = json.loads(path.read_text())
+    tamper(meta, tmp_path)
+    path.write_text(json.dumps(meta))
+    out = tmp_path / "test_generated.py"
+    code = main(["replay", "--pytest", str(path), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and refused in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    assert main(["replay", str(path)]) == 2  # the same policy for replay
+    assert not (tmp_path / "MARKER").exists() and not Path("MARKER").exists()
+
+
+def test_a_generated_test_calls_no_factory_but_a_module_class(bce_repros, tmp_path, capsys):
+    """A user file may be imported (it is the implementation the repro names), but a call
+    of one of its plain functions is refused by replay and by the generated test alike."""
+    path = _copy(bce_repros[0], tmp_path)
+    meta = json.loads(path.read_text())
+    meta["implementations"][0]["ref"] = f"{_evil_module(tmp_path)}:run('touch MARKER')"
+    path.write_text(json.dumps(meta))
+    assert main(["replay", str(path)]) == 2
+    assert "only torch.nn.Module classes" in capsys.readouterr().err
+    out = tmp_path / "test_generated.py"
+    assert main(["replay", "--pytest", str(path), "-o", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "is not a torch.nn.Module class" in proc.stdout, proc.stdout[-2000:]
+    assert not (tmp_path / "MARKER").exists()
+
+
+def _relabel(meta: dict, label: str) -> None:
+    old = meta["implementations"][0]["label"]
+    meta["implementations"][0]["label"] = label
+    meta["pair"] = [label if x == old else x for x in meta["pair"]]

@@ -401,6 +401,10 @@ def load_repro(path: str | Path) -> Repro:
     impls = meta.get("implementations")
     _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
     _need(all(i["label"].strip() for i in impls), "empty implementation label")
+    # A label is printed, and written into generated tests: a control character (a carriage
+    # return starts a new source line even inside a comment) has no business in one.
+    bad = next((x for x in [i["label"] for i in impls] + [i["ref"] for i in impls] + pair if not x.isprintable()), "")
+    _need(not bad, f"label or reference {bad[:80]!r} holds a control character")
     try:
         # The label is data, not part of the reference grammar ("p1:a" is a fine label).
         refs = tuple(_saved_ref(i["ref"], i["label"]) for i in impls)
@@ -439,11 +443,14 @@ _IO_NAMES = re.compile(r"(^|_)(save|load|open|read|write|from_?file|to_?file|mem
 _IO_PACKAGES = ("torch", "numpy")
 
 
-def untrusted_reason(ref: Ref) -> str | None:
-    """Why ``ref`` may not run from a saved file, or None if it may."""
+def untrusted_reason(ref: Ref, base_dir: Path | None = None) -> str | None:
+    """Why ``ref`` may not run from a saved file, or None if it may.  A relative path is
+    judged where it will be loaded from: under ``base_dir``."""
     names = ref.target.split(".") + list(ref.attrs) if not ref.is_path else list(ref.attrs)
     if ref.is_path:
         path = Path(ref.target)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
         try:
             resolved = path.resolve()
         except OSError:
@@ -490,25 +497,41 @@ def _package_dir(name: str) -> Path | None:
     return Path(file).resolve().parent if file else None
 
 
-def refuse_untrusted(refs: Sequence[Ref]) -> None:
+def refuse_untrusted(refs: Sequence[Ref], base_dir: Path | None = None) -> None:
     """Raise :class:`ReproError` naming the first reference a saved file may not run."""
     for ref in refs:
-        why = untrusted_reason(ref)
+        why = untrusted_reason(ref, base_dir)
         if why:
             raise ReproError(f"refusing to run {ref.label} = {ref.source()} from a saved file: {why}")
 
 
-def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
-    """The subject's implementations, after the trust check, with the safe factory policy.
-    Labels in ``remote`` run under another interpreter: never imported here."""
-    base = repro.meta.get("base_dir")
-    base_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
+def trusted_refs(repro: Repro) -> list[Ref]:
+    """The references of the repro's subject that may run from a saved file, in pair order.
+
+    The one trust gate for everything that runs a repro's implementations: ``replay``,
+    ``replay --pytest`` (the generated test then calls only ``torch.nn.Module`` classes, as
+    :func:`load_implementation` does with ``factories="modules"``) and the plugin, which
+    runs its test's own callables and never the file's references."""
     by_label = {r.label: r for r in repro.refs}
     wanted = [by_label[label] for label in dict.fromkeys(repro.pair)]
     for ref in wanted:
         if not ref.target:
             raise ReproError(f"{ref.label} ({ref.text}) lives only inside its test: re-run that test to replay this case")
-    refuse_untrusted(wanted)
+    refuse_untrusted(wanted, repro_base_dir(repro))
+    return wanted
+
+
+def repro_base_dir(repro: Repro) -> Path:
+    """Where relative file references of the repro are loaded from."""
+    base = repro.meta.get("base_dir")
+    return Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
+
+
+def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
+    """The subject's implementations, after the trust check, with the safe factory policy.
+    Labels in ``remote`` run under another interpreter: never imported here."""
+    base_dir = repro_base_dir(repro)
+    wanted = trusted_refs(repro)
     if remote:
         from .interpreter import remote_implementation
     return [remote_implementation(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .repro import Repro
+from .repro import Repro, repro_base_dir, trusted_refs
 
 MAX_ELEMENTS = 200_000
 DEFAULT_TIMEOUT = 60.0  # seconds a side of a crash/hang repro may take in its own process, when the repro names none
@@ -60,6 +60,9 @@ def _load(target, attrs, call):
     for attr in attrs:
         obj = getattr(obj, attr)
     if call is not None:
+        # As when the case is replayed: from a saved file only torch.nn.Module classes are called.
+        if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+            raise TypeError(f"{{target}}:{{'.'.join(attrs)}} is not a torch.nn.Module class; a saved case calls nothing else")
         args, kwargs = call
         obj = obj(*args, **dict(kwargs))
     return obj
@@ -180,18 +183,17 @@ def _float_source(v: float) -> str:
 def generate_pytest(repro: Repro, source: str) -> str:
     if repro.case.numel() > MAX_ELEMENTS:
         raise ValueError(f"the case has {repro.case.numel()} elements; a standalone test embeds at most {MAX_ELEMENTS}")
-    by_label = {r.label: r for r in repro.refs}
     labels = list(dict.fromkeys(repro.pair))
-    impl_lines = []
-    for var, label in zip(("FIRST", "SECOND"), labels):
-        r = by_label[label]
-        impl_lines.append(f"{var} = _load({r.target!r}, {r.attrs!r}, {r.call!r})  # {label}".replace("\n", " "))
+    # What the test will import and call passes the same trust gate as `losscmp replay`;
+    # every string from the file is written as a literal (repr), never spliced into code.
+    impl_lines = [f"{var} = _load({r.target!r}, {r.attrs!r}, {r.call!r})"
+                  for var, r in zip(("FIRST", "SECOND"), trusted_refs(repro))]
     inputs = []
     for arg in repro.spec.args:
         t = repro.case.tensors[arg.name]
         inputs.append(f"        {_tensor_source(t, arg.grad and t.is_floating_point())},  # {arg.name}")
     who = " vs ".join(repro.pair) if len(labels) == 2 else labels[0]
-    slug = "".join(c if c.isalnum() else "_" for c in f"{repro.kind}_{'_'.join(labels)}").strip("_").lower()[:80]
+    slug = "".join(c if c.isascii() and c.isalnum() else "_" for c in f"{repro.kind}_{'_'.join(labels)}").strip("_").lower()[:80]
     if len(labels) == 2 and str(getattr(repro.kind, "value", repro.kind)) in ("crash", "timeout"):
         body = ISOLATED_PAIR_TEST.format(slug=slug, who=who, first=labels[0], second=labels[1],
                                          timeout=float(repro.timeout or DEFAULT_TIMEOUT))
@@ -205,7 +207,7 @@ def generate_pytest(repro: Repro, source: str) -> str:
         detail=_docstring_text(str(repro.meta.get("detail", ""))),
         source=_docstring_text(Path(source).name),
         layout=layout if layout in ("contiguous", "transposed", "strided") else "contiguous",
-        base_dir=str(repro.meta.get("base_dir") if isinstance(repro.meta.get("base_dir"), str) else "."),
+        base_dir=str(repro_base_dir(repro)),  # where the trust gate looked
         rtol=float(repro.meta["tolerance"]["rtol"]),
         atol=float(repro.meta["tolerance"]["atol"]),
         params=_literal_params(repro.case.params),
