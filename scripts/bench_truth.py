@@ -61,6 +61,7 @@ class PairTruth:
     factor: float | None = None
     seeds: tuple[int, ...] | None = None  # None: all seeds
     may_miss: bool = False  # the search may not draw the input (identical images)
+    examples: int | None = None  # None: --examples
 
 
 def T(*cats: str, **kw) -> Truth:
@@ -127,6 +128,13 @@ PAIRS = [
     # geomloss: a plain-torch Sinkhorn vs the official tensorized one: the same algorithm.
     PairTruth("sinkhorn handwritten vs geomloss", F + "sinkhorn_torch.py:handwritten", F + "sinkhorn_torch.py:official",
               "x: N D real grad; y: M D real grad; N=1..8; M=1..8; D=1..3", {}, relation="equal", seeds=(0,)),
+    # geomloss tensorized vs KeOps online: the tensorized backend expands |x - y|² as
+    # |x|² + |y|² - 2<x, y>, which cancels in float32 at large offsets; online computes
+    # (x - y)² directly (fixtures/README: -21 is exact).  Numerical, tensorized unstable.
+    PairTruth("geomloss tensorized vs online (KeOps)", F + "sinkhorn_torch.py:official", F + "sinkhorn_torch.py:official_online",
+              "x: N D real grad; y: M D real grad; N=1..8; M=1..8; D=1..3",
+              {"value": T("numerical", unstable="official"), "gradient": T("numerical", unstable="official")},
+              seeds=(0,), examples=30),
 ]
 
 # Inputs the search may not draw, explained directly: (name, good, bad, spec, tensors, truth)
@@ -198,7 +206,8 @@ def check_relation(tally: Tally, where: str, report: dict, pair: PairTruth) -> s
 def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        argv = [pair.a, pair.b, "--spec", pair.spec, "--seed", str(seed), "--examples", str(examples), "--no-save", "--json", str(out)]
+        argv = [pair.a, pair.b, "--spec", pair.spec, "--seed", str(seed), "--examples", str(pair.examples or examples),
+                "--no-save", "--json", str(out)]
         with redirect_stdout(StringIO()):
             code = main(argv)
         if code == 2 or not out.exists():
