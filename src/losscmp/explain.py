@@ -18,11 +18,20 @@ The analyses, each a pure function usable on its own:
   working dtype diverges as strongly as on the case and float64 agrees makes it
   ``numerical`` after all (a semantic difference that merely fades at small scales,
   leaving float32 noise, does not).
+  Only the component the finding is about is judged (:func:`components`); the sides'
+  drift is measured against their float64 result *rounded to the working dtype*, so a
+  correctly rounded overflow (+inf) is not instability and a NaN is.  :func:`explain`
+  decides over the finding's other cases too (numerical if float64 resolves one).  A
+  non-finite value float64 keeps at every scale is traced to the op that makes it
+  (:func:`nonfinite_origin`: log 0, division by 0, slope of sqrt at 0 ⇒ semantic;
+  a shared overflow ⇒ unknown), and :func:`nonfinite_onset` bisects where a side turns
+  non-finite (88.72 = ln FLT_MAX).
 * :func:`self_consistency` — per side, float64 finite differences of its own value
-  against its own autograd gradient.
-* :func:`observe` / :func:`relation` — over every compared case: values equal, offset
-  by a constant, scaled by a constant, or nothing simple; gradients equal, parallel, or
-  pointing elsewhere.
+  against its own autograd gradient, at several steps and two scales, one-sided at
+  domain edges; NaN/inf gradients are inconsistent; a kink gives no verdict.
+* :func:`observe` / :func:`relation` — over every compared case: values equal (within
+  the verdict's tolerance), near, offset by a constant, scaled by a constant, or nothing
+  simple; gradients equal, parallel, or pointing elsewhere.
 * :func:`impact` — a few steps of gradient descent under each side from the same start.
 * :func:`signatures` — numbers that fingerprint a known failure (BCELoss's -100 clamp…).
 
@@ -45,11 +54,14 @@ import math
 import os
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .compare import Tolerance, Verdict, compare_outcomes, diff_tensors
 from .engine import InProcessRunner
@@ -455,8 +467,6 @@ _OWN = (os.sep + "torch" + os.sep, os.sep + "losscmp" + os.sep, "<")
 
 def _user_frame() -> tuple[str | None, int | None]:
     """The innermost frame outside torch and losscmp: the implementation's own line."""
-    import traceback
-
     for frame in reversed(traceback.extract_stack()):
         if frame.name == "watched" and frame.filename == __file__:
             break  # the implementation's call starts here: nothing outside it is its code
@@ -474,9 +484,6 @@ def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> "NonFinite
     output is NaN/inf while its inputs are finite: log of 0, a division by 0, the
     backward of a sqrt (or norm, or fractional power) that saw an exact 0, an overflow.
     None when the call raised or no such op was seen."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
     def floats(tree: Any) -> list[torch.Tensor]:
         return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
