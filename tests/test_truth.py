@@ -183,3 +183,17 @@ def test_a_slow_pair_gets_a_larger_stated_budget_and_both_sides_descend():
     assert ex.impact is not None and "stopped after 0 step" not in ex.impact.note, ex.impact.note
     assert ex.impact.steps >= 1
     assert any(line.startswith("budget: time budget raised") for line in ex.evidence())
+
+
+def test_an_isolated_side_is_not_traced_and_the_reason_says_so(tmp_path):
+    # The origin is found by running the side in this process; under --isolate that is not
+    # done (the side may crash), and "float64 overflows too" would be untrue: it says why.
+    code, report = audit_json(tmp_path, f"{TRUTH}:norm", f"{TRUTH}:norm_sqrt", "--spec", "x: B real grad; B=1..8",
+                              "--isolate", "--examples", "20")
+    found = [d for d in report["divergences"] if d["kind"] == "nonfinite"]
+    assert code == 1 and found
+    for d in found:
+        if d["category"] == "unknown":
+            assert "not traced" in d["reason"] and "overflows" not in d["reason"], d["reason"]
+        else:  # x ~ 1e-23: x² underflows in float32 only, which float64 resolves
+            assert d["category"] == "numerical" and d["unstable_side"] == "norm_sqrt"
