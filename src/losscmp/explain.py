@@ -1313,7 +1313,7 @@ class Explanation:
                          + ", ".join(f"{la} {_g(v)}" for la, v in self.drift.items()))
         for s in self.self_consistency.values():
             if s.consistent is None:
-                lines.append(f"self-consistency of {s.label}: not checked ({s.note})")
+                lines.append(f"self-consistency of {s.label}: no verdict ({s.note})")
             else:
                 verdict = "consistent" if s.consistent else "INCONSISTENT"
                 lines.append(f"self-consistency of {s.label}: {verdict}; finite differences vs autograd, {s.mode}, "
