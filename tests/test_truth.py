@@ -131,7 +131,27 @@ def test_a_kink_gives_no_verdict_and_says_so():
     spec = parse_spec("input: B real grad; target: B real; B=1..8")
     on_kink = Case({"input": torch.tensor([1.0, 2.0]), "target": torch.tensor([1.0, 2.0])}, {"B": 2})
     sc = self_consistency(load_implementation("torch.nn.functional:l1_loss"), spec, on_kink)
-    assert sc.consistent is None and "non-differentiable point" in sc.note and "one-sided slopes" in sc.note
+    assert sc.consistent is None and sc.kink and "non-differentiable point" in sc.note and "one-sided slopes" in sc.note
+
+    # A custom |x| whose backward forgets sign(x): at x = 0 its slope 1 is a valid subgradient, and the
+    # explanation says so instead of blaming either side.
+    class NoSign(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.abs()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    spec = parse_spec("x: B real grad; B=1..8")
+    mine = Implementation(parse_ref("mine=x.py:f"), lambda x: NoSign.apply(x).sum())
+    ref = Implementation(parse_ref("torch_abs=x.py:g"), lambda x: x.abs().sum())
+    ex = explain(ref, mine, spec, Case({"x": torch.zeros(1)}, {"B": 1}), "gradient", F32, impact_steps=0)
+    assert ex.self_consistency["mine"].consistent is None and ex.self_consistency["mine"].kink
+    assert "torch_abs and mine are at a non-differentiable point here" in ex.sentence()
+    elsewhere = explain(ref, mine, spec, Case({"x": torch.tensor([-1.0])}, {"B": 1}), "gradient", F32, impact_steps=0)
+    assert elsewhere.self_consistency["mine"].consistent is False  # at x = -1 the missing sign is a wrong gradient
 
 
 # --- the relation agrees with the verdict ------------------------------------------------------

@@ -581,9 +581,11 @@ class SelfConsistency:
     mode: str = ""  # "all elements" or "N random directions"
     note: str = ""
     evaluations: int = 0
+    kink: bool = False  # some check sat on a non-differentiable point (its note gives the one-sided slopes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"consistent": self.consistent, "max_error": _json_float(self.max_error), "checks": self.checks, "mode": self.mode, "note": self.note}
+        return {"consistent": self.consistent, "max_error": _json_float(self.max_error), "checks": self.checks, "mode": self.mode,
+                "note": self.note, "kink": self.kink}
 
 
 # Step and tolerance policy.
@@ -756,8 +758,8 @@ def self_consistency(
                      f"autograd's {auto:.6g} is one of the valid subgradients), no verdict there")
     note = "; ".join(notes)
     if not checks:
-        return SelfConsistency(label, None, None, 0, mode, note or "no check possible", calls)
-    return SelfConsistency(label, worst <= FD_RTOL, worst, checks, mode, note, calls)
+        return SelfConsistency(label, None, None, 0, mode, note or "no check possible", calls, bool(kinks))
+    return SelfConsistency(label, worst <= FD_RTOL, worst, checks, mode, note, calls, bool(kinks))
 
 
 def _inside(domain: str, t: torch.Tensor) -> bool:
@@ -1256,6 +1258,10 @@ class Explanation:
             # gradients of an unconverged solver), not a bug on one side: say so, blame neither.
             off = " and ".join(_pct(s.max_error) for s in bad)
             parts.append(f"neither side's gradient is the exact derivative of its own value (finite differences off by {off}: an approximate gradient on both sides)")
+        at_kink = [s.label for s in self.self_consistency.values() if s.kink and s.consistent is None]
+        if at_kink:
+            parts.append(f"{' and '.join(at_kink)} {'is' if len(at_kink) == 1 else 'are'} at a non-differentiable point here "
+                         f"(one-sided slopes differ: any value between them is a valid subgradient, so no gradient verdict)")
         r = self.relation
         if r is not None:
             if r.value == "factor" and r.factor is not None:
