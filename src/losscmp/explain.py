@@ -1461,7 +1461,8 @@ def explain(
     since a minimised case is often just past the threshold, short of the telltale number.
 
     Order of spending: the oracle on the case (its ladder capped at ORACLE_SHARE of the
-    time), then location, the finding's other cases, impact, self-consistency, signatures.
+    time), then location, impact (by the case's own category), the finding's other cases
+    (at most ORACLE_SHARE of the time), self-consistency, signatures.
     """
     start = time.perf_counter()
     actual = expected if actual is None else actual
@@ -1517,17 +1518,21 @@ def explain(
 
     loc = stage("trace", traced) if locate is not None else None
     others = [c for c in also if c is not None and c is not case]
-    scale_free = orc is not None and orc.origin is not None and orc.origin.cause.scale_free  # log 0, 1/0: no case resolves those
-    if orc is not None and orc.category in (Category.SEMANTIC, Category.UNKNOWN) and not scale_free and others:
-        orc = stage("oracle on the finding's other cases", lambda: _over_cases(orc, expected, actual, spec, others, tol, counted, kind,
-                                                                               in_process, start + seconds)) or orc
-    category = orc.category if orc else Category.UNKNOWN
     has_grad = bool(spec.grad_args)
-    steps = impact_steps if impact_steps is not None else (IMPACT_STEPS if category is Category.SEMANTIC and has_grad else 0)
+    first_category = orc.category if orc else Category.UNKNOWN
+    steps = impact_steps if impact_steps is not None else (IMPACT_STEPS if first_category is Category.SEMANTIC and has_grad else 0)
     imp = None
     if steps > 0 and has_grad:
         imp = stage("impact", lambda: impact(expected, actual, spec, case, steps, run=counted,
                                              max_calls=budget.calls - counted.calls, deadline=start + seconds))
+    # The finding's other cases can be large (the worst case of a search): they get a
+    # share of what is left, after location and impact, never all of it.
+    scale_free = orc is not None and orc.origin is not None and orc.origin.cause.scale_free  # log 0, 1/0: no case resolves those
+    if orc is not None and orc.category in (Category.SEMANTIC, Category.UNKNOWN) and not scale_free and others:
+        share = min(start + seconds, time.perf_counter() + ORACLE_SHARE * seconds)
+        orc = stage("oracle on the finding's other cases", lambda: _over_cases(orc, expected, actual, spec, others, tol, counted, kind,
+                                                                               in_process, share)) or orc
+    category = orc.category if orc else Category.UNKNOWN
     consistency: dict[str, SelfConsistency] = {}
     for impl in (expected, actual):
         sc = stage(f"self-consistency {impl.label}", lambda impl=impl: self_consistency(impl, spec, case, run=counted))
@@ -1580,7 +1585,7 @@ def _over_cases(first: Oracle, expected: Implementation, actual: Implementation,
                 tol: Tolerance, run: Runner, kind: str, in_process: bool, deadline: float) -> Oracle:
     """The category over the finding's cases: numerical as soon as float64 resolves one of
     them, saying that on the explained case float64 differs (or overflows) too."""
-    for other in others:
+    for other in sorted(others, key=lambda c: c.numel()):  # the cheapest first
         if time.perf_counter() > deadline:
             break
         o = oracle(expected, actual, spec, other, tol, run=run, kind=kind, trace_nonfinite=in_process, deadline=deadline)
