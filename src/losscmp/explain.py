@@ -261,6 +261,7 @@ def oracle(
     deadline: float | None = None,
     kind: str | None = None,
     trace_nonfinite: bool = True,
+    ladder: int = LADDER_STEPS,
 ) -> Oracle:
     """Decide ``semantic`` vs ``numerical`` with float64 re-runs (see the module docstring).
 
@@ -286,7 +287,7 @@ def oracle(
     working = next((t.dtype for t in floating), torch.float32)
     tol64 = Tolerance.for_dtype(torch.float64)
     calls = 0
-    steps = LADDER_STEPS if any(a.domain in SCALABLE for a in spec.args) else 0
+    steps = ladder if any(a.domain in SCALABLE for a in spec.args) else 0
     scale, values, first_difference, first_score = 1.0, (), None, math.inf
     parts: frozenset[str] | None = None
     persistent: dict[str, Outcome] = {}  # float64 outcomes on the case itself, when non-finite there
@@ -1406,7 +1407,7 @@ class Budget:
     calls: int = 2000
     seconds: float = 60.0
     calls_wanted: int = 120  # what oracle + trace + impact + self-consistency take on a small case
-    stretch: float = 10.0
+    stretch: float = 5.0
 
     def for_call_cost(self, per_call: float) -> float:
         return max(self.seconds, min(self.calls_wanted * per_call, self.stretch * self.seconds))
@@ -1588,7 +1589,9 @@ def _over_cases(first: Oracle, expected: Implementation, actual: Implementation,
     for other in sorted(others, key=lambda c: c.numel()):  # the cheapest first
         if time.perf_counter() > deadline:
             break
-        o = oracle(expected, actual, spec, other, tol, run=run, kind=kind, trace_nonfinite=in_process, deadline=deadline)
+        # The case as it is, no scale ladder (the explained case had one): four calls, since
+        # the worst case of a search can be large and slow.
+        o = oracle(expected, actual, spec, other, tol, run=run, kind=kind, trace_nonfinite=in_process, deadline=deadline, ladder=0)
         if o.category is Category.NUMERICAL:
             mag = input_magnitude(spec, other)
             reason = (f"{o.reason} on another case of this finding (max |input| {mag:.4g}); on the case shown float64 "
