@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .compare import Tolerance, Verdict, compare_outcomes, diff_tensors
-from .engine import InProcessRunner
+from .engine import InProcessRunner, Runner
 from .findings import Kind, Pair
 from .generate import Case, renormalise
 from .load import Implementation
@@ -72,8 +72,6 @@ from .domains import SCALABLE
 from .minimize import input_magnitude, scaled, with_magnitude
 from .run import Outcome, call
 from .spec import Spec
-
-Runner = Callable[[Implementation, Spec, Case], Outcome]  # what engine.Runner calls
 
 
 # The default runner: the implementation called in this process, as the engine does.

@@ -1,21 +1,23 @@
 """Reports: a terminal summary (rich) and the machine-readable JSON report."""
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .audit import AuditResult, Divergence
+from . import jsonout
 from .display import tensor_text
-from .findings import Alone, subject_labels_json
+from .model import Alone, AuditResult, Divergence, RunPhase, subject_labels_json
+from .replay import SavedReplay
 
+# Explanation fields also found at the top of each divergence in --json.
+CONTRACT_FIELDS = ("category", "unstable_side", "location", "location_note", "self_consistency", "relation", "impact", "notes")
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
 
@@ -66,11 +68,33 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
         print_divergence(d, result, console)
     for why in result.stage_errors:
         console.print(f"warning: {why}", markup=False, highlight=False)
-    if result.agree and not result.not_compared:
+    if result.interrupted:
+        console.print(f"[yellow]Interrupted[/] ({result.interrupted}) {_unfinished(result.phase)}; the run did not finish.", highlight=False)
+    elif result.agree and not result.not_compared:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
     elif result.agree:
         compared_cases = result.cases_run - max(n for n, _ in result.not_compared.values())
         console.print(f"[yellow]No divergence[/] on the {compared_cases} cases that could be compared; the others were not compared (above).")
+
+
+def _unfinished(phase: RunPhase) -> str:
+    if phase is RunPhase.EXPLORE:
+        return "during the search: the findings above are what its first cases showed, not minimised or explained"
+    return "while minimising and explaining: the findings above may lack their minimal example or explanation"
+
+
+def print_partial(data: dict[str, Any], file: Any) -> None:
+    """What a run that ended early had found, from its JSON report (the supervisor writes
+    it when an implementation killed or hung the process that would have printed more)."""
+    print(f"losscmp: the run ended early ({data.get('interruption')}); found until then:", file=file)
+    tally = sorted(data.get("tally", {}).items(), key=lambda kv: (kv[0] != "agree", -kv[1]))
+    print(f"cases: {', '.join(f'{n} {what}' for what, n in tally) or 'none finished'}", file=file)
+    for p in data.get("not_compared", []):
+        print(f"not compared on {p['cases']} case(s), {' vs '.join(p['pair'])}: {p['why']}", file=file)
+    for d in data.get("divergences", []):
+        line = f"  {' vs '.join(d['pair'])}: {d['kind']} on {d['cases']} case(s), worst score {d['score_text']}: {d['detail']}"
+        print(line + (f"; repro: {d['repro']}" if d.get("repro") else ""), file=file)
+    print("(the run stopped there: these findings are not all minimised or explained)", file=file, flush=True)
 
 
 def print_divergence(d: Divergence, result: AuditResult, console: Console) -> None:
@@ -123,7 +147,25 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
         say(f"repro not saved: {d.repro_error}")
 
 
-def audit_json(result: AuditResult) -> dict[str, Any]:
+def print_replayed(replayed: Sequence[SavedReplay], console: Console) -> None:
+    """The saved cases replayed before the search, one line each."""
+    if replayed:
+        console.print(f"replayed {len(replayed)} saved case(s) first:", markup=False, highlight=False)
+    for s in replayed:
+        v = s.result.verdict
+        now = (f"[red]still diverges[/] ({v.kind.value}): {escape(v.detail)}" if v.kind
+               else f"[yellow]not compared[/]: {escape(v.detail)}" if not v.compared else "[green]agrees now[/]")
+        console.print(f"  {escape(str(s.path))} (saved as {s.recorded.value}, {escape(str(v.subject))}): {now}", highlight=False)
+
+
+def replayed_json(s: SavedReplay) -> dict[str, Any]:
+    v = s.result.verdict
+    return {"path": str(s.path), "pair": subject_labels_json(v.subject), "recorded": s.recorded.value,
+            "kind": v.kind.value if v.kind else None, "compared": v.compared, "score": v.score, "detail": v.detail}
+
+
+def audit_json(result: AuditResult, replayed: Sequence[SavedReplay] = ()) -> dict[str, Any]:
+    """The ``--json`` report; ``agree`` is false when a replayed saved case still diverges, as the exit code says."""
     s = result.settings
     return {
         "implementations": list(result.labels),
@@ -136,23 +178,27 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
         "device": s.execution.device,
         "dtype": str(s.execution.dtype).removeprefix("torch."),
         "tolerance": {"rtol": s.tolerance.rtol, "atol": s.tolerance.atol},
-        "agree": result.agree,
+        "agree": result.agree and not any(r.result.verdict.kind for r in replayed),
+        "replayed": [replayed_json(r) for r in replayed],
         "seconds": round(result.seconds, 3),
         "evaluations": result.evaluations,
         "divergences": [divergence_json(d) for d in result.divergences],
         "stage_errors": list(result.stage_errors),
+        "interrupted": result.interrupted is not None,
+        "interruption": f"{result.interrupted}: the run was stopped" if result.interrupted else None,
     }
 
 
 def divergence_json(d: Divergence) -> dict[str, Any]:
     m = d.minimized
-    explained = d.explanation.to_json() if d.explanation is not None else {}
-    explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
+    explained = d.explanation.to_json() if d.explanation is not None else None
+    if explained is not None:
+        explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
     return {
         "pair": subject_labels_json(d.subject),
         "alone": isinstance(d.subject, Alone),
         "kind": d.kind.value,
-        "score": _num(d.score),
+        "score": d.score,
         "score_text": _score(d.score),
         "cases": d.count,
         "regimes": dict(d.regimes),
@@ -174,24 +220,20 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
         "repro": d.repro,
         "repro_error": d.repro_error,
         "gradient_summaries": [
-            {"what": t.what, "max_abs": _num(t.max_abs), "max_rel": _num(t.max_rel), "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine), "score": _num(t.score)}
+            {"what": t.what, "max_abs": t.max_abs, "max_rel": t.max_rel, "rel_l2": t.rel_l2, "cosine": t.cosine, "score": t.score}
             for t in d.verdict.diffs
         ],
-        "explanation": d.explanation.sentence() if d.explanation is not None else None,
-        "category": explained.get("category"),
-        "unstable_side": explained.get("unstable_side"),
-        "location": explained.get("location"),
-        **{k: v for k, v in explained.items() if k not in ("category", "unstable_side", "location")},
+        # The whole explanation, with its own call count ("evaluations") and its sentence,
+        # nests under its own key, so it can never overwrite a field of the finding (the
+        # minimiser's "evaluations").  The fields the report has always carried at the top
+        # (DESIGN's "JSON per divergence") are copied there by name: null without one.
+        **{key: explained[key] if explained else None for key in CONTRACT_FIELDS},
+        "explanation": explained,
     }
 
 
-def _num(x: float) -> float | None:
-    """JSON has no inf/NaN: those become null (``score_text`` keeps "inf")."""
-    return x if math.isfinite(x) else None
-
-
 def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None) -> None:
-    text = json.dumps(data, indent=2, allow_nan=False, default=str)
+    text = jsonout.dumps(data, indent=2, default=str)
     if str(path) == "-":
         print(text, file=stdout or sys.stdout, flush=True)
     else:

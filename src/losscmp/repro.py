@@ -30,15 +30,17 @@ import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
 
+from . import jsonout
+from ._version import __version__
 from .errors import LosscmpError
-from .findings import Kind
-from .generate import Case, Recipe, _with_layout
+from .generate import _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
+from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
 from .spec import Spec, SpecError, parse_spec
 
 FORMAT = "losscmp-repro/1"
@@ -117,8 +119,6 @@ def versions(refs: list[Ref]) -> dict[str, Any]:
     for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
     # The running code's own version: an editable install's metadata keeps the version it was installed at.
-    from . import __version__
-
     found["losscmp"] = __version__
     impls = {}
     for ref in refs:
@@ -200,7 +200,7 @@ def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict
     """STEM.npz and STEM.json, each written atomically; returns the JSON path."""
     directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
-    text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)  # fails before any write
+    text = jsonout.dumps(meta, indent=2, default=_json_default)  # fails before any write
     _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)
     _atomic_write(json_path, lambda f: f.write(text.encode()), durable)
     return json_path
@@ -238,8 +238,6 @@ def _json_default(x: Any) -> Any:
 
 def save_divergence(ev, d, directory: Path) -> Path:
     """Save the (minimised, if available) case of an audit divergence."""
-    from .findings import subject_labels_json
-
     case = d.minimized.case if d.minimized else d.case
     labels = list(d.subject.labels)
     if d.kind.failed_call and d.kind in (Kind.CRASH, Kind.TIMEOUT):
@@ -248,7 +246,7 @@ def save_divergence(ev, d, directory: Path) -> Path:
     else:
         outcomes = ev.outcomes(case, labels)
     extra = {
-        "score": _finite_or_str(d.verdict.score),
+        "score": d.verdict.score,
         "detail": d.verdict.detail,
         "original_sizes": d.minimized.original_sizes if d.minimized else case.sizes,
         "threshold": asdict(d.minimized.threshold) if d.minimized and d.minimized.threshold else None,
@@ -271,10 +269,6 @@ def save_divergence(ev, d, directory: Path) -> Path:
     )
 
 
-def _finite_or_str(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
-
-
 # --- loading ------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -288,8 +282,6 @@ class Repro:
 
     @property
     def subject(self):
-        from .findings import subject_from_labels
-
         return subject_from_labels(self.meta["pair"])
 
     @property
@@ -527,15 +519,17 @@ def repro_base_dir(repro: Repro) -> Path:
     return Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
 
 
-def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
+def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
+                               elsewhere: Callable[[Ref], Any] | None = None) -> list[Any]:
     """The subject's implementations, after the trust check, with the safe factory policy.
-    Labels in ``remote`` run under another interpreter: never imported here."""
+    Labels in ``remote`` run under another interpreter and are never imported here:
+    ``elsewhere`` (``interpreter.remote_implementation``, handed in because that module
+    stands above this one) makes each of them."""
+    if remote and elsewhere is None:
+        raise TypeError("remote labels need elsewhere=interpreter.remote_implementation")
     base_dir = repro_base_dir(repro)
-    wanted = trusted_refs(repro)
-    if remote:
-        from .interpreter import remote_implementation
-    return [remote_implementation(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
-            for ref in wanted]
+    return [elsewhere(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+            for ref in trusted_refs(repro)]
 
 
 def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:
