@@ -175,7 +175,8 @@ def check_finding(tally: Tally, where: str, d: dict, truths: Truth | tuple[Truth
     truth = next((t for t in alternatives if cat in t.category), alternatives[0])
     if cat == "numerical" and truth.unstable:
         tally.check(where, "unstable side", d.get("unstable_side"), truth.unstable, d.get("unstable_side") == truth.unstable)
-    origin = (d.get("origin") or {}).get("cause")
+    nested = d.get("explanation") if isinstance(d.get("explanation"), dict) else {}
+    origin = (d.get("origin") or nested.get("origin") or {}).get("cause")
     if origin is not None:  # a claimed origin must be the true one (a wrong "unknown" is already a wrong category)
         tally.check(where, "non-finite origin", origin, truth.origin, origin == truth.origin)
     for side, consistent in truth.consistent.items():

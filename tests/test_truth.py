@@ -99,7 +99,7 @@ def test_norm_sqrt_through_the_command_line_is_semantic_with_its_line(tmp_path):
     code, report = audit_json(tmp_path, f"{TRUTH}:norm", f"{TRUTH}:norm_sqrt", "--spec", "x: B real grad; B=1..8")
     (d,) = [d for d in report["divergences"] if d["kind"] == "nonfinite"]
     assert code == 1 and d["category"] == "semantic", d["explanation"]
-    origin = d["origin"]
+    origin = d["explanation"]["origin"]
     assert origin["cause"] == "slope of sqrt at 0" and origin["line"] == line_of("sum().sqrt()")
     # A NaN gradient is never "consistent"; at x = 0 the norm itself has a kink: no verdict.
     sc = d["self_consistency"]
@@ -180,7 +180,7 @@ def test_poisson_inf_is_the_correct_overflow_and_the_distributions_nan_the_broke
     (d,) = [d for d in report["divergences"] if d["kind"] == "nonfinite"]
     assert code == 1 and d["category"] == "numerical", d["explanation"]
     assert d["unstable_side"] == "poisson_log_prob"
-    assert d["nonfinite_onset"] == pytest.approx(88.7228, rel=1e-5)
+    assert d["explanation"]["nonfinite_onset"] == pytest.approx(88.7228, rel=1e-5)
     assert any(note.startswith("88.72 = ln(FLT_MAX)") for note in d["notes"]), d["notes"]
 
 
@@ -211,9 +211,10 @@ def test_an_isolated_side_is_not_traced_and_the_reason_says_so(tmp_path):
     code, report = audit_json(tmp_path, f"{TRUTH}:norm", f"{TRUTH}:norm_sqrt", "--spec", "x: B real grad; B=1..8",
                               "--isolate", "--examples", "20")
     found = [d for d in report["divergences"] if d["kind"] == "nonfinite"]
-    assert code == 1 and any(d["category"] == "unknown" for d in found), [d["reason"] for d in found]  # x = 0 is drawn
+    assert code == 1 and any(d["category"] == "unknown" for d in found), [d["explanation"]["reason"] for d in found]  # x = 0 is drawn
     for d in found:
         if d["category"] == "unknown":
-            assert "not traced" in d["reason"] and "overflows" not in d["reason"], d["reason"]
+            reason = d["explanation"]["reason"]
+            assert "not traced" in reason and "overflows" not in reason, reason
         else:  # x ~ 1e-23: x² underflows in float32 only, which float64 resolves
             assert d["category"] == "numerical" and d["unstable_side"] == "norm_sqrt"

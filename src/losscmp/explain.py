@@ -63,7 +63,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .compare import Tolerance, Verdict, compare_outcomes, diff_tensors
+from .compare import Tolerance, Verdict, compare_outcomes, diff_message, diff_tensors
 from .engine import InProcessRunner, Runner
 from .findings import Kind, Pair
 from .generate import Case, renormalise
@@ -235,7 +235,7 @@ def focused(verdict: Verdict, parts: frozenset[str], pair: tuple[str, str]) -> V
         return verdict
     worst = max(sub, key=lambda d: d.score)
     kind = verdict.kind if worst.score > 1 else None
-    detail = worst.message(pair) if kind is not None else "agree"
+    detail = diff_message(worst, pair) if kind is not None else "agree"
     return replace(verdict, kind=kind, score=worst.score, detail=detail, diffs=sub)
 
 
