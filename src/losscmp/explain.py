@@ -1183,6 +1183,8 @@ SIGNATURES: tuple[KnownValue, ...] = (
     KnownValue(-math.log(torch.finfo(torch.float32).tiny), "87.34 = -ln(FLT_MIN): a softmax probability underflowed and was clamped to FLT_MIN"),
     KnownValue(math.log(2.0), "0.6931 = ln 2: a sigmoid stuck at 0.5 (all-zero logits)"),
     KnownValue(math.log(torch.finfo(torch.float32).max), "88.72 = ln(FLT_MAX): where float32 exp overflows"),
+    # exp(x) rounds to 0 below ln(2^-150), half the smallest float32 denormal: log of it is -inf.
+    KnownValue(150 * math.log(2.0), "103.97 = -ln(2^-150): where float32 exp underflows to 0 (a log of it is -inf)"),
     *(KnownValue(10.0**k, f"1e{k} = 1/smooth for a smoothing constant smooth=1e-{k} (a 0/0 guarded by smooth)") for k in (4, 5, 6, 7, 8)),
 )
 SIGNATURE_RTOL = 1e-4
@@ -1518,7 +1520,7 @@ def explain(
     # those two calls are added to the count by hand.
     def traced() -> Any:
         counted.calls += 2
-        if category is Category.NUMERICAL and orc is not None and orc.unstable_side:
+        if orc is not None and orc.category is Category.NUMERICAL and orc.unstable_side:
             # Located on the unstable side by its own working-dtype vs float64 run.
             return locate(expected, actual, spec, case, tol, unstable=orc.unstable_side)
         return locate(expected, actual, spec, case, tol)
