@@ -115,7 +115,7 @@ class _Group:
         if self.mildest is None or (rank, case.numel()) < (self.mildest[0], self.mildest[1].numel()):
             self.mildest = (rank, case, v)
 
-    def absorb(self, other: "_Group") -> None:
+    def absorb(self, other: _Group) -> None:
         """Another worker's cases of the same group (``--jobs``)."""
         self.count += other.count
         self.regimes.update(other.regimes)
@@ -150,11 +150,11 @@ class _Exploration:
     """The search's bookkeeping: findings by group, and a tally of every case."""
 
     def __init__(self, ev: Evaluator):
-        self.ev = ev
+        self.ev: Evaluator | None = ev  # None once shipped back from a --jobs worker
         self.groups: dict[tuple, _Group] = {}
         self.subject_cases: Counter = Counter()
         self.tally: Counter = Counter()
-        self.not_compared: dict[Pair, tuple[int, str]] = {}
+        self.not_compared: dict[Subject, tuple[int, str]] = {}
         self.checked_self: set[str] = set()
         self.noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
         self.cases = 0
@@ -173,6 +173,7 @@ class _Exploration:
             if len(siblings) >= GROUPS_PER_KIND:  # budget spent: join the group most like it
                 group = siblings[0]
             else:
+                assert v.kind is not None  # only findings are recorded
                 group = self.groups[key] = _Group(v.subject, v.kind, key, v, case, outputs)
         group.add(v, case, outputs)
 
@@ -180,6 +181,7 @@ class _Exploration:
         """Run and judge one case; returns the score the search climbs."""
         stop_if_asked(self.interrupts)
         ev = self.ev
+        assert ev is not None, "a shipped exploration cannot examine more cases"
         outcomes = outcomes or ev.outcomes(case)
         self.cases += 1
         found: list[Verdict] = []
@@ -214,14 +216,14 @@ class _Exploration:
             self.record(v, case, outcomes)
             self.subject_cases[v.subject] += 1
         if found:
-            self.tally[min((v.kind for v in found), key=lambda k: k.severity).value] += 1
+            self.tally[min((v.kind for v in found if v.kind), key=lambda k: k.severity).value] += 1
         elif any(not v.compared for v in verdicts):
             self.tally["not compared"] += 1
         else:
             self.tally["agree"] += 1
         return max((v.max_score for v in verdicts if v.kind), default=max((v.max_score for v in verdicts), default=0.0))
 
-    def absorb(self, other: "_Exploration") -> None:
+    def absorb(self, other: _Exploration) -> None:
         """Merge another worker's exploration (``--jobs``); merging in worker order keeps
         the report the same for the same seed and the same number of jobs."""
         for key, group in other.groups.items():
@@ -252,7 +254,7 @@ class _Exploration:
         kept, self.subject_cases, self.not_compared = self.settled()
         return kept
 
-    def settled(self) -> tuple[list[Divergence], Counter, dict[Pair, tuple[int, str]]]:
+    def settled(self) -> tuple[list[Divergence], Counter, dict[Subject, tuple[int, str]]]:
         """The findings with the noise rule applied, and the per-subject counts that go with
         them; ``self`` is left as it was (a snapshot mid-search must not change the search)."""
         # A side that disagrees with itself is blamed for a pair divergence only when the

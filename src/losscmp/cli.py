@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import breadcrumbs, jsonout
+from . import breadcrumbs, files, jsonout
 from ._version import __version__
 from .audit import audit
 from .engine import RUNNERS, pairs_for, run_record
@@ -52,6 +52,11 @@ spec:        a preset (points, weighted-points, classification, binary, regressi
              images, distributions), a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
 exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input
 """
+
+# A grid finer than this says nothing the bisection to 1% does not; a larger dim is a
+# tensor of every argument that no sweep needs (and 10**9 points or elements never end).
+MAX_SWEEP_POINTS = 1000
+MAX_SWEEP_SIZE = 100_000
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -90,8 +95,8 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="a call slower than this is a 'timeout' finding: with --isolate or --python the run goes on; in-process "
-                   "the run stops there and reports (default in-process: %g s, or %g x the implementation's slowest call if "
-                   "longer; isolated: none)" % (breadcrumbs.DEFAULT_TIMEOUT_FLOOR, breadcrumbs.DEFAULT_TIMEOUT_FACTOR))
+                   f"the run stops there and reports (default in-process: {breadcrumbs.DEFAULT_TIMEOUT_FLOOR:g} s, or "
+                   f"{breadcrumbs.DEFAULT_TIMEOUT_FACTOR:g} x the implementation's slowest call if longer; isolated: none)")
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
@@ -120,8 +125,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("impls", nargs=2, metavar="IMPL")
     p.add_argument("--param", required=True, metavar="NAME=LO:HI[:log|lin]", help="'scale' (largest |input|), 'offset' (added to real inputs) or a keyword parameter")
-    p.add_argument("--points", type=int, default=9, help="grid points before bisection (default 9)")
-    p.add_argument("--size", type=int, default=8, help="size of every symbolic dim in the swept case (default 8)")
+    p.add_argument("--points", type=int, default=9, help=f"grid points before bisection (default 9, at most {MAX_SWEEP_POINTS})")
+    p.add_argument("--size", type=int, default=8, help=f"size of every symbolic dim in the swept case (default 8, at most {MAX_SWEEP_SIZE})")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
     _common(p)
     return p
@@ -169,19 +174,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def _writable_file(path: str, option: str) -> None:
-    """Fail before the run, not after it: a report that cannot be written is lost work."""
-    if path == "-":
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{option} {path}: is a directory; give a file path")
-    if not p.parent.is_dir():
-        raise UsageError(f"{option} {path}: folder {p.parent} does not exist")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"{option} {path}: not writable")
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
@@ -264,10 +256,10 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:
-        _writable_file(args.json, "--json")
+        files.check_writable(args.json, "--json")
     save_dir = None if args.no_save else Path(args.save_dir)
-    if save_dir is not None and save_dir.exists() and not save_dir.is_dir():
-        raise UsageError(f"--save-dir {args.save_dir}: exists and is not a folder")
+    if save_dir is not None:
+        files.check_folder(save_dir, "--save-dir")
     settings = Settings.of(
         reference=args.reference,
         examples=args.examples,
@@ -383,8 +375,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     repro = load_repro(args.file)
     if args.pytest:
         out = Path(args.output) if args.output else repro.path.with_name(f"test_{repro.path.stem.replace('-', '_')}.py")
-        _writable_file(str(out), "--output")
-        out.write_text(generate_pytest(repro, str(repro.path)))
+        files.check_writable(str(out), "--output")
+        files.write_text(out, generate_pytest(repro, str(repro.path)), "--output")
         console.print(f"wrote {out}  (run: pytest {out})", markup=False)
         return 0
     pythons = parse_pythons(args.python)
@@ -418,12 +410,13 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     knob = parse_knob(args.param)
-    if args.points < 2:
-        raise UsageError(f"--points must be at least 2, not {args.points}")
-    if args.size < 1:
-        raise UsageError(f"--size must be at least 1, not {args.size}")
+    # Bounded before any work: each point is a pair of calls, each size a dim of every input.
+    if not 2 <= args.points <= MAX_SWEEP_POINTS:
+        raise UsageError(f"--points must be at least 2 and at most {MAX_SWEEP_POINTS}, not {args.points}")
+    if not 1 <= args.size <= MAX_SWEEP_SIZE:
+        raise UsageError(f"--size must be at least 1 and at most {MAX_SWEEP_SIZE}, not {args.size}")
     if args.plot:
-        _writable_file(args.plot, "--plot")
+        files.check_writable(args.plot, "--plot")
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)
@@ -454,7 +447,7 @@ def _trace(argv: list[str]) -> int:
         return int(e.code or 0)
     # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
     if args.json:
-        _writable_file(args.json, "--json")  # before the trace runs, not after it
+        files.check_writable(args.json, "--json")  # before the trace runs, not after it
     repro = load_repro(args.repro)
     refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
     if refs[0].label == refs[1].label:
@@ -484,6 +477,5 @@ def _trace(argv: list[str]) -> int:
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            files.write_text(args.json, text + "\n", "--json")
     return 1 if result.differs else 0

@@ -13,3 +13,13 @@ class LosscmpError(Exception):
 
 class UsageError(LosscmpError, ValueError):
     """Options that do not make sense together, or out of range."""
+
+
+def shown(text: str, limit: int = 160, quote: bool = True) -> str:
+    """``repr(text)`` (or the text itself), its middle elided past ``limit`` characters: a
+    message echoes the input it refuses without becoming a page of it."""
+    q = repr if quote else str
+    if len(text) <= limit:
+        return q(text)
+    half = limit // 2
+    return f"{q(text[:half])}...{q(text[-half:])} ({len(text)} characters)"

@@ -56,6 +56,7 @@ import statistics
 import time
 import traceback
 from dataclasses import dataclass, field, replace
+from functools import partial
 from enum import Enum
 from typing import Any, Callable, Iterable, Sequence
 
@@ -147,7 +148,7 @@ def _non_float64_tensors(module: torch.nn.Module) -> list[str]:
 
 def _float64_problem(label: str, outcome: Outcome) -> str | None:
     """Why a float64 outcome cannot serve as an oracle, if it cannot."""
-    if outcome.failed:
+    if outcome.failed or outcome.value is None:
         return f"{label} {outcome.error} when run in float64"
     if outcome.value.dtype not in (torch.float64, torch.complex128):
         return f"{label} returned {outcome.value.dtype} for float64 inputs (it computes in lower precision inside)"
@@ -176,12 +177,13 @@ def float64_agrees(expected: Implementation, actual: Implementation, spec: Spec,
 
 def drift(reference: Outcome, outcome: Outcome, tol: Tolerance) -> float:
     """Divergence score of ``outcome`` from ``reference`` over value and gradients, dtypes ignored."""
+    assert outcome.value is not None and reference.value is not None  # callers pass successful calls
     scores = [diff_tensors("value", outcome.value, reference.value, tol).score]
     for name, g_ref in reference.grads.items():
         g = outcome.grads.get(name)
         if (g is None) != (g_ref is None):
             return math.inf
-        if g is not None:
+        if g is not None and g_ref is not None:
             scores.append(diff_tensors(name, g, g_ref, tol).score)
     return max(scores)
 
@@ -197,7 +199,7 @@ class Oracle:
     scale: float = 1.0  # input scale (relative to the case) at which the oracle decided
     evaluations: int = 0
     values: tuple[tuple[str, float], ...] = ()  # each side's working-dtype value on the case itself
-    origin: "NonFiniteOrigin | None" = None  # what makes a non-finite value that float64 keeps
+    origin: NonFiniteOrigin | None = None  # what makes a non-finite value that float64 keeps
     rounded: tuple[str, ...] = ()  # sides whose non-finite working result is float64's, correctly rounded (an overflow, not a bug)
 
 
@@ -281,12 +283,13 @@ def oracle(
     e64, why_e = in_float64(expected)
     a64, why_a = in_float64(actual)
     if why_e or why_a:
-        return Oracle(Category.UNKNOWN, why_e or why_a)
+        return Oracle(Category.UNKNOWN, why_e or why_a or "")
     working = next((t.dtype for t in floating), torch.float32)
     tol64 = Tolerance.for_dtype(torch.float64)
     calls = 0
     steps = ladder if any(a.domain in SCALABLE for a in spec.args) else 0
-    scale, values, first_difference, first_score = 1.0, (), None, math.inf
+    values: tuple[tuple[str, float], ...] = ()
+    scale, first_difference, first_score = 1.0, None, math.inf
     parts: frozenset[str] | None = None
     persistent: dict[str, Outcome] = {}  # float64 outcomes on the case itself, when non-finite there
     cut_short = False
@@ -336,7 +339,7 @@ def oracle(
             reason = (f"in float64 the sides differ {gain:.3g} times less than in {_dtype_name(case)} "
                       f"({v64.detail.split(';')[0]}): the difference comes from precision")
             return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls, values, rounded=rounded)
-        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(not torch.isfinite(o.value).all() for o in full.values())
+        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(o.value is not None and not torch.isfinite(o.value).all() for o in full.values())
         if step == 0 and overflowed:
             persistent = {la: o for la, o in full.items() if not _finite_in(o, parts)}
         if not overflowed and first_difference is None:
@@ -424,13 +427,15 @@ def _parts_of(outcome: Outcome) -> list[str]:
 class Cause(str, Enum):
     """What produced a non-finite value from finite inputs."""
 
+    scale_free: bool  # no input scale removes it (set per member below)
+
     LOG_ZERO = "log 0", True
     DIVISION_BY_ZERO = "division by 0", True
     SQRT_SLOPE_AT_ZERO = "slope of sqrt at 0", True
     OVERFLOW = "overflow", False
     OTHER = "another operation", False
 
-    def __new__(cls, value: str, scale_free: bool) -> "Cause":
+    def __new__(cls, value: str, scale_free: bool) -> Cause:
         member = str.__new__(cls, value)
         member._value_ = value
         member.scale_free = scale_free  # no input scale removes it
@@ -478,7 +483,7 @@ def _op_name(func: Any) -> str:
     return str(getattr(func, "__name__", func)).split(".")[0]
 
 
-def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> "NonFiniteOrigin | None":
+def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> NonFiniteOrigin | None:
     """Run ``impl`` once in this process under a dispatch mode and name the first op whose
     output is NaN/inf while its inputs are finite: log of 0, a division by 0, the
     backward of a sqrt (or norm, or fractional power) that saw an exact 0, an overflow.
@@ -646,12 +651,12 @@ def self_consistency(
     case64 = float64_case(case)
     base = run(impl64, spec, case64)
     calls = 1
-    if base.failed or _float64_problem(label, base):
+    if base.failed or base.value is None or _float64_problem(label, base):
         return SelfConsistency(label, None, None, note=_float64_problem(label, base) or "", evaluations=calls)
     f0 = float(base.value.sum())
     if not math.isfinite(f0):
         return SelfConsistency(label, None, None, note="its float64 value is not finite here", evaluations=calls)
-    grads = {n: (base.grads.get(n) if base.grads.get(n) is not None else torch.zeros_like(case64.tensors[n])) for n in names}
+    grads = {n: (g if (g := base.grads.get(n)) is not None else torch.zeros_like(case64.tensors[n])) for n in names}
     bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
     if bad:
         return SelfConsistency(label, False, math.inf, 0, "", f"its gradient w.r.t. {', '.join(bad)} has NaN/inf where its value "
@@ -694,7 +699,7 @@ def self_consistency(
                 return None
         o = run(impl64, spec, replace(case64, tensors=moved))
         calls += 1
-        return float(o.value.sum()) if not o.failed else math.nan
+        return float(o.value.sum()) if not o.failed and o.value is not None else math.nan
 
     worst, checks, skipped, kinks = 0.0, 0, 0, []
     for variants in perturbations:
@@ -702,7 +707,7 @@ def self_consistency(
         for u, h in ((u, h) for u in variants for h in FD_STEPS):
             if all(not bool(t.any()) for t in u.values()):
                 continue  # a zero-scale element (a probability of exactly 0 or 1) at its own scale
-            auto = float(sum((grads[n] * u[n]).sum() for n in names))
+            auto = sum(float((grads[n] * u[n]).sum()) for n in names)
             f_plus, f_minus = value_at(u, h), value_at(u, -h)
             if f_plus is not None and f_minus is not None:
                 if not (math.isfinite(f_plus) and math.isfinite(f_minus)):
@@ -746,7 +751,7 @@ def self_consistency(
             continue
         # Agreeing at some step: its error.  Agreeing at none: the finest usable step's (the
         # most accurate where the value is smooth), not a coarse step's lucky near-miss.
-        worst = max(worst, best if best <= FD_RTOL else first)
+        worst = max(worst, best if best <= FD_RTOL or first is None else first)
         checks += 1
     notes = []
     if skipped:
@@ -816,15 +821,18 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Ob
     if expected.value.is_complex() or actual.value.is_complex():
         return None  # one real number per side cannot stand for a complex loss (its sum's real part would hide the rest)
     values = [expected.value.double().sum(), actual.value.to(expected.value.device).double().sum()]
-    ge, ga = [], []
+    ge: list[torch.Tensor] = []
+    ga: list[torch.Tensor] = []
     for name in sorted(expected.grads.keys() | actual.grads.keys()):
         e, a = expected.grads.get(name), actual.grads.get(name)
         if e is None and a is None:
             continue
         if e is not None and a is not None and e.shape != a.shape:
-            ge = None
+            ge, ga = [], []  # gradient shapes differ: nothing to relate
             break
-        e = torch.zeros_like(a) if e is None else e  # no gradient flows: it is zero
+        present = e if e is not None else a
+        assert present is not None  # both None was skipped above
+        e = torch.zeros_like(present) if e is None else e  # no gradient flows: it is zero
         a = torch.zeros_like(e) if a is None else a
         ge.append(e.detach().reshape(-1).double())
         ga.append(a.detach().reshape(-1).to(e.device).double())
@@ -940,7 +948,7 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
     given = list(observations)
     obs = [o for o in given if o is not None and math.isfinite(o.expected) and math.isfinite(o.actual)]
     value, factor, offset, value_fit = _value_relation(obs, rtol, atol, tol)
-    with_grads = [o for o in obs if o.cosine is not None]
+    with_grads = [o for o in obs if o.cosine is not None and o.norm_ratio is not None]
     gradient, grad_factor, cos_median, grad_fit = _gradient_relation(with_grads, bool(obs))
     if factor is None and gradient == "parallel":
         factor = grad_factor
@@ -1000,17 +1008,19 @@ def _gradient_relation(with_grads: Sequence[Observation], any_cases: bool) -> tu
     nothing = [False] * len(with_grads)
     if not with_grads:
         return (None if any_cases else "unknown"), None, None, nothing
-    cos_median = statistics.median(o.cosine for o in with_grads)
+    # relation() passes only observations with both numbers: (cosine, |grad ratio|) each.
+    cr = [(o.cosine, o.norm_ratio) for o in with_grads if o.cosine is not None and o.norm_ratio is not None]
+    cos_median = statistics.median(c for c, _ in cr)
     if len(with_grads) < MIN_CASES:
         return "unknown", None, cos_median, nothing
     need = INLIERS * len(with_grads)
-    equal = [o.cosine >= COSINE_EQUAL and abs(o.norm_ratio - 1) <= RATIO_RTOL for o in with_grads]
+    equal = [c >= COSINE_EQUAL and abs(r - 1) <= RATIO_RTOL for c, r in cr]
     if sum(equal) > need:
         return "equal", None, cos_median, equal
-    parallel = [o.cosine >= COSINE_PARALLEL and o.norm_ratio is not None and math.isfinite(o.norm_ratio) for o in with_grads]
+    parallel = [c >= COSINE_PARALLEL and math.isfinite(r) for c, r in cr]
     if sum(parallel) > need:
-        k = statistics.median(o.norm_ratio for o, ok in zip(with_grads, parallel) if ok)
-        constant = [ok and abs(o.norm_ratio - k) <= RATIO_RTOL * abs(k) for o, ok in zip(with_grads, parallel)]
+        k = statistics.median(r for (_, r), ok in zip(cr, parallel) if ok)
+        constant = [ok and abs(r - k) <= RATIO_RTOL * abs(k) for (_, r), ok in zip(cr, parallel)]
         return "parallel", (k if sum(constant) > need else None), cos_median, parallel
     return "other", None, cos_median, nothing
 
@@ -1085,10 +1095,10 @@ def impact(
         nonlocal calls
         calls += 1
         o = run(impl, spec, replace(case, tensors=tensors))
-        if o.failed:
+        if o.failed or o.value is None:
             return math.nan, None
         value = float(o.value.double().sum())
-        return value, {n: (o.grads.get(n) if o.grads.get(n) is not None else torch.zeros_like(tensors[n])) for n in names}
+        return value, {n: (g if (g := o.grads.get(n)) is not None else torch.zeros_like(tensors[n])) for n in names}
 
     start = dict(case.tensors)
     floats = [t.double() for t in start.values() if t.is_floating_point() and t.numel()]
@@ -1294,6 +1304,7 @@ class Explanation:
     def _impact_words(self) -> str:
         e, a = self.pair
         im = self.impact
+        assert im is not None  # called only when there is one
         by_a = im.cross_improvement.get(a, math.nan)
         if not math.isfinite(by_a):
             why = im.note.split("; ")[0] if im.note else "no progress"
@@ -1437,6 +1448,9 @@ class _Counted:
         finally:
             self.seconds += time.perf_counter() - t0
 
+    def close(self) -> None:
+        pass  # the wrapped runner is its owner's to close
+
 
 def explain(
     expected: Implementation,
@@ -1519,6 +1533,7 @@ def explain(
     # The trace records each side once under its own dispatch mode, not through ``run``:
     # those two calls are added to the count by hand.
     def traced() -> Any:
+        assert locate is not None  # staged only when given
         counted.calls += 2
         if orc is not None and orc.category is Category.NUMERICAL and orc.unstable_side:
             # Located on the unstable side by its own working-dtype vs float64 run.
@@ -1544,7 +1559,7 @@ def explain(
     category = orc.category if orc else Category.UNKNOWN
     consistency: dict[str, SelfConsistency] = {}
     for impl in (expected, actual):
-        sc = stage(f"self-consistency {impl.label}", lambda impl=impl: self_consistency(impl, spec, case, run=counted))
+        sc = stage(f"self-consistency {impl.label}", partial(self_consistency, impl, spec, case, run=counted))
         if sc is not None:
             consistency[impl.label] = sc
     # Known numbers: each side's value on the explained case (from the oracle's own

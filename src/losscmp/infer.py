@@ -124,7 +124,7 @@ def _target(fn):
 def _signature(fn) -> inspect.Signature | None:
     try:
         return inspect.signature(_target(fn))
-    except (TypeError, ValueError):
+    except Exception:  # no signature (a builtin), or user code that raises (a __signature__ property, __getattr__): unknown
         return None
 
 
@@ -377,7 +377,7 @@ def _values(impls, spec: Spec, case: Case, run: Runner) -> list[torch.Tensor] | 
     out = []
     for i in impls:
         o = run(i, spec, case)
-        if not _finite(o):
+        if not _finite(o) or o.value is None:
             return None
         out.append(o.value.detach().double())
     return out

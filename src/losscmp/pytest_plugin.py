@@ -71,7 +71,7 @@ class Tally:
         self.kinds: Counter = Counter()
         self.saved: Counter = Counter()  # folder -> new cases saved there
 
-    def add(self, result: "CheckResult", root: Path) -> None:
+    def add(self, result: CheckResult, root: Path) -> None:
         self.checks += 1
         self.pairs += len(result.pairs)
         self.cases += result.cases_run
@@ -105,7 +105,7 @@ class Tally:
 
 
 TALLY = pytest.StashKey[Tally]()
-SESSION = pytest.StashKey["Session"]()
+SESSION: pytest.StashKey[Session] = pytest.StashKey()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -135,7 +135,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         SESSIONS.remove(session)
 
 
-def _command_line_options(config: pytest.Config) -> "CheckOptions":
+def _command_line_options(config: pytest.Config) -> CheckOptions:
+    from .files import check_folder
     from .interpreter import parse_pythons
     from .settings import RunnerKind, check_timeout, checked_device
     from .testing import CheckOptions, as_dtype
@@ -145,6 +146,7 @@ def _command_line_options(config: pytest.Config) -> "CheckOptions":
         device = opt("--losscmp-device") and checked_device(opt("--losscmp-device"), "--losscmp-device")
         dtype = as_dtype(opt("--losscmp-dtype"))
         pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
+        check_folder(opt("--losscmp-save-dir"), "--losscmp-save-dir")  # e.g. under a regular file: refused now, not at the first save
         check_timeout(opt("--losscmp-timeout"), RunnerKind.choose(opt("--losscmp-isolate"), pythons),
                       ("--losscmp-timeout", "--losscmp-isolate", "--losscmp-python"))
     except LosscmpError as error:
@@ -214,7 +216,7 @@ class LossChecker:
             replay_saved_command=_command(request.node.nodeid, config, replay_only=True),
         )
 
-    def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int | None = None, **settings: Any) -> "CheckResult":
+    def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int | None = None, **settings: Any) -> CheckResult:
         """Fail the calling test if the implementations disagree; return what was checked.
 
         ``settings`` override the command line: ``seed``, ``device``, ``dtype``, ``rtol``,

@@ -37,7 +37,7 @@ import torch
 
 from . import jsonout
 from ._version import __version__
-from .errors import LosscmpError
+from .errors import LosscmpError, shown
 from .generate import _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
 from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
@@ -104,7 +104,7 @@ def _atomic_write(path: Path, write, durable: bool = True) -> None:
         raise
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _package_version(pkg: str) -> str | None:
     # Looked up once per process: a metadata scan costs milliseconds, and the isolated
     # runner writes a repro before every case it risks.
@@ -154,7 +154,7 @@ def save_case(
 ) -> Path:
     """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path.  ``durable``: fsync too."""
     arrays: dict[str, np.ndarray] = {}
-    tensors_meta = {}
+    tensors_meta: dict[str, dict[str, Any]] = {}
     for name, t in case.tensors.items():
         arrays[f"input.{name}"] = tensor_to_numpy(t)
         tensors_meta[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}
@@ -201,7 +201,8 @@ def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict
     directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
     text = jsonout.dumps(meta, indent=2, default=_json_default)  # fails before any write
-    _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)
+    # numpy's stub types **kwds as if a name could be allow_pickle: ours are "input.x" & co.
+    _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)  # type: ignore[arg-type]
     _atomic_write(json_path, lambda f: f.write(text.encode()), durable)
     return json_path
 
@@ -254,12 +255,13 @@ def save_divergence(ev, d, directory: Path) -> Path:
         "isolate": ev.settings.execution.isolate,
     }
     refs = [ev.impls[la].ref for la in labels]
+    labels_json = subject_labels_json(d.subject)
     return save_case(
         directory,
         spec=ev.spec,
         case=case,
         refs=refs,
-        pair=tuple(subject_labels_json(d.subject)),
+        pair=(labels_json[0], labels_json[1]),
         kind=d.kind,
         outcomes=outcomes,
         tolerance=(ev.tol.rtol, ev.tol.atol),
@@ -310,10 +312,14 @@ def _need(cond: bool, what: str) -> None:
 def _read_files(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Path, Path]:
     p = Path(path)
     json_path, npz_path = p.with_suffix(".json"), p.with_suffix(".npz")
-    if not json_path.is_file():
-        raise ReproError(f"no such repro: {json_path}")
-    if not npz_path.is_file():
-        raise ReproError(f"repro {json_path.name} has no tensors file {npz_path.name}")
+    try:  # is_file(): never a FIFO, which would block the read
+        json_ok, npz_ok = json_path.is_file(), npz_path.is_file()
+    except OSError as e:  # a name too long; a symlink loop before Python 3.13 (RuntimeError) ends in is_file's False
+        raise ReproError(f"repro {shown(str(json_path), quote=False)}: cannot be read: {e.strerror or type(e).__name__}") from None
+    if not json_ok:
+        raise ReproError(f"no such repro: {shown(str(json_path), quote=False)}")
+    if not npz_ok:
+        raise ReproError(f"repro {shown(json_path.name, quote=False)} has no tensors file {shown(npz_path.name, quote=False)}")
     try:
         meta = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
@@ -331,7 +337,8 @@ def _read_files(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
 
 def _spec_of(meta: dict[str, Any]) -> Spec:
     try:
-        return parse_spec(meta.get("spec") if isinstance(meta.get("spec"), str) else "")
+        text = meta.get("spec")
+        return parse_spec(text if isinstance(text, str) else "")
     except SpecError as e:
         raise ReproError(f"corrupt repro: spec: {e}") from None
 
@@ -353,16 +360,16 @@ def _recipe_of(meta: dict[str, Any]) -> Recipe | None:
 
 
 def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, npz_path: Path) -> Case:
-    sizes = meta.get("sizes")
+    sizes: Any = meta.get("sizes")  # untrusted JSON, checked by _need
     _need(isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values())
           and set(sizes) == set(spec.dims), "'sizes' do not match the spec's dims")
-    tmeta = meta.get("tensors")
+    tmeta: Any = meta.get("tensors")
     _need(isinstance(tmeta, dict) and set(tmeta) == {a.name for a in spec.args}, "'tensors' do not match the spec's arguments")
     recipe = _recipe_of(meta)
     tensors = {}
     for arg in spec.args:
         m = tmeta[arg.name]
-        _need(isinstance(m, dict) and m.get("dtype") in DTYPES, f"dtype of {arg.name} missing or unknown")
+        _need(isinstance(m, dict) and isinstance(m.get("dtype"), str) and m["dtype"] in DTYPES, f"dtype of {arg.name} missing or unknown")
         key = f"input.{arg.name}"
         _need(key in arrays, f"tensor {arg.name} missing from {npz_path.name}")
         t = numpy_to_tensor(arrays[key], DTYPES[m["dtype"]])
@@ -384,13 +391,13 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
 def load_repro(path: str | Path) -> Repro:
     meta, arrays, json_path, npz_path = _read_files(path)
     _need(meta.get("format") == FORMAT, f"not a {FORMAT} file")
-    pair = meta.get("pair")
+    pair: Any = meta.get("pair")  # untrusted JSON, checked by _need
     _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair), "'pair' must be two labels")
     _need(isinstance(meta.get("kind"), str), "'kind' missing")
     _need(meta["kind"] in Kind._value2member_map_, f"unknown kind {meta['kind']!r}")
     seed = meta.get("seed", 0)
     _need(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63, "'seed' must be an integer in [0, 2**63)")
-    impls = meta.get("implementations")
+    impls: Any = meta.get("implementations")
     _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
     _need(all(i["label"].strip() for i in impls), "empty implementation label")
     # A label is printed, and written into generated tests: a control character (a carriage
@@ -445,7 +452,7 @@ def untrusted_reason(ref: Ref, base_dir: Path | None = None) -> str | None:
             path = base_dir / path
         try:
             resolved = path.resolve()
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop before Python 3.13; loading refuses it in one line
             resolved = path
         if any(_inside(resolved, d) for d in _stdlib_dirs()):
             return "it names a file of the Python standard library"
@@ -516,7 +523,11 @@ def trusted_refs(repro: Repro) -> list[Ref]:
 def repro_base_dir(repro: Repro) -> Path:
     """Where relative file references of the repro are loaded from."""
     base = repro.meta.get("base_dir")
-    return Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
+    try:
+        usable = isinstance(base, str) and Path(base).is_dir()
+    except OSError:  # a name too long: as unusable as a folder that is gone
+        usable = False
+    return Path(base) if usable and isinstance(base, str) else Path.cwd()
 
 
 def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
@@ -528,7 +539,7 @@ def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
     if remote and elsewhere is None:
         raise TypeError("remote labels need elsewhere=interpreter.remote_implementation")
     base_dir = repro_base_dir(repro)
-    return [elsewhere(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+    return [elsewhere(ref) if ref.label in remote and elsewhere is not None else load_implementation(ref, base_dir=base_dir, factories="modules")
             for ref in trusted_refs(repro)]
 
 

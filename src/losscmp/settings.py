@@ -65,14 +65,16 @@ class RunnerKind(str, Enum):
     ISOLATED = "isolated", True
     OTHER_INTERPRETER = "other interpreter", True
 
-    def __new__(cls, value: str, stops_hung_calls: bool) -> "RunnerKind":
+    stops_hung_calls: bool  # set per member by __new__; an annotation only, so not a member
+
+    def __new__(cls, value: str, stops_hung_calls: bool) -> RunnerKind:
         member = str.__new__(cls, value)
         member._value_ = value
         member.stops_hung_calls = stops_hung_calls
         return member
 
     @classmethod
-    def choose(cls, isolate: bool, pythons: object) -> "RunnerKind":
+    def choose(cls, isolate: bool, pythons: object) -> RunnerKind:
         """The one place the runner is chosen: another interpreter (its other sides isolated
         when asked), isolation, or a plain call."""
         return cls.OTHER_INTERPRETER if pythons else cls.ISOLATED if isolate else cls.IN_PROCESS
@@ -152,7 +154,7 @@ class Settings:
         return self.tolerances.resolve(self.execution.dtype)
 
     @classmethod
-    def of(cls, reference: str | None = None, **flat: Any) -> "Settings":
+    def of(cls, reference: str | None = None, **flat: Any) -> Settings:
         """Build from flat keywords, each routed to the record that owns it:
         ``Settings.of(examples=50, dtype=torch.float64, rtol=1e-4, save_dir="out")``."""
         parts: dict[str, dict[str, Any]] = {}

@@ -60,6 +60,8 @@ def parse_knob(text: str) -> Knob:
         lo, hi = float(m.group(2)), float(m.group(3))
     except ValueError:
         raise KnobError(f"--param {text!r}: bounds must be numbers") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # 1e400 reads as inf: no grid point would be finite
+        raise KnobError(f"--param {text!r}: bounds must be finite numbers")
     log = m.group(4) != "lin"
     if not lo < hi or (log and lo <= 0):
         raise KnobError(f"--param {text!r}: need LO < HI{' and LO > 0 on a log scale' if log else ''}")
@@ -76,7 +78,7 @@ class Point:
 class Boundary:
     agree_at: float
     diverge_at: float
-    kind: str
+    kind: Kind
 
     @property
     def value(self) -> float:
@@ -142,6 +144,7 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
             continue
         agree, diverge = (a, b) if b.verdict.kind else (b, a)
         lo, hi = bisect(lambda v: bool(verdict_at(v).kind), agree.value, diverge.value, log=knob.log)
+        assert diverge.verdict.kind is not None  # the diverging end of the bracket has a kind
         boundaries.append(Boundary(lo, hi, diverge.verdict.kind))
     ordered = tuple(sorted(evaluated, key=lambda p: p.value))
     return SweepResult(pair, knob, tuple(grid), tuple(boundaries), len(evaluated), case, ordered)
