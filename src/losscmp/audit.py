@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -412,6 +413,11 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None, 
     return exploration
 
 
+_LOCAL_CONSTANTS_LOCK = threading.Lock()
+_local_constants_users = 0
+_local_constants_original: Any = None
+
+
 @contextlib.contextmanager
 def _without_local_constants() -> Iterator[None]:
     """Keep "same seed, same cases" true whatever the process has imported.
@@ -420,22 +426,32 @@ def _without_local_constants() -> Iterator[None]:
     in ``sys.modules`` into its draws, so a seed's cases would change with what else
     got imported (losscmp's own minimiser, the user's other test modules).  losscmp's
     exploration opts out by giving that (private) hook an empty pool; with a Hypothesis
-    that has no such hook there is nothing to do.
+    that has no such hook there is nothing to do.  Counted, because explorations may run
+    side by side in threads (``--ray`` with ``--jobs``): the first in patches the hook and
+    the last out restores it, so no exploration runs with the pool restored under it.
     """
+    global _local_constants_users, _local_constants_original
     try:
         from hypothesis.internal.conjecture import providers
         from hypothesis.internal.constants_ast import Constants
 
-        original = providers._get_local_constants
+        providers._get_local_constants  # noqa: B018  (the check: the hook exists in this Hypothesis)
     except (ImportError, AttributeError):  # pragma: no cover - older/newer Hypothesis
         yield
         return
-    empty = Constants()
-    providers._get_local_constants = lambda: empty
+    with _LOCAL_CONSTANTS_LOCK:
+        if _local_constants_users == 0:
+            _local_constants_original = providers._get_local_constants
+            empty = Constants()
+            providers._get_local_constants = lambda: empty
+        _local_constants_users += 1
     try:
         yield
     finally:
-        providers._get_local_constants = original
+        with _LOCAL_CONSTANTS_LOCK:
+            _local_constants_users -= 1
+            if _local_constants_users == 0:
+                providers._get_local_constants = _local_constants_original
 
 
 __all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]
