@@ -393,3 +393,40 @@ def test_explain_with_the_real_trace_names_the_changed_line_of_a_fork():
     assert f"fork_sum.py:{changed}" in ex.sentence()
     assert ("fork", site["file"], changed) in ex.signature()[2]
     assert "trace" in ex.costs
+
+
+def test_a_known_number_both_sides_share_is_no_note():
+    # Seen on torch's label smoothing vs a hand-written one: a gradient finding at equal
+    # logits, both values ln 2 (the uniform two-class softmax, correct on both sides), was
+    # headed "0.6931 = ln 2: a sigmoid stuck at 0.5".  Only values that differ are read.
+    ours, theirs = impl("label_smoothing.py:torch_smoothing"), impl("label_smoothing.py:smoothing_over_other_classes")
+    spec = preset("classification")
+    tie = Case({"input": torch.tensor([[0.0, 0.0]]), "target": torch.tensor([0])}, {"B": 1, "C": 2})
+    ex = explain(ours, theirs, spec, tie, "gradient", F32)
+    assert ex.category is Category.SEMANTIC
+    assert not any("ln 2" in n for n in ex.notes), ex.notes
+    # A value that differs still fingerprints: BCELoss's clamp at 100 on one side only.
+    logits, sigmoid = impl("bce.py:bce_with_logits"), impl("bce.py:bce_on_sigmoid")
+    clamp = Case({"input": torch.tensor([200.0]), "target": torch.tensor([0.0])}, {"B": 1})
+    assert any(n.startswith("100 = ") for n in explain(logits, sigmoid, preset("binary"), clamp, "value", F32).notes)
+
+
+def test_an_uninitialised_allocation_is_not_where_a_nonfinite_value_comes_from():
+    # torchmetrics' PSNR on identical (transposed) images was classified "unknown: another
+    # operation (aten.empty_strided)": fresh memory that happened to hold an inf.  With
+    # torch's deterministic mode every such allocation is NaN-filled, so this is exact.
+    from losscmp.explain import Cause, nonfinite_origin
+
+    spec = parse_spec("x: B real grad; B=1..8")
+    scratch, guarded = impl("scratch.py:log_into_scratch"), impl("scratch.py:log_guarded")
+    case = Case({"x": torch.tensor([0.0, 2.0])}, {"B": 2})
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        origin = nonfinite_origin(scratch, spec, case)
+        o = oracle(guarded, scratch, spec, case, F32)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert origin is not None and origin.cause is Cause.LOG_ZERO, origin
+    assert origin.file.endswith("scratch.py") and origin.line == 14
+    assert o.category is Category.SEMANTIC, o.reason

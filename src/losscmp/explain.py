@@ -466,6 +466,7 @@ class NonFiniteOrigin:
 _LOGS = {"log", "log2", "log10", "xlogy", "special_xlog1py"}
 _DIVS = {"div", "reciprocal", "true_divide", "floor_divide", "rsqrt"}
 _ROOTS = {"sqrt", "linalg_vector_norm", "norm", "pow", "cdist", "_cdist_forward"}
+_UNINITIALISED = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "empty_permuted"}
 _OWN = (os.sep + "torch" + os.sep, os.sep + "losscmp" + os.sep, "<")
 
 
@@ -497,13 +498,20 @@ def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> NonFiniteO
             self.found: tuple[str, str, list[torch.Tensor], tuple] | None = None
             self.root_at_zero: tuple[str, tuple] | None = None  # a forward sqrt-like op that saw an exact 0
             self.backward = False
+            self.garbage: set[int] = set()  # data pointers of allocations not yet written
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if self.found is not None:
                 return out
             name = _op_name(func)
-            ins = floats((args, kwargs))
+            if name in _UNINITIALISED:
+                # Fresh memory holds whatever was there (a stray inf): neither a result nor,
+                # until an op writes it, an input.
+                self.garbage.update(t.data_ptr() for t in floats(out))
+                return out
+            ins = [t for t in floats((args, kwargs)) if t.data_ptr() not in self.garbage]
+            self.garbage.difference_update(t.data_ptr() for t in floats(out))  # written now
             where = _user_frame()
             phase = "backward" if self.backward else "forward"
             if phase == "forward" and name in _ROOTS and self.root_at_zero is None and any(bool((t == 0).any()) for t in ins[:1]):
@@ -1564,14 +1572,23 @@ def explain(
             consistency[impl.label] = sc
     # Known numbers: each side's value on the explained case (from the oracle's own
     # working-dtype run when it made one), and their difference.
+    # A number both sides share (ln 2 from a two-class softmax at equal logits, on a
+    # gradient finding whose values agree) fingerprints no failure: only values that
+    # differ beyond the tolerance are read.
+    def differing(found: list[float]) -> list[float]:
+        if len(found) != 2:
+            return found
+        e, a = found
+        if math.isfinite(e) and math.isfinite(a) and abs(a - e) <= tol.atol + tol.rtol * abs(e):
+            return []
+        return [e, a, e - a]
+
     def values_on(c: Case) -> list[float]:
-        found = [v for v in (real_total(counted(impl, spec, c)) for impl in (expected, actual)) if v is not None]
-        return found + ([found[0] - found[1]] if len(found) == 2 else [])
+        return differing([v for v in (real_total(counted(impl, spec, c)) for impl in (expected, actual)) if v is not None])
 
     notes_from: list[float] = []
     if orc is not None and orc.values:
-        notes_from = [v for _, v in orc.values]
-        notes_from += [notes_from[0] - notes_from[1]] if len(notes_from) == 2 else []
+        notes_from = differing([v for _, v in orc.values])
     else:
         notes_from = stage("values", lambda: values_on(case)) or []
     if others:
