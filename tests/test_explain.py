@@ -430,3 +430,23 @@ def test_an_uninitialised_allocation_is_not_where_a_nonfinite_value_comes_from()
     assert origin is not None and origin.cause is Cause.LOG_ZERO, origin
     assert origin.file.endswith("scratch.py") and origin.line == 14
     assert o.category is Category.SEMANTIC, o.reason
+
+
+def test_gradients_opposite_on_some_cases_are_never_called_same_minimisers():
+    # torch's label smoothing (q = 0.95 / 0.05 at C = 2) vs eps over the other classes only
+    # (0.9 / 0.1): with two classes every gradient lies on one line, so most cases read
+    # "parallel", but between p = 0.9 and 0.95 they point opposite ways.  "Same minimisers"
+    # was printed in the headline; the minimisers are p* = 0.95 and 0.9.
+    ours, theirs = impl("label_smoothing.py:torch_smoothing"), impl("label_smoothing.py:smoothing_over_other_classes")
+    spec = parse_spec("input: B C logits grad; target: B labels(C); B=1..1; C=2..2")
+    cases = [Case({"input": torch.tensor([[z, 0.0]]), "target": torch.tensor([0])}, {"B": 1, "C": 2})
+             for z in (-3.0, -1.0, 0.5, 1.0, 2.0, -2.0, 0.0, 1.5, 2.5, 2.7)]  # sigmoid(2.5), sigmoid(2.7) in (0.9, 0.95)
+    rel = relation(observe(call(ours.fn, spec, c), call(theirs.fn, spec, c)) for c in cases)
+    assert rel.gradient == "parallel" and rel.opposite >= 1, rel
+    assert not rel.same_minimisers and "same minimisers" not in rel.describe(("ours", "theirs"))
+    ex = explain(ours, theirs, spec, cases[3], "value", F32, [observe(call(ours.fn, spec, c), call(theirs.fn, spec, c)) for c in cases])
+    assert "same minimisers" not in ex.sentence() and "different minimisers" in ex.sentence()
+    # Huber vs SmoothL1 (a factor beta): parallel everywhere, same minimisers.
+    huber, smooth = impl("regression.py:huber"), impl("regression.py:smooth_l1")
+    rel = relation(history(huber, smooth, REGRESSION))
+    assert rel.same_minimisers and rel.opposite == 0

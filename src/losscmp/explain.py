@@ -888,13 +888,20 @@ class Relation:
     outliers: tuple[tuple[str, int], ...] = ()  # (regime, cases) the relation does not fit
     equal_within: tuple[float, float] | None = None  # (rtol, atol) of "equal": the verdict's tolerance when given
     skipped_cases: int = 0  # observations dropped: a side failed or was not finite
+    # Cases whose gradients point in opposite directions (cosine <= -COSINE_PARALLEL): where
+    # one side descends the other ascends, so the minimisers differ, whatever most cases say.
+    opposite: int = 0
+
+    @property
+    def same_minimisers(self) -> bool:
+        return self.gradient == "parallel" and not self.opposite
 
     def to_json(self) -> dict[str, Any]:
         return {"value": self.value, "gradient": self.gradient, "factor": _json_float(self.factor),
                 "offset": _json_float(self.offset), "cosine_median": _json_float(self.cosine_median), "cases": self.cases,
                 "value_fits": self.value_fits, "gradient_cases": self.gradient_cases, "gradient_fits": self.gradient_fits,
                 "outliers": dict(self.outliers), "equal_within": list(self.equal_within) if self.equal_within else None,
-                "skipped_cases": self.skipped_cases}
+                "skipped_cases": self.skipped_cases, "opposite": self.opposite}
 
     def describe(self, pair: tuple[str, str]) -> str:
         e, a = pair
@@ -917,7 +924,8 @@ class Relation:
         grad = {
             None: "no gradients",
             "equal": "gradients equal",
-            "parallel": "gradients parallel (same minimisers, different step size"
+            "parallel": ("gradients parallel (same minimisers, different step size" if self.same_minimisers
+                         else "gradients parallel (different step size")
             + (f": |∇{a}| ≈ {_g(self.factor)} × |∇{e}|)" if self.factor is not None and self.value != "factor" else ")"),
             "other": "gradients point elsewhere",
             "unknown": "too few cases to relate the gradients",
@@ -926,6 +934,8 @@ class Relation:
             grad += f" on {self.gradient_fits} / {self.gradient_cases} cases"
         if self.cosine_median is not None and self.gradient not in (None, "unknown"):
             grad += f", median cosine {self.cosine_median:.3g}"
+        if self.opposite:
+            grad += f"; opposite on {self.opposite} case(s): different minimisers (where one descends, the other ascends)"
         text = f"{value}; {grad}"
         if self.outliers:
             text += "; cases that do not fit, by regime: " + ", ".join(f"{r} {n}" for r, n in self.outliers)
@@ -970,8 +980,10 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
         for o, ok in zip(with_grads, grad_fit):
             if not ok and id(o) not in value_misfit:
                 misfits[o.regime or "unknown"] = misfits.get(o.regime or "unknown", 0) + 1
+    opposite = sum(1 for o in with_grads if o.cosine is not None and o.cosine <= -COSINE_PARALLEL)
     return Relation(value, gradient, factor, offset, cos_median, len(obs), sum(value_fit), len(with_grads), sum(grad_fit),
-                    tuple(sorted(misfits.items(), key=lambda kv: -kv[1])), (tol.rtol, tol.atol) if tol else None, len(given) - len(obs))
+                    tuple(sorted(misfits.items(), key=lambda kv: -kv[1])), (tol.rtol, tol.atol) if tol else None, len(given) - len(obs),
+                    opposite)
 
 
 def _close(x: float, y: float, rtol: float, atol: float) -> bool:
@@ -1287,8 +1299,10 @@ class Explanation:
                 parts.append(f"values a constant factor apart ({a} ≈ {_g(r.factor)} × {e})")
             elif r.value == "offset" and r.offset is not None:
                 parts.append(f"values a constant offset apart ({_g(r.offset)})")
-            if r.gradient == "parallel":
+            if r.same_minimisers:
                 parts.append("gradients parallel (same minimisers, different step size)")
+            elif r.gradient == "parallel":
+                parts.append(f"gradients parallel on {r.gradient_fits} / {r.gradient_cases} cases but opposite on {r.opposite}: different minimisers")
             elif r.gradient == "other" and r.cosine_median is not None:
                 parts.append(f"gradients point elsewhere (median cosine {r.cosine_median:.2g})")
         if self.impact is not None:
