@@ -450,3 +450,18 @@ def test_gradients_opposite_on_some_cases_are_never_called_same_minimisers():
     huber, smooth = impl("regression.py:huber"), impl("regression.py:smooth_l1")
     rel = relation(history(huber, smooth, REGRESSION))
     assert rel.same_minimisers and rel.opposite == 0
+
+
+def test_a_smooth_minimum_is_not_a_non_differentiable_point():
+    # gaussian_nll_loss at input = target (a smooth minimum of (x - t)²): the one-sided
+    # slopes ±h·f'' at the finest step were read as a kink ("one-sided slopes -5e-07 and
+    # 5e-07 ... no verdict"); at half the step they halve, as a smooth function's do.
+    gnll = impl("torch.nn.functional:gaussian_nll_loss")
+    spec = parse_spec("input: B D real grad; target: B D real; var: B D positive grad; B=1..4; D=1..4")
+    case = Case({"input": torch.tensor([[0.0]]), "target": torch.tensor([[0.0]]), "var": torch.tensor([[1.0]])}, {"B": 1, "D": 1})
+    sc = self_consistency(gnll, spec, case)
+    assert sc.consistent is True and not sc.kink, sc
+    # |x| at 0 still is one: the slopes stay -1 and 1 however fine the step.
+    absolute = Implementation(parse_ref("abs=x.py:f"), lambda x: x.abs().sum())
+    kink = self_consistency(absolute, parse_spec("x: B real grad; B=1..4"), Case({"x": torch.tensor([0.0])}, {"B": 1}))
+    assert kink.kink and kink.consistent is None
