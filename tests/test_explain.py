@@ -465,3 +465,14 @@ def test_a_smooth_minimum_is_not_a_non_differentiable_point():
     absolute = Implementation(parse_ref("abs=x.py:f"), lambda x: x.abs().sum())
     kink = self_consistency(absolute, parse_spec("x: B real grad; B=1..4"), Case({"x": torch.tensor([0.0])}, {"B": 1}))
     assert kink.kink and kink.consistent is None
+
+
+def test_a_100_from_code_that_never_runs_bceloss_is_not_its_clamp():
+    # torchmetrics PSNR vs one guarded by mse + 1e-10, on identical images: inf vs 100 dB.
+    # The finding was headed "100 = torch's BCELoss clamp of log(p) at -100".
+    lib, guarded = impl("psnr.py:psnr_like_torchmetrics"), impl("psnr.py:psnr_guarded")
+    x = torch.rand(1, 1, 11, 11, generator=torch.Generator().manual_seed(0))
+    same = Case({"x": x, "y": x.clone()}, {"B": 1, "C": 1, "H": 11, "W": 11})
+    ex = explain(lib, guarded, preset("images"), same, "nonfinite", F32)
+    assert ex.category is Category.SEMANTIC, ex.reason
+    assert not any("BCELoss" in n for n in ex.notes), ex.notes

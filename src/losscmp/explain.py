@@ -1219,10 +1219,11 @@ class KnownValue:
 
     value: float
     note: str
+    op: str | None = None  # an aten op a side must run for the note to hold (None: any code)
 
 
 SIGNATURES: tuple[KnownValue, ...] = (
-    KnownValue(100.0, "100 = torch's BCELoss clamp of log(p) at -100: a probability reached 0 or 1"),
+    KnownValue(100.0, "100 = torch's BCELoss clamp of log(p) at -100: a probability reached 0 or 1", op="binary_cross_entropy"),
     KnownValue(-math.log(torch.finfo(torch.float32).tiny), "87.34 = -ln(FLT_MIN): a softmax probability underflowed and was clamped to FLT_MIN"),
     KnownValue(math.log(2.0), "0.6931 = ln 2: a sigmoid stuck at 0.5 (all-zero logits)"),
     KnownValue(math.log(torch.finfo(torch.float32).max), "88.72 = ln(FLT_MAX): where float32 exp overflows"),
@@ -1243,6 +1244,39 @@ def signatures(values: Iterable[float], table: Sequence[KnownValue] = SIGNATURES
             if abs(abs(v) - known.value) <= rtol * known.value and known.note not in notes:
                 notes.append(known.note)
     return notes
+
+
+def ops_run(impl: Implementation, spec: Spec, case: Case) -> set[str] | None:
+    """The aten op names one in-process call of ``impl`` runs (None when it raised)."""
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(_op_name(func))
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with Record():
+            call(impl.fn, spec, case)
+    except Exception:
+        return None
+    return seen
+
+
+def _notes_that_hold(notes: list[str], expected: Implementation, actual: Implementation | None, spec: Spec,
+                     case: Case, in_process: bool) -> list[str]:
+    """Drop a note tied to an op no side runs: 100 dB from a PSNR's 1e-10 guard is not
+    BCELoss' clamp.  A side that cannot be watched in-process keeps the note (unknown)."""
+    needs = {k.note: k.op for k in SIGNATURES if k.op}
+    if not any(n in needs for n in notes):
+        return notes
+    ops: set[str] = set()
+    for impl in (expected, actual):
+        seen = ops_run(impl, spec, case) if impl is not None and in_process else None
+        if seen is None:
+            return notes
+        ops |= seen
+    return [n for n in notes if n not in needs or needs[n] in ops]
 
 
 # --- 6. the explanation ------------------------------------------------------------------
@@ -1637,7 +1671,7 @@ def explain(
         relation=rel,
         location=loc,
         impact=imp,
-        notes=tuple(signatures(notes_from)),
+        notes=tuple(_notes_that_hold(signatures(notes_from), expected, actual, spec, case, in_process)),
         skipped=tuple(skipped),
         evaluations=counted.calls,
         seconds=time.perf_counter() - start,
