@@ -476,3 +476,16 @@ def test_a_100_from_code_that_never_runs_bceloss_is_not_its_clamp():
     ex = explain(lib, guarded, preset("images"), same, "nonfinite", F32)
     assert ex.category is Category.SEMANTIC, ex.reason
     assert not any("BCELoss" in n for n in ex.notes), ex.notes
+
+
+def test_impact_with_one_side_stuck_says_so_instead_of_0_steps_and_2x_apart():
+    # MONAI's Dice vs one with eps only in the denominator on an empty mask: the latter's
+    # gradient is exactly 0, so it takes no step while MONAI's descends.  Printed was
+    # "0 normalised descent step(s) ... end points 2x the distance travelled apart".
+    spec = parse_spec("x: B real grad; B=1..4")
+    moving = Implementation(parse_ref("moving=x.py:f"), lambda x: (x * x).sum())
+    stuck = Implementation(parse_ref("stuck=x.py:g"), lambda x: (x * 0).sum() + 1)
+    ex = explain(moving, stuck, spec, Case({"x": torch.tensor([1.0, -2.0])}, {"B": 2}), "value", F32, impact_steps=3)
+    line = next(x for x in ex.evidence() if x.startswith("training impact"))
+    assert line.startswith("training impact: moving 3, stuck 0 normalised descent step(s)"), line
+    assert "only moving moved" in line and "2× the distance" not in line

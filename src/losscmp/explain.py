@@ -1081,6 +1081,7 @@ class Impact:
     lr: float = 0.0
     note: str = ""
     evaluations: int = 0
+    taken: dict[str, int] = field(default_factory=dict)  # steps per side (``steps`` is the fewest)
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "apart": _json_float(self.apart),
@@ -1192,7 +1193,7 @@ def impact(
         achieved = first[other] - last[other]
         cross[mover] = (first[other] - theirs) / achieved if achieved > 0 and math.isfinite(theirs) else math.nan
     ratio = grad_norm[a] / grad_norm[e] if grad_norm[e] and math.isfinite(grad_norm[e]) else None
-    return Impact(min(taken.values()), apart, cross, travelled, ratio, lr, "; ".join(notes), calls)
+    return Impact(min(taken.values()), apart, cross, travelled, ratio, lr, "; ".join(notes), calls, dict(taken))
 
 
 def _norm(ts: Sequence[torch.Tensor]) -> float:
@@ -1424,8 +1425,14 @@ class Explanation:
                               else f"descending {la}: not measurable (the other's own descent made no progress)"
                               for la, v in im.cross_improvement.items())
             ratio = f"; |∇{a}| / |∇{e}| at the start {_g(im.gradient_ratio)}" if im.gradient_ratio is not None else ""
-            lines.append(f"training impact: {im.steps} normalised descent step(s) (backtracking, first step {im.lr:g} of the case's size); "
-                         f"end points {_g(im.apart)}× the distance travelled apart; {cross}{ratio}" + (f"; {im.note}" if im.note else ""))
+            # One side stuck and the other moving: say so, not "0 steps" and "2x apart"
+            # (which reads as opposite directions).
+            steps = (", ".join(f"{la} {n}" for la, n in im.taken.items()) if len(set(im.taken.values())) > 1 else str(im.steps))
+            moved = [la for la, d in im.travelled.items() if d > 0]
+            apart = (f"only {moved[0]} moved (the other took no step), so no distance apart is given"
+                     if len(moved) == 1 and len(im.travelled) == 2 else f"end points {_g(im.apart)}× the distance travelled apart")
+            lines.append(f"training impact: {steps} normalised descent step(s) (backtracking, first step {im.lr:g} of the case's size); "
+                         f"{apart}; {cross}{ratio}" + (f"; {im.note}" if im.note else ""))
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"skipped: {s}" for s in self.skipped]
         if self.budget_note:
