@@ -489,3 +489,12 @@ def test_impact_with_one_side_stuck_says_so_instead_of_0_steps_and_2x_apart():
     line = next(x for x in ex.evidence() if x.startswith("training impact"))
     assert line.startswith("training impact: moving 3, stuck 0 normalised descent step(s)"), line
     assert "only moving moved" in line and "2× the distance" not in line
+
+
+def test_gradients_parallel_on_most_cases_only_never_claim_same_minimisers():
+    # torch's label smoothing vs eps over the other classes, over every regime and C = 2..10:
+    # parallel on most draws, not on the rest (C > 2), and the minimisers differ.
+    ours, theirs = impl("label_smoothing.py:torch_smoothing"), impl("label_smoothing.py:smoothing_over_other_classes")
+    rel = relation(history(ours, theirs, preset("classification"), n=40))
+    assert rel.gradient_fits < rel.gradient_cases and not rel.same_minimisers, rel
+    assert "same minimisers," not in rel.describe(("ours", "theirs"))

@@ -907,7 +907,9 @@ class Relation:
 
     @property
     def same_minimisers(self) -> bool:
-        return self.gradient == "parallel" and not self.opposite
+        # Parallel on most cases is not enough: the cases that are not (label smoothing's
+        # C > 2 draws) may be exactly where the minimisers part.
+        return self.gradient == "parallel" and not self.opposite and self.gradient_fits == self.gradient_cases
 
     def to_json(self) -> dict[str, Any]:
         return {"value": self.value, "gradient": self.gradient, "factor": _json_float(self.factor),
@@ -1349,8 +1351,10 @@ class Explanation:
                 parts.append(f"values a constant offset apart ({_g(r.offset)})")
             if r.same_minimisers:
                 parts.append("gradients parallel (same minimisers, different step size)")
-            elif r.gradient == "parallel":
+            elif r.gradient == "parallel" and r.opposite:
                 parts.append(f"gradients parallel on {r.gradient_fits} / {r.gradient_cases} cases but opposite on {r.opposite}: different minimisers")
+            elif r.gradient == "parallel":
+                parts.append(f"gradients parallel on {r.gradient_fits} / {r.gradient_cases} cases (not all: same minimisers not shown)")
             elif r.gradient == "other" and r.cosine_median is not None:
                 parts.append(f"gradients point elsewhere (median cosine {r.cosine_median:.2g})")
         if self.impact is not None:
