@@ -79,3 +79,14 @@ def test_a_repro_written_before_with_nan_literals_still_loads(tmp_path):
     path.write_text(json.dumps(meta, allow_nan=True))
     assert "Infinity" in path.read_text()
     assert load_repro(path).kind == "mutation"
+
+
+def test_the_readme_names_every_field_the_json_report_writes(bce_demo):
+    """The README's "JSON report" section is the schema people code against: every key
+    the report writes, at the top, per divergence and in its explanation, is named there."""
+    readme = (FIXTURES.parent / "README.md").read_text()
+    section = readme.split("### JSON report (`--json PATH`)", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(\w+)", section))
+    _, _, report = bce_demo
+    written = set(report) | {k for d in report["divergences"] for k in d} | {k for d in report["divergences"] for k in d["explanation"]}
+    assert written - named == set(), f"--json writes fields the README does not name: {sorted(written - named)}"
