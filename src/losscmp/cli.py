@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
@@ -31,26 +32,31 @@ from .replay import replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
 from .repro import load_repro, load_repro_implementations
 from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
-from .spec import resolve_spec
+from .spec import PRESETS, resolve_spec
 from .sweep import parse_knob, sweep, sweep_case
 from .testgen import generate_pytest
 from .explain import Category, oracle
 from .trace import locate
 
-EXAMPLES = """\
-examples:
+# The replay and trace examples name the file the first example saves (seed 0: the same
+# file on every run), so every line runs as printed, in order, from the repository root.
+_SAVED = "fixtures/losscmp/bce_on_sigmoid--bce_with_logits--value--*.json"
+EXAMPLES = f"""\
+examples (from a clone of the repository, in this order):
   losscmp fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits
   losscmp torch.nn.functional:mse_loss fixtures/regression.py:mean_square --spec regression --examples 500
   losscmp 'ref=geomloss:SamplesLoss(loss="sinkhorn", blur=0.05)' fork=fixtures/sinkhorn_torch.py:handwritten --spec points
-  losscmp a.py:f b.py:f --spec "x: N D real grad; y: M D real; N=1..100; D=3" --json report.json
-  losscmp replay fixtures/losscmp/<case>.json            re-run a saved case (exit 0/1)
-  losscmp replay --pytest fixtures/losscmp/<case>.json   write a standalone pytest file
+  losscmp fixtures/regression.py:mean_square torch.nn.functional:mse_loss --spec "input: B real grad; target: B real; B=1..100" --json report.json
+  losscmp replay {_SAVED}            re-run a saved case (exit 0/1)
+  losscmp replay --pytest {_SAVED}   write a standalone pytest file
+  losscmp trace fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits {_SAVED}
   losscmp sweep fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits --param scale=1:100:log
 
 references:  [label=]path/to/file.py:attr | [label=]pkg.module:attr.sub | ...:Factory(key=literal, ...)
-spec:        a preset (points, weighted-points, classification, binary, regression, segmentation,
-             images, distributions), a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
-exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input
+spec:        a preset ({textwrap.fill(", ".join(PRESETS), 86, subsequent_indent=" " * 13)}),
+             a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
+exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input,
+             130 / 143 stopped by Ctrl-C / SIGTERM (the report holds what was found so far)
 """
 
 # A grid finer than this says nothing the bisection to 1% does not; a larger dim is a
@@ -101,7 +107,7 @@ def main_parser() -> argparse.ArgumentParser:
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
     p.add_argument("--devices", metavar="LIST", help="one worker per device, e.g. cuda:0,cuda:1 (implies --jobs)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
+    p.add_argument("-q", "--quiet", action="store_true", help="print the verdict table without the findings' details")
     p.add_argument("--version", action="version", version=f"losscmp {__version__}")
     return p
 
