@@ -303,3 +303,36 @@ def _relabel(meta: dict, label: str) -> None:
     old = meta["implementations"][0]["label"]
     meta["implementations"][0]["label"] = label
     meta["pair"] = [label if x == old else x for x in meta["pair"]]
+
+
+FIRST_BCE = "import torch\n\ndef bce(z, t):\n    return (z.clamp(min=0) - z * t + torch.log1p(torch.exp(-z.abs()))).mean()\n"
+FIXED_BCE = "import torch\n\ndef bce(z, t):\n    return (torch.logaddexp(torch.zeros_like(z), z) - z * t).mean()\n"
+
+
+def test_replay_says_what_changed_when_outputs_are_no_longer_the_recorded_ones(tmp_path, monkeypatch, capsys):
+    """The README's plugin story from the command line: a case saved against the first
+    BCE, replayed after the fix, agrees now; the outputs differ from the recorded ones
+    because the implementation's file changed, and the replay says that (not "library
+    versions or hardware?").  A version the file recorded differently is named too, and
+    a recorded string that is not plain text is quoted, never printed raw."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "losses.py").write_text(FIRST_BCE)
+    argv = ["losses.py:bce", "torch.nn.functional:binary_cross_entropy_with_logits", "--spec", "binary",
+            "--regimes", "special", "--examples", "20", "--no-explain", "--save-dir", "saved"]
+    assert main(argv) == 1
+    (path,) = (tmp_path / "saved").glob("*gradient*.json")
+    capsys.readouterr()
+    (tmp_path / "losses.py").write_text(FIXED_BCE)
+    # One process plays both commands here: forget the first version, as a new `losscmp` would.
+    for name in [n for n, m in sys.modules.items() if getattr(m, "__file__", None) == str(tmp_path / "losses.py")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(["replay", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "outputs differ from the recorded run (bce's file changed)" in out and "agree now" in out
+    meta = json.loads(path.read_text())
+    meta["versions"]["torch"] = "1.0\x1b[2J"
+    path.write_text(json.dumps(meta))
+    assert main(["replay", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"torch '1.0\\x1b[2J' -> {torch.__version__}; bce's file changed)" in out
+    assert "\x1b" not in out

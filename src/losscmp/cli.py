@@ -30,7 +30,7 @@ from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
 from .replay import replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
-from .repro import load_repro, load_repro_implementations
+from .repro import changed_since, load_repro, load_repro_implementations
 from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
 from .spec import PRESETS, resolve_spec
 from .sweep import parse_knob, sweep, sweep_case
@@ -399,7 +399,12 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     if elsewhere:  # the file may say cuda on a machine without it: what ran here is not what was recorded
         console.print(f"recorded on {recorded}, replayed on {here}: this machine has no {recorded}", markup=False)
     if result.same_bits is not None:
-        console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
+        if result.same_bits:
+            console.print("outputs are bit-for-bit identical to the recorded run", markup=False)
+        else:
+            changes = changed_since(repro)
+            why = "; ".join(changes) if changes else "no recorded version or file changed: another machine, or a nondeterministic side?"
+            console.print(f"outputs differ from the recorded run ({why})", markup=False)
     verdict = result.verdict
     if verdict.kind:
         console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict.detail)}", highlight=False)

@@ -530,6 +530,43 @@ def repro_base_dir(repro: Repro) -> Path:
     return Path(base) if usable and isinstance(base, str) else Path.cwd()
 
 
+def changed_since(repro: Repro) -> tuple[str, ...]:
+    """What differs between the versions a repro recorded and today's: python, torch,
+    numpy, geomloss, pykeops, losscmp, each implementation's package version or file hash.
+    Why outputs may no longer be bit-identical, said rather than guessed; empty when
+    nothing recorded differs (or the file recorded nothing readable)."""
+    recorded = repro.meta.get("versions")
+    if not isinstance(recorded, dict):
+        return ()
+    base = repro_base_dir(repro)
+    # A relative file reference is hashed where it loads from, as the replay loads it.
+    refs = [replace(r, target=str(base / r.target)) if r.is_path and not Path(r.target).is_absolute() else r for r in repro.refs]
+    try:
+        today = versions(refs)
+    except OSError:  # a file that cannot be read now: the replay itself will say so
+        return ()
+    changes = []
+    for key in ("python", "torch", "numpy", "geomloss", "pykeops", "losscmp"):
+        old, new = recorded.get(key), today.get(key)
+        if isinstance(old, str) and old != new:
+            changes.append(f"{key} {_echo(old)} -> {new}")
+    old_impls = recorded.get("implementations")
+    for label, now in today["implementations"].items():
+        then = old_impls.get(label) if isinstance(old_impls, dict) else None
+        if not isinstance(then, dict):
+            continue
+        if "file_sha256" in now and isinstance(then.get("file_sha256"), str) and then["file_sha256"] != now["file_sha256"]:
+            changes.append(f"{label}'s file changed")
+        elif "version" in now and isinstance(then.get("version"), str) and then["version"] != now["version"]:
+            changes.append(f"{label}'s package {now['package']} {_echo(then['version'])} -> {now['version']}")
+    return tuple(changes)
+
+
+def _echo(text: str) -> str:
+    """A version string read from a file, safe to print: quoted when it is not plain."""
+    return text if text.isprintable() and len(text) <= 40 else shown(text, 40)
+
+
 def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
                                elsewhere: Callable[[Ref], Any] | None = None) -> list[Any]:
     """The subject's implementations, after the trust check, with the safe factory policy.
