@@ -336,3 +336,21 @@ def test_replay_says_what_changed_when_outputs_are_no_longer_the_recorded_ones(t
     out = " ".join(capsys.readouterr().out.split())
     assert f"torch '1.0\\x1b[2J' -> {torch.__version__}; bce's file changed)" in out
     assert "\x1b" not in out
+
+
+def test_a_replayed_minimised_case_says_its_recipe_is_the_draw_it_came_from(bce_repros, tmp_path, capsys):
+    """The BCE value finding was drawn at magnitude 5e+07 and minimised to [8]: the replay
+    must not present "magnitude 5.18e+07" as the saved input's; it says the case was
+    minimised from that draw.  The flag is data from a file: anything but a bool is refused."""
+    value = next(p for p in bce_repros if json.loads(p.read_text())["kind"] == "value")
+    meta = json.loads(value.read_text())
+    assert meta["minimised"] is True
+    assert main(["replay", str(value)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "regime huge, magnitude" in out and "; minimised from that draw; replayed)" in out
+    tampered = tmp_path / value.name
+    tampered.with_suffix(".npz").write_bytes(value.with_suffix(".npz").read_bytes())
+    tampered.write_text(json.dumps({**meta, "minimised": "yes"}))
+    assert main(["replay", str(tampered)]) == 2
+    err = capsys.readouterr().err
+    assert "'minimised' is not true or false" in err and len(err.strip().splitlines()) == 1

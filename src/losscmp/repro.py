@@ -183,6 +183,8 @@ def save_case(
         "params": case.params,
         "sizes": case.sizes,
         "recipe": asdict(case.recipe) if case.recipe else None,
+        # The recipe describes the case as drawn; a minimised case is no longer that draw.
+        "minimised": case.note == "minimised",
         "tensors": tensors_meta,
         "outcomes": outcome_meta,
         "tolerance": {"rtol": tolerance[0], "atol": tolerance[1]},
@@ -385,7 +387,11 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
         device = "cpu"
     tensors = {k: v.to(device) for k, v in tensors.items()}
     # Keyword parameters come from the spec text: literal types survive (JSON has no tuples).
-    return Case(tensors=tensors, sizes=dict(sizes), params=dict(spec.params), recipe=recipe, note="replayed")
+    minimised = meta.get("minimised", False)  # absent from files written before it was recorded
+    _need(isinstance(minimised, bool), "'minimised' is not true or false")
+    # Said next to the recipe: "magnitude 5e+07" is the draw it came from, not the saved input.
+    note = "minimised from that draw; replayed" if minimised and recipe else "replayed"
+    return Case(tensors=tensors, sizes=dict(sizes), params=dict(spec.params), recipe=recipe, note=note)
 
 
 def load_repro(path: str | Path) -> Repro:
