@@ -354,3 +354,16 @@ def test_a_replayed_minimised_case_says_its_recipe_is_the_draw_it_came_from(bce_
     assert main(["replay", str(tampered)]) == 2
     err = capsys.readouterr().err
     assert "'minimised' is not true or false" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_repro_records_the_verdict_on_the_input_it_saves(bce_repros, tmp_path, capsys):
+    """The saved input is the minimised one, so the recorded score and detail are its own
+    (the replay's today), not the worst draw's; the generated test's docstring quotes them."""
+    value = next(p for p in bce_repros if json.loads(p.read_text())["kind"] == "value")
+    meta = json.loads(value.read_text())
+    assert main(["replay", str(value)]) == 1
+    today = " ".join(capsys.readouterr().out.split()).split("still diverges (value): ", 1)[1]
+    assert " ".join(meta["detail"].split()) == today
+    out = tmp_path / "test_value.py"
+    assert main(["replay", "--pytest", str(value), "-o", str(out)]) == 0
+    assert meta["detail"] in " ".join(out.read_text().split('"""')[1].split())

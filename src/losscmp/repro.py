@@ -248,9 +248,12 @@ def save_divergence(ev, d, directory: Path) -> Path:
         outcomes = {}
     else:
         outcomes = ev.outcomes(case, labels)
+    # The verdict on the input saved here: a minimised case's own, not the worst draw's
+    # (a generated test's docstring quoting "7.99e+07 apart" above an input of [8] misleads).
+    verdict = d.minimized.verdict if d.minimized and d.minimized.verdict else d.verdict
     extra = {
-        "score": d.verdict.score,
-        "detail": d.verdict.detail,
+        "score": verdict.score,
+        "detail": verdict.detail,
         "original_sizes": d.minimized.original_sizes if d.minimized else case.sizes,
         "threshold": asdict(d.minimized.threshold) if d.minimized and d.minimized.threshold else None,
         "timeout": ev.settings.execution.timeout,
