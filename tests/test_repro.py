@@ -265,9 +265,12 @@ def _evil_module(tmp_path: Path) -> Path:
         (lambda meta, tmp: _relabel(meta, 'diff\rimport os; os.system("touch MARKER")'), "control character"),
         (lambda meta, tmp: _relabel(meta, 'diff\nimport os; os.system("touch MARKER")'), "control character"),
         (lambda meta, tmp: _relabel(meta, "diff\u2028x"), "control character"),
-        # A relative path is judged where it loads from: base_dir pointing into the standard library.
-        (lambda meta, tmp: (meta.update(base_dir=str(Path(json.__file__).parent.parent)),
+        # A relative path is judged where it loads from: an old repro's base_dir pointing into the standard library,
+        (lambda meta, tmp: (meta.pop("paths"), meta.update(base_dir=str(Path(json.__file__).parent.parent)),
                             meta["implementations"][0].update(ref="os.py:system")), "standard library"),
+        # or a path from the project root that climbs out of it into the standard library.
+        (lambda meta, tmp: meta["implementations"][0].update(ref=f"{'../' * 12}{Path(json.__file__).parent.parent}/os.py:system"),
+         "standard library"),
     ],
 )
 def test_a_tampered_repro_never_generates_a_test_that_runs_code(bce_repros, tmp_path, capsys, tamper, refused):

@@ -355,7 +355,7 @@ def _with_progress(run, total: int, err: Console):
 
 def _replay(args: argparse.Namespace, console: Console) -> int:
     from .replay import replay
-    from .repro import load_repro, load_repro_implementations
+    from .repro import file_checks, load_repro, load_repro_implementations, version_changes
 
     repro = load_repro(args.file)
     if args.pytest:
@@ -371,9 +371,11 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     pythons = parse_pythons(args.python)
     check_labels(pythons, list(dict.fromkeys(repro.pair)))
     impls = load_repro_implementations(repro, remote=pythons)  # refuses what a saved file may not run, before anything runs
+    files = {f.label: f for f in file_checks(repro)}
     for impl in impls:
         there = f" (under {pythons[impl.label]})" if impl.label in pythons else ""
-        console.print(f"will run {impl.label} = {impl.ref.source()}{there}", markup=False)
+        where = f", from {files[impl.label].path}{_file_state(files[impl.label])}" if impl.label in files else ""
+        console.print(f"will run {impl.label} = {impl.ref.source()}{there}{where}", markup=False, soft_wrap=True)
     result = replay(repro, impls, pythons=pythons)
     how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
     console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; input {repro.case.describe()}{how}", markup=False)
@@ -382,7 +384,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     if elsewhere:  # the file may say cuda on a machine without it: what ran here is not what was recorded
         console.print(f"recorded on {recorded}, replayed on {here}: this machine has no {recorded}", markup=False)
     if result.same_bits is not None:
-        console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
+        console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits
+                      else f"outputs differ from the recorded run: {_why_outputs_differ(files.values(), version_changes(repro), recorded if elsewhere else None)}", markup=False)
     verdict = result.verdict
     if verdict.kind:
         console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict.detail)}", highlight=False)
@@ -395,6 +398,27 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
     return 0
+
+
+def _file_state(check) -> str:
+    if check.today is None:
+        return ": no such file here"
+    if check.recorded is None:
+        return " (the repro holds no hash to compare it with)"
+    if check.changed:
+        return f": NOT the recorded file (sha256 {check.today}, recorded {check.recorded})"
+    return " (the recorded file, sha256 matches)"
+
+
+def _why_outputs_differ(files, versions: dict, other_device: str | None) -> str:
+    """What changed since the recording, from what the repro holds; no guessing."""
+    changed = [f"{path} changed" for path in dict.fromkeys(f.path for f in files if f.changed)]
+    changed += [f"{name} {was} -> {now}" for name, (was, now) in versions.items()]
+    if other_device:
+        changed.append(f"recorded on {other_device}")
+    if changed:
+        return "; ".join(changed)
+    return "same files and library versions as recorded, so the implementations or this hardware are not deterministic"
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:

@@ -39,9 +39,14 @@ from .errors import LosscmpError
 from .findings import Kind
 from .generate import Case, Recipe, _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
+from .project import portable_target, project_root
 from .spec import Spec, SpecError, parse_spec
 
 FORMAT = "losscmp-repro/1"
+# The "paths" field of a repro: relative file references are resolved from the project
+# root found where the repro is replayed.  Older repros instead hold an absolute
+# "base_dir", the folder they were saved from, and keep resolving from there.
+PATHS_FROM_PROJECT_ROOT = "project root"
 INPUT_FORMAT = "losscmp-input/1"
 DTYPES = {
     "float16": torch.float16,
@@ -112,7 +117,9 @@ def _package_version(pkg: str) -> str | None:
         return None
 
 
-def versions(refs: list[Ref]) -> dict[str, Any]:
+def versions(refs: list[Ref], base_dir: Path | None = None) -> dict[str, Any]:
+    """Library versions, and each implementation's file hash or package version; relative
+    file references are read under ``base_dir`` (default: the current folder)."""
     found: dict[str, Any] = {"python": platform.python_version()}
     for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
@@ -123,14 +130,24 @@ def versions(refs: list[Ref]) -> dict[str, Any]:
     impls = {}
     for ref in refs:
         if ref.is_path:
-            path = Path(ref.target)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-            impls[ref.label] = {"file_sha256": digest}
+            impls[ref.label] = {"file_sha256": file_digest(_under(ref.target, base_dir))}
         else:
             top = ref.target.split(".")[0]
             impls[ref.label] = {"package": top, "version": _package_version(top)}
     found["implementations"] = impls
     return found
+
+
+def file_digest(path: Path) -> str | None:
+    """The first 16 hex digits of a file's SHA-256 (of a package folder: its __init__.py)."""
+    if path.is_dir():
+        path = path / "__init__.py"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def _under(target: str, base_dir: Path | None) -> Path:
+    path = Path(target)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
 def _slug(text: str) -> str:
@@ -151,8 +168,16 @@ def save_case(
     device: str,
     extra: dict[str, Any] | None = None,
     durable: bool = True,
+    cwd: str | Path | None = None,
 ) -> Path:
-    """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path.  ``durable``: fsync too."""
+    """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path.  ``durable``: fsync too.
+
+    File references (relative to ``cwd``, the folder the run was started in: the current
+    one by default) are stored relative to its project root, so a replay in another clone
+    of the project runs that clone's files (:func:`repro_base_dir`)."""
+    cwd = Path(cwd if cwd is not None else os.getcwd())
+    root = project_root(cwd)
+    refs = [replace(r, target=portable_target(r.target, cwd, root)) if r.is_path else r for r in refs]
     arrays: dict[str, np.ndarray] = {}
     tensors_meta = {}
     for name, t in case.tensors.items():
@@ -178,7 +203,7 @@ def save_case(
         "pair": list(pair),
         "kind": str(kind),
         "implementations": [{"label": r.label, "ref": r.source()} for r in refs],
-        "base_dir": os.getcwd(),
+        "paths": PATHS_FROM_PROJECT_ROOT,
         "spec": spec.text(),
         "params": case.params,
         "sizes": case.sizes,
@@ -189,7 +214,7 @@ def save_case(
         "seed": seed,
         "device": device,
         "dtype": next((m["dtype"] for m in tensors_meta.values() if m["dtype"].startswith(("float", "bfloat"))), None),
-        "versions": versions(refs),
+        "versions": versions(refs, root),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
@@ -522,9 +547,62 @@ def trusted_refs(repro: Repro) -> list[Ref]:
 
 
 def repro_base_dir(repro: Repro) -> Path:
-    """Where relative file references of the repro are loaded from."""
+    """Where relative file references of the repro are loaded from: the project root found
+    from the current folder (this checkout's files, not the saving clone's); for a repro
+    from before that rule, the absolute folder it was saved from, while it exists."""
     base = repro.meta.get("base_dir")
-    return Path(base) if isinstance(base, str) and Path(base).is_dir() else Path.cwd()
+    if repro.meta.get("paths") != PATHS_FROM_PROJECT_ROOT and isinstance(base, str) and Path(base).is_dir():
+        return Path(base)
+    return project_root()
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """A file an implementation of the repro is loaded from: where, and whether it is the
+    file the case was recorded with (by the SHA-256 prefix the repro holds)."""
+
+    label: str
+    path: Path
+    recorded: str | None  # None: the repro holds no hash for it
+    today: str | None  # None: no such file here
+
+    @property
+    def changed(self) -> bool:
+        return self.recorded is not None and self.today != self.recorded
+
+
+def file_checks(repro: Repro) -> list[FileCheck]:
+    """The files the subject's file references load here, each against its recorded hash."""
+    base = repro_base_dir(repro)
+    saved = repro.meta.get("versions", {})
+    saved = saved.get("implementations", {}) if isinstance(saved, dict) else {}
+    out = []
+    for ref in repro.refs:
+        if ref.label not in repro.pair or not ref.is_path or not ref.target:
+            continue
+        path = _under(ref.target, base)
+        recorded = saved.get(ref.label, {}).get("file_sha256") if isinstance(saved.get(ref.label), dict) else None
+        out.append(FileCheck(ref.label, path, recorded if isinstance(recorded, str) else None, file_digest(path)))
+    return out
+
+
+def version_changes(repro: Repro) -> dict[str, tuple[Any, Any]]:
+    """{library: (recorded version, today's)} for the libraries whose version changed since
+    the case was recorded, the implementations' own packages included."""
+    saved = repro.meta.get("versions")
+    if not isinstance(saved, dict):
+        return {}
+    today = versions([r for r in repro.refs if not r.is_path and r.target and r.label in repro.pair])
+    changes: dict[str, tuple[Any, Any]] = {}
+    for name, now in today.items():
+        if name != "implementations" and name in saved and saved[name] != now:
+            changes[name] = (saved[name], now)
+    recorded_impls = saved.get("implementations", {}) if isinstance(saved.get("implementations"), dict) else {}
+    for label, now in today["implementations"].items():
+        was = recorded_impls.get(label)
+        if isinstance(was, dict) and was.get("version") != now.get("version"):
+            changes[now["package"]] = (was.get("version"), now.get("version"))
+    return changes
 
 
 def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):

@@ -291,7 +291,7 @@ def materialise(directory: Path) -> Path:
     return save_case(
         save_dir, spec=spec, case=case, refs=refs, pair=tuple(partner), kind=Kind.CRASH, outcomes=outcomes,
         tolerance=(context["tolerance"]["rtol"], context["tolerance"]["atol"]), seed=context["seed"],
-        device=crumb["device"], extra={"detail": f"{label} ended the losscmp process ({crumb['how']})", "base_dir": context["cwd"]},
+        device=crumb["device"], extra={"detail": f"{label} ended the losscmp process ({crumb['how']})"}, cwd=context["cwd"],
     )
 
 
