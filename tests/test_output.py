@@ -76,3 +76,71 @@ def test_an_old_repro_with_an_absolute_base_dir_still_loads_from_there(tmp_path,
     out = capsys.readouterr().out
     assert code == 1, out
     assert f"from {project / 'losses.py'}" in out and "bit-for-bit identical" in out
+
+
+def _pytest(path: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_replay_pytest_writes_a_portable_test_outside_the_saved_cases(tmp_path, monkeypatch, capsys):
+    project = _project(tmp_path / "proj")
+    (project / "tests").mkdir()
+    monkeypatch.chdir(project)
+    # The project's own loss against torch's: torch is the reference (expected) in the test.
+    assert main(["losses.py:twice", "torch.nn.functional:mse_loss", "--spec", SPEC, "--examples", "10", "--no-explain",
+                 "-q", "--save-dir", "cases"]) == 1
+    saved = sorted((project / "cases").glob("*value*.json"))[0]
+    capsys.readouterr()
+    assert main(["replay", "--pytest", str(saved)]) == 0
+    out = capsys.readouterr().out
+    written = sorted((project / "tests").glob("test_losscmp_*.py"))
+    assert len(written) == 1 and not list((project / "cases").glob("*.py"))
+    assert f"wrote tests/{written[0].name}" in out and f"run: pytest tests/{written[0].name}" in out
+    source = written[0].read_text()
+    assert str(tmp_path) not in source  # no absolute path
+    meta = json.loads(saved.read_text())
+    docstring = source.split('"""')[1]
+    assert "Minimised case: B=1: input " in docstring and meta["detail"] in docstring
+    assert "expected mse_loss, actual twice" in source
+
+    # The test travels with the project: a moved copy still loads its losses.py and fails, briefly.
+    moved = tmp_path / "elsewhere" / "proj"
+    shutil.copytree(project, moved)
+    shutil.rmtree(project)
+    proc = _pytest(moved / "tests" / written[0].name, moved)
+    assert proc.returncode == 1 and "1 failed" in proc.stdout, proc.stdout
+    assert "expected mse_loss, actual twice: loss value: Scalars are not close!" in proc.stdout
+    assert "tensor(" not in proc.stdout and "_inputs()" not in proc.stdout  # no tensor-sized arguments or locals
+    assert len(proc.stdout.splitlines()) < 30, proc.stdout
+
+
+def test_replay_pytest_without_a_tests_folder_writes_to_the_current_one(tmp_path, monkeypatch, capsys):
+    project = _project(tmp_path / "flat")
+    saved = _saved_value_case(project, monkeypatch, capsys)
+    assert main(["replay", "--pytest", str(saved)]) == 0
+    assert len(list(project.glob("test_losscmp_*.py"))) == 1
+    assert "wrote test_losscmp_" in capsys.readouterr().out
+
+
+def test_replay_describes_a_minimised_input_by_its_values_not_its_recipe(tmp_path, capsys):
+    import torch
+
+    from losscmp.generate import Case, Recipe
+    from losscmp.load import load_implementation
+    from losscmp.repro import save_case
+    from losscmp.run import call
+    from losscmp.spec import parse_spec
+
+    project = _project(tmp_path / "zeros")
+    spec = parse_spec(SPEC)
+    case = Case({"input": torch.zeros(1), "target": torch.zeros(1)}, {"B": 1},
+                recipe=Recipe(sizes=(("B", 1),), regime="huge", magnitude=1e3))
+    impls = [load_implementation(f"{project}/losses.py:mse"), load_implementation(f"{project}/losses.py:twice")]
+    outcomes = {i.label: call(i.fn, spec, case) for i in impls}
+    path = save_case(tmp_path, spec=spec, case=case, refs=[i.ref for i in impls], pair=("mse", "twice"), kind="value",
+                     outcomes=outcomes, tolerance=(1.3e-6, 1e-5), seed=0, device="cpu")
+    assert main(["replay", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "input B=1: input all 0, target all 0" in out
+    assert "regime huge" not in out and "magnitude" not in out

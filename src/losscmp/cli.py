@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
@@ -17,6 +18,7 @@ from rich.markup import escape
 
 from . import __version__, supervise
 from .errors import LosscmpError, UsageError
+from .project import project_root, shown_path
 from .settings import checked_device
 
 EXAMPLES = """\
@@ -84,7 +86,7 @@ def replay_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="losscmp replay", description="Re-run a saved case; exit 0 if the pair agrees today, 1 if it still diverges.")
     p.add_argument("file", help="a repro .json (or .npz) written by losscmp")
     p.add_argument("--pytest", action="store_true", help="instead of running, write a standalone pytest file reproducing the case")
-    p.add_argument("-o", "--output", metavar="PATH", help="with --pytest: where to write (default: test_<stem>.py beside the repro)")
+    p.add_argument("-o", "--output", metavar="PATH", help="with --pytest: where to write (default: tests/test_losscmp_<stem>.py at the project root if tests/ exists, else in the current folder)")
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run the implementation labelled LABEL under that interpreter, as the run that saved the case did (repeatable)")
     return p
@@ -355,16 +357,19 @@ def _with_progress(run, total: int, err: Console):
 
 def _replay(args: argparse.Namespace, console: Console) -> int:
     from .replay import replay
+    from .display import case_values_text
     from .repro import file_checks, load_repro, load_repro_implementations, version_changes
 
     repro = load_repro(args.file)
     if args.pytest:
         from .testgen import generate_pytest
 
-        out = Path(args.output) if args.output else repro.path.with_name(f"test_{repro.path.stem.replace('-', '_')}.py")
+        out = Path(args.output) if args.output else _default_test_path(repro.path)
         _writable_file(str(out), "--output")
-        out.write_text(generate_pytest(repro, str(repro.path)))
-        console.print(f"wrote {out}  (run: pytest {out})", markup=False)
+        out.write_text(generate_pytest(repro, str(repro.path), out))
+        shown = shlex.quote(shown_path(out))
+        console.print(f"wrote {shown}", markup=False, soft_wrap=True)
+        console.print(f"run: pytest {shown}", markup=False, soft_wrap=True)
         return 0
     from .interpreter import check_labels, parse_pythons
 
@@ -378,7 +383,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         console.print(f"will run {impl.label} = {impl.ref.source()}{there}{where}", markup=False, soft_wrap=True)
     result = replay(repro, impls, pythons=pythons)
     how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
-    console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; input {repro.case.describe()}{how}", markup=False)
+    console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; "
+                  f"input {case_values_text(repro.case.sizes, repro.case.tensors)}{how}", markup=False, soft_wrap=True)
     recorded, here = str(repro.meta.get("device", "cpu")), str(next(iter(repro.case.tensors.values())).device)
     elsewhere = torch.device(recorded).type != torch.device(here).type
     if elsewhere:  # the file may say cuda on a machine without it: what ran here is not what was recorded
@@ -398,6 +404,16 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(f"[green]agree now[/] (score {verdict.score:.3g})")
     return 0
+
+
+def _default_test_path(repro_path: Path) -> Path:
+    """Where ``replay --pytest`` writes by default: the project's tests/ folder if it has
+    one, else the current folder; never beside the repro, where a bare ``pytest`` would
+    collect it from the saved-cases folder by surprise."""
+    root = project_root()
+    folder = root / "tests" if (root / "tests").is_dir() else Path.cwd()
+    stem = "".join(c if c.isalnum() else "_" for c in repro_path.stem).strip("_")
+    return folder / f"test_losscmp_{stem}.py"
 
 
 def _file_state(check) -> str:

@@ -272,9 +272,13 @@ def save_divergence(ev, d, directory: Path) -> Path:
         outcomes = {}
     else:
         outcomes = ev.outcomes(case, labels)
+    minimal = d.minimized.verdict if d.minimized and d.minimized.verdict is not None and d.minimized.verdict.kind else None
     extra = {
         "score": _finite_or_str(d.verdict.score),
-        "detail": d.verdict.detail,
+        # What the saved (minimised) case shows; the worst case found is kept beside it.
+        "detail": minimal.detail if minimal else d.verdict.detail,
+        "worst_detail": d.verdict.detail,
+        "reference": ev.settings.reference,
         "original_sizes": d.minimized.original_sizes if d.minimized else case.sizes,
         "threshold": asdict(d.minimized.threshold) if d.minimized and d.minimized.threshold else None,
         "timeout": ev.settings.execution.timeout,

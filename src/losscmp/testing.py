@@ -27,6 +27,7 @@ import torch
 
 from .audit import AuditResult, audit
 from .compare import Verdict
+from .display import case_values_text
 from .errors import LosscmpError, UsageError
 from .findings import Kind, Subject
 from .generate import Case
@@ -277,7 +278,7 @@ def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str
         lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {r.verdict.subject}")
         lines.append(f"  saved case: {_shown_path(r.path)} (saved as {r.recorded})")
         lines.append(f"  {r.verdict.detail}")
-        lines.append(f"  input: {r.case.describe()}")
+        lines.append(f"  input: {case_values_text(r.case.sizes, r.case.tensors)}")
         for name, t in r.case.tensors.items():
             if t.numel() <= 24:
                 lines.append(f"  {name} = {_tensor_text(t)}")
