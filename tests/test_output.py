@@ -144,3 +144,25 @@ def test_replay_describes_a_minimised_input_by_its_values_not_its_recipe(tmp_pat
     out = capsys.readouterr().out
     assert "input B=1: input all 0, target all 0" in out
     assert "regime huge" not in out and "magnitude" not in out
+
+
+def test_a_cli_audit_saves_cases_in_the_hidden_folder_of_the_project_root(tmp_path, monkeypatch, capsys):
+    project = _project(tmp_path / "hidden")
+    (project / "scripts").mkdir()
+    monkeypatch.chdir(project / "scripts")
+    assert main(["../losses.py:mse", "../losses.py:twice", "--spec", SPEC, "--examples", "5", "--no-explain",
+                 "--no-minimize"]) == 1
+    out = capsys.readouterr().out
+    saved = sorted((project / ".losscmp").glob("*.json"))
+    assert saved and not (project / "scripts" / "fixtures").exists() and not (project / "fixtures").exists()
+    assert f"losscmp replay ../.losscmp/{saved[0].name}" in out or f"losscmp replay {saved[0]}" in out
+    # Stored from the project root, the reference replays from any folder of the project.
+    assert {i["ref"] for i in json.loads(saved[0].read_text())["implementations"]} == {"losses.py:mse", "losses.py:twice"}
+    monkeypatch.chdir(project)
+    assert main(["replay", str(saved[0])]) == 1
+    assert main(["../losses.py:mse", "../losses.py:twice", "--spec", SPEC, "--examples", "5", "--no-save"]) == 2  # wrong folder now
+    before = sorted((project / ".losscmp").glob("*.json"))
+    monkeypatch.chdir(project / "scripts")
+    assert main(["../losses.py:mse", "../losses.py:twice", "--spec", SPEC, "--examples", "5", "--no-explain",
+                 "--no-minimize", "--no-save"]) == 1
+    assert sorted((project / ".losscmp").glob("*.json")) == before  # --no-save writes nothing

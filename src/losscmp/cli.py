@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from . import __version__, supervise
 from .errors import LosscmpError, UsageError
-from .project import project_root, shown_path
+from .project import SAVE_DIR, default_save_dir, project_root, shown_path
 from .settings import checked_device
 
 EXAMPLES = """\
@@ -27,8 +27,8 @@ examples:
   losscmp torch.nn.functional:mse_loss fixtures/regression.py:mean_square --spec regression --examples 500
   losscmp 'ref=geomloss:SamplesLoss(loss="sinkhorn", blur=0.05)' fork=fixtures/sinkhorn_torch.py:handwritten --spec points
   losscmp a.py:f b.py:f --spec "x: N D real grad; y: M D real; N=1..100; D=3" --json report.json
-  losscmp replay fixtures/losscmp/<case>.json            re-run a saved case (exit 0/1)
-  losscmp replay --pytest fixtures/losscmp/<case>.json   write a standalone pytest file
+  losscmp replay .losscmp/<case>.json            re-run a saved case (exit 0/1)
+  losscmp replay --pytest .losscmp/<case>.json   write a standalone pytest file
   losscmp sweep fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits --param scale=1:100:log
 
 references:  [label=]path/to/file.py:attr | [label=]pkg.module:attr.sub | ...:Factory(key=literal, ...)
@@ -62,7 +62,8 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=100, metavar="N", help="cases to generate (default 100)")
     _common(p)
     p.add_argument("--reference", metavar="LABEL", help="compare every other implementation against this one only")
-    p.add_argument("--save-dir", default="fixtures/losscmp", metavar="DIR", help="where minimised repros go (default fixtures/losscmp)")
+    p.add_argument("--save-dir", metavar="DIR", help=f"where minimised repros go (default: {SAVE_DIR}/ at the project root, the nearest "
+                   f"folder upwards with .git, pyproject.toml, setup.cfg, setup.py, pytest.ini or tox.ini)")
     p.add_argument("--no-save", action="store_true", help="do not write repro files")
     p.add_argument("--no-minimize", action="store_true", help="report divergences as found, without minimising")
     p.add_argument("--no-explain", action="store_true", help="skip the explanation (float64 oracle, self-consistency, relation, trace, impact)")
@@ -250,9 +251,9 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     pythons = parse_pythons(args.python)
     if args.json:
         _writable_file(args.json, "--json")
-    save_dir = None if args.no_save else Path(args.save_dir)
+    save_dir = None if args.no_save else Path(args.save_dir) if args.save_dir else default_save_dir()
     if save_dir is not None and save_dir.exists() and not save_dir.is_dir():
-        raise UsageError(f"--save-dir {args.save_dir}: exists and is not a folder")
+        raise UsageError(f"--save-dir {save_dir}: exists and is not a folder")
     settings = Settings.of(
         reference=args.reference,
         examples=args.examples,

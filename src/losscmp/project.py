@@ -53,10 +53,11 @@ def portable_target(target: str, cwd: str | Path, root: Path) -> str:
 
 def shown_path(path: str | Path, start: str | Path | None = None) -> str:
     """``path`` as a person at ``start`` (default: the current folder) would type it:
-    relative when below it, else as given."""
-    p = Path(path)
-    here = Path(start if start is not None else os.getcwd())
+    relative when inside the same project (``../.losscmp/x.json``), else absolute."""
+    here = Path(start if start is not None else os.getcwd()).resolve()
+    p = Path(path).resolve()
     try:
-        return str(p.resolve().relative_to(here.resolve()))
-    except (ValueError, OSError):
+        p.relative_to(project_root(here))
+    except ValueError:
         return str(p)
+    return os.path.relpath(p, here)

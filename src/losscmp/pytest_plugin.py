@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
+from .project import SAVE_DIR
+
 if TYPE_CHECKING:
     from .testing import CheckOptions, CheckResult, Session
 
-SAVE_DIR = "fixtures/losscmp"
 # Spelled out, not imported: importing losscmp.testing imports torch, and every pytest
 # run of a project that merely has losscmp installed loads this module.
 DTYPE_NAMES = ["float16", "bfloat16", "float32", "float64"]
@@ -52,7 +53,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--losscmp-python", action="append", default=[], metavar="LABEL=PATH",
                     help="run the implementation labelled LABEL (a reference, e.g. 'official=pkg.losses:dice') under that "
                          "interpreter; its environment needs torch and numpy, not losscmp (repeatable)")
-    group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from (default {SAVE_DIR})")
+    group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from, relative to the rootdir (default {SAVE_DIR}, hidden like .hypothesis)")
     group.addoption("--losscmp-no-replay", action="store_true", help="do not replay saved cases before fuzzing")
     group.addoption("--losscmp-replay-only", action="store_true", help="replay saved cases only, no fuzzing (a test with none passes)")
 

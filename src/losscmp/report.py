@@ -15,6 +15,7 @@ from rich.table import Table
 from .audit import AuditResult, Divergence
 from .display import tensor_text
 from .findings import Alone, subject_labels_json
+from .project import shown_path
 
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
@@ -118,7 +119,9 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
         # A side that ran under another interpreter replays there too (this one may lack its package).
         pythons = dict(result.settings.execution.pythons)
         there = "".join(f" --python {shlex.quote(f'{la}={pythons[la]}')}" for la in d.subject.labels if la in pythons)
-        say(f"repro: {d.repro}  (losscmp replay {shlex.quote(str(d.repro))}{there})")
+        shown = shown_path(d.repro)
+        # Never wrapped: a command split over two lines does not paste.
+        console.print(f"replay: losscmp replay {shlex.quote(shown)}{there}", markup=False, highlight=False, soft_wrap=True)
     elif d.repro_error:
         say(f"repro not saved: {d.repro_error}")
 
