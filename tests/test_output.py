@@ -166,3 +166,26 @@ def test_a_cli_audit_saves_cases_in_the_hidden_folder_of_the_project_root(tmp_pa
     assert main(["../losses.py:mse", "../losses.py:twice", "--spec", SPEC, "--examples", "5", "--no-explain",
                  "--no-minimize", "--no-save"]) == 1
     assert sorted((project / ".losscmp").glob("*.json")) == before  # --no-save writes nothing
+
+
+def test_a_finding_reads_in_one_screen_and_the_evidence_waits_for_verbose(tmp_path, monkeypatch, capsys):
+    from .conftest import FIXTURES
+
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / ("that-a-terminal-would-wrap-" * 4)  # > 160 columns
+    argv = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--spec", "binary", "--examples", "40",
+            "--save-dir", str(deep)]
+    assert main(argv) == 1
+    short = capsys.readouterr().out
+    assert main(argv + ["-v"]) == 1
+    verbose = capsys.readouterr().out
+    findings = short.split("\n\n")[1:]
+    assert findings and all(len(f.splitlines()) <= 24 for f in findings), short
+    for evidence in ("float64 oracle:", "self-consistency of", "relation:", "location:", "cost:", "minimised in"):
+        assert evidence not in short and evidence in verbose
+    for shown in ("worst of", "minimal example (B=1)", "threshold:", "input = ["):
+        assert shown in short
+    # The replay command pastes: one line, whatever the width.
+    saved = sorted(deep.glob("*.json"))
+    for path in saved:
+        assert f"replay: losscmp replay {path}\n" in short
+    assert len(short.splitlines()) < len(verbose.splitlines())

@@ -94,7 +94,7 @@ def test_a_divergence_is_saved_replayed_first_and_passes_once_fixed(pytester, te
     pytester.makepyfile(test_div=template.format(body=NAIVE_BCE, fixtures=FIXTURES))
     first = pytester.runpytest(*RUN)
     first.assert_outcomes(failed=1)
-    first.stdout.fnmatch_lines(["*DIVERGE*", "*minimised in*", "*replay: pytest test_div.py::test_bce --losscmp-replay-only"])
+    first.stdout.fnmatch_lines(["*DIVERGE*", "*minimal example*", "*replay: pytest test_div.py::test_bce --losscmp-replay-only"])
     saved = _saved(pytester)
     assert saved and all(p.parent.name == case_folder("test_div.py::test_bce") for p in saved)
     first.stdout.fnmatch_lines(["*= losscmp =*", "*1 pair(s) checked, 40 case(s) run, 0 saved case(s) replayed", "divergences: *value*",

@@ -79,6 +79,8 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
     p.add_argument("--devices", metavar="LIST", help="one worker per device, e.g. cuda:0,cuda:1 (implies --jobs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="with each finding, its evidence: regimes, minimiser steps, float64 oracle, drift, self-consistency, relation, location, impact, cost")
     p.add_argument("--version", action="version", version=f"losscmp {__version__}")
     return p
 
@@ -323,7 +325,7 @@ def _audit_run(args: argparse.Namespace, settings: Any, pythons: dict[str, str],
     supervise.describe_run(impls, settings.outputs.save_dir, args.seed, settings.tolerance, pairs)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
     result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
-    print_audit(result, console, details=not args.quiet)
+    print_audit(result, console, details=not args.quiet, verbose=args.verbose)
     if args.json:
         write_json(audit_json(result), args.json, stdout=json_out)
     return 0 if result.agree else 1

@@ -31,7 +31,9 @@ def tally_text(result: AuditResult) -> str:
     return ", ".join(f"{n} {what}" for what, n in parts)
 
 
-def print_audit(result: AuditResult, console: Console, details: bool = True) -> None:
+def print_audit(result: AuditResult, console: Console, details: bool = True, verbose: bool = False) -> None:
+    """The verdict table, then (``details``) one screen per finding, with its evidence
+    when ``verbose``."""
     s = result.settings
     ex = s.execution
     console.print(
@@ -64,7 +66,9 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
     for subject, (n, why) in result.not_compared.items():
         console.print(f"[yellow]not compared[/] on {n} case(s), {escape(str(subject))}: {escape(why)}", highlight=False)
     for d in result.divergences if details else ():
-        print_divergence(d, result, console)
+        print_divergence(d, result, console, verbose)
+    if details and result.divergences and not verbose:
+        console.print("(the evidence behind each finding: -v, or --json)", markup=False, highlight=False)
     for why in result.stage_errors:
         console.print(f"warning: {why}", markup=False, highlight=False)
     if result.agree and not result.not_compared:
@@ -74,7 +78,11 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
         console.print(f"[yellow]No divergence[/] on the {compared_cases} cases that could be compared; the others were not compared (above).")
 
 
-def print_divergence(d: Divergence, result: AuditResult, console: Console) -> None:
+def print_divergence(d: Divergence, result: AuditResult, console: Console, verbose: bool = False) -> None:
+    """One screen per finding: its sentence, the worst and the minimal example with both
+    sides' values, the threshold, the replay command.  ``verbose`` adds the evidence
+    (regimes, minimiser steps, oracle, drift, self-consistency, relation, location,
+    impact, notes, cost), which the JSON report always holds."""
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False)
 
@@ -84,24 +92,28 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
     console.rule(f"[bold red]{escape(str(d.subject))}: {d.kind.value}[/]{cause} — {d.kind.description}", align="left")
     if d.explanation is not None:
         say(d.explanation.sentence())
-    say(f"worst of {d.count} case(s), score {_score(d.score)}: {d.verdict.detail}")
-    say(f"input: {d.case.describe()}")
-    if len(d.regimes) > 1 or d.representative is not None:
+    say(f"worst of {d.count} case(s), {d.case.describe()}, score {_score(d.score)}: {d.verdict.detail}")
+    if verbose and (len(d.regimes) > 1 or d.representative is not None):
         say("diverging cases by regime: " + ", ".join(f"{r} {n}" for r, n in sorted(d.regimes.items(), key=lambda kv: -kv[1])))
-    if d.representative is not None and d.representative_verdict is not None:
+    if verbose and d.representative is not None and d.representative_verdict is not None:
         say(f"mildest: {d.representative.describe()}: {d.representative_verdict.detail}")
     for label, text in d.outputs.items():
         lines = text.strip().splitlines()
+        if not verbose:
+            say(f"{label} printed {len(lines)} line(s) (-v shows them)")
+            continue
         shown = lines[:OUTPUT_LINES] + ([f"... ({len(lines) - OUTPUT_LINES} more lines)"] if len(lines) > OUTPUT_LINES else [])
         say(f"{label} printed: " + "\n    ".join(shown))
     m = d.minimized
     if m is not None:
-        sizes = ", ".join(f"{k} {m.original_sizes[k]} -> {v}" for k, v in m.sizes.items())
-        say(f"minimised in {m.evaluations} evaluations: {sizes}")
-        for step in m.steps:
-            say(f"  - {step}")
-        if m.verdict is not None and m.verdict.kind:
-            say(f"on the minimised input: {m.verdict.detail}")
+        if verbose:
+            sizes = ", ".join(f"{k} {m.original_sizes[k]} -> {v}" for k, v in m.sizes.items())
+            say(f"minimised in {m.evaluations} evaluations: {sizes}")
+            for step in m.steps:
+                say(f"  - {step}")
+        dims = ", ".join(f"{k}={v}" for k, v in m.sizes.items())
+        verdict = f": {m.verdict.detail}" if m.verdict is not None and m.verdict.kind else ""
+        say(f"minimal example ({dims}){verdict}")
         for name, t in m.case.tensors.items():  # large inputs are summarised, never dropped
             say(f"  {name} = {tensor_text(t, limit=SHOW_TENSORS_UP_TO)}")
         if m.threshold:
@@ -112,7 +124,7 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
                     f"the difference is only smaller than atol")
             else:
                 say(f"threshold: {m.threshold.describe()}")
-    if d.explanation is not None:
+    if d.explanation is not None and verbose:
         for line in d.explanation.evidence():
             say(f"  {line}")
     if d.repro:
