@@ -1,9 +1,11 @@
 """Output a researcher acts on: replays that run this checkout's code, portable generated
 tests, saved cases in the project's hidden folder, one screen per finding, the HTML report."""
+import html
 import json
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,80 @@ def test_a_finding_reads_in_one_screen_and_the_evidence_waits_for_verbose(tmp_pa
     for path in saved:
         assert f"replay: losscmp replay {path}\n" in short
     assert len(short.splitlines()) < len(verbose.splitlines())
+
+
+class _Report(HTMLParser):
+    """What a reader of the HTML sees of the run: findings, verdict rows, the tally, and
+    anything that would reach out to the network."""
+
+    def __init__(self):
+        super().__init__()
+        self.findings, self.rows, self.tally, self.external, self.commands = [], [], {}, [], []
+        self._row = None
+        self._cell = None
+        self._command = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in ("script", "link", "img", "iframe", "object") or any(k in ("src", "href") for k in a):
+            self.external.append((tag, attrs))
+        if tag == "section" and a.get("class") == "finding":
+            self.findings.append((json.loads(a["data-pair"]), a["data-kind"], int(a["data-cases"])))
+        if tag == "tr" and a.get("class") == "pair":
+            self._row = []
+        if tag == "td" and self._row is not None:
+            self._cell = ""
+        if tag == "li" and "data-what" in a:
+            self.tally[a["data-what"]] = int(a["data-count"])
+        if tag == "code" and a.get("class") == "command":
+            self._command = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        if self._command is not None:
+            self._command += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._row is not None and self._cell is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        if tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+        if tag == "code" and self._command is not None:
+            self.commands.append(self._command)
+            self._command = None
+
+
+def test_the_html_report_shows_the_findings_and_tally_of_the_json_of_the_same_run(tmp_path, monkeypatch, capsys):
+    from .conftest import FIXTURES
+
+    monkeypatch.chdir(tmp_path)
+    code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits",
+                 "torch.nn.functional:binary_cross_entropy_with_logits", "--reference", "bce_with_logits", "--spec", "binary",
+                 "--examples", "60", "--json", "r.json", "--html", "r.html", "--save-dir", "cases"])
+    assert code == 1
+    assert "HTML report: r.html" in capsys.readouterr().out
+    data = json.loads((tmp_path / "r.json").read_text())
+    page = _Report()
+    page.feed((tmp_path / "r.html").read_text())
+    assert page.external == []  # self-contained: nothing fetched
+    assert page.findings == [(d["pair"], d["kind"], d["cases"]) for d in data["divergences"]]
+    assert page.tally == data["tally"] and sum(page.tally.values()) == data["cases_run"]
+    assert [r[0] for r in page.rows] == [" vs ".join(p["pair"]) for p in data["pairs"]]
+    assert [r[1] for r in page.rows] == ["DIVERGE" if p["verdict"] == "diverge" else "agree" for p in data["pairs"]]
+    assert page.commands == [d["replay_command"] for d in data["divergences"]]
+    for command in page.commands:  # each replays from where the run was started
+        assert main(command.split()[1:]) == 1
+    html_text = (tmp_path / "r.html").read_text()
+    for d in data["divergences"]:
+        assert html.escape(d["explanation"]) in html_text and "Evidence" in html_text
+
+
+def test_an_html_report_that_cannot_be_written_fails_before_the_run(tmp_path, capsys):
+    from .conftest import FIXTURES
+
+    code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--html", str(tmp_path / "no" / "r.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("losscmp: error: --html") and len(err.strip().splitlines()) == 1

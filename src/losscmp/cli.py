@@ -61,6 +61,7 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("impls", nargs="*", metavar="IMPL", help="two or more implementation references, e.g. a.py:loss (see below)")
     p.add_argument("--examples", type=int, default=100, metavar="N", help="cases to generate (default 100)")
     _common(p)
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (no network, no script), rendered from the --json record")
     p.add_argument("--reference", metavar="LABEL", help="compare every other implementation against this one only")
     p.add_argument("--save-dir", metavar="DIR", help=f"where minimised repros go (default: {SAVE_DIR}/ at the project root, the nearest "
                    f"folder upwards with .git, pyproject.toml, setup.cfg, setup.py, pytest.ini or tox.ini)")
@@ -253,6 +254,10 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     pythons = parse_pythons(args.python)
     if args.json:
         _writable_file(args.json, "--json")
+    if args.html:
+        if args.html == "-":
+            raise UsageError("--html needs a file path ('-' is for --json)")
+        _writable_file(args.html, "--html")
     save_dir = None if args.no_save else Path(args.save_dir) if args.save_dir else default_save_dir()
     if save_dir is not None and save_dir.exists() and not save_dir.is_dir():
         raise UsageError(f"--save-dir {save_dir}: exists and is not a folder")
@@ -326,8 +331,14 @@ def _audit_run(args: argparse.Namespace, settings: Any, pythons: dict[str, str],
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
     result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
     print_audit(result, console, details=not args.quiet, verbose=args.verbose)
+    record = audit_json(result) if args.json or args.html else None
     if args.json:
-        write_json(audit_json(result), args.json, stdout=json_out)
+        write_json(record, args.json, stdout=json_out)
+    if args.html:
+        from .html_report import render_html
+
+        Path(args.html).write_text(render_html(record, title=f"losscmp: {' vs '.join(result.labels)}"), encoding="utf-8")
+        console.print(f"HTML report: {shown_path(args.html)}", markup=False, soft_wrap=True)
     return 0 if result.agree else 1
 
 

@@ -44,23 +44,14 @@ def print_audit(result: AuditResult, console: Console, details: bool = True, ver
     table = Table(show_header=True, header_style="bold")
     for col in ("pair", "verdict", "diverging cases", "worst score", "kinds"):
         table.add_column(col)
-    by_subject: dict[Any, list[Divergence]] = {}
-    for d in result.divergences:
-        by_subject.setdefault(d.subject, []).append(d)
-    compared = list(result.pairs)
-    for subject in compared + [p for p in by_subject if p not in compared]:
-        ds = by_subject.get(subject, [])
-        skipped = result.not_compared.get(subject)
-        if not ds:
-            if skipped:
-                verdict = f"[yellow]agree on {result.cases_run - skipped[0]} compared[/]"
-            else:
-                verdict = "[green]agree[/]"
-            table.add_row(escape(str(subject)), verdict, "0", "-", "-")
-            continue
-        count = result.subject_cases.get(subject, sum(d.count for d in ds))
-        kinds = ", ".join(dict.fromkeys(d.kind.value for d in ds))
-        table.add_row(escape(str(subject)), "[red]DIVERGE[/]", f"{count} / {result.cases_run}", _score(max(d.score for d in ds)), kinds)
+    for row in pair_rows(result):
+        if row["verdict"] == "diverge":
+            table.add_row(escape(str(row["subject"])), "[red]DIVERGE[/]", f"{row['diverging_cases']} / {result.cases_run}",
+                          _score(row["worst_score"]), ", ".join(row["kinds"]))
+        elif row["compared_cases"] < result.cases_run:
+            table.add_row(escape(str(row["subject"])), f"[yellow]agree on {row['compared_cases']} compared[/]", "0", "-", "-")
+        else:
+            table.add_row(escape(str(row["subject"])), "[green]agree[/]", "0", "-", "-")
     console.print(table)
     console.print(f"cases: {tally_text(result)}", markup=False, highlight=False)
     for subject, (n, why) in result.not_compared.items():
@@ -76,6 +67,38 @@ def print_audit(result: AuditResult, console: Console, details: bool = True, ver
     elif result.agree:
         compared_cases = result.cases_run - max(n for n, _ in result.not_compared.values())
         console.print(f"[yellow]No divergence[/] on the {compared_cases} cases that could be compared; the others were not compared (above).")
+
+
+def pair_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """The verdict table's rows, one per subject: the terminal table, the JSON ``pairs``
+    and the HTML summary are this one list."""
+    by_subject: dict[Any, list[Divergence]] = {}
+    for d in result.divergences:
+        by_subject.setdefault(d.subject, []).append(d)
+    compared = list(result.pairs)
+    rows = []
+    for subject in compared + [p for p in by_subject if p not in compared]:
+        ds = by_subject.get(subject, [])
+        skipped = result.not_compared.get(subject, (0, ""))[0]
+        rows.append({
+            "subject": subject,
+            "verdict": "diverge" if ds else "agree",
+            "diverging_cases": result.subject_cases.get(subject, sum(d.count for d in ds)) if ds else 0,
+            "compared_cases": result.cases_run - skipped,
+            "worst_score": max(d.score for d in ds) if ds else None,
+            "kinds": list(dict.fromkeys(d.kind.value for d in ds)),
+        })
+    return rows
+
+
+def replay_command(d: Divergence, result: AuditResult) -> str | None:
+    """The command that replays a finding's saved case, as pasted in the current folder."""
+    if not d.repro:
+        return None
+    # A side that ran under another interpreter replays there too (this one may lack its package).
+    pythons = dict(result.settings.execution.pythons)
+    there = "".join(f" --python {shlex.quote(f'{la}={pythons[la]}')}" for la in d.subject.labels if la in pythons)
+    return f"losscmp replay {shlex.quote(shown_path(d.repro))}{there}"
 
 
 def print_divergence(d: Divergence, result: AuditResult, console: Console, verbose: bool = False) -> None:
@@ -128,12 +151,8 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
         for line in d.explanation.evidence():
             say(f"  {line}")
     if d.repro:
-        # A side that ran under another interpreter replays there too (this one may lack its package).
-        pythons = dict(result.settings.execution.pythons)
-        there = "".join(f" --python {shlex.quote(f'{la}={pythons[la]}')}" for la in d.subject.labels if la in pythons)
-        shown = shown_path(d.repro)
         # Never wrapped: a command split over two lines does not paste.
-        console.print(f"replay: losscmp replay {shlex.quote(shown)}{there}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"replay: {replay_command(d, result)}", markup=False, highlight=False, soft_wrap=True)
     elif d.repro_error:
         say(f"repro not saved: {d.repro_error}")
 
@@ -154,12 +173,15 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
         "agree": result.agree,
         "seconds": round(result.seconds, 3),
         "evaluations": result.evaluations,
-        "divergences": [divergence_json(d) for d in result.divergences],
+        "pairs": [{**{k: v for k, v in row.items() if k != "subject"}, "pair": subject_labels_json(row["subject"]),
+                   "worst_score": _num(row["worst_score"]) if row["worst_score"] is not None else None}
+                  for row in pair_rows(result)],
+        "divergences": [divergence_json(d, result) for d in result.divergences],
         "stage_errors": list(result.stage_errors),
     }
 
 
-def divergence_json(d: Divergence) -> dict[str, Any]:
+def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[str, Any]:
     m = d.minimized
     explained = d.explanation.to_json() if d.explanation is not None else {}
     explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
@@ -181,12 +203,16 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
         "minimized_sizes": dict(m.sizes) if m else None,
         "evaluations": m.evaluations if m else None,
         "minimize_steps": list(m.steps) if m else None,
+        # The minimal example as a person reads it: the verdict on it and each input, in full when small.
+        "minimal": {"detail": m.verdict.detail if m.verdict is not None and m.verdict.kind else None,
+                    "inputs": {name: tensor_text(t, limit=SHOW_TENSORS_UP_TO) for name, t in m.case.tensors.items()}} if m else None,
         "threshold": (
             {"knob": m.threshold.knob, "agree_at": m.threshold.agree_at, "diverge_at": m.threshold.diverge_at, "value": m.threshold.value}
             if m and m.threshold
             else None
         ),
         "repro": d.repro,
+        "replay_command": replay_command(d, result) if result is not None else None,
         "repro_error": d.repro_error,
         "gradient_summaries": [
             {"what": t.what, "max_abs": _num(t.max_abs), "max_rel": _num(t.max_rel), "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine), "score": _num(t.score)}
