@@ -268,3 +268,67 @@ def test_an_html_report_that_cannot_be_written_fails_before_the_run(tmp_path, ca
     code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--html", str(tmp_path / "no" / "r.html")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("losscmp: error: --html") and len(err.strip().splitlines()) == 1
+
+
+# --- the pytest plugin ------------------------------------------------------------------
+
+pytest_plugins = ["pytester"]
+
+NAIVE = '''
+import torch.nn.functional as F
+
+def my_bce(logits, target):
+    return F.binary_cross_entropy(logits.sigmoid(), target)
+
+def test_bce(losscmp):
+    losscmp.check(my_bce, F.binary_cross_entropy_with_logits, spec="binary", examples=40)
+'''
+
+
+def test_the_short_summary_names_the_verdict_and_the_failure_fits_a_screen(pytester):
+    pytester.makepyfile(test_div=NAIVE)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["FAILED test_div.py::test_bce - AssertionError: DIVERGE value */40 *"])
+    result.stdout.fnmatch_lines(["E*AssertionError: DIVERGE value */40 my_bce vs binary_cross_entropy_with_logits"])
+    failure = result.stdout.str().split("_ test_bce _")[1].split("= losscmp =")[0]
+    assert len(failure.splitlines()) <= 60, failure
+    assert "minimised in" not in failure and "(the evidence behind each finding: pytest -vv)" in failure
+    assert "replay: pytest test_div.py::test_bce --losscmp-replay-only" in failure
+    verbose = pytester.runpytest("-p", "no:cacheprovider", "-vv", "--losscmp-no-replay")
+    assert "minimised in" in verbose.stdout.str()  # the evidence, on -vv
+
+
+def test_a_probe_failure_is_an_ordinary_failure_in_the_calls_terms_and_in_the_summary(pytester):
+    pytester.makepyfile(test_probe='''
+import torch.nn.functional as F
+
+def as_list(input, target):
+    return [F.mse_loss(input, target)]
+
+def test_probe(losscmp):
+    losscmp.check(as_list, F.mse_loss, spec="regression", examples=5)
+''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["FAILED test_probe.py::test_probe - AssertionError: PROBE FAILED (losscmp): *"])
+    result.stdout.fnmatch_lines(["E*AssertionError: PROBE FAILED (losscmp): as_list returned list, not a tensor on a probe input*"])
+    out = result.stdout.str()
+    assert "ProbeError" not in out and "--spec" not in out and "is spec= right?" in out
+    result.stdout.fnmatch_lines(["*= losscmp =*", "probe failures: 1 check(s) whose implementations could not run on their spec"])
+
+
+def _readme_block(language: str, after: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return text.split(after, 1)[1].split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_pytest_example_runs_as_shown_in_a_fresh_repo(pytester):
+    example = Path(__file__).resolve().parent.parent / "examples" / "research_repo"
+    pytester.makefile(".ini", pytest=_readme_block("ini", "### Inside a test suite"))
+    (pytester.path / "losses.py").write_text((example / "losses.py").read_text())
+    (pytester.path / "tests").mkdir()
+    (pytester.path / "tests" / "test_losses.py").write_text(_readme_block("python", "### Inside a test suite"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["*2 passed*"])

@@ -183,7 +183,8 @@ def test_raises_assertion_error():
 ''')
     result = pytester.runpytest(*RUN)
     result.assert_outcomes(failed=1, passed=2)
-    result.stdout.fnmatch_lines(["*def test_diverges():*", ">*assert_losses_agree(*", "E*AssertionError: losscmp: 2 implementations*",
+    result.stdout.fnmatch_lines(["*def test_diverges():*", ">*assert_losses_agree(*", "E*AssertionError: DIVERGE *my_bce vs binary_cross_entropy_with_logits",
+                                 "E*losscmp: 2 implementations*",
                                  "E*my_bce vs binary_cross_entropy_with_logits*DIVERGE*", "E*replay: pytest test_plain.py::test_diverges",
                                  "test_plain.py:*: AssertionError"])
     assert "losscmp/testing.py" not in result.stdout.str()  # losscmp's own frames are hidden

@@ -31,7 +31,8 @@ def tally_text(result: AuditResult) -> str:
     return ", ".join(f"{n} {what}" for what, n in parts)
 
 
-def print_audit(result: AuditResult, console: Console, details: bool = True, verbose: bool = False) -> None:
+def print_audit(result: AuditResult, console: Console, details: bool = True, verbose: bool = False,
+                evidence_hint: str = "-v, or --json") -> None:
     """The verdict table, then (``details``) one screen per finding, with its evidence
     when ``verbose``."""
     s = result.settings
@@ -59,7 +60,7 @@ def print_audit(result: AuditResult, console: Console, details: bool = True, ver
     for d in result.divergences if details else ():
         print_divergence(d, result, console, verbose)
     if details and result.divergences and not verbose:
-        console.print("(the evidence behind each finding: -v, or --json)", markup=False, highlight=False)
+        console.print(f"(the evidence behind each finding: {evidence_hint})", markup=False, highlight=False)
     for why in result.stage_errors:
         console.print(f"warning: {why}", markup=False, highlight=False)
     if result.agree and not result.not_compared:
