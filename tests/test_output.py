@@ -332,3 +332,74 @@ def test_the_readme_pytest_example_runs_as_shown_in_a_fresh_repo(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret == 0, result.stdout.str()
     result.stdout.fnmatch_lines(["*2 passed*"])
+
+
+# --- hints that name the fix ------------------------------------------------------------
+
+HINTED = '''
+import numpy as np
+import torch
+
+def kwonly(*, logits, target):
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+def as_numpy(input, target):
+    return np.float32(((input - target) ** 2).mean().item())
+
+def per_sample(input, target):
+    return (input - target) ** 2
+
+def takes_a_dict(batch):
+    return ((batch["pred"] - batch["target"]) ** 2).mean()
+'''
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["torch.nn:MSELoss", "torch.nn.functional:mse_loss", "--spec", "regression"],
+     "'torch.nn:MSELoss' is a class, not a loss: instantiate it, 'torch.nn:MSELoss()'"),
+    (["{f}:kwonly", "torch.nn.functional:binary_cross_entropy_with_logits"],
+     "wrap it, def wrapped(logits, target): return kwonly(logits=logits, target=target)"),
+    (["{f}:as_numpy", "torch.nn.functional:mse_loss", "--spec", "regression"],
+     "as_numpy returned numpy.float32, not a tensor on a probe input (B=4 (regime standard, magnitude 1)); compute the loss with torch"),
+    (["{f}:per_sample", "torch.nn.functional:mse_loss", "--spec", "regression"],
+     "reduce it to one number (e.g. .mean()), or add 'output=any' to --spec"),
+    (["{f}:takes_a_dict", "torch.nn.functional:mse_loss"],
+     "takes_a_dict takes 1 tensor argument(s) (batch) where mse_loss needs 2"),
+    (["geomloss:SamplesLoss(loss=sinkhorn)", "torch.nn.functional:mse_loss"],
+     """quote the whole reference for the shell: 'geomloss:SamplesLoss(loss="sinkhorn")'"""),
+    (["geomloss:SamplesLoss(loss=sinkhorn,", "blur=0.05)", "torch.nn.functional:mse_loss"],
+     "quote the whole reference for the shell: 'geomloss:SamplesLoss(loss=sinkhorn, ...)'"),
+    (["{f}:per_sampel", "torch.nn.functional:mse_loss"], "has no attribute 'per_sampel' (did you mean 'per_sample'?)"),
+    (["{f}:per_sample", "torch.nn.functional:mse_loss", "--spec", "regresion"], "unknown preset 'regresion' (did you mean 'regression'?)"),
+])
+def test_each_mistake_gets_one_line_that_names_the_fix(tmp_path, capsys, argv, hint):
+    f = tmp_path / "hinted.py"
+    f.write_text(HINTED)
+    code = main([a.format(f=f) for a in argv] + ["--examples", "3", "--no-save"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert hint in err, err
+    assert len(err) < 400, err
+    assert "is --spec right?" not in err
+
+
+def test_a_module_class_given_to_a_check_is_told_to_pass_an_instance():
+    import torch
+    import torch.nn.functional as F
+
+    from losscmp.testing import assert_losses_agree
+
+    with pytest.raises(Exception, match=r"MSELoss is a class, not a loss: pass an instance, MSELoss\(\)"):
+        assert_losses_agree(torch.nn.MSELoss, F.mse_loss, spec="regression", examples=2)
+
+
+def test_sweep_plot_without_matplotlib_fails_before_the_sweep(tmp_path, monkeypatch, capsys):
+    calls = tmp_path / "calls"
+    f = tmp_path / "counted.py"
+    f.write_text(f"import torch.nn.functional as F\ndef mse(input, target):\n    open({str(calls)!r}, 'a').write('x')\n"
+                 "    return F.mse_loss(input, target)\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without it
+    code = main(["sweep", f"{f}:mse", "torch.nn.functional:mse_loss", "--param", "scale=1:100:log", "--spec", "regression",
+                 "--plot", str(tmp_path / "p.png")])
+    assert code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+    assert not calls.exists()  # nothing ran

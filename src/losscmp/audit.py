@@ -100,6 +100,15 @@ class ProbeError(LosscmpError):
     """The implementations cannot be run on this spec at all."""
 
 
+def _return_hint(o: Outcome) -> str:
+    """The mend for a return that is not a scalar tensor."""
+    if o.status is Status.NON_SCALAR:
+        return "reduce it to one number (e.g. .mean()), or add 'output=any' to --spec to compare the per-element losses"
+    if o.error and o.error.startswith("returned numpy."):
+        return "compute the loss with torch (a numpy value carries no gradient)"
+    return "is --spec right?"
+
+
 def probe(ev: Evaluator) -> tuple[Case, dict[str, Outcome]]:
     """One tame case first.  A non-tensor or non-scalar return, every side failing, or
     one side raising where the others work (an argument-format mismatch, most likely)
@@ -113,7 +122,7 @@ def probe(ev: Evaluator) -> tuple[Case, dict[str, Outcome]]:
     outcomes = ev.outcomes(case)
     for label, o in outcomes.items():
         if o.status in (Status.NON_TENSOR, Status.NON_SCALAR):
-            raise ProbeError(f"{label} {o.error} on a probe input ({case.describe()}); is --spec right?")
+            raise ProbeError(f"{label} {o.error} on a probe input ({case.describe()}); {_return_hint(o)}")
     failed = {la: o for la, o in outcomes.items() if o.failed}
     if len(failed) == len(outcomes):
         label, o = next(iter(failed.items()))

@@ -462,6 +462,10 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"--size must be at least 1, not {args.size}")
     if args.plot:
         _writable_file(args.plot, "--plot")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # before the sweep, not after it
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)")
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)

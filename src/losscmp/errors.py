@@ -13,3 +13,11 @@ class LosscmpError(Exception):
 
 class UsageError(LosscmpError, ValueError):
     """Options that do not make sense together, or out of range."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'bce_on_sigmoid'?)' for a near miss among ``choices``, else ''."""
+    import difflib  # only on the error path
+
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -196,6 +196,25 @@ def _probe(impls, spec, dtype, device, run: Runner) -> tuple[Spec | None, Attemp
     return None, Attempt(spec, tuple(tried), failures, worked)
 
 
+def _same_arguments(impls: Sequence[Implementation]) -> None:
+    """Every implementation is called with the same tensors: one that cannot take as many
+    (a loss taking a dict, a batch object) fails every probe; say so in a line, not with
+    every probe's failure."""
+    ranges = {i.label: _positional_range(i.fn) for i in impls}
+    known = {la: r for la, r in ranges.items() if r is not None}
+    if len(known) < 2:
+        return
+    need = max(lo for lo, _ in known.values())
+    short = [la for la, (_, hi) in known.items() if hi < need]
+    if short:
+        la = short[0]
+        takes = ", ".join(p for p in _signature(next(i.fn for i in impls if i.label == la)).parameters)
+        other = next(o for o, (lo, _) in known.items() if lo == need)
+        raise InferenceError(f"{la} takes {known[la][1]} tensor argument(s) ({takes}) where {other} needs {need}: losscmp calls "
+                             f"every implementation with the same tensors, in order; wrap {la} so that it takes them as "
+                             f"{other} does (e.g. build its dict inside the wrapper)")
+
+
 def infer_spec(
     impls: Sequence[Implementation],
     *,
@@ -208,7 +227,17 @@ def infer_spec(
     required = {kw for i in impls for kw in _required_keywords(i.fn)}
     if required:
         names = ", ".join(sorted(required))
-        raise InferenceError(f"keyword-only parameter(s) {names} have no default; give them in --spec (e.g. '...; {sorted(required)[0]}=1.0')")
+        first = sorted(required)[0]
+        impl = next(i for i in impls if _required_keywords(i.fn))
+        sig = _signature(impl.fn)
+        wanted = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        call = ", ".join(f"{n}={n}" if n in required else n for n in wanted)
+        # A keyword-only parameter may be a tensor (logits=...), which losscmp passes by
+        # position, or an option, which a spec sets: name both mends, guess neither.
+        raise InferenceError(f"keyword-only parameter(s) {names} of {impl.label} have no default. A tensor: losscmp passes "
+                             f"tensors by position, so wrap it, def wrapped({', '.join(wanted)}): return {impl.ref.attrs[-1]}({call}). "
+                             f"A number or an option: give it in --spec ('...; {first}=VALUE')")
+    _same_arguments(impls)
     attempts: list[Attempt] = []
     for spec in [preset(n) for n in candidates(impls)] + generic_specs(impls):
         found, attempt = _probe(impls, spec, dtype, device, run)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LosscmpError
+from .errors import LosscmpError, did_you_mean
 
 
 class LoadError(LosscmpError, ValueError):
@@ -87,14 +87,14 @@ def parse_ref(text: str) -> Ref:
     try:
         node = ast.parse(expr, mode="eval").body
     except SyntaxError:
-        raise LoadError(f"{text!r}: cannot parse {expr!r} as an attribute or a call") from None
+        raise LoadError(f"{text!r}: cannot parse {expr!r} as an attribute or a call{_quote_hint(text)}") from None
     call = None
     if isinstance(node, ast.Call):
         try:
             args = tuple(ast.literal_eval(a) for a in node.args)
             kwargs = tuple((k.arg, ast.literal_eval(k.value)) for k in node.keywords)
         except ValueError:
-            raise LoadError(f"{text!r}: factory arguments must be literals (numbers, strings, tuples, ...)") from None
+            raise LoadError(f"{text!r}: factory arguments must be literals (numbers, strings, tuples, ...){_quote_hint(text, node)}") from None
         if any(k is None for k, _ in kwargs):
             raise LoadError(f"{text!r}: '**' is not allowed in a reference")
         call, node = (args, kwargs), node.func
@@ -108,6 +108,21 @@ def parse_ref(text: str) -> Ref:
     if label is None:
         label = _default_label(target, attrs)
     return Ref(text=text.strip(), label=label, target=target, attrs=tuple(attrs), call=call)
+
+
+def _quote_hint(text: str, call: ast.Call | None = None) -> str:
+    """A shell eats the quotes and splits at the spaces of an unquoted factory call:
+    name the quoted reference that was meant."""
+    if "(" not in text:
+        return ""
+    meant = text.strip()
+    if call is not None:  # SamplesLoss(loss=sinkhorn): a bare name where a string was meant
+        for k in call.keywords:
+            if isinstance(k.value, ast.Name):
+                meant = re.sub(rf"\b{re.escape(k.arg)}\s*=\s*{re.escape(k.value.id)}\b", f'{k.arg}="{k.value.id}"', meant)
+    elif not meant.endswith(")"):
+        meant = meant.rstrip(", ") + ", ...)"  # split at a space: the rest went into the next argument
+    return f"; quote the whole reference for the shell: '{meant}'"
 
 
 def _default_label(target: str, attrs: list[str]) -> str:
@@ -146,7 +161,8 @@ def load_object(text: str, *, base_dir: Path | None = None, factories: str = "an
         try:
             obj = getattr(obj, name)
         except AttributeError:
-            raise LoadError(f"{ref.text!r}: {'.'.join(walked[:-1])} has no attribute {name!r}") from None
+            hint = did_you_mean(name, [n for n in dir(obj) if not n.startswith("__")])
+            raise LoadError(f"{ref.text!r}: {'.'.join(walked[:-1])} has no attribute {name!r}{hint}") from None
     if ref.call is not None:
         args, kwargs = ref.call
         if factories == "modules" and not _is_module_class(obj):
@@ -163,6 +179,8 @@ def load_implementation(text: str | Ref, *, base_dir: Path | None = None, factor
     fn = load_object(ref, base_dir=base_dir, factories=factories)
     if not callable(fn):
         raise LoadError(f"{ref.text!r} is a {type(fn).__name__}, which is not callable")
+    if _is_module_class(fn):  # calling the class would build a module from the inputs, not compute a loss
+        raise LoadError(f"{ref.text!r} is a class, not a loss: instantiate it, '{ref.text}()' (its options go inside the parentheses)")
     return Implementation(ref, fn)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .domains import DOMAINS
-from .errors import LosscmpError
+from .errors import LosscmpError, did_you_mean
 
 DEFAULT_SIZE_RANGE = (1, 32)
 
@@ -225,7 +225,7 @@ def preset(name: str) -> Spec:
     key = name.strip().lower().replace("_", "-")
     key = PRESET_ALIASES.get(key, key)
     if key not in PRESETS:
-        raise SpecError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        raise SpecError(f"unknown preset {name!r}{did_you_mean(key, list(PRESETS) + list(PRESET_ALIASES))} (known: {', '.join(PRESETS)})")
     spec = parse_spec(PRESETS[key])
     return replace(spec, name=key)
 

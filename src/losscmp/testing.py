@@ -399,6 +399,8 @@ def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | 
         return load_implementation(ref)
     if not callable(impl):
         raise UsageError(f"{impl!r} is neither a reference nor callable")
+    if isinstance(impl, type) and issubclass(impl, torch.nn.Module):
+        raise UsageError(f"{impl.__name__} is a class, not a loss: pass an instance, {impl.__name__}() (its options go inside the parentheses)")
     name = getattr(impl, "__qualname__", None) or type(impl).__qualname__
     module = getattr(impl, "__module__", None) or type(impl).__module__
     label = re.sub(r"[^\w.+-]", "", name.split(".")[-1]) or "impl"
