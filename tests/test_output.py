@@ -403,3 +403,18 @@ def test_sweep_plot_without_matplotlib_fails_before_the_sweep(tmp_path, monkeypa
                  "--plot", str(tmp_path / "p.png")])
     assert code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
     assert not calls.exists()  # nothing ran
+
+
+def test_sweep_states_each_boundary_as_a_fact_about_its_grid_step_not_a_global_threshold(capsys):
+    from .conftest import FIXTURES
+
+    pair = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--spec", "binary"]
+    found = []
+    for grid in (["--param", "scale=1:100:log"], ["--param", "scale=1:1000:log", "--points", "5"]):
+        assert main(["sweep", *pair, *grid]) == 1
+        out = capsys.readouterr().out
+        assert "agree for scale <" not in out and "diverge above" not in out  # no claim beyond what was evaluated
+        (line,) = [l for l in out.splitlines() if l.startswith("boundary: ")]
+        assert line.startswith("boundary: agrees at scale = ") and "(between grid points " in line
+        found.append(line)
+    assert found[0] != found[1]  # the two grids bracket different crossings: each is said as its own fact

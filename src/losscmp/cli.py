@@ -453,7 +453,7 @@ def _why_outputs_differ(files, versions: dict, other_device: str | None) -> str:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     from .settings import Settings
-    from .sweep import parse_knob, sweep, sweep_case
+    from .sweep import parse_knob, sweep, sweep_case, switches
 
     knob = parse_knob(args.param)
     if args.points < 2:
@@ -480,6 +480,13 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         console.print("no boundary: " + ("diverge everywhere on the range" if verdicts == {True} else "agree everywhere on the range"), markup=False)
     for b in result.boundaries:
         console.print(f"boundary: {b.describe(knob.name)}", markup=False)
+    flips = switches(result.evaluated)
+    if result.boundaries and flips > len(result.boundaries):
+        console.print(f"not monotone: agreement switches {flips} times among the {len(result.evaluated)} evaluated points, so "
+                      f"these boundaries hold for this grid; another range or --points can find others", markup=False)
+    elif len(result.boundaries) > 1:
+        console.print(f"{len(result.boundaries)} boundaries: agreement is not monotone in {knob.name}; each holds between its grid points",
+                      markup=False)
     console.print(f"({result.evaluations} evaluations)", markup=False)
     if args.plot:
         from .plot import plot_sweep

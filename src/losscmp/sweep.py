@@ -74,18 +74,24 @@ class Point:
 
 @dataclass(frozen=True)
 class Boundary:
+    """A change between agreement and divergence, bisected inside one grid step.  It is
+    a fact about that step only: where agreement is not monotone in the knob, another
+    range or grid finds other crossings."""
+
     agree_at: float
     diverge_at: float
     kind: str
+    step: tuple[float, float] = (math.nan, math.nan)  # the grid points it was found between
 
     @property
     def value(self) -> float:
         return bracket_middle(self.agree_at, self.diverge_at)
 
     def describe(self, knob: str) -> str:
+        where = f" (between grid points {self.step[0]:.4g} and {self.step[1]:.4g})" if not math.isnan(self.step[0]) else ""
         if self.diverge_at > self.agree_at:
-            return f"agree for {knob} < {self.value:.4g}, diverge above ({self.kind}); bracket [{self.agree_at:.4g}, {self.diverge_at:.4g}]"
-        return f"diverge for {knob} < {self.value:.4g} ({self.kind}), agree above; bracket [{self.diverge_at:.4g}, {self.agree_at:.4g}]"
+            return f"agrees at {knob} = {self.agree_at:.4g}, diverges ({self.kind}) at {self.diverge_at:.4g}{where}"
+        return f"diverges ({self.kind}) at {knob} = {self.diverge_at:.4g}, agrees at {self.agree_at:.4g}{where}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,9 +148,15 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
             continue
         agree, diverge = (a, b) if b.verdict.kind else (b, a)
         lo, hi = bisect(lambda v: bool(verdict_at(v).kind), agree.value, diverge.value, log=knob.log)
-        boundaries.append(Boundary(lo, hi, diverge.verdict.kind))
+        boundaries.append(Boundary(lo, hi, diverge.verdict.kind, (a.value, b.value)))
     ordered = tuple(sorted(evaluated, key=lambda p: p.value))
     return SweepResult(pair, knob, tuple(grid), tuple(boundaries), len(evaluated), case, ordered)
+
+
+def switches(points: Sequence[Point]) -> int:
+    """How often agreement changes along ``points`` (in knob order)."""
+    states = [bool(p.verdict.kind) for p in points]
+    return sum(a != b for a, b in zip(states, states[1:]))
 
 
 def with_param(impls: Sequence[Implementation], name: str, value: float) -> list[Implementation]:
