@@ -418,3 +418,17 @@ def test_sweep_states_each_boundary_as_a_fact_about_its_grid_step_not_a_global_t
         assert line.startswith("boundary: agrees at scale = ") and "(between grid points " in line
         found.append(line)
     assert found[0] != found[1]  # the two grids bracket different crossings: each is said as its own fact
+
+
+def test_sweep_sets_a_keyword_on_one_side_only(tmp_path, capsys):
+    f = tmp_path / "eps.py"
+    f.write_text("def dice(input, target, eps=1e-6):\n    p = input.sigmoid()\n"
+                 "    return 1 - (2 * (p * target).sum() + eps) / (p.sum() + target.sum() + eps)\n")
+    pair = [f"ref={f}:dice", f"fork={f}:dice", "--spec", "input: B logits grad; target: B binary; B=1..8; eps=1e-6"]
+    assert main(["sweep", *pair, "--param", "eps=1e-8:1"]) == 0  # both sides get it: the same function agrees everywhere
+    assert "agree everywhere on the range" in capsys.readouterr().out
+    assert main(["sweep", *pair, "--param", "fork.eps=1e-8:1"]) == 1  # only the fork's eps moves; ref keeps the spec's 1e-6
+    out = capsys.readouterr().out
+    assert "fork.eps = 1e-08" in out and "boundary: agrees at fork.eps = " in out
+    assert main(["sweep", *pair, "--param", "frok.eps=1e-8:1"]) == 2
+    assert "no implementation is labelled 'frok' (did you mean 'fork'?)" in capsys.readouterr().err

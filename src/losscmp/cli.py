@@ -104,7 +104,8 @@ def sweep_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("impls", nargs=2, metavar="IMPL")
-    p.add_argument("--param", required=True, metavar="NAME=LO:HI[:log|lin]", help="'scale' (largest |input|), 'offset' (added to real inputs) or a keyword parameter")
+    p.add_argument("--param", required=True, metavar="[LABEL.]NAME=LO:HI[:log|lin]",
+                   help="'scale' (largest |input|), 'offset' (added to real inputs), a keyword parameter, or LABEL.NAME: a keyword of that side only")
     p.add_argument("--points", type=int, default=9, help="grid points before bisection (default 9)")
     p.add_argument("--size", type=int, default=8, help="size of every symbolic dim in the swept case (default 8)")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
@@ -471,21 +472,21 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     impls = _load_all(args.impls)
     spec = _resolve_spec(args, impls, kw, console)
     result = sweep(impls, spec, settings, knob, points=args.points, case=sweep_case(spec, settings, args.size))
-    console.print(f"sweep {knob.name} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair.expected} vs {result.pair.actual}, input {result.case.describe()}", markup=False)
+    console.print(f"sweep {knob.shown} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair.expected} vs {result.pair.actual}, input {result.case.describe()}", markup=False)
     for p in result.points:
         state = f"DIVERGE ({p.verdict.kind})" if p.verdict.kind else "agree"
-        console.print(f"  {knob.name} = {p.value:<12.4g} {state:<22} score {p.verdict.score:.3g}", markup=False)
+        console.print(f"  {knob.shown} = {p.value:<12.4g} {state:<22} score {p.verdict.score:.3g}", markup=False)
     if not result.boundaries:
         verdicts = {bool(p.verdict.kind) for p in result.points}
         console.print("no boundary: " + ("diverge everywhere on the range" if verdicts == {True} else "agree everywhere on the range"), markup=False)
     for b in result.boundaries:
-        console.print(f"boundary: {b.describe(knob.name)}", markup=False)
+        console.print(f"boundary: {b.describe(knob.shown)}", markup=False)
     flips = switches(result.evaluated)
     if result.boundaries and flips > len(result.boundaries):
         console.print(f"not monotone: agreement switches {flips} times among the {len(result.evaluated)} evaluated points, so "
                       f"these boundaries hold for this grid; another range or --points can find others", markup=False)
     elif len(result.boundaries) > 1:
-        console.print(f"{len(result.boundaries)} boundaries: agreement is not monotone in {knob.name}; each holds between its grid points",
+        console.print(f"{len(result.boundaries)} boundaries: agreement is not monotone in {knob.shown}; each holds between its grid points",
                       markup=False)
     console.print(f"({result.evaluations} evaluations)", markup=False)
     if args.plot:

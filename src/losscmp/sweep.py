@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .compare import Verdict
 from .engine import Evaluator
-from .errors import LosscmpError
+from .errors import LosscmpError, did_you_mean
 from .findings import Kind, Pair
 from .generate import Case, Recipe, build_case
 from .load import Implementation, load_implementation
@@ -41,6 +41,11 @@ class Knob:
     lo: float
     hi: float
     log: bool = True
+    side: str | None = None  # a keyword parameter given to this implementation only (``fork.eps``)
+
+    @property
+    def shown(self) -> str:
+        return f"{self.side}.{self.name}" if self.side else self.name
 
     def grid(self, points: int) -> list[float]:
         if points < 2:
@@ -52,18 +57,22 @@ class Knob:
 
 
 def parse_knob(text: str) -> Knob:
-    """``name=lo:hi[:log|lin]``, e.g. ``blur=1e-3:1:log``."""
-    m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*([^:]+):([^:]+)(?::(log|lin))?\s*", text)
+    """``name=lo:hi[:log|lin]``, e.g. ``blur=1e-3:1:log``; ``label.name=...`` sets a keyword
+    parameter on the implementation with that label only (``fork.eps=1e-8:1e-2``)."""
+    m = re.fullmatch(r"\s*(?:([A-Za-z_][\w.+-]*)\.)?([A-Za-z_]\w*)\s*=\s*([^:]+):([^:]+)(?::(log|lin))?\s*", text)
     if not m:
-        raise KnobError(f"--param {text!r}: expected NAME=LO:HI[:log|lin], e.g. blur=1e-3:1:log")
+        raise KnobError(f"--param {text!r}: expected [LABEL.]NAME=LO:HI[:log|lin], e.g. blur=1e-3:1:log or fork.eps=1e-8:1e-2")
+    side, name = m.group(1), m.group(2)
+    if side and name in INPUT_KNOBS:
+        raise KnobError(f"--param {text!r}: {name} changes the inputs, which both sides share; give it without a label")
     try:
-        lo, hi = float(m.group(2)), float(m.group(3))
+        lo, hi = float(m.group(3)), float(m.group(4))
     except ValueError:
         raise KnobError(f"--param {text!r}: bounds must be numbers") from None
-    log = m.group(4) != "lin"
+    log = m.group(5) != "lin"
     if not lo < hi or (log and lo <= 0):
         raise KnobError(f"--param {text!r}: need LO < HI{' and LO > 0 on a log scale' if log else ''}")
-    return Knob(m.group(1), lo, hi, log)
+    return Knob(name, lo, hi, log, side)
 
 
 @dataclass(frozen=True)
@@ -115,9 +124,16 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
     if len(impls) != 2:
         raise KnobError("sweep compares exactly two implementations")
     case = case or sweep_case(spec, settings)
-    if knob.name not in INPUT_KNOBS:  # the swept value, not the spec's fixed one, reaches the call
-        case = replace(case, params={k: v for k, v in case.params.items() if k != knob.name})
     pair = Pair(impls[0].label, impls[1].label)
+    if knob.side is not None and knob.side not in pair.labels:
+        raise KnobError(f"--param {knob.shown}: no implementation is labelled {knob.side!r}"
+                        f"{did_you_mean(knob.side, pair.labels)} (labels: {', '.join(pair.labels)})")
+    if knob.name not in INPUT_KNOBS and knob.name in case.params:  # the swept value, not the spec's fixed one, reaches the call
+        fixed = case.params[knob.name]
+        case = replace(case, params={k: v for k, v in case.params.items() if k != knob.name})
+        if knob.side is not None:  # ... of the swept side; the other keeps the spec's value
+            other = next(la for la in pair.labels if la != knob.side)
+            impls = with_param(impls, knob.name, fixed, other)
     evaluated: list[Point] = []
     if knob.name in INPUT_KNOBS and not any(a.domain in SCALABLE for a in spec.args):
         raise KnobError(f"--param {knob.name}: the spec has no real-valued input to change")
@@ -130,7 +146,7 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
         elif knob.name == "offset":
             ev, c = Evaluator(impls, spec, settings), shifted(spec, case, value)
         else:
-            ev, c = Evaluator(with_param(impls, knob.name, value), spec, settings), case
+            ev, c = Evaluator(with_param(impls, knob.name, value, knob.side), spec, settings), case
         try:
             verdict = ev.verdict(pair, ev.outcomes(c, pair.labels))
         finally:
@@ -159,12 +175,15 @@ def switches(points: Sequence[Point]) -> int:
     return sum(a != b for a, b in zip(states, states[1:]))
 
 
-def with_param(impls: Sequence[Implementation], name: str, value: float) -> list[Implementation]:
-    """Each implementation with ``name=value``: a factory keyword where the reference is
-    a factory call (``SamplesLoss(blur=...)``), else a keyword on every call."""
+def with_param(impls: Sequence[Implementation], name: str, value: float, side: str | None = None) -> list[Implementation]:
+    """Each implementation (or only the one labelled ``side``) with ``name=value``: a factory
+    keyword where the reference is a factory call (``SamplesLoss(blur=...)``), else a
+    keyword on every call."""
     out = []
     for impl in impls:
-        if impl.ref.call is not None:
+        if side is not None and impl.label != side:
+            out.append(impl)
+        elif impl.ref.call is not None:
             out.append(load_implementation(impl.ref.with_kwargs(**{name: value})))
         else:
             out.append(Implementation(impl.ref, functools.partial(impl.fn, **{name: value})))
