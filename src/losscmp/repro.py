@@ -616,7 +616,9 @@ def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
     wanted = trusted_refs(repro)
     if remote:
         from .interpreter import remote_implementation
-    return [remote_implementation(ref) if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+    # The other interpreter's worker has its own current folder: give it the file itself.
+    return [remote_implementation(replace(ref, target=str(_under(ref.target, base_dir))) if ref.is_path else ref)
+            if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
             for ref in wanted]
 
 
