@@ -113,15 +113,19 @@ def parse_ref(text: str) -> Ref:
 def _quote_hint(text: str, call: ast.Call | None = None) -> str:
     """A shell eats the quotes and splits at the spaces of an unquoted factory call:
     name the quoted reference that was meant."""
-    if "(" not in text:
-        return ""
     meant = text.strip()
-    if call is not None:  # SamplesLoss(loss=sinkhorn): a bare name where a string was meant
-        for k in call.keywords:
-            if isinstance(k.value, ast.Name):
-                meant = re.sub(rf"\b{re.escape(k.arg)}\s*=\s*{re.escape(k.value.id)}\b", f'{k.arg}="{k.value.id}"', meant)
+    if "(" not in meant:
+        return ""
+    if call is not None:  # SamplesLoss(loss=sinkhorn): a bare name where the shell ate a string's quotes
+        names = [k for k in call.keywords if isinstance(k.value, ast.Name)]
+        if not names:
+            return ""
+        for k in names:
+            meant = re.sub(rf"\b{re.escape(k.arg)}\s*=\s*{re.escape(k.value.id)}\b", f'{k.arg}="{k.value.id}"', meant)
     elif not meant.endswith(")"):
         meant = meant.rstrip(", ") + ", ...)"  # split at a space: the rest went into the next argument
+    else:
+        return ""
     return f"; quote the whole reference for the shell: '{meant}'"
 
 
