@@ -432,3 +432,18 @@ def test_sweep_sets_a_keyword_on_one_side_only(tmp_path, capsys):
     assert "fork.eps = 1e-08" in out and "boundary: agrees at fork.eps = " in out
     assert main(["sweep", *pair, "--param", "frok.eps=1e-8:1"]) == 2
     assert "no implementation is labelled 'frok' (did you mean 'fork'?)" in capsys.readouterr().err
+
+
+def test_the_html_report_puts_both_source_lines_of_the_first_differing_operation_side_by_side(tmp_path, monkeypatch, capsys):
+    from .conftest import FIXTURES
+
+    monkeypatch.chdir(tmp_path)
+    forks = FIXTURES / "forks"
+    assert main([f"base={forks}/sinkhorn_base.py:sinkhorn_divergence", f"fork={forks}/fork_sum.py:sinkhorn_divergence",
+                 "--spec", "points", "--examples", "5", "--no-minimize", "--no-save", "--json", "r.json", "--html", "r.html"]) == 1
+    location = json.loads((tmp_path / "r.json").read_text())["divergences"][0]["location"]
+    page = (tmp_path / "r.html").read_text()
+    section = page.split("First differing operation", 1)[1].split("</table>", 1)[0]
+    for label in ("base", "fork"):
+        assert html.escape(location[label]["code"]) in section and f"{location[label]['line']}" in section
+    assert "FORK: sum instead of mean" in section

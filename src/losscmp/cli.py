@@ -233,10 +233,10 @@ def _resolve_spec(args, impls, kw, console: Console, isolate: bool = False):
         spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"])
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
-        console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+        console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False, soft_wrap=True)  # a command: never split
     else:
         console.print(f"inferred spec: {spec.text()}", markup=False, highlight=False)
-        console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+        console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False, soft_wrap=True)
     return spec
 
 

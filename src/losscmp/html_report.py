@@ -124,6 +124,12 @@ def _finding(i: int, d: dict[str, Any]) -> str:
         bars = "".join(f"<tr><td>{_e(r)}</td><td><span class=\"bar\" style=\"width:{max(2, round(12 * n / most))}em\"></span> {_e(n)}</td></tr>"
                        for r, n in sorted(regimes.items(), key=lambda kv: -kv[1]))
         out.append(f"<h3>Diverging cases by regime</h3><table class=\"regimes\">{bars}</table>")
+    sites = _sites(d)
+    if sites:  # both source lines side by side: where the two executions part ways
+        head = "".join(f"<th>{_e(label)}</th>" for label in sites)
+        cells = "".join(f"<td><code>{_e(site.get('file'))}:{_e(site.get('line'))}</code><pre>{_e(site.get('code', ''))}</pre>"
+                        f"<small>{_e(site.get('op', ''))}</small></td>" for site in sites.values())
+        out.append(f"<h3>First differing operation</h3><table class=\"location\"><tr>{head}</tr><tr>{cells}</tr></table>")
     if d.get("replay_command"):
         out.append(f"<h3>Replay</h3><code class=\"command\">{_e(d['replay_command'])}</code>")
     evidence = {k: v for k, v in d.items() if k not in SHOWN and v not in (None, [], {}, "")}
@@ -131,6 +137,15 @@ def _finding(i: int, d: dict[str, Any]) -> str:
         out.append("<details><summary>Evidence</summary>" + _definitions(evidence, "evidence") + "</details>")
     out.append("</section>")
     return "\n".join(out)
+
+
+def _sites(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{label: {file, line, code, op}} of the finding's location, wherever the record keeps it."""
+    explanation = d.get("explanation") if isinstance(d.get("explanation"), dict) else {}
+    location = d.get("location") or explanation.get("location")
+    if not isinstance(location, dict):
+        return {}
+    return {label: site for label, site in location.items() if isinstance(site, dict) and "file" in site}
 
 
 def _definitions(data: dict[str, Any], css: str = "") -> str:
