@@ -449,7 +449,8 @@ def _why_outputs_differ(files, versions: dict, other_device: str | None) -> str:
         changed.append(f"recorded on {other_device}")
     if changed:
         return "; ".join(changed)
-    return "same files and library versions as recorded, so the implementations or this hardware are not deterministic"
+    return ("the files, library versions and device are the recorded ones: something a repro does not record differs "
+            "(the CPU or GPU model, the thread count), or the implementations are not deterministic")
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
