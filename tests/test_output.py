@@ -447,3 +447,19 @@ def test_the_html_report_puts_both_source_lines_of_the_first_differing_operation
     for label in ("base", "fork"):
         assert html.escape(location[label]["code"]) in section and f"{location[label]['line']}" in section
     assert "FORK: sum instead of mean" in section
+
+
+def test_replay_with_nothing_recorded_changed_does_not_guess_why_outputs_differ(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    project = _project(tmp_path / "same")
+    saved = _saved_value_case(project, monkeypatch, capsys)
+    npz = saved.with_suffix(".npz")
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["out.0.value"] = arrays["out.0.value"] + np.float32(1)  # as if recorded on another machine
+    np.savez(npz, **arrays)
+    assert main(["replay", str(saved)]) == 1
+    out = capsys.readouterr().out
+    assert "outputs differ from the recorded run: the files, library versions and device are the recorded ones" in out
+    assert "?" not in out.split("outputs differ", 1)[1].splitlines()[0]
