@@ -463,3 +463,16 @@ def test_replay_with_nothing_recorded_changed_does_not_guess_why_outputs_differ(
     out = capsys.readouterr().out
     assert "outputs differ from the recorded run: the files, library versions and device are the recorded ones" in out
     assert "?" not in out.split("outputs differ", 1)[1].splitlines()[0]
+
+
+def test_what_an_implementation_printed_shows_its_first_line_and_the_rest_on_verbose(tmp_path, capsys):
+    f = tmp_path / "chatty.py"
+    f.write_text("import torch.nn.functional as F\n"
+                 "def chatty(input, target):\n    print('clamping logits to [-88, 88]')\n    print('second line')\n"
+                 "    print('third line')\n    return 2 * F.mse_loss(input, target)\n")
+    argv = [f"{f}:chatty", "torch.nn.functional:mse_loss", "--spec", SPEC, "--examples", "5", "--no-save", "--no-explain"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "chatty printed: clamping logits to [-88, 88] (+2 more line(s): -v, or --json)" in out and "third line" not in out
+    assert main(argv + ["-v"]) == 1
+    assert "third line" in capsys.readouterr().out

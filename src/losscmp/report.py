@@ -58,7 +58,7 @@ def print_audit(result: AuditResult, console: Console, details: bool = True, ver
     for subject, (n, why) in result.not_compared.items():
         console.print(f"[yellow]not compared[/] on {n} case(s), {escape(str(subject))}: {escape(why)}", highlight=False)
     for d in result.divergences if details else ():
-        print_divergence(d, result, console, verbose)
+        print_divergence(d, result, console, verbose, evidence_hint)
     if details and result.divergences and not verbose:
         console.print(f"(the evidence behind each finding: {evidence_hint})", markup=False, highlight=False)
     for why in result.stage_errors:
@@ -102,7 +102,8 @@ def replay_command(d: Divergence, result: AuditResult) -> str | None:
     return f"losscmp replay {shlex.quote(shown_path(d.repro))}{there}"
 
 
-def print_divergence(d: Divergence, result: AuditResult, console: Console, verbose: bool = False) -> None:
+def print_divergence(d: Divergence, result: AuditResult, console: Console, verbose: bool = False,
+                     evidence_hint: str = "-v, or --json") -> None:
     """One screen per finding: its sentence, the worst and the minimal example with both
     sides' values, the threshold, the replay command.  ``verbose`` adds the evidence
     (regimes, minimiser steps, oracle, drift, self-consistency, relation, location,
@@ -123,8 +124,10 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
         say(f"mildest: {d.representative.describe()}: {d.representative_verdict.detail}")
     for label, text in d.outputs.items():
         lines = text.strip().splitlines()
-        if not verbose:
-            say(f"{label} printed {len(lines)} line(s) (-v shows them)")
+        if not verbose:  # its first line may be the clue (a warning); the rest is evidence
+            first = lines[0] if len(lines[0]) <= 100 else lines[0][:97] + "..."
+            more = f" (+{len(lines) - 1} more line(s): {evidence_hint})" if len(lines) > 1 else ""
+            say(f"{label} printed: {first}{more}")
             continue
         shown = lines[:OUTPUT_LINES] + ([f"... ({len(lines) - OUTPUT_LINES} more lines)"] if len(lines) > OUTPUT_LINES else [])
         say(f"{label} printed: " + "\n    ".join(shown))
