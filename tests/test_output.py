@@ -259,7 +259,8 @@ def test_the_html_report_shows_the_findings_and_tally_of_the_json_of_the_same_ru
         assert main(command.split()[1:]) == 1
     html_text = (tmp_path / "r.html").read_text()
     for d in data["divergences"]:
-        assert html.escape(d["explanation"]) in html_text and "Evidence" in html_text
+        sentence = d["explanation"] if isinstance(d["explanation"], str) else d["explanation"]["sentence"]
+        assert html.escape(sentence) in html_text and "Evidence" in html_text
 
 
 def test_an_html_report_that_cannot_be_written_fails_before_the_run(tmp_path, capsys):
@@ -441,7 +442,8 @@ def test_the_html_report_puts_both_source_lines_of_the_first_differing_operation
     forks = FIXTURES / "forks"
     assert main([f"base={forks}/sinkhorn_base.py:sinkhorn_divergence", f"fork={forks}/fork_sum.py:sinkhorn_divergence",
                  "--spec", "points", "--examples", "5", "--no-minimize", "--no-save", "--json", "r.json", "--html", "r.html"]) == 1
-    location = json.loads((tmp_path / "r.json").read_text())["divergences"][0]["location"]
+    finding = json.loads((tmp_path / "r.json").read_text())["divergences"][0]
+    location = finding.get("location") or finding["explanation"]["location"]
     page = (tmp_path / "r.html").read_text()
     section = page.split("First differing operation", 1)[1].split("</table>", 1)[0]
     for label in ("base", "fork"):

@@ -133,6 +133,8 @@ def _finding(i: int, d: dict[str, Any]) -> str:
     if d.get("replay_command"):
         out.append(f"<h3>Replay</h3><code class=\"command\">{_e(d['replay_command'])}</code>")
     evidence = {k: v for k, v in d.items() if k not in SHOWN and v not in (None, [], {}, "")}
+    if isinstance(d.get("explanation"), dict):  # a record that nests the explanation under its own key
+        evidence.update({k: v for k, v in d["explanation"].items() if k != "sentence" and v not in (None, [], {}, "")})
     if evidence:
         out.append("<details><summary>Evidence</summary>" + _definitions(evidence, "evidence") + "</details>")
     out.append("</section>")
