@@ -478,3 +478,13 @@ def test_what_an_implementation_printed_shows_its_first_line_and_the_rest_on_ver
     assert "chatty printed: clamping logits to [-88, 88] (+2 more line(s): -v, or --json)" in out and "third line" not in out
     assert main(argv + ["-v"]) == 1
     assert "third line" in capsys.readouterr().out
+
+
+def test_a_failure_inside_pytest_wraps_sentences_but_never_a_command(pytester):
+    pytester.makepyfile(test_div=NAIVE)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    failure = result.stdout.str().split("_ test_bce _")[1].split("= losscmp =")[0]
+    commands = [line for line in failure.splitlines() if "replay: " in line]
+    assert any("losscmp replay .losscmp/" in c and c.rstrip().endswith(".json") for c in commands), failure
+    long_lines = [line for line in failure.splitlines() if len(line) > 120 and line not in commands]
+    assert not long_lines, long_lines

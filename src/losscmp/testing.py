@@ -18,6 +18,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -306,7 +307,11 @@ def _audit_failure(result: AuditResult, options: CheckOptions) -> str:
     # the verdict, kinds and counts come first; the next line says it is losscmp's report.
     verdict = "; ".join(f"{','.join(r['kinds'])} {r['diverging_cases']}/{result.cases_run} {r['subject']}" for r in diverging)
     buffer = io.StringIO()
-    print_audit(result, Console(file=buffer, width=160, soft_wrap=True, color_system=None, highlight=False),
+    # Sentences wrap at word boundaries to the terminal (less pytest's "E       " margin, at
+    # least 112 columns so the verdict table keeps one row per pair); commands and paths
+    # are printed unwrapped by print_audit, so they still paste.
+    width = max(120, shutil.get_terminal_size().columns) - 8
+    print_audit(result, Console(file=buffer, width=width, color_system=None, highlight=False),
                 verbose=options.verbose, evidence_hint="pytest -vv")
     lines = [f"DIVERGE {verdict}"] + buffer.getvalue().rstrip("\n").splitlines()
     lines += _replay_lines(options, saved=all(d.repro for d in result.divergences))
