@@ -1,7 +1,7 @@
 """Per-case cost of the no-silent-exit protection, and of output capture, on a tiny loss.
 
 Under the command line's supervisor every in-process call first leaves a breadcrumb
-(``losscmp.supervise.before_call``: one pwrite; a case the minimiser or the explain
+(``losscmp.breadcrumbs.before_call``: one pwrite; a case the minimiser or the explain
 stage derived is also written to disk once, without fsync).  Every call also captures what the implementation prints at
 the file-descriptor level (``losscmp.run.captured_output``).  This benchmark runs the
 same audit of a tiny loss (mse, B <= 64) in rounds, interleaved so that machine drift
@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from losscmp import audit, load_implementation, parse_spec, run, supervise
+from losscmp import audit, breadcrumbs, load_implementation, parse_spec, run
+from losscmp.repro import save_input
 from losscmp.settings import Settings
 
 SPEC = "input: B real grad; target: B real; B=1..64"
@@ -48,13 +49,13 @@ def no_capture():
 
 
 @contextlib.contextmanager
-def breadcrumbs():
+def leaving_breadcrumbs():
     with tempfile.TemporaryDirectory() as d:
-        supervise._crumbs = supervise._Breadcrumbs(Path(d))
+        breadcrumbs._crumbs = breadcrumbs._Breadcrumbs(Path(d), save_input)
         try:
             yield
         finally:
-            supervise._crumbs = None
+            breadcrumbs._crumbs = None
 
 
 def per_case_ms(mode: str, impls, spec, examples: int) -> float:
@@ -63,7 +64,7 @@ def per_case_ms(mode: str, impls, spec, examples: int) -> float:
         if mode == "plain":
             stack.enter_context(no_capture())
         if mode == "guarded":
-            stack.enter_context(breadcrumbs())
+            stack.enter_context(leaving_breadcrumbs())
         start = time.perf_counter()
         result = audit(impls, spec, settings)
         return 1000 * (time.perf_counter() - start) / result.cases_run
@@ -113,9 +114,9 @@ def per_call(spec, calls: int = 5000) -> None:
         with run.captured_output():
             pass
 
-    with breadcrumbs():
-        supervise.rebuildable(case)
-        crumb = timed(lambda: supervise.before_call("mse", spec, case))
+    with leaving_breadcrumbs():
+        breadcrumbs.rebuildable(case)
+        crumb = timed(lambda: breadcrumbs.before_call("mse", spec, case))
     print(f"per call, {calls} calls each: bare mse_loss forward {bare:.1f} us; output capture {timed(capture_only):.1f} us; "
           f"breadcrumb {crumb:.1f} us")
 

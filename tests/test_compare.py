@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from losscmp.findings import Pair
-from losscmp.compare import DEFAULT_TOLERANCES, Tolerance, compare_outcomes, diff_tensors
+from losscmp.compare import DEFAULT_TOLERANCES, Tolerance, compare_outcomes, diff_message, diff_tensors
 from losscmp.run import Outcome
 
 
@@ -25,7 +25,7 @@ def test_mismatch_message_reads_like_torch_testing():
     actual[1, 3] = 4.1e-3
     actual[0, 0] = 2e-3
     d = diff_tensors("gradient w.r.t. x", actual, expected, Tolerance(1.3e-6, 1e-5))
-    msg = d.message(("A", "B"))
+    msg = diff_message(d, ("A", "B"))
     assert "mismatched elements: 2 / 10 (20.0%)" in msg
     assert "greatest absolute difference 0.0041 at index (1, 3) (up to 1e-05 allowed)" in msg
     assert d.score == pytest.approx(410, rel=1e-6)

@@ -22,13 +22,18 @@ keyword parameters, input tensors) -> ``outcome``; ``shutdown``.
 
 A call is computed exactly like ``losscmp.run.call``: fresh copies of the inputs with
 the same strides, gradients of the (scalar) value for every grad-requiring floating
-input, the same failure statuses and messages, and in-place mutation detection.
+input, the same failure statuses and messages, in-place mutation detection, the
+warnings and prints kept with the outcome (prints at the Python level only: a C
+extension's writes go to the worker's log), and torch's global switches restored after
+the call.  ``tests/test_runners.py`` runs the same tricky implementations through both
+and compares the outcomes, so the two cannot drift apart unnoticed.
 """
 import ast
 import faulthandler
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import struct
@@ -39,6 +44,8 @@ import traceback
 import warnings
 
 PROTOCOL = 1
+# What an implementation printed and warned is kept up to this many characters (losscmp.run.OUTPUT_LIMIT).
+OUTPUT_LIMIT = 4000
 
 _HEADER = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
@@ -315,22 +322,50 @@ def call(fn, args, scalar, tensors, params):
         inputs.append(t)
     device = tensors[args[0]["name"]].device if args else torch.device("cpu")
     start = time.perf_counter()
-    grad_mode, default_dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    switches = _switches(torch)
+    printed = io.StringIO()
+    old_streams = sys.stdout, sys.stderr
+    caught = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sys.stdout = sys.stderr = printed  # what it prints is kept with its outcome, as in process
             torch.set_grad_enabled(True)
             result = _call(fn, args, scalar, inputs, params, device)
-    finally:  # what one call switched off must not change the next (losscmp.run.torch_switches_kept)
-        torch.set_grad_enabled(grad_mode)
-        if torch.get_default_dtype() != default_dtype:
-            torch.set_default_dtype(default_dtype)
+    finally:  # what one call switched must not change the next (losscmp.run.torch_switches_kept)
+        sys.stdout, sys.stderr = old_streams
+        _restore_switches(torch, switches)
     result["seconds"] = time.perf_counter() - start
+    said = (printed.getvalue() if not printed.closed else "") + "".join("%s: %s\n" % (w.category.__name__, w.message) for w in caught)
+    result["output"] = said if len(said) <= OUTPUT_LIMIT else said[:OUTPUT_LIMIT] + "... (%d more characters)" % (len(said) - OUTPUT_LIMIT)
     try:
         result["mutated"] = [a["name"] for a, t in zip(args, inputs) if not _same(t.detach(), tensors[a["name"]])]
     except Exception as e:  # a CUDA context the call poisoned fails our own comparison too
-        return {"status": "exception", "error": one_line(e), "seconds": result["seconds"], "mutated": []}
+        return {"status": "exception", "error": one_line(e), "seconds": result["seconds"], "mutated": [], "output": result["output"]}
     return result
+
+
+def _switches(torch):
+    """torch's global switches (what exists in this torch: 1.x lacks some)."""
+    state = {"grad": torch.is_grad_enabled(), "dtype": torch.get_default_dtype(), "anomaly": torch.is_anomaly_enabled()}
+    if hasattr(torch, "are_deterministic_algorithms_enabled"):
+        warn_only = getattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: False)()
+        state["deterministic"] = (torch.are_deterministic_algorithms_enabled(), warn_only)
+    return state
+
+
+def _restore_switches(torch, state):
+    torch.set_grad_enabled(state["grad"])
+    if torch.get_default_dtype() != state["dtype"]:
+        torch.set_default_dtype(state["dtype"])
+    if "deterministic" in state and _switches(torch).get("deterministic") != state["deterministic"]:
+        on, warn_only = state["deterministic"]
+        if hasattr(torch, "is_deterministic_algorithms_warn_only_enabled"):
+            torch.use_deterministic_algorithms(on, warn_only=warn_only)
+        else:
+            torch.use_deterministic_algorithms(on)
+    if torch.is_anomaly_enabled() != state["anomaly"]:
+        torch.set_anomaly_enabled(state["anomaly"])
 
 
 def _call(fn, args, scalar, inputs, params, device):
@@ -475,7 +510,8 @@ def _serve_call(fn, header, buffers):
                 "seconds": 0.0, "mutated": [], "value": None, "grads": {}}, []
     result = call(fn, header["args"], header["scalar"], tensors, params)
     reply = {"type": "outcome", "status": result["status"], "error": result.get("error"),
-             "seconds": result["seconds"], "mutated": result["mutated"], "value": None, "grads": {}}
+             "seconds": result["seconds"], "mutated": result["mutated"], "output": result.get("output", ""),
+             "value": None, "grads": {}}
     out_buffers = []
     try:
         if result.get("value") is not None:

@@ -29,71 +29,24 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as hypothesis_settings
 from hypothesis import target
 
-from . import supervise
-from .compare import Verdict
+from . import breadcrumbs
 from .engine import Evaluator, mutation_verdict
 from .explain import observe
 from .errors import LosscmpError
-from .findings import Alone, Kind, Pair, Status, Subject
-from .generate import REGIMES, Case, build_case, check_fits, probe_recipe, recipes
+from .generate import REGIMES, build_case, check_fits, probe_recipe, recipes
+from .jobs import explore_in_workers
 from .load import Implementation
-from .run import Outcome, finite, watching_interrupts
+from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
+from .run import finite, watching_interrupts
 from .settings import Settings
 from .spec import Spec
+from .stages import StageContext, default_stages
 
 # How far beyond its own run-to-run noise a nondeterministic implementation must
 # disagree with another before the pair is blamed.
 NOISE_MARGIN = 10.0
 # Distinct-looking groups kept per (subject, kind) during the search.
 GROUPS_PER_KIND = 4
-
-
-@dataclass(frozen=True, eq=False)
-class Divergence:
-    """One kind of disagreement for one subject, and one of its causes (a group)."""
-
-    subject: Subject
-    kind: Kind
-    verdict: Verdict  # on the worst case
-    case: Case  # the worst case: highest score, then fewest elements
-    count: int  # diverging cases in this group
-    regimes: dict[str, int] = field(default_factory=dict)  # diverging cases per regime
-    representative: Case | None = None  # the mildest-regime case
-    representative_verdict: Verdict | None = None
-    outputs: dict[str, str] = field(default_factory=dict)  # what each side printed or warned on the worst case
-    minimized: Any = None  # minimize.Minimized
-    explanation: Any = None  # explain.Explanation
-    repro: str | None = None
-    repro_error: str | None = None  # why the repro could not be saved
-    group_key: tuple = ()
-
-    @property
-    def score(self) -> float:
-        return self.verdict.score
-
-
-@dataclass(frozen=True, eq=False)
-class AuditResult:
-    implementations: tuple[Implementation, ...]
-    spec: Spec
-    settings: Settings
-    cases_run: int
-    divergences: tuple[Divergence, ...]
-    seconds: float  # everything the caller waited for: search, minimisation, explanation, saving
-    pairs: tuple[Pair, ...] = ()  # the pairs compared
-    subject_cases: dict[Subject, int] = field(default_factory=dict)  # diverging cases per subject
-    tally: dict[str, int] = field(default_factory=dict)  # every case: "agree", "not compared", or its most severe kind
-    not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
-    evaluations: int = 0
-    stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return tuple(i.label for i in self.implementations)
-
-    @property
-    def agree(self) -> bool:
-        return not self.divergences
 
 
 class ProbeError(LosscmpError):
@@ -118,7 +71,7 @@ def probe(ev: Evaluator) -> tuple[Case, dict[str, Outcome]]:
     """
     s = ev.settings
     case = build_case(ev.spec, probe_recipe(ev.spec, s.search.seed), dtype=s.execution.dtype, device=s.execution.device)
-    supervise.rebuildable(case)
+    breadcrumbs.rebuildable(case)
     outcomes = ev.outcomes(case)
     for label, o in outcomes.items():
         if o.status in (Status.NON_TENSOR, Status.NON_SCALAR):
@@ -130,7 +83,7 @@ def probe(ev: Evaluator) -> tuple[Case, dict[str, Outcome]]:
     if failed and not any(o.status.died for o in failed.values()):
         # Only a side that raises on a tame input is suspect; confirm on a second one.
         second = build_case(ev.spec, probe_recipe(ev.spec, (s.search.seed + 1) % 2**63), dtype=s.execution.dtype, device=s.execution.device)
-        supervise.rebuildable(second)
+        breadcrumbs.rebuildable(second)
         again = ev.outcomes(second, list(failed))
         if all(o.status is Status.EXCEPTION for o in again.values()):
             label, o = next(iter(failed.items()))
@@ -332,8 +285,6 @@ def audit(
 ) -> AuditResult:
     """Fuzz ``impls`` against each other on ``settings.search.examples`` cases drawn from
     ``spec``, then run the stages (default: minimise, explain, group, save) on the findings."""
-    from .stages import StageContext, default_stages
-
     start = time.perf_counter()
     execution = settings.execution
     for device in execution.devices or (execution.device,):
@@ -342,9 +293,7 @@ def audit(
     try:
         with watching_interrupts():
             if settings.execution.jobs > 1:
-                from .jobs import explore_in_workers
-
-                exploration = explore_in_workers(impls, spec, settings, on_case)
+                exploration = explore_in_workers(explore, impls, spec, settings, on_case)
             else:
                 exploration = explore(ev, on_case)
             divergences = exploration.divergences()
@@ -391,7 +340,7 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None) 
     @given(recipes(ev.spec, regimes=regimes, allow_nonfinite=search.allow_nonfinite, max_size=search.max_size))
     def search_cases(recipe):
         case = build_case(ev.spec, recipe, dtype=execution.dtype, device=execution.device)
-        supervise.rebuildable(case)
+        breadcrumbs.rebuildable(case)
         score = exploration.examine(case)
         target(finite(score), label="divergence score")
         if on_case:

@@ -1,4 +1,4 @@
-"""Command line: ``losscmp IMPL IMPL [...]``, ``losscmp replay FILE``, ``losscmp sweep A B``.
+"""Command line: ``losscmp IMPL IMPL [...]``, ``losscmp replay FILE``, ``losscmp sweep A B``, ``losscmp trace A B FILE``.
 
 Exit codes: 0 all agree, 1 some pair diverges, 2 bad usage or bad input.
 """
@@ -10,16 +10,34 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Iterator, Sequence
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, supervise
+from . import breadcrumbs, jsonout
+from ._version import __version__
+from .audit import audit
+from .engine import RUNNERS, pairs_for, run_record
 from .errors import LosscmpError, UsageError
+from .display import case_values_text
+from .generate import select_regimes
+from .html_report import render_html
+from .infer import infer_spec
+from .interpreter import check_labels, parse_pythons, remote_implementation
+from .load import disambiguate, load_implementation, parse_ref
+from .model import RunRecord, Tolerance
+from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
 from .project import SAVE_DIR, default_save_dir, project_root, shown_path
-from .settings import checked_device
+from .replay import load_repro_implementations, replay, replay_saved
+from .report import audit_json, print_audit, print_replayed, write_json
+from .repro import file_checks, load_repro, version_changes
+from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
+from .spec import resolve_spec
+from .sweep import parse_knob, sweep, sweep_case, switches
+from .testgen import generate_pytest
+from .trace import locate
 
 EXAMPLES = """\
 examples:
@@ -137,16 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "sweep":
             return _sweep(sweep_parser().parse_args(argv[1:]), console)
         if argv and argv[0] == "trace":
-            from .trace import trace_command
-
-            return trace_command(argv[1:])
+            return _trace(argv[1:])
         return _audit(main_parser().parse_args(argv), console, err)
     except SystemExit as e:  # argparse's own usage errors exit 2 already
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:
         print("losscmp: interrupted", file=sys.stderr)
         return 130
-    except supervise.Terminated:
+    except breadcrumbs.Terminated:
         print("losscmp: terminated", file=sys.stderr)
         return 143
     except LosscmpError as e:
@@ -179,8 +195,6 @@ def _settings_kw(args: argparse.Namespace) -> dict:
 def _regimes(args: argparse.Namespace) -> tuple[str, ...] | None:
     if args.regimes is None and args.exclude_regimes is None:
         return None
-    from .generate import select_regimes
-
     return select_regimes(args.regimes, args.exclude_regimes)
 
 
@@ -194,20 +208,16 @@ def _devices(text: str | None) -> tuple[str, ...]:
 
 
 def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
-    from .load import disambiguate, load_implementation, parse_ref
-
     if len(refs) < 2:
         raise UsageError(f"need at least two implementations to compare, got {len(refs)} (e.g. losscmp a.py:loss b.py:loss)")
     pythons = pythons or {}
     parsed = disambiguate([parse_ref(r) for r in refs])
     if pythons:
-        from .interpreter import check_labels, remote_implementation
-
         check_labels(pythons, [r.label for r in parsed])
     # An implementation for another interpreter is loaded there, never here (this one may lack its package).
     impls = []
     for ref in parsed:
-        supervise.note(f"loading {ref.text}")
+        breadcrumbs.note(f"loading {ref.text}")
         impls.append(remote_implementation(ref) if ref.label in pythons else load_implementation(ref))
     labels = [i.label for i in impls]
     if len(set(labels)) != len(labels):
@@ -215,22 +225,17 @@ def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
     return impls
 
 
-def _resolve_spec(args, impls, kw, console: Console, isolate: bool = False):
-    from .infer import infer_spec
-    from .spec import resolve_spec
-
+def _resolve_spec(args, impls, execution: Execution, console: Console):
     if args.spec:
         return resolve_spec(args.spec)
-    if isolate:  # probing calls the implementations: where they may crash, only in workers
-        from .isolate import IsolatedRunner
-
-        runner = IsolatedRunner(timeout=getattr(args, "timeout", None))
+    if execution.isolate:  # probing calls the implementations: where they may crash, only in workers
+        runner = RUNNERS[RunnerKind.ISOLATED](execution, RunRecord())  # the probes' own: nothing of the run to record
         try:
-            spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"], run=runner)
+            spec = infer_spec(impls, dtype=execution.dtype, device=execution.device, run=runner)
         finally:
             runner.close()
     else:
-        spec = infer_spec(impls, dtype=kw["dtype"], device=kw["device"])
+        spec = infer_spec(impls, dtype=execution.dtype, device=execution.device)
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
         console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False, soft_wrap=True)  # a command: never split
@@ -245,13 +250,8 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from .settings import Settings
-
-    if args.timeout is not None and not (args.isolate or args.python):
-        raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
+    check_timeout(args.timeout, RunnerKind.choose(args.isolate, args.python), ("--timeout", "--isolate", "--python"))
     kw = _settings_kw(args)
-    from .interpreter import parse_pythons
-
     pythons = parse_pythons(args.python)
     if args.json:
         _writable_file(args.json, "--json")
@@ -280,11 +280,11 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         **kw,
     )
     if args.json != "-":
-        return _audit_run(args, settings, pythons, kw, console, err, sys.stdout)
+        return _audit_run(args, settings, console, err, sys.stdout)
     # stdout carries the JSON alone; the human report goes to stderr
     console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
     with _stdout_reserved_for_json() as json_out:
-        return _audit_run(args, settings, pythons, kw, console, err, json_out)
+        return _audit_run(args, settings, console, err, json_out)
 
 
 @contextlib.contextmanager
@@ -318,29 +318,28 @@ def _stdout_reserved_for_json() -> Iterator[IO[str]]:
         sys.stdout = real
 
 
-def _audit_run(args: argparse.Namespace, settings: Any, pythons: dict[str, str], kw: dict[str, Any], console: Console, err: Console,
-               json_out: IO[str]) -> int:
-    from .audit import audit
-    from .engine import pairs_for
-    from .report import audit_json, print_audit, write_json
-
+def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, err: Console, json_out: IO[str]) -> int:
+    """The run as ``settings`` describe it (``args`` only for what is the command line's own:
+    the references, the spec text, the report's destinations)."""
+    pythons = dict(settings.execution.pythons)
     impls = _load_all(args.impls, pythons)
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
-    pairs = pairs_for([i.label for i in impls], args.reference)
-    supervise.describe_run(impls, settings.outputs.save_dir, args.seed, settings.tolerance, pairs)
-    spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], kw, console, isolate=args.isolate)
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), args.examples, err)
+    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference))
+    spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], settings.execution, console)
+    # First the cases saved by earlier runs of these implementations, as the pytest fixture does.
+    replayed = replay_saved(settings.outputs.save_dir, impls, spec, isolate=settings.execution.isolate or None,
+                            pythons=pythons, same_references=True)
+    print_replayed(replayed, console)
+    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), settings.search.examples, err)
     print_audit(result, console, details=not args.quiet, verbose=args.verbose)
-    record = audit_json(result) if args.json or args.html else None
+    record = audit_json(result, replayed) if args.json or args.html else None
     if args.json:
         write_json(record, args.json, stdout=json_out)
     if args.html:
-        from .html_report import render_html
-
         Path(args.html).write_text(render_html(record, title=f"losscmp: {' vs '.join(result.labels)}"), encoding="utf-8")
         console.print(f"HTML report: {shown_path(args.html)}", markup=False, soft_wrap=True)
-    return 0 if result.agree else 1
+    return 0 if result.agree and not any(r.result.verdict.kind for r in replayed) else 1
 
 
 def _with_progress(run, total: int, err: Console):
@@ -371,14 +370,8 @@ def _with_progress(run, total: int, err: Console):
 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:
-    from .replay import replay
-    from .display import case_values_text
-    from .repro import file_checks, load_repro, load_repro_implementations, version_changes
-
     repro = load_repro(args.file)
     if args.pytest:
-        from .testgen import generate_pytest
-
         out = Path(args.output) if args.output else _default_test_path(repro.path)
         _writable_file(str(out), "--output")
         out.write_text(generate_pytest(repro, str(repro.path), out))
@@ -386,8 +379,6 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {shown}", markup=False, soft_wrap=True)
         console.print(f"run: pytest {shown}", markup=False, soft_wrap=True)
         return 0
-    from .interpreter import check_labels, parse_pythons
-
     pythons = parse_pythons(args.python)
     check_labels(pythons, list(dict.fromkeys(repro.pair)))
     impls = load_repro_implementations(repro, remote=pythons)  # refuses what a saved file may not run, before anything runs
@@ -454,9 +445,6 @@ def _why_outputs_differ(files, versions: dict, other_device: str | None) -> str:
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
-    from .settings import Settings
-    from .sweep import parse_knob, sweep, sweep_case, switches
-
     knob = parse_knob(args.param)
     if args.points < 2:
         raise UsageError(f"--points must be at least 2, not {args.points}")
@@ -471,7 +459,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)
-    spec = _resolve_spec(args, impls, kw, console)
+    spec = _resolve_spec(args, impls, settings.execution, console)
     result = sweep(impls, spec, settings, knob, points=args.points, case=sweep_case(spec, settings, args.size))
     console.print(f"sweep {knob.shown} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair.expected} vs {result.pair.actual}, input {result.case.describe()}", markup=False)
     for p in result.points:
@@ -491,9 +479,38 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
                       markup=False)
     console.print(f"({result.evaluations} evaluations)", markup=False)
     if args.plot:
-        from .plot import plot_sweep
-
         plot_sweep(result, args.plot)
         console.print(f"plot: {args.plot}", markup=False)
     return 1 if any(p.verdict.kind for p in result.points) else 0
 
+
+def _trace(argv: list[str]) -> int:
+    """``losscmp trace A B REPRO.json``: 0 located, 1 not located, 2 bad usage or input."""
+    try:
+        args = trace_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its usage line
+        return int(e.code or 0)
+    # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
+    if args.json:
+        _writable_file(args.json, "--json")  # before the trace runs, not after it
+    repro = load_repro(args.repro)
+    refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
+    if refs[0].label == refs[1].label:
+        raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
+    impls = [load_implementation(r) for r in refs]
+    result = locate(impls[0], impls[1], repro.spec, repro.case, Tolerance(*repro.tolerance))
+    human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
+    print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
+    print(result.note, file=human)
+    for label, where in (result.location or {}).items():
+        print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
+        print(f"      {where.code}", file=human)
+        print(f"      value: {result.values.get(label, '?')}", file=human)
+    if args.json:
+        text = jsonout.dumps(result.to_json(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0 if result.location is not None else 1

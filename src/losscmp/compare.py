@@ -13,121 +13,51 @@ positions, exceptions and shape mismatches score ``inf``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from .display import number_pair
-from .findings import Kind, Pair, Subject
-from .run import Outcome
-
-# Same defaults as torch.testing.assert_close.
-DEFAULT_TOLERANCES = {
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.float64: (1e-7, 1e-7),
-    torch.complex64: (1.3e-6, 1e-5),
-    torch.complex128: (1e-7, 1e-7),
-}
-
-@dataclass(frozen=True)
-class Tolerance:
-    rtol: float
-    atol: float
-
-    @classmethod
-    def for_dtype(cls, dtype: torch.dtype, rtol: float | None = None, atol: float | None = None) -> "Tolerance":
-        d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
-        return cls(d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
+from .model import DEFAULT_TOLERANCES, Kind, Outcome, Pair, Subject, TensorDiff, Tolerance, Verdict  # noqa: F401  re-exported: moved to model
 
 
-@dataclass(frozen=True)
-class TensorDiff:
-    """How one tensor (the loss value, or the gradient w.r.t. one input) differs."""
-
-    what: str
-    score: float
-    mismatched: int
-    total: int
-    max_abs: float
-    max_abs_index: tuple[int, ...]
-    max_rel: float
-    max_rel_index: tuple[int, ...]
-    allowed_abs: float  # atol + rtol*|expected| at the max-abs index
-    actual: float  # the two sides at the worst-scoring index
-    expected: float
-    rel_l2: float
-    cosine: float
-    nonfinite_mismatch: int = 0
-
-    def message(self, pair: tuple[str, str] = ("expected", "actual")) -> str:
-        """In the manner of torch.testing: what, where, by how much, allowed how much.
-        The two sides' numbers get the digits that tell them apart (2684017 vs 2684019)."""
-        le, la = pair
-        expected, actual = number_pair(self.expected, self.actual)
-        if self.nonfinite_mismatch:
-            return (
-                f"{self.what}: NaN/inf on one side only at {self.nonfinite_mismatch} / {self.total} element(s); "
-                f"at index {self.max_abs_index}: {le} {expected} vs {la} {actual}"
-            )
-        where = f" at index {self.max_abs_index}" if self.total > 1 else ""
-        head = f"{self.what}: " + (
-            f"mismatched elements: {self.mismatched} / {self.total} ({100.0 * self.mismatched / self.total:.1f}%); "
-            if self.total > 1
-            else f"{le} {expected} vs {la} {actual}; "
+def diff_message(d: TensorDiff, pair: tuple[str, str] = ("expected", "actual")) -> str:
+    """In the manner of torch.testing: what, where, by how much, allowed how much.
+    The two sides' numbers get the digits that tell them apart (2684017 vs 2684019)."""
+    le, la = pair
+    expected, actual = number_pair(d.expected, d.actual)
+    if d.nonfinite_mismatch:
+        return (
+            f"{d.what}: NaN/inf on one side only at {d.nonfinite_mismatch} / {d.total} element(s); "
+            f"at index {d.max_abs_index}: {le} {expected} vs {la} {actual}"
         )
-        text = (
-            f"{head}greatest absolute difference {self.max_abs:.3g}{where} (up to {self.allowed_abs:.3g} allowed); "
-            f"greatest relative difference {_fmt(self.max_rel)}"
-        )
-        if self.total > 1:
-            text += f"; at that index {le} {expected} vs {la} {actual}; relative L2 error {_fmt(self.rel_l2)}, cosine {self.cosine:.6f}"
-        return text
+    where = f" at index {d.max_abs_index}" if d.total > 1 else ""
+    head = f"{d.what}: " + (
+        f"mismatched elements: {d.mismatched} / {d.total} ({100.0 * d.mismatched / d.total:.1f}%); "
+        if d.total > 1
+        else f"{le} {expected} vs {la} {actual}; "
+    )
+    text = (
+        f"{head}greatest absolute difference {d.max_abs:.3g}{where} (up to {d.allowed_abs:.3g} allowed); "
+        f"greatest relative difference {_fmt(d.max_rel)}"
+    )
+    if d.total > 1:
+        text += f"; at that index {le} {expected} vs {la} {actual}; relative L2 error {_fmt(d.rel_l2)}, cosine {d.cosine:.6f}"
+    return text
 
-    def brief(self) -> str:
-        """One clause for a component that is not the one shown: how it compares."""
-        if self.nonfinite_mismatch:
-            return f"{self.what} NaN/inf on one side only at {self.nonfinite_mismatch} element(s)"
-        verdict = "agrees" if self.score <= 1 else "also differs"
-        text = f"{self.what} {verdict} (greatest absolute difference {self.max_abs:.3g}"
-        if self.total > 1:
-            text += f", cosine {self.cosine:.6f}"
-        return text + ")"
+
+def diff_brief(d: TensorDiff) -> str:
+    """One clause for a component that is not the one shown: how it compares."""
+    if d.nonfinite_mismatch:
+        return f"{d.what} NaN/inf on one side only at {d.nonfinite_mismatch} element(s)"
+    verdict = "agrees" if d.score <= 1 else "also differs"
+    text = f"{d.what} {verdict} (greatest absolute difference {d.max_abs:.3g}"
+    if d.total > 1:
+        text += f", cosine {d.cosine:.6f}"
+    return text + ")"
 
 
 def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3g}"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The comparison of two outcomes (or two calls of one implementation) on one case.
-
-    ``score`` belongs to the quantity the detail shows (the value for a value finding);
-    ``max_score`` is the worst over every component, which is what the search climbs.
-    ``compared`` is False when both sides failed the same way: nothing was compared,
-    which is reported, and never counted as agreement.
-    """
-
-    subject: Subject
-    kind: Kind | None  # None: they agree (or, with compared=False, nothing was compared)
-    score: float
-    detail: str
-    diffs: tuple[TensorDiff, ...] = ()
-    compared: bool = True
-
-    @property
-    def diverges(self) -> bool:
-        return self.kind is not None
-
-    @property
-    def agrees(self) -> bool:
-        return self.kind is None and self.compared
-
-    @property
-    def max_score(self) -> float:
-        return max([self.score] + [d.score for d in self.diffs])
 
 
 def diff_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> TensorDiff:
@@ -267,8 +197,8 @@ def compare_outcomes(subject: Subject, expected: Outcome, actual: Outcome, tol: 
         kind, shown = Kind.VALUE, diffs[0]
     else:
         kind, shown = Kind.GRADIENT, worst
-    detail = shown.message((le, la))
-    others = [d.brief() for d in diffs if d is not shown]
+    detail = diff_message(shown, (le, la))
+    others = [diff_brief(d) for d in diffs if d is not shown]
     if others:
         detail += "; meanwhile " + "; ".join(others)
     return Verdict(subject, kind, shown.score, detail, tuple(diffs))

@@ -16,20 +16,25 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 from dataclasses import replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
-from . import supervise
+from . import breadcrumbs
 from .compare import Tolerance, Verdict, compare_outcomes
 from .errors import UsageError
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
+from .interpreter import InterpreterRunner
+from .isolate import IsolatedRunner
 from .load import Implementation
+from .model import RunRecord
 from .run import Outcome, call
-from .settings import Settings
+from .settings import Execution, RunnerKind, Settings
 from .spec import Spec
 
 
 class Runner(Protocol):
+    """How one implementation is called on one case; every runner returns the same Outcome."""
+
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome: ...
 
     def close(self) -> None: ...
@@ -41,31 +46,42 @@ class InProcessRunner:
     the process is named, with its input, instead of ending the run silently."""
 
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
-        supervise.before_call(impl.label, spec, case)
+        breadcrumbs.before_call(impl.label, spec, case)
         return call(impl.fn, spec, case)
 
     def close(self) -> None:
         pass
 
 
-def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:
-    """In-process unless isolation or another interpreter is asked for.  ``replaying``: the
-    repro being replayed, named as the input of a crash or timeout instead of a new copy."""
-    execution = settings.execution
-    if not execution.isolate and not execution.pythons:
-        return InProcessRunner()
-    from .isolate import IsolatedRunner, RunRecord  # workers, pipes: only when asked for
+def _isolated(execution: Execution, record: RunRecord) -> Runner:
+    return IsolatedRunner(timeout=execution.timeout, record=record)
 
-    # What a crash or timeout repro records: the run's implementations, tolerance and seed.
+
+def _other_interpreter(execution: Execution, record: RunRecord) -> Runner:
+    # The sides without an interpreter of their own run isolated when asked, else in-process.
+    fallback = _isolated(execution, record) if execution.isolate else None
+    return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=fallback, record=record)
+
+
+# One row per way of calling an implementation; which row, ``RunnerKind.choose`` says.
+RUNNERS: dict[RunnerKind, Callable[[Execution, RunRecord], Runner]] = {
+    RunnerKind.IN_PROCESS: lambda execution, record: InProcessRunner(),
+    RunnerKind.ISOLATED: _isolated,
+    RunnerKind.OTHER_INTERPRETER: _other_interpreter,
+}
+
+
+def run_record(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> RunRecord:
+    """What a crash or timeout repro records of the run: its implementations, tolerance and
+    seed.  ``replaying``: the repro being replayed, named as the input instead of a new copy."""
     tol = settings.tolerance
-    record = RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
-                       settings.outputs.save_dir, replaying)
-    isolated = IsolatedRunner(timeout=execution.timeout, record=record) if execution.isolate else None
-    if execution.pythons:
-        from .interpreter import InterpreterRunner
+    return RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
+                     settings.outputs.save_dir, replaying)
 
-        return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=isolated, record=record)
-    return isolated
+
+def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:
+    """The runner ``settings.execution`` asks for, from the :data:`RUNNERS` table."""
+    return RUNNERS[settings.execution.runner](settings.execution, run_record(settings, impls, replaying))
 
 
 def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
@@ -130,4 +146,4 @@ def mutation_verdict(label: str, outcome: Outcome) -> Verdict:
     return Verdict(Alone(label), Kind.MUTATION, float("inf"), f"{label} modified its input(s) {', '.join(outcome.mutated)} in place")
 
 
-__all__ = ["Evaluator", "InProcessRunner", "Runner", "make_runner", "mutation_verdict", "pairs_for", "Tolerance"]
+__all__ = ["Evaluator", "InProcessRunner", "RUNNERS", "Runner", "make_runner", "run_record", "mutation_verdict", "pairs_for", "Tolerance"]

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .compare import Tolerance, Verdict, compare_outcomes, diff_tensors
-from .engine import InProcessRunner
+from .engine import InProcessRunner, Runner
 from .findings import Kind, Pair
 from .generate import Case, renormalise
 from .load import Implementation
@@ -60,8 +60,6 @@ from .domains import SCALABLE
 from .minimize import scaled
 from .run import Outcome
 from .spec import Spec
-
-Runner = Callable[[Implementation, Spec, Case], Outcome]  # what engine.Runner calls
 
 
 # The default runner: the implementation called in this process, as the engine does.

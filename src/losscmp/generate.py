@@ -17,13 +17,13 @@ from the mildest to the most extreme; ``select_regimes`` narrows it for ``--regi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hypothesis import strategies as st
 
 from .domains import DOMAINS, PLANTABLE, REGIMES, BuildContext, renormalise_simplex, renormalise_sphere
+from .model import Case, Recipe  # noqa: F401  re-exported: moved to model
 from .spec import Spec, SpecError
 
 LAYOUTS = ("contiguous", "transposed", "strided")
@@ -52,51 +52,6 @@ def select_regimes(include: str | None = None, exclude: str | None = None) -> tu
     if not chosen:
         raise RegimeError(f"no regime left to draw from after excluding {', '.join(sorted(dropped))}")
     return chosen
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything needed to rebuild a case bit for bit."""
-
-    sizes: tuple[tuple[str, int], ...]
-    regime: str = "standard"
-    magnitude: float = 1.0
-    offset: float = 0.0
-    layout: str = "contiguous"
-    seed: int = 0
-    planted: tuple[tuple[str, float, float], ...] = ()  # (arg, position in [0,1), value)
-    nonfinite: bool = False
-
-    def describe(self) -> str:
-        parts = [f"regime {self.regime}", f"magnitude {self.magnitude:.3g}"]
-        if self.offset:
-            parts.append(f"offset {self.offset:.3g}")
-        if self.layout != "contiguous":
-            parts.append(f"{self.layout} layout")
-        if self.planted:
-            parts.append(f"{len(self.planted)} planted value(s)")
-        if self.nonfinite:
-            parts.append("NaN/inf planted")
-        return ", ".join(parts)
-
-
-@dataclass(frozen=True, eq=False)
-class Case:
-    """Concrete inputs: one tensor per spec argument, plus keyword parameters."""
-
-    tensors: dict[str, torch.Tensor]
-    sizes: dict[str, int]
-    params: dict[str, Any] = field(default_factory=dict)
-    recipe: Recipe | None = None
-    note: str = ""  # what the minimiser did to it, if anything
-
-    def describe(self) -> str:
-        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
-        what = self.recipe.describe() if self.recipe else "hand-made"
-        return f"{sizes} ({what}{'; ' + self.note if self.note else ''})"
-
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
 
 
 def _hi(spec: Spec, dim: str, max_size: int | None) -> int:

@@ -72,9 +72,10 @@ def _summary(report: dict[str, Any]) -> str:
         subject = _subject(row["pair"])
         if row["verdict"] == "diverge":
             verdict, css = "DIVERGE", "diverge"
-            score = row.get("worst_score")
+            score = row.get("worst_score")  # a number, or "inf"/"nan" as the JSON writes them
+            score = format(score, ".3g") if isinstance(score, (int, float)) else str(score)
             rows.append(f"<tr class=\"pair\"><td>{_e(subject)}</td><td class=\"{css}\">{verdict}</td>"
-                        f"<td>{_e(row['diverging_cases'])} / {_e(cases)}</td><td>{_e('inf' if score is None else f'{score:.3g}')}</td>"
+                        f"<td>{_e(row['diverging_cases'])} / {_e(cases)}</td><td>{_e(score)}</td>"
                         f"<td>{_e(', '.join(row['kinds']))}</td></tr>")
         else:
             partial = row["compared_cases"] < cases

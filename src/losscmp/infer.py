@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .engine import InProcessRunner
-from .generate import Case, Recipe, build_case
+from .engine import InProcessRunner, Runner
+from .generate import Recipe, build_case
 from .load import Implementation
 from .run import Outcome
 from .spec import PRESETS, Spec, SpecError, parse_spec, preset
@@ -49,8 +49,6 @@ DEFAULT_ORDER = [
 GENERIC_SHAPES = (("B D", "B=1..16; D=1..16"), ("N", "N=1..32"), ("B C H W", "B=1..2; C=1..3; H=1..16; W=1..16"))
 TARGET_WORDS = ("target", "label", "true", "gt", "truth", "y_true", "mask")
 PROBE_SIZES = (4, 16, 32)  # a probe that fails at one size is retried at the next
-
-Runner = Callable[[Implementation, Spec, Case], Outcome]
 
 
 class InferenceError(SpecError):

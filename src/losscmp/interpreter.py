@@ -393,4 +393,5 @@ def _outcome(head: dict, buffers: list[bytes], device: torch.device) -> Outcome:
         error=head.get("error"),
         seconds=float(head.get("seconds", 0.0)),
         mutated=tuple(head.get("mutated", ())),
+        output=str(head.get("output", "")),  # an older worker file sends none
     )

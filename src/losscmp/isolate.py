@@ -64,7 +64,7 @@ import threading
 import time
 import types
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import Enum
 from multiprocessing import connection as mpc
 from multiprocessing.reduction import ForkingPickler
@@ -74,12 +74,15 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as tmp
 
+from . import load
 from ._standalone_worker import poisons_cuda
+from .breadcrumbs import request_death_signal
 from .generate import Case
-from .load import Implementation, LoadError, Ref, load_object
+from .load import Implementation, LoadError, Ref, load_implementation, load_object
+from .model import RunRecord  # noqa: F401  re-exported: moved to model
+from .repro import save_case
 from .run import Outcome, call
 from .spec import Spec
-from .supervise import request_death_signal
 
 __all__ = ["IsolatedRunner", "IsolationError", "RunRecord", "Transport"]
 
@@ -104,24 +107,6 @@ class Transport(str, Enum):
     PIPE = "pipe"  # CPU tensors as raw bytes through the worker's pipe
     CUDA_IPC = "cuda-ipc"  # CUDA tensors shared with the worker by CUDA IPC handles
     HOST_COPY = "host-copy"  # CUDA tensors copied to host bytes and rebuilt on the device
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What a kept crash or timeout repro records besides the case itself."""
-
-    refs: tuple[Ref, ...] = ()  # every implementation of the run: the partner is named from these
-    reference: str | None = None
-    tolerance: tuple[float, float] = (1.3e-6, 1e-5)
-    seed: int = 0
-    keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
-    replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
-
-    def partner(self, label: str) -> str:
-        """Who ``label`` is compared with: the reference, else the first other implementation."""
-        if self.reference and self.reference != label and any(r.label == self.reference for r in self.refs):
-            return self.reference
-        return next((r.label for r in self.refs if r.label != label), label)
 
 
 def _context(start_method: str | None):
@@ -227,8 +212,6 @@ class CaseKeeper:
 
     def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None,
               durable: bool = True) -> Path:
-        from .repro import save_case
-
         label = impl.label
         partner = self.record.partner(label)
         refs = {r.label: r for r in self.record.refs}
@@ -590,8 +573,6 @@ def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None
     if isinstance(what, Implementation):  # forked: the callable came with the process
         impl = what
     else:
-        from .load import load_implementation
-
         try:
             impl = load_implementation(what)
         except Exception as e:
@@ -715,8 +696,6 @@ def _portable_ref(ref: Ref) -> Ref:
         return replace(ref, target=str(Path(ref.target).resolve()))
     # Loaded relative to some other folder (a repro's base_dir): find the file it came from.
     want = Path(ref.target).parts
-    from . import load
-
     modules = list(sys.modules.values()) + list(getattr(load, "_SHADOW_CACHE", {}).values())
     for m in modules:
         file = getattr(m, "__file__", None)

@@ -22,8 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
+from . import breadcrumbs
+from .engine import Evaluator
 from .errors import LosscmpError, UsageError
-from .load import Implementation, Ref
+from .load import Implementation, Ref, load_implementation
 from .settings import Settings
 from .spec import Spec
 
@@ -63,23 +67,15 @@ def _die_with(parent: int | None) -> None:
     SIGTERM goes back to plain death: the pool terminates the surviving workers when one
     dies, and the supervised child's handler (raise ``Terminated``) would have them print
     "Exception ignored ..." tracebacks under the one-line error."""
-    from . import supervise
-
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    supervise._crumbs = None
-    supervise._die_with_parent(os.getppid() if parent is None else parent)
+    breadcrumbs._crumbs = None
+    breadcrumbs._die_with_parent(os.getppid() if parent is None else parent)
 
 
 _INHERITED: dict[str, Sequence[Implementation]] = {}  # what forked workers find already loaded
 
 
-def _explore_share(refs: tuple[Ref, ...] | None, spec: Spec, settings: Settings, threads: int):
-    import torch
-
-    from .audit import explore
-    from .engine import Evaluator
-    from .load import load_implementation
-
+def _explore_share(explore: Callable, refs: tuple[Ref, ...] | None, spec: Spec, settings: Settings, threads: int):
     torch.set_num_threads(threads)  # N workers share the cores instead of fighting over them
     impls = _INHERITED["impls"] if refs is None else [load_implementation(r) for r in refs]
     ev = Evaluator(impls, spec, settings)
@@ -92,10 +88,10 @@ def _explore_share(refs: tuple[Ref, ...] | None, spec: Spec, settings: Settings,
         ev.close()
 
 
-def explore_in_workers(impls: Sequence[Implementation], spec: Spec, settings: Settings,
+def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec: Spec, settings: Settings,
                        on_case: Callable[[int, float], None] | None = None):
-    import torch
-
+    """``explore`` (:func:`losscmp.audit.explore`, passed in: the audit stands above this
+    module) runs in each worker on its share of the examples; the explorations are merged."""
     ex = settings.execution
     jobs = ex.jobs
     fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized() and not ex.devices
@@ -119,7 +115,7 @@ def explore_in_workers(impls: Sequence[Implementation], spec: Spec, settings: Se
     _INHERITED["impls"] = impls
     try:
         with ProcessPoolExecutor(max_workers=len(plans), mp_context=context, initializer=_die_with, initargs=(os.getpid() if fork else None,)) as pool:
-            futures = [pool.submit(_explore_share, refs, spec, plan, threads) for plan in plans]
+            futures = [pool.submit(_explore_share, explore, refs, spec, plan, threads) for plan in plans]
             explorations = [f.result() for f in futures]
     except BrokenProcessPool:
         # Without --isolate an implementation that segfaults, aborts or calls os._exit takes

@@ -29,11 +29,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
+from .errors import LosscmpError
 from .project import SAVE_DIR
 
 if TYPE_CHECKING:
     from .testing import CheckOptions, CheckResult, Session
 
+# losscmp.testing, settings and interpreter import torch: this module imports them inside
+# the hooks that need them, so that a pytest run that runs no check never loads torch.
 # Spelled out, not imported: importing losscmp.testing imports torch, and every pytest
 # run of a project that merely has losscmp installed loads this module.
 DTYPE_NAMES = ["float16", "bfloat16", "float32", "float64"]
@@ -136,9 +139,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _command_line_options(config: pytest.Config) -> "CheckOptions":
-    from .errors import LosscmpError, UsageError
     from .interpreter import parse_pythons
-    from .settings import checked_device
+    from .settings import RunnerKind, check_timeout, checked_device
     from .testing import CheckOptions, as_dtype
 
     opt = config.getoption
@@ -146,8 +148,8 @@ def _command_line_options(config: pytest.Config) -> "CheckOptions":
         device = opt("--losscmp-device") and checked_device(opt("--losscmp-device"), "--losscmp-device")
         dtype = as_dtype(opt("--losscmp-dtype"))
         pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
-        if opt("--losscmp-timeout") is not None and not (opt("--losscmp-isolate") or pythons):
-            raise UsageError("--losscmp-timeout needs --losscmp-isolate or --losscmp-python (a hung call can only be stopped in a worker process)")
+        check_timeout(opt("--losscmp-timeout"), RunnerKind.choose(opt("--losscmp-isolate"), pythons),
+                      ("--losscmp-timeout", "--losscmp-isolate", "--losscmp-python"))
     except LosscmpError as error:
         raise pytest.UsageError(str(error)) from None
     return CheckOptions(

@@ -4,24 +4,40 @@ inputs the supervisor or ``--isolate`` kept.
 A case that crashed or hung when it was found replays *isolated*, with the timeout it
 was found with, so replaying it can never kill or hang the replaying process (nor a
 pytest session).  The implementations come from the file (after the trust check of
-:func:`losscmp.repro.refuse_untrusted`) or, in the plugin, from the test itself.
+:func:`losscmp.repro.refuse_untrusted`) or, in the plugin and the command line's
+replay-first phase (:func:`replay_saved`), from the run itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
 from .compare import Verdict
 from .engine import Evaluator, make_runner
 from .findings import Alone, Kind
-from .load import Implementation
-from .repro import Repro, load_repro_implementations, same_bits
+from .load import Implementation, Ref
+from .interpreter import remote_implementation
+from .load import load_implementation
+from .repro import Repro, ReproError, load_repro, repro_base_dir, same_bits, trusted_refs
+from .spec import Spec
 from .settings import Settings
 
 # A saved timeout case without a recorded limit still must not hang the replay.
 DEFAULT_REPLAY_TIMEOUT = 60.0
+
+
+def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
+    """The implementations of a saved case's subject, after the trust check
+    (:func:`losscmp.repro.trusted_refs`), with the safe factory policy.
+    Labels in ``remote`` run under another interpreter: never imported here."""
+    base_dir = repro_base_dir(repro)
+    # The other interpreter's worker has its own current folder: give it the file itself.
+    return [remote_implementation(replace(ref, target=str(base_dir / ref.target)) if ref.is_path else ref)
+            if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+            for ref in trusted_refs(repro)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,3 +86,50 @@ def replay(repro: Repro, impls: Sequence[Implementation] | None = None, *, isola
         return ReplayResult(repro, verdict, isolated, bits, impls)
     finally:
         ev.close()
+
+
+@dataclass(frozen=True, eq=False)
+class SavedReplay:
+    """A saved case replayed before a run explores: what it was saved as, and today's verdict."""
+
+    path: Path
+    recorded: Kind
+    result: ReplayResult
+
+
+def same_reference(saved: Ref, base: Path, live: Ref) -> bool:
+    """Does a saved reference (a file target relative to ``base``, the project root) name
+    what the run's reference (a file target relative to the current folder) names?"""
+    if saved.is_path != live.is_path:
+        return False
+    if not saved.is_path:
+        return saved.source() == live.source()
+    same_file = (base / saved.target).resolve() == Path(live.target).resolve()
+    return same_file and (saved.attrs, saved.call) == (live.attrs, live.call)
+
+
+def replay_saved(directory: Path | None, impls: Sequence[Implementation], spec: Spec, *, isolate: bool | None = None,
+                 pythons: Mapping[str, str] | None = None, same_references: bool = False,
+                 shown: Callable[[Path], str] = str) -> tuple[SavedReplay, ...]:
+    """Replay every case saved in ``directory`` whose pair this run compares again, with the
+    run's own implementations: the same spec, both labels present and, with
+    ``same_references``, the same references (the command line: a label alone may name
+    another loss; the plugin matches callables, which have no reference, by label).
+    A corrupt file is an error, never a case skipped in silence."""
+    if directory is None or not directory.is_dir():
+        return ()
+    by_label = {i.label: i for i in impls}
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            repro = load_repro(path)
+        except ReproError as e:
+            raise ReproError(f"saved case {shown(path)} cannot be replayed: {e}") from None
+        if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
+            continue  # saved for another pairing or spec
+        if same_references and any(r.label in by_label and not same_reference(r, repro_base_dir(repro), by_label[r.label].ref)
+                                   for r in repro.refs):
+            continue
+        result = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=isolate, pythons=pythons)
+        out.append(SavedReplay(path, repro.kind, result))
+    return tuple(out)

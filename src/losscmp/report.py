@@ -1,21 +1,21 @@
 """Reports: a terminal summary (rich) and the machine-readable JSON report."""
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .audit import AuditResult, Divergence
+from . import jsonout
 from .display import tensor_text
-from .findings import Alone, subject_labels_json
+from .model import Alone, AuditResult, Divergence, subject_labels_json
 from .project import shown_path
+from .replay import SavedReplay
 
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
@@ -161,7 +161,25 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
         say(f"repro not saved: {d.repro_error}")
 
 
-def audit_json(result: AuditResult) -> dict[str, Any]:
+def print_replayed(replayed: Sequence[SavedReplay], console: Console) -> None:
+    """The saved cases replayed before the search, one line each."""
+    if replayed:
+        console.print(f"replayed {len(replayed)} saved case(s) first:", markup=False, highlight=False)
+    for s in replayed:
+        v = s.result.verdict
+        now = (f"[red]still diverges[/] ({v.kind.value}): {escape(v.detail)}" if v.kind
+               else f"[yellow]not compared[/]: {escape(v.detail)}" if not v.compared else "[green]agrees now[/]")
+        console.print(f"  {escape(shown_path(s.path))} (saved as {s.recorded.value}, {escape(str(v.subject))}): {now}", highlight=False)
+
+
+def replayed_json(s: SavedReplay) -> dict[str, Any]:
+    v = s.result.verdict
+    return {"path": str(s.path), "pair": subject_labels_json(v.subject), "recorded": s.recorded.value,
+            "kind": v.kind.value if v.kind else None, "compared": v.compared, "score": v.score, "detail": v.detail}
+
+
+def audit_json(result: AuditResult, replayed: Sequence[SavedReplay] = ()) -> dict[str, Any]:
+    """The ``--json`` report; ``agree`` is false when a replayed saved case still diverges, as the exit code says."""
     s = result.settings
     return {
         "implementations": list(result.labels),
@@ -174,11 +192,12 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
         "device": s.execution.device,
         "dtype": str(s.execution.dtype).removeprefix("torch."),
         "tolerance": {"rtol": s.tolerance.rtol, "atol": s.tolerance.atol},
-        "agree": result.agree,
+        "agree": result.agree and not any(r.result.verdict.kind for r in replayed),
+        "replayed": [replayed_json(r) for r in replayed],
         "seconds": round(result.seconds, 3),
         "evaluations": result.evaluations,
         "pairs": [{**{k: v for k, v in row.items() if k != "subject"}, "pair": subject_labels_json(row["subject"]),
-                   "worst_score": _num(row["worst_score"]) if row["worst_score"] is not None else None}
+                   "worst_score": row["worst_score"]}
                   for row in pair_rows(result)],
         "divergences": [divergence_json(d, result) for d in result.divergences],
         "stage_errors": list(result.stage_errors),
@@ -187,13 +206,14 @@ def audit_json(result: AuditResult) -> dict[str, Any]:
 
 def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[str, Any]:
     m = d.minimized
-    explained = d.explanation.to_json() if d.explanation is not None else {}
-    explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
+    explained = d.explanation.to_json() if d.explanation is not None else None
+    if explained is not None:
+        explained.pop("seconds", None)  # wall time: the one thing the same seed cannot repeat (the run's total is at the top)
     return {
         "pair": subject_labels_json(d.subject),
         "alone": isinstance(d.subject, Alone),
         "kind": d.kind.value,
-        "score": _num(d.score),
+        "score": d.score,
         "score_text": _score(d.score),
         "cases": d.count,
         "regimes": dict(d.regimes),
@@ -219,24 +239,21 @@ def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[st
         "replay_command": replay_command(d, result) if result is not None else None,
         "repro_error": d.repro_error,
         "gradient_summaries": [
-            {"what": t.what, "max_abs": _num(t.max_abs), "max_rel": _num(t.max_rel), "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine), "score": _num(t.score)}
+            {"what": t.what, "max_abs": t.max_abs, "max_rel": t.max_rel, "rel_l2": t.rel_l2, "cosine": t.cosine, "score": t.score}
             for t in d.verdict.diffs
         ],
-        "explanation": d.explanation.sentence() if d.explanation is not None else None,
-        "category": explained.get("category"),
-        "unstable_side": explained.get("unstable_side"),
-        "location": explained.get("location"),
-        **{k: v for k, v in explained.items() if k not in ("category", "unstable_side", "location")},
+        # The contract's three explanation fields stay at the top; the whole explanation,
+        # with its own call count ("evaluations"), nests under its own key so that it can
+        # never overwrite a field of the finding (the minimiser's "evaluations").
+        "category": explained["category"] if explained else None,
+        "unstable_side": explained["unstable_side"] if explained else None,
+        "location": explained["location"] if explained else None,
+        "explanation": explained,
     }
 
 
-def _num(x: float) -> float | None:
-    """JSON has no inf/NaN: those become null (``score_text`` keeps "inf")."""
-    return x if math.isfinite(x) else None
-
-
 def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None) -> None:
-    text = json.dumps(data, indent=2, allow_nan=False, default=str)
+    text = jsonout.dumps(data, indent=2, default=str)
     if str(path) == "-":
         print(text, file=stdout or sys.stdout, flush=True)
     else:

@@ -30,15 +30,17 @@ import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from . import jsonout
+from ._version import __version__
 from .errors import LosscmpError
-from .findings import Kind
-from .generate import Case, Recipe, _with_layout
-from .load import LoadError, Ref, load_implementation, parse_ref
+from .generate import _with_layout
+from .load import LoadError, Ref, parse_ref
+from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
 from .project import portable_target, project_root
 from .spec import Spec, SpecError, parse_spec
 
@@ -124,8 +126,6 @@ def versions(refs: list[Ref], base_dir: Path | None = None) -> dict[str, Any]:
     for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
     # The running code's own version: an editable install's metadata keeps the version it was installed at.
-    from . import __version__
-
     found["losscmp"] = __version__
     impls = {}
     for ref in refs:
@@ -225,7 +225,7 @@ def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict
     """STEM.npz and STEM.json, each written atomically; returns the JSON path."""
     directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
-    text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True)  # fails before any write
+    text = jsonout.dumps(meta, indent=2, default=_json_default)  # fails before any write
     _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)
     _atomic_write(json_path, lambda f: f.write(text.encode()), durable)
     return json_path
@@ -263,8 +263,6 @@ def _json_default(x: Any) -> Any:
 
 def save_divergence(ev, d, directory: Path) -> Path:
     """Save the (minimised, if available) case of an audit divergence."""
-    from .findings import subject_labels_json
-
     case = d.minimized.case if d.minimized else d.case
     labels = list(d.subject.labels)
     if d.kind.failed_call and d.kind in (Kind.CRASH, Kind.TIMEOUT):
@@ -274,7 +272,7 @@ def save_divergence(ev, d, directory: Path) -> Path:
         outcomes = ev.outcomes(case, labels)
     minimal = d.minimized.verdict if d.minimized and d.minimized.verdict is not None and d.minimized.verdict.kind else None
     extra = {
-        "score": _finite_or_str(d.verdict.score),
+        "score": d.verdict.score,
         # What the saved (minimised) case shows; the worst case found is kept beside it.
         "detail": minimal.detail if minimal else d.verdict.detail,
         "worst_detail": d.verdict.detail,
@@ -300,10 +298,6 @@ def save_divergence(ev, d, directory: Path) -> Path:
     )
 
 
-def _finite_or_str(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
-
-
 # --- loading ------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -317,8 +311,6 @@ class Repro:
 
     @property
     def subject(self):
-        from .findings import subject_from_labels
-
         return subject_from_labels(self.meta["pair"])
 
     @property
@@ -607,19 +599,6 @@ def version_changes(repro: Repro) -> dict[str, tuple[Any, Any]]:
         if isinstance(was, dict) and was.get("version") != now.get("version"):
             changes[now["package"]] = (was.get("version"), now.get("version"))
     return changes
-
-
-def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
-    """The subject's implementations, after the trust check, with the safe factory policy.
-    Labels in ``remote`` run under another interpreter: never imported here."""
-    base_dir = repro_base_dir(repro)
-    wanted = trusted_refs(repro)
-    if remote:
-        from .interpreter import remote_implementation
-    # The other interpreter's worker has its own current folder: give it the file itself.
-    return [remote_implementation(replace(ref, target=str(_under(ref.target, base_dir))) if ref.is_path else ref)
-            if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
-            for ref in wanted]
 
 
 def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:

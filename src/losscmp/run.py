@@ -24,39 +24,18 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .findings import Status
-from .generate import Case, clone_like
+from .generate import clone_like
+from .model import Case, Outcome, Status  # noqa: F401  Outcome re-exported: moved to model
 from .spec import Spec
-from .supervise import Terminated
+from .breadcrumbs import Terminated
 
 # What an implementation printed is kept up to this many characters (the end is dropped).
 OUTPUT_LIMIT = 4000
-
-
-@dataclass(frozen=True, eq=False)
-class Outcome:
-    """What one call produced."""
-
-    status: Status = Status.OK
-    value: torch.Tensor | None = None
-    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    error: str | None = None
-    seconds: float = 0.0
-    mutated: tuple[str, ...] = ()
-    output: str = ""  # what it printed and warned, captured
-    transport: str = "in-process"  # how the inputs reached it: see isolate.Transport
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "status", Status(self.status))
-
-    @property
-    def failed(self) -> bool:
-        return self.status.failed
 
 
 def one_line(e: BaseException) -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .compare import Tolerance
+from .model import Tolerance
 from .errors import UsageError
 
 
@@ -56,12 +57,41 @@ def checked_device(device: str, option: str = "device") -> str:
     return device
 
 
+class RunnerKind(str, Enum):
+    """How implementations are called; ``engine.RUNNERS`` builds each.  ``stops_hung_calls``:
+    a call that hangs can be stopped (only a worker process can be killed mid-call)."""
+
+    IN_PROCESS = "in-process", False
+    ISOLATED = "isolated", True
+    OTHER_INTERPRETER = "other interpreter", True
+
+    def __new__(cls, value: str, stops_hung_calls: bool) -> "RunnerKind":
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.stops_hung_calls = stops_hung_calls
+        return member
+
+    @classmethod
+    def choose(cls, isolate: bool, pythons: object) -> "RunnerKind":
+        """The one place the runner is chosen: another interpreter (its other sides isolated
+        when asked), isolation, or a plain call."""
+        return cls.OTHER_INTERPRETER if pythons else cls.ISOLATED if isolate else cls.IN_PROCESS
+
+
+def check_timeout(timeout: float | None, runner: RunnerKind,
+                  names: tuple[str, str, str] = ("a timeout", "isolation", "another interpreter")) -> None:
+    """The one rule about timeouts and runners.  ``names``: how the front end calls the
+    timeout, isolation and other-interpreter options (``--timeout``, ``--isolate``, ``--python``)."""
+    if timeout is not None and not runner.stops_hung_calls:
+        raise UsageError(f"{names[0]} needs {names[1]} or {names[2]} (a hung call can only be stopped in a worker process)")
+
+
 @dataclass(frozen=True)
 class Execution:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     isolate: bool = False
-    timeout: float | None = None  # seconds per call; needs isolation
+    timeout: float | None = None  # seconds per call; see check_timeout
     pythons: tuple[tuple[str, str], ...] = ()  # (label, interpreter path): run that side there
     jobs: int = 1  # worker processes sharing the example budget
     devices: tuple[str, ...] = ()  # one worker per device (--devices cuda:0,cuda:1); overrides jobs
@@ -75,8 +105,11 @@ class Execution:
             raise UsageError(f"jobs must be a whole number >= 1, not {self.jobs}")
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"timeout must be a positive number of seconds, not {self.timeout}")
-        if self.timeout is not None and not (self.isolate or self.pythons):
-            raise UsageError("a timeout needs isolation or another interpreter (a hung call can only be stopped in a worker process)")
+        check_timeout(self.timeout, self.runner)
+
+    @property
+    def runner(self) -> RunnerKind:
+        return RunnerKind.choose(self.isolate, self.pythons)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 from .domains import DOMAINS
 from .errors import LosscmpError, did_you_mean
+from .load import load_object
 
 DEFAULT_SIZE_RANGE = (1, 32)
 
@@ -236,8 +237,6 @@ def resolve_spec(text: str) -> Spec:
     if re.match(r"^[\w-]+$", stripped):
         return preset(stripped)
     if re.match(r"^[^;\s]+\.py:[A-Za-z_][\w.]*$", stripped):
-        from .load import load_object
-
         obj = load_object(stripped)
         if isinstance(obj, Spec):
             return obj

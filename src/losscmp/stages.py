@@ -14,8 +14,12 @@ from functools import partial
 from typing import Protocol, Sequence
 
 from .engine import Evaluator
-from .findings import Kind, Pair
+from .explain import explain, float64_agrees
+from .minimize import minimize
+from .model import Kind, Pair
+from .repro import save_divergence
 from .settings import Settings
+from .trace import locate
 
 # The op-level trace runs in this process: only on small cases, never on a side that
 # may crash (isolation was asked for), and never during the search.
@@ -49,9 +53,6 @@ class Minimize:
     name = "minimize"
 
     def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
-        from .explain import float64_agrees
-        from .minimize import minimize
-
         ev = ctx.ev
         out = []
         for d in divergences:
@@ -66,8 +67,6 @@ class Minimize:
 
 def _float64_still_agrees(expected, actual, ev: Evaluator, case) -> bool:
     """The minimiser keeps the numerical verdict only on cases where float64 still agrees."""
-    from .explain import float64_agrees
-
     return bool(float64_agrees(expected, actual, ev.spec, case, run=ev.runner))
 
 
@@ -77,9 +76,6 @@ class Explain:
     name = "explain"
 
     def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
-        from .explain import explain
-        from .trace import locate
-
         ev, outputs = ctx.ev, ctx.settings.outputs
         out = []
         for d in divergences:
@@ -132,8 +128,6 @@ class Save:
     name = "save"
 
     def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
-        from .repro import save_divergence
-
         directory = ctx.settings.outputs.save_dir
         out = []
         for d in divergences:

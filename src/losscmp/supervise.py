@@ -31,115 +31,23 @@ import subprocess
 import sys
 import tempfile
 import traceback
-import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import breadcrumbs
+from .breadcrumbs import (  # noqa: F401  re-exported: the child's side moved to breadcrumbs
+    Terminated, before_call, describe_run, note, rebuildable, request_death_signal,
+)
+from .cli import main
+from .generate import build_case
+from .load import parse_ref
+from .model import Kind, Outcome, Recipe
+from .repro import DTYPES, load_input, save_case, save_input
+from .spec import parse_spec
+
 ENV_DISABLE = "LOSSCMP_UNSUPERVISED"
 
-
-class Terminated(BaseException):
-    """SIGTERM: unwind (close workers, delete temporary files) and stop."""
-
-
-# --- the child's side: breadcrumbs ------------------------------------------------------
-
-class _Breadcrumbs:
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.fd = os.open(directory / "call", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.described: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
-        self.rebuildable: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.saved = 0
-
-    def leave(self, payload: bytes) -> None:
-        # Overwrite in place; a newline ends the current crumb (an older, longer one may trail).
-        os.pwrite(self.fd, payload + b"\n", 0)
-
-
-_crumbs: _Breadcrumbs | None = None
-
-
-def before_call(label: str, spec: Any, case: Any) -> None:
-    """Called by the in-process runner before every call; free when not supervised."""
-    if _crumbs is None:
-        return
-    described = _crumbs.described.get(case)
-    if described is None:
-        described = _describe(spec, case)
-        _crumbs.described[case] = described
-    _crumbs.leave(b'{"calling": ' + json.dumps(label).encode() + b", " + described + b"}")
-
-
-def note(what: str) -> None:
-    """A breadcrumb outside implementation calls (e.g. loading a reference)."""
-    if _crumbs is not None:
-        _crumbs.leave(json.dumps({"doing": what}).encode())
-
-
-def rebuildable(case: Any) -> None:
-    """``case`` was built straight from its recipe: the recipe alone rebuilds it."""
-    if _crumbs is not None:
-        _crumbs.rebuildable.add(case)
-
-
-def describe_run(impls: Sequence[Any], save_dir: Path | None, seed: int, tolerance: Any, pairs: Sequence[Any]) -> None:
-    """What the parent needs to write a repro if an implementation kills the child."""
-    if _crumbs is None:
-        return
-    context = {
-        "implementations": [{"label": i.label, "ref": i.ref.source()} for i in impls],
-        "save_dir": str(save_dir) if save_dir is not None else None,
-        "seed": seed,
-        "tolerance": {"rtol": tolerance.rtol, "atol": tolerance.atol},
-        "pairs": [list(p.labels) for p in pairs],
-        "cwd": os.getcwd(),
-    }
-    (_crumbs.dir / "context.json").write_text(json.dumps(context))
-
-
-def _describe(spec: Any, case: Any) -> bytes:
-    first = next(iter(case.tensors.values()))
-    where = {"spec": spec.text(), "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device), "case": case.describe()}
-    recipe = case.recipe
-    if case in _crumbs.rebuildable and recipe is not None:
-        where["recipe"] = dict(recipe.__dict__)  # flat fields of numbers, strings and tuples
-    else:  # derived by the minimiser or a stage: its tensors go to disk before the call
-        from .repro import save_input
-
-        _crumbs.saved += 1
-        # No fsync: the supervising parent outlives the child and reads it from the page cache.
-        where["saved"] = str(save_input(_crumbs.dir / "inputs", spec, case, stem=f"input-{_crumbs.saved}", durable=False))
-    return json.dumps(where)[1:-1].encode()
-
-
-def _child_setup(directory: Path, parent: int) -> None:
-    global _crumbs
-    _die_with_parent(parent)
-    _crumbs = _Breadcrumbs(directory)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, on_term)
-
-
-def request_death_signal() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux), even mid-hang."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:
-            pass
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when ``parent`` dies, even while it hangs."""
-    request_death_signal()
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
+# The child's side (breadcrumbs before each call, Terminated) is :mod:`losscmp.breadcrumbs`.
 
 
 # --- the parent's side ------------------------------------------------------------------
@@ -148,8 +56,6 @@ def entry(argv: Sequence[str] | None = None) -> int:
     """The ``losscmp`` command: supervised where the platform can fork, else plain."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not hasattr(os, "fork") or os.environ.get(ENV_DISABLE):
-        from .cli import main
-
         return main(argv)
     directory = Path(tempfile.mkdtemp(prefix="losscmp-run-"))
     parent = os.getpid()
@@ -159,9 +65,7 @@ def entry(argv: Sequence[str] | None = None) -> int:
     if pid == 0:
         code = 70  # EX_SOFTWARE, should main itself fail in an unforeseen way
         try:
-            _child_setup(directory, parent)
-            from .cli import main
-
+            breadcrumbs.start(directory, parent, save_input)
             code = main(argv)
         except Terminated:
             code = 143
@@ -178,8 +82,8 @@ def entry(argv: Sequence[str] | None = None) -> int:
                 except Exception:
                     pass
             try:
-                if _crumbs is not None:
-                    _crumbs.leave(json.dumps({"done": code}).encode())
+                if breadcrumbs._crumbs is not None:
+                    breadcrumbs._crumbs.leave(json.dumps({"done": code}).encode())
                 atexit._run_exitfuncs()
             finally:
                 # Not sys.exit: a non-daemon thread an implementation left running must not keep us alive.
@@ -265,13 +169,6 @@ def _materialise(crumb: dict[str, Any], directory: Path, how: str) -> str | None
 
 def materialise(directory: Path) -> Path:
     """In a fresh interpreter: write the crash repro described by the breadcrumb."""
-    from .findings import Kind
-    from .generate import Recipe, build_case
-    from .load import parse_ref
-    from .repro import DTYPES, load_input, save_case
-    from .run import Outcome
-    from .spec import parse_spec
-
     crumb = json.loads((directory / "crumb.json").read_text())
     context = json.loads((directory / "context.json").read_text())
     label = crumb["calling"]

@@ -28,14 +28,18 @@ import torch
 
 from .audit import AuditResult, ProbeError, audit
 from .compare import Verdict
-from .display import case_values_text
+from .display import case_values_text, tensor_text
 from .errors import LosscmpError, UsageError
 from .findings import Kind, Subject
 from .generate import Case
+from .infer import infer_spec
+from .interpreter import check_labels, check_python, is_remote, remote_implementation
 from .load import Implementation, Ref, load_implementation, parse_ref
+from .replay import replay_saved
+from .report import pair_rows, print_audit
 from .repro import ReproError
-from .settings import Settings
-from .spec import Spec
+from .settings import RunnerKind, Settings
+from .spec import Spec, resolve_spec
 
 __all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase", "Session"]
 
@@ -161,8 +165,6 @@ def with_call_arguments(base: CheckOptions, **given: Any) -> CheckOptions:
     if "dtype" in given:
         given["dtype"] = as_dtype(given["dtype"])
     if "pythons" in given:  # the call's interpreters join the command line's
-        from .interpreter import check_python
-
         called = {label: check_python(label, path, "pythons") for label, path in dict(given["pythons"]).items()}
         given["pythons"] = tuple({**dict(base.pythons), **called}.items())
         given["called_pythons"] = tuple(called)
@@ -201,16 +203,11 @@ def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str |
 
 def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
     """Replay the saved cases, then (unless replay-only, or a saved case still diverges) fuzz."""
-    from .infer import infer_spec
-    from .spec import resolve_spec
-
     given = dict(options.pythons)
     named = [implementation(i, given, strict=options.called_pythons) for i in impls]
     loaded = unique_labels(named)
     pythons: dict[str, str] = {}
-    if given:  # worker machinery is imported only by checks that use it
-        from .interpreter import check_labels, is_remote
-
+    if given:
         # Only the references sent elsewhere run elsewhere, each under its label after
         # renaming (mse -> mse#2); a callable that shares a --losscmp-python label stays here.
         pythons = {new.label: given[old.label] for old, new in zip(named, loaded) if is_remote(old)}
@@ -232,12 +229,10 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
         return CheckResult(tuple(loaded), replayed, None, None)
     kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
     kw["pythons"] = tuple(pythons.items())
-    if "timeout" in kw and options.pythons and not (pythons or options.isolate):
+    if "timeout" in kw and options.pythons and not RunnerKind.choose(options.isolate, pythons).stops_hung_calls:
         del kw["timeout"]  # given for the --losscmp-python sides: this check has none, no worker to time
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
-    examples = options.examples if options.examples is not None else profile_examples()
-    if examples < 1:
-        raise UsageError(f"examples must be at least 1, not {examples}")
+    examples = options.examples if options.examples is not None else profile_examples()  # Settings checks it
     settings = Settings.of(examples=examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
                            **kw, **options.audit)
     try:
@@ -256,26 +251,8 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
     from the references it records: a lambda has none.  It is judged with the tolerance
     it was saved with; a case that crashed or hung is replayed in a worker process.
     """
-    from .replay import replay
-    from .repro import load_repro
-
-    directory = options.replay_dir
-    if directory is None or not directory.is_dir():
-        return ()
-    by_label = {i.label: i for i in impls}
-    out = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            repro = load_repro(path)
-        except ReproError as e:  # a corrupt file is an error, not a case to skip silently
-            raise ReproError(f"saved case {_shown_path(path)} cannot be replayed: {e}") from None
-        if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
-            continue  # saved for another pairing or spec of this test
-        replayed = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=options.isolate or None,
-                          pythons=pythons)
-        verdict = replayed.verdict
-        out.append(ReplayedCase(path, repro.kind, verdict, repro.case))
-    return tuple(out)
+    saved = replay_saved(options.replay_dir, impls, spec, isolate=options.isolate or None, pythons=pythons, shown=_shown_path)
+    return tuple(ReplayedCase(s.path, s.recorded, s.result.verdict, s.result.repro.case) for s in saved)
 
 
 # --- failure messages ----------------------------------------------------------------
@@ -298,8 +275,6 @@ def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str
 
 def _audit_failure(result: AuditResult, options: CheckOptions) -> str:
     from rich.console import Console
-
-    from .report import pair_rows, print_audit
 
     # The first line is what pytest's short summary shows: the verdict, not a preamble.
     diverging = [r for r in pair_rows(result) if r["verdict"] == "diverge"]
@@ -335,8 +310,6 @@ def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
 
 
 def _tensor_text(t: torch.Tensor) -> str:
-    from .display import tensor_text
-
     return tensor_text(t)
 
 
@@ -398,8 +371,6 @@ def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | 
     if isinstance(impl, str):
         ref = parse_ref(impl)
         if ref.label in pythons:
-            from .interpreter import remote_implementation
-
             return remote_implementation(ref)
         return load_implementation(ref)
     if not callable(impl):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import linecache
 import math
 import os
@@ -57,7 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .compare import Tolerance, compare_outcomes, diff_tensors
+from .compare import Tolerance, compare_outcomes, diff_message, diff_tensors
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
@@ -173,13 +172,13 @@ def summary_diff(actual: Summary | None, expected: Summary | None, tol: Toleranc
     if actual.values is not None and expected.values is not None:
         shape = tuple(expected.shape) + ((2,) if expected.dtype.is_complex else ())  # complex: summarised as (real, imaginary) pairs
         d = diff_tensors("output", actual.values.reshape(shape), expected.values.reshape(shape), tol)
-        return d.message() if d.score > 1.0 else None
+        return diff_message(d) if d.score > 1.0 else None
     if (actual.nans, actual.posinfs, actual.neginfs) != (expected.nans, expected.posinfs, expected.neginfs):
         return (f"NaN/+inf/-inf counts differ: expected {expected.nans}/{expected.posinfs}/{expected.neginfs}, "
                 f"actual {actual.nans}/{actual.posinfs}/{actual.neginfs}")
     d = diff_tensors("output (sampled elements)", actual.sample, expected.sample, tol)
     if d.score > 1.0:
-        return d.message()
+        return diff_message(d)
     n = expected.numel
     big = max(abs(expected.low), abs(expected.high)) if expected.abs_total else 0.0
     checks = (
@@ -651,45 +650,3 @@ def _text(s: Summary | None) -> str:
 def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
     """Record both sides on ``case`` and localise their first divergence."""
     return localise(record(expected, spec, case), record(actual, spec, case), tol)
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def trace_command(argv: list[str]) -> int:
-    """``losscmp trace A B REPRO.json``: 0 located, 1 not located, 2 bad usage or input."""
-    from .cli import trace_parser
-    from .errors import UsageError
-    from .load import disambiguate, load_implementation, parse_ref
-    from .repro import load_repro
-
-    try:
-        args = trace_parser().parse_args(argv)
-    except SystemExit as e:  # argparse has printed its usage line
-        return int(e.code or 0)
-    # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
-    if args.json:
-        from .cli import _writable_file
-
-        _writable_file(args.json, "--json")  # before the trace runs, not after it
-    repro = load_repro(args.repro)
-    refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
-    if refs[0].label == refs[1].label:
-        raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
-    impls = [load_implementation(r) for r in refs]
-    result = locate(impls[0], impls[1], repro.spec, repro.case, Tolerance(*repro.tolerance))
-    human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
-    print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
-    print(result.note, file=human)
-    for label, where in (result.location or {}).items():
-        print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
-        print(f"      {where.code}", file=human)
-        print(f"      value: {result.values.get(label, '?')}", file=human)
-    if args.json:
-        text = json.dumps(result.to_json(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0 if result.location is not None else 1

@@ -1,0 +1,123 @@
+"""The floor plan holds: no import cycle among losscmp's modules, counting the imports
+inside functions, and the pytest plugin loads without torch."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import losscmp
+
+PACKAGE = Path(losscmp.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """Imports under ``if TYPE_CHECKING:``: annotations only, never executed."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return skip
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the losscmp modules it imports, at any depth of the file (functions included)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        skip = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                # ``from . import x`` names a submodule when there is one
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            graph[name].update(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_imports_inside_functions():
+    # The check below is only worth something if it reads function-level imports.
+    graph = import_graph()
+    assert "losscmp.testing" in graph["losscmp.pytest_plugin"]  # imported inside the hooks only
+    assert "losscmp.model" in graph["losscmp.audit"]
+
+
+def test_cycles_are_found_when_there_is_one():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_among_losscmp_modules():
+    found = cycles(import_graph())
+    assert not found, "import cycles (imports inside functions count): " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_model_imports_nothing_of_losscmp_but_errors():
+    assert import_graph()["losscmp.model"] <= {"losscmp.errors"}
+
+
+def test_the_pytest_plugin_does_not_import_torch():
+    # pytest loads the plugin in every project that merely has losscmp installed.
+    code = "import losscmp.pytest_plugin, sys; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_public_names_still_import_from_the_package():
+    code = ("import losscmp, losscmp.audit as a; from losscmp import audit, Case, Settings, Kind; "
+            "assert callable(audit) and a is audit and Case.__module__ == 'losscmp.model' and losscmp.Spec")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

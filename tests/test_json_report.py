@@ -1,0 +1,79 @@
+"""The JSON report says what the terminal says, and writes non-finite numbers one way."""
+import json
+import re
+
+import pytest
+
+from losscmp.cli import main
+from losscmp.repro import load_repro
+
+from .conftest import FIXTURES
+
+
+def _strict(text: str):
+    """Parse as a strict JSON reader would: NaN / Infinity literals are not JSON."""
+    def refuse(literal):
+        raise ValueError(f"non-standard JSON literal {literal}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def bce_demo(tmp_path_factory):
+    """The README's demo, once: the terminal text and the JSON report of the same run."""
+    out = tmp_path_factory.mktemp("bce") / "report.json"
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--no-save", "--json", str(out)])
+    return code, buffer.getvalue(), _strict(out.read_text())
+
+
+def test_the_json_never_contradicts_the_terminal_on_the_bce_demo(bce_demo):
+    code, text, report = bce_demo
+    flat = " ".join(text.split())
+    divergences = report["divergences"]
+    assert code == 1 and not report["agree"] and len(divergences) >= 2
+    # Tally: "cases: 82 agree, 16 value, 2 gradient".
+    tally = dict((what, int(n)) for n, what in re.findall(r"(\d+) ([a-z ]+?)(?:,|$)", re.search(r"^cases: (.*)$", text, re.M).group(1)))
+    assert tally == report["tally"] and sum(tally.values()) == report["cases_run"]
+    # Verdicts: the table's row for the pair.
+    row = re.search(r"bce_on_sigmoid vs bce_with_logits\s*│\s*(\w+)\s*│\s*(\d+) / (\d+)", text)
+    assert row.group(1) == "DIVERGE" and int(row.group(3)) == report["cases_run"]
+    # Per finding, in order: the minimiser's evaluations, the explanation's calls, its sentence (once).
+    minimised = [int(n) for n in re.findall(r"minimised in (\d+) evaluations", text)]
+    costs = [int(n) for n in re.findall(r"cost: (\d+) implementation call", text)]
+    assert minimised == [d["evaluations"] for d in divergences]
+    assert costs == [d["explanation"]["evaluations"] for d in divergences]
+    assert minimised != costs  # the two counts differ on this demo: the report must not merge them
+    for d in divergences:
+        sentence = d["explanation"]["sentence"]
+        assert " ".join(sentence.split()) in flat
+        assert json.dumps(d).count(json.dumps(sentence)) == 1  # said once, in its own place
+        assert d["kind"] in text and d["category"] == d["explanation"]["category"]
+
+
+def test_non_finite_numbers_are_the_strings_nan_inf_everywhere_json_is_written(tmp_path):
+    report_path, saves = tmp_path / "report.json", tmp_path / "saved"
+    code = main([f"{FIXTURES}/misbehaving.py:mse", f"{FIXTURES}/misbehaving.py:mutates_input", "--spec", "regression",
+                 "--examples", "3", "--no-minimize", "--no-explain", "--save-dir", str(saves), "--json", str(report_path)])
+    assert code == 1
+    report = _strict(report_path.read_text())
+    mutation = next(d for d in report["divergences"] if d["kind"] == "mutation")
+    assert mutation["score"] == "inf" and mutation["score_text"] == "inf"
+    saved = [p for p in saves.glob("*.json") if "mutation" in p.name]
+    assert saved and _strict(saved[0].read_text())["score"] == "inf"
+    assert load_repro(saved[0]).kind == "mutation"  # and it loads back
+
+
+def test_a_repro_written_before_with_nan_literals_still_loads(tmp_path):
+    saves = tmp_path / "saved"
+    assert main([f"{FIXTURES}/misbehaving.py:mse", f"{FIXTURES}/misbehaving.py:mutates_input", "--spec", "regression",
+                 "--examples", "3", "--no-minimize", "--no-explain", "--save-dir", str(saves)]) == 1
+    path = next(p for p in saves.glob("*.json") if "mutation" in p.name)
+    meta = json.loads(path.read_text())
+    meta["score"] = float("inf")  # as the old writer left it: a bare Infinity literal
+    path.write_text(json.dumps(meta, allow_nan=True))
+    assert "Infinity" in path.read_text()
+    assert load_repro(path).kind == "mutation"
