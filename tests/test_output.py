@@ -488,3 +488,17 @@ def test_a_failure_inside_pytest_wraps_sentences_but_never_a_command(pytester):
     assert any("losscmp replay .losscmp/" in c and c.rstrip().endswith(".json") for c in commands), failure
     long_lines = [line for line in failure.splitlines() if len(line) > 120 and line not in commands]
     assert not long_lines, long_lines
+
+
+def test_a_second_cli_run_from_another_folder_of_the_project_replays_the_saved_cases(tmp_path, monkeypatch, capsys):
+    project = _project(tmp_path / "again")
+    (project / "scripts").mkdir()
+    argv = ["--spec", SPEC, "--examples", "5", "--no-explain", "--no-minimize"]
+    monkeypatch.chdir(project)
+    assert main(["losses.py:mse", "losses.py:twice", *argv]) == 1
+    saved = sorted((project / ".losscmp").glob("*.json"))
+    capsys.readouterr()
+    monkeypatch.chdir(project / "scripts")  # the same files, named from another folder
+    assert main(["../losses.py:mse", "../losses.py:twice", *argv]) == 1
+    out = capsys.readouterr().out
+    assert f"replayed {len(saved)} saved case(s) first:" in out and "still diverges" in out
