@@ -2,14 +2,17 @@
 
 Under the command line's supervisor every in-process call first leaves a breadcrumb
 (``losscmp.breadcrumbs.before_call``: one pwrite; a case the minimiser or the explain
-stage derived is also written to disk once, without fsync).  Every call also captures what the implementation prints at
+stage derived is also written to disk once, without fsync) and stores its deadline for the
+supervisor's watchdog; after every case the JSON report so far is written for the
+supervisor (``breadcrumbs.keep_report``).  Every call also captures what the implementation prints at
 the file-descriptor level (``losscmp.run.captured_output``).  This benchmark runs the
 same audit of a tiny loss (mse, B <= 64) in rounds, interleaved so that machine drift
 cancels:
 
 * ``plain``    — no breadcrumbs, no capture (what the search cost before either existed);
 * ``capture``  — output capture only (the library default);
-* ``guarded``  — capture + breadcrumbs (the command line's default).
+* ``guarded``  — capture + breadcrumbs + watchdog deadline + per-case report snapshot
+  (the command line's default).
 
     python scripts/bench_guard.py [--examples 200] [--rounds 5]
 
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 from losscmp import audit, breadcrumbs, load_implementation, parse_spec, run
+from losscmp.report import audit_json
 from losscmp.repro import save_input
 from losscmp.settings import Settings
 
@@ -52,10 +56,11 @@ def no_capture():
 def leaving_breadcrumbs():
     with tempfile.TemporaryDirectory() as d:
         breadcrumbs._crumbs = breadcrumbs._Breadcrumbs(Path(d), save_input)
+        breadcrumbs._clock = breadcrumbs.Clock()
         try:
             yield
         finally:
-            breadcrumbs._crumbs = None
+            breadcrumbs._crumbs = breadcrumbs._clock = None
 
 
 def per_case_ms(mode: str, impls, spec, examples: int) -> float:
@@ -66,7 +71,8 @@ def per_case_ms(mode: str, impls, spec, examples: int) -> float:
         if mode == "guarded":
             stack.enter_context(leaving_breadcrumbs())
         start = time.perf_counter()
-        result = audit(impls, spec, settings)
+        keep = (lambda partial: breadcrumbs.keep_report(audit_json(partial), partial.phase.value)) if mode == "guarded" else None
+        result = audit(impls, spec, settings, on_progress=keep)
         return 1000 * (time.perf_counter() - start) / result.cases_run
 
 
@@ -88,7 +94,7 @@ def main() -> None:
     print(f"{'mode':<10}{'ms/case':>10}{'vs plain':>10}")
     for m in modes:
         print(f"{m:<10}{med[m]:>10.3f}{med[m] / med['plain']:>10.3f}")
-    print(f"breadcrumbs alone: {med['guarded'] - med['capture']:+.3f} ms per case; capture alone: {med['capture'] - med['plain']:+.3f} ms per case")
+    print(f"breadcrumbs, deadline and snapshot: {med['guarded'] - med['capture']:+.3f} ms per case; capture alone: {med['capture'] - med['plain']:+.3f} ms per case")
     per_call(spec)
 
 
@@ -117,8 +123,14 @@ def per_call(spec, calls: int = 5000) -> None:
     with leaving_breadcrumbs():
         breadcrumbs.rebuildable(case)
         crumb = timed(lambda: breadcrumbs.before_call("mse", spec, case))
+
+        def watched_only():
+            with breadcrumbs.watched("mse", spec, case):
+                pass
+
+        watched = timed(watched_only)
     print(f"per call, {calls} calls each: bare mse_loss forward {bare:.1f} us; output capture {timed(capture_only):.1f} us; "
-          f"breadcrumb {crumb:.1f} us")
+          f"breadcrumb {crumb:.1f} us; breadcrumb + watchdog deadline {watched:.1f} us")
 
 
 if __name__ == "__main__":

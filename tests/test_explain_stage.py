@@ -27,12 +27,9 @@ def test_bce_on_sigmoid_is_numerical_with_the_sigmoid_side_unstable_and_the_clam
     assert code == 1
     value = by_kind(report, "value")
     assert value and value[0]["category"] == "numerical" and value[0]["unstable_side"] == "bce_on_sigmoid"
-    assert any("BCELoss" in note and "100" in note for d in value for note in d["explanation"]["notes"])
-    # The contract's fields at the top, the whole explanation under its own key (it can overwrite nothing of the finding's).
-    for key in ("category", "unstable_side", "location"):
-        assert value[0][key] == value[0]["explanation"][key]
-    for key in ("self_consistency", "relation", "location_note", "impact", "sentence", "evaluations"):
-        assert key in value[0]["explanation"]
+    assert any("BCELoss" in note and "100" in note for d in value for note in d["notes"])
+    for key in ("self_consistency", "relation", "location", "location_note", "impact", "explanation"):
+        assert key in value[0]
     assert text.count("numerical: ") >= 1  # the sentence opens the finding in the terminal too
 
 
@@ -40,9 +37,8 @@ def test_huber_vs_smooth_l1_is_semantic_with_parallel_gradients_and_the_factor(c
     code, report, text = run_json(capsys, tmp_path, "regression.py:huber", "regression.py:smooth_l1", "regression")
     value = by_kind(report, "value")[0]
     assert code == 1 and value["category"] == "semantic"
-    relation = value["explanation"]["relation"]
-    assert relation["gradient"] == "parallel" and relation["value"] == "factor"
-    assert relation["factor"] == pytest.approx(0.5, rel=1e-3)
+    assert value["relation"]["gradient"] == "parallel" and value["relation"]["value"] == "factor"
+    assert value["relation"]["factor"] == pytest.approx(0.5, rel=1e-3)
     assert "no threshold: the values are a constant factor apart" in text and "threshold: agree at" not in text
 
 
@@ -63,10 +59,10 @@ def test_two_independent_causes_are_two_groups_each_minimised_in_its_own_categor
 def test_no_explain_and_impact_flags(capsys, tmp_path):
     code, report, _ = run_json(capsys, tmp_path, "regression.py:huber", "regression.py:smooth_l1", "regression", "--no-explain",
                                "--examples", "10", "--no-minimize")
-    assert code == 1 and all(d["category"] is None and d["explanation"] is None for d in report["divergences"])
+    assert code == 1 and all(d["category"] is None for d in report["divergences"])
     code, report, _ = run_json(capsys, tmp_path, "regression.py:huber", "regression.py:smooth_l1", "regression", "--impact", "3",
                                "--examples", "10", "--no-minimize")
-    assert by_kind(report, "value")[0]["explanation"]["impact"]["steps"] == 3
+    assert by_kind(report, "value")[0]["impact"]["steps"] == 3
     assert main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--impact", "-1"]) == 2
 
 

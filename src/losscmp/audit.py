@@ -36,8 +36,8 @@ from .errors import LosscmpError
 from .generate import REGIMES, build_case, check_fits, probe_recipe, recipes
 from .jobs import explore_in_workers
 from .load import Implementation
-from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
-from .run import finite, watching_interrupts
+from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, RunPhase, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
+from .run import finite, user_interrupts, watching_interrupts
 from .settings import Settings
 from .spec import Spec
 from .stages import StageContext, default_stages
@@ -164,6 +164,7 @@ class _Exploration:
         self.cases = 0
         self.evaluations = 0  # of workers (--jobs); this process's own are on the Evaluator
         self.history: dict[Pair, list] = {}  # explain.Observation of every compared case, per pair
+        self.interrupts = user_interrupts()  # Ctrl-Cs before this search are not its business
 
     def record(self, v: Verdict, case: Case, outcomes: dict[str, Outcome]) -> None:
         base = (v.subject, v.kind)
@@ -181,6 +182,7 @@ class _Exploration:
 
     def examine(self, case: Case, outcomes: dict[str, Outcome] | None = None) -> float:
         """Run and judge one case; returns the score the search climbs."""
+        stop_if_asked(self.interrupts)
         ev = self.ev
         outcomes = outcomes or ev.outcomes(case)
         self.cases += 1
@@ -249,11 +251,20 @@ class _Exploration:
             self.history.setdefault(pair, []).extend(observations)
 
     def divergences(self) -> list[Divergence]:
+        """The findings, settled (see :meth:`settled`); the counts of excused pairs move to
+        "not compared"."""
+        kept, self.subject_cases, self.not_compared = self.settled()
+        return kept
+
+    def settled(self) -> tuple[list[Divergence], Counter, dict[Pair, tuple[int, str]]]:
+        """The findings with the noise rule applied, and the per-subject counts that go with
+        them; ``self`` is left as it was (a snapshot mid-search must not change the search)."""
         # A side that disagrees with itself is blamed for a pair divergence only when the
         # pair disagrees far beyond the worst run-to-run noise that side showed all run.
         # Noise with no size (a side that raised on one call of two, or changed dtype) is
         # no yardstick: it would excuse every pair finding, and the pair would read "agree".
         # The excused cases were not seen to agree either: they are "not compared", with why.
+        subject_cases, not_compared = Counter(self.subject_cases), dict(self.not_compared)
         kept, excused = [], {}
         for g in self.groups.values():
             noise = max(self.noise.get(la, 0.0) for la in g.subject.labels)
@@ -263,12 +274,20 @@ class _Exploration:
                 continue
             kept.append(g.divergence())
         for subject in set(excused) - {d.subject for d in kept}:
-            n = self.subject_cases.pop(subject, 0)
-            count, why = self.not_compared.get(subject, (0, ""))
+            n = subject_cases.pop(subject, 0)
+            count, why = not_compared.get(subject, (0, ""))
             within = (f"the two differ by no more than {NOISE_MARGIN:g}x {excused[subject]}'s own run-to-run noise: "
                       f"these cases cannot tell the two apart")
-            self.not_compared[subject] = (count + n, "; ".join(w for w in (why, within) if w))
-        return sorted(kept, key=_finding_order)
+            not_compared[subject] = (count + n, "; ".join(w for w in (why, within) if w))
+        return sorted(kept, key=_finding_order), subject_cases, not_compared
+
+
+def stop_if_asked(interrupts_before: int) -> None:
+    """Between cases and stages: stop for a SIGTERM or Ctrl-C whose exception was lost (it
+    landed in a garbage-collector callback, or an implementation swallowed it)."""
+    breadcrumbs.check_terminated()
+    if user_interrupts() != interrupts_before:
+        raise KeyboardInterrupt
 
 
 def _finding_order(d: Divergence) -> tuple:
@@ -282,43 +301,79 @@ def audit(
     *,
     on_case: Callable[[int, float], None] | None = None,
     stages: Sequence[Any] | None = None,
+    on_progress: Callable[[AuditResult], None] | None = None,
+    keep_on_interrupt: bool = False,
 ) -> AuditResult:
     """Fuzz ``impls`` against each other on ``settings.search.examples`` cases drawn from
-    ``spec``, then run the stages (default: minimise, explain, group, save) on the findings."""
+    ``spec``, then run the stages (default: minimise, explain, group, save) on the findings.
+
+    ``on_progress`` gets the result so far after every search case and after every stage
+    (the CLI keeps it for its supervisor, which reports it if an implementation kills the
+    process).  With ``keep_on_interrupt``, SIGTERM or the user's Ctrl-C ends the run with
+    what was found so far (``AuditResult.interrupted`` says which); otherwise they propagate
+    (a test session must stop, not pass on half a run)."""
     start = time.perf_counter()
     execution = settings.execution
     for device in execution.devices or (execution.device,):
         check_fits(spec, dtype=execution.dtype, device=device, max_size=settings.search.max_size)
     ev = Evaluator(impls, spec, settings)
+    exploration = _Exploration(ev)
+    interrupts = user_interrupts()
+    divergences: list[Divergence] | None = None  # settled once the search is over
+    stage_errors: list[str] = []
+
+    def result(phase: RunPhase, interrupted: str | None = None) -> AuditResult:
+        if divergences is None:
+            found, subject_cases, not_compared = exploration.settled()
+        else:
+            found, subject_cases, not_compared = divergences, exploration.subject_cases, exploration.not_compared
+        return AuditResult(
+            tuple(impls), spec, settings, exploration.cases, tuple(found), time.perf_counter() - start,
+            tuple(ev.pairs), dict(subject_cases), dict(exploration.tally), dict(not_compared),
+            ev.evaluations + exploration.evaluations, tuple(stage_errors), interrupted, phase,
+        )
+
+    def progress(n: int, score: float) -> None:
+        if on_case:
+            on_case(n, score)
+        if on_progress:
+            on_progress(result(RunPhase.EXPLORE))
+
     try:
         with watching_interrupts():
+            if on_progress:
+                on_progress(result(RunPhase.EXPLORE))
             if settings.execution.jobs > 1:
                 exploration = explore_in_workers(explore, impls, spec, settings, on_case)
             else:
-                exploration = explore(ev, on_case)
+                explore(ev, progress if on_case or on_progress else None, exploration)
             divergences = exploration.divergences()
             ctx = StageContext(ev=ev, settings=settings, history=exploration.history)
-            stage_errors = []
             for stage in default_stages(settings) if stages is None else stages:
+                stop_if_asked(interrupts)
+                if on_progress:
+                    on_progress(result(RunPhase.STAGES))
                 try:
                     divergences = stage(divergences, ctx)
                 except Exception as e:  # the findings stand without what this stage would have added
                     name = getattr(stage, "name", type(stage).__name__)
                     stage_errors.append(f"{name} stage failed ({type(e).__name__}: {' '.join(str(e).split())}); findings reported without it")
-        return AuditResult(
-            tuple(impls), spec, settings, exploration.cases, tuple(divergences), time.perf_counter() - start,
-            tuple(ev.pairs), dict(exploration.subject_cases), dict(exploration.tally), dict(exploration.not_compared),
-            ev.evaluations + exploration.evaluations, tuple(stage_errors),
-        )
+        return result(RunPhase.DONE)
+    except (KeyboardInterrupt, breadcrumbs.Terminated) as e:
+        # Only the user's Ctrl-C gets here: an implementation's own KeyboardInterrupt is its finding (run.call).
+        if not keep_on_interrupt:
+            raise
+        return result(RunPhase.EXPLORE if divergences is None else RunPhase.STAGES, "SIGTERM" if isinstance(e, breadcrumbs.Terminated) else "SIGINT")
     finally:
         ev.close()
 
 
-def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None) -> _Exploration:
-    """The search: the probe case, then Hypothesis-drawn cases, climbing the score."""
+def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None, exploration: _Exploration | None = None) -> _Exploration:
+    """The search: the probe case, then Hypothesis-drawn cases, climbing the score.
+    ``exploration``: where to record (the caller keeps what was found if the search is stopped)."""
     s = ev.settings
     search, execution = s.search, s.execution
-    exploration = _Exploration(ev)
+    exploration = _Exploration(ev) if exploration is None else exploration
     probe_case, probe_outcomes = probe(ev)
     score = exploration.examine(probe_case, probe_outcomes)
     if on_case:
@@ -378,4 +433,4 @@ def _without_local_constants() -> Iterator[None]:
         providers._get_local_constants = original
 
 
-__all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "audit", "explore", "probe"]
+__all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]

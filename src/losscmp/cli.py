@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -30,9 +31,9 @@ from .load import disambiguate, load_implementation, parse_ref
 from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
 from .project import SAVE_DIR, default_save_dir, project_root, shown_path
-from .replay import load_repro_implementations, replay, replay_saved
+from .replay import replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
-from .repro import file_checks, load_repro, version_changes
+from .repro import file_checks, load_repro, load_repro_implementations, version_changes
 from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
 from .spec import resolve_spec
 from .sweep import parse_knob, sweep, sweep_case, switches
@@ -92,7 +93,10 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", metavar="LIST", help="draw only these numeric regimes, e.g. standard,tiny (default: all)")
     p.add_argument("--exclude-regimes", metavar="LIST", help="never draw these regimes, e.g. duplicates")
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --isolate or --python: a call slower than this is a 'timeout' finding")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="a call slower than this is a 'timeout' finding: with --isolate or --python the run goes on; in-process "
+                   "the run stops there and reports (default in-process: %g s, or %g x the implementation's slowest call if "
+                   "longer; isolated: none)" % (breadcrumbs.DEFAULT_TIMEOUT_FLOOR, breadcrumbs.DEFAULT_TIMEOUT_FACTOR))
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
@@ -250,7 +254,16 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    check_timeout(args.timeout, RunnerKind.choose(args.isolate, args.python), ("--timeout", "--isolate", "--python"))
+    runner = RunnerKind.choose(args.isolate, args.python)
+    if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    # In-process, the supervisor's watchdog stops a hung call (and the run with it); unsupervised, nothing can.
+    in_process_timeout = args.timeout is not None and not runner.stops_hung_calls
+    if not (in_process_timeout and breadcrumbs.supervised()):
+        check_timeout(args.timeout, runner, ("--timeout", "--isolate", "--python"))
+    if in_process_timeout and (args.jobs > 1 or args.devices):
+        raise UsageError("--timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)")
+    breadcrumbs.watch_calls(args.timeout)  # every in-process call, in any mode (inference probes, trace)
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:
@@ -273,7 +286,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         max_size=args.max_size,
         regimes=_regimes(args),
         isolate=args.isolate,
-        timeout=args.timeout,
+        timeout=None if in_process_timeout else args.timeout,  # in-process, the supervisor's watchdog enforces it
         jobs=args.jobs,
         devices=_devices(args.devices),
         pythons=tuple(pythons.items()),
@@ -325,13 +338,19 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     impls = _load_all(args.impls, pythons)
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
-    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference))
+    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference), args.json)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], settings.execution, console)
     # First the cases saved by earlier runs of these implementations, as the pytest fixture does.
     replayed = replay_saved(settings.outputs.save_dir, impls, spec, isolate=settings.execution.isolate or None,
                             pythons=pythons, same_references=True)
     print_replayed(replayed, console)
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb), settings.search.examples, err)
+    # The report so far, after every case: what the supervisor reports if an implementation kills or hangs this process.
+    keep = (lambda partial: breadcrumbs.keep_report(audit_json(partial, replayed), partial.phase.value)) if breadcrumbs.supervised() else None
+    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb, on_progress=keep, keep_on_interrupt=True),
+                            settings.search.examples, err)
+    if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     print_audit(result, console, details=not args.quiet, verbose=args.verbose)
     record = audit_json(result, replayed) if args.json or args.html else None
     if args.json:
@@ -339,6 +358,8 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     if args.html:
         Path(args.html).write_text(render_html(record, title=f"losscmp: {' vs '.join(result.labels)}"), encoding="utf-8")
         console.print(f"HTML report: {shown_path(args.html)}", markup=False, soft_wrap=True)
+    if result.interrupted:  # the run did not finish: the signal's exit code, whatever was found (README: Exit codes)
+        return 128 + getattr(signal, result.interrupted)
     return 0 if result.agree and not any(r.result.verdict.kind for r in replayed) else 1
 
 
@@ -381,7 +402,7 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         return 0
     pythons = parse_pythons(args.python)
     check_labels(pythons, list(dict.fromkeys(repro.pair)))
-    impls = load_repro_implementations(repro, remote=pythons)  # refuses what a saved file may not run, before anything runs
+    impls = load_repro_implementations(repro, remote=pythons, elsewhere=remote_implementation)  # refuses what a saved file may not run, before anything runs
     files = {f.label: f for f in file_checks(repro)}
     for impl in impls:
         there = f" (under {pythons[impl.label]})" if impl.label in pythons else ""

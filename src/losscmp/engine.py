@@ -42,12 +42,13 @@ class Runner(Protocol):
 
 class InProcessRunner:
     """Calls in this process.  Under the CLI's supervisor, each call leaves a breadcrumb
-    first (which implementation, on which input) so that an implementation that kills
-    the process is named, with its input, instead of ending the run silently."""
+    first (which implementation, on which input) and a deadline for the supervisor's
+    watchdog, so that an implementation that kills the process or hangs is named, with its
+    input, instead of ending the run silently or never."""
 
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
-        breadcrumbs.before_call(impl.label, spec, case)
-        return call(impl.fn, spec, case)
+        with breadcrumbs.watched(impl.label, spec, case):
+            return call(impl.fn, spec, case)
 
     def close(self) -> None:
         pass
@@ -58,8 +59,9 @@ def _isolated(execution: Execution, record: RunRecord) -> Runner:
 
 
 def _other_interpreter(execution: Execution, record: RunRecord) -> Runner:
-    # The sides without an interpreter of their own run isolated when asked, else in-process.
-    fallback = _isolated(execution, record) if execution.isolate else None
+    # The sides without an interpreter of their own run isolated when asked, else in-process
+    # (through InProcessRunner: breadcrumb and watchdog deadline, as every in-process call).
+    fallback = _isolated(execution, record) if execution.isolate else InProcessRunner()
     return InterpreterRunner(dict(execution.pythons), timeout=execution.timeout, fallback=fallback, record=record)
 
 

@@ -81,7 +81,7 @@ from .generate import Case
 from .load import Implementation, LoadError, Ref, load_implementation, load_object
 from .model import RunRecord  # noqa: F401  re-exported: moved to model
 from .repro import save_case
-from .run import Outcome, call
+from .run import Outcome, call, no_user_interrupts
 from .spec import Spec
 
 __all__ = ["IsolatedRunner", "IsolationError", "RunRecord", "Transport"]
@@ -564,6 +564,7 @@ def _main_hidden():
 # ---------------------------------------------------------------------- the worker
 def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    no_user_interrupts()  # so a KeyboardInterrupt here is the implementation's: a finding
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not clean up the parent's runners
     _LIVE_STATES.clear()
     _die_with_parent()
@@ -600,7 +601,7 @@ def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None
             continue
         try:
             out = call(impl.fn, spec, case)
-        except Exception as e:  # the harness's own CUDA work after the call, in a context the call poisoned
+        except BaseException as e:  # the harness's own CUDA work after the call, in a context the call poisoned
             out = Outcome("exception", error=f"raised {type(e).__name__}: {_one_line(e)}")
         restart = dev.type == "cuda" and out.status == "exception" and poisons_cuda(out.error)
         try:

@@ -60,8 +60,8 @@ def _die_with(parent: int | None) -> None:
     not this process, and it goes with losscmp; checking for losscmp's pid there would
     end every worker at once.
 
-    A forked worker also stops leaving breadcrumbs: the file is the supervised run's
-    own, and a worker's last crumb written after the run's "done" would read as the run
+    A forked worker also stops leaving breadcrumbs and watchdog deadlines: they are the
+    supervised run's own, and a worker's last crumb written after the run's "done" would read as the run
     dying mid-call.  A worker's death is reported by the parent instead (``WorkerDied``).
 
     SIGTERM goes back to plain death: the pool terminates the surviving workers when one
@@ -69,6 +69,7 @@ def _die_with(parent: int | None) -> None:
     "Exception ignored ..." tracebacks under the one-line error."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     breadcrumbs._crumbs = None
+    breadcrumbs._clock = None  # the watchdog's deadline is the supervised process's own: workers sharing it would clear each other's
     breadcrumbs._die_with_parent(os.getppid() if parent is None else parent)
 
 

@@ -326,6 +326,15 @@ class Divergence:
         return self.verdict.score
 
 
+class RunPhase(str, Enum):
+    """How far a run got when its result was taken (the supervisor counts a call that died
+    during the search as one more case, one that died later as not)."""
+
+    EXPLORE = "explore"
+    STAGES = "stages"
+    DONE = "done"
+
+
 @dataclass(frozen=True, eq=False)
 class AuditResult:
     implementations: tuple[Implementation, ...]
@@ -340,6 +349,8 @@ class AuditResult:
     not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
     evaluations: int = 0
     stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
+    interrupted: str | None = None  # "SIGTERM" / "SIGINT": the run was stopped; what it found until then
+    phase: RunPhase = RunPhase.DONE  # how far the run got (a snapshot, an interrupted run)
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -9,9 +9,9 @@ replay-first phase (:func:`replay_saved`), from the run itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -19,25 +19,12 @@ from .compare import Verdict
 from .engine import Evaluator, make_runner
 from .findings import Alone, Kind
 from .load import Implementation, Ref
-from .interpreter import remote_implementation
-from .load import load_implementation
-from .repro import Repro, ReproError, load_repro, repro_base_dir, same_bits, trusted_refs
+from .repro import Repro, ReproError, load_repro, load_repro_implementations, repro_base_dir, same_bits
 from .spec import Spec
 from .settings import Settings
 
 # A saved timeout case without a recorded limit still must not hang the replay.
 DEFAULT_REPLAY_TIMEOUT = 60.0
-
-
-def load_repro_implementations(repro: Repro, remote: Collection[str] = ()):
-    """The implementations of a saved case's subject, after the trust check
-    (:func:`losscmp.repro.trusted_refs`), with the safe factory policy.
-    Labels in ``remote`` run under another interpreter: never imported here."""
-    base_dir = repro_base_dir(repro)
-    # The other interpreter's worker has its own current folder: give it the file itself.
-    return [remote_implementation(replace(ref, target=str(base_dir / ref.target)) if ref.is_path else ref)
-            if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
-            for ref in trusted_refs(repro)]
 
 
 @dataclass(frozen=True, eq=False)

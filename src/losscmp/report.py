@@ -13,10 +13,12 @@ from rich.table import Table
 
 from . import jsonout
 from .display import tensor_text
-from .model import Alone, AuditResult, Divergence, subject_labels_json
+from .model import Alone, AuditResult, Divergence, RunPhase, subject_labels_json
 from .project import shown_path
 from .replay import SavedReplay
 
+# Explanation fields also found at the top of each divergence in --json.
+CONTRACT_FIELDS = ("category", "unstable_side", "location", "location_note", "self_consistency", "relation", "impact", "notes")
 SHOW_TENSORS_UP_TO = 24  # elements per tensor printed in full
 OUTPUT_LINES = 6  # lines of an implementation's own output shown with a finding
 
@@ -63,11 +65,33 @@ def print_audit(result: AuditResult, console: Console, details: bool = True, ver
         console.print(f"(the evidence behind each finding: {evidence_hint})", markup=False, highlight=False)
     for why in result.stage_errors:
         console.print(f"warning: {why}", markup=False, highlight=False)
-    if result.agree and not result.not_compared:
+    if result.interrupted:
+        console.print(f"[yellow]Interrupted[/] ({result.interrupted}) {_unfinished(result.phase)}; the run did not finish.", highlight=False)
+    elif result.agree and not result.not_compared:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
     elif result.agree:
         compared_cases = result.cases_run - max(n for n, _ in result.not_compared.values())
         console.print(f"[yellow]No divergence[/] on the {compared_cases} cases that could be compared; the others were not compared (above).")
+
+
+def _unfinished(phase: RunPhase) -> str:
+    if phase is RunPhase.EXPLORE:
+        return "during the search: the findings above are what its first cases showed, not minimised or explained"
+    return "while minimising and explaining: the findings above may lack their minimal example or explanation"
+
+
+def print_partial(data: dict[str, Any], file: Any) -> None:
+    """What a run that ended early had found, from its JSON report (the supervisor writes
+    it when an implementation killed or hung the process that would have printed more)."""
+    print(f"losscmp: the run ended early ({data.get('interruption')}); found until then:", file=file)
+    tally = sorted(data.get("tally", {}).items(), key=lambda kv: (kv[0] != "agree", -kv[1]))
+    print(f"cases: {', '.join(f'{n} {what}' for what, n in tally) or 'none finished'}", file=file)
+    for p in data.get("not_compared", []):
+        print(f"not compared on {p['cases']} case(s), {' vs '.join(p['pair'])}: {p['why']}", file=file)
+    for d in data.get("divergences", []):
+        line = f"  {' vs '.join(d['pair'])}: {d['kind']} on {d['cases']} case(s), worst score {d['score_text']}: {d['detail']}"
+        print(line + (f"; repro: {d['repro']}" if d.get("repro") else ""), file=file)
+    print("(the run stopped there: these findings are not all minimised or explained)", file=file, flush=True)
 
 
 def pair_rows(result: AuditResult) -> list[dict[str, Any]]:
@@ -201,6 +225,8 @@ def audit_json(result: AuditResult, replayed: Sequence[SavedReplay] = ()) -> dic
                   for row in pair_rows(result)],
         "divergences": [divergence_json(d, result) for d in result.divergences],
         "stage_errors": list(result.stage_errors),
+        "interrupted": result.interrupted is not None,
+        "interruption": f"{result.interrupted}: the run was stopped" if result.interrupted else None,
     }
 
 
@@ -242,12 +268,11 @@ def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[st
             {"what": t.what, "max_abs": t.max_abs, "max_rel": t.max_rel, "rel_l2": t.rel_l2, "cosine": t.cosine, "score": t.score}
             for t in d.verdict.diffs
         ],
-        # The contract's three explanation fields stay at the top; the whole explanation,
-        # with its own call count ("evaluations"), nests under its own key so that it can
-        # never overwrite a field of the finding (the minimiser's "evaluations").
-        "category": explained["category"] if explained else None,
-        "unstable_side": explained["unstable_side"] if explained else None,
-        "location": explained["location"] if explained else None,
+        # The whole explanation, with its own call count ("evaluations") and its sentence,
+        # nests under its own key, so it can never overwrite a field of the finding (the
+        # minimiser's "evaluations").  The fields the report has always carried at the top
+        # (DESIGN's "JSON per divergence") are copied there by name: null without one.
+        **{key: explained[key] if explained else None for key in CONTRACT_FIELDS},
         "explanation": explained,
     }
 

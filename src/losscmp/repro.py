@@ -30,7 +30,7 @@ import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from . import jsonout
 from ._version import __version__
 from .errors import LosscmpError
 from .generate import _with_layout
-from .load import LoadError, Ref, parse_ref
+from .load import LoadError, Ref, load_implementation, parse_ref
 from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
 from .project import portable_target, project_root
 from .spec import Spec, SpecError, parse_spec
@@ -599,6 +599,21 @@ def version_changes(repro: Repro) -> dict[str, tuple[Any, Any]]:
         if isinstance(was, dict) and was.get("version") != now.get("version"):
             changes[now["package"]] = (was.get("version"), now.get("version"))
     return changes
+
+
+def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
+                               elsewhere: Callable[[Ref], Any] | None = None) -> list[Any]:
+    """The subject's implementations, after the trust check, with the safe factory policy.
+    Labels in ``remote`` run under another interpreter and are never imported here:
+    ``elsewhere`` (``interpreter.remote_implementation``, handed in because that module
+    stands above this one) makes each of them."""
+    if remote and elsewhere is None:
+        raise TypeError("remote labels need elsewhere=interpreter.remote_implementation")
+    base_dir = repro_base_dir(repro)
+    # The other interpreter's worker has its own current folder: give it the file itself.
+    return [elsewhere(replace(ref, target=str(_under(ref.target, base_dir))) if ref.is_path else ref)
+            if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+            for ref in trusted_refs(repro)]
 
 
 def same_bits(repro: Repro, outcomes: dict[str, Any]) -> bool:

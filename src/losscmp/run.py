@@ -84,8 +84,15 @@ def _type_name(x: Any) -> str:
 
 def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Tensor], device: torch.device) -> Outcome:
     interrupts = _user_interrupts.count
+    pid = os.getpid()
     try:
-        out = fn(*inputs, **case.params)
+        try:
+            out = fn(*inputs, **case.params)
+        finally:
+            if os.getpid() != pid:  # a child the implementation forked, returning into losscmp: it must not run a second losscmp
+                os._exit(0)
+        if _user_interrupts.count != interrupts:  # the user's Ctrl-C, swallowed by the implementation: still stop
+            raise KeyboardInterrupt
         if not isinstance(out, torch.Tensor):
             return Outcome(Status.NON_TENSOR, error=f"returned {_type_name(out)}, not a tensor")
         if out.layout != torch.strided or out.device.type == "meta":  # nothing losscmp could read values from
@@ -170,6 +177,29 @@ def _on_sigint(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def user_interrupts() -> int:
+    """How many times the user pressed Ctrl-C while :func:`watching_interrupts` was active.
+    A KeyboardInterrupt raised where Python drops it (a garbage-collector callback, a
+    ``__del__``) is lost; the count is not, and the run checks it between cases."""
+    return _user_interrupts.count
+
+
+def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Python prints "Exception ignored in ..." with a traceback for a KeyboardInterrupt or
+    SIGTERM that lands in a callback; the run stops at its next check anyway."""
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+            return
+        previous(unraisable)
+    return hook
+
+
+def no_user_interrupts() -> None:
+    """In a process that ignores SIGINT (an isolated worker), every KeyboardInterrupt is
+    the implementation's own: a finding, never the end of the worker."""
+    _user_interrupts.watching = True
+
+
 @contextlib.contextmanager
 def watching_interrupts() -> Iterator[None]:
     """While active, a KeyboardInterrupt that no SIGINT caused is the implementation's own.
@@ -186,9 +216,12 @@ def watching_interrupts() -> Iterator[None]:
         return
     signal.signal(signal.SIGINT, _on_sigint)
     _user_interrupts.watching = True
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable(unraisable)
     try:
         yield
     finally:
+        sys.unraisablehook = unraisable
         _user_interrupts.watching = False
         signal.signal(signal.SIGINT, previous)
 

@@ -56,6 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import breadcrumbs
 from .compare import Tolerance, compare_outcomes, diff_message, diff_tensors
 from .findings import Pair
 from .generate import Case
@@ -396,7 +397,8 @@ def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
             finally:
                 recorder.forward_done()
 
-        outcome = call(traced, spec, case)
+        with breadcrumbs.watched(impl.label, spec, case):  # a hang or crash here is named like any in-process call
+            outcome = call(traced, spec, case)
     returned = [("value", Phase.FORWARD, outcome.value)]
     returned += [(f"gradient w.r.t. {k}", Phase.BACKWARD, g) for k, g in outcome.grads.items()]
     results = tuple(Result(what, phase, summarise(t) if t is not None else None, recorder.producer(t) if t is not None else None)
