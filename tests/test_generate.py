@@ -224,3 +224,20 @@ def test_ssim_float32_cancellation_is_found_in_the_default_budget_thanks_to_near
     # Without flat, near-flat and low-contrast images, more than the budget finds nothing.
     others = tuple(r for r in REGIMES if r not in IMAGE_ONLY_REGIMES)
     assert audit(pair, preset("images"), Settings.of(examples=120, regimes=others, minimize=False)).agree
+
+
+# --- issue 15: degenerate inputs are drawn in every run -----------------------------
+
+def test_degenerate_cases_are_zeros_identical_inputs_and_empty_masks_per_sample():
+    from losscmp.generate import degenerate_cases
+
+    zeros, identical = degenerate_cases(preset("regression"))
+    assert zeros.recipe.regime == "zeros" and not zeros.tensors["input"].any() and not zeros.tensors["target"].any()
+    assert identical.recipe.regime == "identical" and torch.equal(identical.tensors["input"], identical.tensors["target"])
+    by_regime = {c.recipe.regime: c for c in degenerate_cases(preset("segmentation"))}
+    masks = by_regime["empty masks"].tensors["target"]
+    per_sample = masks.sum((1, 2, 3))
+    assert (per_sample[::2] == 0).all() and set(by_regime) == {"zeros", "identical", "empty masks"}
+    # identical: the prediction equals its 0/1 target as far as (0, 1) allows
+    pred = by_regime["identical"].tensors["input"]
+    assert ((pred - by_regime["identical"].tensors["target"]).abs() < 1e-6).all()

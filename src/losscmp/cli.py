@@ -25,7 +25,7 @@ from .errors import LosscmpError, UsageError
 from .display import case_values_text
 from .generate import select_regimes
 from .html_report import render_html
-from .infer import infer_spec
+from .infer import infer
 from .interpreter import check_labels, parse_pythons, remote_implementation
 from .load import disambiguate, load_implementation, parse_ref
 from .model import RunRecord, Tolerance
@@ -235,17 +235,21 @@ def _resolve_spec(args, impls, execution: Execution, console: Console):
     if execution.isolate:  # probing calls the implementations: where they may crash, only in workers
         runner = RUNNERS[RunnerKind.ISOLATED](execution, RunRecord())  # the probes' own: nothing of the run to record
         try:
-            spec = infer_spec(impls, dtype=execution.dtype, device=execution.device, run=runner)
+            found = infer(impls, dtype=execution.dtype, device=execution.device, run=runner)
         finally:
             runner.close()
     else:
-        spec = infer_spec(impls, dtype=execution.dtype, device=execution.device)
+        found = infer(impls, dtype=execution.dtype, device=execution.device)
+    spec = found.spec
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
         console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False, soft_wrap=True)  # a command: never split
     else:
         console.print(f"inferred spec: {spec.text()}", markup=False, highlight=False)
         console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  why: {found.reason}", markup=False, highlight=False)
+    for passed in found.passed_over:
+        console.print(f"  passed over {passed}", markup=False, highlight=False)
     return spec
 
 

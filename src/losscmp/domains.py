@@ -312,6 +312,25 @@ def _build_binary(shape, c: BuildContext) -> torch.Tensor:
     return (c.rand(shape) < p).to(c.dtype)
 
 
+def _build_counts(shape, c: BuildContext) -> torch.Tensor:
+    """Event counts 0, 1, 2, ... as floats (Poisson targets): log(k!) and its Stirling
+    approximation differ from k = 2 on, which a 0/1 target never shows."""
+    r = c.regime
+    if r == "constant":
+        return c.full(shape, float(round(math.exp(c.shared_normal) * c.magnitude)))
+    if r == "tiny":  # rare events: mostly zeros
+        rate = torch.full(shape, c.magnitude, dtype=c.dtype, device=c.device)
+    elif r == "offset":  # large counts with a small spread
+        rate = abs(c.offset) + c.rand(shape) * 10
+    elif r == "huge":
+        rate = torch.exp(c.randn(shape)) * c.magnitude
+    elif r == "extreme":  # zeros beside counts in the thousands
+        rate = torch.where(c.rand(shape) < 0.5, torch.zeros(shape, dtype=c.dtype, device=c.device), c.full(shape, c.magnitude * 100))
+    else:
+        rate = torch.exp(c.randn(shape)) * c.magnitude
+    return torch.poisson(rate, generator=c.gen)
+
+
 def _build_labels(shape, c: BuildContext) -> torch.Tensor:
     k = max(c.classes or 1, 1)
     r = c.regime
@@ -408,6 +427,15 @@ DOMAINS: dict[str, Domain] = {
                      huge="imbalanced: 5% or 95% ones", extreme="all 0 or all 1 (empty or full masks)", special="planted 0, -0 and 1"),
             _build_binary, plant=lambda v, k: 1.0 if abs(v) >= 0.5 else math.copysign(0.0, v),
             legal=lambda t, k: bool(((t == 0) | (t == 1)).all()),
+        ),
+        Domain(
+            "counts", "non-negative integer counts, as floats",
+            _same_as(standard="Poisson(exp(N(0, 1)) times a magnitude 0.1..10)", constant="one count everywhere",
+                     tiny="rare events: Poisson of a rate 1e-8..1e-3, mostly 0", offset="large counts (1e3..1e7) with a small spread",
+                     huge="Poisson of rates 1e3..1e8", extreme="zeros beside counts in the thousands", special="planted 0, 1 and huge counts"),
+            _build_counts, plant=lambda v, k: float(round(abs(v))),
+            simplify=(("zeros", torch.zeros_like), ("integers", torch.round), ("1 significant digit", lambda t: round_significant(t, 1))),
+            legal=lambda t, k: bool(((t >= 0) & (t == torch.round(t))).all()),
         ),
         Domain(
             "labels", "integer class labels in [0, C)",

@@ -17,6 +17,7 @@ from the mildest to the most extreme; ``select_regimes`` narrows it for ``--regi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -275,10 +276,69 @@ def clone_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
-def probe_recipe(spec: Spec, seed: int = 0) -> Recipe:
-    """A tame, mid-sized case: used to check that implementations accept the spec."""
+# Inputs drawn in every run (unless --regimes narrows the search), because a random draw
+# almost never lands on them: all zeros (the slope of a norm or sqrt at 0), prediction
+# equal to target (a zero residual, coincident clouds), and masks empty in some samples
+# (Dice's 0/0).  Each is a tame probe-sized case with one thing made degenerate.
+DEGENERATE = ("zeros", "identical", "empty masks")
+ZERO_DOMAINS = ("real", "logits", "image", "binary", "counts")
+
+
+def degenerate_cases(spec: Spec, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list[Case]:
+    """The :data:`DEGENERATE` cases for ``spec`` (those that change anything), in that order."""
+    base_recipe = probe_recipe(spec, seed)
+    base = build_case(spec, base_recipe, dtype=dtype, device=device)
+    out = []
+    for name in DEGENERATE:
+        tensors = _degenerate(spec, base, name)
+        if any(not torch.equal(tensors[k], base.tensors[k]) for k in tensors):
+            tensors = {a.name: _with_layout(tensors[a.name].contiguous(), base_recipe.layout) for a in spec.args}
+            out.append(Case(tensors=tensors, sizes=dict(base.sizes), params=dict(spec.params), recipe=replace(base_recipe, regime=name)))
+    return out
+
+
+def _degenerate(spec: Spec, base: Case, name: str) -> dict[str, torch.Tensor]:
+    tensors = dict(base.tensors)
+    if name == "zeros":
+        for a in spec.args:
+            if a.domain in ZERO_DOMAINS:
+                tensors[a.name] = torch.zeros_like(tensors[a.name])
+    elif name == "identical":  # prediction == target: of two same-shaped arguments, one takes the other's values
+        done: set[str] = set()
+        for i, a in enumerate(spec.args):
+            for b in spec.args[i + 1:]:
+                if not (a.is_float and b.is_float and a.dims == b.dims) or {a.name, b.name} & done:
+                    continue
+                src, dst = (a, b) if a.domain == b.domain or _holds(b.domain, a.domain) else (b, a)
+                if src.domain == dst.domain or _holds(dst.domain, src.domain):
+                    values = tensors[src.name].clone()
+                    if dst.domain == "unit":  # 0/1 targets: the nearest probabilities a float tells apart, not denormals
+                        eps = torch.finfo(values.dtype).eps
+                        values = values.clamp(eps, 1 - eps)
+                    tensors[dst.name] = DOMAINS[dst.domain].legalise(values)
+                    done |= {a.name, b.name}
+    elif name == "empty masks":  # every other sample's mask empty (samples along the first dim)
+        for a in spec.args:
+            t = tensors[a.name]
+            if a.domain == "binary" and t.ndim >= 2:
+                t = t.clone()
+                t[::2] = 0
+                tensors[a.name] = t
+    return tensors
+
+
+def _holds(domain: str, source: str) -> bool:
+    """Values of ``source`` are (after legalising) values of ``domain``: a prediction in
+    [0, 1] can equal a 0/1 target."""
+    return (domain, source) in {("unit", "binary"), ("image", "binary"), ("real", "binary"), ("logits", "real"),
+                                ("real", "logits"), ("real", "unit"), ("real", "image")}
+
+
+def probe_recipe(spec: Spec, seed: int = 0, size: int = 4) -> Recipe:
+    """A tame case, every dim about ``size`` (within its range): used to check that
+    implementations accept the spec."""
     sizes = []
     for dim in spec.dims:
         lo, hi = spec.size_range(dim)
-        sizes.append((dim, max(lo, min(hi, 4))))
+        sizes.append((dim, max(lo, min(hi, size))))
     return Recipe(sizes=tuple(sizes), seed=seed)

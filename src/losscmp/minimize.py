@@ -35,7 +35,7 @@ import torch
 
 from .compare import Verdict
 from .domains import DOMAINS
-from .findings import Pair
+from .findings import Kind, Pair
 from .generate import Case, _with_layout
 from .spec import Spec
 
@@ -188,11 +188,18 @@ def case_key(case: Case) -> tuple:
 
 
 class Shrinker:
-    """The one gate every candidate goes through: cache, domain check, predicate."""
+    """The one gate every candidate goes through: cache, domain check, predicate.
 
-    def __init__(self, spec: Spec, case: Case, predicate: Predicate):
-        self.spec, self.case, self.predicate = spec, case, predicate
+    ``stable``, when given, is asked of every candidate that value passes adopt: the
+    divergence must survive a tiny perturbation of the inputs (it is not an artefact of
+    a kink, a tie or a domain edge).  ``holds_plain`` skips it (dimension shrinking and
+    the scale bisection check stability once on their result instead).
+    """
+
+    def __init__(self, spec: Spec, case: Case, predicate: Predicate, stable: Callable[[Case, Predicate], bool] | None = None):
+        self.spec, self.case, self.predicate, self.stable = spec, case, predicate, stable
         self.cache: dict[tuple, bool] = {case_key(case): True}
+        self.stable_cache: dict[tuple, bool] = {}
         self.stats: dict[str, dict[str, int]] = {}
         self.steps: list[str] = []
         self.current = "?"
@@ -207,21 +214,37 @@ class Shrinker:
     def pass_stats(self) -> tuple[PassStats, ...]:
         return tuple(PassStats(name, **counts) for name, counts in self.stats.items())
 
-    def holds(self, candidate: Case) -> bool:
+    def holds_plain(self, candidate: Case) -> bool:
         key = case_key(candidate)
         if key in self.cache:
             self.bump("cached")
             return self.cache[key]
-        if not legal(self.spec, candidate):
-            self.bump("refused")
+        if not legal(self.spec, candidate) or subnormals(candidate) > subnormals(self.case):
+            self.bump("refused")  # outside a domain, or onto denormals: never the example to read
             self.cache[key] = False
             return False
         self.bump("evaluations")
         result = self.cache[key] = bool(self.predicate(candidate))
         return result
 
+    def is_stable(self, candidate: Case) -> bool:
+        if self.stable is None:
+            return True
+        key = case_key(candidate)
+        if key not in self.stable_cache:
+            self.stable_cache[key] = bool(self.stable(candidate, self.counted))
+        return self.stable_cache[key]
+
+    def counted(self, candidate: Case) -> bool:
+        """The predicate, uncached, counted as an evaluation (the nudged copies of a candidate)."""
+        self.bump("evaluations")
+        return bool(self.predicate(candidate))
+
+    def holds(self, candidate: Case) -> bool:
+        return self.holds_plain(candidate) and self.is_stable(candidate)
+
     def consider(self, candidate: Case) -> bool:
-        """Adopt ``candidate`` if it still diverges."""
+        """Adopt ``candidate`` if it still diverges (and, where asked, stably)."""
         if self.holds(candidate):
             if case_key(candidate) != case_key(self.case):
                 self.case = candidate
@@ -241,6 +264,64 @@ class Shrinker:
                 self.run(name, fn)
             if case_key(self.case) == before:
                 break
+
+
+def subnormals(case: Case) -> int:
+    """Denormal elements: a divergence there is about the float format's edge, not the loss."""
+    n = 0
+    for t in case.tensors.values():
+        if t.is_floating_point() and t.numel():
+            tiny = torch.finfo(t.dtype).tiny
+            n += int(((t != 0) & (t.abs() < tiny)).sum())
+    return n
+
+
+PERTURBATION = 1e-3  # relative size of the nudge that a real divergence must survive
+
+
+def nudged(spec: Spec, case: Case, direction: float, seed: int = 0) -> Case:
+    """Every continuous argument moved by a tiny relative amount (+ or - ``direction``
+    times a fixed random sign per element; an element at 0 by the same fraction of its
+    argument's scale; each by 0.5..1.5 of that), then put back into its domain.  Binary, labels and counts stay."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = dict(case.tensors)
+    for a in spec.args:
+        t = case.tensors[a.name]
+        if a.domain in ("binary", "labels", "counts") or not t.is_floating_point() or not t.numel():
+            continue
+        # Random signs *and* sizes: equal elements (a tie) must not move alike.
+        signs = ((torch.randint(0, 2, t.shape, generator=g) * 2 - 1) * (0.5 + torch.rand(t.shape, generator=g))).to(t.dtype).to(t.device) * direction
+        finite = torch.isfinite(t)
+        if not finite.any():
+            continue
+        scale = float(t.detach()[finite].abs().max()) or 1.0
+        step = torch.where(t != 0, t.abs(), torch.full_like(t, scale)) * PERTURBATION
+        moved = torch.where(finite, t.detach() + signs * step, t.detach())  # NaN and inf inputs stay as they are
+        domain = DOMAINS[a.domain]
+        if a.domain == "image":
+            moved = moved.clamp(0, 1)
+        elif a.domain == "simplex":
+            moved = moved.clamp_min(0)
+        if domain.renormalise is not None:
+            moved = domain.renormalise(moved)
+        tensors[a.name] = _relayout(domain.legalise(moved), case)
+    return replace(case, tensors=tensors)
+
+
+def survives_nudges(spec: Spec, case: Case, holds: Predicate) -> bool:
+    """Diverges both ways of a tiny nudge (off kinks, ties and domain edges)."""
+    return holds(nudged(spec, case, 1.0)) and holds(nudged(spec, case, -1.0))
+
+
+def class_floor(spec: Spec, dim: str, size: int) -> int:
+    """2 for a class axis of logits (dim 1, torch's N C ...) or of simplex rows (the last):
+    softmax over one class is a constant, so C = 1 shows another loss altogether."""
+    if size < 2:
+        return 1
+    for a in spec.args:
+        if (a.domain == "logits" and len(a.dims) >= 2 and a.dims[1] == dim) or (a.domain == "simplex" and a.dims and a.dims[-1] == dim):
+            return 2
+    return 1
 
 
 # --- passes -------------------------------------------------------------------------
@@ -290,19 +371,32 @@ def _halve(items: list[int], test: Callable[[list[int]], bool], min_len: int) ->
 
 
 def shrink_dim(spec: Spec, case: Case, dim: str, holds: Predicate) -> Case:
-    lo, _ = spec.size_range(dim)
+    lo = max(spec.size_range(dim)[0], class_floor(spec, dim, case.sizes[dim]))
     # ddmin works on indices into the case as it came in.
     kept = ddmin(list(range(case.sizes[dim])), lambda keep: holds(take(spec, case, dim, keep)), lo)
     return take(spec, case, dim, kept) if len(kept) != case.sizes[dim] else case
 
 
 def shrink_dims(s: Shrinker) -> bool:
+    """Each dim in turn, largest first.  Removing elements changes no value, so a fragile
+    result (one that a nudge makes agree: the kept elements sit on a kink) is rare: the
+    dims are shrunk without the nudge check, which is asked once of the result; only if
+    it fails are they shrunk again with it."""
+    start, steps = s.case, len(s.steps)
+    if _shrink_each_dim(s, s.holds_plain) and not s.is_stable(s.case):
+        s.case, s.steps[steps:] = start, []
+        _shrink_each_dim(s, s.holds)
+    return case_key(s.case) != case_key(start)
+
+
+def _shrink_each_dim(s: Shrinker, holds: Predicate) -> bool:
     changed = False
     for dim in sorted(s.spec.dims, key=lambda d: -s.case.sizes[d]):
         n0, used = s.case.sizes[dim], s.count("evaluations")
-        smaller = shrink_dim(s.spec, s.case, dim, s.holds)
-        if smaller.sizes[dim] != n0:
-            s.consider(smaller)
+        smaller = shrink_dim(s.spec, s.case, dim, holds)
+        if smaller.sizes[dim] != n0 and holds(smaller):  # cached: shrink_dim saw it hold
+            s.case = smaller
+            s.bump("kept")
             s.steps.append(f"shrink {dim}: {n0} -> {smaller.sizes[dim]} ({s.count('evaluations') - used} evaluations)")
             changed = True
     return changed
@@ -358,14 +452,13 @@ def _element_values(v: float, domain_name: str) -> list[float]:
     if "zeros" in names:
         out.append(0.0)
     if "integers" in names and math.isfinite(v):
-        out += [float(round(v)), math.copysign(math.ceil(abs(v)), v)]
+        out += [math.copysign(1.0, v), float(round(v)), math.copysign(math.ceil(abs(v)), v)]
     for k in (1, 2, 3):
         if f"{k} significant digit{'s' if k > 1 else ''}" in names and v != 0 and math.isfinite(v):
             out += [float(f"{v:.{k}g}"), _away(v, k)]
-    if v < 0 and "zeros" in names:
-        out.append(-v)
     key = simplicity(v)
-    out = sorted({x for x in out if simplicity(x) < key}, key=simplicity)
+    # Never across zero: a logit of -16554 and one of +89 overflow through different ops.
+    out = sorted({x for x in out if simplicity(x) < key and (x == 0 or (x < 0) == (v < 0))}, key=simplicity)
     return out
 
 
@@ -497,30 +590,75 @@ def toward_threshold(s: Shrinker, threshold: Threshold) -> bool:
     return False
 
 
+def mechanism(v: Verdict) -> tuple:
+    """What a smaller example must keep of a divergence: its kind, the component its
+    detail shows (the value, or the gradient w.r.t. one input) and, for a non-finite
+    finding, which non-finite number each side has there (inf is not NaN)."""
+    if not v.diffs or v.kind not in (Kind.VALUE, Kind.GRADIENT, Kind.NONFINITE):
+        return (v.kind,)
+    if v.kind is Kind.NONFINITE:
+        d = next((d for d in v.diffs if d.nonfinite_mismatch), v.diffs[0])
+        return (v.kind, d.what, _finiteness(d.expected), _finiteness(d.actual))
+    shown = v.diffs[0] if v.kind is Kind.VALUE else max(v.diffs, key=lambda d: d.score)
+    return (v.kind, shown.what)
+
+
+def _finiteness(x: float) -> str:
+    return "nan" if math.isnan(x) else "+inf" if x == math.inf else "-inf" if x == -math.inf else "finite"
+
+
+def _keeps(mech: tuple, v: Verdict) -> bool:
+    if v.kind != mech[0]:
+        return False
+    if len(mech) == 1:
+        return True
+    d = next((d for d in v.diffs if d.what == mech[1]), None)
+    if d is None:
+        return False
+    if mech[0] is Kind.NONFINITE:
+        return bool(d.nonfinite_mismatch) and (_finiteness(d.expected), _finiteness(d.actual)) == mech[2:]
+    return d.score > 1
+
+
 def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Minimized:
     """Run the passes on a divergence found by :func:`losscmp.audit.audit`.
 
-    A candidate counts only if the same kind of divergence holds for the same subject
-    and, when given, ``keep(candidate)`` (the explain stage keeps the float64 verdict,
-    so that one cause is not minimised into another)."""
+    A candidate counts only if it keeps the divergence's mechanism (:func:`mechanism`:
+    same subject, kind, component, non-finite numbers) and, when given,
+    ``keep(candidate)`` (the explain stage keeps the float64 verdict, so that one cause
+    is not minimised into another).  Where the divergence survives a tiny nudge of its
+    inputs, so must every smaller example (it sits off kinks, ties and domain edges), and
+    no example gains denormal numbers.  The scale threshold is measured on the final
+    example, so "agree at" is true of the example shown."""
     spec = ev.spec
     subject, kind = divergence.subject, divergence.kind
     start = ev.evaluations
+    mech = mechanism(divergence.verdict) if divergence.verdict is not None and divergence.verdict.kind == kind else (kind,)
 
     def holds(case: Case) -> bool:
-        return ev.still_diverges(subject, kind, case) and (keep is None or keep(case))
+        return _keeps(mech, ev.judge(subject, case)) and (keep is None or keep(case))
 
     s = Shrinker(spec, divergence.case, holds)
+    s.current = "nudge"
+    if isinstance(subject, Pair) and survives_nudges(spec, divergence.case, s.counted):
+        s.stable = lambda case, counted: survives_nudges(spec, case, counted)
     s.fixate([("shrink_dims", shrink_dims), ("simplify_args", simplify_args)])
     threshold = None
     if isinstance(subject, Pair):
         s.current = "scale_threshold"
         used = ev.evaluations
-        threshold = scale_threshold(spec, s.case, s.holds)
+        threshold = scale_threshold(spec, s.case, s.holds_plain)
         if threshold:
             s.steps.append(f"bisect input scale: threshold {threshold.value:.4g} ({ev.evaluations - used} evaluations)")
             s.run("toward_threshold", lambda sh: toward_threshold(sh, threshold))
+    measured_on = case_key(s.case)
     s.fixate([("simplify_args", simplify_args), ("simplify_elements", simplify_elements), ("shrink_dims", shrink_dims)])
+    if threshold is not None and case_key(s.case) != measured_on:
+        s.current = "scale_threshold"
+        used = ev.evaluations
+        threshold = scale_threshold(spec, s.case, s.holds_plain)  # the example changed: say where *it* turns
+        s.steps.append(f"threshold measured again on the final example: {threshold.value:.4g} ({ev.evaluations - used} evaluations)"
+                       if threshold else f"the final example diverges at every scale ({ev.evaluations - used} evaluations)")
     case = s.case
     final = ev.judge(subject, case)
     changed = case.sizes != divergence.case.sizes or case_key(case) != case_key(divergence.case)

@@ -203,6 +203,8 @@ PRESETS: dict[str, str] = {
     "classification": "input: B C logits grad; target: B labels(C); B=1..32; C=2..10",
     "binary": "input: B logits grad; target: B binary; B=1..64",
     "regression": "input: B real grad; target: B real; B=1..64",
+    # Poisson NLL and friends: a log-rate (or rate) against event counts 0, 1, 2, ...
+    "counts": "input: B real grad; target: B counts; B=1..64",
     # Channels first, as MONAI, segmentation-models-pytorch and torchvision expect.
     "segmentation": "input: B C H W unit grad; target: B C H W binary; B=1..3; C=1..3; H=1..16; W=1..16",
     "segmentation-no-channel": "input: B H W unit grad; target: B H W binary; B=1..3; H=1..16; W=1..16",
