@@ -313,7 +313,7 @@ def test_probe(losscmp):
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret == 1
     result.stdout.fnmatch_lines(["FAILED test_probe.py::test_probe - AssertionError: PROBE FAILED (losscmp): *"])
-    result.stdout.fnmatch_lines(["E*AssertionError: PROBE FAILED (losscmp): as_list returned list, not a tensor on a probe input*"])
+    result.stdout.fnmatch_lines(["E*AssertionError: PROBE FAILED (losscmp): as_list returned list, not a tensor on every probe input*"])
     out = result.stdout.str()
     assert "ProbeError" not in out and "--spec" not in out and "is spec= right?" in out
     result.stdout.fnmatch_lines(["*= losscmp =*", "probe failures: 1 check(s) whose implementations could not run on their spec"])
@@ -361,7 +361,7 @@ def takes_a_dict(batch):
     (["{f}:kwonly", "torch.nn.functional:binary_cross_entropy_with_logits"],
      "wrap it, def wrapped(logits, target): return kwonly(logits=logits, target=target)"),
     (["{f}:as_numpy", "torch.nn.functional:mse_loss", "--spec", "regression"],
-     "as_numpy returned numpy.float32, not a tensor on a probe input (B=4 (regime standard, magnitude 1)); compute the loss with torch"),
+     "as_numpy returned numpy.float32, not a tensor on every probe input (B=4 (regime standard, magnitude 1)); compute the loss with torch"),
     (["{f}:per_sample", "torch.nn.functional:mse_loss", "--spec", "regression"],
      "reduce it to one number (e.g. .mean()), or add 'output=any' to --spec"),
     (["{f}:takes_a_dict", "torch.nn.functional:mse_loss"],
