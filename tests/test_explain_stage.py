@@ -95,7 +95,13 @@ def test_each_sinkhorn_fork_is_explained_and_localised_to_its_changed_line(fork,
     assert where is not None, e.location.note
     assert where["fork"].file.endswith(fork_file.name) and where["fork"].line == marked_line(fork_file, "FORK:")
     point = fork_file.read_text().splitlines()[where["fork"].line - 1].split("fork point: ")[1].split()[0]
-    assert where["base"].file.endswith("sinkhorn_base.py")
-    assert where["base"].line == marked_line(FORKS / "sinkhorn_base.py", f"# fork point: {point}")
+    if category == "numerical":
+        # Changed on purpose (issue 15): a numerical finding is located on the unstable side
+        # alone, by its own float32 vs float64 run; the stable side has no line to blame.
+        assert set(where) == {e.unstable_side} == {"fork"}
+        assert "by its own float32 vs float64 run" in e.location.note
+    else:
+        assert where["base"].file.endswith("sinkhorn_base.py")
+        assert where["base"].line == marked_line(FORKS / "sinkhorn_base.py", f"# fork point: {point}")
     assert where["fork"].phase == phase
     assert f"{fork_file.name}:{where['fork'].line}" in e.sentence()

@@ -38,6 +38,7 @@ from .settings import Execution, RunnerKind, Settings, check_timeout, checked_de
 from .spec import resolve_spec
 from .sweep import parse_knob, sweep, sweep_case, switches
 from .testgen import generate_pytest
+from .explain import Category, oracle
 from .trace import locate
 
 EXAMPLES = """\
@@ -139,7 +140,8 @@ def trace_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="losscmp trace",
         description="Record both implementations on a saved case, forward and backward, align their aten ops, and "
-        "name the source line of each where their values first differ. Exit 0 located, 1 not located, 2 bad input.",
+        "name the source line of each where their values first differ. Exit codes: 0 the two agree on the case "
+        "(nothing to locate), 1 they differ (whether or not a line is named), 2 bad usage or input.",
     )
     p.add_argument("expected", metavar="A", help="the reference implementation, e.g. upstream.py:loss")
     p.add_argument("actual", metavar="B", help="the implementation compared with it, e.g. fork.py:loss")
@@ -510,7 +512,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 def _trace(argv: list[str]) -> int:
-    """``losscmp trace A B REPRO.json``: 0 located, 1 not located, 2 bad usage or input."""
+    """``losscmp trace A B REPRO.json``: 0 the sides agree on the case (nothing to locate),
+    1 they differ (located or not: a difference is never an exit 0), 2 bad usage or input."""
     try:
         args = trace_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed its usage line
@@ -523,14 +526,25 @@ def _trace(argv: list[str]) -> int:
     if refs[0].label == refs[1].label:
         raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")
     impls = [load_implementation(r) for r in refs]
-    result = locate(impls[0], impls[1], repro.spec, repro.case, Tolerance(*repro.tolerance))
+    tol = Tolerance(*repro.tolerance)
+    # The float64 oracle decides whether this is a numerical finding, and on which side:
+    # such a finding is located on that side by its own float32 vs float64 run.
+    verdict = oracle(impls[0], impls[1], repro.spec, repro.case, tol)
+    unstable = verdict.unstable_side if verdict.category is Category.NUMERICAL else None
+    result = locate(impls[0], impls[1], repro.spec, repro.case, tol, unstable=unstable)
     human = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone
     print(f"trace {impls[0].label} vs {impls[1].label} on {repro.path.name}: input {repro.case.describe()}", file=human)
+    print(f"float64 oracle: {verdict.category.value}" + (f" ({unstable} is the unstable side)" if unstable else ""), file=human)
     print(result.note, file=human)
+    if result.side is not None and result.confidence is not None:
+        role = "the unstable side" if unstable else "the side under test"
+        print(f"named first: {result.side} ({role}); confidence {result.confidence.value}", file=human)
     for label, where in (result.location or {}).items():
         print(f"  {label}: {where.file}:{where.line}  [{where.op}]", file=human)
         print(f"      {where.code}", file=human)
         print(f"      value: {result.values.get(label, '?')}", file=human)
+        if f"{label} (float64)" in result.values:
+            print(f"      in float64: {result.values[f'{label} (float64)']}", file=human)
     if args.json:
         text = jsonout.dumps(result.to_json(), indent=2)
         if args.json == "-":
@@ -538,4 +552,4 @@ def _trace(argv: list[str]) -> int:
         else:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-    return 0 if result.location is not None else 1
+    return 1 if result.differs else 0

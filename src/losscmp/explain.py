@@ -908,7 +908,9 @@ class Explanation:
         loc = _location_json(self.location)[0]
         if not isinstance(loc, dict):
             return None
-        for label in (self.pair[1], self.pair[0]):
+        # The side the trace names (the one under test, or the unstable one) comes first.
+        named = getattr(self.location, "side", None)
+        for label in (named, self.pair[1], self.pair[0]):
             site = loc.get(label)
             if isinstance(site, dict) and site.get("file"):
                 return f"{_short_path(site['file'])}:{site.get('line')}"
@@ -981,6 +983,9 @@ class Explanation:
             "relation": self.relation.to_json() if self.relation else None,
             "location": loc,
             "location_note": note,
+            # How well the data backs the lines, and which side a summary names (trace.Localisation).
+            "location_confidence": getattr(getattr(self.location, "confidence", None), "value", None),
+            "location_side": getattr(self.location, "side", None),
             "impact": self.impact.to_json() if self.impact else None,
             "notes": list(self.notes),
             "skipped": list(self.skipped),
@@ -1100,6 +1105,9 @@ def explain(
     # those two calls are added to the count by hand.
     def traced() -> Any:
         counted.calls += 2
+        if category is Category.NUMERICAL and orc is not None and orc.unstable_side:
+            # Located on the unstable side by its own working-dtype vs float64 run.
+            return locate(expected, actual, spec, case, tol, unstable=orc.unstable_side)
         return locate(expected, actual, spec, case, tol)
 
     loc = stage("trace", traced) if locate is not None else None

@@ -9,24 +9,38 @@ the first operation whose result differs, or ``None`` with the reason.
    :class:`OpRecord`: op name, input and output shapes and dtypes, a cheap
    :class:`Summary` of each tensor (small tensors whole, large ones as statistics plus a
    fixed sample), which earlier op produced each input, and the issuing line — the
-   innermost frame outside torch and outside losscmp (site-packages code such as
-   geomloss *is* user code).  A backward op has no user frame on the stack: it is
-   attributed to the forward op whose autograd node is running it
-   (``torch._C._current_autograd_node()``, matched to the node each forward op created).
+   innermost frame in the implementation's own files (:func:`own_root`: its package, or
+   its file's folder), else the innermost outside torch and losscmp.  A backward op has
+   no user frame on the stack: it is attributed to the forward op whose autograd node is
+   running it (``torch._C._current_autograd_node()``, matched to the node each forward
+   op created).
 2. **Align** the two op sequences with :class:`difflib.SequenceMatcher`, tolerant of
    inserted and removed ops (forks add and drop some): forward ops on (op, input and
-   output shapes without unit dims, dtypes); backward ops on the same plus the aligned
-   forward op they belong to.  Coverage = the fraction of all ops that found a partner.
-3. **Localise.**  The first aligned op (execution order) whose output differs beyond the
-   tolerance (:class:`compare.Tolerance`) is where the values part.  If its inputs agree,
-   the op itself is the cause.  If an input differs at all and was made by ops only one
-   side runs, the cause on that side is the earliest of those ops.  When one side's
-   gradient runs ops the other lacks, the other side's cause is the forward op those
-   belong to, or the op that cuts the graph there (a ``.detach()``).  When no aligned op
-   differs yet the results do, the results are followed back the same way.  An op that
-   amplifies a sub-tolerance difference is reported as the location (it is the first
-   whose output differs while its inputs agree); the note says where that smaller
-   difference first appeared.
+   output shapes without unit dims, float/int class); backward ops on the same plus the
+   aligned forward op they belong to.  Coverage = the fraction of all ops that found a
+   partner.  This structural alignment only gates (below :data:`MIN_COVERAGE`, too
+   little is shared to say anything) and vouches for constant-valued tensors.
+3. **Localise by data.**  From the first returned result that differs (the value, then
+   each gradient), each side is followed back through values the other side never
+   computed (no output of the other side agrees within the tolerance) to the earliest
+   op that makes such a value out of values the other side computed too: the op that
+   computes a different quantity on agreeing inputs (:class:`_Walk`).  Ops that only sit
+   in the same position are never paired.  Values that say little (constant fills, all
+   within atol of zero) count as the same quantity only through views of the same
+   outside tensor or the same op on the same inputs; a gradient only as the gradient of
+   the counterpart forward value.  A forward departure comes before a backward one.  If that op's inputs agree only within the
+   tolerance, it carries a smaller difference past it; the same walk at a few ulps finds
+   where that difference starts, and is trusted where that op's inputs are bit-identical
+   to the other side's.  A side whose result is a value the other side computes on the
+   way, or whose gradient lacks ops the other runs, is placed where the other side's
+   extra path leaves the shared program: the partner of the forward op those ops belong
+   to, or the op that cuts the graph there (a ``.detach()``).  A **confidence** says how
+   well the data backs the pair of lines, and ``side`` which side a one-line summary
+   names (the one under test: not an installed library).
+
+A numerical finding (``unstable=``) is located on the unstable side alone, by the same
+walk between its own working-dtype and float64 runs (:func:`locate_unstable`): one
+program, so it aligns even where the two sides share nothing.
 
 Too little shared structure (coverage below :data:`MIN_COVERAGE`), nothing that differs,
 or an op with no source line: ``location=None`` and a note that says so with the
@@ -42,12 +56,14 @@ records every op with summaries: it is meant for small cases, never for the sear
 from __future__ import annotations
 
 import contextlib
+import bisect
 import difflib
+import inspect
 import linecache
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Sequence
 
@@ -58,6 +74,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import breadcrumbs
 from .compare import Tolerance, compare_outcomes, diff_message, diff_tensors
+from .explain import float64_case, in_float64
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
@@ -257,12 +274,51 @@ def _current_node() -> Any:
     return get() if get is not None else None
 
 
-def _user_site(frame: Any, phase: Phase) -> Site | None:
-    """Innermost frame outside torch and losscmp — unless losscmp is reached first, which
-    means the op was not issued by the implementation (losscmp's own bookkeeping, the
-    autograd engine).  A torch function called directly as the implementation has only
-    torch frames: in the forward its outermost one is the best line there is."""
+def own_root(impl: Implementation) -> str | None:
+    """Where the implementation's own code lives: its top-level package's folder (an
+    installed library, or a fork copied into a repository), or for a lone module its
+    folder (a researcher's file and its neighbours).  None for torch's own functions."""
+    target: Any = impl.fn
+    target = getattr(target, "func", target)  # functools.partial
+    if isinstance(target, torch.nn.Module):
+        target = type(target)
+    target = getattr(target, "__func__", target)  # a bound method
+    module = inspect.getmodule(target)
+    if module is None:
+        module = sys.modules.get(getattr(target, "__module__", None) or "")
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    file = os.path.abspath(file)
+    top = sys.modules.get(module.__name__.partition(".")[0])
+    top_file = getattr(top, "__file__", None)
+    if top is not module and top_file and getattr(top, "__path__", None):
+        root = os.path.dirname(os.path.abspath(top_file)) + os.sep
+    else:
+        root = os.path.dirname(file) + os.sep
+        if os.path.basename(os.path.dirname(file)) in _LIBRARY_DIRS:
+            root = file  # a single-module library: not every neighbour in site-packages
+    return None if root.startswith(_TORCH_DIR) or root.startswith(_OWN_DIR) else root
+
+
+_LIBRARY_DIRS = ("site-packages", "dist-packages")
+
+
+def installed(path: str) -> bool:
+    """A file of an installed library, not of the project under test."""
+    return any(p in _LIBRARY_DIRS for p in path.split(os.sep))
+
+
+def _user_site(frame: Any, phase: Phase, own: str | None = None) -> Site | None:
+    """The innermost frame in the implementation's own files (``own``, see
+    :func:`own_root`), else the innermost outside torch and losscmp: a researcher's loss
+    that calls a helper library is blamed at its own line, not inside the helper.  If
+    losscmp is reached first, the op was not issued by the implementation (losscmp's own
+    bookkeeping, the autograd engine).  A torch function called directly as the
+    implementation has only torch frames: in the forward its outermost one is the best
+    line there is."""
     outermost_torch = None
+    innermost_other = None
     while frame is not None:
         name = frame.f_code.co_filename
         if name.startswith(_OWN_DIR):
@@ -270,8 +326,14 @@ def _user_site(frame: Any, phase: Phase) -> Site | None:
         if name.startswith(_TORCH_DIR):
             outermost_torch = frame
         elif not name.startswith("<frozen"):
-            return Site(name, frame.f_lineno)
+            # A virtual environment inside the project folder is not the project's code.
+            if own is not None and (name == own or (name.startswith(own) and not installed(name[len(own):]))):
+                return Site(name, frame.f_lineno)
+            if innermost_other is None:
+                innermost_other = frame
         frame = frame.f_back
+    if innermost_other is not None:
+        return Site(innermost_other.f_code.co_filename, innermost_other.f_lineno)
     if phase is Phase.FORWARD and outermost_torch is not None:
         return Site(outermost_torch.f_code.co_filename, outermost_torch.f_lineno)
     return None
@@ -280,8 +342,9 @@ def _user_site(frame: Any, phase: Phase) -> Site | None:
 class _Recorder(TorchDispatchMode):
     """Records every aten op of one forward + backward."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: str | None = None) -> None:
         super().__init__()
+        self.own = own
         self.records: list[OpRecord] = []
         self.phase = Phase.FORWARD
         # tensor -> (version, producing record, summary); weak, so a dead tensor's id is never misread
@@ -339,7 +402,7 @@ class _Recorder(TorchDispatchMode):
         seen_in = [self._input(t) for t in tensors_in]
         out = func(*args, **kwargs)
         node = _current_node() if self.phase is Phase.BACKWARD else None
-        site = _user_site(sys._getframe(1), self.phase)
+        site = _user_site(sys._getframe(1), self.phase, self.own)
         if self.phase is Phase.BACKWARD and site is None and (node is None or self._made_after_forward(node)):
             # Not the implementation's op: the loss seed and its reshape, run.call's detach
             # of the results, its mutation checks.  Unrecorded, but a one-input op passes on its input's
@@ -362,8 +425,8 @@ class _Recorder(TorchDispatchMode):
             self._seen[t] = (t._version, index, s)
             out_summaries.append(s)
         out_summaries += [summarise(torch.tensor(float(v), dtype=torch.float64)) for v in numbers]
-        in_key = tuple((_squeezed(t.shape), str(t.dtype)) for t in tensors_in)
-        out_key = tuple((_squeezed(t.shape), str(t.dtype)) for t in outputs) + (("number",) * len(numbers),)
+        in_key = tuple((_squeezed(t.shape), _dtype_class(t.dtype)) for t in tensors_in)
+        out_key = tuple((_squeezed(t.shape), _dtype_class(t.dtype)) for t in outputs) + (("number",) * len(numbers),)
         self.records.append(OpRecord(
             index=index,
             op=str(func),
@@ -381,13 +444,19 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def _dtype_class(dtype: torch.dtype) -> str:
+    # float32 and float64 runs of one program are the same computation: a numerical
+    # finding is located by aligning the unstable side's run with its own float64 run.
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else str(dtype)
+
+
 def _scalar_text(x: Any) -> str:
     return f"{x:.17g}" if isinstance(x, float) else str(x)
 
 
 def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
     """Run ``impl`` on ``case`` as :func:`run.call` does, recording every aten op."""
-    recorder = _Recorder()
+    recorder = _Recorder(own_root(impl))
     with contextlib.ExitStack() as active:
 
         def traced(*args: Any, **kwargs: Any) -> Any:
@@ -469,16 +538,28 @@ class SourceLine:
         return {"file": self.file, "line": self.line, "code": self.code, "op": self.op, "phase": self.phase}
 
 
+class Confidence(str, Enum):
+    """How much the data backs a location (see :func:`localise`)."""
+
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
 @dataclass(frozen=True)
 class Localisation:
     location: dict[str, SourceLine] | None  # label -> where; None when undecided
     note: str  # one line: what was found, or why nothing was (with the coverage)
     coverage: float
-    values: dict[str, str] = field(default_factory=dict)  # label -> the diverging op's output
+    values: dict[str, str] = field(default_factory=dict)  # label -> the departing op's output
+    differs: bool = True  # the two sides' results differ on the case (False: nothing to locate)
+    confidence: Confidence | None = None  # None when there is no location
+    side: str | None = None  # the side a one-line summary names: the side under test, or the unstable one
 
     def to_json(self) -> dict[str, Any]:
         location = None if self.location is None else {k: v.to_json() for k, v in self.location.items()}
-        return {"location": location, "location_note": self.note, "coverage": self.coverage}
+        return {"location": location, "location_note": self.note, "coverage": self.coverage,
+                "confidence": None if self.confidence is None else self.confidence.value, "side": self.side}
 
 
 def _unaligned_root(records: Sequence[OpRecord], starts: Sequence[int | None], aligned: dict[int, int]) -> int | None:
@@ -494,12 +575,17 @@ def _unaligned_root(records: Sequence[OpRecord], starts: Sequence[int | None], a
     return min(seen) if seen else None
 
 
-def _first_output_diff(ra: OpRecord, rb: OpRecord, tol: Tolerance) -> tuple[int, str] | None:
-    for k, (sa, sb) in enumerate(zip(ra.outputs, rb.outputs)):
-        why = summary_diff(sb, sa, tol)
-        if why is not None:
-            return k, why
-    return None
+def _same_forward_value(other: Sequence[OpRecord], own: Sequence[OpRecord], other_dep: int,
+                        other_to_own: dict[int, int], tol: Tolerance) -> bool:
+    """Does this side compute, at the counterpart of the forward op whose backward the
+    other side runs alone, the same value?  Then this side lacks that gradient path (a
+    dropped term, a .detach()); if not, the forward values already differ there and this
+    side's own departure stands."""
+    origin = other[other_dep].origin
+    partner = other_to_own.get(origin) if origin is not None else None
+    if partner is None or not other[origin].outputs or not own[partner].outputs:
+        return False
+    return summary_diff(own[partner].outputs[0], other[origin].outputs[0], tol) is None
 
 
 def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], other_root: int | None,
@@ -516,34 +602,399 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
     return cut if cut is not None else partner
 
 
-def _causes(a: Sequence[OpRecord], b: Sequence[OpRecord], alignment: Alignment,
-            inputs: tuple[Sequence[int | None], Sequence[int | None]], own: tuple[int | None, int | None]) -> tuple[tuple, tuple]:
-    """Per side, the op to blame for inputs that differ (see the module docstring), and
-    the unaligned root it came from, if any."""
-    to_b, to_a = alignment.expected_to_actual, alignment.actual_to_expected
-    root_a = _unaligned_root(a, inputs[0], to_b)
-    root_b = _unaligned_root(b, inputs[1], to_a)
-    cause_a = root_a if root_a is not None else _cause_via_other_side(a, b, root_b, to_a, to_b)
-    cause_b = root_b if root_b is not None else _cause_via_other_side(b, a, root_a, to_b, to_a)
-    return (own[0] if cause_a is None else cause_a, own[1] if cause_b is None else cause_b), (root_a, root_b)
+# --- alignment by data ---------------------------------------------------------------------
 
 
-def _first_difference(expected: Recording, actual: Recording, alignment: Alignment, before: int) -> str:
-    """Where a difference of any size first appears, for a split whose inputs only agree
-    within tolerance: the amplifier is the location, this is where it got its input."""
-    a, b = expected.records, actual.records
-    for i, j in alignment.pairs:
-        if i >= before:
+def _indistinct(s: Summary, tol: Tolerance) -> bool:
+    """A value that says little about which quantity it is: every element equal (zeros,
+    ones, a 1/N fill), or every element within atol of zero (so within the tolerance of
+    any other such tensor).  Such values recur by coincidence."""
+    if s.nans or s.posinfs or s.neginfs:
+        return False
+    if s.numel == 0 or s.low == s.high:
+        return True
+    return s.dtype.is_floating_point and max(abs(s.low), abs(s.high)) <= _tolerance_for(s, tol).atol
+
+
+class _Values:
+    """Every tensor value one side saw: op outputs, and tensors from outside (the case,
+    a module's constants).  Answers "did this side compute that value too?"."""
+
+    def __init__(self, rec: Recording) -> None:
+        self.records = rec.records
+        self._buckets: dict[tuple, list[tuple[float, Summary, int | None]]] = {}
+        for r in rec.records:
+            for out in r.outputs:
+                self._add(out, r.index)
+            for s, p in zip(r.inputs, r.producers):
+                if p is None:
+                    self._add(s, None)
+        for bucket in self._buckets.values():
+            bucket.sort(key=lambda e: e[0])
+        self._totals = {k: [e[0] for e in b] for k, b in self._buckets.items()}
+
+    @staticmethod
+    def _key(s: Summary) -> tuple:
+        return (_squeezed(s.shape), _dtype_class(s.dtype))
+
+    def _add(self, s: Summary | None, producer: int | None) -> None:
+        if s is not None:
+            self._buckets.setdefault(self._key(s), []).append((s.total, s, producer))
+
+    def producers(self, s: Summary, tol: Tolerance) -> set[int | None]:
+        """The ops (None: from outside) whose output agrees with ``s`` within ``tol``."""
+        key = self._key(s)
+        bucket = self._buckets.get(key)
+        if not bucket:
+            return set()
+        t = _tolerance_for(s, tol)
+        # A necessary condition on the sums (see summary_diff) narrows the search first.
+        slack = s.numel * t.atol + 2 * t.rtol * s.abs_total + 1e-300
+        totals = self._totals[key]
+        lo, hi = bisect.bisect_left(totals, s.total - slack), bisect.bisect_right(totals, s.total + slack)
+        found: set[int | None] = set()
+        for _, other, producer in bucket[lo:hi]:
+            if producer not in found and summary_diff(s, other, t) is None:
+                found.add(producer)
+        return found
+
+
+# Ops that only move, relabel or copy their one input's values: transparent when asking
+# which quantity a value is (one side's `y = y.detach()` on an already detached tensor).
+_PASS_THROUGH = ("aten.detach.", "aten.alias.", "aten.view.", "aten._unsafe_view.", "aten.clone.", "aten.expand.",
+                 "aten.unsqueeze.", "aten.squeeze.", "aten.reshape.", "aten.permute.", "aten.t.", "aten.transpose.",
+                 "aten.contiguous.", "aten._to_copy.", "aten.lift_fresh.", "aten.lift_fresh_copy.")
+
+
+def _root(records: Sequence[OpRecord], index: int | None, summary: Summary | None) -> tuple[int | None, Summary | None]:
+    """The op that computed a value, seen through pass-through ops; None with the outside
+    tensor's summary when the chain starts outside."""
+    for _ in range(len(records)):
+        if index is None:
             break
-        if _first_output_diff(a[i], b[j], _EXACT) is None:
+        r = records[index]
+        tensors = [k for k, s in enumerate(r.inputs) if s is not None]
+        if not r.op.startswith(_PASS_THROUGH) or len(tensors) != 1:
+            break
+        index, summary = r.producers[tensors[0]], r.inputs[tensors[0]]
+    return index, summary
+
+
+def _carries_gradient(records: Sequence[OpRecord], index: int) -> bool:
+    """A backward op fed by another backward op: part of the gradient's flow, not a
+    re-read of a saved forward value (those are compared by value like any other)."""
+    r = records[index]
+    return r.phase is Phase.BACKWARD and r.origin is not None and any(
+        q is not None and records[q].phase is Phase.BACKWARD for q in r.producers)
+
+
+class _Walk:
+    """One side's view of the other: which of its values the other side computed too,
+    and where, reached from a differing result, its computation departs."""
+
+    def __init__(self, own: Recording, other: _Values, partner: dict[int, int], tol: Tolerance) -> None:
+        self.own, self.other, self.partner, self.tol = own, other, partner, tol
+        self._cache: dict[tuple[int, int | None], set[int | None]] = {}
+        self._depth = 0
+
+    def shared(self, s: Summary | None, producer: int | None) -> bool:
+        """Did the other side compute this value?  A distinctive value matched anywhere
+        counts; an indistinct one (constant, or all within atol of zero) only where the ops
+        that made it are counterparts too (or both came from outside): equal fills, and
+        tiny values that are all "equal" under atol, are no evidence."""
+        if s is None:
+            return True  # no values to compare: never followed
+        return bool(self._matches(s, producer))
+
+    def _matches(self, s: Summary, producer: int | None) -> set[int | None]:
+        """The other side's ops (None: from outside) that computed this same quantity."""
+        key = (id(s), producer)
+        if key not in self._cache:
+            self._cache[key] = set()  # a cycle through constant values proves nothing
+            hits = self.other.producers(s, self.tol)
+            if hits and producer is not None and _carries_gradient(self.own.records, producer):
+                hits = {h for h in hits if self._same_forward(producer, h)}
+            if hits and _indistinct(s, self.tol):
+                mine = _root(self.own.records, producer, s)
+                hits = {h for h in hits if self._same_root(mine, _root(self.other.records, h, None))}
+            self._cache[key] = hits
+        return self._cache[key]
+
+    def _same_forward(self, producer: int, other: int | None) -> bool:
+        """A gradient is the same quantity only as the gradient of the same forward value:
+        counterpart forward ops, or forward ops whose outputs agree.  (In a degenerate case
+        the gradients of two different cost matrices can be equal to the digit.)"""
+        mine = self.own.records[self.own.records[producer].origin]
+        theirs = None if other is None else self.other.records[other].origin
+        if theirs is None:
+            return False
+        partner = self.partner.get(mine.index)
+        out = mine.outputs[0] if mine.outputs else None
+        if partner is not None and out is not None and self.other.records[partner].outputs and \
+                summary_diff(out, self.other.records[partner].outputs[0], self.tol) is None:
+            # The forward op has a counterpart computing the same value: the gradient must be
+            # that counterpart's, not a look-alike branch's (with tiny inputs the softmins of
+            # C_xx and C_xy agree in the forward, and so can their gradients).
+            return theirs == partner
+        return out is not None and theirs in self._matches(out, mine.index)
+
+    def _same_root(self, mine: tuple[int | None, Summary | None], theirs: tuple[int | None, Summary | None]) -> bool:
+        """Indistinct values are the same quantity when, seen through views and copies, they
+        come from the same outside tensor (to the bit: x = 1e-5 and y = 0 are "equal" under
+        atol, not the same input) or from the same op on the same inputs."""
+        (a, sa), (b, sb) = mine, theirs
+        if a is None or b is None:
+            if a is not None or b is not None or sa is None:
+                return False
+            if sb is None:  # the other side's hit is an outside tensor itself
+                return None in self.other.producers(sa, _EXACT)
+            return summary_diff(sa, sb, _EXACT) is None
+        return self._same_op(a, b)
+
+    def _same_op(self, producer: int | None, other: int | None) -> bool:
+        """Counterparts in the op alignment, or the same op with the same other arguments
+        on the same quantities as inputs."""
+        if producer is None or other is None:
+            return False  # outside tensors are matched to the bit in _matches
+        if self.partner.get(producer) == other:
+            return True
+        mine, theirs = self.own.records[producer], self.other.records[other]
+        if mine.origin is not None and theirs.origin is not None and self.partner.get(mine.origin) != theirs.origin:
+            return False  # look-alike gradients of different forward ops (twin Sinkhorn branches)
+        if mine.op != theirs.op or mine.scalars != theirs.scalars or self._depth > MAX_CONSTANT_CHAIN:
+            return False
+        if len(mine.inputs) != len(theirs.inputs):
+            return False
+        self._depth += 1  # a loop over all-zero potentials chains constants hundreds deep
+        try:
+            # Each input the same quantity as *that* op's input, not merely computed somewhere.
+            return all(s is None or _root(self.other.records, q_theirs, None)[0] in
+                       {_root(self.other.records, h, None)[0] for h in self._matches(s, q)}
+                       for s, q, q_theirs in zip(mine.inputs, mine.producers, theirs.producers))
+        finally:
+            self._depth -= 1
+
+    def departure(self, start: int | None) -> int | None:
+        """From the op that made a differing result, back through values the other side
+        never computed, to the earliest op that makes such a value out of values the other
+        side has too (or reads a tensor from outside that only this side has).  None when
+        the result itself is a value the other side computed (this side stops early)."""
+        if start is None:
+            return None
+        records = self.own.records
+        found: list[int] = []
+        todo, seen = [start], set()
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            r = records[p]
+            novel = [q for s, q in zip(r.inputs, r.producers) if not self.shared(s, q)]
+            follow = [q for q in novel if q is not None]
+            todo += follow
+            if len(follow) < len(novel) or not novel:
+                found.append(p)
+        # A forward value that differs explains everything after it, gradients included.
+        # Otherwise: in the backward, a branch only one side runs also recomputes saved
+        # forward values (2 * diff before it meets the gradient), novel only because the
+        # branch exists; where the gradient itself first flows differently is the departure.
+        forward = [p for p in found if records[p].phase is Phase.FORWARD]
+        flow = [p for p in found if _carries_gradient(records, p)]
+        return min(forward or flow or found) if found else None
+
+
+def _first_differing_result(expected: Recording, actual: Recording, tol: Tolerance) -> tuple[Result, Result, str] | None:
+    for ra, rb in zip(expected.results, actual.results):
+        if ra.what != rb.what:
             continue
-        unequal = [n for n, (sa, sb) in enumerate(zip(a[i].inputs, b[j].inputs)) if summary_diff(sb, sa, _EXACT) is not None]
-        producers = ([a[i].producers[n] for n in unequal], [b[j].producers[n] for n in unequal])
-        (ca, cb), _ = _causes(a, b, alignment, producers, (i, j))
-        where = [f"{r.label} {r.records[c].site.file}:{r.records[c].site.line}" for r, c in ((expected, ca), (actual, cb))
-                 if r.records[c].site is not None]
-        return f"; a difference below tolerance first appears at {a[i].describe(a)} ({', '.join(where) or 'no source line'})"
-    return ""
+        why = summary_diff(rb.summary, ra.summary, tol)
+        if why is not None:
+            return ra, rb, why
+    return None
+
+
+MAX_CONSTANT_CHAIN = 64  # how far back a constant-valued tensor's ops are compared before giving up
+ULPS = 8  # "exactly": within this many units in the last place (reordered sums round differently)
+
+
+def _ulp_tolerance(summaries: Sequence[Summary | None]) -> Tolerance:
+    dtypes = [s.dtype for s in summaries if s is not None and s.dtype.is_floating_point]
+    eps = max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps)
+    return Tolerance(ULPS * eps, 0.0)
+
+
+def _amplifies(walk: _Walk, r: OpRecord) -> bool:
+    """Do the op's inputs match the other side's values only within the tolerance, not to
+    a few ulps?  Then the op carries a smaller difference past the tolerance (a division
+    by a small eps, a sum of atol-sized differences) rather than making one."""
+    strict = _Walk(walk.own, walk.other, walk.partner, _ulp_tolerance(r.inputs))
+    return not all(strict.shared(s, q) for s, q in zip(r.inputs, r.producers))
+
+
+def _at(rec: Recording, index: int) -> str:
+    """An op named by its source line and which of that line's runs it is: a Sinkhorn
+    loop runs one line hundreds of times, and "op 345 of 1020" says nothing."""
+    records = rec.records
+    r = records[index]
+    if r.site is None:
+        return f"{r.describe(records)} (op {index + 1} of {len(records)}, no source line)"
+    same = [q.index for q in records if q.site == r.site and q.op == r.op and q.phase is r.phase]
+    where = f"{_short(r.site.file)}:{r.site.line}"
+    run = f", run {same.index(index) + 1} of {len(same)} there" if len(same) > 1 else ""
+    return f"{r.describe(records)} at {where}{run}"
+
+
+def _short(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _side_under_test(lines: dict[str, SourceLine], expected: str, actual: str) -> str:
+    """The side a one-line summary names: an installed library is the reference a
+    researcher compares against, so the side whose line is in their own files is named;
+    otherwise the implementation being compared (the second)."""
+    mine = [label for label in (actual, expected) if not installed(lines[label].file)]
+    return mine[0] if mine else actual
+
+
+def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisation:
+    """Where two recordings part ways, by data.
+
+    The ops are aligned by structure (:func:`align`) only to measure how much the two
+    programs share (below :data:`MIN_COVERAGE`: not localised) and to vouch for
+    constant-valued tensors.  The location itself is found by values: from the first
+    result that differs, each side is followed back through values the other side never
+    computed, to the earliest op that makes such a value out of values both sides
+    computed (within the tolerance).  That op computes a different quantity on agreeing
+    inputs; ops that merely line up by position (a ``sum(p) + sum(t)`` against a
+    ``sum(p) - tp``) are never blamed.  A side whose result is a value the other side
+    computes along the way (a dropped term, a ``.detach()``) is placed through the
+    other side's departure (:func:`_cause_via_other_side`).
+    """
+    le, la = expected.label, actual.label
+    a, b = expected.records, actual.records
+    alignment = align(a, b)
+    cov = alignment.coverage
+    coverage = f"alignment coverage {cov:.0%} of {len(a)} + {len(b)} ops"
+    if expected.outcome.failed or actual.outcome.failed:
+        failed = [f"{r.label} {r.outcome.error}" for r in (expected, actual) if r.outcome.failed]
+        return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}",
+                            cov)
+    if not compare_outcomes(Pair(le, la), expected.outcome, actual.outcome, tol).diverges:
+        return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov, differs=False)
+    if cov < MIN_COVERAGE:
+        return Localisation(None, f"not localised: the two executions share too little structure ({coverage}, "
+                            f"below {MIN_COVERAGE:.0%})", cov)
+    first = _first_differing_result(expected, actual, tol)
+    if first is None:
+        return Localisation(None, f"not localised: the results differ but no returned tensor shows it; {coverage}", cov)
+    res_a, res_b, why = first
+    to_b, to_a = alignment.expected_to_actual, alignment.actual_to_expected
+    walk_a = _Walk(expected, _Values(actual), to_b, tol)
+    walk_b = _Walk(actual, _Values(expected), to_a, tol)
+    dep_a, dep_b = walk_a.departure(res_a.producer), walk_b.departure(res_b.producer)
+    # A departure whose inputs agree only within tolerance carries a smaller difference
+    # past it; where that difference starts (the same walk at a few ulps) is the cause.
+    # Cases minimised to just past the threshold sit there: every intermediate is within
+    # atol, and only the final sum is not.
+    carried: dict[str, str] = {}
+    refined = []
+    for walk, res, dep in ((walk_a, res_a, dep_a), (walk_b, res_b, dep_b)):
+        if dep is not None and _amplifies(walk, walk.own.records[dep]):
+            ulps = _Walk(walk.own, walk.other, walk.partner, _ulp_tolerance((res_a.summary, res_b.summary)))
+            start = ulps.departure(res.producer)
+            # Trusted only where it is clean: the same inputs to the bit, another output.  A
+            # walk at a few ulps can stop at a cancellation (a + b with a and b each a few
+            # ulps off) deep inside a loop, far from where the difference began.
+            exact = _Walk(walk.own, walk.other, walk.partner, _EXACT)
+            clean = start is not None and all(exact.shared(s, q) for s, q in
+                                              zip(walk.own.records[start].inputs, walk.own.records[start].producers))
+            if clean and start != dep and walk.own.records[start].site is not None:
+                carried[walk.own.label] = (f"{walk.own.label}'s {_at(walk.own, dep)} only carries past the tolerance a smaller "
+                                           f"difference that starts at the line named")
+                dep = start
+            else:
+                carried[walk.own.label] = f"{walk.own.label}'s op amplifies a difference its inputs carry within the tolerance"
+        refined.append(dep)
+    dep_a, dep_b = refined
+    how: dict[str, str] = {}
+    causes = {}
+    for label, own, other, dep, other_dep, own_to_other, other_to_own in (
+            (le, a, b, dep_a, dep_b, to_b, to_a), (la, b, a, dep_b, dep_a, to_a, to_b)):
+        cause = dep
+        lacking = (other_dep is not None and other[other_dep].phase is Phase.BACKWARD and other_dep not in other_to_own
+                   and _same_forward_value(other, own, other_dep, other_to_own, tol))
+        if dep is None or lacking:
+            # This side's result is a value the other computes on the way, or its gradient
+            # lacks ops the other runs: the cause is where the other side's extra path
+            # leaves the shared program (a dropped term, a .detach()).
+            via = _cause_via_other_side(own, other, other_dep, other_to_own, own_to_other)
+            if via is not None:
+                cause = via
+                how[label] = ("its result is a value the other side computes on the way" if dep is None
+                              else "its gradient lacks ops the other side runs") + ", placed where the other side's extra path leaves the shared program"
+        causes[label] = cause
+    cause_a, cause_b = causes[le], causes[la]
+    if cause_a is None or cause_b is None:
+        stuck = [label for label, c in ((le, cause_a), (la, cause_b)) if c is None]
+        return Localisation(None, f"not localised: the {res_a.what} differs, but no op of {' and '.join(stuck)} makes a value "
+                            f"the other side lacks from values both compute; {why}; {coverage}", cov)
+    phase = res_a.phase
+    lines = {le: _source_line(a[cause_a], a, phase), la: _source_line(b[cause_b], b, phase)}
+    values = {le: _text(a[cause_a].outputs[0] if a[cause_a].outputs else None),
+              la: _text(b[cause_b].outputs[0] if b[cause_b].outputs else None)}
+    missing = [label for label, where in lines.items() if where is None]
+    parts = [f"{phase.value}: the {res_a.what} differs; {le} departs at {_at(expected, cause_a)}, {la} at {_at(actual, cause_b)}"]
+    parts += list(carried.values())
+    parts += [f"{label}: {text}" for label, text in how.items()]
+    if missing:
+        parts.append(f"no source line for {' and '.join(missing)}: the op was not issued from Python code that this torch can attribute")
+        return Localisation(None, "; ".join(parts + [why, coverage]), cov, values)
+    confidence, reason = _confidence(cov, how, list(carried), (walk_a, a[cause_a], dep_a), (walk_b, b[cause_b], dep_b),
+                                     near_zero=_near_zero(res_a.summary, res_b.summary, tol))
+    parts.append(f"confidence {confidence.value} ({reason})")
+    return Localisation(lines, "; ".join(parts + [why, coverage]), cov, values, confidence=confidence,
+                        side=_side_under_test(lines, le, la))
+
+
+def _near_zero(sa: Summary | None, sb: Summary | None, tol: Tolerance) -> bool:
+    """Results within a few atol of zero: the minimiser's favourite place (just past the
+    threshold), where most intermediates agree with each other under atol."""
+    sizes = [max(abs(s.low), abs(s.high)) for s in (sa, sb) if s is not None and s.dtype.is_floating_point
+             and not (s.nans or s.posinfs or s.neginfs) and s.numel]
+    return bool(sizes) and max(sizes) <= NEAR_ZERO_ATOLS * tol.atol
+
+
+NEAR_ZERO_ATOLS = 10
+
+
+def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: tuple,
+                near_zero: bool = False) -> tuple[Confidence, str]:
+    """High: both departures found by data, on inputs that match distinctive values of the
+    other side, in programs that share most of their structure.  Each doubt lowers it."""
+    doubts = []
+    if near_zero:
+        doubts.append(f"the results are within {NEAR_ZERO_ATOLS}× atol of zero, where small intermediates all agree under atol")
+    if how:
+        doubts.append(f"{' and '.join(how)} placed through the other side's departure")
+    if amplified:
+        doubts.append(f"a difference below the tolerance carried past it on {' and '.join(amplified)}'s side")
+    for walk, r, dep in sides:
+        # Constant-valued inputs matched by value alone (not from outside on both sides, not
+        # made by counterpart ops) may be a coincidence: zeros and fills recur.
+        loose = [s is None or (_indistinct(s, walk.tol) and q is not None and q not in walk.partner)
+                 for s, q in zip(r.inputs, r.producers)]
+        if dep is not None and loose and all(loose):
+            doubts.append(f"{walk.own.label}'s op reads only constant or below-atol tensors matched by value alone")
+    if cov < 0.8:
+        doubts.append(f"only {cov:.0%} of ops aligned")
+    if not doubts:
+        return Confidence.HIGH, "each departure reads only values the other side computes too, and the programs align"
+    return (Confidence.MEDIUM if len(doubts) == 1 else Confidence.LOW), "; ".join(doubts)
 
 
 def _source_line(r: OpRecord, records: Sequence[OpRecord], phase: Phase) -> SourceLine | None:
@@ -555,100 +1006,49 @@ def _source_line(r: OpRecord, records: Sequence[OpRecord], phase: Phase) -> Sour
     return SourceLine(r.site.file, r.site.line, code, op, phase.value)
 
 
-@dataclass(frozen=True)
-class _Split:
-    """Where the two sides' values part: the first aligned op (or returned result) that differs."""
-
-    phase: Phase
-    what: str  # the op, or "the gradient w.r.t. x"
-    where: str  # its position on both sides, for the note
-    why: str  # the torch.testing-style message
-    values: dict[str, str]
-    differing: tuple[int, ...]  # which inputs differ beyond the tolerance
-    unequal: tuple[int, ...]  # which inputs differ at all
-    inputs: tuple[tuple[int | None, ...], tuple[int | None, ...]]  # producers of the unequal inputs, per side
-    own: tuple[int | None, int | None]  # the op itself per side (None for a returned result)
-    scalars: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-
-
-def _split(expected: Recording, actual: Recording, alignment: Alignment, tol: Tolerance) -> _Split | None:
-    a, b = expected.records, actual.records
-    le, la = expected.label, actual.label
-    for i, j in alignment.pairs:
-        found = _first_output_diff(a[i], b[j], tol)
-        if found is None:
-            continue
-        k, why = found
-        ra, rb = a[i], b[j]
-        pairs = list(enumerate(zip(ra.inputs, rb.inputs)))
-        differing = tuple(n for n, (sa, sb) in pairs if summary_diff(sb, sa, tol) is not None)
-        # Inputs within tolerance can still carry a small difference that this op
-        # amplifies (scaling an atol-sized error, cancellation).  Made by ops only one
-        # side runs, that difference is the better suspect than the amplifier.
-        unequal = tuple(n for n, (sa, sb) in pairs if summary_diff(sb, sa, _EXACT) is not None)
-        return _Split(
-            ra.phase, ra.describe(a), f"op {i + 1} of {len(a)} in {le}, {j + 1} of {len(b)} in {la}", why,
-            {le: _text(ra.outputs[k]), la: _text(rb.outputs[k])}, differing, unequal,
-            (tuple(ra.producers[n] for n in unequal), tuple(rb.producers[n] for n in unequal)), (i, j),
-            (ra.scalars, rb.scalars),
-        )
-    # Every aligned op agrees, yet the results differ: ops only one side runs made them
-    # (a gradient summed from one more path, say).  Follow the results back instead.
-    for ra, rb in zip(expected.results, actual.results):
-        why = summary_diff(rb.summary, ra.summary, tol)
-        if why is not None and ra.what == rb.what:
-            return _Split(ra.phase, f"the {ra.what}", "the returned results", why, {le: _text(ra.summary), la: _text(rb.summary)},
-                          (0,), (0,), ((ra.producer,), (rb.producer,)), (None, None))
-    return None
-
-
-def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisation:
-    """The first diverging op of two recordings (see the module docstring)."""
-    le, la = expected.label, actual.label
-    a, b = expected.records, actual.records
-    alignment = align(a, b)
-    cov = alignment.coverage
-    coverage = f"alignment coverage {cov:.0%} of {len(a)} + {len(b)} ops"
-    if expected.outcome.failed or actual.outcome.failed:
-        failed = [f"{r.label} {r.outcome.error}" for r in (expected, actual) if r.outcome.failed]
-        return Localisation(None, f"not localised: {'; '.join(failed)} (trace follows values, not failures); {coverage}",
-                            cov)
-    if not compare_outcomes(Pair(le, la), expected.outcome, actual.outcome, tol).diverges:
-        return Localisation(None, f"nothing to localise: {le} and {la} agree on this case; {coverage}", cov)
-    if cov < MIN_COVERAGE:
-        return Localisation(None, f"not localised: the two executions share too little structure ({coverage}, "
-                            f"below {MIN_COVERAGE:.0%})", cov)
-    split = _split(expected, actual, alignment, tol)
-    if split is None:
-        return Localisation(None, f"not localised: the results differ but no aligned op or result shows it; {coverage}", cov)
-    (cause_a, cause_b), (root_a, root_b) = _causes(a, b, alignment, split.inputs, split.own)
-    only = [f"{label} {recs[root].describe(recs)}" for label, recs, root in ((le, a, root_a), (la, b, root_b)) if root is not None]
-    made = f", made by ops only one side runs ({'; '.join(only)})" if only else ""
-    if split.own[0] is None:
-        how = f"it differs{made}"
-    elif split.differing:
-        how = f"input {', '.join(map(str, split.differing))} differs{made}"
-    elif split.unequal:
-        how = f"its inputs agree within tolerance, not exactly{made}"
-    else:
-        sa, sb = split.scalars
-        how = "its inputs agree" + ("" if sa == sb else f" but its other arguments differ ({', '.join(sa)} vs {', '.join(sb)})")
-    head = f"{split.phase.value}: values first differ at {split.what} ({split.where}); {how}"
-    if split.own[0] is not None and split.unequal and not split.differing and root_a is None and root_b is None:
-        head += _first_difference(expected, actual, alignment, split.own[0])
-    lines = {le: _source_line(a[cause_a], a, split.phase) if cause_a is not None else None,
-             la: _source_line(b[cause_b], b, split.phase) if cause_b is not None else None}
-    missing = [label for label, where in lines.items() if where is None]
-    if missing:
-        return Localisation(None, f"{head}; no source line for {' and '.join(missing)}: the op was not issued from Python "
-                            f"code that this torch can attribute; {split.why}; {coverage}", cov, split.values)
-    return Localisation(lines, f"{head}; {split.why}; {coverage}", cov, split.values)
-
-
 def _text(s: Summary | None) -> str:
     return "(no values)" if s is None else s.text()
 
 
-def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
-    """Record both sides on ``case`` and localise their first divergence."""
+def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance,
+           *, unstable: str | None = None) -> Localisation:
+    """Record both sides on ``case`` and localise their first divergence.
+
+    ``unstable``: the label of the side a numerical finding blames (the float64 oracle's
+    ``unstable_side``).  Two programs that compute one function in different ways share
+    little structure (``softplus`` against ``log(1 + exp(x))``), but the unstable side's
+    float32 and float64 runs are one program: it is located there (:func:`locate_unstable`).
+    """
+    if unstable is not None:
+        if unstable not in (expected.label, actual.label):
+            raise ValueError(f"unstable side {unstable!r} is neither {expected.label!r} nor {actual.label!r}")
+        return locate_unstable(expected if unstable == expected.label else actual, spec, case, tol)
     return localise(record(expected, spec, case), record(actual, spec, case), tol)
+
+
+def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
+    """The first op of ``impl`` whose output in the working dtype departs from its own
+    float64 output while its inputs agree: where the precision is lost."""
+    label = impl.label
+    impl64, problem = in_float64(impl)
+    if problem:
+        return Localisation(None, f"not localised: {problem}", 0.0)
+    wide_label, work_label = f"{label} in float64", f"{label} in {_dtype_word(case)}"
+    wide = replace(record(impl64, spec, float64_case(case)), label=wide_label)
+    work = replace(record(impl, spec, case), label=work_label)
+    found = localise(wide, work, tol)
+    head = f"numerical: located on {label}, the unstable side, by its own {_dtype_word(case)} vs float64 run"
+    if not found.differs:
+        return Localisation(None, f"{head}: not localised, {label} agrees with its own float64 run on this case; {found.note}",
+                            found.coverage, differs=True)
+    if found.location is None:
+        return Localisation(None, f"{head}: {found.note}", found.coverage)
+    where = found.location[work_label]
+    return Localisation({label: where}, f"{head}: {found.note}", found.coverage,
+                        {label: found.values.get(work_label, "?"), f"{label} (float64)": found.values.get(wide_label, "?")},
+                        confidence=found.confidence, side=label)
+
+
+def _dtype_word(case: Case) -> str:
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in case.tensors.values() if t.is_floating_point()})
+    return "/".join(dtypes) or "its working dtype"
