@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import shlex
 import signal
@@ -17,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import breadcrumbs, jsonout
+from . import breadcrumbs, files, jsonout
 from ._version import __version__
 from .audit import audit
 from .engine import RUNNERS, pairs_for, run_record
@@ -56,6 +57,11 @@ spec:        a preset (points, weighted-points, classification, binary, regressi
              images, distributions), a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
 exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input
 """
+
+# A grid finer than this says nothing the bisection to 1% does not; a larger dim is a
+# tensor of every argument that no sweep needs (and 10**9 points or elements never end).
+MAX_SWEEP_POINTS = 1000
+MAX_SWEEP_SIZE = 100_000
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -129,8 +135,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("impls", nargs=2, metavar="IMPL")
     p.add_argument("--param", required=True, metavar="[LABEL.]NAME=LO:HI[:log|lin]",
                    help="'scale' (largest |input|), 'offset' (added to real inputs), a keyword parameter, or LABEL.NAME: a keyword of that side only")
-    p.add_argument("--points", type=int, default=9, help="grid points before bisection (default 9)")
-    p.add_argument("--size", type=int, default=8, help="size of every symbolic dim in the swept case (default 8)")
+    p.add_argument("--points", type=int, default=9, help=f"grid points before bisection (default 9, at most {MAX_SWEEP_POINTS})")
+    p.add_argument("--size", type=int, default=8, help=f"size of every symbolic dim in the swept case (default 8, at most {MAX_SWEEP_SIZE})")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
     _common(p)
     return p
@@ -178,19 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def _writable_file(path: str, option: str) -> None:
-    """Fail before the run, not after it: a report that cannot be written is lost work."""
-    if path == "-":
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{option} {path}: is a directory; give a file path")
-    if not p.parent.is_dir():
-        raise UsageError(f"{option} {path}: folder {p.parent} does not exist")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"{option} {path}: not writable")
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
@@ -273,14 +266,14 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:
-        _writable_file(args.json, "--json")
+        files.check_writable(args.json, "--json")
     if args.html:
         if args.html == "-":
             raise UsageError("--html needs a file path ('-' is for --json)")
-        _writable_file(args.html, "--html")
+        files.check_writable(args.html, "--html")
     save_dir = None if args.no_save else Path(args.save_dir) if args.save_dir else default_save_dir()
-    if save_dir is not None and save_dir.exists() and not save_dir.is_dir():
-        raise UsageError(f"--save-dir {save_dir}: exists and is not a folder")
+    if save_dir is not None:
+        files.check_folder(save_dir, "--save-dir")
     settings = Settings.of(
         reference=args.reference,
         examples=args.examples,
@@ -362,7 +355,7 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     if args.json:
         write_json(record, args.json, stdout=json_out)
     if args.html:
-        Path(args.html).write_text(render_html(record, title=f"losscmp: {' vs '.join(result.labels)}"), encoding="utf-8")
+        files.write_text(args.html, render_html(record, title=f"losscmp: {' vs '.join(result.labels)}"), "--html")
         console.print(f"HTML report: {shown_path(args.html)}", markup=False, soft_wrap=True)
     if result.interrupted:  # the run did not finish: the signal's exit code, whatever was found (README: Exit codes)
         return 128 + getattr(signal, result.interrupted)
@@ -400,8 +393,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     repro = load_repro(args.file)
     if args.pytest:
         out = Path(args.output) if args.output else _default_test_path(repro.path)
-        _writable_file(str(out), "--output")
-        out.write_text(generate_pytest(repro, str(repro.path), out))
+        files.check_writable(str(out), "--output")
+        files.write_text(out, generate_pytest(repro, str(repro.path), out), "--output")
         shown = shlex.quote(shown_path(out))
         console.print(f"wrote {shown}", markup=False, soft_wrap=True)
         console.print(f"run: pytest {shown}", markup=False, soft_wrap=True)
@@ -473,14 +466,13 @@ def _why_outputs_differ(files, versions: dict, other_device: str | None) -> str:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     knob = parse_knob(args.param)
-    if args.points < 2:
-        raise UsageError(f"--points must be at least 2, not {args.points}")
-    if args.size < 1:
-        raise UsageError(f"--size must be at least 1, not {args.size}")
+    # Bounded before any work: each point is a pair of calls, each size a dim of every input.
+    if not 2 <= args.points <= MAX_SWEEP_POINTS:
+        raise UsageError(f"--points must be at least 2 and at most {MAX_SWEEP_POINTS}, not {args.points}")
+    if not 1 <= args.size <= MAX_SWEEP_SIZE:
+        raise UsageError(f"--size must be at least 1 and at most {MAX_SWEEP_SIZE}, not {args.size}")
     if args.plot:
-        _writable_file(args.plot, "--plot")
-        import importlib.util
-
+        files.check_writable(args.plot, "--plot")
         if importlib.util.find_spec("matplotlib") is None:  # before the sweep, not after it
             raise UsageError("--plot needs matplotlib (pip install matplotlib)")
     kw = _settings_kw(args)
@@ -520,7 +512,7 @@ def _trace(argv: list[str]) -> int:
         return int(e.code or 0)
     # Bad input raises a LosscmpError: the command line prints it as one line, exit 2.
     if args.json:
-        _writable_file(args.json, "--json")  # before the trace runs, not after it
+        files.check_writable(args.json, "--json")  # before the trace runs, not after it
     repro = load_repro(args.repro)
     refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
     if refs[0].label == refs[1].label:
@@ -550,6 +542,5 @@ def _trace(argv: list[str]) -> int:
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            files.write_text(args.json, text + "\n", "--json")
     return 1 if result.differs else 0

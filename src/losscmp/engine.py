@@ -20,7 +20,7 @@ from typing import Callable, Protocol, Sequence
 
 from . import breadcrumbs
 from .compare import Tolerance, Verdict, compare_outcomes
-from .errors import UsageError
+from .errors import UsageError, shown
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
 from .interpreter import InterpreterRunner
@@ -90,7 +90,7 @@ def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
     """Every pair, or each implementation against the reference."""
     if reference is not None:
         if reference not in labels:
-            raise UsageError(f"--reference {reference!r} is not one of {', '.join(labels)}")
+            raise UsageError(f"--reference {shown(reference)} is not one of {', '.join(labels)}")
         return [Pair(reference, la) for la in labels if la != reference]
     return [Pair(a, b) for a, b in itertools.combinations(labels, 2)]
 

@@ -21,3 +21,13 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def shown(text: str, limit: int = 160, quote: bool = True) -> str:
+    """``repr(text)`` (or the text itself), its middle elided past ``limit`` characters: a
+    message echoes the input it refuses without becoming a page of it."""
+    q = repr if quote else str
+    if len(text) <= limit:
+        return q(text)
+    half = limit // 2
+    return f"{q(text[:half])}...{q(text[-half:])} ({len(text)} characters)"

@@ -124,7 +124,7 @@ def _target(fn):
 def _signature(fn) -> inspect.Signature | None:
     try:
         return inspect.signature(_target(fn))
-    except (TypeError, ValueError):
+    except Exception:  # no signature (a builtin), or user code that raises (a __signature__ property, __getattr__): unknown
         return None
 
 

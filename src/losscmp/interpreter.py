@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import _standalone_worker as wire
-from .errors import UsageError
+from .errors import UsageError, shown
 from .generate import Case
-from .isolate import LOAD_TIMEOUT, CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
-from .load import Implementation, Ref
+from .isolate import CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
+from .load import Implementation, Ref, load_timeout as load_limit
 from .run import Outcome, call
 from .spec import Spec
 
@@ -48,9 +48,16 @@ WORKER_FILE = Path(wire.__file__).resolve()
 PROTOCOL = wire.PROTOCOL
 MIN_PYTHON = (3, 6)
 
+# The first bytes any Python writes back, before its version check and before the worker
+# imports torch: a program that is not a Python interpreter (one that hangs, or prints
+# garbage) is told apart within BOOT_TIMEOUT instead of after the whole load timeout.
+GREETING = b"losscmp-boot\n"
+BOOT_TIMEOUT = 60.0
+
 # Runs on any Python, old ones included, so a too-old interpreter is told apart from a broken worker.
 _BOOT = (
-    "import sys\n"
+    "import os, sys\n"
+    "os.write(int(sys.argv[3]), %r)\n"
     "if sys.version_info < %r:\n"
     "    sys.stderr.write('losscmp-worker: python %%d.%%d is too old\\n' %% tuple(sys.version_info[:2]))\n"
     "    sys.exit(3)\n"
@@ -63,7 +70,7 @@ _BOOT = (
 
 def boot_code() -> str:
     """The ``-c`` program that checks the interpreter's version, then runs the worker file."""
-    return _BOOT % (tuple(MIN_PYTHON),)
+    return _BOOT % (GREETING, tuple(MIN_PYTHON))
 
 # The main environment's search path must not leak into the other one (losscmp itself could).
 _ENV_DROP = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "__PYVENV_LAUNCHER__")
@@ -75,13 +82,20 @@ class InterpreterError(IsolationError):
 
 def check_python(label: str, path: str, option: str = "--python") -> str:
     """The absolute path of an executable interpreter file, or a one-line error."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InterpreterError(f"{option} {label}={path}: no such file")
-    if p.is_dir():
-        raise InterpreterError(f"{option} {label}={path}: is a folder, not a Python interpreter")
+    where = f"{option} {label}={shown(path, quote=False)}"
+    try:
+        p = Path(path).expanduser()
+        exists, is_dir = p.exists(), p.is_dir()
+    except RuntimeError as e:  # ~nosuchuser (no such home folder), or a symlink loop before Python 3.13
+        raise InterpreterError(f"{where}: {'no such user' if path.startswith('~') else 'a symlink loop'}") from None
+    except OSError as e:  # a name too long, ...
+        raise InterpreterError(f"{where}: cannot be used: {e.strerror or type(e).__name__}") from None
+    if not exists:
+        raise InterpreterError(f"{where}: no such file")
+    if is_dir:
+        raise InterpreterError(f"{where}: is a folder, not a Python interpreter")
     if not os.access(p, os.X_OK):
-        raise InterpreterError(f"{option} {label}={path}: is not executable")
+        raise InterpreterError(f"{where}: is not executable")
     return str(p.absolute())  # not resolved: a venv's python is a symlink that must stay one
 
 
@@ -125,12 +139,12 @@ class InterpreterRunner:
     def __init__(self, pythons: Mapping[str, str], *, timeout: float | None = None,
                  fallback: Callable[[Implementation, Spec, Case], Outcome] | None = None,
                  record: RunRecord = RunRecord(), input_dir: str | Path | None = None,
-                 load_timeout: float = LOAD_TIMEOUT, worker_file: str | Path = WORKER_FILE):
+                 load_timeout: float | None = None, worker_file: str | Path = WORKER_FILE):
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be positive")
         self.pythons = {label: check_python(label, path) for label, path in pythons.items()}
         self.timeout = timeout
-        self.load_timeout = load_timeout
+        self.load_timeout = load_timeout if load_timeout is not None else load_limit()  # $LOSSCMP_LOAD_TIMEOUT, as for in-process loads
         self.worker_file = str(Path(worker_file).resolve())
         self.fallback = fallback
         self._state = _State(CaseKeeper(record, input_dir))
@@ -259,8 +273,23 @@ class _Process:
         return proc
 
     def _greet(self, limit: float) -> None:
+        where = f"--python {self.label}={shown(self.python, quote=False)}"
+        first = _read_by(self.reply_r, len(GREETING), time.monotonic() + min(BOOT_TIMEOUT, limit))
+        if first != GREETING:
+            if not first:  # end of file: it is exiting, or has
+                try:
+                    self.popen.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not first and self.popen.returncode is not None:
+                text = self._log_tail()
+                last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+                raise InterpreterError(f"{where}: the worker exited at start ({exit_reason(self.popen.returncode)})"
+                                       f"{': ' + shown(last.strip(), quote=False) if last else ''}")
+            said = f"it wrote {shown(first.decode(errors='replace'))}" if first else "it wrote nothing"
+            raise InterpreterError(f"{where}: did not start losscmp's worker within {min(BOOT_TIMEOUT, limit):g} s ({said}): "
+                                   "is it a Python interpreter?")
         reply = self.receive(limit)
-        where = f"--python {self.label}={self.python}"
         if reply is None:
             raise InterpreterError(f"{where}: the worker did not start within {limit:g} s")
         if isinstance(reply, _Died):
@@ -352,6 +381,24 @@ class _Process:
             self.log.unlink()
         except OSError:
             pass
+
+
+def _read_by(fd: int, n: int, deadline: float) -> bytes:
+    """Up to ``n`` bytes from ``fd``, fewer at end of file or at ``deadline`` (monotonic
+    seconds): a peer that writes part of a message and stops cannot block us."""
+    data = b""
+    while len(data) < n:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, n - len(data))
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 # ---------------------------------------------------------------------- messages

@@ -10,21 +10,36 @@ so a reference can never run arbitrary expressions.  A file inside a package (a 
 with ``__init__.py``) is imported as part of that package, under a private copy of
 ``sys.modules``, so a forked ``geomloss`` checked into a repo and the installed
 ``geomloss`` can be compared in one run.
+
+Loading runs the user's code (the import, a module ``__getattr__`` or property on the
+attribute path, the factory call).  Whatever that code raises -- ``BaseException``
+subclasses, ``SystemExit``, ``GeneratorExit`` and a ``KeyboardInterrupt`` it raises
+itself included -- is its failure to load: one :class:`LoadError` line, through the one
+choke point :func:`_user_code`.  A real Ctrl-C (a SIGINT that arrived) still interrupts.
+An import that never returns is stopped after ``LOSSCMP_LOAD_TIMEOUT`` seconds (default
+300) by a timer signal, and only a regular file is ever opened as a reference (a FIFO
+or a device is refused at once, not after the timer: it is never Python source).
 """
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import os
 import re
+import signal
+import stat
 import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from .errors import LosscmpError, did_you_mean
+from .errors import LosscmpError, did_you_mean, shown
+from .literals import LITERAL_ERRORS, literal
+from .breadcrumbs import Terminated
 
 
 class LoadError(LosscmpError, ValueError):
@@ -83,27 +98,28 @@ def parse_ref(text: str) -> Ref:
         label, raw = m.group(1), raw[m.end():]
     target, sep, expr = raw.partition(":")
     if not sep or not target or not expr:
-        raise LoadError(f"{text!r}: expected 'file.py:attr' or 'package.module:attr'")
+        raise LoadError(f"{shown(text)}: expected 'file.py:attr' or 'package.module:attr'")
     try:
         node = ast.parse(expr, mode="eval").body
-    except SyntaxError:
-        raise LoadError(f"{text!r}: cannot parse {expr!r} as an attribute or a call{_quote_hint(text)}") from None
+    except LITERAL_ERRORS:
+        raise LoadError(f"{shown(text)}: cannot parse {shown(expr)} as an attribute or a call with literal arguments{_quote_hint(text)}") from None
     call = None
     if isinstance(node, ast.Call):
         try:
-            args = tuple(ast.literal_eval(a) for a in node.args)
-            kwargs = tuple((k.arg, ast.literal_eval(k.value)) for k in node.keywords)
-        except ValueError:
-            raise LoadError(f"{text!r}: factory arguments must be literals (numbers, strings, tuples, ...){_quote_hint(text, node)}") from None
+            args = tuple(literal(a) for a in node.args)
+            kwargs = tuple((k.arg, literal(k.value)) for k in node.keywords)
+        except LITERAL_ERRORS:
+            raise LoadError(f"{shown(text)}: factory arguments must be literals (numbers, strings, tuples, ...) of sane size and depth"
+                            f"{_quote_hint(text, node)}") from None
         if any(k is None for k, _ in kwargs):
-            raise LoadError(f"{text!r}: '**' is not allowed in a reference")
+            raise LoadError(f"{shown(text)}: '**' is not allowed in a reference")
         call, node = (args, kwargs), node.func
     attrs: list[str] = []
     while isinstance(node, ast.Attribute):
         attrs.insert(0, node.attr)
         node = node.value
     if not isinstance(node, ast.Name):
-        raise LoadError(f"{text!r}: {expr!r} is not a dotted attribute name")
+        raise LoadError(f"{shown(text)}: {shown(expr)} is not a dotted attribute name")
     attrs.insert(0, node.id)
     if label is None:
         label = _default_label(target, attrs)
@@ -162,19 +178,19 @@ def load_object(text: str, *, base_dir: Path | None = None, factories: str = "an
     walked = [ref.target]
     for name in ref.attrs:
         walked.append(name)
-        try:
-            obj = getattr(obj, name)
-        except AttributeError:
-            hint = did_you_mean(name, [n for n in dir(obj) if not n.startswith("__")])
-            raise LoadError(f"{ref.text!r}: {'.'.join(walked[:-1])} has no attribute {name!r}{hint}") from None
+        # A module __getattr__ or a property is user code too.
+        with _user_code(f"{shown(ref.text)}: getting {shown('.'.join(walked[1:]))}"):
+            try:
+                obj = getattr(obj, name)
+            except AttributeError:
+                hint = did_you_mean(name, [n for n in dir(obj) if not n.startswith("__")])
+                raise LoadError(f"{shown(ref.text)}: {shown('.'.join(walked[:-1]))} has no attribute {name!r}{hint}") from None
     if ref.call is not None:
         args, kwargs = ref.call
         if factories == "modules" and not _is_module_class(obj):
-            raise LoadError(f"{ref.text!r}: only torch.nn.Module classes may be called from a saved file")
-        try:
+            raise LoadError(f"{shown(ref.text)}: only torch.nn.Module classes may be called from a saved file")
+        with _user_code(f"{shown(ref.text)}: calling the factory"):
             obj = obj(*args, **dict(kwargs))
-        except (Exception, SystemExit, KeyboardInterrupt) as e:  # the factory itself is user code
-            raise LoadError(f"{ref.text!r}: calling the factory raised {_exception_text(e)}") from None
     return obj
 
 
@@ -182,9 +198,9 @@ def load_implementation(text: str | Ref, *, base_dir: Path | None = None, factor
     ref = text if isinstance(text, Ref) else parse_ref(text)
     fn = load_object(ref, base_dir=base_dir, factories=factories)
     if not callable(fn):
-        raise LoadError(f"{ref.text!r} is a {type(fn).__name__}, which is not callable")
+        raise LoadError(f"{shown(ref.text)} is a {type(fn).__name__}, which is not callable")
     if _is_module_class(fn):  # calling the class would build a module from the inputs, not compute a loss
-        raise LoadError(f"{ref.text!r} is a class, not a loss: instantiate it, '{ref.text}()' (its options go inside the parentheses)")
+        raise LoadError(f"{shown(ref.text)} is a class, not a loss: instantiate it, '{ref.text}()' (its options go inside the parentheses)")
     return Implementation(ref, fn)
 
 
@@ -211,32 +227,121 @@ def _first_line(e: BaseException) -> str:
 def _import_target(target: str, base_dir: Path | None) -> Any:
     is_path = target.endswith(".py") or "/" in target or os.sep in target
     if not is_path:
-        try:
-            return importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            if e.name and target.startswith(e.name):
-                raise LoadError(f"no module named {target!r} (for a file, give its path ending in .py)") from None
-            raise LoadError(f"importing {target!r} failed: {_first_line(e)}") from None
-        except (Exception, SystemExit, KeyboardInterrupt) as e:  # user code at import: its failure, one line
-            raise LoadError(f"importing {target!r} raised {_exception_text(e)}") from None
+        with _user_code(f"importing {shown(target)}"):
+            try:
+                return importlib.import_module(target)
+            except ModuleNotFoundError as e:
+                if e.name and target.startswith(e.name):
+                    raise LoadError(f"no module named {shown(target)} (for a file, give its path ending in .py)") from None
+                raise LoadError(f"importing {shown(target)} failed: {_first_line(e)}") from None
+    path = _source_file(target, base_dir)
+    with _user_code(f"importing {shown(target, quote=False)}"):
+        return _import_file(path)
+
+
+def _source_file(target: str, base_dir: Path | None) -> Path:
+    """The regular ``.py`` file a path reference names, or a one-line LoadError: an
+    over-long name, a symlink loop, a FIFO or a device are refused before anything opens
+    them (opening a FIFO waits for a writer that never comes)."""
     path = Path(target)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    path = path.resolve()
-    if not path.exists():
-        raise LoadError(f"no such file: {target}")
-    if path.is_dir():
-        if not (path / "__init__.py").exists():
-            raise LoadError(f"{target} is a folder without __init__.py, not a package")
-        path = path / "__init__.py"
-    elif path.suffix != ".py":
-        raise LoadError(f"{target} is not a .py file")
     try:
-        return _import_file(path)
+        path = path.resolve()
+        if path.is_dir():
+            if not (path / "__init__.py").exists():
+                raise LoadError(f"{shown(target, quote=False)} is a folder without __init__.py, not a package")
+            path = path / "__init__.py"
+        elif not path.exists():
+            raise LoadError(f"no such file: {shown(target, quote=False)}")
+        elif path.suffix != ".py":
+            raise LoadError(f"{shown(target, quote=False)} is not a .py file")
+        mode = path.stat().st_mode
     except LoadError:
         raise
-    except (Exception, SystemExit, KeyboardInterrupt) as e:  # user code at import: its failure, one line
-        raise LoadError(f"importing {target} raised {_exception_text(e)}") from None
+    except RuntimeError:  # pathlib before 3.13 says a symlink loop this way
+        raise LoadError(f"{shown(target, quote=False)} cannot be read: a symlink loop") from None
+    except OSError as e:
+        raise LoadError(f"{shown(target, quote=False)} cannot be read: {e.strerror or type(e).__name__}") from None
+    except ValueError:  # os.stat refuses a NUL byte
+        raise LoadError(f"{shown(target)} cannot be a file name: it holds a NUL byte") from None
+    if not stat.S_ISREG(mode):
+        raise LoadError(f"{shown(str(path), quote=False)} is not a regular file (a FIFO or a device is never imported)")
+    return path
+
+
+# --- the one choke point for the user's code run while loading ----------------------------
+
+LOAD_TIMEOUT_ENV = "LOSSCMP_LOAD_TIMEOUT"
+DEFAULT_LOAD_TIMEOUT = 300.0
+
+
+def load_timeout() -> float:
+    """Seconds an import, attribute or factory call may take: ``$LOSSCMP_LOAD_TIMEOUT`` or 300."""
+    text = os.environ.get(LOAD_TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_LOAD_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise LoadError(f"{LOAD_TIMEOUT_ENV}={shown(text)}: expected a positive number of seconds")
+    return value
+
+
+class _TookTooLong(BaseException):
+    """Raised by the load timer (a BaseException: ``except Exception`` in user code must not swallow it)."""
+
+
+@contextlib.contextmanager
+def _user_code(what: str) -> Iterator[None]:
+    """Run the user's code under ``what``: anything it raises becomes one LoadError line.
+
+    In the main thread a timer (SIGALRM, re-firing every second so that a bare ``except:``
+    cannot swallow it for good) bounds the time, and a SIGINT handler tells a Ctrl-C that
+    arrived (re-raised: exit 130) from a KeyboardInterrupt the code raised itself (a load
+    failure like any other).  Elsewhere (another thread) only the mapping applies.
+    """
+    limit = load_timeout()
+    fired: list[str] = []
+    armed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")  # not on Windows
+    if armed:
+        def on_alarm(signum: int, frame: Any) -> None:
+            fired.append("alarm")
+            raise _TookTooLong()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            fired.append("sigint")
+            raise KeyboardInterrupt
+
+        old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+        watch_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if watch_sigint:
+            signal.signal(signal.SIGINT, on_sigint)
+        old_timer = signal.setitimer(signal.ITIMER_REAL, limit, 1.0)
+    try:
+        try:
+            yield
+        finally:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old_alarm if old_alarm is not None else signal.SIG_DFL)  # None: set from C
+                if watch_sigint:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                if old_timer[0] > 0:  # someone else's timer was running: let it go on
+                    signal.setitimer(signal.ITIMER_REAL, *old_timer)
+    except LoadError:
+        raise
+    except Terminated:  # SIGTERM: losscmp unwinds and stops
+        raise
+    except BaseException as e:
+        if "sigint" in fired:
+            raise KeyboardInterrupt from None  # a real Ctrl-C
+        if "alarm" in fired:
+            raise LoadError(f"{what} did not finish within {limit:g} s (an import that never returns?); "
+                            f"set {LOAD_TIMEOUT_ENV} to wait longer") from None
+        raise LoadError(f"{what} raised {_exception_text(e)}") from None
 
 
 def _package_root(path: Path) -> Path | None:

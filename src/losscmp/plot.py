@@ -41,5 +41,9 @@ def plot_sweep(result: SweepResult, path: str) -> None:
     ax.set_title(str(result.pair))
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:  # /dev/full, a disk that filled during the sweep
+        raise PlotError(f"--plot {path}: cannot write: {e.strerror or type(e).__name__}") from None
+    finally:
+        plt.close(fig)

@@ -139,6 +139,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _command_line_options(config: pytest.Config) -> "CheckOptions":
+    from .files import check_folder
     from .interpreter import parse_pythons
     from .settings import RunnerKind, check_timeout, checked_device
     from .testing import CheckOptions, as_dtype
@@ -148,6 +149,7 @@ def _command_line_options(config: pytest.Config) -> "CheckOptions":
         device = opt("--losscmp-device") and checked_device(opt("--losscmp-device"), "--losscmp-device")
         dtype = as_dtype(opt("--losscmp-dtype"))
         pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
+        check_folder(opt("--losscmp-save-dir"), "--losscmp-save-dir")  # e.g. under a regular file: refused now, not at the first save
         check_timeout(opt("--losscmp-timeout"), RunnerKind.choose(opt("--losscmp-isolate"), pythons),
                       ("--losscmp-timeout", "--losscmp-isolate", "--losscmp-python"))
     except LosscmpError as error:

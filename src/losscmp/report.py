@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import jsonout
+from . import files, jsonout
 from .display import tensor_text
 from .model import Alone, AuditResult, Divergence, RunPhase, subject_labels_json
 from .project import shown_path
@@ -277,9 +277,9 @@ def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[st
     }
 
 
-def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None) -> None:
+def write_json(data: dict[str, Any], path: str | Path, stdout: Any = None, option: str = "--json") -> None:
     text = jsonout.dumps(data, indent=2, default=str)
     if str(path) == "-":
         print(text, file=stdout or sys.stdout, flush=True)
     else:
-        Path(path).write_text(text + "\n")
+        files.write_text(path, text + "\n", option)

@@ -37,7 +37,7 @@ import torch
 
 from . import jsonout
 from ._version import __version__
-from .errors import LosscmpError
+from .errors import LosscmpError, shown
 from .generate import _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
 from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
@@ -339,10 +339,14 @@ def _need(cond: bool, what: str) -> None:
 def _read_files(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Path, Path]:
     p = Path(path)
     json_path, npz_path = p.with_suffix(".json"), p.with_suffix(".npz")
-    if not json_path.is_file():
-        raise ReproError(f"no such repro: {json_path}")
-    if not npz_path.is_file():
-        raise ReproError(f"repro {json_path.name} has no tensors file {npz_path.name}")
+    try:  # is_file(): never a FIFO, which would block the read
+        json_ok, npz_ok = json_path.is_file(), npz_path.is_file()
+    except OSError as e:  # a name too long; a symlink loop before Python 3.13 (RuntimeError) ends in is_file's False
+        raise ReproError(f"repro {shown(str(json_path), quote=False)}: cannot be read: {e.strerror or type(e).__name__}") from None
+    if not json_ok:
+        raise ReproError(f"no such repro: {shown(str(json_path), quote=False)}")
+    if not npz_ok:
+        raise ReproError(f"repro {shown(json_path.name, quote=False)} has no tensors file {shown(npz_path.name, quote=False)}")
     try:
         meta = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
@@ -391,7 +395,7 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
     tensors = {}
     for arg in spec.args:
         m = tmeta[arg.name]
-        _need(isinstance(m, dict) and m.get("dtype") in DTYPES, f"dtype of {arg.name} missing or unknown")
+        _need(isinstance(m, dict) and isinstance(m.get("dtype"), str) and m["dtype"] in DTYPES, f"dtype of {arg.name} missing or unknown")
         key = f"input.{arg.name}"
         _need(key in arrays, f"tensor {arg.name} missing from {npz_path.name}")
         t = numpy_to_tensor(arrays[key], DTYPES[m["dtype"]])
@@ -474,7 +478,7 @@ def untrusted_reason(ref: Ref, base_dir: Path | None = None) -> str | None:
             path = base_dir / path
         try:
             resolved = path.resolve()
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop before Python 3.13; loading refuses it in one line
             resolved = path
         if any(_inside(resolved, d) for d in _stdlib_dirs()):
             return "it names a file of the Python standard library"
@@ -547,7 +551,11 @@ def repro_base_dir(repro: Repro) -> Path:
     from the current folder (this checkout's files, not the saving clone's); for a repro
     from before that rule, the absolute folder it was saved from, while it exists."""
     base = repro.meta.get("base_dir")
-    if repro.meta.get("paths") != PATHS_FROM_PROJECT_ROOT and isinstance(base, str) and Path(base).is_dir():
+    try:
+        usable = isinstance(base, str) and Path(base).is_dir()
+    except OSError:  # a name too long: as unusable as a folder that is gone
+        usable = False
+    if repro.meta.get("paths") != PATHS_FROM_PROJECT_ROOT and usable:
         return Path(base)
     return project_root()
 

@@ -17,17 +17,18 @@ Compact text form (``--spec``), items separated by ``;``::
 """
 from __future__ import annotations
 
-import ast
 import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .domains import DOMAINS
-from .errors import LosscmpError, did_you_mean
+from .errors import LosscmpError, did_you_mean, shown
+from .literals import LITERAL_ERRORS, literal
 from .load import load_object
 
 DEFAULT_SIZE_RANGE = (1, 32)
+MAX_DIMS = 64  # torch's limit on a tensor's dims
 
 
 class SpecError(LosscmpError, ValueError):
@@ -66,6 +67,8 @@ class Spec:
         if not self.args:
             raise SpecError("a spec needs at least one tensor argument")
         for a in self.args:
+            if len(a.dims) > MAX_DIMS:
+                raise SpecError(f"{a.name}: {len(a.dims)} dims; torch tensors have at most {MAX_DIMS}")
             if a.domain not in DOMAINS:
                 raise SpecError(f"unknown domain {a.domain!r} for {a.name} (choose from {', '.join(DOMAINS)})")
             if a.domain == "labels" and (a.classes is None or a.classes not in self.dims):
@@ -148,29 +151,29 @@ def parse_spec(text: str) -> Spec:
             continue
         m = _ARG_RE.match(raw)
         if not m:
-            raise SpecError(f"cannot parse spec item {raw.strip()!r} (expected 'name: DIMS domain [grad]' or 'NAME=value')")
+            raise SpecError(f"cannot parse spec item {shown(raw.strip())} (expected 'name: DIMS domain [grad]' or 'NAME=value')")
         args.append(_parse_arg(m.group(1), m.group(2).split()))
     if not args:
-        raise SpecError(f"spec {text!r} names no tensor argument")
+        raise SpecError(f"spec {shown(text)} names no tensor argument")
     dims = {d for a in args for d in a.dims if not d.isdigit()}
     sizes, params = [], []
     scalar = True
     for name, value in assigns:
         if name == "output":
             if value not in ("scalar", "any"):
-                raise SpecError(f"output={value}: expected 'scalar' (the default) or 'any'")
+                raise SpecError(f"output={shown(value, quote=False)}: expected 'scalar' (the default) or 'any'")
             scalar = value == "scalar"
         elif name in dims:
             r = _RANGE_RE.match(value)
-            if not r:
-                raise SpecError(f"size of {name} must be 'n' or 'lo..hi', got {value!r}")
+            if not r or max(len(g or "") for g in r.groups()) > 18:  # 18 digits: far past any tensor, still a machine integer
+                raise SpecError(f"size of {name} must be 'n' or 'lo..hi' (whole numbers), got {shown(value)}")
             lo = int(r.group(1))
             sizes.append((name, lo, int(r.group(2) or lo)))
         else:
             try:
-                params.append((name, ast.literal_eval(value)))
-            except (ValueError, SyntaxError):
-                raise SpecError(f"parameter {name}={value} is not a Python literal") from None
+                params.append((name, literal(value)))
+            except LITERAL_ERRORS:
+                raise SpecError(f"parameter {name}={shown(value, quote=False)} is not a Python literal of sane size and depth") from None
     return Spec(tuple(args), tuple(sizes), tuple(params), scalar=scalar)
 
 
@@ -188,10 +191,11 @@ def _parse_arg(name: str, words: list[str]) -> Arg:
     elif domain_word in DOMAINS:
         domain = domain_word
     else:
-        raise SpecError(f"{name}: unknown domain {domain_word!r} (choose from {', '.join(DOMAINS)})")
+        raise SpecError(f"{name}: unknown domain {shown(domain_word)} (choose from {', '.join(DOMAINS)})")
     for d in dims:
-        if not (d.isdigit() or re.match(r"^[A-Za-z_]\w*$", d)):
-            raise SpecError(f"{name}: bad dim {d!r}")
+        # ASCII digits only ('²'.isdigit() is true, int('²') fails) and 18 at most (int() of 5,000 digits fails).
+        if not (re.fullmatch(r"[0-9]{1,18}", d) or re.fullmatch(r"[A-Za-z_]\w*", d)):
+            raise SpecError(f"{name}: bad dim {shown(d)}")
     if domain == "labels" and grad:
         raise SpecError(f"{name}: integer labels cannot require gradients")
     return Arg(name, dims, domain, grad, classes)
@@ -228,21 +232,22 @@ def preset(name: str) -> Spec:
     key = name.strip().lower().replace("_", "-")
     key = PRESET_ALIASES.get(key, key)
     if key not in PRESETS:
-        raise SpecError(f"unknown preset {name!r}{did_you_mean(key, list(PRESETS) + list(PRESET_ALIASES))} (known: {', '.join(PRESETS)})")
+        raise SpecError(f"unknown preset {shown(name)}{did_you_mean(key, list(PRESETS) + list(PRESET_ALIASES))} (known: {', '.join(PRESETS)})")
     spec = parse_spec(PRESETS[key])
     return replace(spec, name=key)
 
 
-def resolve_spec(text: str) -> Spec:
-    """``--spec`` value: a preset name, a compact text form, or ``file.py:SPEC``."""
+def resolve_spec(text: str, files: bool = True) -> Spec:
+    """``--spec`` value: a preset name, a compact text form, or ``file.py:SPEC`` (whose
+    string, if it is one, is a preset or a text form: never another file, so no loop)."""
     stripped = text.strip()
     if re.match(r"^[\w-]+$", stripped):
         return preset(stripped)
-    if re.match(r"^[^;\s]+\.py:[A-Za-z_][\w.]*$", stripped):
+    if files and re.match(r"^[^;\s]+\.py:[A-Za-z_][\w.]*$", stripped):
         obj = load_object(stripped)
         if isinstance(obj, Spec):
             return obj
         if isinstance(obj, str):
-            return resolve_spec(obj)
-        raise SpecError(f"{stripped} is a {type(obj).__name__}, not a losscmp Spec or spec string")
+            return resolve_spec(obj, files=False)
+        raise SpecError(f"{shown(stripped, quote=False)} is a {type(obj).__name__}, not a losscmp Spec or spec string")
     return parse_spec(stripped)

@@ -69,6 +69,8 @@ def parse_knob(text: str) -> Knob:
         lo, hi = float(m.group(3)), float(m.group(4))
     except ValueError:
         raise KnobError(f"--param {text!r}: bounds must be numbers") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # 1e400 reads as inf: no grid point would be finite
+        raise KnobError(f"--param {text!r}: bounds must be finite numbers")
     log = m.group(5) != "lin"
     if not lo < hi or (log and lo <= 0):
         raise KnobError(f"--param {text!r}: need LO < HI{' and LO > 0 on a log scale' if log else ''}")
