@@ -250,6 +250,7 @@ def test_the_html_report_shows_the_findings_and_tally_of_the_json_of_the_same_ru
     page = _Report()
     page.feed((tmp_path / "r.html").read_text())
     assert page.external == []  # self-contained: nothing fetched
+    assert (tmp_path / "r.html").read_bytes().isascii()  # the same page whatever encoding wrote it
     assert page.findings == [(d["pair"], d["kind"], d["cases"]) for d in data["divergences"]]
     assert page.tally == data["tally"] and sum(page.tally.values()) == data["cases_run"]
     assert [r[0] for r in page.rows] == [" vs ".join(p["pair"]) for p in data["pairs"]]
@@ -260,7 +261,7 @@ def test_the_html_report_shows_the_findings_and_tally_of_the_json_of_the_same_ru
     html_text = (tmp_path / "r.html").read_text()
     for d in data["divergences"]:
         sentence = d["explanation"] if isinstance(d["explanation"], str) else d["explanation"]["sentence"]
-        assert html.escape(sentence) in html_text and "Evidence" in html_text
+        assert sentence in html.unescape(html_text) and "Evidence" in html_text
 
 
 def test_an_html_report_that_cannot_be_written_fails_before_the_run(tmp_path, capsys):
@@ -447,7 +448,7 @@ def test_the_html_report_puts_both_source_lines_of_the_first_differing_operation
     page = (tmp_path / "r.html").read_text()
     section = page.split("First differing operation", 1)[1].split("</table>", 1)[0]
     for label in ("base", "fork"):
-        assert html.escape(location[label]["code"]) in section and f"{location[label]['line']}" in section
+        assert location[label]["code"] in html.unescape(section) and f"{location[label]['line']}" in section
     assert "FORK: sum instead of mean" in section
 
 

@@ -402,10 +402,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     pythons = parse_pythons(args.python)
     check_labels(pythons, list(dict.fromkeys(repro.pair)))
     impls = load_repro_implementations(repro, remote=pythons, elsewhere=remote_implementation)  # refuses what a saved file may not run, before anything runs
-    files = {f.label: f for f in file_checks(repro)}
+    checks = {f.label: f for f in file_checks(repro)}
     for impl in impls:
         there = f" (under {pythons[impl.label]})" if impl.label in pythons else ""
-        where = f", from {files[impl.label].path}{_file_state(files[impl.label])}" if impl.label in files else ""
+        where = f", from {checks[impl.label].path}{_file_state(checks[impl.label])}" if impl.label in checks else ""
         console.print(f"will run {impl.label} = {impl.ref.source()}{there}{where}", markup=False, soft_wrap=True)
     result = replay(repro, impls, pythons=pythons)
     how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
@@ -417,7 +417,7 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         console.print(f"recorded on {recorded}, replayed on {here}: this machine has no {recorded}", markup=False)
     if result.same_bits is not None:
         console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits
-                      else f"outputs differ from the recorded run: {_why_outputs_differ(files.values(), version_changes(repro), recorded if elsewhere else None)}", markup=False)
+                      else f"outputs differ from the recorded run: {_why_outputs_differ(checks.values(), version_changes(repro), recorded if elsewhere else None)}", markup=False)
     verdict = result.verdict
     if verdict.kind:
         console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict.detail)}", highlight=False)

@@ -50,7 +50,8 @@ def render_html(report: dict[str, Any], title: str = "losscmp report") -> str:
     for why in report.get("stage_errors", []):
         parts.append(f"<p class=\"partial\">warning: {_e(why)}</p>")
     parts.append("</body>\n</html>\n")
-    return "\n".join(parts)
+    # ASCII with character references: the page reads the same whatever encoding writes it.
+    return "\n".join(parts).encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
 def _settings(report: dict[str, Any]) -> str:
