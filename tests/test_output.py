@@ -38,7 +38,9 @@ def test_replay_in_a_second_clone_runs_that_clones_file_and_says_it_differs(tmp_
     first = _project(tmp_path / "first")
     saved = _saved_value_case(first, monkeypatch, capsys)
     meta = json.loads(saved.read_text())
-    assert str(tmp_path) not in saved.read_text()  # nothing absolute: the file travels with the project
+    # References are relative to the project root: the file travels with the project (the saving
+    # project's root is kept only as the last resort of a replay from outside any clone).
+    assert str(tmp_path) not in json.dumps(meta["implementations"]) and meta["project_root"] == str(first)
     assert {i["ref"] for i in meta["implementations"]} == {"losses.py:mse", "losses.py:twice"}
 
     # A second clone in which the bug is fixed: its replay runs its own losses.py.

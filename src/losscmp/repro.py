@@ -204,6 +204,8 @@ def save_case(
         "kind": str(kind),
         "implementations": [{"label": r.label, "ref": r.source()} for r in refs],
         "paths": PATHS_FROM_PROJECT_ROOT,
+        # Where it was saved: only a last resort for a replay from outside any clone of it.
+        "project_root": str(root),
         "spec": spec.text(),
         "params": case.params,
         "sizes": case.sizes,
@@ -557,7 +559,19 @@ def repro_base_dir(repro: Repro) -> Path:
         usable = False
     if repro.meta.get("paths") != PATHS_FROM_PROJECT_ROOT and usable:
         return Path(base)
-    return project_root()
+    # The project of the current folder first (this checkout's files); where its files are
+    # not there (a replay from outside the project), the project holding the repro, then
+    # the one it was saved in.
+    here = project_root()
+    relative = [r.target for r in repro.refs if r.label in repro.pair and r.is_path and r.target and not Path(r.target).is_absolute()]
+    saved_in = repro.meta.get("project_root")
+    for root in (here, project_root(repro.path.parent), Path(saved_in) if isinstance(saved_in, str) else None):
+        try:
+            if root is not None and all((root / t).exists() for t in relative):
+                return root
+        except OSError:  # a name too long to look up: not this root
+            continue
+    return here
 
 
 @dataclass(frozen=True)
