@@ -1,7 +1,10 @@
+from __future__ import annotations  # "str | None" below must not be evaluated on Python 3.9
+
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
@@ -15,6 +18,31 @@ def in_repo(monkeypatch):
     return REPO
 
 
+@pytest.fixture(scope="session")
+def bce_audit(tmp_path_factory):
+    """The bundled BCE pair (on sigmoid vs with logits) audited once per session, its
+    findings minimised and saved as repros.  Shared by the tests that explain, replay or
+    tamper with those findings (each used to run this same audit in its own module).
+    The explanation stage is off: those tests call ``explain`` themselves, or read the
+    saved files, which do not hold it.  Tests copy a repro before changing it."""
+    from losscmp.audit import audit
+    from losscmp.load import load_implementation
+    from losscmp.settings import Settings
+    from losscmp.spec import preset
+
+    sigmoid, logits = (load_implementation(f"{FIXTURES}/bce.py:{name}") for name in ("bce_on_sigmoid", "bce_with_logits"))
+    save_dir = tmp_path_factory.mktemp("bce-repros")
+    result = audit([sigmoid, logits], preset("binary"), Settings.of(save_dir=save_dir, explain=False))
+    assert {d.kind for d in result.divergences} >= {"value", "gradient"} and all(d.repro for d in result.divergences)
+    return logits, sigmoid, result
+
+
+@pytest.fixture
+def bce_repros(bce_audit):
+    """The shared BCE audit's repro files (JSON paths), one per finding."""
+    return [Path(d.repro) for d in bce_audit[2].divergences]
+
+
 def ref(path: Path, attr: str, label: str | None = None) -> str:
     text = f"{path}:{attr}"
     return f"{label}={text}" if label else text
@@ -22,3 +50,10 @@ def ref(path: Path, attr: str, label: str | None = None) -> str:
 
 # Keep pykeops' compile cache inside the user's cache dir, not the repo.
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+# The tests' tensors are tiny: intra-op threads only spin-wait, and on a busy 2-core
+# machine they made a Sinkhorn audit 12x slower (25 cases: 121 s with 2 threads, 10 s
+# with 1).  One thread here and in every subprocess (workers, other interpreters, CLI
+# runs), unless the caller chose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -144,6 +144,7 @@ def test_a_tensor_subclass_value_or_a_sparse_gradient_is_compared_by_its_values(
     assert code == 0 and report["tally"] == {"agree": 10}
 
 
+@pytest.mark.slow
 def test_a_base_exception_escaping_the_supervised_command_is_said_in_one_line(tmp_path):
     script = (
         "import sys, losscmp.cli\n"
@@ -159,6 +160,7 @@ def test_a_base_exception_escaping_the_supervised_command_is_said_in_one_line(tm
     assert "losscmp: internal error: Stray: from nowhere" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_json_on_stdout_stays_pure_when_a_reference_prints_as_it_is_imported(tmp_path):
     path = tmp_path / "chatty.py"
     path.write_text(
@@ -208,6 +210,7 @@ def test_a_cuda_case_replayed_on_a_machine_without_cuda_says_where_it_ran(tmp_pa
     assert "agree now on cpu" in out and "not replayed on cuda" in out
 
 
+@pytest.mark.slow
 def test_the_other_interpreter_worker_treats_strange_returns_and_failures_as_the_in_process_call_does(tmp_path, capsys):
     path = tmp_path / "hostile.py"
     path.write_text("import torch\nimport torch.nn.functional as F\n" + HOSTILE_RETURNS + """

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import losscmp
 
 PACKAGE = Path(losscmp.__file__).parent
@@ -116,6 +118,7 @@ def test_the_pytest_plugin_does_not_import_torch():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_public_names_still_import_from_the_package():
     code = ("import losscmp, losscmp.audit as a; from losscmp import audit, Case, Settings, Kind; "
             "assert callable(audit) and a is audit and Case.__module__ == 'losscmp.model' and losscmp.Spec")

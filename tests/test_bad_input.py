@@ -23,9 +23,9 @@ import pytest
 
 from losscmp.cli import main
 
-pytest_plugins = ["pytester"]
-
 from .conftest import FIXTURES, REPO
+
+pytest_plugins = ["pytester"]
 
 OK = f"{FIXTURES}/regression.py:mean_square"
 RUN = ["--spec", "regression", "--examples", "3", "--no-save"]
@@ -248,6 +248,7 @@ def run_losscmp(argv: list[str], env: dict[str, str], deadline: float, cwd: Path
     return done.returncode, done.stderr
 
 
+@pytest.mark.slow  # starts losscmp in a fresh interpreter
 @pytest.mark.parametrize("row", SUBPROCESS, ids=lambda r: r.id)
 def test_bad_input_that_could_hang_is_one_line_and_exit_2_in_bounded_time(row, tmp_path):
     argv = row.argv(tmp_path)
@@ -256,6 +257,7 @@ def test_bad_input_that_could_hang_is_one_line_and_exit_2_in_bounded_time(row, t
     assert_one_line(err, code, row, time.monotonic() - start, limit=120)
 
 
+@pytest.mark.slow  # starts losscmp in a fresh interpreter
 def test_a_real_ctrl_c_during_an_import_still_interrupts(tmp_path):
     """A KeyboardInterrupt the module raises is its load failure (exit 2, above); a Ctrl-C
     (SIGINT to the process group, as a terminal sends it) while it imports is the user
@@ -288,6 +290,7 @@ REPLAYS_THAT_COULD_HANG = [
 ]
 
 
+@pytest.mark.slow  # starts losscmp in a fresh interpreter
 @pytest.mark.parametrize("row", REPLAYS_THAT_COULD_HANG, ids=lambda r: r.id)
 def test_bad_input_through_replay_and_trace_that_could_hang_is_one_line_and_exit_2(row, repro, tmp_path):
     argv = row.argv(tmp_path, repro)
@@ -296,6 +299,7 @@ def test_bad_input_through_replay_and_trace_that_could_hang_is_one_line_and_exit
     assert_one_line(err, code, row, time.monotonic() - start, limit=120)
 
 
+@pytest.mark.slow  # starts losscmp in a fresh interpreter
 def test_a_fifo_that_is_read_gets_the_whole_report(tmp_path):
     """The counterpart of 'FIFO as --json': a FIFO some process reads is a fine --json
     target, and the check before the run must not end that reader's input."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from losscmp.cli import main
 
 DIVERGING = textwrap.dedent('''
@@ -24,6 +26,7 @@ def _run(tmp_path, capsys, name, *refs):
     return code, json.loads(report.read_text()), capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_saved_cases_are_replayed_first_and_listed_in_the_json(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "losses.py").write_text(DIVERGING)

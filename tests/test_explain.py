@@ -65,11 +65,6 @@ def audited(a, b, spec):
     return ea, eb, result
 
 
-@pytest.fixture(scope="module")
-def bce_audit():
-    return audited("bce.py:bce_with_logits", "bce.py:bce_on_sigmoid", "binary")
-
-
 # --- the float64 oracle on the bundled pairs ------------------------------------------------
 
 def test_bce_value_finding_is_numerical_with_the_sigmoid_side_unstable_and_the_clamp_note(bce_audit):
@@ -304,7 +299,7 @@ def test_impact_says_why_a_ratio_is_missing_instead_of_printing_nan():
     case = Case({"input": torch.tensor([0.0]), "target": torch.tensor([1.0])}, {"B": 1})
     ex = explain(mine, torch_bce, preset("binary"), case, "gradient", F32)
     assert math.isnan(ex.impact.cross_improvement["binary_cross_entropy_with_logits"])
-    (line,) = [l for l in ex.evidence() if l.startswith("training impact")]
+    (line,) = [text for text in ex.evidence() if text.startswith("training impact")]
     assert "nan" not in line
     assert "descending binary_cross_entropy_with_logits: not measurable (the other's own descent made no progress)" in line
 

@@ -81,6 +81,7 @@ def marked_line(path, marker):
     ("detach", "gradient", "semantic", "backward"),
     ("sum", "value", "semantic", "forward"),
 ])
+@pytest.mark.slow
 def test_each_sinkhorn_fork_is_explained_and_localised_to_its_changed_line(fork, kind, category, phase):
     from losscmp import parse_spec
 

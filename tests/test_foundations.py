@@ -37,6 +37,7 @@ def run_losscmp(*argv, cwd=None, timeout=240):
 
 # --- false verdicts -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_crash_on_both_sides_is_a_finding_not_agreement(tmp_path, capsys):
     f = module(tmp_path, """
         import ctypes
@@ -58,7 +59,9 @@ def test_a_crash_on_both_sides_is_a_finding_not_agreement(tmp_path, capsys):
 
 
 def test_both_failing_differently_is_a_finding_and_the_same_way_is_reported_not_compared():
-    failed = lambda why: Outcome("exception", error=f"raised ValueError: {why}")
+    def failed(why):
+        return Outcome("exception", error=f"raised ValueError: {why}")
+
     tol = Tolerance(1e-6, 1e-6)
     different = compare_outcomes(Pair("a", "b"), failed("x"), failed("y"), tol)
     same = compare_outcomes(Pair("a", "b"), failed("x"), failed("x"), tol)
@@ -84,6 +87,7 @@ def test_cases_both_sides_refuse_are_counted_and_shown_as_not_compared(tmp_path,
     assert "cases: " in out and "not compared" in out.split("cases: ")[1].splitlines()[0]
 
 
+@pytest.mark.slow
 def test_process_killing_implementation_never_exits_0_and_its_input_replays(tmp_path):
     f = module(tmp_path, """
         import os
@@ -109,7 +113,7 @@ def test_an_implementation_raising_keyboard_interrupt_is_a_finding(tmp_path, cap
                 raise KeyboardInterrupt
             return ((input - target) ** 2).mean()
     """)
-    code = main([f"{f}:mse", f"{f}:interrupts", "--spec", "regression", "--examples", "20", "--no-save", "--no-minimize"])
+    code = main([f"{f}:mse", f"{f}:interrupts", "--spec", "regression", "--examples", "20", "--no-save", "--no-minimize", "--no-explain"])
     out = capsys.readouterr().out
     assert code == 1 and "raised KeyboardInterrupt" in out
 
@@ -123,7 +127,9 @@ def test_sweep_of_a_knob_no_call_accepts_is_a_usage_error(capsys):
 
 def test_mismatch_message_points_at_a_mismatched_element_only():
     tol = Tolerance(1e-3, 1e-5)
-    ok = lambda *v: Outcome("ok", value=torch.tensor(v, dtype=torch.float64))
+    def ok(*v):
+        return Outcome("ok", value=torch.tensor(v, dtype=torch.float64))
+
     v = compare_outcomes(Pair("e", "a"), ok(1000.0, 0.0), ok(1000.5, 0.001), tol)
     assert v.kind is Kind.VALUE
     assert "mismatched elements: 1 / 2" in v.detail
@@ -132,13 +138,14 @@ def test_mismatch_message_points_at_a_mismatched_element_only():
 
 def test_a_value_finding_says_how_the_gradients_compare(capsys):
     code = main([f"{FIXTURES}/regression.py:huber", f"{FIXTURES}/regression.py:smooth_l1", "--spec", "regression",
-                 "--examples", "10", "--no-save", "--no-minimize"])
+                 "--examples", "10", "--no-save", "--no-minimize", "--no-explain"])
     out = capsys.readouterr().out
     assert code == 1 and "meanwhile gradient w.r.t. input" in out
 
 
 # --- losscmp itself never dies, hangs or leaks implementations' output ---------------
 
+@pytest.mark.slow
 def test_isolate_without_spec_never_probes_in_process(tmp_path):
     f = module(tmp_path, """
         import ctypes
@@ -149,6 +156,7 @@ def test_isolate_without_spec_never_probes_in_process(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("losscmp: error:") and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_printing_closing_stdout_and_leaving_threads_cannot_break_losscmp(tmp_path):
     f = module(tmp_path, """
         import os, sys, threading, time, warnings
@@ -240,12 +248,9 @@ def test_the_library_writes_nothing_unless_asked(tmp_path, monkeypatch):
 
 # --- saved cases: trust, and a replay that survives what it replays -------------------
 
-@pytest.fixture(scope="module")
-def saved_bce(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saved")
-    assert main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--examples", "20",
-                 "--save-dir", str(folder), "-q"]) == 1
-    return sorted(folder.glob("*.json"))[0]
+@pytest.fixture
+def saved_bce(bce_repros):
+    return sorted(bce_repros)[0]
 
 
 def tampered(saved, tmp_path, **changes):
@@ -324,7 +329,7 @@ def test_a_side_that_raises_on_every_input_under_an_explicit_spec_is_a_finding(t
 def test_regime_flags_focus_the_search_and_reject_unknown_names(capsys, tmp_path):
     out = tmp_path / "r.json"
     code = main([f"{FIXTURES}/regression.py:huber", f"{FIXTURES}/regression.py:smooth_l1", "--spec", "regression", "--examples", "20",
-                 "--no-save", "--no-minimize", "--regimes", "standard,tiny", "--exclude-regimes", "tiny", "--json", str(out)])
+                 "--no-save", "--no-minimize", "--no-explain", "--regimes", "standard,tiny", "--exclude-regimes", "tiny", "--json", str(out)])
     capsys.readouterr()
     assert code == 1
     assert {r for d in json.loads(out.read_text())["divergences"] for r in d["regimes"]} == {"standard"}
@@ -333,6 +338,8 @@ def test_regime_flags_focus_the_search_and_reject_unknown_names(capsys, tmp_path
 
 
 def test_mismatch_messages_print_the_digits_that_tell_the_sides_apart():
-    ok = lambda v: Outcome("ok", value=torch.tensor(v, dtype=torch.float32))
+    def ok(v):
+        return Outcome("ok", value=torch.tensor(v, dtype=torch.float32))
+
     v = compare_outcomes(Pair("tensorized", "online"), ok(2684017.0), ok(2684019.0), Tolerance(1e-8, 0))
     assert "tensorized 2684017 vs online 2684019" in v.detail

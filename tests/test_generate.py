@@ -210,6 +210,7 @@ def test_presets_fit_their_libraries():
 IMAGE_ONLY_REGIMES = ("constant", "tiny", "offset")  # flat, near-flat, low-contrast
 
 
+@pytest.mark.slow
 def test_ssim_float32_cancellation_is_found_in_the_default_budget_thanks_to_near_flat_images(monkeypatch):
     from pathlib import Path
 

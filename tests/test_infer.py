@@ -1,12 +1,17 @@
 """Spec inference for any tensor signature, with reasons when nothing fits."""
+import importlib.util
+import inspect
+import json
+
 import pytest
 
 from losscmp.audit import Settings, audit
-from losscmp.infer import InferenceError, in_process, infer_spec
+from losscmp.cli import main
+from losscmp.infer import InferenceError, in_process, infer, infer_spec
 from losscmp.load import load_implementation
 from losscmp.spec import SpecError
 
-from .conftest import PLANTED
+from .conftest import FIXTURES, PLANTED, REPO
 
 NUMERIC = PLANTED.parent / "planted_numeric.py"
 
@@ -87,6 +92,7 @@ def test_a_loss_returning_one_value_per_element_is_inferred_with_output_any(tmp_
     assert not spec.scalar and spec.arg("input").dims == spec.arg("target").dims
 
 
+@pytest.mark.slow
 def test_probing_through_the_isolated_runner_survives_a_crash_and_retries_larger(tmp_path):
     from losscmp.isolate import IsolatedRunner
 
@@ -105,16 +111,6 @@ def test_probing_through_the_isolated_runner_survives_a_crash_and_retries_larger
 
 
 # --- issue 15: inference reads names, checks the data, says why ---------------------
-
-import importlib.util
-import inspect
-import json
-
-from losscmp.cli import main
-from losscmp.infer import infer
-
-from .conftest import FIXTURES, REPO
-
 
 def _inference_fixtures():
     spec = importlib.util.spec_from_file_location("losscmp_inference_fixtures", FIXTURES / "inference.py")

@@ -69,6 +69,7 @@ def test_the_worker_imports_only_the_standard_library_torch_and_numpy():
 
 
 # ----------------------------------------------------------------------------- same results as in process
+@pytest.mark.slow
 def test_outcomes_match_in_process_bit_for_bit():
     spec = parse_spec("x: N D real grad; y: N D real; N=1..5; D=1..4")
     mse, here_mse = remote(f"{MISBEHAVING}:mse"), load_implementation(f"{MISBEHAVING}:mse")
@@ -86,6 +87,7 @@ def test_outcomes_match_in_process_bit_for_bit():
             assert there.grads["x"].stride() == here.grads["x"].stride()
 
 
+@pytest.mark.slow
 def test_failures_come_back_as_in_process(tmp_path):
     module = tmp_path / "odd.py"
     module.write_text(textwrap.dedent("""
@@ -119,6 +121,7 @@ def test_failures_come_back_as_in_process(tmp_path):
         assert out.status == "ok" and float(out.value) == 1.0
 
 
+@pytest.mark.slow
 def test_crash_and_hang_are_findings_with_repros_and_the_next_call_gets_a_fresh_worker(tmp_path):
     seg, hangs = remote(f"{MISBEHAVING}:segfaults_on_negative_mean"), remote(f"{MISBEHAVING}:hangs_on_size_one")
     partner = parse_ref(f"{MISBEHAVING}:mse")
@@ -138,6 +141,7 @@ def test_crash_and_hang_are_findings_with_repros_and_the_next_call_gets_a_fresh_
         assert float(runner(hangs, REGRESSION, regression_case([1.0, 3.0])).value) == 5.0
 
 
+@pytest.mark.slow
 def test_cli_compares_an_implementation_under_another_interpreter(capsys):
     code = main([f"{MISBEHAVING}:mse", "torch.nn.functional:mse_loss", "--spec", "regression", "--examples", "15",
                  "--no-save", "--python", f"mse_loss={HERE}"])
@@ -215,6 +219,7 @@ def test_a_protocol_mismatch_is_a_one_line_error(tmp_path):
             runner(remote(f"{MISBEHAVING}:mse"), REGRESSION, regression_case([1.0]))
 
 
+@pytest.mark.slow
 def test_a_reference_the_other_interpreter_cannot_load_is_a_one_line_error(capsys):
     argv = [f"{MISBEHAVING}:mse", f"{MISBEHAVING}:no_such_loss", "--spec", "regression", "--no-save",
             "--python", f"no_such_loss={HERE}"]
@@ -397,6 +402,7 @@ def mse(input, target):
 """
 
 
+@pytest.mark.slow
 def test_same_named_references_renamed_apart_both_run_under_their_interpreter(tmp_path):
     from losscmp.testing import assert_losses_agree
 
@@ -410,6 +416,7 @@ def test_same_named_references_renamed_apart_both_run_under_their_interpreter(tm
         assert_losses_agree(a, c, spec="regression", examples=5, minimize=False, pythons={"mse": HERE})
 
 
+@pytest.mark.slow
 def test_the_printed_replay_command_replays_under_the_same_interpreter(tmp_path, capsys):
     import shlex
 

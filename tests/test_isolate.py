@@ -5,7 +5,6 @@ Real processes throughout, no mocking.  The misbehaving implementations are in
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -96,6 +94,7 @@ def dying(tmp_path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- audits
+@pytest.mark.slow
 def test_segfault_is_a_crash_finding_and_the_run_completes():
     impls = [misbehaving("mse"), misbehaving("segfaults_on_negative_mean")]
     result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=30, minimize=False))
@@ -114,6 +113,7 @@ def test_segfault_is_a_crash_finding_and_the_run_completes():
     assert float(d.case.tensors["input"].mean()) < 0
 
 
+@pytest.mark.slow
 def test_hang_is_a_timeout_finding():
     # A short limit keeps this test short: every hanging case costs the limit twice
     # (the audit calls a suspect again before blaming the pair).
@@ -140,6 +140,7 @@ def test_isolated_well_behaved_implementations_agree_too():
     assert result.agree and result.cases_run == 15
 
 
+@pytest.mark.slow
 def test_cli_reports_a_segfault_as_a_crash_without_a_traceback(tmp_path):
     cmd = [
         sys.executable, "-m", "losscmp",
@@ -237,6 +238,7 @@ def test_close_stops_the_workers_and_deletes_unneeded_inputs(dying):
         runner(misbehaving("mse"), REGRESSION, regression_case([1.0]))
 
 
+@pytest.mark.slow
 def test_workers_are_stopped_at_interpreter_exit(dying, tmp_path):
     script = textwrap.dedent(f"""
         import torch
@@ -294,6 +296,7 @@ def hangs(input, target):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds descendants through /proc")
 @pytest.mark.parametrize("how, mode", [("SIGTERM", "isolate"), ("SIGKILL", "isolate"), ("SIGKILL", "python"), ("SIGKILL", "jobs")])
+@pytest.mark.slow
 def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, how, mode):
     module = tmp_path / "hanging.py"
     module.write_text(HANGS_AND_SAYS)
@@ -326,6 +329,7 @@ def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, h
 
 
 # ----------------------------------------------------------------------------- kept inputs
+@pytest.mark.slow
 def test_a_crash_input_is_a_repro_that_replay_runs_isolated(tmp_path):
     keep = tmp_path / "kept"
     impls = [misbehaving("mse"), misbehaving("segfaults_on_negative_mean")]

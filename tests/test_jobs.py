@@ -1,6 +1,8 @@
 """--jobs: the example budget shared among worker processes, merged deterministically."""
 import json
 
+import pytest
+
 from losscmp.cli import main
 
 from .conftest import FIXTURES
@@ -17,6 +19,7 @@ def report(capsys, tmp_path, *extra):
     return code, data
 
 
+@pytest.mark.slow
 def test_two_jobs_share_the_budget_and_the_same_seed_gives_the_same_report(capsys, tmp_path):
     code, first = report(capsys, tmp_path, "--jobs", "2")
     _, again = report(capsys, tmp_path, "--jobs", "2")

@@ -114,6 +114,7 @@ def test_a_divergence_is_saved_replayed_first_and_passes_once_fixed(pytester, te
     fixed.stdout.fnmatch_lines([f"*1 pair(s) checked, 40 case(s) run, {len(saved)} saved case(s) replayed", "divergences: none"])
 
 
+@pytest.mark.slow
 def test_the_printed_replay_command_fails_from_the_project_root_while_it_diverges(pytester):
     pytester.makepyfile(test_div=MODULE_LEVEL.format(body=NAIVE_BCE, fixtures=FIXTURES))
     command = _replay_command(pytester.runpytest(*RUN))
@@ -203,6 +204,7 @@ def test_call(losscmp):
 '''
 
 
+@pytest.mark.slow
 def test_a_hypothesis_profile_sets_the_budget_unless_the_call_or_the_option_does(pytester):
     # Not "ci": Hypothesis loads its own "ci" profile on CI machines, and this in-process
     # run must not replace the profile the outer session runs under.
@@ -222,6 +224,7 @@ def test_a_hypothesis_profile_sets_the_budget_unless_the_call_or_the_option_does
     default.stdout.fnmatch_lines(["*2 pair(s) checked, 105 case(s) run*"])  # 100 + 5
 
 
+@pytest.mark.slow
 def test_on_a_ci_machine_the_ci_profile_hypothesis_loads_by_itself_sets_the_budget(pytester, monkeypatch):
     # A subprocess: Hypothesis reads the CI variables when it is imported.
     monkeypatch.setenv("CI", "true")
@@ -287,6 +290,7 @@ def test_a_crash_saved_with_isolate_is_replayed_without_killing_pytest(pytester)
     pytester.runpytest(*RUN, "--losscmp-replay-only").assert_outcomes(passed=1)
 
 
+@pytest.mark.slow
 def test_the_research_repo_example_passes(pytester):
     shutil.copytree(REPO / "examples" / "research_repo", pytester.path, dirs_exist_ok=True)
     # A subprocess: the example's conftest re-registers Hypothesis' "ci" profile, which

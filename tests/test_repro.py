@@ -20,15 +20,6 @@ from losscmp.spec import preset
 from .conftest import FIXTURES, PLANTED
 
 
-@pytest.fixture(scope="module")
-def bce_repros(tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("cases")
-    impls = [load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid"), load_implementation(f"{FIXTURES}/bce.py:bce_with_logits")]
-    result = audit(impls, preset("binary"), Settings.of(examples=40, save_dir=save_dir))
-    assert result.divergences
-    return [Path(d.repro) for d in result.divergences]
-
-
 def test_save_then_replay_gives_the_same_verdict_bit_for_bit(bce_repros, capsys):
     for path in bce_repros:
         assert path.exists() and path.with_suffix(".npz").exists()
@@ -49,6 +40,7 @@ def test_metadata_records_what_is_needed_to_rerun(bce_repros):
     assert meta["versions"]["losscmp"] == losscmp.__version__
 
 
+@pytest.mark.slow
 def test_generated_pytest_fails_while_the_divergence_exists(bce_repros, tmp_path, capsys):
     out = tmp_path / "test_repro_bce.py"
     assert main(["replay", "--pytest", str(bce_repros[0]), "-o", str(out)]) == 0
@@ -59,6 +51,7 @@ def test_generated_pytest_fails_while_the_divergence_exists(bce_repros, tmp_path
     assert "1 failed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_generated_pytest_passes_once_implementations_agree(tmp_path, capsys):
     spec = preset("regression")
     case = Case({"input": torch.randn(5), "target": torch.randn(5)}, {"B": 5})
@@ -147,7 +140,7 @@ def test_corrupt_repros_give_one_line_errors(bce_repros, tmp_path, capsys, damag
 
 def test_replay_of_a_self_finding(tmp_path, capsys):
     impls = [load_implementation(f"{PLANTED}:mse"), load_implementation(f"{PLANTED}:mse_inplace")]
-    result = audit(impls, preset("regression"), Settings.of(examples=10, save_dir=tmp_path))
+    result = audit(impls, preset("regression"), Settings.of(examples=10, save_dir=tmp_path, explain=False))
     mutation = next(d for d in result.divergences if d.kind == "mutation")
     assert main(["replay", mutation.repro]) == 1
     assert "mutation" in capsys.readouterr().out
@@ -157,7 +150,8 @@ def _audit_and_save(tmp_path, source, a, b, spec, examples=20, module="impls"):
     f = tmp_path / f"{module}.py"  # a fresh name per source: loaded files stay cached
     f.write_text(source)
     save = tmp_path / "cases"
-    result = audit([load_implementation(f"{f}:{a}"), load_implementation(f"{f}:{b}")], spec, Settings.of(examples=examples, save_dir=save))
+    result = audit([load_implementation(f"{f}:{a}"), load_implementation(f"{f}:{b}")], spec,
+                   Settings.of(examples=examples, save_dir=save, explain=False))  # repros do not hold the explanation
     assert result.divergences
     return [Path(d.repro) for d in result.divergences]
 
@@ -173,13 +167,14 @@ def test_qualified_labels_replay(tmp_path, capsys):
     for name, factor in (("p1", 1), ("p2", 2)):
         (tmp_path / f"{name}.py").write_text(f"def a(input, target):\n    return ((input - target) ** 2).mean() * {factor}\n")
     code = main([str(tmp_path / "p1.py") + ":a", str(tmp_path / "p2.py") + ":a", "--spec", "regression", "--examples", "5",
-                 "--no-minimize", "--save-dir", str(tmp_path / "o")])
+                 "--no-minimize", "--no-explain", "--save-dir", str(tmp_path / "o")])
     assert code == 1
     saved = next((tmp_path / "o").glob("*.json"))
     assert main(["replay", str(saved)]) == 1
     assert "p1:a vs p2:a" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_generated_test_keeps_layout_and_tuple_parameters(tmp_path):
     layout_src = ("def a(x, y):\n    return (x - y).pow(2).mean()\n"
                   "def b(x, y):\n    return (x - y).pow(2).mean() * (1 if x.is_contiguous() else 2)\n")
@@ -195,18 +190,20 @@ def test_generated_test_keeps_layout_and_tuple_parameters(tmp_path):
     assert failed, log
 
 
+@pytest.mark.slow
 def test_generated_test_imports_a_forked_package(tmp_path, monkeypatch):
     pkg = tmp_path / "fork" / "mypkg"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("from .core import loss\n")
     (pkg / "core.py").write_text("def loss(input, target):\n    return ((input - target) ** 2).mean() * 2\n")
     monkeypatch.chdir(tmp_path)
-    code = main([f"{pkg}:loss", "torch.nn.functional:mse_loss", "--spec", "regression", "--examples", "5", "--save-dir", "cases"])
+    code = main([f"{pkg}:loss", "torch.nn.functional:mse_loss", "--spec", "regression", "--examples", "5", "--no-explain", "--save-dir", "cases"])
     assert code == 1
     failed, log = _pytest_file_fails(next((tmp_path / "cases").glob("*.json")), tmp_path)
     assert failed, log
 
 
+@pytest.mark.slow
 def test_a_hostile_file_name_cannot_inject_code_into_a_generated_test(bce_repros, tmp_path):
     victim = tmp_path / "PWNED"  # the generated test runs with tmp_path as its working directory
     name = 'x"""+__import__("os").system("touch PWNED")+"""'
@@ -287,6 +284,7 @@ def test_a_tampered_repro_never_generates_a_test_that_runs_code(bce_repros, tmp_
     assert not (tmp_path / "MARKER").exists() and not Path("MARKER").exists()
 
 
+@pytest.mark.slow
 def test_a_generated_test_calls_no_factory_but_a_module_class(bce_repros, tmp_path, capsys):
     """A user file may be imported (it is the implementation the repro names), but a call
     of one of its plain functions is refused by replay and by the generated test alike."""

@@ -2,6 +2,8 @@
 import json
 import textwrap
 
+import pytest
+
 from losscmp.cli import main
 
 
@@ -42,6 +44,7 @@ def test_complex_divergence_is_explained_without_crashing_the_run(tmp_path, caps
     assert d["category"] == "semantic"
 
 
+@pytest.mark.slow
 def test_explaining_a_complex_loss_leaks_no_casting_warning(tmp_path):
     # The known-number notes summed float(value.double()): torch warned "Casting complex
     # values to real discards the imaginary part" into the report.  A fresh process: the
@@ -62,6 +65,7 @@ def test_explaining_a_complex_loss_leaks_no_casting_warning(tmp_path):
     assert "Casting complex values" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_an_internal_error_is_one_line_never_a_silent_exit(tmp_path):
     # An unforeseen exception in the supervised child ended the process with code 70 and
     # no output at all: the os._exit in the child's `finally` ate the traceback.
@@ -90,7 +94,6 @@ def test_an_internal_error_is_one_line_never_a_silent_exit(tmp_path):
 def test_a_stage_that_raises_keeps_the_findings(tmp_path):
     # An exception in a stage (a bug in the explanation, a trace the implementation
     # cannot run under) escaped audit() and lost every finding of the search.
-    import torch
     import losscmp
     from losscmp.spec import resolve_spec
     from losscmp.stages import Minimize
@@ -141,7 +144,7 @@ def test_replay_prints_a_markup_like_error_message_literally(tmp_path, capsys):
     """)
     saved = tmp_path / "saved"
     assert main([f"{tmp_path}/markup2.py:a", f"{tmp_path}/markup2.py:b", "--spec", "input: B real grad; target: B real; B=1..3",
-                 "--examples", "30", "--save-dir", str(saved), "-q"]) == 1
+                 "--examples", "30", "--no-explain", "--save-dir", str(saved), "-q"]) == 1
     [repro] = saved.glob("*exception*.json")
     capsys.readouterr()
     assert main(["replay", str(repro)]) == 1
@@ -219,6 +222,7 @@ def test_a_saved_case_that_still_diverges_fails_with_its_report(tmp_path):
     assert "input = [" in message
 
 
+@pytest.mark.slow
 def test_an_implementation_killing_a_jobs_worker_is_one_line(tmp_path):
     # Without --isolate, a segfault inside a --jobs worker surfaced as BrokenProcessPool
     # from the pool: exit 70 and (before the supervisor fix) no output at all.
@@ -252,6 +256,7 @@ def test_sweep_prints_its_result(tmp_path, capsys):
     assert "a vs b" in out and "DIVERGE" in out
 
 
+@pytest.mark.slow
 def test_standalone_test_of_a_hang_fails_in_time_instead_of_hanging_pytest(tmp_path):
     # `replay --pytest` of a timeout repro called the hanging implementation in pytest's
     # own process (and a crash repro segfaulted pytest): now each side runs first in its

@@ -82,6 +82,7 @@ def test_a_timeout_without_a_runner_that_can_stop_a_hung_call_is_refused_in_ever
     assert Settings.of(timeout=3, isolate=True).execution.timeout == 3
 
 
+@pytest.mark.slow
 def test_the_other_interpreter_calls_an_implementation_as_the_in_process_call_does(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     module = tmp_path / "tricky.py"

@@ -3,7 +3,14 @@ that keep the mechanism (off kinks, ties, denormals and domain edges; same sign,
 component; no softmax over one class; a threshold true of the example shown)."""
 import json
 
+import torch
+
+from losscmp.audit import Divergence, Evaluator, Settings, audit
 from losscmp.cli import main
+from losscmp.generate import Case, Recipe
+from losscmp.load import load_implementation
+from losscmp.minimize import input_magnitude, minimize, subnormals, with_magnitude
+from losscmp.spec import parse_spec, preset
 
 from .conftest import FIXTURES
 
@@ -37,16 +44,6 @@ def test_narrowed_regimes_leave_the_degenerate_inputs_out(tmp_path, capsys):
 
 
 # --- minimal examples keep the mechanism ---------------------------------------------
-
-import pytest
-import torch
-
-from losscmp.audit import Divergence, Evaluator, Settings, audit
-from losscmp.generate import Case, Recipe
-from losscmp.load import load_implementation
-from losscmp.minimize import input_magnitude, minimize, subnormals, with_magnitude
-from losscmp.spec import parse_spec, preset
-
 
 def pair(a, b):
     return [load_implementation(a), load_implementation(b)]
@@ -96,9 +93,9 @@ def test_an_overflow_at_a_large_negative_logit_keeps_its_sign_and_its_threshold_
 def test_a_softmax_class_dim_is_never_shrunk_to_one(tmp_path):
     # Softmax over one class is 1 everywhere: a C = 1 example shows another loss (issue 15: C = 3 went to 1).
     f = tmp_path / "dice.py"
-    f.write_text("import sys; sys.path.insert(0, %r)\nfrom inference import dice_softmax\n"
+    f.write_text(f"import sys; sys.path.insert(0, {str(FIXTURES)!r})\nfrom inference import dice_softmax\n"
                  "def smooth_small(input, target):\n    return dice_softmax(input, target, smooth=1e-5)\n"
-                 "def smooth_one(input, target):\n    return dice_softmax(input, target, smooth=1.0)\n" % str(FIXTURES))
+                 "def smooth_one(input, target):\n    return dice_softmax(input, target, smooth=1.0)\n")
     spec = parse_spec("input: B C H W logits grad; target: B C H W binary; B=1..3; C=1..3; H=1..8; W=1..8")
     ev = Evaluator(pair(f"{f}:smooth_small", f"{f}:smooth_one"), spec, Settings.of())
     g = torch.Generator().manual_seed(0)

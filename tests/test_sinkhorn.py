@@ -20,12 +20,13 @@ def test_handwritten_sinkhorn_agrees_with_geomloss_over_the_default_budget():
     assert result.agree, [(d.kind, d.verdict.detail, d.case.describe()) for d in result.divergences]
 
 
+@pytest.mark.slow
 def test_a_fork_of_the_schedule_is_caught(tmp_path):
     """One changed constant (the eps-scaling ratio) in an otherwise identical copy is found."""
     fork = tmp_path / "fork_sinkhorn.py"
     fork.write_text(SINKHORN.read_text().replace("SCALING = 0.5", "SCALING = 0.7"))
     impls = [load_implementation(f"fork={fork}:handwritten"), load_implementation(f"{SINKHORN}:official")]
-    result = audit(impls, preset("points"), Settings.of(examples=60))
+    result = audit(impls, preset("points"), Settings.of(examples=60, explain=False))  # the minimised case is under test
     assert not result.agree
     d = max(result.divergences, key=lambda d: d.score)
     m = d.minimized
@@ -46,7 +47,7 @@ def test_tensorized_vs_online_backends_disagree_in_float32_and_are_minimised():
     potentials lose whole digits.  losscmp must find this and shrink it to a few points."""
     pytest.importorskip("pykeops")
     impls = [load_implementation(f"{SINKHORN}:official"), load_implementation(f"{SINKHORN}:official_online")]
-    result = audit(impls, preset("points"), Settings.of(examples=100))
+    result = audit(impls, preset("points"), Settings.of(examples=100, explain=False))  # finding and minimising are under test
     assert not result.agree
     worst = max(result.divergences, key=lambda d: d.score)
     assert worst.kind == "gradient"

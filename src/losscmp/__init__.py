@@ -14,7 +14,7 @@ import sys
 import types
 from typing import Any
 
-from ._version import __version__
+from ._version import __version__ as __version__  # re-exported
 
 # public name -> the module that defines it
 _PUBLIC = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ class _Group:
         if self.mildest is None or (rank, case.numel()) < (self.mildest[0], self.mildest[1].numel()):
             self.mildest = (rank, case, v)
 
-    def absorb(self, other: "_Group") -> None:
+    def absorb(self, other: _Group) -> None:
         """Another worker's cases of the same group (``--jobs``)."""
         self.count += other.count
         self.regimes.update(other.regimes)
@@ -159,11 +160,11 @@ class _Exploration:
     """The search's bookkeeping: findings by group, and a tally of every case."""
 
     def __init__(self, ev: Evaluator):
-        self.ev = ev
+        self.ev: Evaluator | None = ev  # None once shipped back from a --jobs worker
         self.groups: dict[tuple, _Group] = {}
         self.subject_cases: Counter = Counter()
         self.tally: Counter = Counter()
-        self.not_compared: dict[Pair, tuple[int, str]] = {}
+        self.not_compared: dict[Subject, tuple[int, str]] = {}
         self.checked_self: set[str] = set()
         self.noise: dict[str, float] = {}  # worst self-disagreement score seen per implementation
         self.cases = 0
@@ -182,6 +183,7 @@ class _Exploration:
             if len(siblings) >= GROUPS_PER_KIND:  # budget spent: join the group most like it
                 group = siblings[0]
             else:
+                assert v.kind is not None  # only findings are recorded
                 group = self.groups[key] = _Group(v.subject, v.kind, key, v, case, outputs)
         group.add(v, case, outputs)
 
@@ -189,6 +191,7 @@ class _Exploration:
         """Run and judge one case; returns the score the search climbs."""
         stop_if_asked(self.interrupts)
         ev = self.ev
+        assert ev is not None, "a shipped exploration cannot examine more cases"
         outcomes = outcomes or ev.outcomes(case)
         self.cases += 1
         found: list[Verdict] = []
@@ -223,14 +226,14 @@ class _Exploration:
             self.record(v, case, outcomes)
             self.subject_cases[v.subject] += 1
         if found:
-            self.tally[min((v.kind for v in found), key=lambda k: k.severity).value] += 1
+            self.tally[min((v.kind for v in found if v.kind), key=lambda k: k.severity).value] += 1
         elif any(not v.compared for v in verdicts):
             self.tally["not compared"] += 1
         else:
             self.tally["agree"] += 1
         return max((v.max_score for v in verdicts if v.kind), default=max((v.max_score for v in verdicts), default=0.0))
 
-    def absorb(self, other: "_Exploration") -> None:
+    def absorb(self, other: _Exploration) -> None:
         """Merge another worker's exploration (``--jobs``); merging in worker order keeps
         the report the same for the same seed and the same number of jobs."""
         for key, group in other.groups.items():
@@ -261,7 +264,7 @@ class _Exploration:
         kept, self.subject_cases, self.not_compared = self.settled()
         return kept
 
-    def settled(self) -> tuple[list[Divergence], Counter, dict[Pair, tuple[int, str]]]:
+    def settled(self) -> tuple[list[Divergence], Counter, dict[Subject, tuple[int, str]]]:
         """The findings with the noise rule applied, and the per-subject counts that go with
         them; ``self`` is left as it was (a snapshot mid-search must not change the search)."""
         # A side that disagrees with itself is blamed for a pair divergence only when the
@@ -419,6 +422,11 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None, 
     return exploration
 
 
+_LOCAL_CONSTANTS_LOCK = threading.Lock()
+_local_constants_users = 0
+_local_constants_original: Any = None
+
+
 @contextlib.contextmanager
 def _without_local_constants() -> Iterator[None]:
     """Keep "same seed, same cases" true whatever the process has imported.
@@ -427,22 +435,32 @@ def _without_local_constants() -> Iterator[None]:
     in ``sys.modules`` into its draws, so a seed's cases would change with what else
     got imported (losscmp's own minimiser, the user's other test modules).  losscmp's
     exploration opts out by giving that (private) hook an empty pool; with a Hypothesis
-    that has no such hook there is nothing to do.
+    that has no such hook there is nothing to do.  Counted, because explorations may run
+    side by side in threads (``--ray`` with ``--jobs``): the first in patches the hook and
+    the last out restores it, so no exploration runs with the pool restored under it.
     """
+    global _local_constants_users, _local_constants_original
     try:
         from hypothesis.internal.conjecture import providers
         from hypothesis.internal.constants_ast import Constants
 
-        original = providers._get_local_constants
+        providers._get_local_constants  # noqa: B018  (the check: the hook exists in this Hypothesis)
     except (ImportError, AttributeError):  # pragma: no cover - older/newer Hypothesis
         yield
         return
-    empty = Constants()
-    providers._get_local_constants = lambda: empty
+    with _LOCAL_CONSTANTS_LOCK:
+        if _local_constants_users == 0:
+            _local_constants_original = providers._get_local_constants
+            empty = Constants()
+            providers._get_local_constants = lambda: empty
+        _local_constants_users += 1
     try:
         yield
     finally:
-        providers._get_local_constants = original
+        with _LOCAL_CONSTANTS_LOCK:
+            _local_constants_users -= 1
+            if _local_constants_users == 0:
+                providers._get_local_constants = _local_constants_original
 
 
 __all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]

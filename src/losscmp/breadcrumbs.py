@@ -186,6 +186,7 @@ def describe_run(record: RunRecord, pairs: Sequence[Any], json_path: str | None 
 
 
 def _describe(spec: Any, case: Any) -> bytes:
+    assert _crumbs is not None  # only before_call calls it, once it has checked
     first = next(iter(case.tensors.values()))
     where = {"spec": spec.text(), "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device), "case": case.describe(),
              "sizes": dict(case.sizes)}

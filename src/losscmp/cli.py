@@ -102,12 +102,14 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action="store_true", help="run each implementation in a worker process: a segfault or hang becomes a finding")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="a call slower than this is a 'timeout' finding: with --isolate or --python the run goes on; in-process "
-                   "the run stops there and reports (default in-process: %g s, or %g x the implementation's slowest call if "
-                   "longer; isolated: none)" % (breadcrumbs.DEFAULT_TIMEOUT_FLOOR, breadcrumbs.DEFAULT_TIMEOUT_FACTOR))
+                   f"the run stops there and reports (default in-process: {breadcrumbs.DEFAULT_TIMEOUT_FLOOR:g} s, or "
+                   f"{breadcrumbs.DEFAULT_TIMEOUT_FACTOR:g} x the implementation's slowest call if longer; isolated: none)")
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run implementation LABEL in a worker started by this interpreter (it needs torch and numpy, not losscmp); repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="share the example budget among N worker processes (same seed and N: same report)")
     p.add_argument("--devices", metavar="LIST", help="one worker per device, e.g. cuda:0,cuda:1 (implies --jobs)")
+    p.add_argument("--ray", metavar="ADDRESS", help="call the implementations on Ray actors: 'local' starts a Ray instance, "
+                   "auto / HOST:PORT / ray://HOST:PORT joins a cluster; --jobs N actors share the budget (needs losscmp[ray])")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="with each finding, its evidence: regimes, minimiser steps, float64 oracle, drift, self-consistency, relation, location, impact, cost")
@@ -253,7 +255,7 @@ def _shell_quote(text: str) -> str:
 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
-    runner = RunnerKind.choose(args.isolate, args.python)
+    runner = RunnerKind.choose(args.isolate, args.python, args.ray)
     if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     # In-process, the supervisor's watchdog stops a hung call (and the run with it); unsupervised, nothing can.
@@ -289,6 +291,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         jobs=args.jobs,
         devices=_devices(args.devices),
         pythons=tuple(pythons.items()),
+        ray=args.ray,
         **kw,
     )
     if args.json != "-":

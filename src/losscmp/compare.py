@@ -170,6 +170,7 @@ def compare_outcomes(subject: Subject, expected: Outcome, actual: Outcome, tol: 
     if actual.failed or expected.failed:
         return compare_failures(subject, expected, actual)
     ve, va = expected.value, actual.value
+    assert ve is not None and va is not None  # a call that did not fail returned a tensor
     if va.shape != ve.shape:
         return Verdict(subject, Kind.SHAPE, math.inf, f"value shapes differ: {le} {tuple(ve.shape)} vs {la} {tuple(va.shape)}")
     if va.dtype != ve.dtype:
@@ -182,7 +183,7 @@ def compare_outcomes(subject: Subject, expected: Outcome, actual: Outcome, tol: 
             missing = la if ga is None else le
             detail = f"{what}: no gradient flows in {missing} (detached or unused), the other has one"
             return Verdict(subject, Kind.GRADIENT, math.inf, detail, tuple(diffs))
-        if ga is None:
+        if ga is None or ge is None:  # both None here: the check above caught one alone
             continue
         if ga.shape != ge.shape:
             detail = f"{what}: shapes differ: {le} {tuple(ge.shape)} vs {la} {tuple(ga.shape)}"

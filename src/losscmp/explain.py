@@ -46,6 +46,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from enum import Enum
 from typing import Any, Callable, Iterable, Sequence
 
@@ -135,7 +136,7 @@ def _non_float64_tensors(module: torch.nn.Module) -> list[str]:
 
 def _float64_problem(label: str, outcome: Outcome) -> str | None:
     """Why a float64 outcome cannot serve as an oracle, if it cannot."""
-    if outcome.failed:
+    if outcome.failed or outcome.value is None:
         return f"{label} {outcome.error} when run in float64"
     if outcome.value.dtype not in (torch.float64, torch.complex128):
         return f"{label} returned {outcome.value.dtype} for float64 inputs (it computes in lower precision inside)"
@@ -164,12 +165,13 @@ def float64_agrees(expected: Implementation, actual: Implementation, spec: Spec,
 
 def drift(reference: Outcome, outcome: Outcome, tol: Tolerance) -> float:
     """Divergence score of ``outcome`` from ``reference`` over value and gradients, dtypes ignored."""
+    assert outcome.value is not None and reference.value is not None  # callers pass successful calls
     scores = [diff_tensors("value", outcome.value, reference.value, tol).score]
     for name, g_ref in reference.grads.items():
         g = outcome.grads.get(name)
         if (g is None) != (g_ref is None):
             return math.inf
-        if g is not None:
+        if g is not None and g_ref is not None:
             scores.append(diff_tensors(name, g, g_ref, tol).score)
     return max(scores)
 
@@ -220,11 +222,12 @@ def oracle(
     e64, why_e = in_float64(expected)
     a64, why_a = in_float64(actual)
     if why_e or why_a:
-        return Oracle(Category.UNKNOWN, why_e or why_a)
+        return Oracle(Category.UNKNOWN, why_e or why_a or "")
     tol64 = Tolerance.for_dtype(torch.float64)
     calls = 0
     steps = LADDER_STEPS if any(a.domain in SCALABLE for a in spec.args) else 0
-    scale, values, first_difference, first_score = 1.0, (), None, math.inf
+    values: tuple[tuple[str, float], ...] = ()
+    scale, first_difference, first_score = 1.0, None, math.inf
     cut_short = False
     for step in range(steps + 1):
         if step and deadline is not None and time.perf_counter() > deadline:
@@ -269,7 +272,7 @@ def oracle(
             reason = (f"in float64 the sides differ {gain:.3g} times less than in {_dtype_name(case)} "
                       f"({v64.detail.split(';')[0]}): the difference comes from precision")
             return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls, values)
-        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(not torch.isfinite(o.value).all() for o in full.values())
+        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(o.value is not None and not torch.isfinite(o.value).all() for o in full.values())
         if not overflowed and first_difference is None:
             first_difference = (scale, v64.detail)
         scale /= 2
@@ -380,12 +383,12 @@ def self_consistency(
     case64 = float64_case(case)
     base = run(impl64, spec, case64)
     calls = 1
-    if base.failed or _float64_problem(label, base):
+    if base.failed or base.value is None or _float64_problem(label, base):
         return SelfConsistency(label, None, None, note=_float64_problem(label, base) or "", evaluations=calls)
     f0 = float(base.value.sum())
     if not math.isfinite(f0):
         return SelfConsistency(label, None, None, note="its float64 value is not finite here", evaluations=calls)
-    grads = {n: (base.grads.get(n) if base.grads.get(n) is not None else torch.zeros_like(case64.tensors[n])) for n in names}
+    grads = {n: (g if (g := base.grads.get(n)) is not None else torch.zeros_like(case64.tensors[n])) for n in names}
     scales = {n: _element_scale(spec.arg(n).domain, case64.tensors[n]) for n in names}
     total = sum(case64.tensors[n].numel() for n in names)
     if total <= all_elements_up_to:
@@ -416,7 +419,7 @@ def self_consistency(
                 moved[n] = case64.tensors[n] + sign * FD_STEP * u[n]
             o = run(impl64, spec, replace(case64, tensors=moved))
             calls += 1
-            values.append(float(o.value.sum()) if not o.failed else math.nan)
+            values.append(float(o.value.sum()) if not o.failed and o.value is not None else math.nan)
         f_plus, f_minus = values
         if not (math.isfinite(f_plus) and math.isfinite(f_minus)):
             skipped += 1
@@ -481,15 +484,18 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Ob
     if expected.value.is_complex() or actual.value.is_complex():
         return None  # one real number per side cannot stand for a complex loss (its sum's real part would hide the rest)
     values = [expected.value.double().sum(), actual.value.to(expected.value.device).double().sum()]
-    ge, ga = [], []
+    ge: list[torch.Tensor] = []
+    ga: list[torch.Tensor] = []
     for name in sorted(expected.grads.keys() | actual.grads.keys()):
         e, a = expected.grads.get(name), actual.grads.get(name)
         if e is None and a is None:
             continue
         if e is not None and a is not None and e.shape != a.shape:
-            ge = None
+            ge, ga = [], []  # gradient shapes differ: nothing to relate
             break
-        e = torch.zeros_like(a) if e is None else e  # no gradient flows: it is zero
+        present = e if e is not None else a
+        assert present is not None  # both None was skipped above
+        e = torch.zeros_like(present) if e is None else e  # no gradient flows: it is zero
         a = torch.zeros_like(e) if a is None else a
         ge.append(e.detach().reshape(-1).double())
         ga.append(a.detach().reshape(-1).to(e.device).double())
@@ -592,7 +598,7 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
     """
     obs = [o for o in observations if o is not None and math.isfinite(o.expected) and math.isfinite(o.actual)]
     value, factor, offset, value_fit = _value_relation(obs, rtol, atol)
-    with_grads = [o for o in obs if o.cosine is not None]
+    with_grads = [o for o in obs if o.cosine is not None and o.norm_ratio is not None]
     gradient, grad_factor, cos_median, grad_fit = _gradient_relation(with_grads, bool(obs))
     if factor is None and gradient == "parallel":
         factor = grad_factor
@@ -645,17 +651,19 @@ def _gradient_relation(with_grads: Sequence[Observation], any_cases: bool) -> tu
     nothing = [False] * len(with_grads)
     if not with_grads:
         return (None if any_cases else "unknown"), None, None, nothing
-    cos_median = statistics.median(o.cosine for o in with_grads)
+    # relation() passes only observations with both numbers: (cosine, |grad ratio|) each.
+    cr = [(o.cosine, o.norm_ratio) for o in with_grads if o.cosine is not None and o.norm_ratio is not None]
+    cos_median = statistics.median(c for c, _ in cr)
     if len(with_grads) < MIN_CASES:
         return "unknown", None, cos_median, nothing
     need = INLIERS * len(with_grads)
-    equal = [o.cosine >= COSINE_EQUAL and abs(o.norm_ratio - 1) <= RATIO_RTOL for o in with_grads]
+    equal = [c >= COSINE_EQUAL and abs(r - 1) <= RATIO_RTOL for c, r in cr]
     if sum(equal) > need:
         return "equal", None, cos_median, equal
-    parallel = [o.cosine >= COSINE_PARALLEL and o.norm_ratio is not None and math.isfinite(o.norm_ratio) for o in with_grads]
+    parallel = [c >= COSINE_PARALLEL and math.isfinite(r) for c, r in cr]
     if sum(parallel) > need:
-        k = statistics.median(o.norm_ratio for o, ok in zip(with_grads, parallel) if ok)
-        constant = [ok and abs(o.norm_ratio - k) <= RATIO_RTOL * abs(k) for o, ok in zip(with_grads, parallel)]
+        k = statistics.median(r for (_, r), ok in zip(cr, parallel) if ok)
+        constant = [ok and abs(r - k) <= RATIO_RTOL * abs(k) for (_, r), ok in zip(cr, parallel)]
         return "parallel", (k if sum(constant) > need else None), cos_median, parallel
     return "other", None, cos_median, nothing
 
@@ -729,10 +737,10 @@ def impact(
         nonlocal calls
         calls += 1
         o = run(impl, spec, replace(case, tensors=tensors))
-        if o.failed:
+        if o.failed or o.value is None:
             return math.nan, None
         value = float(o.value.double().sum())
-        return value, {n: (o.grads.get(n) if o.grads.get(n) is not None else torch.zeros_like(tensors[n])) for n in names}
+        return value, {n: (g if (g := o.grads.get(n)) is not None else torch.zeros_like(tensors[n])) for n in names}
 
     start = dict(case.tensors)
     floats = [t.double() for t in start.values() if t.is_floating_point() and t.numel()]
@@ -919,6 +927,7 @@ class Explanation:
     def _impact_words(self) -> str:
         e, a = self.pair
         im = self.impact
+        assert im is not None  # called only when there is one
         by_a = im.cross_improvement.get(a, math.nan)
         if not math.isfinite(by_a):
             why = im.note.split("; ")[0] if im.note else "no progress"
@@ -1033,6 +1042,9 @@ class _Counted:
         self.calls += 1
         return self.run(impl, spec, case)
 
+    def close(self) -> None:
+        pass  # the wrapped runner is its owner's to close
+
 
 def explain(
     expected: Implementation,
@@ -1098,12 +1110,13 @@ def explain(
     category = orc.category if orc else Category.UNKNOWN
     consistency: dict[str, SelfConsistency] = {}
     for impl in (expected, actual):
-        sc = stage(f"self-consistency {impl.label}", lambda impl=impl: self_consistency(impl, spec, case, run=counted))
+        sc = stage(f"self-consistency {impl.label}", partial(self_consistency, impl, spec, case, run=counted))
         if sc is not None:
             consistency[impl.label] = sc
     # The trace records each side once under its own dispatch mode, not through ``run``:
     # those two calls are added to the count by hand.
     def traced() -> Any:
+        assert locate is not None  # staged only when given
         counted.calls += 2
         if category is Category.NUMERICAL and orc is not None and orc.unstable_side:
             # Located on the unstable side by its own working-dtype vs float64 run.

@@ -152,7 +152,7 @@ def recipes(
             offset = draw(st.sampled_from([-1.0, 1.0])) * draw(_log_uniform(1e3, 1e7))
         planted: tuple = ()
         if regime == "special":
-            names = [a.name for a in spec.args if a.domain in PLANTABLE] or [None]
+            names: list[str | None] = [a.name for a in spec.args if a.domain in PLANTABLE] or [None]
             planted = tuple(
                 draw(st.lists(st.tuples(st.sampled_from(names), st.floats(0, 0.999), st.sampled_from(SPECIAL_VALUES)), min_size=1, max_size=3))
             )

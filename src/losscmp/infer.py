@@ -377,7 +377,7 @@ def _values(impls, spec: Spec, case: Case, run: Runner) -> list[torch.Tensor] | 
     out = []
     for i in impls:
         o = run(i, spec, case)
-        if not _finite(o):
+        if not _finite(o) or o.value is None:
             return None
         out.append(o.value.detach().double())
     return out

@@ -86,7 +86,7 @@ def check_python(label: str, path: str, option: str = "--python") -> str:
     try:
         p = Path(path).expanduser()
         exists, is_dir = p.exists(), p.is_dir()
-    except RuntimeError as e:  # ~nosuchuser (no such home folder), or a symlink loop before Python 3.13
+    except RuntimeError:  # ~nosuchuser (no such home folder), or a symlink loop before Python 3.13
         raise InterpreterError(f"{where}: {'no such user' if path.startswith('~') else 'a symlink loop'}") from None
     except OSError as e:  # a name too long, ...
         raise InterpreterError(f"{where}: cannot be used: {e.strerror or type(e).__name__}") from None
@@ -176,6 +176,7 @@ class InterpreterRunner:
                                 self.timeout, seconds, transport)
         if failed is not None:
             return failed
+        assert isinstance(reply, tuple)  # worker_failure took the deaths and silences
         head, bufs = reply
         if head.get("type") != "outcome":
             self._discard(impl.label, kill=True)
@@ -194,13 +195,13 @@ class InterpreterRunner:
         if close:
             close()
 
-    def __enter__(self) -> "InterpreterRunner":
+    def __enter__(self) -> InterpreterRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _worker(self, impl: Implementation) -> "_Process":
+    def _worker(self, impl: Implementation) -> _Process:
         label = impl.label
         w = self._state.workers.get(label)
         if w is not None and w.popen.poll() is not None:  # died between calls
@@ -246,7 +247,7 @@ class _Process:
         self.stopped = False
 
     @classmethod
-    def start(cls, python: str, label: str, worker_file: str, directory: Path, n: int, limit: float) -> "_Process":
+    def start(cls, python: str, label: str, worker_file: str, directory: Path, n: int, limit: float) -> _Process:
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()  # closes when losscmp dies: the worker's watchdog exits it

@@ -80,6 +80,7 @@ from .breadcrumbs import request_death_signal
 from .generate import Case
 from .load import Implementation, LoadError, Ref, load_implementation, load_object
 from .model import RunRecord  # noqa: F401  re-exported: moved to model
+from .model import Status
 from .repro import save_case
 from .run import Outcome, call, no_user_interrupts
 from .spec import Spec
@@ -121,7 +122,7 @@ def _context(start_method: str | None):
 
 
 # ---------------------------------------------------------------------- cleanup on SIGTERM
-_LIVE_STATES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_LIVE_STATES: weakref.WeakSet[Any] = weakref.WeakSet()
 _SIGTERM_INSTALLED = False
 
 
@@ -181,7 +182,7 @@ class CaseKeeper:
         # dying worker leaves it in the page cache; only a CUDA case can take the machine
         # down with it (a driver fault), so only that one pays for an fsync per case.
         durable = any(t.is_cuda for t in case.tensors.values())
-        path = self._save(self.directory(), impl, spec, case, "crash", "losscmp stopped while it was running", None, durable)
+        path = self._save(self.directory(), impl, spec, case, Status.CRASH, "losscmp stopped while it was running", None, durable)
         self._pending[case] = path
         self.files.add(path)
         weakref.finalize(case, _forget, self.files, path, os.getpid())
@@ -190,7 +191,7 @@ class CaseKeeper:
     def seen(self, label: str, case: Case, outcome: Outcome) -> None:
         self._seen.setdefault(case, {})[label] = outcome
 
-    def keep(self, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None) -> Path:
+    def keep(self, impl: Implementation, spec: Spec, case: Case, kind: Status, error: str, timeout: float | None) -> Path:
         """The case as a kept repro of ``kind`` ("crash" or "timeout"); returns its .json path."""
         pending = self._pending.pop(case, None)
         if self.record.replaying is not None:  # a copy in a temporary folder would only be litter
@@ -210,7 +211,7 @@ class CaseKeeper:
             _forget(self.files, pending)
         return kept
 
-    def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: str, error: str, timeout: float | None,
+    def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: Status, error: str, timeout: float | None,
               durable: bool = True) -> Path:
         label = impl.label
         partner = self.record.partner(label)
@@ -332,7 +333,7 @@ class IsolatedRunner:
         self._closed = True
         self._finalizer()
 
-    def __enter__(self) -> "IsolatedRunner":
+    def __enter__(self) -> IsolatedRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -344,7 +345,7 @@ class IsolatedRunner:
         return self._state.keeper.dir
 
     # ------------------------------------------------------------------ workers
-    def _worker(self, impl: Implementation, device: torch.device) -> "_Worker":
+    def _worker(self, impl: Implementation, device: torch.device) -> _Worker:
         label, source = impl.label, impl.ref.source()
         w = self._state.workers.get(label)
         if w is not None and (w.source != source or (w.ready and not w.proc.is_alive())):
@@ -415,17 +416,17 @@ class _State:
         self.keeper.close()
 
 
-def worker_failure(reply: Any, discard: Callable[[bool], None], keeper: "CaseKeeper", impl: Implementation, spec: Spec,
+def worker_failure(reply: Any, discard: Callable[[bool], None], keeper: CaseKeeper, impl: Implementation, spec: Spec,
                    case: Case, timeout: float | None, seconds: float, transport: str) -> Outcome | None:
     """A worker that died (``_Died``) or did not answer in time (None): the crash or timeout
     outcome, with its input kept as a repro and the worker discarded.  Any other reply: None."""
     if isinstance(reply, _Died):
         discard(False)
         where = f" in {reply.site}" if reply.site else ""
-        kind, error = "crash", f"crashed ({reply.why}){where}"
+        kind, error = Status.CRASH, f"crashed ({reply.why}){where}"
     elif reply is None:
         discard(True)
-        kind, error = "timeout", f"did not return within {timeout:g} s"
+        kind, error = Status.TIMEOUT, f"did not return within {timeout:g} s"
     else:
         return None
     kept = keeper.keep(impl, spec, case, kind, error, timeout)
@@ -451,7 +452,7 @@ class _Worker:
         self.spec: Spec | None = None  # the spec the worker holds
 
     @classmethod
-    def start(cls, ctx: Any, label: str, ref: Ref, what: Ref | Implementation, directory: Path, n: int) -> "_Worker":
+    def start(cls, ctx: Any, label: str, ref: Ref, what: Ref | Implementation, directory: Path, n: int) -> _Worker:
         """``what`` is a reference the worker loads, or (fork) the implementation it inherits."""
         fault_path = directory / f"fault-{n}.txt"
         parent_conn, child_conn = ctx.Pipe(duplex=True)
@@ -472,14 +473,14 @@ class _Worker:
         seconds = time.perf_counter() - start
         if isinstance(reply, _Died):
             where = f" in {reply.site}" if reply.site else ""
-            self.failure = Outcome("crash", error=f"crashed ({reply.why}) while loading{where}", seconds=seconds)
+            self.failure = Outcome(Status.CRASH, error=f"crashed ({reply.why}) while loading{where}", seconds=seconds)
         elif reply is None:
-            self.failure = Outcome("timeout", error=f"loading did not finish within {limit:g} s", seconds=seconds)
+            self.failure = Outcome(Status.TIMEOUT, error=f"loading did not finish within {limit:g} s", seconds=seconds)
         elif reply[0] == "ready":
             self.ready = True
             return
         else:
-            self.failure = Outcome("exception", error=f"could not be loaded in its worker: {reply[1]}", seconds=seconds)
+            self.failure = Outcome(Status.EXCEPTION, error=f"could not be loaded in its worker: {reply[1]}", seconds=seconds)
         self.stop(kill=True)
 
     def receive(self, timeout: float | None) -> Any:
@@ -592,23 +593,25 @@ def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None
         try:
             new_spec, packed, params, device, shared = pickle.loads(msg)
             spec = new_spec if new_spec is not None else spec
+            if spec is None:  # the first request always carries the spec
+                raise ValueError("no spec was sent with the first request")
             dev = torch.device(device)
             tensors = dict(packed) if shared else {k: _unpack(p, dev) for k, p in packed.items()}
             case = Case(tensors=tensors, sizes={}, params=params)
         except Exception as e:  # a device this process cannot use, say
             why = f"the worker could not rebuild the inputs: {type(e).__name__}: {_one_line(e)}"
-            conn.send_bytes(_pack_outcome(Outcome("exception", error=why)))
+            conn.send_bytes(_pack_outcome(Outcome(Status.EXCEPTION, error=why)))
             continue
         try:
             out = call(impl.fn, spec, case)
         except BaseException as e:  # the harness's own CUDA work after the call, in a context the call poisoned
-            out = Outcome("exception", error=f"raised {type(e).__name__}: {_one_line(e)}")
+            out = Outcome(Status.EXCEPTION, error=f"raised {type(e).__name__}: {_one_line(e)}")
         restart = dev.type == "cuda" and out.status == "exception" and poisons_cuda(out.error)
         try:
             reply = _pack_outcome(out, restart)
         except Exception as e:  # a value that cannot travel (a sparse tensor), or a context too broken to copy it
             restart = dev.type == "cuda"
-            failed = Outcome("exception", error=f"result could not be sent back: {type(e).__name__}: {_one_line(e)}", seconds=out.seconds)
+            failed = Outcome(Status.EXCEPTION, error=f"result could not be sent back: {type(e).__name__}: {_one_line(e)}", seconds=out.seconds)
             reply = _pack_outcome(failed, restart)
         del case, tensors, packed  # let go of shared CUDA memory before answering
         conn.send_bytes(reply)
@@ -631,7 +634,7 @@ def _die_with_parent() -> None:
         server = forkserver._forkserver
         fd = getattr(server, "_forkserver_alive_fd", None)
         if fd is not None:
-            server._forkserver_alive_fd = None
+            server._forkserver_alive_fd = None  # type: ignore[attr-defined]  # private: hence the getattr above
             os.close(fd)
     except (ImportError, AttributeError, OSError):
         pass

@@ -60,7 +60,7 @@ class Ref:
     def is_path(self) -> bool:
         return self.target.endswith(".py") or os.sep in self.target or "/" in self.target
 
-    def with_kwargs(self, **kwargs: Any) -> "Ref":
+    def with_kwargs(self, **kwargs: Any) -> Ref:
         """The same reference with factory keyword arguments replaced (used by sweeps)."""
         args, kw = self.call or ((), ())
         merged = dict(kw) | kwargs
@@ -111,9 +111,10 @@ def parse_ref(text: str) -> Ref:
         except LITERAL_ERRORS:
             raise LoadError(f"{shown(text)}: factory arguments must be literals (numbers, strings, tuples, ...) of sane size and depth"
                             f"{_quote_hint(text, node)}") from None
-        if any(k is None for k, _ in kwargs):
+        named = tuple((k, v) for k, v in kwargs if k is not None)  # k.arg is None for '**'
+        if len(named) != len(kwargs):
             raise LoadError(f"{shown(text)}: '**' is not allowed in a reference")
-        call, node = (args, kwargs), node.func
+        call, node = (args, named), node.func
     attrs: list[str] = []
     while isinstance(node, ast.Attribute):
         attrs.insert(0, node.attr)
@@ -166,7 +167,7 @@ def disambiguate(refs: list[Ref]) -> list[Ref]:
     return [replace(r, label=r.source()) if qualified.count(r.label) > 1 and _LABEL_RE.match(r.text) is None else r for r in out]
 
 
-def load_object(text: str, *, base_dir: Path | None = None, factories: str = "any") -> Any:
+def load_object(text: str | Ref, *, base_dir: Path | None = None, factories: str = "any") -> Any:
     """Resolve a reference to the object it names (calling the factory, if any).
 
     ``factories="modules"`` only allows calls of ``torch.nn.Module`` subclasses — the
@@ -363,6 +364,7 @@ def _import_file(path: Path) -> Any:
         if name in sys.modules:
             return sys.modules[name]
         spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None, path  # a .py path always has a loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         sys.path.insert(0, str(path.parent))  # its sibling imports

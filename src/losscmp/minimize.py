@@ -252,11 +252,11 @@ class Shrinker:
             return True
         return False
 
-    def run(self, name: str, fn: Callable[["Shrinker"], bool]) -> bool:
+    def run(self, name: str, fn: Callable[[Shrinker], bool]) -> bool:
         self.current = name
         return fn(self)
 
-    def fixate(self, passes: Sequence[tuple[str, Callable[["Shrinker"], bool]]]) -> None:
+    def fixate(self, passes: Sequence[tuple[str, Callable[[Shrinker], bool]]]) -> None:
         """Run ``passes`` in order until none changes the case (Hypothesis' fixate_shrink_passes)."""
         for _ in range(MAX_ROUNDS):
             before = case_key(self.case)
@@ -650,7 +650,8 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
         threshold = scale_threshold(spec, s.case, s.holds_plain)
         if threshold:
             s.steps.append(f"bisect input scale: threshold {threshold.value:.4g} ({ev.evaluations - used} evaluations)")
-            s.run("toward_threshold", lambda sh: toward_threshold(sh, threshold))
+            found = threshold  # narrowed: the lambda below sees a Threshold
+            s.run("toward_threshold", lambda sh: toward_threshold(sh, found))
     measured_on = case_key(s.case)
     s.fixate([("simplify_args", simplify_args), ("simplify_elements", simplify_elements), ("shrink_dims", shrink_dims)])
     if threshold is not None and case_key(s.case) != measured_on:

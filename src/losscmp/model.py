@@ -70,7 +70,11 @@ class Kind(str, Enum):
     MUTATION = "mutation", "the implementation modified its inputs in place"
     NONDETERMINISM = "nondeterminism", "the same implementation answered differently on the same input"
 
-    def __new__(cls, value: str, description: str) -> "Kind":
+    description: str  # set per member by __new__; an annotation only, so not a member
+
+    # ``description`` has a default only for the type checker: ``Kind("value")`` is the
+    # enum's lookup by value, which never reaches ``__new__`` once the class is built.
+    def __new__(cls, value: str, description: str = "") -> Kind:
         member = str.__new__(cls, value)
         member._value_ = value
         member.description = description
@@ -89,7 +93,7 @@ class Kind(str, Enum):
         return self.value in Status._value2member_map_
 
     @classmethod
-    def of_status(cls, status: Status) -> "Kind":
+    def of_status(cls, status: Status) -> Kind:
         return cls(status.value)
 
 
@@ -224,7 +228,7 @@ class Tolerance:
     atol: float
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype, rtol: float | None = None, atol: float | None = None) -> "Tolerance":
+    def for_dtype(cls, dtype: torch.dtype, rtol: float | None = None, atol: float | None = None) -> Tolerance:
         d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
         return cls(d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
 
@@ -346,7 +350,7 @@ class AuditResult:
     pairs: tuple[Pair, ...] = ()  # the pairs compared
     subject_cases: dict[Subject, int] = field(default_factory=dict)  # diverging cases per subject
     tally: dict[str, int] = field(default_factory=dict)  # every case: "agree", "not compared", or its most severe kind
-    not_compared: dict[Pair, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
+    not_compared: dict[Subject, tuple[int, str]] = field(default_factory=dict)  # both sides failed the same way: count, why
     evaluations: int = 0
     stage_errors: tuple[str, ...] = ()  # a stage that raised: its findings are kept as they were before it
     interrupted: str | None = None  # "SIGTERM" / "SIGINT": the run was stopped; what it found until then

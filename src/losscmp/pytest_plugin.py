@@ -71,7 +71,7 @@ class Tally:
         self.kinds: Counter = Counter()
         self.saved: Counter = Counter()  # folder -> new cases saved there
 
-    def add(self, result: "CheckResult", root: Path) -> None:
+    def add(self, result: CheckResult, root: Path) -> None:
         self.checks += 1
         self.pairs += len(result.pairs)
         self.cases += result.cases_run
@@ -108,7 +108,7 @@ class Tally:
 
 
 TALLY = pytest.StashKey[Tally]()
-SESSION = pytest.StashKey["Session"]()
+SESSION: pytest.StashKey[Session] = pytest.StashKey()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -138,7 +138,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         SESSIONS.remove(session)
 
 
-def _command_line_options(config: pytest.Config) -> "CheckOptions":
+def _command_line_options(config: pytest.Config) -> CheckOptions:
     from .files import check_folder
     from .interpreter import parse_pythons
     from .settings import RunnerKind, check_timeout, checked_device
@@ -220,7 +220,7 @@ class LossChecker:
             replay_saved_command=_command(request.node.nodeid, config, replay_only=True),
         )
 
-    def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int | None = None, **settings: Any) -> "CheckResult":
+    def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int | None = None, **settings: Any) -> CheckResult:
         """Fail the calling test if the implementations disagree; return what was checked.
 
         ``settings`` override the command line: ``seed``, ``device``, ``dtype``, ``rtol``,

@@ -109,7 +109,7 @@ def _atomic_write(path: Path, write, durable: bool = True) -> None:
         raise
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _package_version(pkg: str) -> str | None:
     # Looked up once per process: a metadata scan costs milliseconds, and the isolated
     # runner writes a repro before every case it risks.
@@ -179,7 +179,7 @@ def save_case(
     root = project_root(cwd)
     refs = [replace(r, target=portable_target(r.target, cwd, root)) if r.is_path else r for r in refs]
     arrays: dict[str, np.ndarray] = {}
-    tensors_meta = {}
+    tensors_meta: dict[str, dict[str, Any]] = {}
     for name, t in case.tensors.items():
         arrays[f"input.{name}"] = tensor_to_numpy(t)
         tensors_meta[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}
@@ -228,7 +228,8 @@ def _write(directory: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict
     directory.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = directory / f"{stem}.npz", directory / f"{stem}.json"
     text = jsonout.dumps(meta, indent=2, default=_json_default)  # fails before any write
-    _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)
+    # numpy's stub types **kwds as if a name could be allow_pickle: ours are "input.x" & co.
+    _atomic_write(npz_path, lambda f: np.savez(f, **arrays), durable)  # type: ignore[arg-type]
     _atomic_write(json_path, lambda f: f.write(text.encode()), durable)
     return json_path
 
@@ -285,12 +286,13 @@ def save_divergence(ev, d, directory: Path) -> Path:
         "isolate": ev.settings.execution.isolate,
     }
     refs = [ev.impls[la].ref for la in labels]
+    labels_json = subject_labels_json(d.subject)
     return save_case(
         directory,
         spec=ev.spec,
         case=case,
         refs=refs,
-        pair=tuple(subject_labels_json(d.subject)),
+        pair=(labels_json[0], labels_json[1]),
         kind=d.kind,
         outcomes=outcomes,
         tolerance=(ev.tol.rtol, ev.tol.atol),
@@ -366,7 +368,8 @@ def _read_files(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
 
 def _spec_of(meta: dict[str, Any]) -> Spec:
     try:
-        return parse_spec(meta.get("spec") if isinstance(meta.get("spec"), str) else "")
+        text = meta.get("spec")
+        return parse_spec(text if isinstance(text, str) else "")
     except SpecError as e:
         raise ReproError(f"corrupt repro: spec: {e}") from None
 
@@ -388,10 +391,10 @@ def _recipe_of(meta: dict[str, Any]) -> Recipe | None:
 
 
 def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, npz_path: Path) -> Case:
-    sizes = meta.get("sizes")
+    sizes: Any = meta.get("sizes")  # untrusted JSON, checked by _need
     _need(isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values())
           and set(sizes) == set(spec.dims), "'sizes' do not match the spec's dims")
-    tmeta = meta.get("tensors")
+    tmeta: Any = meta.get("tensors")
     _need(isinstance(tmeta, dict) and set(tmeta) == {a.name for a in spec.args}, "'tensors' do not match the spec's arguments")
     recipe = _recipe_of(meta)
     tensors = {}
@@ -419,13 +422,13 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
 def load_repro(path: str | Path) -> Repro:
     meta, arrays, json_path, npz_path = _read_files(path)
     _need(meta.get("format") == FORMAT, f"not a {FORMAT} file")
-    pair = meta.get("pair")
+    pair: Any = meta.get("pair")  # untrusted JSON, checked by _need
     _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair), "'pair' must be two labels")
     _need(isinstance(meta.get("kind"), str), "'kind' missing")
     _need(meta["kind"] in Kind._value2member_map_, f"unknown kind {meta['kind']!r}")
     seed = meta.get("seed", 0)
     _need(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63, "'seed' must be an integer in [0, 2**63)")
-    impls = meta.get("implementations")
+    impls: Any = meta.get("implementations")
     _need(isinstance(impls, list) and all(isinstance(i, dict) and isinstance(i.get("label"), str) and isinstance(i.get("ref"), str) for i in impls), "'implementations' malformed")
     _need(all(i["label"].strip() for i in impls), "empty implementation label")
     # A label is printed, and written into generated tests: a control character (a carriage
@@ -634,7 +637,7 @@ def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
     base_dir = repro_base_dir(repro)
     # The other interpreter's worker has its own current folder: give it the file itself.
     return [elsewhere(replace(ref, target=str(_under(ref.target, base_dir))) if ref.is_path else ref)
-            if ref.label in remote else load_implementation(ref, base_dir=base_dir, factories="modules")
+            if ref.label in remote and elsewhere is not None else load_implementation(ref, base_dir=base_dir, factories="modules")
             for ref in trusted_refs(repro)]
 
 

@@ -232,6 +232,7 @@ class _Captured:
     text = ""
 
 
+_libc_fflush: Callable[..., Any] | None
 try:
     _libc_fflush = ctypes.CDLL(None).fflush
 except (OSError, AttributeError):  # pragma: no cover - no C library to flush

@@ -110,7 +110,7 @@ class Spec:
     def grad_args(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args if a.grad and a.is_float)
 
-    def with_sizes(self, **ranges: tuple[int, int]) -> "Spec":
+    def with_sizes(self, **ranges: tuple[int, int]) -> Spec:
         kept = tuple(s for s in self.sizes if s[0] not in ranges)
         return replace(self, sizes=kept + tuple((d, lo, hi) for d, (lo, hi) in ranges.items()))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from .engine import Evaluator
 from .explain import explain, float64_agrees
@@ -105,7 +105,7 @@ class Group:
     name = "group"
 
     def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
-        merged: dict[tuple, object] = {}
+        merged: dict[tuple, Any] = {}  # audit.Divergence
         for d in divergences:
             if d.explanation is None:
                 merged[(d.subject, d.kind, id(d))] = d
@@ -129,6 +129,8 @@ class Save:
 
     def __call__(self, divergences: Sequence, ctx: StageContext) -> list:
         directory = ctx.settings.outputs.save_dir
+        if directory is None:  # nowhere to save to (default_stages leaves Save out then)
+            return list(divergences)
         out = []
         for d in divergences:
             try:

@@ -399,7 +399,7 @@ def materialise(directory: Path) -> dict[str, Any]:
     repro, error = None, None
     try:
         repro = str(save_case(
-            save_dir, spec=spec, case=case, refs=refs, pair=tuple(partner), kind=kind, outcomes={label: Outcome(kind.value, error=said)},
+            save_dir, spec=spec, case=case, refs=refs, pair=(partner[0], partner[1]), kind=kind, outcomes={label: Outcome(kind.value, error=said)},
             tolerance=(context["tolerance"]["rtol"], context["tolerance"]["atol"]), seed=context["seed"],
             device=crumb["device"], extra={"detail": f"{label} {said}", "timeout": crumb.get("limit")}, cwd=context["cwd"],
         ))

@@ -91,7 +91,7 @@ class Boundary:
 
     agree_at: float
     diverge_at: float
-    kind: str
+    kind: Kind
     step: tuple[float, float] = (math.nan, math.nan)  # the grid points it was found between
 
     @property
@@ -166,6 +166,7 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
             continue
         agree, diverge = (a, b) if b.verdict.kind else (b, a)
         lo, hi = bisect(lambda v: bool(verdict_at(v).kind), agree.value, diverge.value, log=knob.log)
+        assert diverge.verdict.kind is not None  # the diverging end of the bracket has a kind
         boundaries.append(Boundary(lo, hi, diverge.verdict.kind, (a.value, b.value)))
     ordered = tuple(sorted(evaluated, key=lambda p: p.value))
     return SweepResult(pair, knob, tuple(grid), tuple(boundaries), len(evaluated), case, ordered)

@@ -194,6 +194,7 @@ def summary_diff(actual: Summary | None, expected: Summary | None, tol: Toleranc
     if (actual.nans, actual.posinfs, actual.neginfs) != (expected.nans, expected.posinfs, expected.neginfs):
         return (f"NaN/+inf/-inf counts differ: expected {expected.nans}/{expected.posinfs}/{expected.neginfs}, "
                 f"actual {actual.nans}/{actual.posinfs}/{actual.neginfs}")
+    assert actual.sample is not None and expected.sample is not None  # a summary without values has a sample
     d = diff_tensors("output (sampled elements)", actual.sample, expected.sample, tol)
     if d.score > 1.0:
         return diff_message(d)
@@ -231,7 +232,7 @@ class OpRecord:
     origin: int | None  # backward: the forward record whose autograd node ran this op
     key: tuple  # what alignment matches on
 
-    def describe(self, records: Sequence["OpRecord"]) -> str:
+    def describe(self, records: Sequence[OpRecord]) -> str:
         if self.origin is not None and self.phase is Phase.BACKWARD:
             return f"{self.op} (backward of {records[self.origin].op})"
         return self.op
@@ -287,7 +288,7 @@ def own_root(impl: Implementation) -> str | None:
     if module is None:
         module = sys.modules.get(getattr(target, "__module__", None) or "")
     file = getattr(module, "__file__", None)
-    if not file:
+    if not file or module is None:
         return None
     file = os.path.abspath(file)
     top = sys.modules.get(module.__name__.partition(".")[0])
@@ -583,7 +584,7 @@ def _same_forward_value(other: Sequence[OpRecord], own: Sequence[OpRecord], othe
     side's own departure stands."""
     origin = other[other_dep].origin
     partner = other_to_own.get(origin) if origin is not None else None
-    if partner is None or not other[origin].outputs or not own[partner].outputs:
+    if partner is None or origin is None or not other[origin].outputs or not own[partner].outputs:
         return False
     return summary_diff(own[partner].outputs[0], other[origin].outputs[0], tol) is None
 
@@ -593,9 +594,10 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
     """One side's gradient runs ops the other lacks; on the lacking side the cause is the
     partner of the forward op those ops belong to — or, if that op reads something
     only this side computes (a ``.detach()``), that."""
-    if other_root is None or other[other_root].origin is None:
+    origin = other[other_root].origin if other_root is not None else None
+    if origin is None:
         return None
-    partner = other_to_own.get(other[other_root].origin)
+    partner = other_to_own.get(origin)
     if partner is None:
         return None
     cut = _unaligned_root(own, own[partner].producers, own_aligned)
@@ -724,10 +726,11 @@ class _Walk:
         """A gradient is the same quantity only as the gradient of the same forward value:
         counterpart forward ops, or forward ops whose outputs agree.  (In a degenerate case
         the gradients of two different cost matrices can be equal to the digit.)"""
-        mine = self.own.records[self.own.records[producer].origin]
+        origin = self.own.records[producer].origin
         theirs = None if other is None else self.other.records[other].origin
-        if theirs is None:
+        if origin is None or theirs is None:  # as for the other side: no forward value to share
             return False
+        mine = self.own.records[origin]
         partner = self.partner.get(mine.index)
         out = mine.outputs[0] if mine.outputs else None
         if partner is not None and out is not None and self.other.records[partner].outputs and \
@@ -913,7 +916,7 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
             exact = _Walk(walk.own, walk.other, walk.partner, _EXACT)
             clean = start is not None and all(exact.shared(s, q) for s, q in
                                               zip(walk.own.records[start].inputs, walk.own.records[start].producers))
-            if clean and start != dep and walk.own.records[start].site is not None:
+            if clean and start is not None and start != dep and walk.own.records[start].site is not None:
                 carried[walk.own.label] = (f"{walk.own.label}'s {_at(walk.own, dep)} only carries past the tolerance a smaller "
                                            f"difference that starts at the line named")
                 dep = start
@@ -957,8 +960,9 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
     confidence, reason = _confidence(cov, how, list(carried), (walk_a, a[cause_a], dep_a), (walk_b, b[cause_b], dep_b),
                                      near_zero=_near_zero(res_a.summary, res_b.summary, tol))
     parts.append(f"confidence {confidence.value} ({reason})")
-    return Localisation(lines, "; ".join(parts + [why, coverage]), cov, values, confidence=confidence,
-                        side=_side_under_test(lines, le, la))
+    found = {label: where for label, where in lines.items() if where is not None}  # all of them: none is missing
+    return Localisation(found, "; ".join(parts + [why, coverage]), cov, values, confidence=confidence,
+                        side=_side_under_test(found, le, la))
 
 
 def _near_zero(sa: Summary | None, sb: Summary | None, tol: Tolerance) -> bool:
