@@ -392,9 +392,12 @@ def materialise(directory: Path) -> dict[str, Any]:
         case = load_input(crumb["saved"], spec)
     partner = _partner(label, context)
     refs = [parse_ref(f"{i['label']}={i['ref']}") for i in context["implementations"] if i["label"] in partner]
-    save_dir = Path(context["save_dir"] or ".")
-    if not save_dir.is_absolute():
-        save_dir = Path(context["cwd"]) / save_dir
+    if context["save_dir"] is None:  # --no-save: the input that killed the run is still the one record of it, kept
+        save_dir = Path(tempfile.mkdtemp(prefix="losscmp-crash-"))  # out of the way, not in the working folder
+    else:
+        save_dir = Path(context["save_dir"])
+        if not save_dir.is_absolute():
+            save_dir = Path(context["cwd"]) / save_dir
     said = _said(kind.value, crumb["how"])
     repro, error = None, None
     try:
