@@ -418,7 +418,7 @@ def test_sweep_states_each_boundary_as_a_fact_about_its_grid_step_not_a_global_t
         assert main(["sweep", *pair, *grid]) == 1
         out = capsys.readouterr().out
         assert "agree for scale <" not in out and "diverge above" not in out  # no claim beyond what was evaluated
-        (line,) = [l for l in out.splitlines() if l.startswith("boundary: ")]
+        (line,) = [x for x in out.splitlines() if x.startswith("boundary: ")]
         assert line.startswith("boundary: agrees at scale = ") and "(between grid points " in line
         found.append(line)
     assert found[0] != found[1]  # the two grids bracket different crossings: each is said as its own fact

@@ -354,7 +354,7 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     print_audit(result, console, details=not args.quiet, verbose=args.verbose)
-    record = audit_json(result, replayed) if args.json or args.html else None
+    record = audit_json(result, replayed) if args.json or args.html else {}
     if args.json:
         write_json(record, args.json, stdout=json_out)
     if args.html:

@@ -145,7 +145,7 @@ def _finding(i: int, d: dict[str, Any]) -> str:
 
 def _sites(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{label: {file, line, code, op}} of the finding's location, wherever the record keeps it."""
-    explanation = d.get("explanation") if isinstance(d.get("explanation"), dict) else {}
+    explanation: dict[str, Any] = d["explanation"] if isinstance(d.get("explanation"), dict) else {}
     location = d.get("location") or explanation.get("location")
     if not isinstance(location, dict):
         return {}

@@ -476,7 +476,7 @@ def _infer(impls: Sequence[Implementation], dtype: torch.dtype, device: str, run
         first = sorted(required)[0]
         impl = next(i for i in impls if _required_keywords(i.fn))
         sig = _signature(impl.fn)
-        wanted = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        wanted = [p.name for p in (sig.parameters.values() if sig else ()) if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         call = ", ".join(f"{n}={n}" if n in required else n for n in wanted)
         # A keyword-only parameter may be a tensor (logits=...), which losscmp passes by
         # position, or an option, which a spec sets: name both mends, guess neither.
@@ -523,7 +523,8 @@ def _same_arguments(impls: Sequence[Implementation]) -> None:
     short = [la for la, (_, hi) in known.items() if hi < need]
     if short:
         la = short[0]
-        takes = ", ".join(p for p in _signature(next(i.fn for i in impls if i.label == la)).parameters)
+        sig = _signature(next(i.fn for i in impls if i.label == la))
+        takes = ", ".join(sig.parameters) if sig else "?"
         other = next(o for o, (lo, _) in known.items() if lo == need)
         raise InferenceError(f"{la} takes {known[la][1]} tensor argument(s) ({takes}) where {other} needs {need}: losscmp calls "
                              f"every implementation with the same tensors, in order; wrap {la} so that it takes them as "

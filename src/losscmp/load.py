@@ -134,11 +134,11 @@ def _quote_hint(text: str, call: ast.Call | None = None) -> str:
     if "(" not in meant:
         return ""
     if call is not None:  # SamplesLoss(loss=sinkhorn): a bare name where the shell ate a string's quotes
-        names = [k for k in call.keywords if isinstance(k.value, ast.Name)]
+        names = [(k.arg, k.value.id) for k in call.keywords if k.arg is not None and isinstance(k.value, ast.Name)]
         if not names:
             return ""
-        for k in names:
-            meant = re.sub(rf"\b{re.escape(k.arg)}\s*=\s*{re.escape(k.value.id)}\b", f'{k.arg}="{k.value.id}"', meant)
+        for arg, name in names:
+            meant = re.sub(rf"\b{re.escape(arg)}\s*=\s*{re.escape(name)}\b", f'{arg}="{name}"', meant)
     elif not meant.endswith(")"):
         meant = meant.rstrip(", ") + ", ...)"  # split at a space: the rest went into the next argument
     else:

@@ -560,7 +560,7 @@ def repro_base_dir(repro: Repro) -> Path:
         usable = isinstance(base, str) and Path(base).is_dir()
     except OSError:  # a name too long: as unusable as a folder that is gone
         usable = False
-    if repro.meta.get("paths") != PATHS_FROM_PROJECT_ROOT and usable:
+    if repro.meta.get("paths") != PATHS_FROM_PROJECT_ROOT and usable and isinstance(base, str):
         return Path(base)
     # The project of the current folder first (this checkout's files); where its files are
     # not there (a replay from outside the project), the project holding the repro, then
