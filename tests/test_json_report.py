@@ -26,7 +26,7 @@ def bce_demo(tmp_path_factory):
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--no-save", "--json", str(out)])
+        code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--no-save", "--json", str(out), "-v"])  # -v: the evidence lines (minimised in, cost) it checks
     return code, buffer.getvalue(), _strict(out.read_text())
 
 

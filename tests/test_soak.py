@@ -150,6 +150,8 @@ def test_a_crash_with_json_on_stdout_keeps_stdout_pure_json(tmp_path):
     proc, _ = losscmp(f"{MIS}:mse", f"{MIS}:segfaults", "--spec", "regression", "--examples", "30", "--no-save", "--json", "-")
     data = json.loads(proc.stdout)  # the human summary went to stderr
     assert proc.returncode == 1 and data["tally"]["crash"] == 1 and "found until then" in proc.stderr
+    kept = Path(data["divergences"][-1]["repro"])  # --no-save: kept in a temporary folder, not the working folder
+    assert kept.exists() and kept.parent.name.startswith("losscmp-crash-") and not list(REPO.glob("mse--segfaults--*"))
 
 
 @pytest.mark.slow  # starts losscmp in a fresh interpreter

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +54,15 @@ class ProbeError(LosscmpError):
     """The implementations cannot be run on this spec at all."""
 
 
+def _return_hint(o: Outcome) -> str:
+    """The mend for a return that is not a scalar tensor."""
+    if o.status is Status.NON_SCALAR:
+        return "reduce it to one number (e.g. .mean()), or add 'output=any' to --spec to compare the per-element losses"
+    if o.error and o.error.startswith("returned numpy."):
+        return "compute the loss with torch (a numpy value carries no gradient)"
+    return "is --spec right?"
+
+
 # Inputs tried before the search (one bad draw must not decide anything): tame, then
 # every dim at its smallest (size-1 dims break reductions), then tame again.
 PROBE_SIZES = (4, 1, 4)
@@ -84,7 +94,7 @@ def probe(ev: Evaluator, inputs: int = PROBE_INPUTS) -> list[tuple[Case, dict[st
     for label in ev.impls:
         statuses = {o[label].status for o in tame}
         if len(statuses) == 1 and statuses <= {Status.NON_TENSOR, Status.NON_SCALAR}:
-            raise ProbeError(f"{label} {probed[0][1][label].error} on every probe input ({first.describe()}); is --spec right?")
+            raise ProbeError(f"{label} {probed[0][1][label].error} on every probe input ({first.describe()}); {_return_hint(probed[0][1][label])}")
     if all(o.failed for _, outcomes in probed for o in outcomes.values()):
         label, o = next(iter(probed[0][1].items()))
         raise ProbeError(f"every implementation failed on every probe input ({first.describe()}), e.g. {label} {o.error}; is --spec right?")
@@ -412,6 +422,11 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None, 
     return exploration
 
 
+_LOCAL_CONSTANTS_LOCK = threading.Lock()
+_local_constants_users = 0
+_local_constants_original: Any = None
+
+
 @contextlib.contextmanager
 def _without_local_constants() -> Iterator[None]:
     """Keep "same seed, same cases" true whatever the process has imported.
@@ -420,22 +435,32 @@ def _without_local_constants() -> Iterator[None]:
     in ``sys.modules`` into its draws, so a seed's cases would change with what else
     got imported (losscmp's own minimiser, the user's other test modules).  losscmp's
     exploration opts out by giving that (private) hook an empty pool; with a Hypothesis
-    that has no such hook there is nothing to do.
+    that has no such hook there is nothing to do.  Counted, because explorations may run
+    side by side in threads (``--ray`` with ``--jobs``): the first in patches the hook and
+    the last out restores it, so no exploration runs with the pool restored under it.
     """
+    global _local_constants_users, _local_constants_original
     try:
         from hypothesis.internal.conjecture import providers
         from hypothesis.internal.constants_ast import Constants
 
-        original = providers._get_local_constants
+        providers._get_local_constants  # noqa: B018  (the check: the hook exists in this Hypothesis)
     except (ImportError, AttributeError):  # pragma: no cover - older/newer Hypothesis
         yield
         return
-    empty = Constants()
-    providers._get_local_constants = lambda: empty
+    with _LOCAL_CONSTANTS_LOCK:
+        if _local_constants_users == 0:
+            _local_constants_original = providers._get_local_constants
+            empty = Constants()
+            providers._get_local_constants = lambda: empty
+        _local_constants_users += 1
     try:
         yield
     finally:
-        providers._get_local_constants = original
+        with _LOCAL_CONSTANTS_LOCK:
+            _local_constants_users -= 1
+            if _local_constants_users == 0:
+                providers._get_local_constants = _local_constants_original
 
 
 __all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]

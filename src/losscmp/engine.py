@@ -6,7 +6,8 @@ stage after the search.  How a call is made is the runner's business:
 * :class:`InProcessRunner` — a plain call in this process (the default);
 * ``isolate.IsolatedRunner`` — a worker process per implementation (``--isolate``):
   a segfault or a hang becomes a finding;
-* an other-interpreter runner (``--python LABEL=PATH``), as it lands.
+* ``interpreter.InterpreterRunner`` — a side under another interpreter (``--python``);
+* ``cluster.RayRunner`` — an actor on a Ray cluster (``--ray``).
 
 Every runner returns the same :class:`~losscmp.run.Outcome`, so nothing downstream
 knows or cares which one ran.
@@ -23,6 +24,7 @@ from .compare import Tolerance, Verdict, compare_outcomes
 from .errors import UsageError, shown
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
+from .cluster import RayRunner
 from .interpreter import InterpreterRunner
 from .isolate import IsolatedRunner
 from .load import Implementation
@@ -70,6 +72,7 @@ RUNNERS: dict[RunnerKind, Callable[[Execution, RunRecord], Runner]] = {
     RunnerKind.IN_PROCESS: lambda execution, record: InProcessRunner(),
     RunnerKind.ISOLATED: _isolated,
     RunnerKind.OTHER_INTERPRETER: _other_interpreter,
+    RunnerKind.RAY: lambda execution, record: RayRunner(execution.ray or "local", timeout=execution.timeout, record=record),
 }
 
 

@@ -16,7 +16,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +25,11 @@ from typing import Callable, Sequence
 import torch
 
 from . import breadcrumbs
+from .cluster import stop_ray_runners
 from .engine import Evaluator
 from .errors import LosscmpError, UsageError
 from .load import Implementation, Ref, load_implementation
-from .settings import Settings
+from .settings import RunnerKind, Settings
 from .spec import Spec
 
 
@@ -79,6 +80,11 @@ _INHERITED: dict[str, Sequence[Implementation]] = {}  # what forked workers find
 def _explore_share(explore: Callable, refs: tuple[Ref, ...] | None, spec: Spec, settings: Settings, threads: int):
     torch.set_num_threads(threads)  # N workers share the cores instead of fighting over them
     impls = _INHERITED["impls"] if refs is None else [load_implementation(r) for r in refs]
+    return explore_share_here(explore, impls, spec, settings)
+
+
+def explore_share_here(explore: Callable, impls: Sequence[Implementation], spec: Spec, settings: Settings):
+    """One share's exploration in this process, with the runner its settings ask for."""
     ev = Evaluator(impls, spec, settings)
     try:
         exploration = explore(ev)
@@ -94,6 +100,8 @@ def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec:
     """``explore`` (:func:`losscmp.audit.explore`, passed in: the audit stands above this
     module) runs in each worker on its share of the examples; the explorations are merged."""
     ex = settings.execution
+    if ex.runner is RunnerKind.RAY:
+        return _merged(_explore_on_ray(explore, impls, spec, plan_shares(settings)), on_case)
     jobs = ex.jobs
     fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized() and not ex.devices
     if not fork:
@@ -102,16 +110,7 @@ def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec:
             raise UsageError(f"--jobs with CUDA needs implementations importable by reference; {', '.join(unimportable)} cannot be")
     refs = None if fork else tuple(_portable(i.ref) for i in impls)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    plans = []
-    for worker, examples in enumerate(shares(settings.search.examples, jobs)):
-        if examples == 0:
-            continue
-        device = ex.devices[worker] if ex.devices else ex.device
-        plans.append(replace(
-            settings,
-            search=replace(settings.search, examples=examples, seed=worker_seed(settings.search.seed, worker)),
-            execution=replace(ex, jobs=1, devices=(), device=device),
-        ))
+    plans = plan_shares(settings)
     context = multiprocessing.get_context("fork" if fork else "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     _INHERITED["impls"] = impls
     try:
@@ -126,6 +125,42 @@ def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec:
                          "or without --jobs to have the crashing implementation and its input named") from None
     finally:
         _INHERITED.clear()
+    return _merged(explorations, on_case)
+
+
+def plan_shares(settings: Settings) -> list[Settings]:
+    """Each worker's settings: its share of the examples, its own seed, its device."""
+    ex = settings.execution
+    plans = []
+    for worker, examples in enumerate(shares(settings.search.examples, ex.jobs)):
+        if examples == 0:
+            continue
+        device = ex.devices[worker] if ex.devices else ex.device
+        plans.append(replace(
+            settings,
+            search=replace(settings.search, examples=examples, seed=worker_seed(settings.search.seed, worker)),
+            execution=replace(ex, jobs=1, devices=(), device=device),
+        ))
+    return plans
+
+
+def _explore_on_ray(explore: Callable, impls: Sequence[Implementation], spec: Spec, plans: list[Settings]) -> list:
+    """``--ray`` with ``--jobs N``: the N shares explored side by side in threads of this
+    process, each calling the implementations through its own actor (``cluster.RayRunner``).
+    The threads mostly wait for their actors; the plans and the merge are ``--jobs``' own, so
+    the report is the one ``--jobs N`` gives for the same seed."""
+    with ThreadPoolExecutor(max_workers=len(plans), thread_name_prefix="losscmp-ray") as pool:
+        futures = [pool.submit(explore_share_here, explore, impls, spec, plan) for plan in plans]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C, or one share failed: the others stop at their next call
+            for f in futures:
+                f.cancel()
+            stop_ray_runners()
+            raise
+
+
+def _merged(explorations: list, on_case: Callable[[int, float], None] | None):
     merged = explorations[0]
     for other in explorations[1:]:
         merged.absorb(other)

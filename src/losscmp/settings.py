@@ -10,6 +10,7 @@ the CLI and the pytest plugin pass their save folders explicitly.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -64,6 +65,7 @@ class RunnerKind(str, Enum):
     IN_PROCESS = "in-process", False
     ISOLATED = "isolated", True
     OTHER_INTERPRETER = "other interpreter", True
+    RAY = "ray", True  # an actor on a Ray cluster (--ray): killed and restarted on a hang
 
     stops_hung_calls: bool  # set per member by __new__; an annotation only, so not a member
 
@@ -74,9 +76,11 @@ class RunnerKind(str, Enum):
         return member
 
     @classmethod
-    def choose(cls, isolate: bool, pythons: object) -> RunnerKind:
-        """The one place the runner is chosen: another interpreter (its other sides isolated
-        when asked), isolation, or a plain call."""
+    def choose(cls, isolate: bool, pythons: object, ray: str | None = None) -> RunnerKind:
+        """The one place the runner is chosen: a Ray cluster, another interpreter (its other
+        sides isolated when asked), isolation, or a plain call."""
+        if ray:
+            return cls.RAY
         return cls.OTHER_INTERPRETER if pythons else cls.ISOLATED if isolate else cls.IN_PROCESS
 
 
@@ -88,6 +92,12 @@ def check_timeout(timeout: float | None, runner: RunnerKind,
         raise UsageError(f"{names[0]} needs {names[1]} or {names[2]} (a hung call can only be stopped in a worker process)")
 
 
+def check_ray_installed() -> None:
+    """``--ray`` without Ray: one line naming the extra that brings it."""
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError('--ray needs Ray, which is not installed here: pip install "losscmp[ray]"')
+
+
 @dataclass(frozen=True)
 class Execution:
     device: str = "cpu"
@@ -97,6 +107,7 @@ class Execution:
     pythons: tuple[tuple[str, str], ...] = ()  # (label, interpreter path): run that side there
     jobs: int = 1  # worker processes sharing the example budget
     devices: tuple[str, ...] = ()  # one worker per device (--devices cuda:0,cuda:1); overrides jobs
+    ray: str | None = None  # "local" or a cluster's address: calls made by Ray actors (cluster.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", checked_device(self.device))
@@ -108,10 +119,27 @@ class Execution:
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"timeout must be a positive number of seconds, not {self.timeout}")
         check_timeout(self.timeout, self.runner)
+        if self.ray is not None:
+            self._check_ray()
+
+    def _check_ray(self) -> None:
+        """What runs under --ray today: CPU calls by actors that load references.  The rest
+        is refused in one line rather than run somewhere other than asked."""
+        if not (isinstance(self.ray, str) and self.ray.strip()):
+            raise UsageError("--ray needs 'local' or a cluster address (auto, HOST:PORT, ray://HOST:PORT)")
+        check_ray_installed()
+        refused = (
+            (self.isolate, "--isolate", "a Ray actor already is a worker process: a crash or a hang there is a finding"),
+            (self.pythons, "--python", "start the cluster's Ray workers with that interpreter instead"),
+            (self.devices or self.device != "cpu", "--device cuda / --devices", "CUDA actors are not scheduled yet"),
+        )
+        for given, option, why in refused:
+            if given:
+                raise UsageError(f"{option} is not supported with --ray ({why})")
 
     @property
     def runner(self) -> RunnerKind:
-        return RunnerKind.choose(self.isolate, self.pythons)
+        return RunnerKind.choose(self.isolate, self.pythons, self.ray)
 
 
 @dataclass(frozen=True)

@@ -392,16 +392,19 @@ def materialise(directory: Path) -> dict[str, Any]:
         case = load_input(crumb["saved"], spec)
     partner = _partner(label, context)
     refs = [parse_ref(f"{i['label']}={i['ref']}") for i in context["implementations"] if i["label"] in partner]
-    save_dir = Path(context["save_dir"] or ".")
-    if not save_dir.is_absolute():
-        save_dir = Path(context["cwd"]) / save_dir
+    if context["save_dir"] is None:  # --no-save: the input that killed the run is still the one record of it, kept
+        save_dir = Path(tempfile.mkdtemp(prefix="losscmp-crash-"))  # out of the way, not in the working folder
+    else:
+        save_dir = Path(context["save_dir"])
+        if not save_dir.is_absolute():
+            save_dir = Path(context["cwd"]) / save_dir
     said = _said(kind.value, crumb["how"])
     repro, error = None, None
     try:
         repro = str(save_case(
             save_dir, spec=spec, case=case, refs=refs, pair=(partner[0], partner[1]), kind=kind, outcomes={label: Outcome(kind.value, error=said)},
             tolerance=(context["tolerance"]["rtol"], context["tolerance"]["atol"]), seed=context["seed"],
-            device=crumb["device"], extra={"detail": f"{label} {said}", "base_dir": context["cwd"], "timeout": crumb.get("limit")},
+            device=crumb["device"], extra={"detail": f"{label} {said}", "timeout": crumb.get("limit")}, cwd=context["cwd"],
         ))
     except (OSError, TypeError, ValueError) as e:  # an unwritable save folder: the finding stands without its file
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"

@@ -1,0 +1,279 @@
+"""How many statements in losscmp's explanations are untrue, on pairs whose answer is known.
+
+Each row of PAIRS is a pair with its TRUE answer written down by hand (in the pair's
+comment: why): for each kind of finding, the category, the unstable side (numerical
+findings), the cause of a non-finite value float64 keeps, which sides' gradients are
+(in)consistent, and the relation of the values.  The audit runs through the command
+line (``losscmp.cli.main``, ``--json``) over several seeds; every field it states is
+checked against the truth.  Also checked on every run, with no hand-written answer:
+the relation never calls "equal" more cases than the verdict lets agree.  CASES are
+hand-made inputs the search may not draw (identical images), explained directly.
+
+    python scripts/bench_truth.py [--seeds 0 1 2] [--examples 100] [--no-keops]
+
+Prints one line per checked statement that is untrue, a table per pair, and the
+totals: statements checked, untrue (goal 0), findings missed, false alarms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
+from io import StringIO
+from pathlib import Path
+
+import torch
+
+from losscmp.cli import main
+from losscmp.compare import Tolerance
+from losscmp.generate import Case
+from losscmp.load import load_implementation
+from losscmp.spec import parse_spec
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What is true of one kind of finding of a pair (None: not claimed, not checked)."""
+
+    category: frozenset[str]  # the categories that are true (two causes: both)
+    unstable: str | None = None  # the side that is off its own float64 result, for numerical ones
+    origin: str | None = None  # cause of a non-finite value float64 keeps (semantic, non-finite)
+    consistent: dict[str, bool | None] = field(default_factory=dict)  # side -> its gradient is its value's derivative
+
+
+@dataclass(frozen=True)
+class PairTruth:
+    name: str
+    a: str
+    b: str
+    spec: str
+    kinds: dict[str, Truth | tuple[Truth, ...]]  # kind -> truth (or alternatives, one per category); a kind not listed is a false alarm
+    relation: str | None = None  # the relation of the values over the finite cases
+    offset: float | None = None
+    factor: float | None = None
+    seeds: tuple[int, ...] | None = None  # None: all seeds
+    may_miss: bool = False  # the search may not draw the input (identical images)
+    examples: int | None = None  # None: --examples
+
+
+def T(*cats: str, **kw) -> Truth:
+    return Truth(frozenset(cats), **kw)
+
+
+F, X = f"{FIXTURES}/", f"{FIXTURES}/truth.py:"
+PAIRS = [
+    # BCELoss on sigmoid saturates in float32 (sigmoid(z) -> 1, log clamp -100): numerical on
+    # the value.  Its backward clamps p(1-p) at 1e-12 in any dtype: the gradient finding is
+    # semantic and bce_on_sigmoid's gradient is not its value's derivative there.
+    PairTruth("bce sigmoid vs logits", F + "bce.py:bce_on_sigmoid", F + "bce.py:bce_with_logits", "binary",
+              {"value": T("numerical", unstable="bce_on_sigmoid"),
+               "gradient": T("semantic", consistent={"bce_with_logits": True, "bce_on_sigmoid": False})},
+              relation="equal"),
+    # log(softmax) underflows to log 0 for large logits in float32; log_softmax does not.
+    PairTruth("log(softmax) vs log_softmax", F + "cross_entropy.py:log_of_softmax", F + "cross_entropy.py:log_softmax_nll",
+              "classification", {"nonfinite": T("numerical", unstable="log_of_softmax"),
+                                 "value": T("numerical", unstable="log_of_softmax"),
+                                 "gradient": T("numerical", unstable="log_of_softmax")}, relation="equal"),
+    # HuberLoss(delta=2) = 2 x SmoothL1Loss(beta=2): a factor, gradients parallel.
+    PairTruth("huber vs smooth_l1", F + "regression.py:huber", F + "regression.py:smooth_l1", "regression",
+              {"value": T("semantic", consistent={"huber": True, "smooth_l1": True}),
+               "gradient": T("semantic")}, relation="factor", factor=0.5),
+    # Two equivalent pairs: any finding is a false alarm.
+    PairTruth("mse_loss vs mean_square", "torch.nn.functional:mse_loss", F + "regression.py:mean_square", "regression", {},
+              relation="equal"),
+    PairTruth("log_softmax_nll vs cross_entropy", F + "cross_entropy.py:log_softmax_nll", F + "cross_entropy.py:cross_entropy",
+              "classification", {}, relation="equal"),
+    # HuberLoss(delta=1) and SmoothL1Loss(beta=1) are the same function (torch built-ins).
+    PairTruth("F.huber_loss vs F.smooth_l1_loss", "torch.nn.functional:huber_loss", "torch.nn.functional:smooth_l1_loss",
+              "regression", {}, relation="equal"),
+    # Two causes: cancellation (numerical, the fork unstable) and a cap (semantic).  A
+    # non-finite finding is either: x = t = 1e20 makes the fork's x² - 2xt + t² = inf - inf
+    # (numerical, the fork unstable), or a huge error overflows mse's (x - t)² while the
+    # fork caps it, which float64 keeps different (semantic).
+    PairTruth("mse vs mse_fork (two causes)", F + "two_causes.py:mse", F + "two_causes.py:mse_fork", "regression",
+              {"value": T("numerical", "semantic", unstable="mse_fork"), "gradient": T("numerical", "semantic", unstable="mse_fork"),
+               "nonfinite": T("numerical", "semantic", unstable="mse_fork")}),
+    # vector_norm's backward masks 0/0; sqrt(sum x^2) has a NaN gradient at an exact 0 in
+    # any dtype (semantic, sqrt's slope at 0) — and at x ~ 1e-23, where x² underflows to 0
+    # in float32 only (numerical, norm_sqrt unstable, its float64 gradient is right).
+    PairTruth("vector_norm vs sqrt(sum x^2)", X + "norm", X + "norm_sqrt", "x: B real grad; B=1..8",
+              {"nonfinite": (T("semantic", origin="slope of sqrt at 0", consistent={"norm_sqrt": False}),
+                             T("numerical", unstable="norm_sqrt", consistent={"norm_sqrt": True}))}, relation="equal"),
+    # -log(p) vs -log(clamp(p, 1e-7)): log 0 at p = 0 in any dtype; below 1e-7 the clamp
+    # changes value and gradient (a denormal p: -1/p overflows in float32, float64 still differs).
+    PairTruth("log vs clamped log", X + "nll_clamped", X + "nll", "p: B unit grad; B=1..8",
+              {"nonfinite": T("semantic", origin="log 0"), "value": T("semantic"), "gradient": T("semantic")}),
+    # GaussianNLLLoss omits 0.5 log 2pi and clamps var at 1e-6 (value flat, gradient not).
+    PairTruth("GaussianNLLLoss vs -Normal.log_prob", X + "gaussian_nll", X + "normal_nll",
+              "input: B real grad; target: B real; var: B positive grad; B=1..8",
+              {"value": T("semantic"), "gradient": T("semantic"), "nonfinite": T("semantic")},
+              relation="offset", offset=HALF_LOG_2PI),
+    # exp(z) overflows past 88.72 in float32: PoissonNLLLoss' inf is correct, the
+    # distribution's inf - inf = NaN is the broken side.
+    PairTruth("PoissonNLLLoss vs -Poisson.log_prob", X + "poisson_nll", X + "poisson_log_prob",
+              "input: B real grad; target: B binary; B=1..8",
+              {"nonfinite": T("numerical", unstable="poisson_log_prob")}, relation="equal"),
+    # PSNR: identical images give MSE = 0 -> 1/0 on the unguarded side (needs the search to
+    # draw them); below MSE = 1e-10 the guard changes the value too (semantic).
+    PairTruth("PSNR guarded vs plain", X + "psnr_guarded", X + "psnr", "preds: B image grad; target: B image; B=1..8",
+              {"nonfinite": T("semantic", origin="division by 0"), "value": T("semantic"), "gradient": T("semantic")}, may_miss=True),
+    # geomloss: a plain-torch Sinkhorn vs the official tensorized one: the same algorithm.
+    PairTruth("sinkhorn handwritten vs geomloss", F + "sinkhorn_torch.py:handwritten", F + "sinkhorn_torch.py:official",
+              "x: N D real grad; y: M D real grad; N=1..8; M=1..8; D=1..3", {}, relation="equal", seeds=(0,)),
+    # geomloss tensorized vs KeOps online: the tensorized backend expands |x - y|² as
+    # |x|² + |y|² - 2<x, y>, which cancels in float32 at large offsets; online computes
+    # (x - y)² directly (fixtures/README: -21 is exact).  Numerical, tensorized unstable.
+    PairTruth("geomloss tensorized vs online (KeOps)", F + "sinkhorn_torch.py:official", F + "sinkhorn_torch.py:official_online",
+              "x: N D real grad; y: M D real grad; N=1..8; M=1..8; D=1..3",
+              {"value": T("numerical", unstable="official"), "gradient": T("numerical", unstable="official")},
+              seeds=(0,), examples=30),
+]
+
+# Inputs the search may not draw, explained directly: (name, good, bad, spec, tensors, truth)
+CASES = [
+    ("PSNR on identical images", X + "psnr_guarded", X + "psnr", "preds: B image grad; target: B image; B=1..8",
+     lambda: (lambda t: {"preds": t.clone(), "target": t.clone()})(torch.rand(6, generator=torch.Generator().manual_seed(0))),
+     T("semantic", origin="division by 0")),
+    ("sqrt(sum x^2) at 0", X + "norm", X + "norm_sqrt", "x: B real grad; B=1..8", lambda: {"x": torch.zeros(6)},
+     T("semantic", origin="slope of sqrt at 0", consistent={"norm_sqrt": False})),
+    ("-log(p) at p = 0", X + "nll_clamped", X + "nll", "p: B unit grad; B=1..8", lambda: {"p": torch.tensor([0.5, 0.0, 0.25])},
+     T("semantic", origin="log 0")),
+    ("GaussianNLLLoss under its var clamp", X + "normal_nll", X + "gaussian_nll",
+     "input: B real grad; target: B real; var: B positive grad; B=1..8",
+     lambda: {"input": torch.tensor([0.0]), "target": torch.tensor([1.0]), "var": torch.tensor([1e-30])},
+     T("semantic", consistent={"gaussian_nll": False, "normal_nll": True})),
+    ("PoissonNLLLoss at z = 89", X + "poisson_nll", X + "poisson_log_prob", "input: B real grad; target: B binary; B=1..8",
+     lambda: {"input": torch.tensor([89.0]), "target": torch.tensor([1.0])}, T("numerical", unstable="poisson_log_prob")),
+]
+
+
+@dataclass
+class Tally:
+    checked: int = 0
+    untrue: list[str] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)
+
+    def check(self, where: str, what: str, claimed, true, ok: bool) -> None:
+        self.checked += 1
+        if not ok:
+            self.untrue.append(f"UNTRUE {where}: {what}: losscmp says {claimed!r}, true is {true!r}")
+
+
+def check_finding(tally: Tally, where: str, d: dict, truths: Truth | tuple[Truth, ...]) -> str:
+    alternatives = truths if isinstance(truths, tuple) else (truths,)
+    cat = d.get("category")
+    allowed = sorted(set().union(*(t.category for t in alternatives)))
+    tally.check(where, "category", cat, allowed, cat in allowed)
+    truth = next((t for t in alternatives if cat in t.category), alternatives[0])
+    if cat == "numerical" and truth.unstable:
+        tally.check(where, "unstable side", d.get("unstable_side"), truth.unstable, d.get("unstable_side") == truth.unstable)
+    nested = d.get("explanation") if isinstance(d.get("explanation"), dict) else {}
+    origin = (d.get("origin") or nested.get("origin") or {}).get("cause")
+    if origin is not None:  # a claimed origin must be the true one (a wrong "unknown" is already a wrong category)
+        tally.check(where, "non-finite origin", origin, truth.origin, origin == truth.origin)
+    for side, consistent in truth.consistent.items():
+        said = (d.get("self_consistency") or {}).get(side, {}).get("consistent")
+        if said is not None:  # not checked (no verdict) is not a claim
+            tally.check(where, f"self-consistency of {side}", said, consistent, said == consistent)
+    return f"{cat}" + (f" ({d.get('unstable_side')} unstable)" if cat == "numerical" else "")
+
+
+def check_relation(tally: Tally, where: str, report: dict, pair: PairTruth) -> str:
+    ds = report["divergences"]
+    rel = next((d.get("relation") for d in ds if d.get("relation")), None)
+    if rel is None:
+        return "-"
+    value_cases = sum(d.get("cases", 0) for d in ds if d["kind"] == "value")
+    if rel["value"] == "equal":  # never more "equal" cases than the verdict lets agree
+        ok = rel["value_fits"] <= report["cases_run"] - value_cases
+        tally.check(where, "relation equal vs verdict", f"equal on {rel['value_fits']}", f"<= {report['cases_run'] - value_cases}", ok)
+    if pair.relation:
+        tally.check(where, "relation", rel["value"], pair.relation, rel["value"] == pair.relation)
+        if pair.offset is not None and rel["value"] == "offset":
+            tally.check(where, "offset", rel["offset"], pair.offset, abs(rel["offset"] - pair.offset) <= 1e-3 * pair.offset)
+        if pair.factor is not None and rel["value"] == "factor":
+            tally.check(where, "factor", rel["factor"], pair.factor, abs(rel["factor"] - pair.factor) <= 1e-3 * pair.factor)
+    return rel["value"] + (f" {rel['offset']:.4g}" if rel.get("offset") is not None else "") + (f" x{rel['factor']:.4g}" if rel.get("factor") is not None else "")
+
+
+def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        argv = [pair.a, pair.b, "--spec", pair.spec, "--seed", str(seed), "--examples", str(pair.examples or examples),
+                "--no-save", "--json", str(out)]
+        with redirect_stdout(StringIO()):
+            code = main(argv)
+        if code == 2 or not out.exists():
+            tally.untrue.append(f"ERROR {pair.name} seed {seed}: exit {code}")
+            return [f"exit {code}"]
+        report = json.loads(out.read_text())
+    where = f"{pair.name} seed {seed}"
+    said = []
+    for d in report["divergences"]:
+        truth = pair.kinds.get(d["kind"])
+        if truth is None:
+            tally.check(where, f"{d['kind']} finding", "diverge", "agree", False)
+            said.append(f"{d['kind']}: FALSE ALARM")
+            continue
+        verdict = check_finding(tally, f"{where} {d['kind']}", d, truth)
+        said.append(f"{d['kind']}: {verdict}")
+    found = {d["kind"] for d in report["divergences"]}
+    if pair.kinds and not found:
+        (tally.missed if pair.may_miss else tally.untrue).append(f"{'MISSED' if pair.may_miss else 'UNTRUE'} {where}: no finding")
+    said.append(f"relation: {check_relation(tally, where, report, pair)}")
+    return said
+
+
+def run_case(tally: Tally, name: str, good: str, bad: str, spec_text: str, make, truth: Truth) -> str:
+    from losscmp.explain import explain
+
+    spec = parse_spec(spec_text)
+    tensors = make()
+    case = Case(tensors, {"B": next(iter(tensors.values())).shape[0]})
+    kind = "nonfinite" if truth.origin or truth.unstable else "value"
+    ex = explain(load_implementation(good), load_implementation(bad), spec, case, kind, Tolerance.for_dtype(torch.float32), impact_steps=0)
+    data = ex.to_json()
+    return check_finding(tally, f"case {name}", data, truth) + f" — {ex.sentence()[:110]}"
+
+
+def main_(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--examples", type=int, default=100)
+    ap.add_argument("--only", default=None, help="run the pairs whose name contains this")
+    args = ap.parse_args(argv)
+    tally = Tally()
+    t0 = time.perf_counter()
+    for pair in PAIRS:
+        if args.only and args.only not in pair.name:
+            continue
+        for seed in pair.seeds or args.seeds:
+            said = run_pair(tally, pair, seed, args.examples)
+            print(f"{pair.name:38s} seed {seed}: " + "; ".join(said), flush=True)
+    for name, good, bad, spec, make, truth in CASES:
+        if args.only and args.only not in name:
+            continue
+        try:
+            line = run_case(tally, name, good, bad, spec, make, truth)
+        except TypeError as e:  # an older losscmp without some field
+            tally.untrue.append(f"ERROR case {name}: {e}")
+            line = f"error {e}"
+        print(f"{'case ' + name:38s}: {line}", flush=True)
+    print()
+    for line in tally.untrue + tally.missed:
+        print(line)
+    print(f"\nstatements checked: {tally.checked}; untrue: {len(tally.untrue)} (goal 0); "
+          f"findings the search missed (may_miss): {len(tally.missed)}; {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_())

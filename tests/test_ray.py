@@ -1,0 +1,181 @@
+"""--ray: the same audit on Ray actors, on a real cluster started on loopback by the test.
+
+Skipped where Ray is not installed (the default environment); run them with an
+interpreter that has it:  python -m pytest -p no:warnings tests/test_ray.py
+(``pip install "losscmp[ray]"``).  The one test that needs Ray *absent* runs there.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from losscmp.cli import main
+
+from .conftest import FIXTURES, REPO
+
+BCE = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits"]
+CRASHY = [f"{FIXTURES}/misbehaving.py:mse", f"{FIXTURES}/misbehaving.py:segfaults_on_negative_mean"]
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(HAS_RAY, reason="checks the error where Ray is not installed; Ray is installed here")
+def test_without_ray_the_option_is_one_line_naming_the_extra(capsys):
+    assert main([*BCE, "--spec", "binary", "--ray", "local", "--no-save"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'losscmp: error: --ray needs Ray, which is not installed here: pip install "losscmp[ray]"'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpus_free(address: str) -> float:
+    """CPUs not held by any actor, seen from a second driver (the run's own has ended)."""
+    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False, logging_level='ERROR'); "
+            "print(ray.available_resources().get('CPU', 0.0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "disabled"  # Ray >= 2.5x turns on token auth for `ray start`; a loopback test needs none
+    return env
+
+
+def _end_instance(proc: subprocess.Popen, temp: str) -> None:
+    """The test's Ray processes, by id: its process group, then any process that names its
+    own temporary folder (Ray starts some in sessions of their own)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if temp.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-CPU Ray head on 127.0.0.1, in its own process group, ended by the fixture (never
+    ``ray stop``, which would stop every Ray instance of this user on the machine)."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'losscmp[ray]'")
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="lcray-", dir="/tmp")  # Ray's socket paths must stay short
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if _cpus_free(address) == 2.0:
+                break
+        except (ValueError, IndexError, subprocess.TimeoutExpired):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _end_instance(proc, temp)
+            pytest.fail(f"the test's Ray head did not come up at {address}")
+        time.sleep(2)
+    try:
+        yield address
+    finally:
+        _end_instance(proc, temp)
+
+
+def _report(capsys, tmp_path, *extra) -> tuple[int, dict]:
+    out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
+    code = main([*BCE, "--spec", "binary", "--examples", "24", "--no-save", "--no-explain", "-q", "--json", str(out), *extra])
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    data.pop("seconds")
+    return code, data
+
+
+def test_a_joined_cluster_gives_the_one_process_report_and_the_jobs_report(cluster, capsys, tmp_path):
+    """Same seed: --ray ADDRESS is the one-process run (tally, findings, minimal examples),
+    and --ray ADDRESS --jobs 2 is --jobs 2; afterwards no actor holds a CPU."""
+    code, one = _report(capsys, tmp_path)
+    ray_code, on_ray = _report(capsys, tmp_path, "--ray", cluster)
+    assert code == ray_code == 1 and on_ray == one
+    assert sum(one["tally"].values()) == 24 and one["tally"].get("value", 0) > 0
+    assert one["divergences"][0]["minimized_sizes"]  # minimised on the cluster, the same example
+    _, jobs = _report(capsys, tmp_path, "--jobs", "2")
+    _, ray_jobs = _report(capsys, tmp_path, "--jobs", "2", "--ray", cluster)
+    assert ray_jobs == jobs and sum(jobs["tally"].values()) == 24
+    assert _eventually_all_cpus_free(cluster)
+
+
+def test_an_implementation_that_kills_its_actor_is_a_crash_finding_and_the_run_completes(cluster, capsys, tmp_path):
+    out = tmp_path / "crash.json"
+    code = main([*CRASHY, "--spec", "regression", "--examples", "12", "--ray", cluster, "--jobs", "2",
+                 "--no-minimize", "--no-explain", "--save-dir", str(tmp_path / "saved"), "-q", "--json", str(out)])
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert code == 1 and data["cases_run"] == 12 and sum(data["tally"].values()) == 12
+    assert data["tally"].get("crash", 0) >= 1 and data["tally"].get("agree", 0) >= 1
+    (crash,) = [d for d in data["divergences"] if d["kind"] == "crash"]
+    assert crash["pair"] == ["mse", "segfaults_on_negative_mean"]  # never the healthy side
+    assert "killed its Ray actor" in crash["detail"] and Path(crash["repro"]).exists()
+    assert not [d for d in data["divergences"] if d["kind"] != "crash"]  # no collateral findings
+    assert _eventually_all_cpus_free(cluster)
+
+
+def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):
+    argv = [sys.executable, "-m", "losscmp", *BCE, "--spec", "binary", "--examples", "100000", "--ray", cluster,
+            "--jobs", "2", "--no-save", "-q"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while _cpus_free(cluster) > 0.0:  # both actors up: the run is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert _eventually_all_cpus_free(cluster)
+
+
+def test_local_starts_and_ends_its_own_instance(capsys, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'losscmp[ray]'")
+    same = ["torch.nn.functional:mse_loss", f"{FIXTURES}/misbehaving.py:mse"]
+    out = tmp_path / "local.json"
+    code = main([*same, "--spec", "regression", "--examples", "8", "--ray", "local", "--no-save", "-q", "--json", str(out)])
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert code == 0 and data["tally"] == {"agree": 8}
+    assert not ray.is_initialized()  # the local instance went with the run
+
+
+def _eventually_all_cpus_free(address: str, wait: float = 60.0) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if _cpus_free(address) == 2.0:
+            return True
+        time.sleep(1)
+    return False
