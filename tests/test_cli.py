@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes and one-line errors."""
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from losscmp.cli import main
+from losscmp.spec import PRESETS
 
 from .conftest import FIXTURES, PLANTED, REPO
 
@@ -75,7 +77,11 @@ def test_help_documents_every_option_with_examples(capsys):
     assert code == 0
     for option in ["--spec", "--examples", "--seed", "--device", "--dtype", "--rtol", "--atol", "--json", "--save-dir", "--isolate", "--timeout", "--no-minimize"]:
         assert option in out
-    assert "examples:" in out and "losscmp replay" in out and "exit codes" in out
+    assert "examples" in out and "losscmp replay" in out and "losscmp trace" in out and "exit codes" in out
+    assert "130 / 143" in out  # the stopped-run exit codes the README lists
+    spec_lines = " ".join(out.split("spec:", 1)[1].split("exit codes:", 1)[0].split())
+    for name in PRESETS:  # every preset --spec accepts, the ones added later included
+        assert re.search(rf"[(, ]{re.escape(name)}[,)]", spec_lines), name
     code, sweep_help, _ = run_cli(capsys, "sweep", "--help")
     assert code == 0 and "--param" in sweep_help and "blur=1e-3:1:log" in sweep_help
 
@@ -89,6 +95,9 @@ def test_help_examples_can_be_pasted_into_a_shell_and_name_real_fixtures():
     for command in commands:
         # An unquoted factory call, say, is a shell syntax error before losscmp ever runs.
         assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
+        # A placeholder such as <case> parses, as a redirection from a file named "case".
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        assert not {"<", ">", ">>"} & set(lexer), f"a redirection (a <placeholder>?) in: {command}"
         for word in shlex.split(command):
             ref = word.split("=", 1)[1] if "=" in word.split(":", 1)[0] else word
             if ref.startswith("fixtures/") and ".py:" in ref:

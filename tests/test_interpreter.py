@@ -425,7 +425,7 @@ def test_the_printed_replay_command_replays_under_the_same_interpreter(tmp_path,
             "--no-minimize", "--no-explain", "--save-dir", str(tmp_path / "saved"), "--python", f"official={HERE}"]
     assert main(argv) == 1
     out = capsys.readouterr().out
-    command = out.split("(losscmp replay ", 1)[1].split(")\n", 1)[0]
+    command = out.split("replay: losscmp replay ", 1)[1].split("\n", 1)[0]  # one unwrapped line
     assert "--python" in command  # without it the official side would be imported and run here
     assert main(["replay", *shlex.split(command)]) == 1
     out = capsys.readouterr().out

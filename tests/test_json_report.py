@@ -26,7 +26,7 @@ def bce_demo(tmp_path_factory):
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--no-save", "--json", str(out)])
+        code = main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--no-save", "--json", str(out), "-v"])  # -v: the evidence lines (minimised in, cost) it checks
     return code, buffer.getvalue(), _strict(out.read_text())
 
 
@@ -79,3 +79,34 @@ def test_a_repro_written_before_with_nan_literals_still_loads(tmp_path):
     path.write_text(json.dumps(meta, allow_nan=True))
     assert "Infinity" in path.read_text()
     assert load_repro(path).kind == "mutation"
+
+
+def test_the_readme_names_every_field_the_json_report_writes(bce_demo):
+    """The README's "JSON report" section is the schema people code against: every key
+    the report writes, at the top, per divergence and in its explanation, is named there."""
+    readme = (FIXTURES.parent / "README.md").read_text()
+    section = readme.split("### JSON report (`--json PATH`)", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(\w+)", section))
+    _, _, report = bce_demo
+    written = set(report) | {k for d in report["divergences"] for k in d} | {k for d in report["divergences"] for k in d["explanation"]}
+    assert written - named == set(), f"--json writes fields the README does not name: {sorted(written - named)}"
+
+
+def test_the_terminal_names_the_location_as_the_sentence_does_and_the_json_keeps_it_absolute(bce_demo):
+    """The value finding is located on bce_on_sigmoid's line 13: the evidence line writes
+    the file as the user would type it (as the opening sentence does), not the absolute
+    path of wherever the clone sits; the JSON keeps the absolute path for tools."""
+    import os
+
+    _, text, report = bce_demo
+    flat = " ".join(text.split())
+    located = [d for d in report["divergences"] if d["location"]]
+    assert located, "the BCE demo's value finding is located"
+    for d in located:
+        for label, site in d["location"].items():
+            if not isinstance(site, dict):
+                continue
+            assert os.path.isabs(site["file"])
+            shown = f"location in {label}: {os.path.relpath(site['file'])}:{site['line']}:"
+            assert shown in flat
+            assert f"first differing op at {os.path.relpath(site['file'])}:{site['line']}" in flat

@@ -51,7 +51,7 @@ RUN = ("-p", "no:cacheprovider")
 
 
 def _saved(pytester):
-    return sorted((pytester.path / "fixtures" / "losscmp").rglob("*.json"))
+    return sorted((pytester.path / ".losscmp").rglob("*.json"))
 
 
 def _replay_command(result) -> str:
@@ -94,16 +94,16 @@ def test_a_divergence_is_saved_replayed_first_and_passes_once_fixed(pytester, te
     pytester.makepyfile(test_div=template.format(body=NAIVE_BCE, fixtures=FIXTURES))
     first = pytester.runpytest(*RUN)
     first.assert_outcomes(failed=1)
-    first.stdout.fnmatch_lines(["*DIVERGE*", "*minimised in*", "*replay: pytest test_div.py::test_bce --losscmp-replay-only"])
+    first.stdout.fnmatch_lines(["*DIVERGE*", "*minimal example*", "*replay: pytest test_div.py::test_bce --losscmp-replay-only"])
     saved = _saved(pytester)
     assert saved and all(p.parent.name == case_folder("test_div.py::test_bce") for p in saved)
     first.stdout.fnmatch_lines(["*= losscmp =*", "*1 pair(s) checked, 40 case(s) run, 0 saved case(s) replayed", "divergences: *value*",
-                                "new cases saved in:", f"  fixtures/losscmp/{saved[0].parent.name}  (*)"])
+                                "new cases saved in:", f"  .losscmp/{saved[0].parent.name}  (*)"])
 
     # Next run: the saved cases are replayed first and fail the test without fuzzing.
     again = pytester.runpytest(*RUN)
     again.assert_outcomes(failed=1)
-    again.stdout.fnmatch_lines(["*losscmp: a saved case still diverges (value)*", "*saved case: fixtures/losscmp/*",
+    again.stdout.fnmatch_lines(["*losscmp: a saved case still diverges (value)*", "*saved case: .losscmp/*",
                                 f"*1 pair(s) checked, 0 case(s) run, {len(saved)} saved case(s) replayed ({len(saved)} still diverge)"])
     assert "corrupt" not in again.stdout.str()
 
@@ -184,7 +184,8 @@ def test_raises_assertion_error():
 ''')
     result = pytester.runpytest(*RUN)
     result.assert_outcomes(failed=1, passed=2)
-    result.stdout.fnmatch_lines(["*def test_diverges():*", ">*assert_losses_agree(*", "E*AssertionError: losscmp: 2 implementations*",
+    result.stdout.fnmatch_lines(["*def test_diverges():*", ">*assert_losses_agree(*", "E*AssertionError: DIVERGE *my_bce vs binary_cross_entropy_with_logits",
+                                 "E*losscmp: 2 implementations*",
                                  "E*my_bce vs binary_cross_entropy_with_logits*DIVERGE*", "E*replay: pytest test_plain.py::test_diverges",
                                  "test_plain.py:*: AssertionError"])
     assert "losscmp/testing.py" not in result.stdout.str()  # losscmp's own frames are hidden
@@ -258,7 +259,7 @@ def test_xdist_workers_save_per_test_and_the_summary_adds_them_up(pytester):
     folders = {p.parent.name for p in _saved(pytester)}
     assert folders == {case_folder("test_one.py::test_bce"), case_folder("test_two.py::test_bce")}
     for folder in folders:
-        result.stdout.fnmatch_lines([f"  fixtures/losscmp/{folder}  (*)"])
+        result.stdout.fnmatch_lines([f"  .losscmp/{folder}  (*)"])
 
 
 CRASHES = '''
@@ -301,13 +302,13 @@ def test_the_research_repo_example_passes(pytester):
 
 def test_a_corrupt_saved_case_fails_the_test_in_one_line(pytester):
     pytester.makepyfile(test_eq=EQUIVALENT)
-    folder = pytester.path / "fixtures" / "losscmp" / case_folder("test_eq.py::test_mse")
+    folder = pytester.path / ".losscmp" / case_folder("test_eq.py::test_mse")
     folder.mkdir(parents=True)
     (folder / "broken.json").write_text("{not json")
     (folder / "broken.npz").write_bytes(b"")
     result = pytester.runpytest(*RUN)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["E*AssertionError: losscmp: saved case fixtures/losscmp/*/broken.json cannot be replayed: corrupt repro: *"])
+    result.stdout.fnmatch_lines(["E*AssertionError: losscmp: saved case .losscmp/*/broken.json cannot be replayed: corrupt repro: *"])
     assert "losscmp/testing.py" not in result.stdout.str()
 
 

@@ -262,9 +262,12 @@ def _evil_module(tmp_path: Path) -> Path:
         (lambda meta, tmp: _relabel(meta, 'diff\rimport os; os.system("touch MARKER")'), "control character"),
         (lambda meta, tmp: _relabel(meta, 'diff\nimport os; os.system("touch MARKER")'), "control character"),
         (lambda meta, tmp: _relabel(meta, "diff\u2028x"), "control character"),
-        # A relative path is judged where it loads from: base_dir pointing into the standard library.
-        (lambda meta, tmp: (meta.update(base_dir=str(Path(json.__file__).parent.parent)),
+        # A relative path is judged where it loads from: an old repro's base_dir pointing into the standard library,
+        (lambda meta, tmp: (meta.pop("paths"), meta.update(base_dir=str(Path(json.__file__).parent.parent)),
                             meta["implementations"][0].update(ref="os.py:system")), "standard library"),
+        # or a path from the project root that climbs out of it into the standard library.
+        (lambda meta, tmp: meta["implementations"][0].update(ref=f"{'../' * 12}{Path(json.__file__).parent.parent}/os.py:system"),
+         "standard library"),
     ],
 )
 def test_a_tampered_repro_never_generates_a_test_that_runs_code(bce_repros, tmp_path, capsys, tamper, refused):
@@ -303,3 +306,68 @@ def _relabel(meta: dict, label: str) -> None:
     old = meta["implementations"][0]["label"]
     meta["implementations"][0]["label"] = label
     meta["pair"] = [label if x == old else x for x in meta["pair"]]
+
+
+FIRST_BCE = "import torch\n\ndef bce(z, t):\n    return (z.clamp(min=0) - z * t + torch.log1p(torch.exp(-z.abs()))).mean()\n"
+FIXED_BCE = "import torch\n\ndef bce(z, t):\n    return (torch.logaddexp(torch.zeros_like(z), z) - z * t).mean()\n"
+
+
+def test_replay_says_what_changed_when_outputs_are_no_longer_the_recorded_ones(tmp_path, monkeypatch, capsys):
+    """The README's plugin story from the command line: a case saved against the first
+    BCE, replayed after the fix, agrees now; the outputs differ from the recorded ones
+    because the implementation's file changed, and the replay says that.  A version the file recorded differently is named too, and
+    a recorded string that is not plain text is quoted, never printed raw."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "losses.py").write_text(FIRST_BCE)
+    argv = ["losses.py:bce", "torch.nn.functional:binary_cross_entropy_with_logits", "--spec", "binary",
+            "--regimes", "special", "--examples", "20", "--no-explain", "--save-dir", "saved"]
+    assert main(argv) == 1
+    (path,) = (tmp_path / "saved").glob("*gradient*.json")
+    capsys.readouterr()
+    (tmp_path / "losses.py").write_text(FIXED_BCE)
+    # One process plays both commands here: forget the first version, as a new `losscmp` would.
+    for name in [n for n, m in sys.modules.items() if getattr(m, "__file__", None) == str(tmp_path / "losses.py")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(["replay", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "outputs differ from the recorded run: " in out and "losses.py changed" in out and "agree now" in out
+    meta = json.loads(path.read_text())
+    meta["versions"]["torch"] = "1.0\x1b[2J"
+    path.write_text(json.dumps(meta))
+    assert main(["replay", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"torch '1.0\\x1b[2J' -> {torch.__version__}" in out
+    assert "\x1b" not in out
+
+
+def test_a_replayed_minimised_case_says_its_recipe_is_the_draw_it_came_from(bce_repros, tmp_path, capsys):
+    """The BCE value finding was drawn at magnitude 5e+07 and minimised to [8]: the replay
+    must not present "magnitude 5.18e+07" as the saved input's; it says the case was
+    minimised from that draw.  The flag is data from a file: anything but a bool is refused."""
+    value = next(p for p in bce_repros if json.loads(p.read_text())["kind"] == "value")
+    meta = json.loads(value.read_text())
+    assert meta["minimised"] is True
+    # How the plugin's replay of a saved case describes it (the CLI shows the values themselves).
+    described = load_repro(value).case.describe()
+    assert "regime huge, magnitude" in described and described.endswith("; minimised from that draw; replayed)")
+    assert main(["replay", str(value)]) == 1
+    assert "magnitude 5" not in capsys.readouterr().out
+    tampered = tmp_path / value.name
+    tampered.with_suffix(".npz").write_bytes(value.with_suffix(".npz").read_bytes())
+    tampered.write_text(json.dumps({**meta, "minimised": "yes"}))
+    assert main(["replay", str(tampered)]) == 2
+    err = capsys.readouterr().err
+    assert "'minimised' is not true or false" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_repro_records_the_verdict_on_the_input_it_saves(bce_repros, tmp_path, capsys):
+    """The saved input is the minimised one, so the recorded score and detail are its own
+    (the replay's today), not the worst draw's; the generated test's docstring quotes them."""
+    value = next(p for p in bce_repros if json.loads(p.read_text())["kind"] == "value")
+    meta = json.loads(value.read_text())
+    assert main(["replay", str(value)]) == 1
+    today = " ".join(capsys.readouterr().out.split()).split("still diverges (value): ", 1)[1]
+    assert " ".join(meta["detail"].split()) == today
+    out = tmp_path / "test_value.py"
+    assert main(["replay", "--pytest", str(value), "-o", str(out)]) == 0
+    assert meta["detail"] in " ".join(out.read_text().split('"""')[1].split())

@@ -288,6 +288,12 @@ def one_line(e):
     return text.rstrip(": ")
 
 
+def _type_name(x):
+    # As losscmp.run._type_name: 'list', but 'numpy.float32'.
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else "%s.%s" % (t.__module__.split(".")[0], t.__qualname__)
+
+
 def _same(a, b):
     import torch
 
@@ -368,7 +374,7 @@ def _call(fn, args, scalar, inputs, params, device):
     try:
         out = fn(*inputs, **params)
         if not isinstance(out, torch.Tensor):
-            return {"status": "non_tensor", "error": "returned %s, not a tensor" % type(out).__name__}
+            return {"status": "non_tensor", "error": "returned %s, not a tensor" % _type_name(out)}
         if out.layout != torch.strided or out.device.type == "meta":  # nothing losscmp could read values from
             what = "a meta tensor (it holds no values)" if out.device.type == "meta" else "a %s tensor" % str(out.layout).replace("torch.", "", 1)
             return {"status": "non_tensor", "error": "returned %s, not a dense tensor" % what}

@@ -54,6 +54,15 @@ class ProbeError(LosscmpError):
     """The implementations cannot be run on this spec at all."""
 
 
+def _return_hint(o: Outcome) -> str:
+    """The mend for a return that is not a scalar tensor."""
+    if o.status is Status.NON_SCALAR:
+        return "reduce it to one number (e.g. .mean()), or add 'output=any' to --spec to compare the per-element losses"
+    if o.error and o.error.startswith("returned numpy."):
+        return "compute the loss with torch (a numpy value carries no gradient)"
+    return "is --spec right?"
+
+
 # Inputs tried before the search (one bad draw must not decide anything): tame, then
 # every dim at its smallest (size-1 dims break reductions), then tame again.
 PROBE_SIZES = (4, 1, 4)
@@ -85,7 +94,7 @@ def probe(ev: Evaluator, inputs: int = PROBE_INPUTS) -> list[tuple[Case, dict[st
     for label in ev.impls:
         statuses = {o[label].status for o in tame}
         if len(statuses) == 1 and statuses <= {Status.NON_TENSOR, Status.NON_SCALAR}:
-            raise ProbeError(f"{label} {probed[0][1][label].error} on every probe input ({first.describe()}); is --spec right?")
+            raise ProbeError(f"{label} {probed[0][1][label].error} on every probe input ({first.describe()}); {_return_hint(probed[0][1][label])}")
     if all(o.failed for _, outcomes in probed for o in outcomes.values()):
         label, o = next(iter(probed[0][1].items()))
         raise ProbeError(f"every implementation failed on every probe input ({first.describe()}), e.g. {label} {o.error}; is --spec right?")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
+import shlex
 import signal
 import sys
+import textwrap
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
@@ -20,37 +23,45 @@ from . import breadcrumbs, files, jsonout
 from ._version import __version__
 from .audit import audit
 from .engine import RUNNERS, pairs_for, run_record
-from .errors import LosscmpError, UsageError
+from .errors import LosscmpError, UsageError, shown
+from .display import case_values_text
 from .generate import select_regimes
+from .html_report import render_html
 from .infer import infer
 from .interpreter import check_labels, parse_pythons, remote_implementation
 from .load import disambiguate, load_implementation, parse_ref
 from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
+from .project import SAVE_DIR, default_save_dir, project_root, shown_path
 from .replay import replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
-from .repro import load_repro, load_repro_implementations
+from .repro import file_checks, load_repro, load_repro_implementations, version_changes
 from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
-from .spec import resolve_spec
-from .sweep import parse_knob, sweep, sweep_case
+from .spec import PRESETS, resolve_spec
+from .sweep import parse_knob, sweep, sweep_case, switches
 from .testgen import generate_pytest
 from .explain import Category, oracle
 from .trace import locate
 
-EXAMPLES = """\
-examples:
+# The replay and trace examples name the file the first example saves (seed 0: the same
+# file on every run), so every line runs as printed, in order, from the repository root.
+_SAVED = ".losscmp/bce_on_sigmoid--bce_with_logits--value--*.json"
+EXAMPLES = f"""\
+examples (from a clone of the repository, in this order):
   losscmp fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits
   losscmp torch.nn.functional:mse_loss fixtures/regression.py:mean_square --spec regression --examples 500
   losscmp 'ref=geomloss:SamplesLoss(loss="sinkhorn", blur=0.05)' fork=fixtures/sinkhorn_torch.py:handwritten --spec points
-  losscmp a.py:f b.py:f --spec "x: N D real grad; y: M D real; N=1..100; D=3" --json report.json
-  losscmp replay fixtures/losscmp/<case>.json            re-run a saved case (exit 0/1)
-  losscmp replay --pytest fixtures/losscmp/<case>.json   write a standalone pytest file
+  losscmp fixtures/regression.py:mean_square torch.nn.functional:mse_loss --spec "input: B real grad; target: B real; B=1..100" --json report.json
+  losscmp replay {_SAVED}            re-run a saved case (exit 0/1)
+  losscmp replay --pytest {_SAVED}   write a standalone pytest file
+  losscmp trace fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits {_SAVED}
   losscmp sweep fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_with_logits --param scale=1:100:log
 
 references:  [label=]path/to/file.py:attr | [label=]pkg.module:attr.sub | ...:Factory(key=literal, ...)
-spec:        a preset (points, weighted-points, classification, binary, regression, segmentation,
-             images, distributions), a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
-exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input
+spec:        a preset ({textwrap.fill(", ".join(PRESETS), 86, subsequent_indent=" " * 13)}),
+             a text form "x: N D real grad; y: M D real; N=1..64", or file.py:SPEC
+exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input,
+             130 / 143 stopped by Ctrl-C / SIGTERM (the report holds what was found so far)
 """
 
 # A grid finer than this says nothing the bisection to 1% does not; a larger dim is a
@@ -82,8 +93,10 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("impls", nargs="*", metavar="IMPL", help="two or more implementation references, e.g. a.py:loss (see below)")
     p.add_argument("--examples", type=int, default=100, metavar="N", help="cases to generate (default 100)")
     _common(p)
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report (no network, no script), rendered from the --json record")
     p.add_argument("--reference", metavar="LABEL", help="compare every other implementation against this one only")
-    p.add_argument("--save-dir", default="fixtures/losscmp", metavar="DIR", help="where minimised repros go (default fixtures/losscmp)")
+    p.add_argument("--save-dir", metavar="DIR", help=f"where minimised repros go (default: {SAVE_DIR}/ at the project root, the nearest "
+                   f"folder upwards with .git, pyproject.toml, setup.cfg, setup.py, pytest.ini or tox.ini)")
     p.add_argument("--no-save", action="store_true", help="do not write repro files")
     p.add_argument("--no-minimize", action="store_true", help="report divergences as found, without minimising")
     p.add_argument("--no-explain", action="store_true", help="skip the explanation (float64 oracle, self-consistency, relation, trace, impact)")
@@ -103,7 +116,9 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", metavar="LIST", help="one worker per device, e.g. cuda:0,cuda:1 (implies --jobs)")
     p.add_argument("--ray", metavar="ADDRESS", help="call the implementations on Ray actors: 'local' starts a Ray instance, "
                    "auto / HOST:PORT / ray://HOST:PORT joins a cluster; --jobs N actors share the budget (needs losscmp[ray])")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict table")
+    p.add_argument("-q", "--quiet", action="store_true", help="print the verdict table without the findings' details")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="with each finding, its evidence: regimes, minimiser steps, float64 oracle, drift, self-consistency, relation, location, impact, cost")
     p.add_argument("--version", action="version", version=f"losscmp {__version__}")
     return p
 
@@ -112,7 +127,7 @@ def replay_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="losscmp replay", description="Re-run a saved case; exit 0 if the pair agrees today, 1 if it still diverges.")
     p.add_argument("file", help="a repro .json (or .npz) written by losscmp")
     p.add_argument("--pytest", action="store_true", help="instead of running, write a standalone pytest file reproducing the case")
-    p.add_argument("-o", "--output", metavar="PATH", help="with --pytest: where to write (default: test_<stem>.py beside the repro)")
+    p.add_argument("-o", "--output", metavar="PATH", help="with --pytest: where to write (default: tests/test_losscmp_<stem>.py at the project root if tests/ exists, else in the current folder)")
     p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
                    help="run the implementation labelled LABEL under that interpreter, as the run that saved the case did (repeatable)")
     return p
@@ -126,7 +141,8 @@ def sweep_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("impls", nargs=2, metavar="IMPL")
-    p.add_argument("--param", required=True, metavar="NAME=LO:HI[:log|lin]", help="'scale' (largest |input|), 'offset' (added to real inputs) or a keyword parameter")
+    p.add_argument("--param", required=True, metavar="[LABEL.]NAME=LO:HI[:log|lin]",
+                   help="'scale' (largest |input|), 'offset' (added to real inputs), a keyword parameter, or LABEL.NAME: a keyword of that side only")
     p.add_argument("--points", type=int, default=9, help=f"grid points before bisection (default 9, at most {MAX_SWEEP_POINTS})")
     p.add_argument("--size", type=int, default=8, help=f"size of every symbolic dim in the swept case (default 8, at most {MAX_SWEEP_SIZE})")
     p.add_argument("--plot", metavar="PNG", help="save a plot of the divergence score along the knob (needs matplotlib)")
@@ -230,10 +246,10 @@ def _resolve_spec(args, impls, execution: Execution, console: Console):
     spec = found.spec
     if spec.name:
         console.print(f"inferred spec [bold]{spec.name}[/]: {spec.text()}", highlight=False)
-        console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+        console.print(f"  (pin it with --spec {spec.name} or --spec {_shell_quote(spec.text())})", markup=False, highlight=False, soft_wrap=True)  # a command: never split
     else:
         console.print(f"inferred spec: {spec.text()}", markup=False, highlight=False)
-        console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False)
+        console.print(f"  (pin it with --spec {_shell_quote(spec.text())})", markup=False, highlight=False, soft_wrap=True)
     console.print(f"  why: {found.reason}", markup=False, highlight=False)
     for passed in found.passed_over:
         console.print(f"  passed over {passed}", markup=False, highlight=False)
@@ -259,7 +275,11 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     pythons = parse_pythons(args.python)
     if args.json:
         files.check_writable(args.json, "--json")
-    save_dir = None if args.no_save else Path(args.save_dir)
+    if args.html:
+        if args.html == "-":
+            raise UsageError("--html needs a file path ('-' is for --json)")
+        files.check_writable(args.html, "--html")
+    save_dir = None if args.no_save else Path(args.save_dir) if args.save_dir else default_save_dir()
     if save_dir is not None:
         files.check_folder(save_dir, "--save-dir")
     settings = Settings.of(
@@ -339,9 +359,13 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-    print_audit(result, console, details=not args.quiet)
+    print_audit(result, console, details=not args.quiet, verbose=args.verbose)
+    record = audit_json(result, replayed) if args.json or args.html else {}
     if args.json:
-        write_json(audit_json(result, replayed), args.json, stdout=json_out)
+        write_json(record, args.json, stdout=json_out)
+    if args.html:
+        files.write_text(args.html, render_html(record, title=f"losscmp: {' vs '.join(result.labels)}"), "--html")
+        console.print(f"HTML report: {shown_path(args.html)}", markup=False, soft_wrap=True)
     if result.interrupted:  # the run did not finish: the signal's exit code, whatever was found (README: Exit codes)
         return 128 + getattr(signal, result.interrupted)
     return 0 if result.agree and not any(r.result.verdict.kind for r in replayed) else 1
@@ -377,26 +401,32 @@ def _with_progress(run, total: int, err: Console):
 def _replay(args: argparse.Namespace, console: Console) -> int:
     repro = load_repro(args.file)
     if args.pytest:
-        out = Path(args.output) if args.output else repro.path.with_name(f"test_{repro.path.stem.replace('-', '_')}.py")
+        out = Path(args.output) if args.output else _default_test_path(repro.path)
         files.check_writable(str(out), "--output")
-        files.write_text(out, generate_pytest(repro, str(repro.path)), "--output")
-        console.print(f"wrote {out}  (run: pytest {out})", markup=False)
+        files.write_text(out, generate_pytest(repro, str(repro.path), out), "--output")
+        shown = shlex.quote(shown_path(out))
+        console.print(f"wrote {shown}", markup=False, soft_wrap=True)
+        console.print(f"run: pytest {shown}", markup=False, soft_wrap=True)
         return 0
     pythons = parse_pythons(args.python)
     check_labels(pythons, list(dict.fromkeys(repro.pair)))
     impls = load_repro_implementations(repro, remote=pythons, elsewhere=remote_implementation)  # refuses what a saved file may not run, before anything runs
+    checks = {f.label: f for f in file_checks(repro)}
     for impl in impls:
         there = f" (under {pythons[impl.label]})" if impl.label in pythons else ""
-        console.print(f"will run {impl.label} = {impl.ref.source()}{there}", markup=False)
+        where = f", from {checks[impl.label].path}{_file_state(checks[impl.label])}" if impl.label in checks else ""
+        console.print(f"will run {impl.label} = {impl.ref.source()}{there}{where}", markup=False, soft_wrap=True)
     result = replay(repro, impls, pythons=pythons)
     how = f" (isolated{f', timeout {result.repro.timeout:g} s' if result.repro.timeout else ''})" if result.isolated else ""
-    console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; input {repro.case.describe()}{how}", markup=False)
+    console.print(f"replay {repro.path.name}: {repro.subject}, recorded {repro.kind.value}; "
+                  f"input {case_values_text(repro.case.sizes, repro.case.tensors)}{how}", markup=False, soft_wrap=True)
     recorded, here = str(repro.meta.get("device", "cpu")), str(next(iter(repro.case.tensors.values())).device)
     elsewhere = torch.device(recorded).type != torch.device(here).type
     if elsewhere:  # the file may say cuda on a machine without it: what ran here is not what was recorded
         console.print(f"recorded on {recorded}, replayed on {here}: this machine has no {recorded}", markup=False)
     if result.same_bits is not None:
-        console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits else "outputs differ from the recorded run (library versions or hardware changed?)", markup=False)
+        console.print("outputs are bit-for-bit identical to the recorded run" if result.same_bits
+                      else f"outputs differ from the recorded run: {_why_outputs_differ(checks.values(), version_changes(repro), recorded if elsewhere else None)}", markup=False)
     verdict = result.verdict
     if verdict.kind:
         console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict.detail)}", highlight=False)
@@ -411,6 +441,44 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _default_test_path(repro_path: Path) -> Path:
+    """Where ``replay --pytest`` writes by default: the project's tests/ folder if it has
+    one, else the current folder; never beside the repro, where a bare ``pytest`` would
+    collect it from the saved-cases folder by surprise."""
+    root = project_root()
+    folder = root / "tests" if (root / "tests").is_dir() else Path.cwd()
+    stem = "".join(c if c.isalnum() else "_" for c in repro_path.stem).strip("_")
+    return folder / f"test_losscmp_{stem}.py"
+
+
+def _file_state(check) -> str:
+    if check.today is None:
+        return ": no such file here"
+    if check.recorded is None:
+        return " (the repro holds no hash to compare it with)"
+    if check.changed:
+        return f": NOT the recorded file (sha256 {check.today}, recorded {check.recorded})"
+    return " (the recorded file, sha256 matches)"
+
+
+def _why_outputs_differ(files, versions: dict, other_device: str | None) -> str:
+    """What changed since the recording, from what the repro holds; no guessing."""
+    changed = [f"{path} changed" for path in dict.fromkeys(f.path for f in files if f.changed)]
+    changed += [f"{_plain(name)} {_plain(was)} -> {_plain(now)}" for name, (was, now) in versions.items()]
+    if other_device:
+        changed.append(f"recorded on {other_device}")
+    if changed:
+        return "; ".join(changed)
+    return ("the files, library versions and device are the recorded ones: something a repro does not record differs "
+            "(the CPU or GPU model, the thread count), or the implementations are not deterministic")
+
+
+def _plain(value: object) -> str:
+    """A value read from a repro (data, never trusted), safe to print: quoted unless plain text."""
+    text = str(value)
+    return text if isinstance(value, str) and text.isprintable() and len(text) <= 40 else shown(text, 40)
+
+
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     knob = parse_knob(args.param)
     # Bounded before any work: each point is a pair of calls, each size a dim of every input.
@@ -420,20 +488,29 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"--size must be at least 1 and at most {MAX_SWEEP_SIZE}, not {args.size}")
     if args.plot:
         files.check_writable(args.plot, "--plot")
+        if importlib.util.find_spec("matplotlib") is None:  # before the sweep, not after it
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)")
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)
     spec = _resolve_spec(args, impls, settings.execution, console)
     result = sweep(impls, spec, settings, knob, points=args.points, case=sweep_case(spec, settings, args.size))
-    console.print(f"sweep {knob.name} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair.expected} vs {result.pair.actual}, input {result.case.describe()}", markup=False)
+    console.print(f"sweep {knob.shown} over [{knob.lo:g}, {knob.hi:g}] ({'log' if knob.log else 'linear'}), {result.pair.expected} vs {result.pair.actual}, input {result.case.describe()}", markup=False)
     for p in result.points:
         state = f"DIVERGE ({p.verdict.kind})" if p.verdict.kind else "agree"
-        console.print(f"  {knob.name} = {p.value:<12.4g} {state:<22} score {p.verdict.score:.3g}", markup=False)
+        console.print(f"  {knob.shown} = {p.value:<12.4g} {state:<22} score {p.verdict.score:.3g}", markup=False)
     if not result.boundaries:
         verdicts = {bool(p.verdict.kind) for p in result.points}
         console.print("no boundary: " + ("diverge everywhere on the range" if verdicts == {True} else "agree everywhere on the range"), markup=False)
     for b in result.boundaries:
-        console.print(f"boundary: {b.describe(knob.name)}", markup=False)
+        console.print(f"boundary: {b.describe(knob.shown)}", markup=False)
+    flips = switches(result.evaluated)
+    if result.boundaries and flips > len(result.boundaries):
+        console.print(f"not monotone: agreement switches {flips} times among the {len(result.evaluated)} evaluated points, so "
+                      f"these boundaries hold for this grid; another range or --points can find others", markup=False)
+    elif len(result.boundaries) > 1:
+        console.print(f"{len(result.boundaries)} boundaries: agreement is not monotone in {knob.shown}; each holds between its grid points",
+                      markup=False)
     console.print(f"({result.evaluations} evaluations)", markup=False)
     if args.plot:
         plot_sweep(result, args.plot)

@@ -197,3 +197,29 @@ def tensor_pair_text(expected: torch.Tensor, actual: torch.Tensor, *, labels: tu
         shown.append(f"at {_where(i, shape)}: {a} vs {b}")
     return (f"{expected.numel()} elements ({_dtype_name(expected)}, shape {shape}); {le} {summary_text(expected).split('; ', 1)[-1]}; "
             f"{la} {summary_text(actual).split('; ', 1)[-1]}; " + ("differ most " + "; ".join(shown) if shown else "identical"))
+
+
+def range_text(t: torch.Tensor) -> str:
+    """What a tensor's values are, in a few words: 'all 0', 'in [-3, 1e3]', '+ 2 NaN/inf'.
+
+    Said from the values themselves, never from how they were drawn: a minimised or
+    replayed case has lost its generator's regime and magnitude."""
+    if t.numel() == 0:
+        return "empty"
+    work = t.detach().reshape(-1).cpu()
+    work = work.double() if t.is_floating_point() else work.long()
+    finite = torch.isfinite(work) if t.is_floating_point() else torch.ones_like(work, dtype=torch.bool)
+    bad = int((~finite).sum())
+    if not bool(finite.any()):
+        return f"all NaN/inf ({bad})"
+    kept = work[finite]
+    lo, hi = _texts(t, [float(kept.min()), float(kept.max())])
+    text = f"all {lo}" if lo == hi else f"in [{lo}, {hi}]"
+    return text + (f" and {bad} NaN/inf" if bad else "")
+
+
+def case_values_text(sizes: dict[str, int], tensors: dict[str, torch.Tensor]) -> str:
+    """A case by its sizes and values: 'B=1: input all 0, target all 1'."""
+    dims = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    values = ", ".join(f"{name} {range_text(t)}" for name, t in tensors.items())
+    return f"{dims}: {values}" if dims else values

@@ -15,6 +15,14 @@ class UsageError(LosscmpError, ValueError):
     """Options that do not make sense together, or out of range."""
 
 
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'bce_on_sigmoid'?)' for a near miss among ``choices``, else ''."""
+    import difflib  # only on the error path
+
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def shown(text: str, limit: int = 160, quote: bool = True) -> str:
     """``repr(text)`` (or the text itself), its middle elided past ``limit`` characters: a
     message echoes the input it refuses without becoming a page of it."""

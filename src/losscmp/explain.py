@@ -1419,7 +1419,9 @@ class Explanation:
         if loc:
             for label, site in loc.items():
                 if isinstance(site, dict):
-                    lines.append(f"location in {label}: {site.get('file')}:{site.get('line')}: {site.get('code', '')} ({site.get('op', '')})")
+                    # The path as the sentence above writes it (the JSON keeps it absolute).
+                    lines.append(f"location in {label}: {_short_path(str(site.get('file')))}:{site.get('line')}: "
+                                 f"{site.get('code', '')} ({site.get('op', '')})")
         if note:
             lines.append(f"location: {note}")
         if self.impact is not None:

@@ -473,7 +473,17 @@ def _infer(impls: Sequence[Implementation], dtype: torch.dtype, device: str, run
     required = {kw for i in impls for kw in _required_keywords(i.fn)}
     if required:
         names = ", ".join(sorted(required))
-        raise InferenceError(f"keyword-only parameter(s) {names} have no default; give them in --spec (e.g. '...; {sorted(required)[0]}=1.0')")
+        first = sorted(required)[0]
+        impl = next(i for i in impls if _required_keywords(i.fn))
+        sig = _signature(impl.fn)
+        wanted = [p.name for p in (sig.parameters.values() if sig else ()) if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        call = ", ".join(f"{n}={n}" if n in required else n for n in wanted)
+        # A keyword-only parameter may be a tensor (logits=...), which losscmp passes by
+        # position, or an option, which a spec sets: name both mends, guess neither.
+        raise InferenceError(f"keyword-only parameter(s) {names} of {impl.label} have no default. A tensor: losscmp passes "
+                             f"tensors by position, so wrap it, def wrapped({', '.join(wanted)}): return {impl.ref.attrs[-1]}({call}). "
+                             f"A number or an option: give it in --spec ('...; {first}=VALUE')")
+    _same_arguments(impls)
     attempts: list[Attempt] = []
     queue = candidates(impls)
     seen: set[str] = set()
@@ -499,6 +509,26 @@ def _infer(impls: Sequence[Implementation], dtype: torch.dtype, device: str, run
     rest = [a.spec.name or "generic " + " ".join(a.spec.args[0].dims) for a in failed[2:]]
     also = f"; also tried {', '.join(dict.fromkeys(rest))}" if rest else ""
     raise InferenceError(f"no spec fits these implementations: {shown}{also}; give --spec explicitly (presets: {', '.join(PRESETS)})")
+
+
+def _same_arguments(impls: Sequence[Implementation]) -> None:
+    """Every implementation is called with the same tensors: one that cannot take as many
+    (a loss taking a dict, a batch object) fails every probe; say so in a line, not with
+    every probe's failure."""
+    ranges = {i.label: _positional_range(i.fn) for i in impls}
+    known = {la: r for la, r in ranges.items() if r is not None}
+    if len(known) < 2:
+        return
+    need = max(lo for lo, _ in known.values())
+    short = [la for la, (_, hi) in known.items() if hi < need]
+    if short:
+        la = short[0]
+        sig = _signature(next(i.fn for i in impls if i.label == la))
+        takes = ", ".join(sig.parameters) if sig else "?"
+        other = next(o for o, (lo, _) in known.items() if lo == need)
+        raise InferenceError(f"{la} takes {known[la][1]} tensor argument(s) ({takes}) where {other} needs {need}: losscmp calls "
+                             f"every implementation with the same tensors, in order; wrap {la} so that it takes them as "
+                             f"{other} does (e.g. build its dict inside the wrapper)")
 
 
 def infer_spec(

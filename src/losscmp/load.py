@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import LosscmpError, shown
+from .errors import LosscmpError, did_you_mean, shown
 from .literals import LITERAL_ERRORS, literal
 from .breadcrumbs import Terminated
 
@@ -102,14 +102,15 @@ def parse_ref(text: str) -> Ref:
     try:
         node = ast.parse(expr, mode="eval").body
     except LITERAL_ERRORS:
-        raise LoadError(f"{shown(text)}: cannot parse {shown(expr)} as an attribute or a call with literal arguments") from None
+        raise LoadError(f"{shown(text)}: cannot parse {shown(expr)} as an attribute or a call with literal arguments{_quote_hint(text)}") from None
     call = None
     if isinstance(node, ast.Call):
         try:
             args = tuple(literal(a) for a in node.args)
             kwargs = tuple((k.arg, literal(k.value)) for k in node.keywords)
         except LITERAL_ERRORS:
-            raise LoadError(f"{shown(text)}: factory arguments must be literals (numbers, strings, tuples, ...) of sane size and depth") from None
+            raise LoadError(f"{shown(text)}: factory arguments must be literals (numbers, strings, tuples, ...) of sane size and depth"
+                            f"{_quote_hint(text, node)}") from None
         named = tuple((k, v) for k, v in kwargs if k is not None)  # k.arg is None for '**'
         if len(named) != len(kwargs):
             raise LoadError(f"{shown(text)}: '**' is not allowed in a reference")
@@ -124,6 +125,25 @@ def parse_ref(text: str) -> Ref:
     if label is None:
         label = _default_label(target, attrs)
     return Ref(text=text.strip(), label=label, target=target, attrs=tuple(attrs), call=call)
+
+
+def _quote_hint(text: str, call: ast.Call | None = None) -> str:
+    """A shell eats the quotes and splits at the spaces of an unquoted factory call:
+    name the quoted reference that was meant."""
+    meant = text.strip()
+    if "(" not in meant:
+        return ""
+    if call is not None:  # SamplesLoss(loss=sinkhorn): a bare name where the shell ate a string's quotes
+        names = [(k.arg, k.value.id) for k in call.keywords if k.arg is not None and isinstance(k.value, ast.Name)]
+        if not names:
+            return ""
+        for arg, name in names:
+            meant = re.sub(rf"\b{re.escape(arg)}\s*=\s*{re.escape(name)}\b", f'{arg}="{name}"', meant)
+    elif not meant.endswith(")"):
+        meant = meant.rstrip(", ") + ", ...)"  # split at a space: the rest went into the next argument
+    else:
+        return ""
+    return f"; quote the whole reference for the shell: '{meant}'"
 
 
 def _default_label(target: str, attrs: list[str]) -> str:
@@ -164,7 +184,8 @@ def load_object(text: str | Ref, *, base_dir: Path | None = None, factories: str
             try:
                 obj = getattr(obj, name)
             except AttributeError:
-                raise LoadError(f"{shown(ref.text)}: {shown('.'.join(walked[:-1]))} has no attribute {name!r}") from None
+                hint = did_you_mean(name, [n for n in dir(obj) if not n.startswith("__")])
+                raise LoadError(f"{shown(ref.text)}: {shown('.'.join(walked[:-1]))} has no attribute {name!r}{hint}") from None
     if ref.call is not None:
         args, kwargs = ref.call
         if factories == "modules" and not _is_module_class(obj):
@@ -179,6 +200,8 @@ def load_implementation(text: str | Ref, *, base_dir: Path | None = None, factor
     fn = load_object(ref, base_dir=base_dir, factories=factories)
     if not callable(fn):
         raise LoadError(f"{shown(ref.text)} is a {type(fn).__name__}, which is not callable")
+    if _is_module_class(fn):  # calling the class would build a module from the inputs, not compute a loss
+        raise LoadError(f"{shown(ref.text)} is a class, not a loss: instantiate it, '{ref.text}()' (its options go inside the parentheses)")
     return Implementation(ref, fn)
 
 

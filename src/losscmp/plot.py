@@ -32,11 +32,11 @@ def plot_sweep(result: SweepResult, path: str) -> None:
         ax.plot([x], [y], marker="o", color="tab:red" if p.verdict.kind else "tab:green")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="tolerance (score = 1)")
     for b in result.boundaries:
-        ax.axvline(b.value, color="tab:red", linestyle=":", linewidth=1.5, label=f"boundary {result.knob.name} = {b.value:.4g}")
+        ax.axvline(b.value, color="tab:red", linestyle=":", linewidth=1.5, label=f"boundary {result.knob.shown} = {b.value:.4g}")
     if result.knob.log:
         ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(result.knob.name)
+    ax.set_xlabel(result.knob.shown)
     ax.set_ylabel("divergence score (|a-b| / allowed)")
     ax.set_title(str(result.pair))
     ax.legend(loc="best", fontsize=8)

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 
 from .errors import LosscmpError
+from .project import SAVE_DIR
 
 if TYPE_CHECKING:
     from .testing import CheckOptions, CheckResult, Session
 
-SAVE_DIR = "fixtures/losscmp"
 # losscmp.testing, settings and interpreter import torch: this module imports them inside
 # the hooks that need them, so that a pytest run that runs no check never loads torch.
 # Spelled out, not imported: importing losscmp.testing imports torch, and every pytest
@@ -56,7 +56,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--losscmp-python", action="append", default=[], metavar="LABEL=PATH",
                     help="run the implementation labelled LABEL (a reference, e.g. 'official=pkg.losses:dice') under that "
                          "interpreter; its environment needs torch and numpy, not losscmp (repeatable)")
-    group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from (default {SAVE_DIR})")
+    group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from, relative to the rootdir (default {SAVE_DIR}, hidden like .hypothesis)")
     group.addoption("--losscmp-no-replay", action="store_true", help="do not replay saved cases before fuzzing")
     group.addoption("--losscmp-replay-only", action="store_true", help="replay saved cases only, no fuzzing (a test with none passes)")
 
@@ -67,7 +67,7 @@ class Tally:
     """What every check of the session did; a plain dict crosses from xdist workers."""
 
     def __init__(self) -> None:
-        self.checks = self.pairs = self.cases = self.replayed = self.replayed_diverging = 0
+        self.checks = self.pairs = self.cases = self.replayed = self.replayed_diverging = self.probe_failures = 0
         self.kinds: Counter = Counter()
         self.saved: Counter = Counter()  # folder -> new cases saved there
 
@@ -78,15 +78,16 @@ class Tally:
         self.replayed += len(result.replayed)
         self.replayed_diverging += sum(1 for r in result.replayed if r.verdict.kind)
         self.kinds.update(result.divergence_kinds)
+        self.probe_failures += result.probe_error is not None
         for path in result.saved:
             self.saved[_relative(path.parent, root)] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {"checks": self.checks, "pairs": self.pairs, "cases": self.cases, "replayed": self.replayed,
-                "replayed_diverging": self.replayed_diverging, "kinds": dict(self.kinds), "saved": dict(self.saved)}
+                "replayed_diverging": self.replayed_diverging, "probe_failures": self.probe_failures, "kinds": dict(self.kinds), "saved": dict(self.saved)}
 
     def merge(self, data: dict[str, Any]) -> None:
-        for name in ("checks", "pairs", "cases", "replayed", "replayed_diverging"):
+        for name in ("checks", "pairs", "cases", "replayed", "replayed_diverging", "probe_failures"):
             setattr(self, name, getattr(self, name) + int(data.get(name, 0)))
         self.kinds.update(data.get("kinds", {}))
         self.saved.update(data.get("saved", {}))
@@ -98,6 +99,8 @@ class Tally:
         lines = [f"{self.checks} check(s): {self.pairs} pair(s) checked, {self.cases} case(s) run, {replayed}"]
         kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
         lines.append(f"divergences: {kinds or 'none'}")
+        if self.probe_failures:
+            lines.append(f"probe failures: {self.probe_failures} check(s) whose implementations could not run on their spec")
         if self.saved:
             lines.append("new cases saved in:")
             lines += [f"  {folder}  ({n})" for folder, n in sorted(self.saved.items())]
@@ -162,6 +165,7 @@ def _command_line_options(config: pytest.Config) -> CheckOptions:
         timeout=opt("--losscmp-timeout"),
         pythons=tuple(pythons.items()),
         replay_only=opt("--losscmp-replay-only"),
+        verbose=opt("verbose") >= 2,  # pytest -vv: each finding's evidence in the failure
     )
 
 

@@ -18,8 +18,8 @@ import torch
 from .compare import Verdict
 from .engine import Evaluator, make_runner
 from .findings import Alone, Kind
-from .load import Implementation
-from .repro import Repro, ReproError, load_repro, load_repro_implementations, same_bits
+from .load import Implementation, Ref
+from .repro import Repro, ReproError, load_repro, load_repro_implementations, repro_base_dir, same_bits
 from .spec import Spec
 from .settings import Settings
 
@@ -84,6 +84,17 @@ class SavedReplay:
     result: ReplayResult
 
 
+def same_reference(saved: Ref, base: Path, live: Ref) -> bool:
+    """Does a saved reference (a file target relative to ``base``, the project root) name
+    what the run's reference (a file target relative to the current folder) names?"""
+    if saved.is_path != live.is_path:
+        return False
+    if not saved.is_path:
+        return saved.source() == live.source()
+    same_file = (base / saved.target).resolve() == Path(live.target).resolve()
+    return same_file and (saved.attrs, saved.call) == (live.attrs, live.call)
+
+
 def replay_saved(directory: Path | None, impls: Sequence[Implementation], spec: Spec, *, isolate: bool | None = None,
                  pythons: Mapping[str, str] | None = None, same_references: bool = False,
                  shown: Callable[[Path], str] = str) -> tuple[SavedReplay, ...]:
@@ -103,7 +114,8 @@ def replay_saved(directory: Path | None, impls: Sequence[Implementation], spec: 
             raise ReproError(f"saved case {shown(path)} cannot be replayed: {e}") from None
         if repro.spec.text() != spec.text() or not set(repro.pair) <= set(by_label):
             continue  # saved for another pairing or spec
-        if same_references and any(r.label in by_label and r.source() != by_label[r.label].ref.source() for r in repro.refs):
+        if same_references and any(r.label in by_label and not same_reference(r, repro_base_dir(repro), by_label[r.label].ref)
+                                   for r in repro.refs):
             continue
         result = replay(repro, [by_label[la] for la in dict.fromkeys(repro.pair)], isolate=isolate, pythons=pythons)
         out.append(SavedReplay(path, repro.kind, result))

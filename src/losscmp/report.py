@@ -14,6 +14,7 @@ from rich.table import Table
 from . import files, jsonout
 from .display import tensor_text
 from .model import Alone, AuditResult, Divergence, RunPhase, subject_labels_json
+from .project import shown_path
 from .replay import SavedReplay
 
 # Explanation fields also found at the top of each divergence in --json.
@@ -32,7 +33,10 @@ def tally_text(result: AuditResult) -> str:
     return ", ".join(f"{n} {what}" for what, n in parts)
 
 
-def print_audit(result: AuditResult, console: Console, details: bool = True) -> None:
+def print_audit(result: AuditResult, console: Console, details: bool = True, verbose: bool = False,
+                evidence_hint: str = "-v, or --json") -> None:
+    """The verdict table, then (``details``) one screen per finding, with its evidence
+    when ``verbose``."""
     s = result.settings
     ex = s.execution
     console.print(
@@ -43,29 +47,22 @@ def print_audit(result: AuditResult, console: Console, details: bool = True) -> 
     table = Table(show_header=True, header_style="bold")
     for col in ("pair", "verdict", "diverging cases", "worst score", "kinds"):
         table.add_column(col)
-    by_subject: dict[Any, list[Divergence]] = {}
-    for d in result.divergences:
-        by_subject.setdefault(d.subject, []).append(d)
-    compared = list(result.pairs)
-    for subject in compared + [p for p in by_subject if p not in compared]:
-        ds = by_subject.get(subject, [])
-        skipped = result.not_compared.get(subject)
-        if not ds:
-            if skipped:
-                verdict = f"[yellow]agree on {result.cases_run - skipped[0]} compared[/]"
-            else:
-                verdict = "[green]agree[/]"
-            table.add_row(escape(str(subject)), verdict, "0", "-", "-")
-            continue
-        count = result.subject_cases.get(subject, sum(d.count for d in ds))
-        kinds = ", ".join(dict.fromkeys(d.kind.value for d in ds))
-        table.add_row(escape(str(subject)), "[red]DIVERGE[/]", f"{count} / {result.cases_run}", _score(max(d.score for d in ds)), kinds)
+    for row in pair_rows(result):
+        if row["verdict"] == "diverge":
+            table.add_row(escape(str(row["subject"])), "[red]DIVERGE[/]", f"{row['diverging_cases']} / {result.cases_run}",
+                          _score(row["worst_score"]), ", ".join(row["kinds"]))
+        elif row["compared_cases"] < result.cases_run:
+            table.add_row(escape(str(row["subject"])), f"[yellow]agree on {row['compared_cases']} compared[/]", "0", "-", "-")
+        else:
+            table.add_row(escape(str(row["subject"])), "[green]agree[/]", "0", "-", "-")
     console.print(table)
     console.print(f"cases: {tally_text(result)}", markup=False, highlight=False)
     for subject, (n, why) in result.not_compared.items():
         console.print(f"[yellow]not compared[/] on {n} case(s), {escape(str(subject))}: {escape(why)}", highlight=False)
     for d in result.divergences if details else ():
-        print_divergence(d, result, console)
+        print_divergence(d, result, console, verbose, evidence_hint)
+    if details and result.divergences and not verbose:
+        console.print(f"(the evidence behind each finding: {evidence_hint})", markup=False, highlight=False)
     for why in result.stage_errors:
         console.print(f"warning: {why}", markup=False, highlight=False)
     if result.interrupted:
@@ -97,7 +94,44 @@ def print_partial(data: dict[str, Any], file: Any) -> None:
     print("(the run stopped there: these findings are not all minimised or explained)", file=file, flush=True)
 
 
-def print_divergence(d: Divergence, result: AuditResult, console: Console) -> None:
+def pair_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """The verdict table's rows, one per subject: the terminal table, the JSON ``pairs``
+    and the HTML summary are this one list."""
+    by_subject: dict[Any, list[Divergence]] = {}
+    for d in result.divergences:
+        by_subject.setdefault(d.subject, []).append(d)
+    compared = list(result.pairs)
+    rows = []
+    for subject in compared + [p for p in by_subject if p not in compared]:
+        ds = by_subject.get(subject, [])
+        skipped = result.not_compared.get(subject, (0, ""))[0]
+        rows.append({
+            "subject": subject,
+            "verdict": "diverge" if ds else "agree",
+            "diverging_cases": result.subject_cases.get(subject, sum(d.count for d in ds)) if ds else 0,
+            "compared_cases": result.cases_run - skipped,
+            "worst_score": max(d.score for d in ds) if ds else None,
+            "kinds": list(dict.fromkeys(d.kind.value for d in ds)),
+        })
+    return rows
+
+
+def replay_command(d: Divergence, result: AuditResult) -> str | None:
+    """The command that replays a finding's saved case, as pasted in the current folder."""
+    if not d.repro:
+        return None
+    # A side that ran under another interpreter replays there too (this one may lack its package).
+    pythons = dict(result.settings.execution.pythons)
+    there = "".join(f" --python {shlex.quote(f'{la}={pythons[la]}')}" for la in d.subject.labels if la in pythons)
+    return f"losscmp replay {shlex.quote(shown_path(d.repro))}{there}"
+
+
+def print_divergence(d: Divergence, result: AuditResult, console: Console, verbose: bool = False,
+                     evidence_hint: str = "-v, or --json") -> None:
+    """One screen per finding: its sentence, the worst and the minimal example with both
+    sides' values, the threshold, the replay command.  ``verbose`` adds the evidence
+    (regimes, minimiser steps, oracle, drift, self-consistency, relation, location,
+    impact, notes, cost), which the JSON report always holds."""
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False)
 
@@ -107,24 +141,30 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
     console.rule(f"[bold red]{escape(str(d.subject))}: {d.kind.value}[/]{cause} — {d.kind.description}", align="left")
     if d.explanation is not None:
         say(d.explanation.sentence())
-    say(f"worst of {d.count} case(s), score {_score(d.score)}: {d.verdict.detail}")
-    say(f"input: {d.case.describe()}")
-    if len(d.regimes) > 1 or d.representative is not None:
+    say(f"worst of {d.count} case(s), {d.case.describe()}, score {_score(d.score)}: {d.verdict.detail}")
+    if verbose and (len(d.regimes) > 1 or d.representative is not None):
         say("diverging cases by regime: " + ", ".join(f"{r} {n}" for r, n in sorted(d.regimes.items(), key=lambda kv: -kv[1])))
-    if d.representative is not None and d.representative_verdict is not None:
+    if verbose and d.representative is not None and d.representative_verdict is not None:
         say(f"mildest: {d.representative.describe()}: {d.representative_verdict.detail}")
     for label, text in d.outputs.items():
         lines = text.strip().splitlines()
+        if not verbose:  # its first line may be the clue (a warning); the rest is evidence
+            first = lines[0] if len(lines[0]) <= 100 else lines[0][:97] + "..."
+            more = f" (+{len(lines) - 1} more line(s): {evidence_hint})" if len(lines) > 1 else ""
+            say(f"{label} printed: {first}{more}")
+            continue
         shown = lines[:OUTPUT_LINES] + ([f"... ({len(lines) - OUTPUT_LINES} more lines)"] if len(lines) > OUTPUT_LINES else [])
         say(f"{label} printed: " + "\n    ".join(shown))
     m = d.minimized
     if m is not None:
-        sizes = ", ".join(f"{k} {m.original_sizes[k]} -> {v}" for k, v in m.sizes.items())
-        say(f"minimised in {m.evaluations} evaluations: {sizes}")
-        for step in m.steps:
-            say(f"  - {step}")
-        if m.verdict is not None and m.verdict.kind:
-            say(f"on the minimised input: {m.verdict.detail}")
+        if verbose:
+            sizes = ", ".join(f"{k} {m.original_sizes[k]} -> {v}" for k, v in m.sizes.items())
+            say(f"minimised in {m.evaluations} evaluations: {sizes}")
+            for step in m.steps:
+                say(f"  - {step}")
+        dims = ", ".join(f"{k}={v}" for k, v in m.sizes.items())
+        verdict = f": {m.verdict.detail}" if m.verdict is not None and m.verdict.kind else ""
+        say(f"minimal example ({dims}){verdict}")
         for name, t in m.case.tensors.items():  # large inputs are summarised, never dropped
             say(f"  {name} = {tensor_text(t, limit=SHOW_TENSORS_UP_TO)}")
         if m.threshold:
@@ -137,14 +177,12 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console) -> No
                     f"the difference is only smaller than atol")
             else:
                 say(f"threshold: {m.threshold.describe()}")
-    if d.explanation is not None:
+    if d.explanation is not None and verbose:
         for line in d.explanation.evidence():
             say(f"  {line}")
     if d.repro:
-        # A side that ran under another interpreter replays there too (this one may lack its package).
-        pythons = dict(result.settings.execution.pythons)
-        there = "".join(f" --python {shlex.quote(f'{la}={pythons[la]}')}" for la in d.subject.labels if la in pythons)
-        say(f"repro: {d.repro}  (losscmp replay {shlex.quote(str(d.repro))}{there})")
+        # Never wrapped: a command split over two lines does not paste.
+        console.print(f"replay: {replay_command(d, result)}", markup=False, highlight=False, soft_wrap=True)
     elif d.repro_error:
         say(f"repro not saved: {d.repro_error}")
 
@@ -157,7 +195,7 @@ def print_replayed(replayed: Sequence[SavedReplay], console: Console) -> None:
         v = s.result.verdict
         now = (f"[red]still diverges[/] ({v.kind.value}): {escape(v.detail)}" if v.kind
                else f"[yellow]not compared[/]: {escape(v.detail)}" if not v.compared else "[green]agrees now[/]")
-        console.print(f"  {escape(str(s.path))} (saved as {s.recorded.value}, {escape(str(v.subject))}): {now}", highlight=False)
+        console.print(f"  {escape(shown_path(s.path))} (saved as {s.recorded.value}, {escape(str(v.subject))}): {now}", highlight=False)
 
 
 def replayed_json(s: SavedReplay) -> dict[str, Any]:
@@ -184,14 +222,17 @@ def audit_json(result: AuditResult, replayed: Sequence[SavedReplay] = ()) -> dic
         "replayed": [replayed_json(r) for r in replayed],
         "seconds": round(result.seconds, 3),
         "evaluations": result.evaluations,
-        "divergences": [divergence_json(d) for d in result.divergences],
+        "pairs": [{**{k: v for k, v in row.items() if k != "subject"}, "pair": subject_labels_json(row["subject"]),
+                   "worst_score": row["worst_score"]}
+                  for row in pair_rows(result)],
+        "divergences": [divergence_json(d, result) for d in result.divergences],
         "stage_errors": list(result.stage_errors),
         "interrupted": result.interrupted is not None,
         "interruption": f"{result.interrupted}: the run was stopped" if result.interrupted else None,
     }
 
 
-def divergence_json(d: Divergence) -> dict[str, Any]:
+def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[str, Any]:
     m = d.minimized
     explained = d.explanation.to_json() if d.explanation is not None else None
     if explained is not None:
@@ -214,12 +255,16 @@ def divergence_json(d: Divergence) -> dict[str, Any]:
         "minimized_sizes": dict(m.sizes) if m else None,
         "evaluations": m.evaluations if m else None,
         "minimize_steps": list(m.steps) if m else None,
+        # The minimal example as a person reads it: the verdict on it and each input, in full when small.
+        "minimal": {"detail": m.verdict.detail if m.verdict is not None and m.verdict.kind else None,
+                    "inputs": {name: tensor_text(t, limit=SHOW_TENSORS_UP_TO) for name, t in m.case.tensors.items()}} if m else None,
         "threshold": (
             {"knob": m.threshold.knob, "agree_at": m.threshold.agree_at, "diverge_at": m.threshold.diverge_at, "value": m.threshold.value}
             if m and m.threshold
             else None
         ),
         "repro": d.repro,
+        "replay_command": replay_command(d, result) if result is not None else None,
         "repro_error": d.repro_error,
         "gradient_summaries": [
             {"what": t.what, "max_abs": t.max_abs, "max_rel": t.max_rel, "rel_l2": t.rel_l2, "cosine": t.cosine, "score": t.score}

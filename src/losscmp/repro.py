@@ -41,9 +41,14 @@ from .errors import LosscmpError, shown
 from .generate import _with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
 from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
+from .project import portable_target, project_root
 from .spec import Spec, SpecError, parse_spec
 
 FORMAT = "losscmp-repro/1"
+# The "paths" field of a repro: relative file references are resolved from the project
+# root found where the repro is replayed.  Older repros instead hold an absolute
+# "base_dir", the folder they were saved from, and keep resolving from there.
+PATHS_FROM_PROJECT_ROOT = "project root"
 INPUT_FORMAT = "losscmp-input/1"
 DTYPES = {
     "float16": torch.float16,
@@ -114,7 +119,9 @@ def _package_version(pkg: str) -> str | None:
         return None
 
 
-def versions(refs: list[Ref]) -> dict[str, Any]:
+def versions(refs: list[Ref], base_dir: Path | None = None) -> dict[str, Any]:
+    """Library versions, and each implementation's file hash or package version; relative
+    file references are read under ``base_dir`` (default: the current folder)."""
     found: dict[str, Any] = {"python": platform.python_version()}
     for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
@@ -123,14 +130,24 @@ def versions(refs: list[Ref]) -> dict[str, Any]:
     impls = {}
     for ref in refs:
         if ref.is_path:
-            path = Path(ref.target)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-            impls[ref.label] = {"file_sha256": digest}
+            impls[ref.label] = {"file_sha256": file_digest(_under(ref.target, base_dir))}
         else:
             top = ref.target.split(".")[0]
             impls[ref.label] = {"package": top, "version": _package_version(top)}
     found["implementations"] = impls
     return found
+
+
+def file_digest(path: Path) -> str | None:
+    """The first 16 hex digits of a file's SHA-256 (of a package folder: its __init__.py)."""
+    if path.is_dir():
+        path = path / "__init__.py"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def _under(target: str, base_dir: Path | None) -> Path:
+    path = Path(target)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
 def _slug(text: str) -> str:
@@ -151,8 +168,16 @@ def save_case(
     device: str,
     extra: dict[str, Any] | None = None,
     durable: bool = True,
+    cwd: str | Path | None = None,
 ) -> Path:
-    """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path.  ``durable``: fsync too."""
+    """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path.  ``durable``: fsync too.
+
+    File references (relative to ``cwd``, the folder the run was started in: the current
+    one by default) are stored relative to its project root, so a replay in another clone
+    of the project runs that clone's files (:func:`repro_base_dir`)."""
+    cwd = Path(cwd if cwd is not None else os.getcwd())
+    root = project_root(cwd)
+    refs = [replace(r, target=portable_target(r.target, cwd, root)) if r.is_path else r for r in refs]
     arrays: dict[str, np.ndarray] = {}
     tensors_meta: dict[str, dict[str, Any]] = {}
     for name, t in case.tensors.items():
@@ -178,18 +203,22 @@ def save_case(
         "pair": list(pair),
         "kind": str(kind),
         "implementations": [{"label": r.label, "ref": r.source()} for r in refs],
-        "base_dir": os.getcwd(),
+        "paths": PATHS_FROM_PROJECT_ROOT,
+        # Where it was saved: only a last resort for a replay from outside any clone of it.
+        "project_root": str(root),
         "spec": spec.text(),
         "params": case.params,
         "sizes": case.sizes,
         "recipe": asdict(case.recipe) if case.recipe else None,
+        # The recipe describes the case as drawn; a minimised case is no longer that draw.
+        "minimised": case.note == "minimised",
         "tensors": tensors_meta,
         "outcomes": outcome_meta,
         "tolerance": {"rtol": tolerance[0], "atol": tolerance[1]},
         "seed": seed,
         "device": device,
         "dtype": next((m["dtype"] for m in tensors_meta.values() if m["dtype"].startswith(("float", "bfloat"))), None),
-        "versions": versions(refs),
+        "versions": versions(refs, root),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
@@ -246,9 +275,13 @@ def save_divergence(ev, d, directory: Path) -> Path:
         outcomes = {}
     else:
         outcomes = ev.outcomes(case, labels)
+    minimal = d.minimized.verdict if d.minimized and d.minimized.verdict is not None and d.minimized.verdict.kind else None
     extra = {
         "score": d.verdict.score,
-        "detail": d.verdict.detail,
+        # What the saved (minimised) case shows; the worst case found is kept beside it.
+        "detail": minimal.detail if minimal else d.verdict.detail,
+        "worst_detail": d.verdict.detail,
+        "reference": ev.settings.reference,
         "original_sizes": d.minimized.original_sizes if d.minimized else case.sizes,
         "threshold": asdict(d.minimized.threshold) if d.minimized and d.minimized.threshold else None,
         "timeout": ev.settings.execution.timeout,
@@ -385,7 +418,11 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
         device = "cpu"
     tensors = {k: v.to(device) for k, v in tensors.items()}
     # Keyword parameters come from the spec text: literal types survive (JSON has no tuples).
-    return Case(tensors=tensors, sizes=dict(sizes), params=dict(spec.params), recipe=recipe, note="replayed")
+    minimised = meta.get("minimised", False)  # absent from files written before it was recorded
+    _need(isinstance(minimised, bool), "'minimised' is not true or false")
+    # Said next to the recipe: "magnitude 5e+07" is the draw it came from, not the saved input.
+    note = "minimised from that draw; replayed" if minimised and recipe else "replayed"
+    return Case(tensors=tensors, sizes=dict(sizes), params=dict(spec.params), recipe=recipe, note=note)
 
 
 def load_repro(path: str | Path) -> Repro:
@@ -521,13 +558,78 @@ def trusted_refs(repro: Repro) -> list[Ref]:
 
 
 def repro_base_dir(repro: Repro) -> Path:
-    """Where relative file references of the repro are loaded from."""
+    """Where relative file references of the repro are loaded from: the project root found
+    from the current folder (this checkout's files, not the saving clone's); for a repro
+    from before that rule, the absolute folder it was saved from, while it exists."""
     base = repro.meta.get("base_dir")
     try:
         usable = isinstance(base, str) and Path(base).is_dir()
     except OSError:  # a name too long: as unusable as a folder that is gone
         usable = False
-    return Path(base) if usable and isinstance(base, str) else Path.cwd()
+    if repro.meta.get("paths") != PATHS_FROM_PROJECT_ROOT and usable and isinstance(base, str):
+        return Path(base)
+    # The project of the current folder first (this checkout's files); where its files are
+    # not there (a replay from outside the project), the project holding the repro, then
+    # the one it was saved in.
+    here = project_root()
+    relative = [r.target for r in repro.refs if r.label in repro.pair and r.is_path and r.target and not Path(r.target).is_absolute()]
+    saved_in = repro.meta.get("project_root")
+    for root in (here, project_root(repro.path.parent), Path(saved_in) if isinstance(saved_in, str) else None):
+        try:
+            if root is not None and all((root / t).exists() for t in relative):
+                return root
+        except OSError:  # a name too long to look up: not this root
+            continue
+    return here
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """A file an implementation of the repro is loaded from: where, and whether it is the
+    file the case was recorded with (by the SHA-256 prefix the repro holds)."""
+
+    label: str
+    path: Path
+    recorded: str | None  # None: the repro holds no hash for it
+    today: str | None  # None: no such file here
+
+    @property
+    def changed(self) -> bool:
+        return self.recorded is not None and self.today != self.recorded
+
+
+def file_checks(repro: Repro) -> list[FileCheck]:
+    """The files the subject's file references load here, each against its recorded hash."""
+    base = repro_base_dir(repro)
+    saved = repro.meta.get("versions", {})
+    saved = saved.get("implementations", {}) if isinstance(saved, dict) else {}
+    out = []
+    for ref in repro.refs:
+        if ref.label not in repro.pair or not ref.is_path or not ref.target:
+            continue
+        path = _under(ref.target, base)
+        recorded = saved.get(ref.label, {}).get("file_sha256") if isinstance(saved.get(ref.label), dict) else None
+        out.append(FileCheck(ref.label, path, recorded if isinstance(recorded, str) else None, file_digest(path)))
+    return out
+
+
+def version_changes(repro: Repro) -> dict[str, tuple[Any, Any]]:
+    """{library: (recorded version, today's)} for the libraries whose version changed since
+    the case was recorded, the implementations' own packages included."""
+    saved = repro.meta.get("versions")
+    if not isinstance(saved, dict):
+        return {}
+    today = versions([r for r in repro.refs if not r.is_path and r.target and r.label in repro.pair])
+    changes: dict[str, tuple[Any, Any]] = {}
+    for name, now in today.items():
+        if name != "implementations" and name in saved and saved[name] != now:
+            changes[name] = (saved[name], now)
+    recorded_impls = saved.get("implementations", {}) if isinstance(saved.get("implementations"), dict) else {}
+    for label, now in today["implementations"].items():
+        was = recorded_impls.get(label)
+        if isinstance(was, dict) and was.get("version") != now.get("version"):
+            changes[now["package"]] = (was.get("version"), now.get("version"))
+    return changes
 
 
 def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
@@ -539,7 +641,9 @@ def load_repro_implementations(repro: Repro, remote: Collection[str] = (), *,
     if remote and elsewhere is None:
         raise TypeError("remote labels need elsewhere=interpreter.remote_implementation")
     base_dir = repro_base_dir(repro)
-    return [elsewhere(ref) if ref.label in remote and elsewhere is not None else load_implementation(ref, base_dir=base_dir, factories="modules")
+    # The other interpreter's worker has its own current folder: give it the file itself.
+    return [elsewhere(replace(ref, target=str(_under(ref.target, base_dir))) if ref.is_path else ref)
+            if ref.label in remote and elsewhere is not None else load_implementation(ref, base_dir=base_dir, factories="modules")
             for ref in trusted_refs(repro)]
 
 

@@ -76,6 +76,12 @@ def _clip(text: str) -> str:
     return text if len(text) <= OUTPUT_LIMIT else text[:OUTPUT_LIMIT] + f"... ({len(text) - OUTPUT_LIMIT} more characters)"
 
 
+def _type_name(x: Any) -> str:
+    """'list', 'NoneType', but 'numpy.float32': a numpy scalar is not Python's float."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__qualname__}"
+
+
 def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Tensor], device: torch.device) -> Outcome:
     interrupts = _user_interrupts.count
     pid = os.getpid()
@@ -88,7 +94,7 @@ def _call(fn: Callable[..., Any], spec: Spec, case: Case, inputs: list[torch.Ten
         if _user_interrupts.count != interrupts:  # the user's Ctrl-C, swallowed by the implementation: still stop
             raise KeyboardInterrupt
         if not isinstance(out, torch.Tensor):
-            return Outcome(Status.NON_TENSOR, error=f"returned {type(out).__name__}, not a tensor")
+            return Outcome(Status.NON_TENSOR, error=f"returned {_type_name(out)}, not a tensor")
         if out.layout != torch.strided or out.device.type == "meta":  # nothing losscmp could read values from
             what = "a meta tensor (it holds no values)" if out.device.type == "meta" else f"a {str(out.layout).removeprefix('torch.')} tensor"
             return Outcome(Status.NON_TENSOR, error=f"returned {what}, not a dense tensor")

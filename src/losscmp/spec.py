@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .domains import DOMAINS
-from .errors import LosscmpError, shown
+from .errors import LosscmpError, did_you_mean, shown
 from .literals import LITERAL_ERRORS, literal
 from .load import load_object
 
@@ -232,7 +232,7 @@ def preset(name: str) -> Spec:
     key = name.strip().lower().replace("_", "-")
     key = PRESET_ALIASES.get(key, key)
     if key not in PRESETS:
-        raise SpecError(f"unknown preset {shown(name)} (known: {', '.join(PRESETS)})")
+        raise SpecError(f"unknown preset {shown(name)}{did_you_mean(key, list(PRESETS) + list(PRESET_ALIASES))} (known: {', '.join(PRESETS)})")
     spec = parse_spec(PRESETS[key])
     return replace(spec, name=key)
 

@@ -404,7 +404,7 @@ def materialise(directory: Path) -> dict[str, Any]:
         repro = str(save_case(
             save_dir, spec=spec, case=case, refs=refs, pair=(partner[0], partner[1]), kind=kind, outcomes={label: Outcome(kind.value, error=said)},
             tolerance=(context["tolerance"]["rtol"], context["tolerance"]["atol"]), seed=context["seed"],
-            device=crumb["device"], extra={"detail": f"{label} {said}", "base_dir": context["cwd"], "timeout": crumb.get("limit")},
+            device=crumb["device"], extra={"detail": f"{label} {said}", "timeout": crumb.get("limit")}, cwd=context["cwd"],
         ))
     except (OSError, TypeError, ValueError) as e:  # an unwritable save folder: the finding stands without its file
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .compare import Verdict
 from .engine import Evaluator
-from .errors import LosscmpError
+from .errors import LosscmpError, did_you_mean
 from .findings import Kind, Pair
 from .generate import Case, Recipe, build_case
 from .load import Implementation, load_implementation
@@ -41,6 +41,11 @@ class Knob:
     lo: float
     hi: float
     log: bool = True
+    side: str | None = None  # a keyword parameter given to this implementation only (``fork.eps``)
+
+    @property
+    def shown(self) -> str:
+        return f"{self.side}.{self.name}" if self.side else self.name
 
     def grid(self, points: int) -> list[float]:
         if points < 2:
@@ -52,20 +57,24 @@ class Knob:
 
 
 def parse_knob(text: str) -> Knob:
-    """``name=lo:hi[:log|lin]``, e.g. ``blur=1e-3:1:log``."""
-    m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*([^:]+):([^:]+)(?::(log|lin))?\s*", text)
+    """``name=lo:hi[:log|lin]``, e.g. ``blur=1e-3:1:log``; ``label.name=...`` sets a keyword
+    parameter on the implementation with that label only (``fork.eps=1e-8:1e-2``)."""
+    m = re.fullmatch(r"\s*(?:([A-Za-z_][\w.+-]*)\.)?([A-Za-z_]\w*)\s*=\s*([^:]+):([^:]+)(?::(log|lin))?\s*", text)
     if not m:
-        raise KnobError(f"--param {text!r}: expected NAME=LO:HI[:log|lin], e.g. blur=1e-3:1:log")
+        raise KnobError(f"--param {text!r}: expected [LABEL.]NAME=LO:HI[:log|lin], e.g. blur=1e-3:1:log or fork.eps=1e-8:1e-2")
+    side, name = m.group(1), m.group(2)
+    if side and name in INPUT_KNOBS:
+        raise KnobError(f"--param {text!r}: {name} changes the inputs, which both sides share; give it without a label")
     try:
-        lo, hi = float(m.group(2)), float(m.group(3))
+        lo, hi = float(m.group(3)), float(m.group(4))
     except ValueError:
         raise KnobError(f"--param {text!r}: bounds must be numbers") from None
     if not (math.isfinite(lo) and math.isfinite(hi)):  # 1e400 reads as inf: no grid point would be finite
         raise KnobError(f"--param {text!r}: bounds must be finite numbers")
-    log = m.group(4) != "lin"
+    log = m.group(5) != "lin"
     if not lo < hi or (log and lo <= 0):
         raise KnobError(f"--param {text!r}: need LO < HI{' and LO > 0 on a log scale' if log else ''}")
-    return Knob(m.group(1), lo, hi, log)
+    return Knob(name, lo, hi, log, side)
 
 
 @dataclass(frozen=True)
@@ -76,18 +85,24 @@ class Point:
 
 @dataclass(frozen=True)
 class Boundary:
+    """A change between agreement and divergence, bisected inside one grid step.  It is
+    a fact about that step only: where agreement is not monotone in the knob, another
+    range or grid finds other crossings."""
+
     agree_at: float
     diverge_at: float
     kind: Kind
+    step: tuple[float, float] = (math.nan, math.nan)  # the grid points it was found between
 
     @property
     def value(self) -> float:
         return bracket_middle(self.agree_at, self.diverge_at)
 
     def describe(self, knob: str) -> str:
+        where = f" (between grid points {self.step[0]:.4g} and {self.step[1]:.4g})" if not math.isnan(self.step[0]) else ""
         if self.diverge_at > self.agree_at:
-            return f"agree for {knob} < {self.value:.4g}, diverge above ({self.kind}); bracket [{self.agree_at:.4g}, {self.diverge_at:.4g}]"
-        return f"diverge for {knob} < {self.value:.4g} ({self.kind}), agree above; bracket [{self.diverge_at:.4g}, {self.agree_at:.4g}]"
+            return f"agrees at {knob} = {self.agree_at:.4g}, diverges ({self.kind}) at {self.diverge_at:.4g}{where}"
+        return f"diverges ({self.kind}) at {knob} = {self.diverge_at:.4g}, agrees at {self.agree_at:.4g}{where}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,9 +126,16 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
     if len(impls) != 2:
         raise KnobError("sweep compares exactly two implementations")
     case = case or sweep_case(spec, settings)
-    if knob.name not in INPUT_KNOBS:  # the swept value, not the spec's fixed one, reaches the call
-        case = replace(case, params={k: v for k, v in case.params.items() if k != knob.name})
     pair = Pair(impls[0].label, impls[1].label)
+    if knob.side is not None and knob.side not in pair.labels:
+        raise KnobError(f"--param {knob.shown}: no implementation is labelled {knob.side!r}"
+                        f"{did_you_mean(knob.side, pair.labels)} (labels: {', '.join(pair.labels)})")
+    if knob.name not in INPUT_KNOBS and knob.name in case.params:  # the swept value, not the spec's fixed one, reaches the call
+        fixed = case.params[knob.name]
+        case = replace(case, params={k: v for k, v in case.params.items() if k != knob.name})
+        if knob.side is not None:  # ... of the swept side; the other keeps the spec's value
+            other = next(la for la in pair.labels if la != knob.side)
+            impls = with_param(impls, knob.name, fixed, other)
     evaluated: list[Point] = []
     if knob.name in INPUT_KNOBS and not any(a.domain in SCALABLE for a in spec.args):
         raise KnobError(f"--param {knob.name}: the spec has no real-valued input to change")
@@ -126,7 +148,7 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
         elif knob.name == "offset":
             ev, c = Evaluator(impls, spec, settings), shifted(spec, case, value)
         else:
-            ev, c = Evaluator(with_param(impls, knob.name, value), spec, settings), case
+            ev, c = Evaluator(with_param(impls, knob.name, value, knob.side), spec, settings), case
         try:
             verdict = ev.verdict(pair, ev.outcomes(c, pair.labels))
         finally:
@@ -145,17 +167,26 @@ def sweep(impls: Sequence[Implementation], spec: Spec, settings: Settings, knob:
         agree, diverge = (a, b) if b.verdict.kind else (b, a)
         lo, hi = bisect(lambda v: bool(verdict_at(v).kind), agree.value, diverge.value, log=knob.log)
         assert diverge.verdict.kind is not None  # the diverging end of the bracket has a kind
-        boundaries.append(Boundary(lo, hi, diverge.verdict.kind))
+        boundaries.append(Boundary(lo, hi, diverge.verdict.kind, (a.value, b.value)))
     ordered = tuple(sorted(evaluated, key=lambda p: p.value))
     return SweepResult(pair, knob, tuple(grid), tuple(boundaries), len(evaluated), case, ordered)
 
 
-def with_param(impls: Sequence[Implementation], name: str, value: float) -> list[Implementation]:
-    """Each implementation with ``name=value``: a factory keyword where the reference is
-    a factory call (``SamplesLoss(blur=...)``), else a keyword on every call."""
+def switches(points: Sequence[Point]) -> int:
+    """How often agreement changes along ``points`` (in knob order)."""
+    states = [bool(p.verdict.kind) for p in points]
+    return sum(a != b for a, b in zip(states, states[1:]))
+
+
+def with_param(impls: Sequence[Implementation], name: str, value: float, side: str | None = None) -> list[Implementation]:
+    """Each implementation (or only the one labelled ``side``) with ``name=value``: a factory
+    keyword where the reference is a factory call (``SamplesLoss(blur=...)``), else a
+    keyword on every call."""
     out = []
     for impl in impls:
-        if impl.ref.call is not None:
+        if side is not None and impl.label != side:
+            out.append(impl)
+        elif impl.ref.call is not None:
             out.append(load_implementation(impl.ref.with_kwargs(**{name: value})))
         else:
             out.append(Implementation(impl.ref, functools.partial(impl.fn, **{name: value})))

@@ -18,6 +18,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,9 +26,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .audit import AuditResult, audit
+from .audit import AuditResult, ProbeError, audit
 from .compare import Verdict
-from .display import tensor_text
+from .display import case_values_text, tensor_text
 from .errors import LosscmpError, UsageError
 from .findings import Kind, Subject
 from .generate import Case
@@ -35,7 +36,7 @@ from .infer import infer_spec
 from .interpreter import check_labels, check_python, is_remote, remote_implementation
 from .load import Implementation, Ref, load_implementation, parse_ref
 from .replay import replay_saved
-from .report import print_audit
+from .report import pair_rows, print_audit
 from .repro import ReproError
 from .settings import RunnerKind, Settings
 from .spec import Spec, resolve_spec
@@ -68,6 +69,7 @@ class CheckOptions:
     replay_command: str | None = None  # printed on failure; pasted at the project root it re-runs the check
     replay_saved_command: str | None = None  # the same, replaying only the saved cases (no fuzzing)
     audit: dict[str, Any] = field(default_factory=dict)  # further audit Settings (minimize, max_size, ...)
+    verbose: bool = False  # the failure report shows each finding's evidence (pytest -vv)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class CheckResult:
     replayed: tuple[ReplayedCase, ...]
     audit: AuditResult | None  # None when only saved cases were replayed
     failure: str | None  # the report, when the check fails
+    probe_error: str | None = None  # the implementations could not run on the spec at all (the check fails)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -189,6 +192,7 @@ def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str |
     try:
         result = check(impls, spec, options)
     except LosscmpError as error:  # bad input to the call: its one line at the test's own frame, as the report is
+        error.args = (in_call_terms(str(error)),)
         raise error.with_traceback(None) from None
     if SESSIONS:
         SESSIONS[-1].record(result)
@@ -231,7 +235,11 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
     examples = options.examples if options.examples is not None else profile_examples()  # Settings checks it
     settings = Settings.of(examples=examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
                            **kw, **options.audit)
-    result = audit(loaded, the_spec, settings)
+    try:
+        result = audit(loaded, the_spec, settings)
+    except ProbeError as e:  # the implementations fail on a tame input: a failed check, as any finding is
+        why = in_call_terms(str(e))
+        return CheckResult(tuple(loaded), replayed, None, f"PROBE FAILED (losscmp): {why}", probe_error=why)
     return CheckResult(tuple(loaded), replayed, result, None if result.agree else _audit_failure(result, options))
 
 
@@ -250,12 +258,14 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
 # --- failure messages ----------------------------------------------------------------
 
 def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str:
-    lines = []
+    kinds = ",".join(dict.fromkeys(str(r.verdict.kind) for r in still))
+    subjects = ", ".join(dict.fromkeys(str(r.verdict.subject) for r in still))
+    lines = [f"DIVERGE {kinds} on {len(still)} saved case(s): {subjects}"]  # the line pytest's short summary shows
     for r in still:
         lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {r.verdict.subject}")
         lines.append(f"  saved case: {_shown_path(r.path)} (saved as {r.recorded})")
         lines.append(f"  {r.verdict.detail}")
-        lines.append(f"  input: {r.case.describe()}")
+        lines.append(f"  input: {case_values_text(r.case.sizes, r.case.tensors)}")
         for name, t in r.case.tensors.items():
             if t.numel() <= 24:
                 lines.append(f"  {name} = {_tensor_text(t)}")
@@ -266,11 +276,31 @@ def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str
 def _audit_failure(result: AuditResult, options: CheckOptions) -> str:
     from rich.console import Console
 
+    # The first line is what pytest's short summary shows: the verdict, not a preamble.
+    diverging = [r for r in pair_rows(result) if r["verdict"] == "diverge"]
+    # pytest cuts it at the terminal's width, after "FAILED <test id> - AssertionError: ":
+    # the verdict, kinds and counts come first; the next line says it is losscmp's report.
+    verdict = "; ".join(f"{','.join(r['kinds'])} {r['diverging_cases']}/{result.cases_run} {r['subject']}" for r in diverging)
     buffer = io.StringIO()
-    print_audit(result, Console(file=buffer, width=160, soft_wrap=True, color_system=None, highlight=False))
-    lines = buffer.getvalue().rstrip("\n").splitlines()
+    # Sentences wrap at word boundaries to the terminal (less pytest's "E       " margin, at
+    # least 112 columns so the verdict table keeps one row per pair); commands and paths
+    # are printed unwrapped by print_audit, so they still paste.
+    width = max(120, shutil.get_terminal_size().columns) - 8
+    print_audit(result, Console(file=buffer, width=width, color_system=None, highlight=False),
+                verbose=options.verbose, evidence_hint="pytest -vv")
+    lines = [f"DIVERGE {verdict}"] + buffer.getvalue().rstrip("\n").splitlines()
     lines += _replay_lines(options, saved=all(d.repro for d in result.divergences))
     return "\n".join(lines)
+
+
+# Inside a test, options are keyword arguments: a message written for the command line
+# is said in the call's terms.
+CALL_TERMS = {"--spec": "spec=", "--python": "pythons=", "--timeout": "timeout=", "--isolate": "isolate=True",
+              "--examples": "examples=", "--reference": "reference=", "--rtol": "rtol=", "--atol": "atol="}
+
+
+def in_call_terms(text: str) -> str:
+    return re.sub("|".join(re.escape(o) + r"\b" for o in CALL_TERMS), lambda m: CALL_TERMS[m.group(0)], text)
 
 
 def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
@@ -345,6 +375,8 @@ def implementation(impl: str | Callable[..., Any], pythons: Mapping[str, str] | 
         return load_implementation(ref)
     if not callable(impl):
         raise UsageError(f"{impl!r} is neither a reference nor callable")
+    if isinstance(impl, type) and issubclass(impl, torch.nn.Module):
+        raise UsageError(f"{impl.__name__} is a class, not a loss: pass an instance, {impl.__name__}() (its options go inside the parentheses)")
     name = getattr(impl, "__qualname__", None) or type(impl).__qualname__
     module = getattr(impl, "__module__", None) or type(impl).__module__
     label = re.sub(r"[^\w.+-]", "", name.split(".")[-1]) or "impl"

@@ -7,7 +7,7 @@ from losses import bce_with_logits, smooth_l1
 
 def test_bce_matches_torch(losscmp):
     # The fixture: replays the cases saved by earlier failures first, then fuzzes;
-    # a divergence is minimised and saved under fixtures/losscmp/.
+    # a divergence is minimised and saved under .losscmp/.
     losscmp.check(bce_with_logits, F.binary_cross_entropy_with_logits, spec="binary")
 
 
