@@ -489,6 +489,7 @@ def test_impact_with_one_side_stuck_says_so_instead_of_0_steps_and_2x_apart():
     line = next(x for x in ex.evidence() if x.startswith("training impact"))
     assert line.startswith("training impact: moving 3, stuck 0 normalised descent step(s)"), line
     assert "only moving moved" in line and "2× the distance" not in line
+    assert ex.impact.to_json()["taken"] == {"moving": 3, "stuck": 0}
 
 
 def test_gradients_parallel_on_most_cases_only_never_claim_same_minimisers():

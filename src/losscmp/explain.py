@@ -1088,7 +1088,7 @@ class Impact:
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "apart": _json_float(self.apart),
                 "cross_improvement": {k: _json_float(v) for k, v in self.cross_improvement.items()},
-                "gradient_ratio": _json_float(self.gradient_ratio), "lr": self.lr, "note": self.note}
+                "gradient_ratio": _json_float(self.gradient_ratio), "lr": self.lr, "note": self.note, "taken": dict(self.taken)}
 
 
 # Step policy: normalised gradient descent with backtracking.  The first trial step has
