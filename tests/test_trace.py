@@ -327,6 +327,21 @@ def test_audit_locates_a_numerical_finding_on_the_unstable_side():
         assert f"first differing op at {SOFTPLUS.relative_to(Path.cwd()) if SOFTPLUS.is_relative_to(Path.cwd()) else SOFTPLUS}:" in ex.sentence()
 
 
+def test_a_numerical_location_names_the_working_dtype_run_in_plain_words():
+    # The BCE demo's minimal example: sigmoid(8) rounded in float32, amplified by BCELoss'
+    # log.  The note read "bce_on_sigmoid in float64's op amplifies a difference its inputs
+    # carry within the tolerance": the float64 run carries nothing; the float32 run does.
+    bce = load_implementation(f"{FIXTURES}/bce.py:bce_on_sigmoid")
+    spec = parse_spec("logits: B logits grad; target: B binary; B=1..4")
+    case = Case({"logits": torch.tensor([8.0]), "target": torch.tensor([0.0])}, {"B": 1})
+    loc = locate(bce, load_implementation(f"{FIXTURES}/bce.py:bce_with_logits"), spec, case,
+                 Tolerance.for_dtype(torch.float32), unstable="bce_on_sigmoid")
+    assert loc.location is not None and loc.location["bce_on_sigmoid"].line == 13, loc.note
+    assert "float64's" not in loc.note and "float32's" not in loc.note and " in float64" not in loc.note, loc.note
+    assert "the float32 run's inputs differ from the other run's within the tolerance, and the op amplifies" in loc.note, loc.note
+    assert "carried past it on the float32 run" in loc.note, loc.note
+
+
 # --- an EMLight-style fork of GeomLoss: located at the cost it computes, not the call site ---
 
 EMLIGHT = FORKS / "emlight" / "geomloss"

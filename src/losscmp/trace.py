@@ -864,8 +864,12 @@ def _side_under_test(lines: dict[str, SourceLine], expected: str, actual: str) -
     return mine[0] if mine else actual
 
 
-def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisation:
+def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working: str | None = None) -> Localisation:
     """Where two recordings part ways, by data.
+
+    ``working``: set when the two recordings are one program run at two precisions (the
+    label of the working-dtype run); a difference carried within the tolerance is then
+    that run's rounding, whichever walk noticed it, and the note says so.
 
     The ops are aligned by structure (:func:`align`) only to measure how much the two
     programs share (below :data:`MIN_COVERAGE`: not localised) and to vouch for
@@ -921,8 +925,18 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
                                            f"difference that starts at the line named")
                 dep = start
             else:
-                carried[walk.own.label] = f"{walk.own.label}'s op amplifies a difference its inputs carry within the tolerance"
+                carried[walk.own.label] = AMPLIFIES
         refined.append(dep)
+    if working is not None and AMPLIFIES in carried.values():
+        parts_carried = [f"at that op {working}'s inputs differ from the other run's within the tolerance, and the op amplifies "
+                         f"the difference past it"]
+        carried = {working: AMPLIFIES}
+    elif len(carried) == 2 and set(carried.values()) == {AMPLIFIES}:
+        # Both walks stop at the same aligned op: one fact, said once (a possessive on a
+        # run's label read "bce_on_sigmoid in float64's op").
+        parts_carried = [f"on both sides the op {AMPLIFIES}"]
+    else:
+        parts_carried = [text if text != AMPLIFIES else f"on {label}, the op {AMPLIFIES}" for label, text in carried.items()]
     dep_a, dep_b = refined
     how: dict[str, str] = {}
     causes = {}
@@ -952,7 +966,7 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
               la: _text(b[cause_b].outputs[0] if b[cause_b].outputs else None)}
     missing = [label for label, where in lines.items() if where is None]
     parts = [f"{phase.value}: the {res_a.what} differs; {le} departs at {_at(expected, cause_a)}, {la} at {_at(actual, cause_b)}"]
-    parts += list(carried.values())
+    parts += parts_carried
     parts += [f"{label}: {text}" for label, text in how.items()]
     if missing:
         parts.append(f"no source line for {' and '.join(missing)}: the op was not issued from Python code that this torch can attribute")
@@ -963,6 +977,9 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance) -> Localisa
     found = {label: where for label, where in lines.items() if where is not None}  # all of them: none is missing
     return Localisation(found, "; ".join(parts + [why, coverage]), cov, values, confidence=confidence,
                         side=_side_under_test(found, le, la))
+
+
+AMPLIFIES = "amplifies a difference its inputs carry within the tolerance"
 
 
 def _near_zero(sa: Summary | None, sb: Summary | None, tol: Tolerance) -> bool:
@@ -986,7 +1003,7 @@ def _confidence(cov: float, how: dict[str, str], amplified: list[str], *sides: t
     if how:
         doubts.append(f"{' and '.join(how)} placed through the other side's departure")
     if amplified:
-        doubts.append(f"a difference below the tolerance carried past it on {' and '.join(amplified)}'s side")
+        doubts.append(f"a difference below the tolerance carried past it on {' and '.join(amplified)}")
     for walk, r, dep in sides:
         # Constant-valued inputs matched by value alone (not from outside on both sides, not
         # made by counterpart ops) may be a coincidence: zeros and fills recur.
@@ -1037,10 +1054,12 @@ def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance
     impl64, problem = in_float64(impl)
     if problem:
         return Localisation(None, f"not localised: {problem}", 0.0)
-    wide_label, work_label = f"{label} in float64", f"{label} in {_dtype_word(case)}"
+    # The two recordings are runs of one program: named as runs, so the note reads "the
+    # float32 run departs at ..." rather than "bce_on_sigmoid in float32's op".
+    wide_label, work_label = "the float64 run", f"the {_dtype_word(case)} run"
     wide = replace(record(impl64, spec, float64_case(case)), label=wide_label)
     work = replace(record(impl, spec, case), label=work_label)
-    found = localise(wide, work, tol)
+    found = localise(wide, work, tol, working=work_label)
     head = f"numerical: located on {label}, the unstable side, by its own {_dtype_word(case)} vs float64 run"
     if not found.differs:
         return Localisation(None, f"{head}: not localised, {label} agrees with its own float64 run on this case; {found.note}",
