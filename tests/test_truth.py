@@ -154,6 +154,35 @@ def test_a_kink_gives_no_verdict_and_says_so():
     assert elsewhere.self_consistency["mine"].consistent is False  # at x = -1 the missing sign is a wrong gradient
 
 
+def _ntxent(x, y, t=0.1):
+    """SimCLR's NT-Xent, written by hand: rows normalised by x / x.norm()."""
+    z = torch.cat([x, y])
+    z = z / z.norm(dim=1, keepdim=True)
+    sim = (z @ z.T / t).masked_fill(torch.eye(len(z), dtype=torch.bool), float("-inf"))
+    n = len(x)
+    return torch.nn.functional.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]))
+
+
+def test_a_tiny_row_under_x_over_its_norm_is_no_kink():
+    # Rows of norm ~1e-8 are smooth points of x / ||x||, but a step at the tensor's scale
+    # (5e-7) jumps across them: this read "at a non-differentiable point (one-sided slopes
+    # -5.56619e+06 and 195703)" and "inconsistent" (0.374).  Finer steps settle the slopes.
+    spec = parse_spec("x: N D real grad; y: N D real grad; N=2..16; D=2..8")
+    nt = Implementation(parse_ref("nt=x.py:f"), _ntxent)
+    case = Case({"x": torch.tensor([[1e-8, 1e-8], [0.0, -1.0]]), "y": torch.tensor([[3e-9, 2e-8], [-1.0, 0.0]])}, {"N": 2, "D": 2})
+    sc = self_consistency(nt, spec, case)
+    assert not sc.kink and "non-differentiable" not in sc.note, sc
+    assert sc.consistent is True and sc.checks == 8, sc
+    # Rows of norm ~1e-16 are smooth too, but no float64 step is fine enough to show it: no
+    # verdict, and the reason, never "non-differentiable".
+    finer = Case({"x": torch.tensor([[1e-16, 1e-16], [0.0, -1.0]]), "y": torch.tensor([[3e-17, 2e-16], [-1.0, 0.0]])},
+                 {"N": 2, "D": 2})
+    sc = self_consistency(nt, spec, finer)
+    assert not sc.kink and "non-differentiable" not in sc.note, sc
+    assert "the steps cannot resolve the slope at this scale" in sc.note, sc
+    assert sc.consistent is not False, sc
+
+
 # --- the relation agrees with the verdict ------------------------------------------------------
 
 def test_relation_never_counts_as_equal_what_the_verdict_calls_a_value_divergence(tmp_path):
