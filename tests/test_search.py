@@ -76,6 +76,19 @@ def _divergence(ev, case):
     return Divergence(p, v.kind, v, case, 1)
 
 
+def test_a_denormal_the_case_was_drawn_with_is_lifted_out_of_the_example():
+    # A planted var = 1e-45 (regime special) was kept: the rule refused only candidates with
+    # *more* denormals than the case being shrunk.  -Normal.log_prob overflows at the smallest
+    # normal var just as well (25 / 2.4e-38 > FLT_MAX): the example must not rest on a denormal.
+    spec = parse_spec("input: B D real grad; target: B D real; var: B D positive grad; B=1..4; D=1..4")
+    ev = Evaluator(pair(f"{FIXTURES}/truth.py:gaussian_nll", f"{FIXTURES}/truth.py:normal_nll"), spec, Settings.of())
+    case = Case({"input": torch.tensor([[5.0]]), "target": torch.tensor([[0.0]]), "var": torch.tensor([[1e-45]])},
+                {"B": 1, "D": 1}, recipe=Recipe(sizes=(("B", 1), ("D", 1))))
+    assert subnormals(case) == 1
+    m = minimize(ev, _divergence(ev, case))
+    assert m.verdict.kind == "nonfinite" and subnormals(m.case) == 0, m.case.tensors
+
+
 def test_an_overflow_at_a_large_negative_logit_keeps_its_sign_and_its_threshold_is_true():
     spec = preset("binary")
     ev = Evaluator(pair(f"{FIXTURES}/inference.py:sigmoid_focal", f"{FIXTURES}/inference.py:sigmoid_focal_by_hand"), spec, Settings.of())

@@ -276,6 +276,37 @@ def subnormals(case: Case) -> int:
     return n
 
 
+# Where a denormal the case was drawn with goes: the float format's smallest normal (or
+# a larger normal magnitude), the whole case scaled up where the lift alone makes it
+# agree (1 / var at var = 1e-45 overflows; at 1.2e-38 it takes |x - t| above 3 as well).
+LIFTS = (1.0, 1e16)
+LIFT_SCALES = (1.0, 1e2, 1e4, 1e8)
+
+
+def lift_denormals(s: Shrinker) -> bool:
+    """Replace each tensor's denormals by normal numbers of the same sign, if it still diverges.
+
+    The no-new-denormals rule of :meth:`Shrinker.holds_plain` only stops candidates from
+    gaining them; a case drawn with one (a planted 1e-45 variance) kept it.  Once a lift
+    is adopted, that rule keeps the example off denormals from then on, and the later
+    passes shrink the scale back toward the threshold."""
+    changed = False
+    for name, t in s.case.tensors.items():
+        if not (t.is_floating_point() and t.numel()):
+            continue
+        tiny = torch.finfo(t.dtype).tiny
+        low = (t != 0) & (t.abs() < tiny)
+        if not bool(low.any()):
+            continue
+        for k, factor in ((k, f) for k in LIFT_SCALES for f in LIFTS):
+            lifted = replace(s.case, tensors={**s.case.tensors, name: torch.where(low, torch.sign(t) * tiny * factor, t).to(t.dtype)})
+            if s.consider(lifted if k == 1 else scaled(s.spec, lifted, k)):
+                s.steps.append(f"lift denormals of {name} to {tiny * factor:.3g}" + (f", inputs scaled x{k:g}" if k != 1 else ""))
+                changed = True
+                break
+    return changed
+
+
 PERTURBATION = 1e-3  # relative size of the nudge that a real divergence must survive
 
 
@@ -642,6 +673,7 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
     s.current = "nudge"
     if isinstance(subject, Pair) and survives_nudges(spec, divergence.case, s.counted):
         s.stable = lambda case, counted: survives_nudges(spec, case, counted)
+    s.run("lift_denormals", lift_denormals)
     s.fixate([("shrink_dims", shrink_dims), ("simplify_args", simplify_args)])
     threshold = None
     if isinstance(subject, Pair):
