@@ -68,6 +68,7 @@ from .compare import Tolerance, Verdict, compare_outcomes, diff_message, diff_te
 from .engine import InProcessRunner, Runner
 from .findings import Kind, Pair
 from .generate import Case, renormalise
+from .jsonout import number
 from .load import Implementation
 from .domains import SCALABLE
 from .minimize import input_magnitude, scaled, with_magnitude
@@ -1812,13 +1813,7 @@ def nonfinite_onset(impl: Implementation, spec: Spec, case: Case, *, run: Runner
 # --- small helpers ---------------------------------------------------------------------
 
 def _json_float(x: float | None) -> float | str | None:
-    if x is None:
-        return None
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
+    return None if x is None else number(x)
 
 
 def _short_path(path: str) -> str:
