@@ -32,7 +32,7 @@ from hypothesis import target
 
 from . import breadcrumbs
 from .engine import Evaluator, mutation_verdict
-from .explain import observe
+from .explain.relation import observe
 from .errors import LosscmpError
 from .generate import DEGENERATE, REGIMES, build_case, check_fits, degenerate_cases, probe_recipe, recipes
 from .jobs import explore_in_workers
