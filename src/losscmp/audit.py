@@ -204,8 +204,8 @@ class _Exploration:
                 self.checked_self.add(label)
         verdicts = [ev.verdict(p, outcomes) for p in ev.pairs]
         regime = case.recipe.regime if case.recipe else None
-        for p in ev.pairs:  # for the relation between the two losses, over every case
-            observation = observe(outcomes[p.expected], outcomes[p.actual], regime)
+        for p, verdict in zip(ev.pairs, verdicts):  # for the relation between the two losses, over every case
+            observation = observe(outcomes[p.expected], outcomes[p.actual], regime, verdict)
             if observation is not None:
                 self.history.setdefault(p, []).append(observation)
         for v in verdicts:

@@ -2,10 +2,12 @@
 
 In: one :class:`Observation` per compared case (recorded during the search by
 :func:`observe`: two sums, a dot product, two norms).  Out: a :class:`Relation`: values
-equal (within the verdict's tolerance), near, offset by a constant, scaled by a
-constant, or nothing simple; gradients equal, parallel (same minimisers, another step
-size), or pointing elsewhere, each holding on a majority of cases, with the rest
-listed by regime.
+equal, near, offset by a constant, scaled by a constant, or nothing simple; gradients
+equal, parallel (same minimisers, another step size), or pointing elsewhere, each
+holding on a majority of cases, with the rest listed by regime.  "Equal" is the
+verdict's own judgement of each case (values and gradients within the run's
+tolerance, carried by the observation), so the relation never counts as equal a case
+the verdict calls a divergence, nor the other way round.
 """
 from __future__ import annotations
 
@@ -16,29 +18,46 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..compare import Tolerance
+from ..compare import Tolerance, Verdict
+from ..model import Kind
 from ..run import Outcome
 from .words import json_float, num
 
 
 @dataclass(frozen=True)
 class Observation:
-    """One compared case of a pair: both values, and how the gradients relate."""
+    """One compared case of a pair: both values, how the gradients relate, and what the
+    verdict said about each (None: not judged, e.g. an observation made without a verdict)."""
 
     expected: float
     actual: float
     cosine: float | None = None  # of the flattened gradients; None without gradients
     norm_ratio: float | None = None  # |grad actual| / |grad expected|
     regime: str | None = None
+    values_agree: bool | None = None  # the verdict's value comparison, within the run's tolerance
+    gradients_agree: bool | None = None  # every gradient within the run's tolerance, as the verdict judged it
 
 
-def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Observation | None:
+def judged(verdict: Verdict) -> tuple[bool | None, bool | None]:
+    """(values agree, gradients agree) as ``verdict`` judged them; None where it did not."""
+    if not verdict.compared or not verdict.diffs:
+        return None, None
+    value = next((d.score <= 1.0 for d in verdict.diffs if d.what == "value"), None)
+    grads = [d for d in verdict.diffs if d.what != "value"]
+    if verdict.kind in (Kind.GRADIENT, Kind.SHAPE) and all(d.score <= 1.0 for d in grads):
+        return value, False  # a gradient missing on one side, or of another shape: the verdict stopped before diffing it
+    return value, (all(d.score <= 1.0 for d in grads) if grads else None)
+
+
+def observe(expected: Outcome, actual: Outcome, regime: str | None = None, verdict: Verdict | None = None) -> Observation | None:
     """What the relation needs from one compared case; None when a side failed or is not finite.
 
     Cheap enough for every case of the search: two sums, one dot product, two norms,
     read back from the device in one transfer.  A non-scalar value is summed (the
-    quantity the runner differentiates).
+    quantity the runner differentiates).  ``verdict``: the search's verdict on the same
+    outcomes, whose judgement the observation carries (see :func:`judged`).
     """
+    agree = judged(verdict) if verdict is not None else (None, None)
     if expected.failed or actual.failed or expected.value is None or actual.value is None:
         return None
     if expected.value.shape != actual.value.shape:
@@ -71,7 +90,7 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Ob
     if not (math.isfinite(ve) and math.isfinite(va)):
         return None
     if not ge or not stats[5]:
-        return Observation(ve, va, None, None, regime)
+        return Observation(ve, va, None, None, regime, *agree)
     dot, ne, na = stats[2], stats[3], stats[4]
     if ne == 0 and na == 0:
         cosine, ratio = 1.0, 1.0
@@ -79,7 +98,7 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None) -> Ob
         cosine, ratio = 0.0, (math.inf if ne == 0 else 0.0)
     else:
         cosine, ratio = dot / (ne * na), na / ne
-    return Observation(ve, va, cosine, ratio, regime)
+    return Observation(ve, va, cosine, ratio, regime, *agree)
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,10 @@ class Relation:
     # Cases whose gradients point in opposite directions (cosine <= -COSINE_PARALLEL): where
     # one side descends the other ascends, so the minimisers differ, whatever most cases say.
     opposite: int = 0
+    # How "equal" gradients were counted: "verdict" (within the run's tolerance, as the
+    # verdict judged each case) or "cosine" (observations without a verdict: COSINE_EQUAL
+    # and RATIO_RTOL).  None: no gradients.
+    gradient_equal_by: str | None = None
 
     @property
     def same_minimisers(self) -> bool:
@@ -120,7 +143,7 @@ class Relation:
                 "offset": json_float(self.offset), "cosine_median": json_float(self.cosine_median), "cases": self.cases,
                 "value_fits": self.value_fits, "gradient_cases": self.gradient_cases, "gradient_fits": self.gradient_fits,
                 "outliers": dict(self.outliers), "equal_within": list(self.equal_within) if self.equal_within else None,
-                "skipped_cases": self.skipped_cases, "opposite": self.opposite}
+                "skipped_cases": self.skipped_cases, "opposite": self.opposite, "gradient_equal_by": self.gradient_equal_by}
 
     def describe(self, pair: tuple[str, str]) -> str:
         e, a = pair
@@ -151,6 +174,9 @@ class Relation:
         }[self.gradient]
         if self.gradient in ("equal", "parallel"):
             grad += f" on {self.gradient_fits} / {self.gradient_cases} cases"
+        if self.gradient == "equal":
+            grad += (" (equal: within the verdict's tolerance)" if self.gradient_equal_by == "verdict"
+                     else f" (equal: cosine >= 1 - {1 - COSINE_EQUAL:.0e}, norms within {RATIO_RTOL:g} relative)")
         if self.cosine_median is not None and self.gradient not in (None, "unknown"):
             grad += f", median cosine {self.cosine_median:.3g}"
         if self.opposite:
@@ -187,6 +213,7 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
     value, factor, offset, value_fit = _value_relation(obs, rtol, atol, tol)
     with_grads = [o for o in obs if o.cosine is not None and o.norm_ratio is not None]
     gradient, grad_factor, cos_median, grad_fit = _gradient_relation(with_grads, bool(obs))
+    equal_by = None if not with_grads else "verdict" if any(o.gradients_agree is not None for o in with_grads) else "cosine"
     if factor is None and gradient == "parallel":
         factor = grad_factor
     misfits: dict[str, int] = {}
@@ -202,7 +229,7 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
     opposite = sum(1 for o in with_grads if o.cosine is not None and o.cosine <= -COSINE_PARALLEL)
     return Relation(value, gradient, factor, offset, cos_median, len(obs), sum(value_fit), len(with_grads), sum(grad_fit),
                     tuple(sorted(misfits.items(), key=lambda kv: -kv[1])), (tol.rtol, tol.atol) if tol else None, len(given) - len(obs),
-                    opposite)
+                    opposite, equal_by)
 
 
 def _close(x: float, y: float, rtol: float, atol: float) -> bool:
@@ -221,15 +248,19 @@ def _value_relation(obs: Sequence[Observation], rtol: float, atol: float,
     if len(obs) < MIN_CASES:
         return "unknown", None, None, nothing
     pairs = [(o.expected, o.actual) for o in obs]
-    if tol is not None:
-        fit = [abs(a - e) <= tol.atol + tol.rtol * abs(e) for e, a in pairs]
+    verdict_said = any(o.values_agree is not None for o in obs)
+    if tol is not None or verdict_said:
+        # The verdict's own judgement where the observation carries it; else its tolerance
+        # on the summed values (|a - e| <= atol + rtol·|e|, as it judges a scalar loss).
+        fit = [o.values_agree if o.values_agree is not None else tol is not None and abs(a - e) <= tol.atol + tol.rtol * abs(e)
+               for o, (e, a) in zip(obs, pairs)]
         if sum(fit) > INLIERS * len(pairs):
             return "equal", None, None, fit
     fit = [_close(a, e, rtol, atol) for e, a in pairs]
     if sum(fit) > INLIERS * len(pairs):
-        # Within the relation's own fit but (given the verdict's tolerance) not within the
-        # verdict's: "near", never "equal", so the two never contradict each other.
-        return ("near" if tol is not None else "equal"), None, None, fit
+        # Within the relation's own fit but not within the verdict's: "near", never
+        # "equal", so the two never contradict each other.
+        return ("near" if tol is not None or verdict_said else "equal"), None, None, fit
     ratios = [a / e for e, a in pairs if abs(e) > atol]
     if ratios:
         k = statistics.median(ratios)
@@ -253,7 +284,10 @@ def _gradient_relation(with_grads: Sequence[Observation], any_cases: bool) -> tu
     if len(with_grads) < MIN_CASES:
         return "unknown", None, cos_median, nothing
     need = INLIERS * len(with_grads)
-    equal = [c >= COSINE_EQUAL and abs(r - 1) <= RATIO_RTOL for c, r in cr]
+    # Equal as the verdict judged the case (within the run's tolerance) when the observation
+    # says; only an observation made without a verdict falls back on cosine and norm ratio.
+    equal = [o.gradients_agree if o.gradients_agree is not None else c >= COSINE_EQUAL and abs(r - 1) <= RATIO_RTOL
+             for o, (c, r) in zip(with_grads, cr)]
     if sum(equal) > need:
         return "equal", None, cos_median, equal
     parallel = [c >= COSINE_PARALLEL and math.isfinite(r) for c, r in cr]
