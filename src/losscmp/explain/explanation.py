@@ -19,6 +19,10 @@ from .render import location_json
 
 @dataclass(frozen=True, eq=False)
 class Explanation:
+    """Why one divergence of ``pair`` (expected, actual) of ``kind`` happened: the float64
+    oracle's category and reason, each analysis' record (None or empty when it was not
+    run; ``skipped`` says why), and the calls and seconds it cost."""
+
     pair: tuple[str, str]
     kind: str
     category: Categorised  # the oracle's Category, or the finding's own Kind
