@@ -22,10 +22,13 @@ def sentence(ex: Explanation) -> str:
         other = e if ex.origin.label == a else a
         head = (f"semantic: {ex.origin.label} gives NaN/inf by {ex.origin.describe()} where {other} stays finite "
                 f"(a guard on one side only; float64 too, at any input scale)")
+    # Symmetric on purpose: "a computes a different function from e" read as blame on a,
+    # the GPU demo printed it for BCELoss' clamp on the other side.  Which side departs
+    # from its own derivative or from a known clamp is said by the parts that know.
     elif c is Category.SEMANTIC and ex.kind == "gradient":
-        head = f"semantic: {a}'s gradient differs from {e}'s (still different in float64)"
+        head = f"semantic: the gradients of {e} and {a} differ (in float64 too)"
     elif c is Category.SEMANTIC:
-        head = f"semantic: {a} computes a different function from {e} (still different in float64)"
+        head = f"semantic: {e} and {a} compute different functions (they differ in float64 too)"
     elif c is Category.NUMERICAL:
         drift_u = ex.drift.get(ex.unstable_side or "", math.nan)
         head = f"numerical: {e} and {a} agree in float64; {ex.unstable_side} drifts from its own float64 result (score {num(drift_u)})"
