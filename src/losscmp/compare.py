@@ -146,9 +146,9 @@ def _sides(subject: Subject) -> tuple[str, str]:
 
 # What a failure message says that changes from call to call while the failure stays the
 # same: memory amounts (a CUDA out-of-memory error names what is free and reserved at that
-# moment), addresses and process ids.  Two calls failing alike must not read as
+# moment, below 1 KiB in plain bytes: "0 bytes", then "2.00 KiB"), addresses and process ids.  Two calls failing alike must not read as
 # nondeterminism because the allocator held a few more MiB the second time.
-_VOLATILE = re.compile(r"\b\d+(?:\.\d+)? ?[KMGTP]i?B\b|\b0x[0-9a-fA-F]+\b|\b(?:[Pp]rocess|pid) \d+")
+_VOLATILE = re.compile(r"\b\d+(?:\.\d+)? ?(?:[KMGTP]i?B|bytes?)\b|\b0x[0-9a-fA-F]+\b|\b(?:[Pp]rocess|pid) \d+")
 
 
 def failure_signature(error: str | None) -> str | None:
