@@ -338,3 +338,20 @@ def test_nothing_fuzzed():
     replay_only = pytester.runpytest(*RUN, "--losscmp-replay-only")
     replay_only.assert_outcomes(passed=1)
     replay_only.stdout.fnmatch_lines(["1 check(s): 0 pair(s) checked, 0 case(s) run, 0 saved case(s) replayed"])
+
+
+def test_a_saved_case_is_named_as_typed_from_a_subfolder_of_the_project(tmp_path, monkeypatch):
+    # One path convention (project.shown_path) for the report, replay and assertions: from a
+    # subfolder, a saved case in the same project is named relative to it, not absolutely.
+    (tmp_path / "pyproject.toml").write_text("")
+    saved, sub = tmp_path / "saved", tmp_path / "sub"
+    sub.mkdir()
+    pair = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError):
+        assert_losses_agree(*pair, spec="binary", examples=30, save_dir=saved, explain=False)
+    monkeypatch.chdir(sub)
+    with pytest.raises(AssertionError) as failure:
+        assert_losses_agree(*pair, spec="binary", examples=30, save_dir=saved, explain=False)
+    lines = [line for line in str(failure.value).splitlines() if "saved case: " in line]
+    assert lines and all(line.split("saved case: ")[1].startswith("../saved/") for line in lines), lines

@@ -35,6 +35,7 @@ from .generate import Case
 from .infer import infer_spec
 from .interpreter import check_labels, check_python, is_remote, remote_implementation
 from .load import Implementation, Ref, load_implementation, parse_ref
+from .project import shown_path
 from .replay import replay_saved
 from .report import pair_rows, print_audit
 from .repro import ReproError
@@ -251,7 +252,7 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
     from the references it records: a lambda has none.  It is judged with the tolerance
     it was saved with; a case that crashed or hung is replayed in a worker process.
     """
-    saved = replay_saved(options.replay_dir, impls, spec, isolate=options.isolate or None, pythons=pythons, shown=_shown_path)
+    saved = replay_saved(options.replay_dir, impls, spec, isolate=options.isolate or None, pythons=pythons, shown=shown_path)
     return tuple(ReplayedCase(s.path, s.recorded, s.result.verdict, s.result.repro.case) for s in saved)
 
 
@@ -263,7 +264,7 @@ def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str
     lines = [f"DIVERGE {kinds} on {len(still)} saved case(s): {subjects}"]  # the line pytest's short summary shows
     for r in still:
         lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {r.verdict.subject}")
-        lines.append(f"  saved case: {_shown_path(r.path)} (saved as {r.recorded})")
+        lines.append(f"  saved case: {shown_path(r.path)} (saved as {r.recorded})")
         lines.append(f"  {r.verdict.detail}")
         lines.append(f"  input: {case_values_text(r.case.sizes, r.case.tensors)}")
         for name, t in r.case.tensors.items():
@@ -311,13 +312,6 @@ def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
 
 def _tensor_text(t: torch.Tensor) -> str:
     return tensor_text(t)
-
-
-def _shown_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _current_test_command() -> str | None:
