@@ -4,7 +4,8 @@ One :class:`Evaluator` serves the audit, spec inference, sweeps, replay and ever
 stage after the search.  How a call is made is the runner's business:
 
 * :class:`InProcessRunner` — a plain call in this process (the default);
-* ``isolate.IsolatedRunner`` — a worker process per implementation (``--isolate``):
+* ``isolate.IsolatedRunner`` — a worker process per implementation (``--isolate``; the
+  process runners share ``workers.WorkerRunner``):
   a segfault or a hang becomes a finding;
 * ``interpreter.InterpreterRunner`` — a side under another interpreter (``--python``);
 * ``cluster.RayRunner`` — an actor on a Ray cluster (``--ray``).

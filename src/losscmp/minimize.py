@@ -36,7 +36,7 @@ import torch
 from .compare import Verdict
 from .domains import DOMAINS
 from .findings import Kind, Pair
-from .generate import Case, _with_layout
+from .generate import Case, with_layout
 from .spec import Spec
 
 ELEMENT_LIMIT = 16  # simplify element by element only on cases this small
@@ -118,7 +118,7 @@ def take(spec: Spec, case: Case, dim: str, keep: Sequence[int]) -> Case:
 
 
 def _relayout(t: torch.Tensor, case: Case) -> torch.Tensor:
-    return _with_layout(t.contiguous(), case.recipe.layout) if case.recipe else t
+    return with_layout(t.contiguous(), case.recipe.layout) if case.recipe else t
 
 
 def map_values(spec: Spec, case: Case, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Case:
