@@ -24,7 +24,7 @@ from ._version import __version__
 from .audit import audit
 from .engine import RUNNERS, pairs_for, run_record
 from .errors import LosscmpError, UsageError, shown
-from .display import case_values_text
+from .display import case_values_text, verdict_text
 from .generate import select_regimes
 from .html_report import render_html
 from .infer import infer
@@ -429,10 +429,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
                       else f"outputs differ from the recorded run: {_why_outputs_differ(checks.values(), version_changes(repro), recorded if elsewhere else None)}", markup=False)
     verdict = result.verdict
     if verdict.kind:
-        console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict.detail)}", highlight=False)
+        console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict_text(verdict))}", highlight=False)
         return 1
     if not verdict.compared:
-        console.print(f"[yellow]not compared[/]: {escape(verdict.detail)}", highlight=False)
+        console.print(f"[yellow]not compared[/]: {escape(verdict_text(verdict))}", highlight=False)
         return 1
     if elsewhere:
         console.print(f"[green]agree now on {here}[/] (score {verdict.score:.3g}); not replayed on {recorded}, where it was recorded")

@@ -22,6 +22,7 @@ from typing import Callable, Protocol, Sequence
 
 from . import breadcrumbs
 from .compare import Tolerance, Verdict, compare_outcomes
+from .display import TWO_CALLS
 from .errors import UsageError, shown
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
@@ -141,7 +142,7 @@ class Evaluator:
         """Two calls of one implementation on one input: agreement, or nondeterminism."""
         v = compare_outcomes(Alone(label), first, second, self.tol)
         if v.kind:
-            return replace(v, kind=Kind.NONDETERMINISM, detail=f"two calls on the same input disagree: {v.detail}")
+            return replace(v, kind=Kind.NONDETERMINISM, detail=TWO_CALLS + v.detail)
         return v
 
     def close(self) -> None:

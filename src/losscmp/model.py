@@ -12,7 +12,7 @@ Values here are data: frozen dataclasses and enums, no terminal, JSON or HTML re
   disagrees with itself).  Both enums subclass ``str`` so their values are what JSON and
   repro files hold.
 * :class:`Recipe` -> :class:`Case` (generation), :class:`Outcome` (one call),
-  :class:`Tolerance`, :class:`TensorDiff` and :class:`Verdict` (comparison),
+  :class:`Tolerance`, :class:`TensorDiff`, :class:`Mismatch` and :class:`Verdict` (comparison),
   :class:`Divergence` (a finding and what the stages added) and :class:`AuditResult`.
 """
 from __future__ import annotations
@@ -254,6 +254,21 @@ class TensorDiff:
 
 
 @dataclass(frozen=True)
+class Mismatch:
+    """A tensor finding as data, in the manner of torch.testing's ``ErrorMeta``: the
+    component shown (``shown.what``: the value, or the gradient w.r.t. one input), how
+    many of its elements mismatch, the greatest absolute and relative differences over
+    those and where, what was allowed there, and both sides' numbers at that index.
+    ``sides`` names (expected, actual) as the words do; ``others`` are the remaining
+    components, said in one clause each.  Terminal, JSON and any later format render this
+    record (``display.verdict_text``, ``report.mismatch_json``), never re-parse words."""
+
+    sides: tuple[str, str]
+    shown: TensorDiff
+    others: tuple[TensorDiff, ...] = ()
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The comparison of two outcomes (or two calls of one implementation) on one case.
 
@@ -261,6 +276,11 @@ class Verdict:
     ``max_score`` is the worst over every component, which is what the search climbs.
     ``compared`` is False when both sides failed the same way: nothing was compared,
     which is reported, and never counted as agreement.
+
+    ``mismatch`` is the record of a value, gradient or NaN/inf finding; ``detail`` the
+    words of a verdict that has no structure of its own (a side's error message, the two
+    shapes).  For a mismatch, ``detail`` holds the words rendered from it (for the readers
+    that quote a verdict inside their own sentences); the report renders the record.
     """
 
     subject: Subject
@@ -269,6 +289,7 @@ class Verdict:
     detail: str
     diffs: tuple[TensorDiff, ...] = ()
     compared: bool = True
+    mismatch: Mismatch | None = None
 
     @property
     def diverges(self) -> bool:

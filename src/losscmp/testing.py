@@ -28,7 +28,7 @@ import torch
 
 from .audit import AuditResult, ProbeError, audit
 from .compare import Verdict
-from .display import case_values_text, tensor_text
+from .display import case_values_text, tensor_text, verdict_text
 from .errors import LosscmpError, UsageError
 from .findings import Kind, Subject
 from .generate import Case
@@ -265,7 +265,7 @@ def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str
     for r in still:
         lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {r.verdict.subject}")
         lines.append(f"  saved case: {shown_path(r.path)} (saved as {r.recorded})")
-        lines.append(f"  {r.verdict.detail}")
+        lines.append(f"  {verdict_text(r.verdict)}")
         lines.append(f"  input: {case_values_text(r.case.sizes, r.case.tensors)}")
         for name, t in r.case.tensors.items():
             if t.numel() <= 24:
