@@ -149,3 +149,26 @@ def test_each_mismatch_record_in_the_json_holds_the_numbers_the_terminal_prints(
         for other in m["others"]:  # "meanwhile gradient w.r.t. input agrees (greatest absolute difference 0)"
             clause = re.search(rf"{re.escape(other['component'])} (agrees|also differs) \(greatest absolute difference {NUMBER}", said)
             assert clause and (clause.group(1) == "agrees") == other["agrees"] and _close(clause.group(2), other["greatest_absolute_difference"])
+
+
+def test_each_minimiser_step_record_in_the_json_is_a_step_the_terminal_prints(bce_demo):
+    code, text, report = bce_demo
+    flat = " ".join(text.split())
+    steps = [(d, st) for d in report["divergences"] for st in d["minimize_step_records"]]
+    assert code == 1 and {st["kind"] for _, st in steps} >= {"shrink", "bisect_scale"}
+    words = {  # how -v words each kind of step: written out here, not taken from losscmp
+        "shrink": lambda st: f"shrink {st['dim']}: {st['before']} -> {st['after']} ({st['evaluations']} evaluations)",
+        "bisect_scale": lambda st: f"bisect input scale: threshold {st['threshold']:.4g} ({st['evaluations']} evaluations)",
+        "simplify_values": lambda st: "simplify values: " + ", ".join(f"{a} -> {f}" for a, f in st["forms"].items()) + f" ({st['evaluations']} evaluations)",
+        "simplify_elements": lambda st: f"simplify elements of {', '.join(st['args'])} ({st['evaluations']} evaluations)",
+        "toward_threshold": lambda st: f"max |input| {st['before']:.6g} -> {st['after']:.6g}, just past the threshold ({st['evaluations']} evaluations)",
+        "remeasure": lambda st: (f"threshold measured again on the final example: {st['threshold']:.4g}" if st["threshold"] is not None
+                                 else "the final example diverges at every scale") + f" ({st['evaluations']} evaluations)",
+    }
+    for d, st in steps:
+        said = words[st["kind"]](st)
+        assert f"- {said}" in flat, said
+        assert said in d["minimize_steps"]  # the JSON's words are the terminal's
+    for d in report["divergences"]:
+        assert len(d["minimize_steps"]) == len(d["minimize_step_records"])
+        assert sum(st["evaluations"] for st in d["minimize_step_records"]) <= d["evaluations"]

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .model import Kind, Mismatch, TensorDiff, Verdict
+from .model import Kind, Mismatch, Step, StepKind, TensorDiff, Verdict
 
 SHOW_UP_TO = 24  # elements printed in full
 BASE_DIGITS = 6
@@ -288,3 +288,26 @@ def verdict_text(v: Verdict) -> str:
         return v.detail
     text = mismatch_text(v.mismatch)
     return TWO_CALLS + text if v.kind is Kind.NONDETERMINISM else text
+
+
+# --- minimiser steps -----------------------------------------------------------------
+
+def step_text(step: Step) -> str:
+    """One step of the minimiser in words (``-v``), e.g. "shrink N: 510 -> 2 (14 evaluations)"."""
+    cost = f" ({step.evaluations} evaluations)"
+    if step.kind is StepKind.LIFT_DENORMALS:
+        scaled = f", inputs scaled x{step.scale:g}" if step.scale != 1 else ""
+        return f"lift denormals of {', '.join(step.args)} to {step.after:.3g}{scaled}{cost}"
+    if step.kind is StepKind.SHRINK:
+        return f"shrink {step.dim}: {step.before:g} -> {step.after:g}{cost}"
+    if step.kind is StepKind.SIMPLIFY_VALUES:
+        return f"simplify values: {', '.join(f'{arg} -> {form}' for arg, form in step.forms)}{cost}"
+    if step.kind is StepKind.SIMPLIFY_ELEMENTS:
+        return f"simplify elements of {', '.join(step.args)}{cost}"
+    if step.kind is StepKind.TOWARD_THRESHOLD:
+        return f"max |input| {step.before:.6g} -> {step.after:.6g}, just past the threshold{cost}"
+    if step.kind is StepKind.BISECT_SCALE:
+        return f"bisect input scale: threshold {step.threshold:.4g}{cost}"
+    if step.threshold is None:
+        return f"the final example diverges at every scale{cost}"
+    return f"threshold measured again on the final example: {step.threshold:.4g}{cost}"

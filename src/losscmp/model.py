@@ -304,6 +304,35 @@ class Verdict:
         return max([self.score] + [d.score for d in self.diffs])
 
 
+# --- minimisation -------------------------------------------------------------------
+
+class StepKind(str, Enum):
+    """What one step of the minimiser did to the example."""
+
+    LIFT_DENORMALS = "lift_denormals"  # denormal values of ``args[0]`` lifted to ``after``; inputs scaled by ``scale``
+    SHRINK = "shrink"  # ``dim`` from ``before`` to ``after`` elements
+    SIMPLIFY_VALUES = "simplify_values"  # each argument of ``forms`` replaced by that simpler form
+    SIMPLIFY_ELEMENTS = "simplify_elements"  # elements of ``args`` made simpler numbers, one at a time
+    BISECT_SCALE = "bisect_scale"  # the input scale where agreement turns: ``threshold``
+    TOWARD_THRESHOLD = "toward_threshold"  # max |input| from ``before`` to ``after``, just past the threshold
+    REMEASURE = "remeasure"  # the threshold again on the final example (None: it diverges at every scale)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the minimiser, as data; ``display.step_text`` words it."""
+
+    kind: StepKind
+    evaluations: int  # what the step cost, in evaluations (implementation calls per side)
+    dim: str | None = None
+    before: float | None = None
+    after: float | None = None
+    args: tuple[str, ...] = ()
+    forms: tuple[tuple[str, str], ...] = ()  # (argument, simpler form)
+    scale: float = 1.0
+    threshold: float | None = None
+
+
 # --- the run, as a crash repro records it ----------------------------------------------
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import files, jsonout
-from .display import tensor_text, verdict_text
-from .model import Alone, AuditResult, Divergence, Mismatch, RunPhase, Verdict, subject_labels_json
+from .display import step_text, tensor_text, verdict_text
+from .model import Alone, AuditResult, Divergence, Mismatch, RunPhase, Step, Verdict, subject_labels_json
 from .project import shown_path
 from .replay import SavedReplay
 
@@ -161,7 +161,7 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
             sizes = ", ".join(f"{k} {m.original_sizes[k]} -> {v}" for k, v in m.sizes.items())
             say(f"minimised in {m.evaluations} evaluations: {sizes}")
             for step in m.steps:
-                say(f"  - {step}")
+                say(f"  - {step_text(step)}")
         dims = ", ".join(f"{k}={v}" for k, v in m.sizes.items())
         verdict = f": {verdict_text(m.verdict)}" if m.verdict is not None and m.verdict.kind else ""
         say(f"minimal example ({dims}){verdict}")
@@ -232,6 +232,16 @@ def mismatch_json(m: Mismatch | None) -> dict[str, Any] | None:
     }
 
 
+def step_json(step: Step) -> dict[str, Any]:
+    """A minimiser step as fields: its kind and cost, and only the facts that kind has."""
+    fields = {"dim": step.dim, "before": step.before, "after": step.after, "args": list(step.args) or None,
+              "forms": {arg: form for arg, form in step.forms} or None,
+              "scale": step.scale if step.kind.value == "lift_denormals" else None, "threshold": step.threshold}
+    measured = step.kind.value in ("bisect_scale", "remeasure")  # a null threshold there: diverges at every scale
+    return {"kind": step.kind.value, "evaluations": step.evaluations,
+            **{k: jsonout.plain(v) for k, v in fields.items() if v is not None or (k == "threshold" and measured)}}
+
+
 def _verdict_json(v: Verdict) -> dict[str, Any]:
     return {"detail": verdict_text(v), "mismatch": mismatch_json(v.mismatch)}
 
@@ -286,7 +296,8 @@ def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[st
         "original_sizes": dict(d.case.sizes),
         "minimized_sizes": dict(m.sizes) if m else None,
         "evaluations": m.evaluations if m else None,
-        "minimize_steps": list(m.steps) if m else None,
+        "minimize_steps": [step_text(st) for st in m.steps] if m else None,
+        "minimize_step_records": [step_json(st) for st in m.steps] if m else None,
         # The minimal example as a person reads it: the verdict on it and each input, in full when small.
         "minimal": {**(_verdict_json(m.verdict) if m.verdict is not None and m.verdict.kind else {"detail": None, "mismatch": None}),
                     "inputs": {name: tensor_text(t, limit=SHOW_TENSORS_UP_TO) for name, t in m.case.tensors.items()}} if m else None,
