@@ -346,6 +346,7 @@ class RunRecord:
     seed: int = 0
     keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
     replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
+    pairs: tuple[Pair, ...] = ()  # the pairs the run compares (engine.run_record computes them, once)
 
     def partner(self, label: str) -> str:
         """Who ``label`` is compared with: the reference, else the first other implementation."""
