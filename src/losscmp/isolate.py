@@ -70,7 +70,8 @@ import torch.multiprocessing as tmp
 
 from ._standalone_worker import poisons_cuda
 from .breadcrumbs import request_death_signal
-from .load import Implementation, LoadError, Ref, load_implementation, load_object
+from .forking import WHY_NOT_FORKED, loads_by_reference, torch_survives_fork
+from .load import Implementation, LoadError, Ref, load_implementation
 from .model import Case, Outcome, RunRecord, Status  # RunRecord re-exported: moved to model
 from .run import call, no_user_interrupts
 from .spec import Spec
@@ -156,10 +157,10 @@ class IsolatedRunner(WorkerRunner):
             w = None
         if w is None:
             portable = self._is_portable(impl)
-            if not portable and device.type == "cuda" and torch.cuda.is_initialized():
+            if not portable and not torch_survives_fork():
                 raise IsolationError(
-                    f"{label} has no importable reference (a lambda or a local function?), so its worker must be "
-                    "forked, and a forked process cannot use CUDA once losscmp has: give it as file.py:attr or module:attr"
+                    f"{label} has no importable reference (a lambda or a local function?), so its worker would have "
+                    f"to be forked, and {WHY_NOT_FORKED}: give it as file.py:attr or module:attr"
                 )
             if portable:
                 w = _Worker.start(self._ctx, label, impl.ref, portable_ref(impl.ref), self.keeper.directory(), next(self._count))
@@ -181,13 +182,8 @@ class IsolatedRunner(WorkerRunner):
         if label not in self._portable:
             if self._start_method == "fork":
                 self._portable[label] = True  # every worker inherits everything anyway
-            elif impl.ref.call is not None:
-                self._portable[label] = True
             else:
-                try:
-                    self._portable[label] = bool(load_object(portable_ref(impl.ref)) == impl.fn)
-                except Exception:
-                    self._portable[label] = False
+                self._portable[label] = loads_by_reference(impl, portable_ref)
         return self._portable[label]
 
 
