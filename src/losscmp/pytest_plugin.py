@@ -209,7 +209,7 @@ class LossChecker:
         defaults = config.stash[SESSION].defaults
         self.options = replace(
             defaults,
-            settings=replace(defaults.settings, outputs=replace(defaults.settings.outputs, save_dir=self.save_dir)),
+            settings=defaults.settings.updated(save_dir=self.save_dir),
             replay_dir=None if no_replay else self.save_dir,
             replay_command=_command(request.node.nodeid, config, replay_only=False),
             replay_saved_command=_command(request.node.nodeid, config, replay_only=True),
