@@ -194,7 +194,7 @@ class _Worker:
         self.label, self.source, self.proc, self.conn, self.fault_path = label, source, proc, conn, fault_path
         self.ipc = ipc  # started by spawn or the fork server: CUDA tensors can be shared with it
         self.ready = False
-        self.stopped = False
+        self.stopped = self.asked = False
         self.failure: Outcome | None = None  # loading failed: the answer to every call
         self.spec: Spec | None = None  # the spec the worker holds
 
@@ -256,8 +256,11 @@ class _Worker:
         return Died(exit_reason(self.proc.exitcode), crash_site(self.fault_path))
 
     def ask_to_stop(self) -> None:
-        if self.stopped:
+        # Once: stop() asks too, and a worker discarded without close() had not been asked
+        # (it used to wait out ``wait`` for an exit nobody had requested, then be killed).
+        if self.asked:
             return
+        self.asked = True
         try:
             self.conn.send_bytes(_SHUTDOWN)
         except (OSError, ValueError):
