@@ -146,6 +146,16 @@ def shifted(spec: Spec, case: Case, offset: float) -> Case:
     return _map_domain(spec, case, lambda d: d.shiftable, lambda t: t + offset)
 
 
+def scale_knob(spec: Spec) -> str:
+    """What a scale threshold is a threshold *of*, named by argument: "max |input|" read as
+    the argument called ``input`` (a huber example with input = [0], target = [1] printed
+    "below max |input| 0.0063"), and says nothing of which arguments were scaled."""
+    names = [a.name for a in spec.args if DOMAINS[a.domain].scalable]
+    if not names:
+        return "the largest |element| of the inputs"
+    return "the largest |element| of " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
+
+
 def input_magnitude(spec: Spec, case: Case) -> float:
     """Largest |element| over the scalable arguments (what 'scale' thresholds refer to)."""
     mags = [float(case.tensors[a.name].abs().max()) for a in spec.args if DOMAINS[a.domain].scalable and case.tensors[a.name].numel()]
@@ -564,7 +574,7 @@ def scale_threshold(spec: Spec, case: Case, holds: Predicate, floor: float = 1e-
     if holds(scaled(spec, case, low)):
         return None  # diverges at every scale: not a threshold effect
     agree, diverge = bisect(lambda f: holds(scaled(spec, case, f)), low, 1.0)
-    return Threshold("max |input|", agree * magnitude, diverge * magnitude)
+    return Threshold(scale_knob(spec), agree * magnitude, diverge * magnitude)
 
 
 INTEGER_RANGE = 1e4  # below this, the smallest diverging integer reads best (89, 101)
@@ -616,7 +626,7 @@ def toward_threshold(s: Shrinker, threshold: Threshold) -> bool:
     if target is None or target >= magnitude:
         return False
     if s.consider(with_magnitude(s.spec, s.case, target)):
-        s.steps.append(f"max |input| {magnitude:.6g} -> {target:.6g}, just past the threshold ({s.count('evaluations')} evaluations)")
+        s.steps.append(f"{scale_knob(s.spec)} {magnitude:.6g} -> {target:.6g}, just past the threshold ({s.count('evaluations')} evaluations)")
         return True
     return False
 
