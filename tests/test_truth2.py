@@ -70,3 +70,25 @@ def test_a_float64_value_rounded_down_to_float32_is_seen_and_exact_constants_are
     found = narrower_ops(down, spec, case)
     assert found and not found[0].reads and found[0].describe().startswith("aten::_to_copy rounds float64 to float32")
     assert narrower_ops(exact, spec, case) == ()
+
+
+# --- location by data: a lone number the other side computes too is no departure ------------
+
+def test_poisson_full_vs_distribution_is_not_located_at_the_t_times_z_both_sides_compute(capsys, tmp_path):
+    # PoissonNLLLoss(log_input=True, full=True) vs -Poisson(exp(z)).log_prob(t) at z = 0.5, t = 3:
+    # the values differ by Stirling's log t! against lgamma(t + 1) (1.7641 vs 1.7918).  The trace
+    # named torch's t·z (aten.mul, 1.5) and the distribution's xlogy(t, exp z) (1.4999999) as
+    # where they part: the same quantity, refused as "the same" only because one number says
+    # little.  No pair of ops is shown by data to differ: not localised, and it says why.
+    from losscmp.repro import save_case
+
+    spec = parse_spec("input: B real grad; target: B counts; B=1..8")
+    case = Case({"input": torch.tensor([0.5]), "target": torch.tensor([3.0])}, {"B": 1})
+    a, b = f"{FIXTURES}/inference.py:poisson_full", f"{FIXTURES}/truth.py:poisson_log_prob"
+    repro = save_case(tmp_path, spec=spec, case=case, refs=[parse_ref(a), parse_ref(b)], pair=("poisson_full", "poisson_log_prob"),
+                      kind="value", outcomes={}, tolerance=(1.3e-6, 1e-5), seed=0, device="cpu")
+    out = tmp_path / "where.json"
+    assert main(["trace", a, b, str(repro), "--json", str(out)]) == 1  # they differ, located or not
+    where = json.loads(out.read_text())
+    assert where["location"] is None
+    assert "not localised" in where["location_note"] and "aten.mul.Tensor = 1.5 equals a value the other side computes" in where["location_note"]
