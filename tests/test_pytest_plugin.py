@@ -290,6 +290,22 @@ def test_a_crash_saved_with_isolate_is_replayed_without_killing_pytest(pytester)
     pytester.runpytest(*RUN, "--losscmp-replay-only").assert_outcomes(passed=1)
 
 
+@pytest.mark.slow  # starts worker processes, each importing torch
+def test_with_a_gpu_visible_a_test_files_function_runs_isolated_in_a_clean_worker(pytester, monkeypatch):
+    # Where torch sees a GPU, no worker is forked (tests/test_forking.py says why): the
+    # test file's own function must then load by reference in a clean worker, although
+    # loading the file by path gives a second function object from the same `def`.
+    from losscmp import forking
+
+    monkeypatch.setattr(forking, "_visible_accelerators", lambda: 1)
+    pytester.makepyfile(test_crash=CRASHES.format(body="os._exit(3)"))
+    first = pytester.runpytest(*RUN)
+    first.assert_outcomes(failed=1)
+    first.stdout.fnmatch_lines(["*my_mse vs mse_loss*DIVERGE*crash*"])
+    pytester.makepyfile(test_crash=CRASHES.format(body="pass"))
+    pytester.runpytest(*RUN, "--losscmp-replay-only").assert_outcomes(passed=1)
+
+
 @pytest.mark.slow
 def test_the_research_repo_example_passes(pytester):
     shutil.copytree(REPO / "examples" / "research_repo", pytester.path, dirs_exist_ok=True)

@@ -32,7 +32,7 @@ from hypothesis import target
 
 from . import breadcrumbs
 from .engine import Evaluator, mutation_verdict
-from .explain import observe
+from .explain.relation import observe
 from .errors import LosscmpError
 from .generate import DEGENERATE, REGIMES, build_case, check_fits, degenerate_cases, probe_recipe, recipes
 from .jobs import explore_in_workers
@@ -204,8 +204,8 @@ class _Exploration:
                 self.checked_self.add(label)
         verdicts = [ev.verdict(p, outcomes) for p in ev.pairs]
         regime = case.recipe.regime if case.recipe else None
-        for p in ev.pairs:  # for the relation between the two losses, over every case
-            observation = observe(outcomes[p.expected], outcomes[p.actual], regime)
+        for p, verdict in zip(ev.pairs, verdicts):  # for the relation between the two losses, over every case
+            observation = observe(outcomes[p.expected], outcomes[p.actual], regime, verdict)
             if observation is not None:
                 self.history.setdefault(p, []).append(observation)
         for v in verdicts:

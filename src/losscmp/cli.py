@@ -40,7 +40,7 @@ from .settings import Execution, RunnerKind, Settings, check_timeout, checked_de
 from .spec import PRESETS, resolve_spec
 from .sweep import parse_knob, sweep, sweep_case, switches
 from .testgen import generate_pytest
-from .explain import Category, oracle
+from .explain.oracle import Category, oracle
 from .trace import locate
 
 # The replay and trace examples name the file the first example saves (seed 0: the same

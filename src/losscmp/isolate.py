@@ -78,7 +78,8 @@ from . import load
 from ._standalone_worker import poisons_cuda
 from .breadcrumbs import request_death_signal
 from .generate import Case
-from .load import Implementation, LoadError, Ref, load_implementation, load_object
+from .forking import WHY_NOT_FORKED, loads_by_reference, torch_survives_fork
+from .load import Implementation, LoadError, Ref, load_implementation
 from .model import RunRecord  # noqa: F401  re-exported: moved to model
 from .model import Status
 from .repro import save_case
@@ -354,10 +355,10 @@ class IsolatedRunner:
             w = None
         if w is None:
             portable = self._is_portable(impl)
-            if not portable and device.type == "cuda" and torch.cuda.is_initialized():
+            if not portable and not torch_survives_fork():
                 raise IsolationError(
-                    f"{label} has no importable reference (a lambda or a local function?), so its worker must be "
-                    "forked, and a forked process cannot use CUDA once losscmp has: give it as file.py:attr or module:attr"
+                    f"{label} has no importable reference (a lambda or a local function?), so its worker would have "
+                    f"to be forked, and {WHY_NOT_FORKED}: give it as file.py:attr or module:attr"
                 )
             if portable:
                 w = _Worker.start(self._ctx, label, impl.ref, _portable_ref(impl.ref), self._state.keeper.directory(), next(self._count))
@@ -379,13 +380,8 @@ class IsolatedRunner:
         if label not in self._portable:
             if self._start_method == "fork":
                 self._portable[label] = True  # every worker inherits everything anyway
-            elif impl.ref.call is not None:
-                self._portable[label] = True
             else:
-                try:
-                    self._portable[label] = bool(load_object(_portable_ref(impl.ref)) == impl.fn)
-                except Exception:
-                    self._portable[label] = False
+                self._portable[label] = loads_by_reference(impl, _portable_ref)
         return self._portable[label]
 
     def _discard(self, label: str, kill: bool = False) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 if TYPE_CHECKING:  # annotations only: these modules stand above the model
-    from .explain import Explanation
+    from .explain.explanation import Explanation
     from .load import Implementation, Ref
     from .minimize import Minimized
     from .settings import Settings
@@ -91,6 +91,12 @@ class Kind(str, Enum):
     @property
     def failed_call(self) -> bool:
         return self.value in Status._value2member_map_
+
+    @property
+    def own_category(self) -> bool:
+        """The finding is its own explanation (a failed call, both sides failing, input
+        mutation, nondeterminism): no float64 oracle applies, and the kind is its category."""
+        return self.failed_call or self in (Kind.BOTH_FAILED, Kind.MUTATION, Kind.NONDETERMINISM)
 
     @classmethod
     def of_status(cls, status: Status) -> Kind:

@@ -125,6 +125,9 @@ def versions(refs: list[Ref], base_dir: Path | None = None) -> dict[str, Any]:
     found: dict[str, Any] = {"python": platform.python_version()}
     for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
+    # The running torch's own string, build tag included ("2.11.0+cu130" vs "+cpu": the
+    # CUDA build changes numerics); an image's metadata may say plain "2.11.0".
+    found["torch"] = str(torch.__version__)
     # The running code's own version: an editable install's metadata keeps the version it was installed at.
     found["losscmp"] = __version__
     impls = {}
