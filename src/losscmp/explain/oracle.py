@@ -50,6 +50,7 @@ from ..engine import Runner
 from ..generate import Case
 from ..load import Implementation
 from ..minimize import input_magnitude, scaled, with_magnitude
+from ..precision import ROUNDING_REACH, narrower_ops, premise_fails
 from ..model import Kind, Pair
 from ..run import Outcome, call
 from ..spec import Spec
@@ -171,6 +172,7 @@ def oracle(
     steps = ladder if any(a.domain in SCALABLE for a in spec.args) else 0
     values: tuple[tuple[str, float], ...] = ()
     scale, first_difference, first_score = 1.0, None, math.inf
+    first_rel = math.inf  # float64's greatest relative difference where it first differs
     parts: frozenset[str] | None = None
     persistent: dict[str, Outcome] = {}  # float64 outcomes on the case itself, when non-finite there
     cut_short = False
@@ -225,6 +227,7 @@ def oracle(
             persistent = {la: o for la, o in full.items() if not _finite_in(o, parts)}
         if not overflowed and first_difference is None:
             first_difference = (scale, v64.detail)
+            first_rel = max((d.max_rel if math.isfinite(d.max_rel) else math.inf for d in v64.diffs), default=math.inf)
         scale /= 2
     if first_difference is None:
         origin = None
@@ -252,6 +255,16 @@ def oracle(
             reason = "float64 overflows too wherever the working dtype diverges"
         return Oracle(Category.UNKNOWN, reason, evaluations=calls, values=values, origin=origin)
     at, detail = first_difference
+    if trace_nonfinite and first_rel <= ROUNDING_REACH:
+        # "Still different in float64" proves another function only if both runs are float64
+        # throughout: geomloss' KeOps backend rounds 1/eps to float32 inside its float64 run.
+        here64 = float64_case(case if at == 1 else scaled(spec, case, at))
+        for label, impl64 in ((pair[0], e64), (pair[1], a64)):
+            narrow = narrower_ops(impl64, spec, here64)
+            calls += 1
+            if narrow:
+                return Oracle(Category.UNKNOWN, f"{premise_fails(label, narrow)} (in float64 they differ by {first_rel:.2g} "
+                              f"relative: {detail})", scale=at, evaluations=calls, values=values)
     down_to = f"; still different down to input scale x{scale * 2:g}" if steps else ""
     if cut_short:
         down_to += " (the scale ladder was cut short by the time budget)"
