@@ -137,3 +137,18 @@ def test_the_time_budget_bounds_an_explanation_of_a_slow_pair():
     assert ex.seconds <= 2.0 + 1.0, ex.costs  # the budget, plus the check under way (was 15.7 s)
     said = [sc.note for sc in ex.self_consistency.values()] + list(ex.skipped)
     assert any("time budget is spent" in note or "budget of 2 s is spent" in note for note in said), said
+
+
+def test_the_non_finite_onset_is_not_labelled_max_input():
+    # PoissonNLLLoss vs -Poisson(exp z).log_prob at z = 89: the distribution's NaN starts where
+    # exp overflows, 88.72.  "from max |input| = 88.72" read as the argument called input.
+    from losscmp.compare import Tolerance
+    from losscmp.explain import explain
+
+    spec = parse_spec("input: B real grad; target: B binary; B=1..8")
+    case = Case({"input": torch.tensor([89.0]), "target": torch.tensor([1.0])}, {"B": 1})
+    ex = explain(load_implementation(f"{FIXTURES}/truth.py:poisson_nll"), load_implementation(f"{FIXTURES}/truth.py:poisson_log_prob"),
+                 spec, case, "nonfinite", Tolerance.for_dtype(torch.float32), impact_steps=0)
+    lines = [line for line in ex.evidence() if "turns non-finite" in line]
+    assert lines and "max |input|" not in lines[0]
+    assert re.search(r"turns non-finite once the largest \|element\| of the scaled arguments reaches 88\.7", lines[0]), lines

@@ -49,7 +49,7 @@ from ..domains import SCALABLE
 from ..engine import Runner
 from ..generate import Case
 from ..load import Implementation
-from ..minimize import input_magnitude, scaled, with_magnitude
+from ..minimize import input_magnitude, scale_knob, scaled, with_magnitude
 from ..precision import ROUNDING_REACH, narrower_ops, premise_fails
 from ..model import Kind, Pair
 from ..run import Outcome, call
@@ -477,7 +477,7 @@ def over_cases(first: Oracle, expected: Implementation, actual: Implementation, 
         o = oracle(expected, actual, spec, other, tol, run=run, kind=kind, trace_nonfinite=in_process, deadline=deadline, ladder=0)
         if o.category is Category.NUMERICAL:
             mag = input_magnitude(spec, other)
-            reason = (f"{o.reason} on another case of this finding (max |input| {mag:.4g}); on the case shown float64 "
+            reason = (f"{o.reason} on another case of this finding ({scale_knob(spec)} {mag:.4g}); on the case shown float64 "
                       f"cannot resolve it ({first.reason.split(':')[0]}): float64 saturates there as well")
             return replace(o, reason=reason, values=first.values, evaluations=first.evaluations + o.evaluations)
     return first
