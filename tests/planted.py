@@ -75,7 +75,10 @@ def out_of_memory_alike(input, target):
     # much memory was held at that moment, which changes from call to call.
     _reserved[0] += 2
     if input.numel() > 4:
-        raise RuntimeError(f"out of memory. Tried to allocate 256.00 TiB; this process has {600 + _reserved[0]:.2f} MiB in use")
+        # torch's own format: plain bytes under 1 KiB, then KiB, MiB, ...
+        held = f"{_reserved[0] * 256} bytes" if _reserved[0] * 256 <= 1024 else f"{_reserved[0] / 4:.2f} KiB"
+        raise RuntimeError(f"out of memory. Tried to allocate 256.00 TiB; this process has {600 + _reserved[0]:.2f} MiB in use. "
+                           f"Of the allocated memory {held} is allocated by PyTorch")
     return F.mse_loss(input, target)
 
 

@@ -108,6 +108,49 @@ def test_no_import_cycle_among_losscmp_modules():
     assert not found, "import cycles (imports inside functions count): " + "; ".join(" <-> ".join(c) for c in found)
 
 
+def private_imports() -> list[str]:
+    """``from .x import _name`` across losscmp modules, at any depth: a name another module
+    needs is public in its home (a submodule imported as a module, or a dunder, is not a
+    private name)."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([node.module] if node.module else []))
+            if base != "losscmp" and not base.startswith("losscmp."):
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and f"{base}.{alias.name}" not in modules:
+                    found.append(f"{name} imports {alias.name} from {base}")
+    return found
+
+
+def test_no_module_imports_a_private_name_of_another():
+    found = private_imports()
+    assert not found, "private names imported across modules (make them public in their home): " + "; ".join(found)
+
+
+def test_the_private_import_check_sees_one(tmp_path, monkeypatch):
+    # The check above is only worth something if it would see a violation.
+    fake = tmp_path / "losscmp"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "a.py").write_text("def f():\n    from .b import _secret, public\n")
+    (fake / "b.py").write_text("from . import _standalone\nfrom ._version import __version__\n_secret = public = 1\n")
+    (fake / "_standalone.py").write_text("")
+    (fake / "_version.py").write_text("__version__ = '0'\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert private_imports() == ["losscmp.a imports _secret from losscmp.b"]
+
+
 def test_the_model_imports_nothing_of_losscmp_but_errors():
     assert import_graph()["losscmp.model"] <= {"losscmp.errors"}
 

@@ -410,3 +410,19 @@ def test_what_an_isolated_implementation_prints_is_kept_with_its_finding():
     assert finding.kind == "value"
     assert "did not converge" in finding.outputs["noisy"] and "raw bytes on fd 2" in finding.outputs["noisy"]
     assert "mse" not in finding.outputs
+
+
+def test_a_worker_replaced_by_another_implementation_of_its_label_is_asked_to_stop_not_killed(in_repo):
+    # The shutdown request was skipped once stop() had begun: such a worker sat out the
+    # grace period (1 s) and was then killed (exit -9).  Asked, it ends at once, exit 0.
+    spec = preset("regression")
+    x = torch.tensor([1.0, -2.0, 3.0])
+    case = Case(tensors={"input": x, "target": torch.zeros_like(x)}, sizes={"B": 3})
+    first, second = (load_implementation(f"x={ref}") for ref in ("fixtures/regression.py:mean_square", "torch.nn.functional:mse_loss"))
+    with IsolatedRunner(timeout=60) as runner:
+        assert runner(first, spec, case).status == "ok"
+        proc = runner.state.workers["x"].proc
+        ended, close = [], proc.close
+        proc.close = lambda: (ended.append(proc.exitcode), close())
+        assert runner(second, spec, case).status == "ok"  # same label, another implementation: a new worker
+        assert ended == [0]

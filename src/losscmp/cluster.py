@@ -11,7 +11,7 @@ each with its own runner and so its own actor; the same seed and N give the same
 as ``--jobs N`` on one machine, and with one job the same report as one process.
 
 * An implementation that kills its actor (segfault, ``os._exit``, OOM) gives an
-  ``Outcome("crash")``; its input was saved before the call (:class:`isolate.CaseKeeper`)
+  ``Outcome("crash")``; its input was saved before the call (:class:`workers.CaseKeeper`)
   and is kept as a crash repro.  Ray restarts the actor (``max_restarts``) and the next
   call goes to the fresh one.
 * With ``timeout`` set, a call that has not returned in time gets its actor killed (and
@@ -20,7 +20,7 @@ as ``--jobs N`` on one machine, and with one job the same report as one process.
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``).  The connection is made by the
   first runner that needs it and ended when the last runner closes, so no actor and no
   local instance outlives the run: on Ctrl-C (the runners close as the exception passes)
-  and on SIGTERM (``isolate.register_for_sigterm``) as at the end.
+  and on SIGTERM (``workers.register_for_sigterm``) as at the end.
 
 Ray is an optional dependency (``pip install "losscmp[ray]"``): it is imported here only,
 and only when a run asks for it.  The actor process needs losscmp and the
@@ -37,12 +37,12 @@ from typing import Any
 
 from .errors import UsageError
 from .generate import Case
-from .isolate import CaseKeeper, _portable_ref, register_for_sigterm
 from .load import Implementation, LoadError, Ref, load_implementation
 from .model import RunRecord, Status
 from .run import Outcome, call
 from .settings import check_ray_installed
 from .spec import Spec
+from .workers import CaseKeeper, kept_failure, portable_ref, register_for_sigterm
 
 def _ray() -> Any:
     check_ray_installed()
@@ -163,7 +163,7 @@ class RayRunner:
         actor = self._actor(ray)
         self.keeper.before(impl, spec, case)  # an input that kills the actor is never lost
         start = time.perf_counter()
-        pending = actor.call.remote(_portable_ref(impl.ref), spec, dict(case.tensors), dict(case.params))
+        pending = actor.call.remote(portable_ref(impl.ref), spec, dict(case.tensors), dict(case.params))
         try:
             out = ray.get(pending, timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
@@ -182,8 +182,7 @@ class RayRunner:
             out = replace(out, transport="ray")
             self.keeper.seen(impl.label, case, out)
             return out
-        kept = self.keeper.keep(impl, spec, case, kind, error, self.timeout)
-        return Outcome(kind, error=f"{error}; input saved to {kept}", seconds=time.perf_counter() - start, transport="ray")
+        return kept_failure(self.keeper, impl, spec, case, kind, error, self.timeout, time.perf_counter() - start, "ray")
 
     def _actor(self, ray: Any) -> Any:
         if self.actor is None:

@@ -12,7 +12,7 @@ Values here are data: frozen dataclasses and enums, no terminal, JSON or HTML re
   disagrees with itself).  Both enums subclass ``str`` so their values are what JSON and
   repro files hold.
 * :class:`Recipe` -> :class:`Case` (generation), :class:`Outcome` (one call),
-  :class:`Tolerance`, :class:`TensorDiff` and :class:`Verdict` (comparison),
+  :class:`Tolerance`, :class:`TensorDiff`, :class:`Mismatch` and :class:`Verdict` (comparison),
   :class:`Divergence` (a finding and what the stages added) and :class:`AuditResult`.
 """
 from __future__ import annotations
@@ -260,6 +260,21 @@ class TensorDiff:
 
 
 @dataclass(frozen=True)
+class Mismatch:
+    """A tensor finding as data, in the manner of torch.testing's ``ErrorMeta``: the
+    component shown (``shown.what``: the value, or the gradient w.r.t. one input), how
+    many of its elements mismatch, the greatest absolute and relative differences over
+    those and where, what was allowed there, and both sides' numbers at that index.
+    ``sides`` names (expected, actual) as the words do; ``others`` are the remaining
+    components, said in one clause each.  Terminal, JSON and any later format render this
+    record (``display.verdict_text``, ``report.mismatch_json``), never re-parse words."""
+
+    sides: tuple[str, str]
+    shown: TensorDiff
+    others: tuple[TensorDiff, ...] = ()
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The comparison of two outcomes (or two calls of one implementation) on one case.
 
@@ -267,6 +282,11 @@ class Verdict:
     ``max_score`` is the worst over every component, which is what the search climbs.
     ``compared`` is False when both sides failed the same way: nothing was compared,
     which is reported, and never counted as agreement.
+
+    ``mismatch`` is the record of a value, gradient or NaN/inf finding; ``detail`` the
+    words of a verdict that has no structure of its own (a side's error message, the two
+    shapes).  For a mismatch, ``detail`` holds the words rendered from it (for the readers
+    that quote a verdict inside their own sentences); the report renders the record.
     """
 
     subject: Subject
@@ -275,6 +295,7 @@ class Verdict:
     detail: str
     diffs: tuple[TensorDiff, ...] = ()
     compared: bool = True
+    mismatch: Mismatch | None = None
 
     @property
     def diverges(self) -> bool:
@@ -287,6 +308,35 @@ class Verdict:
     @property
     def max_score(self) -> float:
         return max([self.score] + [d.score for d in self.diffs])
+
+
+# --- minimisation -------------------------------------------------------------------
+
+class StepKind(str, Enum):
+    """What one step of the minimiser did to the example."""
+
+    LIFT_DENORMALS = "lift_denormals"  # denormal values of ``args[0]`` lifted to ``after``; inputs scaled by ``scale``
+    SHRINK = "shrink"  # ``dim`` from ``before`` to ``after`` elements
+    SIMPLIFY_VALUES = "simplify_values"  # each argument of ``forms`` replaced by that simpler form
+    SIMPLIFY_ELEMENTS = "simplify_elements"  # elements of ``args`` made simpler numbers, one at a time
+    BISECT_SCALE = "bisect_scale"  # the input scale where agreement turns: ``threshold``
+    TOWARD_THRESHOLD = "toward_threshold"  # the largest |element| of ``args`` from ``before`` to ``after``, just past the threshold
+    REMEASURE = "remeasure"  # the threshold again on the final example (None: it diverges at every scale)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the minimiser, as data; ``display.step_text`` words it."""
+
+    kind: StepKind
+    evaluations: int  # what the step cost, in evaluations (implementation calls per side)
+    dim: str | None = None
+    before: float | None = None
+    after: float | None = None
+    args: tuple[str, ...] = ()
+    forms: tuple[tuple[str, str], ...] = ()  # (argument, simpler form)
+    scale: float = 1.0
+    threshold: float | None = None
 
 
 # --- the run, as a crash repro records it ----------------------------------------------
@@ -302,6 +352,7 @@ class RunRecord:
     seed: int = 0
     keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
     replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
+    pairs: tuple[Pair, ...] = ()  # the pairs the run compares (engine.run_record computes them, once)
 
     def partner(self, label: str) -> str:
         """Who ``label`` is compared with: the reference, else the first other implementation."""

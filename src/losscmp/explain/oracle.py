@@ -50,8 +50,8 @@ from ..engine import Runner
 from ..generate import Case
 from ..load import Implementation
 from ..minimize import input_magnitude, scale_knob, scaled, with_magnitude
+from ..model import Kind, Mismatch, Pair
 from ..precision import ROUNDING_REACH, narrower_ops, premise_fails
-from ..model import Kind, Pair
 from ..run import Outcome, call
 from ..spec import Spec
 from .float64 import call_runner, drift, float64_case, float64_problem, in_float64, rounded_to
@@ -129,7 +129,7 @@ def focused(verdict: Verdict, parts: frozenset[str], pair: tuple[str, str]) -> V
     worst = max(sub, key=lambda d: d.score)
     kind = verdict.kind if worst.score > 1 else None
     detail = diff_message(worst, pair) if kind is not None else "agree"
-    return replace(verdict, kind=kind, score=worst.score, detail=detail, diffs=sub)
+    return replace(verdict, kind=kind, score=worst.score, detail=detail, diffs=sub, mismatch=Mismatch(pair, worst) if kind is not None else None)
 
 
 def oracle(
