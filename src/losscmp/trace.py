@@ -1009,13 +1009,15 @@ def _same_sign(sa: Summary | None, sb: Summary | None) -> bool:
 
 def _negated_elsewhere(walk: _Walk, index: int) -> str | None:
     """A departure whose output is, element for element, minus a value the other side computes
-    (not a constant, not all within atol of zero): PoissonNLLLoss' exp(z) - t·z against the
+    (not a constant, not within 10 atol of zero): PoissonNLLLoss' exp(z) - t·z against the
     distribution's t·z - exp(z), which it negates at the end.  That op computes no different
     quantity; the difference (Stirling against lgamma) lies elsewhere."""
     r = walk.own.records[index]
     s = r.outputs[0] if r.outputs else None
-    if s is None or not s.dtype.is_floating_point or _indistinct(s, walk.tol):
+    if s is None or not s.dtype.is_floating_point or _indistinct(s, walk.tol) or s.nans or s.posinfs or s.neginfs:
         return None
+    if max(abs(s.low), abs(s.high)) <= NEAR_ZERO_ATOLS * _tolerance_for(s, walk.tol).atol:
+        return None  # values a few atol from zero match their negation by the tolerance alone
     hits = sorted(h for h in walk.other.producers(_negated(s), walk.tol) if h is not None)
     if not hits:
         return None
@@ -1023,7 +1025,7 @@ def _negated_elsewhere(walk: _Walk, index: int) -> str | None:
 
 
 def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
-    """A departure whose output is one number (off zero, not a whole number) that the other
+    """A departure whose output is one number (10 atol off zero, not a whole number) that the other
     side computes too, within the tolerance: it was taken as new only because a lone number
     says little about which quantity it is.  PoissonNLLLoss(full=True)'s t·z = 1.5 against
     the distribution's xlogy(t, exp z) = 1.4999999 is the same quantity, and naming that
@@ -1034,7 +1036,7 @@ def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
     if s is None or s.numel != 1 or s.values is None or not s.dtype.is_floating_point:
         return None
     v = float(s.values.reshape(-1)[0])
-    if not math.isfinite(v) or abs(v) <= _tolerance_for(s, walk.tol).atol or v == round(v):
+    if not math.isfinite(v) or abs(v) <= NEAR_ZERO_ATOLS * _tolerance_for(s, walk.tol).atol or v == round(v):
         return None  # 0, 1, 2: whole numbers recur by coincidence, and stay departures
     hits = sorted(h for h in walk.other.producers(s, walk.tol) if h is not None)
     if not hits:
