@@ -966,13 +966,6 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
         return Localisation(None, f"not localised: the {res_a.what} differs, but {'; '.join(lookalike)}: one number cannot "
                             f"tell the same quantity from a coincidence, so no pair of ops is shown by data to compute "
                             f"a different quantity; {why}; {coverage}", cov)
-    if _same_sign(res_a.summary, res_b.summary):
-        flipped = [text for walk, cause in ((walk_a, cause_a), (walk_b, cause_b))
-                   if (text := _negated_elsewhere(walk, cause)) is not None]
-        if flipped:
-            return Localisation(None, f"not localised: the {res_a.what} differs, but {'; '.join(flipped)}: the two sides carry "
-                                f"that quantity with opposite signs (one negates it later), so that op computes no different "
-                                f"quantity, and the walk by data stops there; {why}; {coverage}", cov)
     phase = res_a.phase
     lines = {le: _source_line(a[cause_a], a, phase), la: _source_line(b[cause_b], b, phase)}
     values = {le: _text(a[cause_a].outputs[0] if a[cause_a].outputs else None),
@@ -993,35 +986,6 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
 
 
 AMPLIFIES = "amplifies a difference its inputs carry within the tolerance"
-
-
-def _negated(s: Summary) -> Summary:
-    """The summary of -t, from the summary of t."""
-    return replace(s, values=None if s.values is None else -s.values, sample=None if s.sample is None else -s.sample,
-                   total=-s.total, low=-s.high, high=-s.low, posinfs=s.neginfs, neginfs=s.posinfs)
-
-
-def _same_sign(sa: Summary | None, sb: Summary | None) -> bool:
-    """Results on the same side of zero: a sign error in the formula (a - b against b - a) flips
-    the result, a sign convention (NLL = -log_prob) flips it back."""
-    return sa is not None and sb is not None and sa.total * sb.total > 0
-
-
-def _negated_elsewhere(walk: _Walk, index: int) -> str | None:
-    """A departure whose output is, element for element, minus a value the other side computes
-    (not a constant, not within 10 atol of zero): PoissonNLLLoss' exp(z) - t·z against the
-    distribution's t·z - exp(z), which it negates at the end.  That op computes no different
-    quantity; the difference (Stirling against lgamma) lies elsewhere."""
-    r = walk.own.records[index]
-    s = r.outputs[0] if r.outputs else None
-    if s is None or not s.dtype.is_floating_point or _indistinct(s, walk.tol) or s.nans or s.posinfs or s.neginfs:
-        return None
-    if max(abs(s.low), abs(s.high)) <= NEAR_ZERO_ATOLS * _tolerance_for(s, walk.tol).atol:
-        return None  # values a few atol from zero match their negation by the tolerance alone
-    hits = sorted(h for h in walk.other.producers(_negated(s), walk.tol) if h is not None)
-    if not hits:
-        return None
-    return f"{walk.own.label}'s {r.op} ({s.text()}) is minus the other side's {walk.other.records[hits[0]].op}"
 
 
 def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
