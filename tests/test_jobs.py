@@ -59,3 +59,21 @@ def test_jobs_inherit_lambdas_and_agreeing_implementations_agree():
 def test_empty_devices_is_one_line(capsys):
     assert main([*BCE, "--devices", ",,", "--no-save"]) == 2
     assert "name at least one device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@NEEDS_FORK
+def test_isolated_jobs_after_an_isolated_run_in_the_same_process(capsys, tmp_path):
+    """An earlier isolated run in this process (or a saved case replayed isolated, as the CLI
+    does before exploring) started multiprocessing's fork server; a forked --jobs worker
+    inherits its bookkeeping and must still start isolated workers of its own (was
+    'internal error: ChildProcessError: No child processes', exit 70)."""
+    mis = f"{FIXTURES}/misbehaving.py"
+    argv = [f"{mis}:mse", f"{mis}:segfaults", "--spec", "regression", "--isolate", "--examples", "20",
+            "--no-explain", "--no-minimize", "--no-save", "-q"]
+    assert main(argv) == 1
+    out = tmp_path / "jobs.json"
+    assert main([*argv, "--jobs", "2", "--json", str(out)]) == 1, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["cases_run"] == 20 and sum(data["tally"].values()) == 20
+    assert [d["kind"] for d in data["divergences"]] == ["crash"]

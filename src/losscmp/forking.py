@@ -18,10 +18,12 @@ finding for a differential tester.  Workers then come from a fork server or ``sp
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import multiprocessing
 import os
 import tempfile
+from multiprocessing import forkserver
 
 import torch
 
@@ -87,7 +89,27 @@ def check_socket_folder() -> None:
                          f"{length} bytes (at most {_SOCKET_PATH_MAX}); set TMPDIR to a shorter folder, e.g. TMPDIR=/tmp")
 
 
+def forget_inherited_fork_server() -> None:
+    """In a forked child: start afresh with multiprocessing's fork server.
+
+    The fork server is a module-level singleton.  A child forked after the parent started
+    one (an earlier ``--isolate`` run in the same process, or a saved case replayed isolated
+    before a ``--jobs`` run) inherits its pid, socket and "parent alive" pipe; its first
+    isolated worker then asks ``waitpid`` about a process that is not its child and fails
+    (ChildProcessError).  The child closes its copy of the pipe (so the parent's server still
+    ends with the parent) and starts its own server when it needs one.
+    """
+    server = forkserver._forkserver  # private: multiprocessing offers no public reset
+    if getattr(server, "_forkserver_pid", None) is None:
+        return
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    type(server).__init__(server)  # every field as a new server has it, whatever this Python's version holds
+
+
 WHY_NOT_FORKED = ("a process forked from this one cannot run torch here (CUDA is initialised, or a GPU is visible and "
                   "autograd's device threads forbid a backward in a forked child)")
 
-__all__ = ["check_socket_folder", "loads_by_reference", "torch_survives_fork", "WHY_NOT_FORKED"]
+__all__ = ["check_socket_folder", "forget_inherited_fork_server", "loads_by_reference", "torch_survives_fork", "WHY_NOT_FORKED"]

@@ -28,7 +28,7 @@ from . import breadcrumbs
 from .cluster import stop_ray_runners
 from .engine import Evaluator
 from .errors import LosscmpError, UsageError
-from .forking import WHY_NOT_FORKED, check_socket_folder, loads_by_reference, torch_survives_fork
+from .forking import WHY_NOT_FORKED, check_socket_folder, forget_inherited_fork_server, loads_by_reference, torch_survives_fork
 from .load import Implementation, Ref, load_implementation
 from .settings import RunnerKind, Settings
 from .spec import Spec
@@ -73,6 +73,8 @@ def _die_with(parent: int | None) -> None:
     breadcrumbs._crumbs = None
     breadcrumbs._clock = None  # the watchdog's deadline is the supervised process's own: workers sharing it would clear each other's
     breadcrumbs._die_with_parent(os.getppid() if parent is None else parent)
+    if parent is not None:  # forked: the parent's fork server is not this process's child
+        forget_inherited_fork_server()
 
 
 _INHERITED: dict[str, Sequence[Implementation]] = {}  # what forked workers find already loaded
