@@ -1,5 +1,6 @@
 """trace: the first diverging op of two programs, named by file and line, forward and backward."""
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -431,3 +432,24 @@ def test_the_json_report_carries_the_locations_confidence_and_side(tmp_path, cap
         assert d["explanation"]["location_side"] == d["unstable_side"] == "naive"
         assert d["explanation"]["location_confidence"] == "high"
         assert d["location"]["naive"]["line"] == marker_line(SOFTPLUS, "# naive:")
+
+
+@pytest.mark.slow
+def test_trace_of_a_saved_hang_stops_at_the_timeout_it_was_found_with(tmp_path, short_tmp):
+    """``losscmp trace`` calls both sides in-process; on a case saved as a timeout the hang
+    is stopped by the supervisor's watchdog at the timeout the case was found with (2 s
+    here), as ``replay`` uses it, not after the 120 s in-process default."""
+    import subprocess
+    import time
+
+    mis = FIXTURES / "misbehaving.py"
+    saved = tmp_path / "saved"
+    assert main([f"{mis}:mse", f"{mis}:sleeps", "--spec", "regression", "--examples", "10", "--isolate", "--timeout", "2",
+                 "--no-explain", "--no-minimize", "--save-dir", str(saved), "-q"]) == 1
+    repro = next(saved.glob("mse--sleeps--timeout--*.json"))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "losscmp", "trace", f"{mis}:mse", f"{mis}:sleeps", str(repro)],
+                          capture_output=True, text=True, timeout=100, cwd=tmp_path, env={**os.environ, "TMPDIR": str(short_tmp)})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "sleeps did not return within 2 s" in done.stderr, done.stderr[-2000:]
+    assert time.monotonic() - start < 60

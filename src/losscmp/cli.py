@@ -33,7 +33,7 @@ from .load import disambiguate, load_implementation, parse_ref
 from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
 from .project import SAVE_DIR, default_save_dir, project_root, shown_path
-from .replay import replay, replay_saved
+from .replay import recorded_timeout, replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
 from .repro import file_checks, load_repro, load_repro_implementations, version_changes
 from .settings import DTYPES, Execution, RunnerKind, Settings, check_timeout, checked_timeout
@@ -529,6 +529,9 @@ def _trace(argv: list[str]) -> int:
     if args.json:
         files.check_writable(args.json, "--json")  # before the trace runs, not after it
     repro = load_repro(args.repro)
+    # Both sides run in-process here: a case saved as a hang is stopped by the supervisor's
+    # watchdog at the limit it was found with (as replay uses it), not the in-process default.
+    breadcrumbs.watch_calls(recorded_timeout(repro))
     refs = disambiguate([parse_ref(args.expected), parse_ref(args.actual)])
     if refs[0].label == refs[1].label:
         raise UsageError(f"both implementations are labelled {refs[0].label!r}; name them with label=ref")

@@ -27,6 +27,14 @@ from .settings import Settings
 DEFAULT_REPLAY_TIMEOUT = 60.0
 
 
+def recorded_timeout(repro: Repro) -> float | None:
+    """The call limit a saved case is run again with: the one it was found with, or, for a
+    timeout saved without one, :data:`DEFAULT_REPLAY_TIMEOUT`; None for any other case."""
+    if repro.timeout is None and repro.kind is Kind.TIMEOUT:
+        return DEFAULT_REPLAY_TIMEOUT
+    return repro.timeout
+
+
 @dataclass(frozen=True, eq=False)
 class ReplayResult:
     repro: Repro
@@ -51,9 +59,7 @@ def replay(repro: Repro, impls: Sequence[Implementation] | None = None, *, isola
     ``pythons``: {label: interpreter} for implementations that run under another one."""
     impls = tuple(impls) if impls is not None else tuple(load_repro_implementations(repro))
     isolated = needs_isolation(repro) if isolate is None else isolate
-    timeout = repro.timeout
-    if isolated and timeout is None and repro.kind is Kind.TIMEOUT:
-        timeout = DEFAULT_REPLAY_TIMEOUT
+    timeout = recorded_timeout(repro) if isolated else repro.timeout
     first = next(iter(repro.case.tensors.values()))
     dtype = next((t.dtype for t in repro.case.tensors.values() if t.is_floating_point()), torch.float32)
     rtol, atol = repro.tolerance
