@@ -96,6 +96,20 @@ def test_an_overflow_float64_shares_stays_unknown_and_names_its_op():
     assert ex.origin is not None and ex.origin.cause.value == "overflow" and ex.origin.op == "aten.exp"
 
 
+@pytest.mark.parametrize("bad", [lambda p: (p * float("nan")).sum(), lambda p: (p - 2).pow(0.5).sum()],
+                         ids=["times a NaN constant", "fractional power of a negative"])
+def test_a_nan_made_from_finite_inputs_is_not_called_an_overflow(bad):
+    """An overflow turns finite numbers into an infinity; an op whose finite inputs give a NaN
+    (fixtures/misbehaving.py's returns_nan, a fractional power of a negative number) did
+    not overflow, and saying 'float64 overflows too' sends the reader after a range problem."""
+    spec = parse_spec("p: B unit grad; B=1..4")
+    good = Implementation(parse_ref("good=x.py:f"), lambda p: (p * p).sum())
+    nan = Implementation(parse_ref("nan=x.py:g"), bad)
+    ex = explain(good, nan, spec, Case({"p": torch.tensor([0.5, 0.25])}, {"B": 2}), "nonfinite", F32, impact_steps=0)
+    assert ex.origin is not None and ex.origin.label == "nan" and ex.origin.cause.value != "overflow", ex.origin
+    assert "overflow" not in ex.reason and "overflow" not in ex.sentence(), ex.reason
+
+
 def test_norm_sqrt_through_the_command_line_is_semantic_with_its_line(tmp_path):
     code, report = audit_json(tmp_path, f"{TRUTH}:norm", f"{TRUTH}:norm_sqrt", "--spec", "x: B real grad; B=1..8")
     (d,) = [d for d in report["divergences"] if d["kind"] == "nonfinite"]

@@ -385,7 +385,7 @@ def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> NonFiniteO
     class FirstNonFinite(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.found: tuple[str, str, list[torch.Tensor], tuple] | None = None
+            self.found: tuple[str, str, list[torch.Tensor], tuple, bool] | None = None  # ..., a NaN among the outputs
             self.root_at_zero: tuple[str, tuple] | None = None  # a forward sqrt-like op that saw an exact 0
             self.backward = False
             self.garbage: set[int] = set()  # data pointers of allocations not yet written
@@ -408,7 +408,8 @@ def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> NonFiniteO
                 self.root_at_zero = (name, where)
             outs = floats(out)
             if outs and any(not bool(torch.isfinite(t).all()) for t in outs) and all(bool(torch.isfinite(t).all()) for t in ins):
-                self.found = (name, phase, [t.detach().clone() for t in ins], where)
+                nan = any(bool(torch.isnan(t).any()) for t in outs)
+                self.found = (name, phase, [t.detach().clone() for t in ins], where, nan)
             return out
 
     impl_fn = impl.fn
@@ -426,7 +427,7 @@ def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> NonFiniteO
         return None
     if outcome.failed or mode.found is None:
         return None
-    name, phase, ins, (file, line) = mode.found
+    name, phase, ins, (file, line), made_nan = mode.found
     if name in _LOGS and ins and bool((ins[0] == 0).any()):
         cause = Cause.LOG_ZERO
     elif phase == "backward" and mode.root_at_zero is not None:
@@ -434,7 +435,9 @@ def nonfinite_origin(impl: Implementation, spec: Spec, case: Case) -> NonFiniteO
         name, (file, line) = mode.root_at_zero[0], mode.root_at_zero[1]
     elif name in _DIVS and ins and bool((ins[-1] == 0).any()):
         cause = Cause.DIVISION_BY_ZERO
-    elif name in {"exp", "pow", "mul", "sum", "add", "expm1", "cosh", "sinh", "mean"}:
+    elif name in {"exp", "pow", "mul", "sum", "add", "expm1", "cosh", "sinh", "mean"} and not made_nan:
+        # An overflow rounds finite numbers to an infinity; a NaN from finite tensors is
+        # something else (a NaN constant, a fractional power of a negative number).
         cause = Cause.OVERFLOW
     else:
         cause = Cause.OTHER
