@@ -59,3 +59,21 @@ def test_a_saved_case_of_another_loss_with_the_same_labels_is_not_replayed(tmp_p
     assert _run(tmp_path, capsys, "first", "losses.py:mse", "losses.py:fork")[0] == 1
     code, report, _ = _run(tmp_path, capsys, "other", "mse=other.py:mse", "fork=other.py:fork")
     assert code == 0 and report["replayed"] == []
+
+
+def test_a_search_that_finds_nothing_does_not_say_all_agree_while_a_saved_case_still_diverges(tmp_path, capsys, monkeypatch):
+    """The last line of the report must not contradict the exit code and the JSON's ``agree``:
+    the fork differs only past 40 elements, the second run draws at most 8, and its saved
+    case (B > 40) still diverges (was 'All implementations agree on 5 cases.', exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "losses.py").write_text(DIVERGING.replace(" * 1.5", " * (1.5 if input.numel() > 40 else 1.0)"))
+    refs = ["losses.py:mse", "losses.py:fork"]
+    assert main([*refs, "--spec", "regression", "--examples", "30", "--no-explain", "--save-dir", "saved", "-q"]) == 1
+    capsys.readouterr()
+    code = main([*refs, "--spec", "regression", "--examples", "5", "--max-size", "8", "--no-explain", "--save-dir", "saved",
+                 "--json", "again.json"])
+    text = " ".join(capsys.readouterr().out.split())
+    report = json.loads((tmp_path / "again.json").read_text())
+    assert code == 1 and not report["agree"] and report["tally"] == {"agree": 5} and not report["divergences"]
+    assert "All implementations agree" not in text, text
+    assert "No divergence in the 5 new cases; 1 saved case(s) still diverge (above)." in text, text

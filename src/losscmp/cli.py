@@ -359,7 +359,8 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-    print_audit(result, console, details=not args.quiet, verbose=args.verbose)
+    print_audit(result, console, details=not args.quiet, verbose=args.verbose,
+                saved_still_diverging=sum(1 for r in replayed if r.result.verdict.kind))
     report = audit_json(result, replayed) if args.json or args.html else {}
     if args.json:
         write_json(report, args.json, stdout=json_out)

@@ -34,9 +34,10 @@ def tally_text(result: AuditResult) -> str:
 
 
 def print_audit(result: AuditResult, console: Console, details: bool = True, verbose: bool = False,
-                evidence_hint: str = "-v, or --json") -> None:
+                evidence_hint: str = "-v, or --json", saved_still_diverging: int = 0) -> None:
     """The verdict table, then (``details``) one screen per finding, with its evidence
-    when ``verbose``."""
+    when ``verbose``.  ``saved_still_diverging``: saved cases replayed first that still
+    diverge (listed above the table); then the last line never says all agree."""
     s = result.settings
     ex = s.execution
     console.print(
@@ -67,6 +68,9 @@ def print_audit(result: AuditResult, console: Console, details: bool = True, ver
         console.print(f"warning: {why}", markup=False, highlight=False)
     if result.interrupted:
         console.print(f"[yellow]Interrupted[/] ({result.interrupted}) {_unfinished(result.phase)}; the run did not finish.", highlight=False)
+    elif result.agree and saved_still_diverging:
+        console.print(f"[yellow]No divergence[/] in the {result.cases_run} new cases; {saved_still_diverging} saved case(s) "
+                      "still diverge (above).", highlight=False)
     elif result.agree and not result.not_compared:
         console.print(f"[green]All implementations agree[/] on {result.cases_run} cases.")
     elif result.agree:
