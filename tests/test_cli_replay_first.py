@@ -71,9 +71,11 @@ def test_a_search_that_finds_nothing_does_not_say_all_agree_while_a_saved_case_s
     assert main([*refs, "--spec", "regression", "--examples", "30", "--no-explain", "--save-dir", "saved", "-q"]) == 1
     capsys.readouterr()
     code = main([*refs, "--spec", "regression", "--examples", "5", "--max-size", "8", "--no-explain", "--save-dir", "saved",
-                 "--json", "again.json"])
+                 "--json", "again.json", "--html", "again.html"])
     text = " ".join(capsys.readouterr().out.split())
     report = json.loads((tmp_path / "again.json").read_text())
     assert code == 1 and not report["agree"] and report["tally"] == {"agree": 5} and not report["divergences"]
     assert "All implementations agree" not in text, text
     assert "No divergence in the 5 new cases; 1 saved case(s) still diverge (above)." in text, text
+    page = (tmp_path / "again.html").read_text()  # the page attached to CI says it too, as the JSON does
+    assert "Saved cases replayed first (1)" in page and "still diverges (value)" in page, page[:3000]

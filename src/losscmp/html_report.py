@@ -45,6 +45,7 @@ def render_html(report: dict[str, Any], title: str = "losscmp report") -> str:
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_e(title)}</title>\n"
              f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{_e(title)}</h1>"]
     parts.append(_settings(report))
+    parts.append(_replayed(report))
     parts.append(_summary(report))
     for i, finding in enumerate(report.get("divergences", []), 1):
         parts.append(_finding(i, finding))
@@ -65,6 +66,22 @@ def _settings(report: dict[str, Any]) -> str:
             ("seconds", report.get("seconds"))]
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     return f"<table class=\"settings\">{body}</table>"
+
+
+def _replayed(report: dict[str, Any]) -> str:
+    """The saved cases replayed before the search, as the terminal lists them above its table:
+    one that still diverges makes the run diverge whatever the table below says."""
+    saved = report.get("replayed", [])
+    if not saved:
+        return ""
+    rows = []
+    for r in saved:
+        now, css = ((f"still diverges ({r['kind']})", "diverge") if r["kind"]
+                    else ("agrees now", "agree") if r["compared"] else ("not compared", "partial"))
+        rows.append(f"<tr><td>{_e(r['path'])}</td><td>{_e(_subject(r['pair']))}</td><td>{_e(r['recorded'])}</td>"
+                    f"<td class=\"{css}\">{_e(now)}</td><td>{_e(r['detail'] if r['kind'] or not r['compared'] else '')}</td></tr>")
+    return (f"<h2>Saved cases replayed first ({len(saved)})</h2>\n<table>\n<tr><th>saved case</th><th>pair</th><th>saved as</th>"
+            "<th>today</th><th>detail</th></tr>\n" + "\n".join(rows) + "\n</table>")
 
 
 def _summary(report: dict[str, Any]) -> str:
