@@ -179,3 +179,15 @@ def _eventually_all_cpus_free(address: str, wait: float = 60.0) -> bool:
             return True
         time.sleep(1)
     return False
+
+
+def test_a_check_on_the_cluster_keeps_its_timeout(cluster):
+    """``assert_losses_agree(..., ray=ADDRESS, timeout=2)``: the check chose its runner without
+    ``ray=`` (in-process, which cannot stop a call), so it dropped the timeout and a hang
+    on an actor waited for ever.  (Not run where this fix was made: Ray is not installed there.)"""
+    from losscmp.testing import assert_losses_agree
+
+    mis = f"{FIXTURES}/misbehaving.py"
+    with pytest.raises(AssertionError, match=r"sleeps did not return within 2 s"):
+        assert_losses_agree(f"{mis}:mse", f"{mis}:sleeps", spec="regression", examples=10, minimize=False, explain=False,
+                            ray=cluster, timeout=2)

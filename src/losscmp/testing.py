@@ -221,7 +221,7 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
         return CheckResult(tuple(loaded), replayed, None, None)
     # Only this check's sides sent elsewhere run elsewhere; a timeout given for the
     # --losscmp-python sides is dropped by a check that has none (no worker to time).
-    timeout = execution.timeout if RunnerKind.choose(execution.isolate, pythons).stops_hung_calls else None
+    timeout = execution.timeout if RunnerKind.choose(execution.isolate, pythons, execution.ray).stops_hung_calls else None
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
     examples = profile_examples() if options.examples_from_profile else options.settings.search.examples
     settings = options.settings.updated(terms=CALL_TERMS, pythons=tuple(pythons.items()), timeout=timeout, examples=examples)
