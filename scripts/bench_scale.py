@@ -64,7 +64,9 @@ def main() -> None:
         import ray
 
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        from losscmp.cluster import LOCAL_INIT
+
+        ray.init(num_cpus=2, **LOCAL_INIT)
         print(f"local Ray instance started in {time.perf_counter() - start:.1f} s (not counted below)")
     elif not args.no_ray:
         print('Ray is not installed (pip install "losscmp[ray]"): only one process and --jobs 2')
