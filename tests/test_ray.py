@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,10 @@ from .conftest import FIXTURES, REPO
 
 BCE = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits"]
 CRASHY = [f"{FIXTURES}/misbehaving.py:mse", f"{FIXTURES}/misbehaving.py:segfaults_on_negative_mean"]
+SLOW = [f"{FIXTURES}/misbehaving.py:mse", f"{FIXTURES}/misbehaving.py:mse_slowly"]
 HAS_RAY = importlib.util.find_spec("ray") is not None
+# Where the cluster's workers running misbehaving.py:mse_slowly write their process id.
+ANNOUNCE = Path(tempfile.gettempdir()) / f"losscmp-ray-announce-{os.getpid()}"
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +94,8 @@ def cluster():
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**_env(), "LOSSCMP_TEST_ANNOUNCE": str(ANNOUNCE)},
+        start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -108,11 +113,12 @@ def cluster():
         yield address
     finally:
         _end_instance(proc, temp)
+        ANNOUNCE.unlink(missing_ok=True)
 
 
-def _report(capsys, tmp_path, *extra) -> tuple[int, dict]:
+def _report(capsys, tmp_path, *extra, impls=("--spec", "binary", *BCE), examples=24) -> tuple[int, dict]:
     out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
-    code = main([*BCE, "--spec", "binary", "--examples", "24", "--no-save", "--no-explain", "-q", "--json", str(out), *extra])
+    code = main([*impls, "--examples", str(examples), "--no-save", "--no-explain", "-q", "--json", str(out), *extra])
     capsys.readouterr()
     data = json.loads(out.read_text())
     data.pop("seconds")
@@ -145,6 +151,40 @@ def test_an_implementation_that_kills_its_actor_is_a_crash_finding_and_the_run_c
     assert crash["pair"] == ["mse", "segfaults_on_negative_mean"]  # never the healthy side
     assert "killed its Ray actor" in crash["detail"] and Path(crash["repro"]).exists()
     assert not [d for d in data["divergences"] if d["kind"] != "crash"]  # no collateral findings
+    assert _eventually_all_cpus_free(cluster)
+
+
+def test_a_worker_killed_from_outside_mid_case_is_retried_on_a_fresh_one(cluster, capsys, tmp_path):
+    """Not the implementation's doing, so not a finding: the case runs again on the restarted
+    actor, and the report is the one-process report for the same seed."""
+    slow = ("--spec", "regression", *SLOW)
+    _, one = _report(capsys, tmp_path, impls=slow, examples=8)
+    ANNOUNCE.unlink(missing_ok=True)
+    killed: list[tuple[int, float]] = []
+    run_over = threading.Event()
+
+    def kill_the_first_announced_worker() -> None:
+        while not run_over.is_set():
+            try:
+                pid = int(ANNOUNCE.read_text())
+            except (OSError, ValueError):  # not yet announced, or half written
+                time.sleep(0.01)
+                continue
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)  # 0.25 s into a 0.25 s call at most: mid-call
+            killed.append((pid, time.monotonic()))
+            return
+
+    killer = threading.Thread(target=kill_the_first_announced_worker)
+    killer.start()
+    try:
+        code, on_ray = _report(capsys, tmp_path, "--ray", cluster, impls=slow, examples=8)
+        ended = time.monotonic()
+    finally:
+        run_over.set()
+        killer.join()
+    assert killed and killed[0][1] < ended  # an actor was killed while the run went on
+    assert code == 0 and on_ray == one and one["tally"] == {"agree": 8}
     assert _eventually_all_cpus_free(cluster)
 
 
