@@ -32,6 +32,7 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 ANNOUNCE = Path(tempfile.gettempdir()) / f"losscmp-ray-announce-{os.getpid()}"
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["pytester"]
 
 
 @pytest.mark.skipif(HAS_RAY, reason="checks the error where Ray is not installed; Ray is installed here")
@@ -39,6 +40,14 @@ def test_without_ray_the_option_is_one_line_naming_the_extra(capsys):
     assert main([*BCE, "--spec", "binary", "--ray", "local", "--no-save"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == 'losscmp: error: --ray needs Ray, which is not installed here: pip install "losscmp[ray]"'
+
+
+@pytest.mark.skipif(HAS_RAY, reason="checks the error where Ray is not installed; Ray is installed here")
+def test_without_ray_the_plugin_option_stops_the_session_in_one_line(pytester):
+    pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-ray", "local")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert [line for line in result.stderr.lines if line] == ['ERROR: --losscmp-ray needs Ray, which is not installed here: pip install "losscmp[ray]"']
 
 
 def _free_port() -> int:
@@ -186,6 +195,34 @@ def test_a_worker_killed_from_outside_mid_case_is_retried_on_a_fresh_one(cluster
     assert killed and killed[0][1] < ended  # an actor was killed while the run went on
     assert code == 0 and on_ray == one and one["tally"] == {"agree": 8}
     assert _eventually_all_cpus_free(cluster)
+
+
+PLUGIN_PROJECT = f'''
+import torch.nn.functional as F
+
+def test_on_the_cluster(losscmp):
+    result = losscmp.check(F.mse_loss, "{FIXTURES}/misbehaving.py:mse_slowly", spec="regression", examples=6)
+    assert result.cases_run == 6
+
+def test_diverges_on_the_cluster(losscmp):
+    losscmp.check("{FIXTURES}/misbehaving.py:mse", "{FIXTURES}/misbehaving.py:mutates_input", spec="regression", examples=6)
+'''
+
+
+def test_the_pytest_plugin_hands_its_checks_to_the_cluster(cluster, pytester):
+    """--losscmp-ray ADDRESS: the checks' calls are made by the cluster's workers (the one
+    that ran mse_slowly announced itself, and it is not this process); a divergence fails
+    its test as without Ray; what Ray refuses stops the session in one line."""
+    ANNOUNCE.unlink(missing_ok=True)
+    pytester.makepyfile(test_project=PLUGIN_PROJECT)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-ray", cluster)
+    result.assert_outcomes(passed=1, failed=1)
+    assert int(ANNOUNCE.read_text()) != os.getpid()
+    result.stdout.re_match_lines([r"E\s+AssertionError: DIVERGE .*mutation \d/6 mutates_input"])
+    assert _eventually_all_cpus_free(cluster)
+    refused = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-ray", cluster, "--losscmp-isolate")
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    assert refused.stderr.lines[0].startswith("ERROR: --losscmp-isolate is not supported with --losscmp-ray (")
 
 
 def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):

@@ -56,6 +56,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--losscmp-python", action="append", default=[], metavar="LABEL=PATH",
                     help="run the implementation labelled LABEL (a reference, e.g. 'official=pkg.losses:dice') under that "
                          "interpreter; its environment needs torch and numpy, not losscmp (repeatable)")
+    group.addoption("--losscmp-ray", default=None, metavar="ADDRESS",
+                    help="call the implementations on Ray actors: 'local' starts a Ray instance per check, auto / HOST:PORT / "
+                         "ray://HOST:PORT joins a cluster (needs losscmp[ray]; saved cases are still replayed here)")
     group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from, relative to the rootdir (default {SAVE_DIR}, hidden like .hypothesis)")
     group.addoption("--losscmp-no-replay", action="store_true", help="do not replay saved cases before fuzzing")
     group.addoption("--losscmp-replay-only", action="store_true", help="replay saved cases only, no fuzzing (a test with none passes)")
@@ -141,7 +144,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def _command_line_options(config: pytest.Config) -> CheckOptions:
     from .files import check_folder
     from .interpreter import parse_pythons
-    from .settings import RunnerKind, check_timeout, checked_device
+    from .settings import Execution, RunnerKind, check_timeout, checked_device
     from .testing import CheckOptions, as_dtype
 
     opt = config.getoption
@@ -150,10 +153,15 @@ def _command_line_options(config: pytest.Config) -> CheckOptions:
         dtype = as_dtype(opt("--losscmp-dtype"))
         pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
         check_folder(opt("--losscmp-save-dir"), "--losscmp-save-dir")  # e.g. under a regular file: refused now, not at the first save
-        check_timeout(opt("--losscmp-timeout"), RunnerKind.choose(opt("--losscmp-isolate"), pythons),
+        check_timeout(opt("--losscmp-timeout"), RunnerKind.choose(opt("--losscmp-isolate"), pythons, opt("--losscmp-ray")),
                       ("--losscmp-timeout", "--losscmp-isolate", "--losscmp-python"))
     except LosscmpError as error:
         raise pytest.UsageError(str(error)) from None
+    if opt("--losscmp-ray") is not None:
+        try:  # Ray installed, and nothing asked that runs elsewhere under it
+            Execution(ray=opt("--losscmp-ray"), isolate=opt("--losscmp-isolate"), pythons=tuple(pythons.items()), device=device or "cpu")
+        except LosscmpError as error:  # said in the plugin's own option names
+            raise pytest.UsageError(re.sub(r"--(ray|isolate|python|device)\b", r"--losscmp-\1", str(error))) from None
     return CheckOptions(
         examples=opt("--losscmp-examples"),
         seed=opt("--losscmp-seed"),
@@ -165,6 +173,7 @@ def _command_line_options(config: pytest.Config) -> CheckOptions:
         timeout=opt("--losscmp-timeout"),
         pythons=tuple(pythons.items()),
         replay_only=opt("--losscmp-replay-only"),
+        audit={"ray": opt("--losscmp-ray")} if opt("--losscmp-ray") is not None else {},  # a Settings field, as the call's own
         verbose=opt("verbose") >= 2,  # pytest -vv: each finding's evidence in the failure
     )
 
@@ -251,6 +260,8 @@ def _command(nodeid: str, config: pytest.Config, *, replay_only: bool) -> str:
         parts += ["--losscmp-python", shlex.quote(python)]
     if replay_only:
         return " ".join(parts + ["--losscmp-replay-only"])
+    if opt("--losscmp-ray") is not None:
+        parts += ["--losscmp-ray", shlex.quote(opt("--losscmp-ray"))]
     for name in ("examples", "seed", "device", "dtype", "rtol", "atol"):
         value = opt(f"--losscmp-{name}")
         if value is not None and not (name == "seed" and value == 0):
