@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from losscmp.cli import main
+from losscmp.cluster import PRELOAD
 
 from .conftest import FIXTURES, REPO
 
@@ -103,7 +104,9 @@ def cluster():
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**_env(), "LOSSCMP_TEST_ANNOUNCE": str(ANNOUNCE)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # Workers that import torch and losscmp before they take an actor, as the README tells a cluster's admin.
+        env={**_env(), "LOSSCMP_TEST_ANNOUNCE": str(ANNOUNCE), "RAY_preload_python_modules": ",".join(PRELOAD)},
         start_new_session=True,
     )
     address = f"127.0.0.1:{port}"

@@ -1,22 +1,27 @@
 """``--ray ADDRESS``: implementations called by actors on a Ray cluster.
 
 :class:`RayRunner` is the ``RunnerKind.RAY`` row of ``engine.RUNNERS``:
-``runner(impl, spec, case) -> Outcome`` like every runner.  Each runner owns one actor
-(a Ray worker process somewhere on the cluster) that loads each implementation once,
-from its reference text (as an isolated worker does), and then serves calls: the case's
-tensors go out, the :class:`~losscmp.run.Outcome` comes back; the actor runs
-:func:`losscmp.run.call` exactly as the in-process runner does.  With ``--jobs N`` the
-example budget is shared as ``--jobs`` shares it (:mod:`losscmp.jobs`): N explorations,
-each with its own runner and so its own actor; the same seed and N give the same report
-as ``--jobs N`` on one machine, and with one job the same report as one process.
+``runner(impl, spec, case) -> Outcome`` like every runner.  The run's actors (Ray worker
+processes somewhere on the cluster) are started once, as the first runner is built, one
+per ``--jobs`` share; each loads the run's implementations from their reference text at
+once (as an isolated worker does) and then serves calls: the case's tensors go out, the
+:class:`~losscmp.run.Outcome` comes back; the actor runs :func:`losscmp.run.call` exactly
+as the in-process runner does.  A runner takes an actor from the run's pool at its first
+call and gives it back when it closes, so the stages after a ``--jobs`` search reuse an
+actor of the search.  With ``--jobs N`` the example budget is shared as ``--jobs`` shares
+it (:mod:`losscmp.jobs`): N explorations, each with its own runner and so its own actor;
+the same seed and N give the same report as ``--jobs N`` on one machine, and with one job
+the same report as one process.
 
-* An implementation that kills its actor (segfault, ``os._exit``, OOM) gives an
-  ``Outcome("crash")``; its input was saved before the call (:class:`isolate.CaseKeeper`)
-  and is kept as a crash repro.  Ray restarts the actor (``max_restarts``) and the next
-  call goes to the fresh one.
+* An actor that dies during a call (Ray restarts it: ``max_restarts``) gets the case once
+  more: a worker lost to something else (its node gone, its process killed from outside)
+  is not the implementation's doing.  A case that kills the fresh actor too is the
+  implementation's ``Outcome("crash")``; its input was saved before the call
+  (:class:`isolate.CaseKeeper`) and is kept as a crash repro.
 * With ``timeout`` set, a call that has not returned in time gets its actor killed (and
   restarted) and gives an ``Outcome("timeout")``.
-* ``"local"`` starts a Ray instance in this process; any other address joins a running
+* ``"local"`` starts a Ray instance in this process, its workers importing torch and
+  losscmp before they take an actor (:data:`PRELOAD`); any other address joins a running
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``).  The connection is made by the
   first runner that needs it and ended when the last runner closes, so no actor and no
   local instance outlives the run: on Ctrl-C (the runners close as the exception passes)
