@@ -41,9 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "fixtures"))
-from misbehaving import FAULTS  # noqa: E402
+from misbehaving import FAULTS, MARK, marked  # noqa: E402
 
-MARK = "LOSSCMP_SOAK_MARK"
 # The loss they return is right: a side effect is not a difference in the loss.
 SIDE_EFFECTS_ONLY = {"forks_and_continues", "leaves_a_process", "leaves_a_thread"}
 
@@ -60,19 +59,8 @@ class Run:
     problems: list = field(default_factory=list)
 
 
-def marked(mark: str) -> list[int]:
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
+# Each run is the real command (supervisor included) in a subprocess with a time limit;
+# misbehaving.marked finds the processes it left behind.
 def soak(fault: str, mode: str, seed: int, args: argparse.Namespace, scratch: Path) -> Run:
     run = Run(fault, mode, seed)
     report = scratch / f"{fault}-{mode}-{seed}.json"

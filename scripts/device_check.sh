@@ -45,6 +45,8 @@ step demo_cuda 100 1 losscmp fixtures/bce.py:bce_on_sigmoid fixtures/bce.py:bce_
 step sinkhorn_cuda 100 "0 1" losscmp fixtures/sinkhorn_torch.py:handwritten fixtures/sinkhorn_torch.py:official \
     --device cuda --spec 'x: N D real grad; y: M D real; N=1000; M=1000; D=3' --examples 20 \
     --no-explain --json "$OUT/sinkhorn_cuda.json"
-# 4. The whole suite with CUDA present (tests written for CPU-only machines must still hold).
+# 4. The harness's overhead per case against raw forward+backward calls, on the GPU.
+step overhead_cuda 90 0 python3 scripts/bench_overhead.py --device cuda --examples 50 --sinkhorn-examples 20
+# 5. The whole suite with CUDA present (tests written for CPU-only machines must still hold).
 step suite 240 0 python3 -m pytest -q -p no:cacheprovider -n 14 --ignore=tests/test_gpu.py tests
 exit "$failed"

@@ -6,9 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from losscmp.forking import torch_survives_fork
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 PLANTED = Path(__file__).resolve().parent / "planted.py"
+
+# A test whose implementation is a lambda or local function reaches an isolated or --jobs
+# worker only through fork, which losscmp refuses where a GPU is visible
+# (tests/test_forking.py checks the refusal and its message).
+NEEDS_FORK = pytest.mark.skipif(not torch_survives_fork(), reason="a lambda reaches its worker only by fork, refused where torch sees a GPU")
 
 
 @pytest.fixture

@@ -67,6 +67,21 @@ def mse(input, target):
     return F.mse_loss(input, target)
 
 
+_reserved = [0]
+
+
+def out_of_memory_alike(input, target):
+    # Fails the same way on every call, but, like a CUDA out-of-memory error, names how
+    # much memory was held at that moment, which changes from call to call.
+    _reserved[0] += 2
+    if input.numel() > 4:
+        # torch's own format: plain bytes under 1 KiB, then KiB, MiB, ...
+        held = f"{_reserved[0] * 256} bytes" if _reserved[0] * 256 <= 1024 else f"{_reserved[0] / 4:.2f} KiB"
+        raise RuntimeError(f"out of memory. Tried to allocate 256.00 TiB; this process has {600 + _reserved[0]:.2f} MiB in use. "
+                           f"Of the allocated memory {held} is allocated by PyTorch")
+    return F.mse_loss(input, target)
+
+
 def mse_inplace(input, target):
     value = F.mse_loss(input, target.clone())
     target.data.mul_(0.5)  # the value is right, but the caller's tensor changed under it

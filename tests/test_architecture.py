@@ -108,6 +108,49 @@ def test_no_import_cycle_among_losscmp_modules():
     assert not found, "import cycles (imports inside functions count): " + "; ".join(" <-> ".join(c) for c in found)
 
 
+def private_imports() -> list[str]:
+    """``from .x import _name`` across losscmp modules, at any depth: a name another module
+    needs is public in its home (a submodule imported as a module, or a dunder, is not a
+    private name)."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([node.module] if node.module else []))
+            if base != "losscmp" and not base.startswith("losscmp."):
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and f"{base}.{alias.name}" not in modules:
+                    found.append(f"{name} imports {alias.name} from {base}")
+    return found
+
+
+def test_no_module_imports_a_private_name_of_another():
+    found = private_imports()
+    assert not found, "private names imported across modules (make them public in their home): " + "; ".join(found)
+
+
+def test_the_private_import_check_sees_one(tmp_path, monkeypatch):
+    # The check above is only worth something if it would see a violation.
+    fake = tmp_path / "losscmp"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "a.py").write_text("def f():\n    from .b import _secret, public\n")
+    (fake / "b.py").write_text("from . import _standalone\nfrom ._version import __version__\n_secret = public = 1\n")
+    (fake / "_standalone.py").write_text("")
+    (fake / "_version.py").write_text("__version__ = '0'\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert private_imports() == ["losscmp.a imports _secret from losscmp.b"]
+
+
 def test_the_model_imports_nothing_of_losscmp_but_errors():
     assert import_graph()["losscmp.model"] <= {"losscmp.errors"}
 
@@ -131,9 +174,43 @@ def test_the_readme_layout_names_every_module():
     """The README's module table is the map a newcomer reads: a module it leaves out is
     a module nobody finds.  Each one must have a row (names in backticks in the first
     column)."""
-    readme = (PACKAGE.parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()  # the checkout's, wherever losscmp is installed
     table = readme.split("| module | what flows in and out |", 1)[1].split("\n\n", 1)[0]
     listed = {name for row in table.splitlines() if row.startswith("| `") for name in re.findall(r"`([\w.]+)`", row.split("|")[1])}
-    files = {path.stem for path in PACKAGE.glob("*.py")}
+    # Modules of a subpackage go by their dotted name (``explain.oracle``), the package by its own.
+    files = {".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__") for path in PACKAGE.rglob("*.py")}
     assert files - listed == set(), f"modules missing from the README's Layout table: {sorted(files - listed)}"
     assert listed - files == set(), f"the README's Layout table names modules that do not exist: {sorted(listed - files)}"
+
+
+def _domain_switches(path: Path) -> list[str]:
+    """Comparisons of something named ``domain`` with a string (``domain == "unit"``,
+    ``a.domain in ("unit", "image")``): behaviour that belongs in the domain table."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        named = any((isinstance(n, ast.Name) and n.id == "domain") or (isinstance(n, ast.Attribute) and n.attr == "domain") for n in sides)
+        strings = any(isinstance(c, ast.Constant) and isinstance(c.value, str) for n in sides for c in ast.walk(n))
+        if named and strings:
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_domain_switches_are_found_when_there_is_one(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(a, domain):\n    if a.domain in ('unit', 'image'):\n        return 1\n    return domain == 'positive'\n")
+    assert [s.split(": ", 1)[0] for s in _domain_switches(sample)] == ["sample.py:2", "sample.py:4"]
+
+
+def test_the_explanation_leaves_domain_behaviour_to_the_domain_table():
+    """Adding a domain is one row of ``domains.DOMAINS``: the explanation's finite-difference
+    steps, domain check and descent projection read the row, never switch on its name."""
+    found = [s for path in sorted((PACKAGE / "explain").glob("*.py")) for s in _domain_switches(path)]
+    assert not found, "domain switches outside the domain table: " + "; ".join(found)
+
+
+def test_the_explain_package_has_one_module_per_analysis():
+    names = {path.stem for path in (PACKAGE / "explain").glob("*.py")}
+    assert {"oracle", "consistency", "relation", "impact", "signatures", "stage", "render"} <= names, sorted(names)

@@ -90,6 +90,14 @@ def test_nondeterminism_is_reported_as_such_not_as_a_pair_divergence():
     assert not any(s == Pair("mse", "noisy_mse") for s, _ in kinds)
 
 
+def test_a_failure_whose_message_names_changing_memory_amounts_is_not_nondeterminism():
+    # Seen on a GPU: CUDA's out-of-memory message says how much is free at that moment.
+    result = audit(impls(f"{PLANTED}:mse", f"{PLANTED}:out_of_memory_alike"), preset("regression"),
+                   Settings.of(examples=20, save_dir=None, minimize=False, explain=False))
+    kinds = {(d.subject, d.kind) for d in result.divergences}
+    assert kinds == {(Pair("mse", "out_of_memory_alike"), "exception")}
+
+
 def test_a_real_divergence_is_still_reported_beside_nondeterminism():
     result = audit(impls("torch.nn.functional:l1_loss", f"{PLANTED}:noisy_mse"), preset("regression"), Settings.of(examples=30, save_dir=None, minimize=False, explain=False))
     kinds = {(d.subject, d.kind) for d in result.divergences}

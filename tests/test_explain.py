@@ -107,6 +107,9 @@ def test_bce_gradient_finding_names_bceloss_backward_clamp_by_self_consistency(b
     assert ex.self_consistency["bce_on_sigmoid"].consistent is False
     assert ex.self_consistency["bce_with_logits"].consistent is True
     assert "bce_on_sigmoid's gradient is not the derivative of its own value" in ex.sentence()
+    # The headline blames neither side: the order of the pair is the user's, not a verdict
+    # (the CLI's order put "bce_with_logits's gradient differs" first, on the right side).
+    assert ex.sentence().startswith("semantic: the gradients of bce_with_logits and bce_on_sigmoid differ")
 
 
 def test_log_of_softmax_is_numerical():

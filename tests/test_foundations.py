@@ -188,7 +188,7 @@ def test_printing_closing_stdout_and_leaving_threads_cannot_break_losscmp(tmp_pa
     (["--isolate", "--timeout", "-1"], "timeout must be a positive number"),
     (["--isolate", "--timeout", "nan"], "timeout must be a positive number"),
     (["--seed", str(2**200)], "seed must be an integer in [0, 2**63)"),
-    (["--max-size", "0"], "max size must be at least 1"),
+    (["--max-size", "0"], "--max-size must be at least 1"),  # Settings names the option that was wrong
     (["--examples", "0"], "examples must be at least 1"),
     (["--json", "/"], "is a directory"),
     (["--json", "/no/such/folder/report.json"], "does not exist"),

@@ -110,7 +110,7 @@ def test_an_out_of_memory_error_is_a_finding_and_the_run_goes_on(gpu_impls):
     result = _audit(gpu_impls, "runs_out_of_memory")
     assert result.cases_run == 12
     kinds = {(d.subject, d.kind) for d in result.divergences}
-    assert kinds == {(Pair("mse", "runs_out_of_memory"), "exception")}
+    assert kinds == {(Pair("mse", "runs_out_of_memory"), "exception")}, [d.verdict.detail for d in result.divergences]
     assert "out of memory" in result.divergences[0].verdict.detail.lower()
 
 

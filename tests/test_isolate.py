@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import NEEDS_FORK
 from losscmp.findings import Pair
 from losscmp.audit import Settings, audit
 from losscmp.generate import Case, Recipe, build_case
@@ -367,6 +368,7 @@ def test_inputs_that_did_not_crash_leave_no_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- callables without a reference
+@NEEDS_FORK
 def test_lambdas_and_closures_run_isolated_in_forked_workers():
     scale = 2.0
     closure = Implementation(parse_ref("test_isolate:closure"), fn=lambda input, target: scale * ((input - target) ** 2).mean())
@@ -387,12 +389,14 @@ def test_lambdas_and_closures_run_isolated_in_forked_workers():
         assert runner(closure, REGRESSION, case).status == "ok"
 
 
+@NEEDS_FORK
 def test_an_audit_of_a_lambda_under_isolate_agrees_instead_of_a_false_exception():
     impls = [misbehaving("mse"), Implementation(parse_ref("test_isolate:lam"), fn=lambda input, target: ((input - target) ** 2).mean())]
     result = audit(impls, REGRESSION, Settings.of(isolate=True, timeout=5, examples=10, minimize=False))
     assert result.agree and result.cases_run == 10, [d.verdict.detail for d in result.divergences]
 
 
+@NEEDS_FORK
 def test_what_an_isolated_implementation_prints_is_kept_with_its_finding():
     # The worker captures it as the in-process runner does; it used to be dropped on the way back.
     def noisy(input, target):
@@ -406,3 +410,19 @@ def test_what_an_isolated_implementation_prints_is_kept_with_its_finding():
     assert finding.kind == "value"
     assert "did not converge" in finding.outputs["noisy"] and "raw bytes on fd 2" in finding.outputs["noisy"]
     assert "mse" not in finding.outputs
+
+
+def test_a_worker_replaced_by_another_implementation_of_its_label_is_asked_to_stop_not_killed(in_repo):
+    # The shutdown request was skipped once stop() had begun: such a worker sat out the
+    # grace period (1 s) and was then killed (exit -9).  Asked, it ends at once, exit 0.
+    spec = preset("regression")
+    x = torch.tensor([1.0, -2.0, 3.0])
+    case = Case(tensors={"input": x, "target": torch.zeros_like(x)}, sizes={"B": 3})
+    first, second = (load_implementation(f"x={ref}") for ref in ("fixtures/regression.py:mean_square", "torch.nn.functional:mse_loss"))
+    with IsolatedRunner(timeout=60) as runner:
+        assert runner(first, spec, case).status == "ok"
+        proc = runner.state.workers["x"].proc
+        ended, close = [], proc.close
+        proc.close = lambda: (ended.append(proc.exitcode), close())
+        assert runner(second, spec, case).status == "ok"  # same label, another implementation: a new worker
+        assert ended == [0]

@@ -5,7 +5,7 @@ import pytest
 
 from losscmp.cli import main
 
-from .conftest import FIXTURES
+from .conftest import NEEDS_FORK, FIXTURES
 
 BCE = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits"]
 
@@ -43,6 +43,7 @@ def test_the_budget_is_shared_exactly():
     assert shares(1, 3) == [1, 0, 0]
 
 
+@NEEDS_FORK
 def test_jobs_inherit_lambdas_and_agreeing_implementations_agree():
     from losscmp import audit
     from losscmp.load import Implementation, load_implementation, parse_ref

@@ -110,3 +110,65 @@ def test_the_terminal_names_the_location_as_the_sentence_does_and_the_json_keeps
             shown = f"location in {label}: {os.path.relpath(site['file'])}:{site['line']}:"
             assert shown in flat
             assert f"first differing op at {os.path.relpath(site['file'])}:{site['line']}" in flat
+
+
+NUMBER = r"(-?[\d.]+(?:e[+-]?\d+)?|inf|nan)"
+
+
+def _close(said: str, field) -> bool:
+    """The terminal's 3 significant digits against the JSON's full number."""
+    return said == field if isinstance(field, str) else abs(float(said) - field) <= 5e-3 * abs(field) + 1e-300
+
+
+def test_each_mismatch_record_in_the_json_holds_the_numbers_the_terminal_prints(bce_demo):
+    # The terminal's words and the JSON's fields are rendered from one Mismatch record:
+    # read the numbers back out of the printed text and find them in the fields.
+    code, text, report = bce_demo
+    flat = " ".join(text.split())  # rich wraps long lines at spaces
+    verdicts = [d for d in report["divergences"]] + [d["minimal"] for d in report["divergences"] if d["minimal"]]
+    assert code == 1 and len(verdicts) >= 4
+    for v in verdicts:
+        m = v["mismatch"]
+        assert m is not None and m["component"] in ("value", "gradient w.r.t. input")
+        said = " ".join(v["detail"].split())
+        assert said in flat  # the JSON's words are the terminal's
+        head = re.match(rf"{re.escape(m['component'])}: (?:mismatched elements: (\d+) / (\d+) .*?; |(\S+) {NUMBER} vs (\S+) {NUMBER}; )"
+                        rf"greatest absolute difference {NUMBER}(?: at index \(([\d, ]*)\))? \(up to {NUMBER} allowed\); "
+                        rf"greatest relative difference {NUMBER}", said)
+        assert head, said
+        mismatched, total, first, first_value, second, second_value, greatest, index, allowed, relative = head.groups()
+        if m["total"] > 1:
+            assert (int(mismatched), int(total)) == (m["mismatched"], m["total"])
+            assert tuple(int(i) for i in index.split(",") if i.strip()) == tuple(m["index"])
+        else:
+            assert m["total"] == 1 and [first, second] == m["sides"]
+            assert _close(first_value, m["expected"]) and _close(second_value, m["actual"])
+        assert _close(greatest, m["greatest_absolute_difference"]) and _close(allowed, m["allowed_absolute_difference"])
+        assert _close(relative, m["greatest_relative_difference"])
+        assert m["mismatched"] >= 1 and m["greatest_absolute_difference"] > m["allowed_absolute_difference"]  # the shown component is beyond tolerance
+        for other in m["others"]:  # "meanwhile gradient w.r.t. input agrees (greatest absolute difference 0)"
+            clause = re.search(rf"{re.escape(other['component'])} (agrees|also differs) \(greatest absolute difference {NUMBER}", said)
+            assert clause and (clause.group(1) == "agrees") == other["agrees"] and _close(clause.group(2), other["greatest_absolute_difference"])
+
+
+def test_each_minimiser_step_record_in_the_json_is_a_step_the_terminal_prints(bce_demo):
+    code, text, report = bce_demo
+    flat = " ".join(text.split())
+    steps = [(d, st) for d in report["divergences"] for st in d["minimize_step_records"]]
+    assert code == 1 and {st["kind"] for _, st in steps} >= {"shrink", "bisect_scale"}
+    words = {  # how -v words each kind of step: written out here, not taken from losscmp
+        "shrink": lambda st: f"shrink {st['dim']}: {st['before']} -> {st['after']} ({st['evaluations']} evaluations)",
+        "bisect_scale": lambda st: f"bisect input scale: threshold {st['threshold']:.4g} ({st['evaluations']} evaluations)",
+        "simplify_values": lambda st: "simplify values: " + ", ".join(f"{a} -> {f}" for a, f in st["forms"].items()) + f" ({st['evaluations']} evaluations)",
+        "simplify_elements": lambda st: f"simplify elements of {', '.join(st['args'])} ({st['evaluations']} evaluations)",
+        "toward_threshold": lambda st: f"max |input| {st['before']:.6g} -> {st['after']:.6g}, just past the threshold ({st['evaluations']} evaluations)",
+        "remeasure": lambda st: (f"threshold measured again on the final example: {st['threshold']:.4g}" if st["threshold"] is not None
+                                 else "the final example diverges at every scale") + f" ({st['evaluations']} evaluations)",
+    }
+    for d, st in steps:
+        said = words[st["kind"]](st)
+        assert f"- {said}" in flat, said
+        assert said in d["minimize_steps"]  # the JSON's words are the terminal's
+    for d in report["divergences"]:
+        assert len(d["minimize_steps"]) == len(d["minimize_step_records"])
+        assert sum(st["evaluations"] for st in d["minimize_step_records"]) <= d["evaluations"]

@@ -290,6 +290,22 @@ def test_a_crash_saved_with_isolate_is_replayed_without_killing_pytest(pytester)
     pytester.runpytest(*RUN, "--losscmp-replay-only").assert_outcomes(passed=1)
 
 
+@pytest.mark.slow  # starts worker processes, each importing torch
+def test_with_a_gpu_visible_a_test_files_function_runs_isolated_in_a_clean_worker(pytester, monkeypatch):
+    # Where torch sees a GPU, no worker is forked (tests/test_forking.py says why): the
+    # test file's own function must then load by reference in a clean worker, although
+    # loading the file by path gives a second function object from the same `def`.
+    from losscmp import forking
+
+    monkeypatch.setattr(forking, "_visible_accelerators", lambda: 1)
+    pytester.makepyfile(test_crash=CRASHES.format(body="os._exit(3)"))
+    first = pytester.runpytest(*RUN)
+    first.assert_outcomes(failed=1)
+    first.stdout.fnmatch_lines(["*my_mse vs mse_loss*DIVERGE*crash*"])
+    pytester.makepyfile(test_crash=CRASHES.format(body="pass"))
+    pytester.runpytest(*RUN, "--losscmp-replay-only").assert_outcomes(passed=1)
+
+
 @pytest.mark.slow
 def test_the_research_repo_example_passes(pytester):
     shutil.copytree(REPO / "examples" / "research_repo", pytester.path, dirs_exist_ok=True)
@@ -338,3 +354,63 @@ def test_nothing_fuzzed():
     replay_only = pytester.runpytest(*RUN, "--losscmp-replay-only")
     replay_only.assert_outcomes(passed=1)
     replay_only.stdout.fnmatch_lines(["1 check(s): 0 pair(s) checked, 0 case(s) run, 0 saved case(s) replayed"])
+
+
+def test_a_saved_case_is_named_as_typed_from_a_subfolder_of_the_project(tmp_path, monkeypatch):
+    # One path convention (project.shown_path) for the report, replay and assertions: from a
+    # subfolder, a saved case in the same project is named relative to it, not absolutely.
+    (tmp_path / "pyproject.toml").write_text("")
+    saved, sub = tmp_path / "saved", tmp_path / "sub"
+    sub.mkdir()
+    pair = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError):
+        assert_losses_agree(*pair, spec="binary", examples=30, save_dir=saved, explain=False)
+    monkeypatch.chdir(sub)
+    with pytest.raises(AssertionError) as failure:
+        assert_losses_agree(*pair, spec="binary", examples=30, save_dir=saved, explain=False)
+    lines = [line for line in str(failure.value).splitlines() if "saved case: " in line]
+    assert lines and all(line.split("saved case: ")[1].startswith("../saved/") for line in lines), lines
+
+
+KNOBS = {"examples": 5, "seed": 3, "dtype": "float64", "rtol": 1e-3, "atol": 1e-4}
+SAME_SETTINGS = '''
+import torch.nn.functional as F
+
+def test_settings(losscmp):
+    s = losscmp.check(F.mse_loss, "{fixtures}/regression.py:mean_square", spec="regression").audit.settings
+    open("settings.txt", "w").write(repr((s.search, s.execution, s.tolerances, s.reference)))
+'''
+
+
+def test_every_front_end_builds_the_same_settings_and_refuses_a_bad_knob_in_its_own_terms(pytester, monkeypatch, capsys):
+    import losscmp.cli as cli
+
+    pair = ["torch.nn.functional:mse_loss", f"{FIXTURES}/regression.py:mean_square"]
+    # The command line: what main() built, as audit() received it.
+    built = []
+    real_audit = cli.audit
+    monkeypatch.setattr(cli, "audit", lambda impls, spec, settings, **kw: built.append(settings) or real_audit(impls, spec, settings, **kw))
+    argv = [*pair, "--spec", "regression", "--no-save", "--no-explain", *(f"--{k}={v}" for k, v in KNOBS.items())]
+    assert cli.main(argv) == 0
+    (from_cli,) = built
+    # A plain call.
+    from_call = assert_losses_agree(*pair, spec="regression", **KNOBS).audit.settings
+    # The plugin's options, read by a test of a throwaway project.
+    pytester.makepyfile(test_same=SAME_SETTINGS.format(fixtures=FIXTURES))
+    pytester.runpytest(*RUN, *(f"--losscmp-{k}={v}" for k, v in KNOBS.items())).assert_outcomes(passed=1)
+    from_plugin = (pytester.path / "settings.txt").read_text()
+    for s in (from_cli, from_call):
+        assert repr((s.search, s.execution, s.tolerances, s.reference)) == from_plugin
+    assert (from_cli.search.examples, from_cli.search.seed, from_cli.tolerances.rtol) == (5, 3, 1e-3)
+    # A bad knob: refused once, by Settings, and named as each front end names it.
+    capsys.readouterr()
+    assert cli.main([*pair, "--spec", "regression", "--no-save", "--rtol=-1"]) == 2
+    assert capsys.readouterr().err.strip() == "losscmp: error: --rtol must be a finite number >= 0, not -1.0"
+    with pytest.raises(UsageError, match=r"^rtol= must be a finite number >= 0, not -1$"):
+        assert_losses_agree(*pair, spec="regression", rtol=-1)
+    with pytest.raises(UsageError, match=r"^timeout= needs isolate=True or pythons="):
+        assert_losses_agree(*pair, spec="regression", timeout=3)
+    bad = pytester.runpytest(*RUN, "--losscmp-rtol=-1")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --losscmp-rtol must be a finite number >= 0, not -1.0"])

@@ -16,7 +16,7 @@ from losscmp.isolate import IsolatedRunner
 from losscmp.load import load_implementation, parse_ref
 from losscmp.model import Case
 from losscmp.run import call
-from losscmp.settings import RunnerKind, Settings
+from losscmp.settings import CALL_TERMS, RunnerKind, Settings
 from losscmp.spec import preset
 
 TRICKY = textwrap.dedent('''
@@ -77,8 +77,11 @@ def test_the_runner_is_chosen_in_one_place_from_one_table():
 
 
 def test_a_timeout_without_a_runner_that_can_stop_a_hung_call_is_refused_in_every_front_end():
-    with pytest.raises(UsageError, match="a timeout needs isolation or another interpreter"):
+    # One rule, in Settings; each front end names the knobs its own way (keywords here).
+    with pytest.raises(UsageError, match=r"^--timeout needs --isolate or --python"):
         Settings.of(timeout=3)
+    with pytest.raises(UsageError, match=r"^timeout= needs isolate=True or pythons="):
+        Settings.of(timeout=3, terms=CALL_TERMS)
     assert Settings.of(timeout=3, isolate=True).execution.timeout == 3
 
 

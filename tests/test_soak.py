@@ -56,6 +56,7 @@ def test_soak_every_case_accounted_for_and_every_crash_input_replayable(tmp_path
 # Each run is the real command (supervisor included) in a subprocess with a time limit.
 # Every process of a run carries a marker in its environment; a marked process alive
 # after the command returned is a process losscmp left behind.
+import importlib.util  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -68,21 +69,20 @@ from losscmp import breadcrumbs, supervise  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MIS = "fixtures/misbehaving.py"
-MARK = "LOSSCMP_TEST_MARK"
 
 
-def marked(mark: str) -> list[int]:
-    """Live processes whose environment carries ``mark``."""
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    found.append(int(entry))
-            except OSError:  # gone, or a zombie
-                continue
-    return found
+def _misbehaving():
+    """fixtures/misbehaving.py, the fault catalogue: home of MARK and marked(), shared with
+    scripts/bench_soak.py (loaded by path: fixtures/ is not put on sys.path for every test)."""
+    spec = importlib.util.spec_from_file_location("losscmp_soak_misbehaving", REPO / MIS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_catalogue = _misbehaving()
+MARK, marked = _catalogue.MARK, _catalogue.marked
 
 
 def left_behind(mark: str, patience: float = 5.0) -> list[str]:

@@ -5,6 +5,7 @@ an explanation budget that follows the cost of a call."""
 import json
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -191,6 +192,54 @@ def test_relation_never_counts_as_equal_what_the_verdict_calls_a_value_divergenc
     rel = report["divergences"][0]["relation"]
     assert rel["value"] == "equal" and rel["equal_within"] == [pytest.approx(1.3e-6), pytest.approx(1e-5)]
     assert rel["value_fits"] <= report["cases_run"] - value_cases
+
+
+DICE = FIXTURES / "dice.py"
+
+
+def test_relation_counts_gradients_equal_as_the_verdict_judges_them(tmp_path, capsys):
+    """Smoothing in numerator and denominator vs eps below only: on an empty mask one side's
+    gradient is exactly 0 and the other's about 1e-7, far within the verdict's tolerance but
+    at cosine 0.  Judged by cosine, the relation said "gradients equal on 58 / 100" while the
+    verdict found 67 cases agreeing in everything, gradients included."""
+    code, report = audit_json(tmp_path, f"{DICE}:dice_smooth", f"{DICE}:dice_eps_below", "--spec", "segmentation",
+                              "--regimes", "constant,extreme,standard", "--no-minimize", "-v")
+    out = capsys.readouterr().out
+    rel = report["divergences"][0]["relation"]
+    agreeing = report["tally"]["agree"]  # cases where the verdict saw values and gradients within tolerance
+    assert code == 1 and agreeing > 0 and rel["gradient"] == "equal", rel
+    assert agreeing <= rel["gradient_fits"] <= rel["gradient_cases"], (agreeing, rel)
+    assert rel["gradient_equal_by"] == "verdict", rel
+    line = f"gradients equal on {rel['gradient_fits']} / {rel['gradient_cases']} cases (equal: within the verdict's tolerance)"
+    assert line in " ".join(out.split()), out
+
+
+def test_an_observation_carries_the_verdicts_judgement_of_the_gradients():
+    from losscmp.compare import compare_outcomes
+    from losscmp.explain import observe, relation
+    from losscmp.explain.relation import COSINE_EQUAL
+    from losscmp.model import Pair
+    from losscmp.run import call
+    from losscmp.spec import preset
+
+    smooth, below = load_implementation(f"{DICE}:dice_smooth"), load_implementation(f"{DICE}:dice_eps_below")
+    spec = preset("segmentation")
+    gen = torch.Generator().manual_seed(0)
+    observations = []
+    for _ in range(5):  # empty masks, predictions away from 0: the two agree within float32's tolerance
+        case = Case({"input": torch.rand(1, 1, 4, 4, generator=gen) * 0.6 + 0.2, "target": torch.zeros(1, 1, 4, 4)},
+                    {"B": 1, "C": 1, "H": 4, "W": 4})
+        e, a = call(smooth.fn, spec, case), call(below.fn, spec, case)
+        verdict = compare_outcomes(Pair("smooth", "below"), e, a, F32)
+        o = observe(e, a, "standard", verdict)
+        assert verdict.agrees and o is not None and o.cosine is not None and o.cosine < COSINE_EQUAL, (verdict.detail, o)
+        assert o.values_agree is True and o.gradients_agree is True
+        observations.append(o)
+    rel = relation(observations, tol=F32)
+    assert (rel.gradient, rel.gradient_fits, rel.gradient_cases, rel.gradient_equal_by) == ("equal", 5, 5, "verdict"), rel
+    # Without the verdict (a caller that has none), the cosine criterion still applies, and says so.
+    bare = relation([replace(o, values_agree=None, gradients_agree=None) for o in observations], tol=F32)
+    assert bare.gradient != "equal" and bare.gradient_equal_by == "cosine", bare
 
 
 def test_gaussian_nll_and_normal_log_prob_are_a_constant_offset_apart(tmp_path):

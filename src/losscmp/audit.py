@@ -32,12 +32,12 @@ from hypothesis import target
 
 from . import breadcrumbs
 from .engine import Evaluator, mutation_verdict
-from .explain import observe
+from .explain.relation import observe
 from .errors import LosscmpError
 from .generate import DEGENERATE, REGIMES, build_case, check_fits, degenerate_cases, probe_recipe, recipes
 from .jobs import explore_in_workers
 from .load import Implementation
-from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, RunPhase, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
+from .model import Alone, AuditResult, Case, Divergence, Kind, Outcome, Pair, RunPhase, RunRecord, Status, Subject, Verdict  # AuditResult, Divergence re-exported: moved to model
 from .run import finite, user_interrupts, watching_interrupts
 from .settings import Settings
 from .spec import Spec
@@ -204,8 +204,8 @@ class _Exploration:
                 self.checked_self.add(label)
         verdicts = [ev.verdict(p, outcomes) for p in ev.pairs]
         regime = case.recipe.regime if case.recipe else None
-        for p in ev.pairs:  # for the relation between the two losses, over every case
-            observation = observe(outcomes[p.expected], outcomes[p.actual], regime)
+        for p, verdict in zip(ev.pairs, verdicts):  # for the relation between the two losses, over every case
+            observation = observe(outcomes[p.expected], outcomes[p.actual], regime, verdict)
             if observation is not None:
                 self.history.setdefault(p, []).append(observation)
         for v in verdicts:
@@ -311,6 +311,7 @@ def audit(
     stages: Sequence[Any] | None = None,
     on_progress: Callable[[AuditResult], None] | None = None,
     keep_on_interrupt: bool = False,
+    record: RunRecord | None = None,
 ) -> AuditResult:
     """Fuzz ``impls`` against each other on ``settings.search.examples`` cases drawn from
     ``spec``, then run the stages (default: minimise, explain, group, save) on the findings.
@@ -319,12 +320,13 @@ def audit(
     (the CLI keeps it for its supervisor, which reports it if an implementation kills the
     process).  With ``keep_on_interrupt``, SIGTERM or the user's Ctrl-C ends the run with
     what was found so far (``AuditResult.interrupted`` says which); otherwise they propagate
-    (a test session must stop, not pass on half a run)."""
+    (a test session must stop, not pass on half a run).  ``record``: the run as the caller
+    already described it (``engine.run_record``: the pairs, computed once)."""
     start = time.perf_counter()
     execution = settings.execution
     for device in execution.devices or (execution.device,):
         check_fits(spec, dtype=execution.dtype, device=device, max_size=settings.search.max_size)
-    ev = Evaluator(impls, spec, settings)
+    ev = Evaluator(impls, spec, settings, record=record)
     exploration = _Exploration(ev)
     interrupts = user_interrupts()
     divergences: list[Divergence] | None = None  # settled once the search is over

@@ -19,7 +19,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import jsonout
 
@@ -167,7 +167,7 @@ def rebuildable(case: Any) -> None:
         _crumbs.rebuildable.add(case)
 
 
-def describe_run(record: RunRecord, pairs: Sequence[Any], json_path: str | None = None) -> None:
+def describe_run(record: RunRecord, json_path: str | None = None) -> None:
     """What the parent needs to write a repro and the report if an implementation kills or
     hangs the child: the same record of the run that the isolated runners keep
     (``engine.run_record``), and where ``--json`` goes."""
@@ -179,7 +179,7 @@ def describe_run(record: RunRecord, pairs: Sequence[Any], json_path: str | None 
         "save_dir": str(record.keep_dir) if record.keep_dir is not None else None,
         "seed": record.seed,
         "tolerance": {"rtol": record.tolerance[0], "atol": record.tolerance[1]},
-        "pairs": [list(p.labels) for p in pairs],
+        "pairs": [list(p.labels) for p in record.pairs],
         "cwd": os.getcwd(),
     }
     (_crumbs.dir / "context.json").write_text(json.dumps(context))

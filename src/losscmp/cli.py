@@ -22,9 +22,9 @@ from rich.markup import escape
 from . import breadcrumbs, files, jsonout
 from ._version import __version__
 from .audit import audit
-from .engine import RUNNERS, pairs_for, run_record
+from .engine import RUNNERS, run_record
 from .errors import LosscmpError, UsageError, shown
-from .display import case_values_text
+from .display import case_values_text, verdict_text
 from .generate import select_regimes
 from .html_report import render_html
 from .infer import infer
@@ -36,11 +36,11 @@ from .project import SAVE_DIR, default_save_dir, project_root, shown_path
 from .replay import replay, replay_saved
 from .report import audit_json, print_audit, print_replayed, write_json
 from .repro import file_checks, load_repro, load_repro_implementations, version_changes
-from .settings import Execution, RunnerKind, Settings, check_timeout, checked_device
+from .settings import DTYPES, Execution, RunnerKind, Settings, check_timeout, checked_timeout
 from .spec import PRESETS, resolve_spec
 from .sweep import parse_knob, sweep, sweep_case, switches
 from .testgen import generate_pytest
-from .explain import Category, oracle
+from .explain.oracle import Category, oracle
 from .trace import locate
 
 # The replay and trace examples name the file the first example saves (seed 0: the same
@@ -68,9 +68,6 @@ exit codes:  0 all agree, 1 a divergence was found, 2 bad usage or bad input,
 # tensor of every argument that no sweep needs (and 10**9 points or elements never end).
 MAX_SWEEP_POINTS = 1000
 MAX_SWEEP_SIZE = 100_000
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="preset name, text form, or file.py:SPEC (default: inferred and printed)")
@@ -195,8 +192,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _settings_kw(args: argparse.Namespace) -> dict:
-    device = checked_device(args.device, "--device")
-    return {"seed": args.seed, "device": device, "dtype": DTYPES[args.dtype], "rtol": args.rtol, "atol": args.atol}
+    """The options every subcommand shares, as settings (checked by :class:`Settings`)."""
+    return {"seed": args.seed, "device": args.device, "dtype": args.dtype, "rtol": args.rtol, "atol": args.atol}
 
 
 def _regimes(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -211,7 +208,7 @@ def _devices(text: str | None) -> tuple[str, ...]:
     devices = tuple(d.strip() for d in text.split(",") if d.strip())
     if not devices:
         raise UsageError(f"--devices {text!r}: name at least one device, e.g. cuda:0,cuda:1")
-    return tuple(checked_device(d, "--devices") for d in devices)
+    return devices
 
 
 def _load_all(refs: Sequence[str], pythons: dict[str, str] | None = None):
@@ -262,15 +259,16 @@ def _shell_quote(text: str) -> str:
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     runner = RunnerKind.choose(args.isolate, args.python, args.ray)
-    if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
-        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
-    # In-process, the supervisor's watchdog stops a hung call (and the run with it); unsupervised, nothing can.
+    # In-process, the supervisor's watchdog stops a hung call (and the run with it): the
+    # settings then hold no timeout, since none of their runners could stop the call, and
+    # the watchdog's own conditions are checked here.  Unsupervised, nothing can stop it.
     in_process_timeout = args.timeout is not None and not runner.stops_hung_calls
-    if not (in_process_timeout and breadcrumbs.supervised()):
-        check_timeout(args.timeout, runner, ("--timeout", "--isolate", "--python"))
-    if in_process_timeout and (args.jobs > 1 or args.devices):
-        raise UsageError("--timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)")
-    breadcrumbs.watch_calls(args.timeout)  # every in-process call, in any mode (inference probes, trace)
+    if in_process_timeout:
+        checked_timeout(args.timeout)
+        if not breadcrumbs.supervised():
+            check_timeout(args.timeout, runner)
+        if args.jobs > 1 or args.devices:
+            raise UsageError("--timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)")
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:
@@ -300,6 +298,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         ray=args.ray,
         **kw,
     )
+    breadcrumbs.watch_calls(args.timeout)  # every in-process call, in any mode (inference probes, trace)
     if args.json != "-":
         return _audit_run(args, settings, console, err, sys.stdout)
     # stdout carries the JSON alone; the human report goes to stderr
@@ -346,7 +345,8 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     impls = _load_all(args.impls, pythons)
     if pythons and not args.spec and len(impls) == len(pythons):
         raise UsageError("give --spec when every implementation runs under --python (inference probes in this interpreter)")
-    breadcrumbs.describe_run(run_record(settings, impls), pairs_for([i.label for i in impls], settings.reference), args.json)
+    record = run_record(settings, impls)  # the pairs, computed once: the supervisor's context and the audit's
+    breadcrumbs.describe_run(record, args.json)
     spec = _resolve_spec(args, [i for i in impls if i.label not in pythons], settings.execution, console)
     # First the cases saved by earlier runs of these implementations, as the pytest fixture does.
     replayed = replay_saved(settings.outputs.save_dir, impls, spec, isolate=settings.execution.isolate or None,
@@ -354,17 +354,17 @@ def _audit_run(args: argparse.Namespace, settings: Settings, console: Console, e
     print_replayed(replayed, console)
     # The report so far, after every case: what the supervisor reports if an implementation kills or hangs this process.
     keep = (lambda partial: breadcrumbs.keep_report(audit_json(partial, replayed), partial.phase.value)) if breadcrumbs.supervised() else None
-    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb, on_progress=keep, keep_on_interrupt=True),
+    result = _with_progress(lambda cb: audit(impls, spec, settings, on_case=cb, on_progress=keep, keep_on_interrupt=True, record=record),
                             settings.search.examples, err)
     if result.interrupted:  # a second Ctrl-C or SIGTERM must not cut the report of the first short
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     print_audit(result, console, details=not args.quiet, verbose=args.verbose)
-    record = audit_json(result, replayed) if args.json or args.html else {}
+    report = audit_json(result, replayed) if args.json or args.html else {}
     if args.json:
-        write_json(record, args.json, stdout=json_out)
+        write_json(report, args.json, stdout=json_out)
     if args.html:
-        files.write_text(args.html, render_html(record, title=f"losscmp: {' vs '.join(result.labels)}"), "--html")
+        files.write_text(args.html, render_html(report, title=f"losscmp: {' vs '.join(result.labels)}"), "--html")
         console.print(f"HTML report: {shown_path(args.html)}", markup=False, soft_wrap=True)
     if result.interrupted:  # the run did not finish: the signal's exit code, whatever was found (README: Exit codes)
         return 128 + getattr(signal, result.interrupted)
@@ -429,10 +429,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
                       else f"outputs differ from the recorded run: {_why_outputs_differ(checks.values(), version_changes(repro), recorded if elsewhere else None)}", markup=False)
     verdict = result.verdict
     if verdict.kind:
-        console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict.detail)}", highlight=False)
+        console.print(f"[red]still diverges[/] ({verdict.kind.value}): {escape(verdict_text(verdict))}", highlight=False)
         return 1
     if not verdict.compared:
-        console.print(f"[yellow]not compared[/]: {escape(verdict.detail)}", highlight=False)
+        console.print(f"[yellow]not compared[/]: {escape(verdict_text(verdict))}", highlight=False)
         return 1
     if elsewhere:
         console.print(f"[green]agree now on {here}[/] (score {verdict.score:.3g}); not replayed on {recorded}, where it was recorded")

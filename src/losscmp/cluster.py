@@ -17,7 +17,7 @@ the same report as one process.
   more: a worker lost to something else (its node gone, its process killed from outside)
   is not the implementation's doing.  A case that kills the fresh actor too is the
   implementation's ``Outcome("crash")``; its input was saved before the call
-  (:class:`isolate.CaseKeeper`) and is kept as a crash repro.
+  (:class:`workers.CaseKeeper`) and is kept as a crash repro.
 * With ``timeout`` set, a call that has not returned in time gets its actor killed (and
   restarted) and gives an ``Outcome("timeout")``.
 * ``"local"`` starts a Ray instance in this process, its workers importing torch and
@@ -25,7 +25,7 @@ the same report as one process.
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``).  The connection is made by the
   first runner that needs it and ended when the last runner closes, so no actor and no
   local instance outlives the run: on Ctrl-C (the runners close as the exception passes)
-  and on SIGTERM (``isolate.register_for_sigterm``) as at the end.
+  and on SIGTERM (``workers.register_for_sigterm``) as at the end.
 
 Ray is an optional dependency (``pip install "losscmp[ray]"``): it is imported here only,
 and only when a run asks for it.  The actor process needs losscmp and the
@@ -44,12 +44,12 @@ import torch
 
 from .errors import UsageError
 from .generate import Case
-from .isolate import CaseKeeper, _portable_ref, register_for_sigterm
 from .load import Implementation, LoadError, Ref, load_implementation
 from .model import RunRecord, Status
 from .run import Outcome, call
 from .settings import check_ray_installed
 from .spec import Spec
+from .workers import CaseKeeper, kept_failure, portable_ref, register_for_sigterm
 
 def _ray() -> Any:
     check_ray_installed()
@@ -229,7 +229,7 @@ class RayRunner:
         check_ray_installed()
         self.address, self.timeout = address, timeout
         self.keeper = CaseKeeper(record)
-        self.refs = tuple(_portable_ref(r) for r in record.refs if r.target and "<" not in r.source())
+        self.refs = tuple(portable_ref(r) for r in record.refs if r.target and "<" not in r.source())
         self.actor: Any = None
         self.closed = False
         _CONNECTION.join(self)
@@ -254,7 +254,7 @@ class RayRunner:
         deaths: list[str] = []
         while True:
             actor = self._actor(ray)
-            pending = actor.call.remote(_portable_ref(impl.ref), spec, dict(case.tensors), dict(case.params))
+            pending = actor.call.remote(portable_ref(impl.ref), spec, dict(case.tensors), dict(case.params))
             try:
                 out = ray.get(pending, timeout=self.timeout)
             except ray.exceptions.GetTimeoutError:
@@ -278,8 +278,7 @@ class RayRunner:
                 out = replace(out, transport="ray")
                 self.keeper.seen(impl.label, case, out)
                 return out
-            kept = self.keeper.keep(impl, spec, case, kind, error, self.timeout)
-            return Outcome(kind, error=f"{error}; input saved to {kept}", seconds=time.perf_counter() - start, transport="ray")
+            return kept_failure(self.keeper, impl, spec, case, kind, error, self.timeout, time.perf_counter() - start, "ray")
 
     def _actor(self, ray: Any) -> Any:
         if self.actor is None:

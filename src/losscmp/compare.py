@@ -13,51 +13,12 @@ positions, exceptions and shape mismatches score ``inf``.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
-from .display import number_pair
-from .model import DEFAULT_TOLERANCES, Kind, Outcome, Pair, Subject, TensorDiff, Tolerance, Verdict  # noqa: F401  re-exported: moved to model
-
-
-def diff_message(d: TensorDiff, pair: tuple[str, str] = ("expected", "actual")) -> str:
-    """In the manner of torch.testing: what, where, by how much, allowed how much.
-    The two sides' numbers get the digits that tell them apart (2684017 vs 2684019)."""
-    le, la = pair
-    expected, actual = number_pair(d.expected, d.actual)
-    if d.nonfinite_mismatch:
-        return (
-            f"{d.what}: NaN/inf on one side only at {d.nonfinite_mismatch} / {d.total} element(s); "
-            f"at index {d.max_abs_index}: {le} {expected} vs {la} {actual}"
-        )
-    where = f" at index {d.max_abs_index}" if d.total > 1 else ""
-    head = f"{d.what}: " + (
-        f"mismatched elements: {d.mismatched} / {d.total} ({100.0 * d.mismatched / d.total:.1f}%); "
-        if d.total > 1
-        else f"{le} {expected} vs {la} {actual}; "
-    )
-    text = (
-        f"{head}greatest absolute difference {d.max_abs:.3g}{where} (up to {d.allowed_abs:.3g} allowed); "
-        f"greatest relative difference {_fmt(d.max_rel)}"
-    )
-    if d.total > 1:
-        text += f"; at that index {le} {expected} vs {la} {actual}; relative L2 error {_fmt(d.rel_l2)}, cosine {d.cosine:.6f}"
-    return text
-
-
-def diff_brief(d: TensorDiff) -> str:
-    """One clause for a component that is not the one shown: how it compares."""
-    if d.nonfinite_mismatch:
-        return f"{d.what} NaN/inf on one side only at {d.nonfinite_mismatch} element(s)"
-    verdict = "agrees" if d.score <= 1 else "also differs"
-    text = f"{d.what} {verdict} (greatest absolute difference {d.max_abs:.3g}"
-    if d.total > 1:
-        text += f", cosine {d.cosine:.6f}"
-    return text + ")"
-
-
-def _fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else f"{x:.3g}"
+from .display import diff_message, mismatch_text  # noqa: F401  diff_message re-exported: its home is display
+from .model import DEFAULT_TOLERANCES, Kind, Mismatch, Outcome, Pair, Subject, TensorDiff, Tolerance, Verdict  # noqa: F401  re-exported: moved to model
 
 
 def diff_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> TensorDiff:
@@ -143,6 +104,18 @@ def _sides(subject: Subject) -> tuple[str, str]:
     return f"{subject.label} (first call)", f"{subject.label} (second call)"
 
 
+# What a failure message says that changes from call to call while the failure stays the
+# same: memory amounts (a CUDA out-of-memory error names what is free and reserved at that
+# moment, below 1 KiB in plain bytes: "0 bytes", then "2.00 KiB"), addresses and process ids.  Two calls failing alike must not read as
+# nondeterminism because the allocator held a few more MiB the second time.
+_VOLATILE = re.compile(r"\b\d+(?:\.\d+)? ?(?:[KMGTP]i?B|bytes?)\b|\b0x[0-9a-fA-F]+\b|\b(?:[Pp]rocess|pid) \d+")
+
+
+def failure_signature(error: str | None) -> str | None:
+    """The message with its volatile parts (memory amounts, addresses, pids) blanked."""
+    return None if error is None else _VOLATILE.sub("…", error)
+
+
 def compare_failures(subject: Subject, expected: Outcome, actual: Outcome) -> Verdict:
     """At least one side failed.  Nothing here is ever agreement.
 
@@ -156,7 +129,7 @@ def compare_failures(subject: Subject, expected: Outcome, actual: Outcome) -> Ve
         bad, bad_label, good_label = (actual, la, le) if actual.failed else (expected, le, la)
         return Verdict(subject, Kind.of_status(bad.status), math.inf, f"{bad_label} {bad.error}; {good_label} returned normally")
     both = f"{le} {expected.error}; {la} {actual.error}"
-    same = expected.status == actual.status and expected.error == actual.error
+    same = expected.status == actual.status and failure_signature(expected.error) == failure_signature(actual.error)
     if same and not expected.status.died:
         return Verdict(subject, None, 0.0, f"not compared: both failed the same way ({expected.error})", compared=False)
     died = [o.status for o in (expected, actual) if o.status.died]
@@ -198,8 +171,5 @@ def compare_outcomes(subject: Subject, expected: Outcome, actual: Outcome, tol: 
         kind, shown = Kind.VALUE, diffs[0]
     else:
         kind, shown = Kind.GRADIENT, worst
-    detail = diff_message(shown, (le, la))
-    others = [diff_brief(d) for d in diffs if d is not shown]
-    if others:
-        detail += "; meanwhile " + "; ".join(others)
-    return Verdict(subject, kind, shown.score, detail, tuple(diffs))
+    mismatch = Mismatch((le, la), shown, tuple(d for d in diffs if d is not shown))
+    return Verdict(subject, kind, shown.score, mismatch_text(mismatch), tuple(diffs), mismatch=mismatch)

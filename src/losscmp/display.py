@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .model import Kind, Mismatch, Step, StepKind, TensorDiff, Verdict
+
 SHOW_UP_TO = 24  # elements printed in full
 BASE_DIGITS = 6
 _MAX_DIGITS = {torch.float16: 5, torch.bfloat16: 4, torch.float32: 9, torch.float64: 17}
@@ -223,3 +225,89 @@ def case_values_text(sizes: dict[str, int], tensors: dict[str, torch.Tensor]) ->
     dims = ", ".join(f"{k}={v}" for k, v in sizes.items())
     values = ", ".join(f"{name} {range_text(t)}" for name, t in tensors.items())
     return f"{dims}: {values}" if dims else values
+
+
+# --- verdicts ------------------------------------------------------------------------
+
+# How a nondeterminism finding opens: the mismatch is between two calls of one side.
+TWO_CALLS = "two calls on the same input disagree: "
+
+
+def diff_message(d: TensorDiff, pair: tuple[str, str] = ("expected", "actual")) -> str:
+    """In the manner of torch.testing: what, where, by how much, allowed how much.
+    The two sides' numbers get the digits that tell them apart (2684017 vs 2684019)."""
+    le, la = pair
+    expected, actual = number_pair(d.expected, d.actual)
+    if d.nonfinite_mismatch:
+        return (
+            f"{d.what}: NaN/inf on one side only at {d.nonfinite_mismatch} / {d.total} element(s); "
+            f"at index {d.max_abs_index}: {le} {expected} vs {la} {actual}"
+        )
+    where = f" at index {d.max_abs_index}" if d.total > 1 else ""
+    head = f"{d.what}: " + (
+        f"mismatched elements: {d.mismatched} / {d.total} ({100.0 * d.mismatched / d.total:.1f}%); "
+        if d.total > 1
+        else f"{le} {expected} vs {la} {actual}; "
+    )
+    text = (
+        f"{head}greatest absolute difference {d.max_abs:.3g}{where} (up to {d.allowed_abs:.3g} allowed); "
+        f"greatest relative difference {_g3(d.max_rel)}"
+    )
+    if d.total > 1:
+        text += f"; at that index {le} {expected} vs {la} {actual}; relative L2 error {_g3(d.rel_l2)}, cosine {d.cosine:.6f}"
+    return text
+
+
+def diff_brief(d: TensorDiff) -> str:
+    """One clause for a component that is not the one shown: how it compares."""
+    if d.nonfinite_mismatch:
+        return f"{d.what} NaN/inf on one side only at {d.nonfinite_mismatch} element(s)"
+    verdict = "agrees" if d.score <= 1 else "also differs"
+    text = f"{d.what} {verdict} (greatest absolute difference {d.max_abs:.3g}"
+    if d.total > 1:
+        text += f", cosine {d.cosine:.6f}"
+    return text + ")"
+
+
+def _g3(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3g}"
+
+
+def mismatch_text(m: Mismatch) -> str:
+    """A tensor finding in words: the component shown, then how the others compare."""
+    text = diff_message(m.shown, m.sides)
+    if m.others:
+        text += "; meanwhile " + "; ".join(diff_brief(d) for d in m.others)
+    return text
+
+
+def verdict_text(v: Verdict) -> str:
+    """A verdict in words: a mismatch rendered from its record; anything else (a side's
+    error message, two shapes) as the comparison said it."""
+    if v.mismatch is None:
+        return v.detail
+    text = mismatch_text(v.mismatch)
+    return TWO_CALLS + text if v.kind is Kind.NONDETERMINISM else text
+
+
+# --- minimiser steps -----------------------------------------------------------------
+
+def step_text(step: Step) -> str:
+    """One step of the minimiser in words (``-v``), e.g. "shrink N: 510 -> 2 (14 evaluations)"."""
+    cost = f" ({step.evaluations} evaluations)"
+    if step.kind is StepKind.LIFT_DENORMALS:
+        scaled = f", inputs scaled x{step.scale:g}" if step.scale != 1 else ""
+        return f"lift denormals of {', '.join(step.args)} to {step.after:.3g}{scaled}{cost}"
+    if step.kind is StepKind.SHRINK:
+        return f"shrink {step.dim}: {step.before:g} -> {step.after:g}{cost}"
+    if step.kind is StepKind.SIMPLIFY_VALUES:
+        return f"simplify values: {', '.join(f'{arg} -> {form}' for arg, form in step.forms)}{cost}"
+    if step.kind is StepKind.SIMPLIFY_ELEMENTS:
+        return f"simplify elements of {', '.join(step.args)}{cost}"
+    if step.kind is StepKind.TOWARD_THRESHOLD:
+        return f"max |input| {step.before:.6g} -> {step.after:.6g}, just past the threshold{cost}"
+    if step.kind is StepKind.BISECT_SCALE:
+        return f"bisect input scale: threshold {step.threshold:.4g}{cost}"
+    if step.threshold is None:
+        return f"the final example diverges at every scale{cost}"
+    return f"threshold measured again on the final example: {step.threshold:.4g}{cost}"

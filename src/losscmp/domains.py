@@ -11,7 +11,10 @@ about what a value of the domain may be:
 * ``scalable`` / ``shiftable``: whether the input-scale and offset knobs apply;
 * ``simplify``: simpler whole-tensor candidates for the minimiser, simplest first;
 * ``renormalise``: the projection back into the domain after rows lost elements;
-* ``legalise`` / ``legal``: the nearest legal tensor in the working dtype, and the check.
+* ``legalise`` / ``legal``: the nearest legal tensor in the working dtype, and the check;
+* ``step_scale`` / ``contains`` / ``project``: for the explanation's finite differences
+  and descent (:mod:`losscmp.explain`): how far each element may be moved, whether a
+  moved tensor is still where the loss is defined, and the projection of a descended one.
 
 Regimes are ordered from the mildest to the most extreme (``REGIMES``): the first regime
 in which a divergence shows is the one a person should read first.
@@ -91,6 +94,27 @@ class BuildContext:
 Simplification = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
+def _spread_scale(t: torch.Tensor) -> torch.Tensor:
+    """A free element moves relative to max(|x_i|, rms(x)): a step means the same at 1e-8 or 1e8."""
+    rms = float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+    return t.abs().clamp_min(rms) if rms > 0 else torch.ones_like(t)
+
+
+def _edge_distance(t: torch.Tensor) -> torch.Tensor:
+    """An element of [0, 1] moves relative to min(x, 1 - x): its distance to the nearer end."""
+    return torch.minimum(t, 1 - t).clamp_min(0)
+
+
+def _in_closed_unit(t: torch.Tensor) -> bool:
+    return bool(((t >= 0) & (t <= 1)).all())
+
+
+def _off_the_ends(t: torch.Tensor) -> torch.Tensor:
+    """Clamp into [eps, 1 - eps]: a descent step must not land on 0 or 1 exactly (log 0)."""
+    eps = torch.finfo(t.dtype).eps
+    return t.clamp(eps, 1 - eps)
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str
@@ -106,6 +130,12 @@ class Domain:
     legal: Callable[[torch.Tensor, int | None], bool] = lambda t, classes: True
     is_float: bool = True
     shares_rows: bool = False  # duplicates regime: rows of one argument reappear in the next
+    # Finite differences (explain's self-consistency): each element's own step scale, and
+    # whether a moved tensor is still where the loss is defined (closed, unlike ``legal``:
+    # a one-sided step may reach an end).  Descent (explain's impact): back into the domain.
+    step_scale: Callable[[torch.Tensor], torch.Tensor] = _spread_scale
+    contains: Callable[[torch.Tensor], bool] = lambda t: True
+    project: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
     def __post_init__(self) -> None:
         missing = set(REGIMES) - set(self.regimes)
@@ -387,6 +417,7 @@ DOMAINS: dict[str, Domain] = {
                      extreme="spread over many orders of magnitude", special="planted values, made positive"),
             _build_positive, plant=lambda v, k: abs(v), scalable=True, simplify=ROUNDING,
             legalise=_strictly_positive, legal=lambda t, k: bool((t > 0).all()),
+            step_scale=torch.abs, contains=lambda t: bool((t > 0).all()), project=lambda t: t.clamp_min(torch.finfo(t.dtype).tiny),
         ),
         Domain(
             "unit", "probabilities in (0, 1)",
@@ -395,6 +426,7 @@ DOMAINS: dict[str, Domain] = {
                      extreme="within 1e-7 of 0 or 1, never equal", special="planted values, kept inside (0, 1)"),
             _build_unit, plant=lambda v, k: min(abs(v), 1.0), simplify=ROUNDING,
             legalise=_open_unit, legal=lambda t, k: bool(((t > 0) & (t < 1)).all()),
+            step_scale=_edge_distance, contains=_in_closed_unit, project=_off_the_ends,
         ),
         Domain(
             "simplex", "non-negative, sums to 1 along the last dim",
@@ -404,6 +436,7 @@ DOMAINS: dict[str, Domain] = {
             _build_simplex, plant=lambda v, k: min(abs(v), 1.0),
             simplify=(("uniform rows", lambda t: renormalise_simplex(torch.ones_like(t))),),
             renormalise=renormalise_simplex, legal=lambda t, k: _rows_sum_to_one(t),
+            step_scale=_edge_distance, contains=_in_closed_unit, project=lambda t: renormalise_simplex(t.clamp_min(0)),
         ),
         Domain(
             "sphere", "unit vectors along the last dim",
@@ -411,6 +444,7 @@ DOMAINS: dict[str, Domain] = {
                      offset="rows clustered around one direction", huge="axis-aligned rows", extreme="antipodal rows (+e, -e)",
                      special="as standard"),
             _build_sphere, renormalise=renormalise_sphere, legal=lambda t, k: _unit_norm_rows(t), shares_rows=True,
+            project=renormalise_sphere,
         ),
         Domain(
             "image", "pixel intensities in [0, 1]",
@@ -420,6 +454,7 @@ DOMAINS: dict[str, Domain] = {
                      extreme="saturated: each image all 0 or all 1", special="planted 0 and 1 pixels"),
             _build_image, plant=lambda v, k: min(abs(v), 1.0), simplify=ROUNDING,
             legal=lambda t, k: bool(((t >= 0) & (t <= 1)).all()), shares_rows=True,
+            step_scale=_edge_distance, contains=_in_closed_unit, project=_off_the_ends,
         ),
         Domain(
             "binary", "exactly 0.0 or 1.0",
@@ -427,6 +462,7 @@ DOMAINS: dict[str, Domain] = {
                      huge="imbalanced: 5% or 95% ones", extreme="all 0 or all 1 (empty or full masks)", special="planted 0, -0 and 1"),
             _build_binary, plant=lambda v, k: 1.0 if abs(v) >= 0.5 else math.copysign(0.0, v),
             legal=lambda t, k: bool(((t == 0) | (t == 1)).all()),
+            step_scale=_edge_distance, contains=_in_closed_unit,
         ),
         Domain(
             "counts", "non-negative integer counts, as floats",

@@ -4,7 +4,8 @@ One :class:`Evaluator` serves the audit, spec inference, sweeps, replay and ever
 stage after the search.  How a call is made is the runner's business:
 
 * :class:`InProcessRunner` — a plain call in this process (the default);
-* ``isolate.IsolatedRunner`` — a worker process per implementation (``--isolate``):
+* ``isolate.IsolatedRunner`` — a worker process per implementation (``--isolate``; the
+  process runners share ``workers.WorkerRunner``):
   a segfault or a hang becomes a finding;
 * ``interpreter.InterpreterRunner`` — a side under another interpreter (``--python``);
 * ``cluster.RayRunner`` — an actor on a Ray cluster (``--ray``).
@@ -21,6 +22,7 @@ from typing import Callable, Protocol, Sequence
 
 from . import breadcrumbs
 from .compare import Tolerance, Verdict, compare_outcomes
+from .display import TWO_CALLS
 from .errors import UsageError, shown
 from .findings import Alone, Kind, Pair, Subject
 from .generate import Case
@@ -78,11 +80,13 @@ RUNNERS: dict[RunnerKind, Callable[[Execution, RunRecord], Runner]] = {
 
 
 def run_record(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> RunRecord:
-    """What a crash or timeout repro records of the run: its implementations, tolerance and
+    """What the run is, as its runners, a crash or timeout repro and the supervisor know it:
+    its implementations, the pairs compared (the one place they are computed), tolerance and
     seed.  ``replaying``: the repro being replayed, named as the input instead of a new copy."""
     tol = settings.tolerance
+    pairs = tuple(pairs_for([i.label for i in impls], settings.reference)) if impls else ()
     return RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
-                     settings.outputs.save_dir, replaying)
+                     settings.outputs.save_dir, replaying, pairs)
 
 
 def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:
@@ -102,13 +106,17 @@ def pairs_for(labels: Sequence[str], reference: str | None) -> list[Pair]:
 class Evaluator:
     """Runs implementations on cases and compares them; counts every evaluation."""
 
-    def __init__(self, impls: Sequence[Implementation], spec: Spec, settings: Settings, runner: Runner | None = None):
+    def __init__(self, impls: Sequence[Implementation], spec: Spec, settings: Settings, runner: Runner | None = None,
+                 record: RunRecord | None = None):
+        """``record``: the run's, when the caller already described it (``run_record``);
+        ``runner``: one made already (default: the ``RUNNERS`` row for ``settings``)."""
         self.impls = {i.label: i for i in impls}
         if len(self.impls) != len(impls):
             raise UsageError("implementation labels must be distinct; give them with 'label=ref'")
         self.spec, self.settings, self.tol = spec, settings, settings.tolerance
-        self.pairs = pairs_for(list(self.impls), settings.reference)
-        self.runner = runner if runner is not None else make_runner(settings, impls)
+        self.record = record if record is not None else run_record(settings, impls)
+        self.pairs = list(self.record.pairs)
+        self.runner = runner if runner is not None else RUNNERS[settings.execution.runner](settings.execution, self.record)
         self.evaluations = 0
 
     def outcome(self, label: str, case: Case) -> Outcome:
@@ -141,7 +149,7 @@ class Evaluator:
         """Two calls of one implementation on one input: agreement, or nondeterminism."""
         v = compare_outcomes(Alone(label), first, second, self.tol)
         if v.kind:
-            return replace(v, kind=Kind.NONDETERMINISM, detail=f"two calls on the same input disagree: {v.detail}")
+            return replace(v, kind=Kind.NONDETERMINISM, detail=TWO_CALLS + v.detail)
         return v
 
     def close(self) -> None:

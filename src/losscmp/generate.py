@@ -211,7 +211,7 @@ def build_case(spec: Spec, recipe: Recipe, *, dtype: torch.dtype = torch.float32
     if recipe.regime == "duplicates":
         _share_rows(spec, tensors, gen)
     tensors = {
-        a.name: _with_layout(DOMAINS[a.domain].legalise(_cast(tensors[a.name], dtype, recipe.nonfinite)), recipe.layout) for a in spec.args
+        a.name: with_layout(DOMAINS[a.domain].legalise(_cast(tensors[a.name], dtype, recipe.nonfinite)), recipe.layout) for a in spec.args
     }
     return Case(tensors=tensors, sizes=sizes, params=dict(spec.params), recipe=recipe)
 
@@ -260,7 +260,7 @@ def _share_rows(spec: Spec, tensors: dict[str, torch.Tensor], gen: torch.Generat
             tb[:k] = ta[:k]
 
 
-def _with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values, different memory layout (non-contiguous inputs catch view bugs)."""
     if layout == "transposed" and t.ndim >= 2:
         return t.mT.contiguous().mT
@@ -292,7 +292,7 @@ def degenerate_cases(spec: Spec, seed: int = 0, *, dtype: torch.dtype = torch.fl
     for name in DEGENERATE:
         tensors = _degenerate(spec, base, name)
         if any(not torch.equal(tensors[k], base.tensors[k]) for k in tensors):
-            tensors = {a.name: _with_layout(tensors[a.name].contiguous(), base_recipe.layout) for a in spec.args}
+            tensors = {a.name: with_layout(tensors[a.name].contiguous(), base_recipe.layout) for a in spec.args}
             out.append(Case(tensors=tensors, sizes=dict(base.sizes), params=dict(spec.params), recipe=replace(base_recipe, regime=name)))
     return out
 

@@ -31,9 +31,10 @@ pre { padding: .5em; white-space: pre-wrap; overflow-wrap: anywhere; }
 dl.evidence dt { font-weight: bold; margin-top: .4em; } dl.evidence dd { margin-left: 1.5em; }
 """
 
-# Keys of a finding shown in its own place above the evidence fold.
-SHOWN = {"pair", "alone", "kind", "score", "score_text", "cases", "regimes", "detail", "regime", "input", "explanation",
-         "minimal", "threshold", "repro", "replay_command", "sentence"}
+# Keys of a finding shown in its own place above the evidence fold (``mismatch`` and
+# ``minimize_step_records`` are ``detail`` and ``minimize_steps`` as fields: said once, in words).
+SHOWN = {"pair", "alone", "kind", "score", "score_text", "cases", "regimes", "detail", "mismatch", "regime", "input", "explanation",
+         "minimal", "threshold", "repro", "replay_command", "sentence", "minimize_step_records"}
 
 
 def _e(value: Any) -> str:

@@ -27,7 +27,6 @@ import select
 import signal
 import subprocess
 import time
-import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -36,11 +35,11 @@ import torch
 
 from . import _standalone_worker as wire
 from .errors import UsageError, shown
-from .generate import Case
-from .isolate import CaseKeeper, IsolationError, RunRecord, Transport, _crash_site, _Died, _portable_ref, exit_reason, register_for_sigterm, worker_failure
 from .load import Implementation, Ref, load_timeout as load_limit
-from .run import Outcome, call
+from .model import Case, Outcome, RunRecord
+from .run import call
 from .spec import Spec
+from .workers import Died, IsolationError, Transport, WorkerRunner, crash_site, exit_reason, portable_ref
 
 __all__ = ["InterpreterError", "InterpreterRunner", "WORKER_FILE", "check_python", "remote_implementation"]
 
@@ -133,64 +132,47 @@ def is_remote(impl: Implementation) -> bool:
     return impl.fn is _not_here
 
 
-class InterpreterRunner:
-    """``runner(impl, spec, case) -> Outcome``; labels in ``pythons`` run under their interpreter."""
+class InterpreterRunner(WorkerRunner):
+    """``runner(impl, spec, case) -> Outcome``; labels in ``pythons`` run under their interpreter
+    (the round trip, case keeping and cleanup: :class:`losscmp.workers.WorkerRunner`)."""
 
     def __init__(self, pythons: Mapping[str, str], *, timeout: float | None = None,
                  fallback: Callable[[Implementation, Spec, Case], Outcome] | None = None,
                  record: RunRecord = RunRecord(), input_dir: str | Path | None = None,
                  load_timeout: float | None = None, worker_file: str | Path = WORKER_FILE):
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be positive")
-        self.pythons = {label: check_python(label, path) for label, path in pythons.items()}
-        self.timeout = timeout
+        pythons = {label: check_python(label, path) for label, path in pythons.items()}  # before any worker state exists
+        super().__init__(timeout, record=record, input_dir=input_dir)
+        self.pythons = pythons
         self.load_timeout = load_timeout if load_timeout is not None else load_limit()  # $LOSSCMP_LOAD_TIMEOUT, as for in-process loads
         self.worker_file = str(Path(worker_file).resolve())
         self.fallback = fallback
-        self._state = _State(CaseKeeper(record, input_dir))
         self._count = 0
-        self._closed = False
-        self._finalizer = weakref.finalize(self, self._state.close)
-        register_for_sigterm(self._state)
 
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
-        if self._closed:
-            raise RuntimeError("this InterpreterRunner is closed")
+        self.check_open()
         if impl.label not in self.pythons:
             return self.fallback(impl, spec, case) if self.fallback else call(impl.fn, spec, case)
-        keeper = self._state.keeper
         device = next(iter(case.tensors.values())).device
         header, buffers = _request(impl.label, spec, case)
         worker = self._worker(impl)
-        keeper.before(impl, spec, case)
         transport = Transport.HOST_COPY if device.type == "cuda" else Transport.PIPE
-        start = time.perf_counter()
-        try:
-            died = not worker.send(header, buffers)
-            reply = worker.death() if died else worker.receive(self.timeout)
-        except BaseException:  # Ctrl-C while waiting: the worker's state is unknown
-            self._discard(impl.label, kill=True)
-            raise
-        seconds = time.perf_counter() - start
-        failed = worker_failure(reply, lambda kill: self._discard(impl.label, kill=kill), keeper, impl, spec, case,
-                                self.timeout, seconds, transport)
+        failed, reply = self.round_trip(impl, spec, case, worker, lambda: worker.send(header, buffers), transport)
         if failed is not None:
             return failed
-        assert isinstance(reply, tuple)  # worker_failure took the deaths and silences
+        assert isinstance(reply, tuple)  # round_trip took the deaths and silences
         head, bufs = reply
         if head.get("type") != "outcome":
-            self._discard(impl.label, kill=True)
+            self.discard(impl.label, kill=True)
             raise InterpreterError(f"{impl.label}: the worker under {self.pythons[impl.label]} broke the protocol: {head.get('detail') or head.get('type')}")
         if head.get("restart"):
-            self._discard(impl.label)  # it exited: a fresh context next time
+            self.discard(impl.label)  # it exited: a fresh context next time
         out = replace(_outcome(head, bufs, device), transport=transport)
-        keeper.seen(impl.label, case, out)
+        self.keeper.seen(impl.label, case, out)
         return out
 
     def close(self) -> None:
         """Stop every worker (and the fallback runner); delete unneeded inputs.  Safe twice."""
-        self._closed = True
-        self._finalizer()
+        super().close()
         close = getattr(self.fallback, "close", None)
         if close:
             close()
@@ -198,43 +180,23 @@ class InterpreterRunner:
     def __enter__(self) -> InterpreterRunner:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def _worker(self, impl: Implementation) -> _Process:
         label = impl.label
-        w = self._state.workers.get(label)
+        w = self.state.workers.get(label)
+        assert w is None or isinstance(w, _Process)
         if w is not None and w.popen.poll() is not None:  # died between calls
-            self._discard(label)
+            self.discard(label)
             w = None
         if w is None:
             self._count += 1
-            w = _Process.start(self.pythons[label], label, self.worker_file, self._state.keeper.directory(), self._count, self.load_timeout)
-            self._state.workers[label] = w
+            w = _Process.start(self.pythons[label], label, self.worker_file, self.keeper.directory(), self._count, self.load_timeout)
+            self.state.workers[label] = w
             try:
-                w.load(_portable_ref(impl.ref).source(), self.load_timeout)
+                w.load(portable_ref(impl.ref).source(), self.load_timeout)
             except BaseException:
-                self._discard(label, kill=True)
+                self.discard(label, kill=True)
                 raise
         return w
-
-    def _discard(self, label: str, kill: bool = False) -> None:
-        w = self._state.workers.pop(label, None)
-        if w is not None:
-            w.stop(kill=kill)
-
-
-class _State:
-    def __init__(self, keeper: CaseKeeper):
-        self.workers: dict[str, _Process] = {}
-        self.keeper = keeper
-
-    def close(self, fast: bool = False) -> None:
-        workers = list(self.workers.values())
-        self.workers.clear()
-        for w in workers:
-            w.stop(kill=fast)
-        self.keeper.close()
 
 
 class _Process:
@@ -244,7 +206,7 @@ class _Process:
         self.python, self.label, self.popen, self.log = python, label, popen, log
         self.request_w, self.reply_r, self.lifeline_w = request_w, reply_r, lifeline_w
         self.hello: dict = {}
-        self.stopped = False
+        self.asked = self.stopped = False
 
     @classmethod
     def start(cls, python: str, label: str, worker_file: str, directory: Path, n: int, limit: float) -> _Process:
@@ -293,7 +255,7 @@ class _Process:
         reply = self.receive(limit)
         if reply is None:
             raise InterpreterError(f"{where}: the worker did not start within {limit:g} s")
-        if isinstance(reply, _Died):
+        if isinstance(reply, Died):
             text = self._log_tail()
             if "losscmp-worker: python" in text and "too old" in text:
                 version = text.split("losscmp-worker: python", 1)[1].split()[0]
@@ -316,7 +278,7 @@ class _Process:
         reply = self.receive(limit)
         if reply is None:
             raise InterpreterError(f"{self.label}: loading {ref} under {self.python} did not finish within {limit:g} s")
-        if isinstance(reply, _Died):
+        if isinstance(reply, Died):
             where = f" in {reply.site}" if reply.site else ""
             raise InterpreterError(f"{self.label}: the worker under {self.python} crashed ({reply.why}) while loading {ref}{where}")
         head, _ = reply
@@ -331,7 +293,7 @@ class _Process:
         return True
 
     def receive(self, timeout: float | None) -> Any:
-        """(header, buffers), a :class:`_Died`, or None after ``timeout`` seconds."""
+        """(header, buffers), a :class:`~losscmp.workers.Died`, or None after ``timeout`` seconds."""
         ready, _, _ = select.select([self.reply_r], [], [], timeout)
         if not ready:
             return None
@@ -340,12 +302,12 @@ class _Process:
         except (EOFError, OSError, ValueError):
             return self.death()
 
-    def death(self) -> _Died:
+    def death(self) -> Died:
         try:
             self.popen.wait(5.0)
         except subprocess.TimeoutExpired:
             pass
-        return _Died(exit_reason(self.popen.returncode), _crash_site(self.log))
+        return Died(exit_reason(self.popen.returncode), crash_site(self.log))
 
     def _log_tail(self) -> str:
         try:
@@ -353,15 +315,20 @@ class _Process:
         except OSError:
             return ""
 
-    def stop(self, kill: bool = False) -> None:
+    def ask_to_stop(self) -> None:
+        if not self.asked:
+            self.asked = True
+            self.send({"type": "shutdown"}, [])
+
+    def stop(self, kill: bool = False, wait: float = 1.0) -> None:
         if self.stopped:
             return
         self.stopped = True
         if self.popen.poll() is None:
             if not kill:
-                self.send({"type": "shutdown"}, [])
+                self.ask_to_stop()
                 try:
-                    self.popen.wait(1.0)
+                    self.popen.wait(wait)
                 except subprocess.TimeoutExpired:
                     pass
             if self.popen.poll() is None:

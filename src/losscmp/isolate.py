@@ -55,59 +55,34 @@ import faulthandler
 import itertools
 import os
 import pickle
-import re
 import signal
 import sys
-import sysconfig
-import tempfile
-import threading
 import time
 import types
-import weakref
 from dataclasses import replace
-from enum import Enum
 from multiprocessing import connection as mpc
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as tmp
 
-from . import load
 from ._standalone_worker import poisons_cuda
 from .breadcrumbs import request_death_signal
-from .generate import Case
-from .load import Implementation, LoadError, Ref, load_implementation, load_object
-from .model import RunRecord  # noqa: F401  re-exported: moved to model
-from .model import Status
-from .repro import save_case
-from .run import Outcome, call, no_user_interrupts
+from .forking import WHY_NOT_FORKED, loads_by_reference, torch_survives_fork
+from .load import Implementation, LoadError, Ref, load_implementation
+from .model import Case, Outcome, RunRecord, Status  # RunRecord re-exported: moved to model
+from .run import call, no_user_interrupts
 from .spec import Spec
+from .workers import Died, IsolationError, Transport, WorkerRunner, crash_site, exit_reason, in_worker_process, portable_ref
 
-__all__ = ["IsolatedRunner", "IsolationError", "RunRecord", "Transport"]
+__all__ = ["IsolatedRunner", "IsolationError", "RunRecord", "Transport"]  # the last three re-exported: their home is workers / model
 
 # How long a worker may take to start and import its implementation (not a call's timeout).
 LOAD_TIMEOUT = 300.0
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _SHUTDOWN = b""
-
-
-class IsolationError(LoadError):
-    """An implementation that cannot be run in a worker at all; the message is one line.
-
-    (A subclass of LoadError until the shared LosscmpError base lands: the CLI maps it to
-    ``losscmp: error: ...`` and exit 2.)
-    """
-
-
-class Transport(str, Enum):
-    """How a call's input tensors reached the implementation (``Outcome.transport``)."""
-
-    IN_PROCESS = "in-process"
-    PIPE = "pipe"  # CPU tensors as raw bytes through the worker's pipe
-    CUDA_IPC = "cuda-ipc"  # CUDA tensors shared with the worker by CUDA IPC handles
-    HOST_COPY = "host-copy"  # CUDA tensors copied to host bytes and rebuilt on the device
 
 
 def _context(start_method: str | None):
@@ -121,179 +96,28 @@ def _context(start_method: str | None):
     return ctx
 
 
-# ---------------------------------------------------------------------- cleanup on SIGTERM
-_LIVE_STATES: weakref.WeakSet[Any] = weakref.WeakSet()
-_SIGTERM_INSTALLED = False
-
-
-def register_for_sigterm(state: Any) -> None:
-    """Have ``state.close(fast=True)`` run when the process gets SIGTERM (default handler only)."""
-    global _SIGTERM_INSTALLED
-    _LIVE_STATES.add(state)
-    if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return  # someone else (pytest, the user) handles SIGTERM: theirs stays
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    _SIGTERM_INSTALLED = True
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    for state in list(_LIVE_STATES):
-        try:
-            state.close(fast=True)
-        except Exception:
-            pass
-    # Then end the way SIGTERM ends a process (exit status 143 / killed by SIGTERM).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-# ---------------------------------------------------------------------- saved inputs
-class CaseKeeper:
-    """Writes each case before it is risked, keeps it as a repro when it crashed or hung.
-
-    Shared by every runner that sends cases to a process that may die (isolated workers,
-    other interpreters).  Pending files live in a private temporary folder and are deleted
-    when their case is garbage collected or the keeper closes.
-    """
-
-    def __init__(self, record: RunRecord, input_dir: str | Path | None = None):
-        self.record = record
-        self._given_dir = Path(input_dir) if input_dir is not None else None
-        self._pending: weakref.WeakKeyDictionary[Case, Path] = weakref.WeakKeyDictionary()
-        self._seen: weakref.WeakKeyDictionary[Case, dict[str, Outcome]] = weakref.WeakKeyDictionary()
-        self.files: set[Path] = set()  # pending .json paths; their .npz goes with them
-        self.dir: Path | None = None
-
-    def directory(self) -> Path:
-        if self.dir is None:
-            if self._given_dir is not None:
-                self._given_dir.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix="losscmp-isolate-", dir=self._given_dir))
-        return self.dir
-
-    def before(self, impl: Implementation, spec: Spec, case: Case) -> Path:
-        """The case written as a repro (once per case), before anything risky runs on it."""
-        path = self._pending.get(case)
-        if path is not None:
-            return path
-        # Written as if this call crashed: if losscmp dies now, the file says what ran.  A
-        # dying worker leaves it in the page cache; only a CUDA case can take the machine
-        # down with it (a driver fault), so only that one pays for an fsync per case.
-        durable = any(t.is_cuda for t in case.tensors.values())
-        path = self._save(self.directory(), impl, spec, case, Status.CRASH, "losscmp stopped while it was running", None, durable)
-        self._pending[case] = path
-        self.files.add(path)
-        weakref.finalize(case, _forget, self.files, path, os.getpid())
-        return path
-
-    def seen(self, label: str, case: Case, outcome: Outcome) -> None:
-        self._seen.setdefault(case, {})[label] = outcome
-
-    def keep(self, impl: Implementation, spec: Spec, case: Case, kind: Status, error: str, timeout: float | None) -> Path:
-        """The case as a kept repro of ``kind`` ("crash" or "timeout"); returns its .json path."""
-        pending = self._pending.pop(case, None)
-        if self.record.replaying is not None:  # a copy in a temporary folder would only be litter
-            if pending is not None:
-                _forget(self.files, pending)
-            return self.record.replaying
-        directory = self.record.keep_dir if self.record.keep_dir is not None else self.directory()
-        try:
-            kept = self._save(directory, impl, spec, case, kind, error, timeout)
-        except (OSError, TypeError, ValueError):  # an unwritable save folder: the pending copy stays
-            if pending is None:
-                raise
-            self.files.discard(pending)
-            return pending
-        self.files.discard(kept)  # the pending file may have had this very name: it is kept now
-        if pending is not None and pending != kept:
-            _forget(self.files, pending)
-        return kept
-
-    def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: Status, error: str, timeout: float | None,
-              durable: bool = True) -> Path:
-        label = impl.label
-        partner = self.record.partner(label)
-        refs = {r.label: r for r in self.record.refs}
-        refs[label] = impl.ref
-        seen = self._seen.get(case, {})
-        outcomes = {label: Outcome(kind, error=error)}
-        if partner in seen:  # else save_case records the partner as not run on this case
-            outcomes[partner] = seen[partner]
-        return save_case(
-            directory,
-            spec=spec,
-            case=case,
-            refs=[refs[la] for la in dict.fromkeys((label, partner))],
-            pair=(label, partner),
-            kind=kind,
-            outcomes=outcomes,
-            tolerance=self.record.tolerance,
-            seed=self.record.seed,
-            device=str(next(iter(case.tensors.values())).device),
-            extra={"isolate": True, "timeout": timeout, "error": error},
-            durable=durable,
-        )
-
-    def close(self) -> None:
-        for path in list(self.files):
-            _forget(self.files, path)
-        if self.dir is not None:
-            for fault in list(self.dir.glob("fault-*.txt")) + list(self.dir.glob("worker-*.log")):
-                try:
-                    fault.unlink()
-                except OSError:
-                    pass
-            try:
-                self.dir.rmdir()  # only if empty: kept inputs stay
-            except OSError:
-                pass
-
-
-def _forget(files: set[Path], path: Path, owner: int | None = None) -> None:
-    if owner is not None and owner != os.getpid():
-        return  # a forked worker's copy of the bookkeeping: the files are the parent's
-    if path in files:
-        files.discard(path)
-        for p in (path, path.with_suffix(".npz")):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-
-
 # ---------------------------------------------------------------------- the runner
-class IsolatedRunner:
-    """``runner(impl, spec, case) -> Outcome``, each implementation in its own process."""
+class IsolatedRunner(WorkerRunner):
+    """``runner(impl, spec, case) -> Outcome``, each implementation in its own process
+    (the round trip, case keeping and cleanup: :class:`losscmp.workers.WorkerRunner`)."""
 
     def __init__(self, timeout: float | None = None, *, start_method: str | None = None,
                  input_dir: str | Path | None = None, load_timeout: float = LOAD_TIMEOUT,
                  record: RunRecord = RunRecord()):
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be positive")
-        self.timeout = timeout
+        super().__init__(timeout, record=record, input_dir=input_dir)
         self.load_timeout = load_timeout
         self._start_method = start_method
         self._ctx = _context(start_method)
-        self._state = _State(CaseKeeper(record, input_dir))
         self._count = itertools.count()
         self._portable: dict[str, bool] = {}
-        self._closed = False
-        # Workers and unneeded input files go when the runner is closed, collected, at exit, or on SIGTERM.
-        self._finalizer = weakref.finalize(self, self._state.close)
-        register_for_sigterm(self._state)
 
     # ------------------------------------------------------------------ public API
     def __call__(self, impl: Implementation, spec: Spec, case: Case) -> Outcome:
-        if self._closed:
-            raise RuntimeError("this IsolatedRunner is closed")
-        keeper = self._state.keeper
+        self.check_open()
         device = next(iter(case.tensors.values())).device
         worker = self._worker(impl, device)
         if worker.failure is not None:
             return worker.failure
-        keeper.before(impl, spec, case)
         spec_part = None if worker.spec is spec else spec
         if device.type == "cuda" and worker.ipc:
             # The worker maps the case's own CUDA memory: same bits, no copy through the host.
@@ -304,66 +128,45 @@ class IsolatedRunner:
             request = pickle.dumps(
                 (spec_part, {k: _pack(t) for k, t in case.tensors.items()}, dict(case.params), str(device), False), _PROTOCOL
             )
-        start = time.perf_counter()
-        try:
-            try:
-                worker.conn.send_bytes(request)
-            except OSError:  # died before reading it all
-                reply: Any = worker.death()
-            else:
-                worker.spec = spec
-                reply = worker.receive(self.timeout)
-        except BaseException:  # Ctrl-C while waiting: the worker's state is unknown
-            self._discard(impl.label, kill=True)
-            raise
-        seconds = time.perf_counter() - start
-        failed = worker_failure(reply, lambda kill: self._discard(impl.label, kill=kill), keeper, impl, spec, case,
-                                self.timeout, seconds, transport)
+        failed, reply = self.round_trip(impl, spec, case, worker, lambda: worker.send(request, spec), transport)
         if failed is not None:
             return failed
         out, restart = _unpack_outcome(reply, device)
         if restart:  # a CUDA error that may poison the context: the worker has exited
-            self._discard(impl.label)
+            self.discard(impl.label)
         out = replace(out, transport=transport)
-        keeper.seen(impl.label, case, out)
+        self.keeper.seen(impl.label, case, out)
         return out
-
-    def close(self) -> None:
-        """Stop every worker; delete the saved inputs nobody needs.  Safe to call twice."""
-        self._closed = True
-        self._finalizer()
 
     def __enter__(self) -> IsolatedRunner:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     @property
     def input_dir(self) -> Path | None:
         """Where inputs are saved (created on first use)."""
-        return self._state.keeper.dir
+        return self.keeper.dir
 
     # ------------------------------------------------------------------ workers
     def _worker(self, impl: Implementation, device: torch.device) -> _Worker:
         label, source = impl.label, impl.ref.source()
-        w = self._state.workers.get(label)
+        w = self.state.workers.get(label)
+        assert w is None or isinstance(w, _Worker)
         if w is not None and (w.source != source or (w.ready and not w.proc.is_alive())):
             # Same label, different implementation; or killed between calls (not by a case).
-            self._discard(label)
+            self.discard(label)
             w = None
         if w is None:
             portable = self._is_portable(impl)
-            if not portable and device.type == "cuda" and torch.cuda.is_initialized():
+            if not portable and not torch_survives_fork():
                 raise IsolationError(
-                    f"{label} has no importable reference (a lambda or a local function?), so its worker must be "
-                    "forked, and a forked process cannot use CUDA once losscmp has: give it as file.py:attr or module:attr"
+                    f"{label} has no importable reference (a lambda or a local function?), so its worker would have "
+                    f"to be forked, and {WHY_NOT_FORKED}: give it as file.py:attr or module:attr"
                 )
             if portable:
-                w = _Worker.start(self._ctx, label, impl.ref, _portable_ref(impl.ref), self._state.keeper.directory(), next(self._count))
+                w = _Worker.start(self._ctx, label, impl.ref, portable_ref(impl.ref), self.keeper.directory(), next(self._count))
             else:
-                w = _Worker.start(tmp.get_context("fork"), label, impl.ref, impl, self._state.keeper.directory(), next(self._count))
-            self._state.workers[label] = w
+                w = _Worker.start(tmp.get_context("fork"), label, impl.ref, impl, self.keeper.directory(), next(self._count))
+            self.state.workers[label] = w
         if not w.ready and w.failure is None:
             w.handshake(self.load_timeout)
         return w
@@ -379,65 +182,9 @@ class IsolatedRunner:
         if label not in self._portable:
             if self._start_method == "fork":
                 self._portable[label] = True  # every worker inherits everything anyway
-            elif impl.ref.call is not None:
-                self._portable[label] = True
             else:
-                try:
-                    self._portable[label] = bool(load_object(_portable_ref(impl.ref)) == impl.fn)
-                except Exception:
-                    self._portable[label] = False
+                self._portable[label] = loads_by_reference(impl, portable_ref)
         return self._portable[label]
-
-    def _discard(self, label: str, kill: bool = False) -> None:
-        w = self._state.workers.pop(label, None)
-        if w is not None:
-            w.stop(kill=kill)
-
-
-class _State:
-    """Everything the finaliser needs, with no reference back to the runner."""
-
-    def __init__(self, keeper: CaseKeeper) -> None:
-        self.workers: dict[str, _Worker] = {}
-        self.keeper = keeper
-
-    def close(self, fast: bool = False) -> None:
-        workers = list(self.workers.values())
-        self.workers.clear()
-        if fast:  # SIGTERM: no time for manners
-            for w in workers:
-                w.stop(kill=True)
-        else:
-            for w in workers:
-                w.ask_to_stop()
-            deadline = time.monotonic() + 2.0
-            for w in workers:
-                w.stop(wait=max(0.0, deadline - time.monotonic()))
-        self.keeper.close()
-
-
-def worker_failure(reply: Any, discard: Callable[[bool], None], keeper: CaseKeeper, impl: Implementation, spec: Spec,
-                   case: Case, timeout: float | None, seconds: float, transport: str) -> Outcome | None:
-    """A worker that died (``_Died``) or did not answer in time (None): the crash or timeout
-    outcome, with its input kept as a repro and the worker discarded.  Any other reply: None."""
-    if isinstance(reply, _Died):
-        discard(False)
-        where = f" in {reply.site}" if reply.site else ""
-        kind, error = Status.CRASH, f"crashed ({reply.why}){where}"
-    elif reply is None:
-        discard(True)
-        kind, error = Status.TIMEOUT, f"did not return within {timeout:g} s"
-    else:
-        return None
-    kept = keeper.keep(impl, spec, case, kind, error, timeout)
-    return Outcome(kind, error=f"{error}; input saved to {kept}", seconds=seconds, transport=transport)
-
-
-class _Died:
-    """A worker's end: why (signal, exit code) and where (the innermost user frame), if known."""
-
-    def __init__(self, why: str, site: str | None):
-        self.why, self.site = why, site
 
 
 class _Worker:
@@ -447,7 +194,7 @@ class _Worker:
         self.label, self.source, self.proc, self.conn, self.fault_path = label, source, proc, conn, fault_path
         self.ipc = ipc  # started by spawn or the fork server: CUDA tensors can be shared with it
         self.ready = False
-        self.stopped = False
+        self.stopped = self.asked = False
         self.failure: Outcome | None = None  # loading failed: the answer to every call
         self.spec: Spec | None = None  # the spec the worker holds
 
@@ -471,7 +218,7 @@ class _Worker:
         start = time.perf_counter()
         reply = self.receive(limit)
         seconds = time.perf_counter() - start
-        if isinstance(reply, _Died):
+        if isinstance(reply, Died):
             where = f" in {reply.site}" if reply.site else ""
             self.failure = Outcome(Status.CRASH, error=f"crashed ({reply.why}) while loading{where}", seconds=seconds)
         elif reply is None:
@@ -484,7 +231,7 @@ class _Worker:
         self.stop(kill=True)
 
     def receive(self, timeout: float | None) -> Any:
-        """The worker's next message, a :class:`_Died`, or None after ``timeout`` seconds."""
+        """The worker's next message, a :class:`~losscmp.workers.Died`, or None after ``timeout`` seconds."""
         ready = mpc.wait([self.conn, self.proc.sentinel], timeout)
         if self.conn in ready:
             try:
@@ -495,13 +242,25 @@ class _Worker:
             return None
         return self.death()
 
-    def death(self) -> _Died:
+    def send(self, request: bytes, spec: Spec) -> bool:
+        """False when the worker died before reading it all."""
+        try:
+            self.conn.send_bytes(request)
+        except OSError:
+            return False
+        self.spec = spec
+        return True
+
+    def death(self) -> Died:
         self.proc.join(5.0)
-        return _Died(exit_reason(self.proc.exitcode), _crash_site(self.fault_path))
+        return Died(exit_reason(self.proc.exitcode), crash_site(self.fault_path))
 
     def ask_to_stop(self) -> None:
-        if self.stopped:
+        # Once: stop() asks too, and a worker discarded without close() had not been asked
+        # (it used to wait out ``wait`` for an exit nobody had requested, then be killed).
+        if self.asked:
             return
+        self.asked = True
         try:
             self.conn.send_bytes(_SHUTDOWN)
         except (OSError, ValueError):
@@ -534,17 +293,6 @@ class _Worker:
             pass
 
 
-def exit_reason(code: int | None) -> str:
-    if code is None:
-        return "closed its pipe"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
 @contextlib.contextmanager
 def _main_hidden():
     """Start a worker without re-running the parent's ``__main__`` in it.
@@ -566,8 +314,7 @@ def _main_hidden():
 def _worker_main(conn: Any, what: Ref | Implementation, fault_path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     no_user_interrupts()  # so a KeyboardInterrupt here is the implementation's: a finding
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not clean up the parent's runners
-    _LIVE_STATES.clear()
+    in_worker_process()  # a forked worker must not clean up the parent's runners on SIGTERM
     _die_with_parent()
     fault = open(fault_path, "w")
     faulthandler.enable(fault, all_threads=False)
@@ -689,68 +436,3 @@ def _unpack_outcome(reply: tuple, device: torch.device) -> tuple[Outcome, bool]:
         output=output,
     )
     return out, restart
-
-
-# ---------------------------------------------------------------------- helpers
-def _portable_ref(ref: Ref) -> Ref:
-    """The reference with a file target made absolute, so the worker finds it from anywhere."""
-    if not ref.is_path or Path(ref.target).is_absolute():
-        return ref
-    if Path(ref.target).exists():
-        return replace(ref, target=str(Path(ref.target).resolve()))
-    # Loaded relative to some other folder (a repro's base_dir): find the file it came from.
-    want = Path(ref.target).parts
-    modules = list(sys.modules.values()) + list(getattr(load, "_SHADOW_CACHE", {}).values())
-    for m in modules:
-        file = getattr(m, "__file__", None)
-        if not file:
-            continue
-        p = Path(file)
-        if p.name == "__init__.py" and p.parent.parts[-len(want):] == want:
-            return replace(ref, target=str(p.parent))
-        if p.parts[-len(want):] == want:
-            return replace(ref, target=str(p))
-    return ref
-
-
-_FRAME_RE = re.compile(r'^\s*File "(.*)", line (\d+) in (.+)$')
-
-
-def _library_dirs() -> tuple[str, ...]:
-    dirs = {str(Path(__file__).resolve().parent)}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        try:
-            dirs.add(str(Path(sysconfig.get_paths()[key]).resolve()))
-        except (KeyError, OSError):
-            pass
-    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
-
-
-def _crash_site(fault_path: Path) -> str | None:
-    """The innermost frame of the implementation in the fault handler's dump, as text."""
-    try:
-        text = fault_path.read_text(errors="replace")
-    except OSError:
-        return None
-    # The file may also hold what the implementation printed: read from the last dump on.
-    marker = text.rfind("Fatal Python error")
-    if marker >= 0:
-        text = text[marker:]
-    frames = []
-    for line in text.splitlines():
-        m = _FRAME_RE.match(line)
-        if m:
-            frames.append((m.group(1), m.group(2), m.group(3).strip()))
-        elif frames and not line.strip():
-            break  # the crashing thread's stack is the first one
-    if not frames:
-        return None
-    libs = _library_dirs()
-    chosen = next((f for f in frames if not str(Path(f[0]).resolve()).startswith(libs)), frames[0])
-    file, line, func = chosen
-    try:
-        shown = os.path.relpath(file)
-        file = shown if not shown.startswith("..") else file
-    except ValueError:
-        pass
-    return f"{func} ({file}:{line})"

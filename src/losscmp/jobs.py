@@ -28,6 +28,7 @@ from . import breadcrumbs
 from .cluster import stop_ray_runners
 from .engine import Evaluator
 from .errors import LosscmpError, UsageError
+from .forking import WHY_NOT_FORKED, loads_by_reference, torch_survives_fork
 from .load import Implementation, Ref, load_implementation
 from .settings import RunnerKind, Settings
 from .spec import Spec
@@ -103,11 +104,13 @@ def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec:
     if ex.runner is RunnerKind.RAY:
         return _merged(_explore_on_ray(explore, impls, spec, plan_shares(settings)), on_case)
     jobs = ex.jobs
-    fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized() and not ex.devices
+    fork = torch_survives_fork() and not ex.devices
     if not fork:
-        unimportable = [i.label for i in impls if not i.ref.target or "<" in i.ref.source()]
+        unimportable = [i.label for i in impls if not i.ref.target or "<" in i.ref.source() or not loads_by_reference(i, _portable)]
         if unimportable:
-            raise UsageError(f"--jobs with CUDA needs implementations importable by reference; {', '.join(unimportable)} cannot be")
+            why = "--devices starts workers that load the implementations" if ex.devices else WHY_NOT_FORKED
+            raise UsageError(f"--jobs needs implementations importable by reference here ({why}); "
+                             f"{', '.join(unimportable)} cannot be")
     refs = None if fork else tuple(_portable(i.ref) for i in impls)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plans = plan_shares(settings)

@@ -386,6 +386,12 @@ def _import_file(path: Path) -> Any:
 _SHADOW_CACHE: dict[tuple[str, str], Any] = {}
 
 
+def shadow_modules() -> tuple[Any, ...]:
+    """The forks imported beside an installed package of the same name: they are in no
+    ``sys.modules``, yet a worker must find their files (``workers.portable_ref``)."""
+    return tuple(_SHADOW_CACHE.values())
+
+
 def _import_shadowed(search_dir: Path, dotted: str, top: str) -> Any:
     """Import ``dotted`` from ``search_dir`` even if a package named ``top`` is already
     loaded from elsewhere: stash the loaded one, import the fork, restore.

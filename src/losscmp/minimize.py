@@ -36,7 +36,8 @@ import torch
 from .compare import Verdict
 from .domains import DOMAINS
 from .findings import Kind, Pair
-from .generate import Case, _with_layout
+from .generate import Case, with_layout
+from .model import Step, StepKind
 from .spec import Spec
 
 ELEMENT_LIMIT = 16  # simplify element by element only on cases this small
@@ -81,7 +82,7 @@ class Minimized:
     original_sizes: dict[str, int]
     evaluations: int
     verdict: Verdict | None
-    steps: tuple[str, ...]
+    steps: tuple[Step, ...]
     threshold: Threshold | None = None
     passes: tuple[PassStats, ...] = field(default=())
 
@@ -118,7 +119,7 @@ def take(spec: Spec, case: Case, dim: str, keep: Sequence[int]) -> Case:
 
 
 def _relayout(t: torch.Tensor, case: Case) -> torch.Tensor:
-    return _with_layout(t.contiguous(), case.recipe.layout) if case.recipe else t
+    return with_layout(t.contiguous(), case.recipe.layout) if case.recipe else t
 
 
 def map_values(spec: Spec, case: Case, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Case:
@@ -201,7 +202,7 @@ class Shrinker:
         self.cache: dict[tuple, bool] = {case_key(case): True}
         self.stable_cache: dict[tuple, bool] = {}
         self.stats: dict[str, dict[str, int]] = {}
-        self.steps: list[str] = []
+        self.steps: list[Step] = []
         self.current = "?"
 
     def count(self, what: str, name: str | None = None) -> int:
@@ -292,6 +293,7 @@ def lift_denormals(s: Shrinker) -> bool:
     passes shrink the scale back toward the threshold."""
     changed = False
     for name, t in s.case.tensors.items():
+        used = s.count("evaluations")
         if not (t.is_floating_point() and t.numel()):
             continue
         tiny = torch.finfo(t.dtype).tiny
@@ -301,7 +303,7 @@ def lift_denormals(s: Shrinker) -> bool:
         for k, factor in ((k, f) for k in LIFT_SCALES for f in LIFTS):
             lifted = replace(s.case, tensors={**s.case.tensors, name: torch.where(low, torch.sign(t) * tiny * factor, t).to(t.dtype)})
             if s.consider(lifted if k == 1 else scaled(s.spec, lifted, k)):
-                s.steps.append(f"lift denormals of {name} to {tiny * factor:.3g}" + (f", inputs scaled x{k:g}" if k != 1 else ""))
+                s.steps.append(Step(StepKind.LIFT_DENORMALS, s.count("evaluations") - used, after=tiny * factor, args=(name,), scale=k))
                 changed = True
                 break
     return changed
@@ -428,7 +430,7 @@ def _shrink_each_dim(s: Shrinker, holds: Predicate) -> bool:
         if smaller.sizes[dim] != n0 and holds(smaller):  # cached: shrink_dim saw it hold
             s.case = smaller
             s.bump("kept")
-            s.steps.append(f"shrink {dim}: {n0} -> {smaller.sizes[dim]} ({s.count('evaluations') - used} evaluations)")
+            s.steps.append(Step(StepKind.SHRINK, s.count("evaluations") - used, dim=dim, before=n0, after=smaller.sizes[dim]))
             changed = True
     return changed
 
@@ -446,10 +448,10 @@ def simplify_args(s: Shrinker) -> bool:
             if torch.equal(candidate.tensors[arg.name], s.case.tensors[arg.name]):
                 break  # already as simple as this (and so as every later, finer) step
             if s.consider(candidate):
-                done.append(f"{arg.name} -> {name}")
+                done.append((arg.name, name))
                 break
     if done:
-        s.steps.append(f"simplify values: {', '.join(done)} ({s.count('evaluations') - used} evaluations)")
+        s.steps.append(Step(StepKind.SIMPLIFY_VALUES, s.count("evaluations") - used, forms=tuple(done)))
     return bool(done)
 
 
@@ -458,7 +460,7 @@ def simplify_values(spec: Spec, case: Case, holds: Predicate) -> tuple[Case, lis
     s = Shrinker(spec, case, holds)
     s.current = "simplify_args"
     simplify_args(s)
-    return s.case, [step.removeprefix("simplify values: ").rsplit(" (", 1)[0] for step in s.steps]
+    return s.case, [f"{arg} -> {form}" for step in s.steps for arg, form in step.forms]
 
 
 def simplicity(v: float) -> tuple:
@@ -521,7 +523,7 @@ def simplify_elements(s: Shrinker) -> bool:
                     changed.append(arg.name)
                     break
     if changed:
-        s.steps.append(f"simplify elements of {', '.join(dict.fromkeys(changed))} ({s.count('evaluations') - used} evaluations)")
+        s.steps.append(Step(StepKind.SIMPLIFY_ELEMENTS, s.count("evaluations") - used, args=tuple(dict.fromkeys(changed))))
     return bool(changed)
 
 
@@ -616,7 +618,7 @@ def toward_threshold(s: Shrinker, threshold: Threshold) -> bool:
     if target is None or target >= magnitude:
         return False
     if s.consider(with_magnitude(s.spec, s.case, target)):
-        s.steps.append(f"max |input| {magnitude:.6g} -> {target:.6g}, just past the threshold ({s.count('evaluations')} evaluations)")
+        s.steps.append(Step(StepKind.TOWARD_THRESHOLD, s.count("evaluations"), before=magnitude, after=target))
         return True
     return False
 
@@ -681,7 +683,7 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
         used = ev.evaluations
         threshold = scale_threshold(spec, s.case, s.holds_plain)
         if threshold:
-            s.steps.append(f"bisect input scale: threshold {threshold.value:.4g} ({ev.evaluations - used} evaluations)")
+            s.steps.append(Step(StepKind.BISECT_SCALE, ev.evaluations - used, threshold=threshold.value))
             found = threshold  # narrowed: the lambda below sees a Threshold
             s.run("toward_threshold", lambda sh: toward_threshold(sh, found))
     measured_on = case_key(s.case)
@@ -690,8 +692,7 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
         s.current = "scale_threshold"
         used = ev.evaluations
         threshold = scale_threshold(spec, s.case, s.holds_plain)  # the example changed: say where *it* turns
-        s.steps.append(f"threshold measured again on the final example: {threshold.value:.4g} ({ev.evaluations - used} evaluations)"
-                       if threshold else f"the final example diverges at every scale ({ev.evaluations - used} evaluations)")
+        s.steps.append(Step(StepKind.REMEASURE, ev.evaluations - used, threshold=threshold.value if threshold else None))
     case = s.case
     final = ev.judge(subject, case)
     changed = case.sizes != divergence.case.sizes or case_key(case) != case_key(divergence.case)

@@ -12,7 +12,7 @@ Values here are data: frozen dataclasses and enums, no terminal, JSON or HTML re
   disagrees with itself).  Both enums subclass ``str`` so their values are what JSON and
   repro files hold.
 * :class:`Recipe` -> :class:`Case` (generation), :class:`Outcome` (one call),
-  :class:`Tolerance`, :class:`TensorDiff` and :class:`Verdict` (comparison),
+  :class:`Tolerance`, :class:`TensorDiff`, :class:`Mismatch` and :class:`Verdict` (comparison),
   :class:`Divergence` (a finding and what the stages added) and :class:`AuditResult`.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 if TYPE_CHECKING:  # annotations only: these modules stand above the model
-    from .explain import Explanation
+    from .explain.explanation import Explanation
     from .load import Implementation, Ref
     from .minimize import Minimized
     from .settings import Settings
@@ -91,6 +91,12 @@ class Kind(str, Enum):
     @property
     def failed_call(self) -> bool:
         return self.value in Status._value2member_map_
+
+    @property
+    def own_category(self) -> bool:
+        """The finding is its own explanation (a failed call, both sides failing, input
+        mutation, nondeterminism): no float64 oracle applies, and the kind is its category."""
+        return self.failed_call or self in (Kind.BOTH_FAILED, Kind.MUTATION, Kind.NONDETERMINISM)
 
     @classmethod
     def of_status(cls, status: Status) -> Kind:
@@ -254,6 +260,21 @@ class TensorDiff:
 
 
 @dataclass(frozen=True)
+class Mismatch:
+    """A tensor finding as data, in the manner of torch.testing's ``ErrorMeta``: the
+    component shown (``shown.what``: the value, or the gradient w.r.t. one input), how
+    many of its elements mismatch, the greatest absolute and relative differences over
+    those and where, what was allowed there, and both sides' numbers at that index.
+    ``sides`` names (expected, actual) as the words do; ``others`` are the remaining
+    components, said in one clause each.  Terminal, JSON and any later format render this
+    record (``display.verdict_text``, ``report.mismatch_json``), never re-parse words."""
+
+    sides: tuple[str, str]
+    shown: TensorDiff
+    others: tuple[TensorDiff, ...] = ()
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The comparison of two outcomes (or two calls of one implementation) on one case.
 
@@ -261,6 +282,11 @@ class Verdict:
     ``max_score`` is the worst over every component, which is what the search climbs.
     ``compared`` is False when both sides failed the same way: nothing was compared,
     which is reported, and never counted as agreement.
+
+    ``mismatch`` is the record of a value, gradient or NaN/inf finding; ``detail`` the
+    words of a verdict that has no structure of its own (a side's error message, the two
+    shapes).  For a mismatch, ``detail`` holds the words rendered from it (for the readers
+    that quote a verdict inside their own sentences); the report renders the record.
     """
 
     subject: Subject
@@ -269,6 +295,7 @@ class Verdict:
     detail: str
     diffs: tuple[TensorDiff, ...] = ()
     compared: bool = True
+    mismatch: Mismatch | None = None
 
     @property
     def diverges(self) -> bool:
@@ -281,6 +308,35 @@ class Verdict:
     @property
     def max_score(self) -> float:
         return max([self.score] + [d.score for d in self.diffs])
+
+
+# --- minimisation -------------------------------------------------------------------
+
+class StepKind(str, Enum):
+    """What one step of the minimiser did to the example."""
+
+    LIFT_DENORMALS = "lift_denormals"  # denormal values of ``args[0]`` lifted to ``after``; inputs scaled by ``scale``
+    SHRINK = "shrink"  # ``dim`` from ``before`` to ``after`` elements
+    SIMPLIFY_VALUES = "simplify_values"  # each argument of ``forms`` replaced by that simpler form
+    SIMPLIFY_ELEMENTS = "simplify_elements"  # elements of ``args`` made simpler numbers, one at a time
+    BISECT_SCALE = "bisect_scale"  # the input scale where agreement turns: ``threshold``
+    TOWARD_THRESHOLD = "toward_threshold"  # max |input| from ``before`` to ``after``, just past the threshold
+    REMEASURE = "remeasure"  # the threshold again on the final example (None: it diverges at every scale)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the minimiser, as data; ``display.step_text`` words it."""
+
+    kind: StepKind
+    evaluations: int  # what the step cost, in evaluations (implementation calls per side)
+    dim: str | None = None
+    before: float | None = None
+    after: float | None = None
+    args: tuple[str, ...] = ()
+    forms: tuple[tuple[str, str], ...] = ()  # (argument, simpler form)
+    scale: float = 1.0
+    threshold: float | None = None
 
 
 # --- the run, as a crash repro records it ----------------------------------------------
@@ -296,6 +352,7 @@ class RunRecord:
     seed: int = 0
     keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
     replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
+    pairs: tuple[Pair, ...] = ()  # the pairs the run compares (engine.run_record computes them, once)
 
     def partner(self, label: str) -> str:
         """Who ``label`` is compared with: the reference, else the first other implementation."""

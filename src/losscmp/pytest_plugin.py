@@ -144,36 +144,25 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def _command_line_options(config: pytest.Config) -> CheckOptions:
     from .files import check_folder
     from .interpreter import parse_pythons
-    from .settings import Execution, RunnerKind, check_timeout, checked_device
-    from .testing import CheckOptions, as_dtype
+    from .settings import PLUGIN_TERMS, Settings
+    from .testing import CheckOptions
 
     opt = config.getoption
+    given = {"examples": opt("--losscmp-examples"), "device": opt("--losscmp-device"), "dtype": opt("--losscmp-dtype"),
+             "rtol": opt("--losscmp-rtol"), "atol": opt("--losscmp-atol"), "timeout": opt("--losscmp-timeout"),
+             "ray": opt("--losscmp-ray")}
     try:  # a bad option stops the session in one line, before any test runs
-        device = opt("--losscmp-device") and checked_device(opt("--losscmp-device"), "--losscmp-device")
-        dtype = as_dtype(opt("--losscmp-dtype"))
         pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
         check_folder(opt("--losscmp-save-dir"), "--losscmp-save-dir")  # e.g. under a regular file: refused now, not at the first save
-        check_timeout(opt("--losscmp-timeout"), RunnerKind.choose(opt("--losscmp-isolate"), pythons, opt("--losscmp-ray")),
-                      ("--losscmp-timeout", "--losscmp-isolate", "--losscmp-python"))
+        # Checked by Settings, as every front end's options are, and named as given here.
+        settings = Settings.of(terms=PLUGIN_TERMS, seed=opt("--losscmp-seed"), isolate=opt("--losscmp-isolate"),
+                               pythons=tuple(pythons.items()), **{k: v for k, v in given.items() if v is not None})
     except LosscmpError as error:
         raise pytest.UsageError(str(error)) from None
-    if opt("--losscmp-ray") is not None:
-        try:  # Ray installed, and nothing asked that runs elsewhere under it
-            Execution(ray=opt("--losscmp-ray"), isolate=opt("--losscmp-isolate"), pythons=tuple(pythons.items()), device=device or "cpu")
-        except LosscmpError as error:  # said in the plugin's own option names
-            raise pytest.UsageError(re.sub(r"--(ray|isolate|python|device)\b", r"--losscmp-\1", str(error))) from None
     return CheckOptions(
-        examples=opt("--losscmp-examples"),
-        seed=opt("--losscmp-seed"),
-        device=device,
-        dtype=dtype,
-        rtol=opt("--losscmp-rtol"),
-        atol=opt("--losscmp-atol"),
-        isolate=opt("--losscmp-isolate"),
-        timeout=opt("--losscmp-timeout"),
-        pythons=tuple(pythons.items()),
+        settings=settings,
+        examples_from_profile=opt("--losscmp-examples") is None,
         replay_only=opt("--losscmp-replay-only"),
-        audit={"ray": opt("--losscmp-ray")} if opt("--losscmp-ray") is not None else {},  # a Settings field, as the call's own
         verbose=opt("verbose") >= 2,  # pytest -vv: each finding's evidence in the failure
     )
 
@@ -221,9 +210,10 @@ class LossChecker:
         config = self.config = request.config
         self.save_dir = Path(config.rootpath) / config.getoption("--losscmp-save-dir") / case_folder(request.node.nodeid)
         no_replay = config.getoption("--losscmp-no-replay") and not config.getoption("--losscmp-replay-only")
+        defaults = config.stash[SESSION].defaults
         self.options = replace(
-            config.stash[SESSION].defaults,
-            save_dir=self.save_dir,
+            defaults,
+            settings=defaults.settings.updated(save_dir=self.save_dir),
             replay_dir=None if no_replay else self.save_dir,
             replay_command=_command(request.node.nodeid, config, replay_only=False),
             replay_saved_command=_command(request.node.nodeid, config, replay_only=True),
@@ -232,18 +222,15 @@ class LossChecker:
     def check(self, *impls: str | Callable[..., Any], spec: Any = None, examples: int | None = None, **settings: Any) -> CheckResult:
         """Fail the calling test if the implementations disagree; return what was checked.
 
-        ``settings`` override the command line: ``seed``, ``device``, ``dtype``, ``rtol``,
-        ``atol``, ``reference``, ``isolate``, ``timeout``, ``pythons`` ({label: interpreter},
-        added to ``--losscmp-python``); the rest go to the audit
-        (``minimize``, ``max_size``, ``allow_nonfinite``).
+        ``settings`` override the command line, in ``Settings.of``'s keywords: ``seed``,
+        ``device``, ``dtype``, ``rtol``, ``atol``, ``reference``, ``isolate``, ``timeout``,
+        ``pythons`` ({label: interpreter}, added to ``--losscmp-python``), ``minimize``,
+        ``max_size``, ``allow_nonfinite``, ...
         """
         __tracebackhide__ = True
-        from .testing import check_or_raise, with_call_arguments
+        from .testing import check_or_raise
 
-        fields = {"seed", "device", "dtype", "rtol", "atol", "reference", "isolate", "timeout", "pythons"}
-        options = with_call_arguments(self.options, examples=examples, **{k: v for k, v in settings.items() if k in fields},
-                                      audit={k: v for k, v in settings.items() if k not in fields})
-        return check_or_raise(impls, spec, options)
+        return check_or_raise(impls, spec, self.options, examples=examples, **settings)
 
 
 def _command(nodeid: str, config: pytest.Config, *, replay_only: bool) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .compare import Verdict
-from .engine import Evaluator, make_runner
+from .engine import Evaluator, run_record
 from .findings import Alone, Kind
 from .load import Implementation, Ref
 from .repro import Repro, ReproError, load_repro, load_repro_implementations, repro_base_dir, same_bits
@@ -62,7 +62,7 @@ def replay(repro: Repro, impls: Sequence[Implementation] | None = None, *, isola
         rtol=rtol, atol=atol, isolate=isolated, timeout=timeout if isolated or pythons else None,
         pythons=tuple((pythons or {}).items()),
     )
-    ev = Evaluator(impls, repro.spec, settings, make_runner(settings, impls, replaying=repro.path))
+    ev = Evaluator(impls, repro.spec, settings, record=run_record(settings, impls, replaying=repro.path))
     try:
         subject = repro.subject
         if isinstance(subject, Alone):

@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import files, jsonout
-from .display import tensor_text
-from .model import Alone, AuditResult, Divergence, RunPhase, subject_labels_json
+from .display import step_text, tensor_text, verdict_text
+from .model import Alone, AuditResult, Divergence, Mismatch, RunPhase, Step, Verdict, subject_labels_json
 from .project import shown_path
 from .replay import SavedReplay
 
@@ -141,11 +141,11 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
     console.rule(f"[bold red]{escape(str(d.subject))}: {d.kind.value}[/]{cause} — {d.kind.description}", align="left")
     if d.explanation is not None:
         say(d.explanation.sentence())
-    say(f"worst of {d.count} case(s), {d.case.describe()}, score {_score(d.score)}: {d.verdict.detail}")
+    say(f"worst of {d.count} case(s), {d.case.describe()}, score {_score(d.score)}: {verdict_text(d.verdict)}")
     if verbose and (len(d.regimes) > 1 or d.representative is not None):
         say("diverging cases by regime: " + ", ".join(f"{r} {n}" for r, n in sorted(d.regimes.items(), key=lambda kv: -kv[1])))
     if verbose and d.representative is not None and d.representative_verdict is not None:
-        say(f"mildest: {d.representative.describe()}: {d.representative_verdict.detail}")
+        say(f"mildest: {d.representative.describe()}: {verdict_text(d.representative_verdict)}")
     for label, text in d.outputs.items():
         lines = text.strip().splitlines()
         if not verbose:  # its first line may be the clue (a warning); the rest is evidence
@@ -161,9 +161,9 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
             sizes = ", ".join(f"{k} {m.original_sizes[k]} -> {v}" for k, v in m.sizes.items())
             say(f"minimised in {m.evaluations} evaluations: {sizes}")
             for step in m.steps:
-                say(f"  - {step}")
+                say(f"  - {step_text(step)}")
         dims = ", ".join(f"{k}={v}" for k, v in m.sizes.items())
-        verdict = f": {m.verdict.detail}" if m.verdict is not None and m.verdict.kind else ""
+        verdict = f": {verdict_text(m.verdict)}" if m.verdict is not None and m.verdict.kind else ""
         say(f"minimal example ({dims}){verdict}")
         for name, t in m.case.tensors.items():  # large inputs are summarised, never dropped
             say(f"  {name} = {tensor_text(t, limit=SHOW_TENSORS_UP_TO)}")
@@ -193,15 +193,57 @@ def print_replayed(replayed: Sequence[SavedReplay], console: Console) -> None:
         console.print(f"replayed {len(replayed)} saved case(s) first:", markup=False, highlight=False)
     for s in replayed:
         v = s.result.verdict
-        now = (f"[red]still diverges[/] ({v.kind.value}): {escape(v.detail)}" if v.kind
-               else f"[yellow]not compared[/]: {escape(v.detail)}" if not v.compared else "[green]agrees now[/]")
+        now = (f"[red]still diverges[/] ({v.kind.value}): {escape(verdict_text(v))}" if v.kind
+               else f"[yellow]not compared[/]: {escape(verdict_text(v))}" if not v.compared else "[green]agrees now[/]")
         console.print(f"  {escape(shown_path(s.path))} (saved as {s.recorded.value}, {escape(str(v.subject))}): {now}", highlight=False)
 
 
 def replayed_json(s: SavedReplay) -> dict[str, Any]:
     v = s.result.verdict
     return {"path": str(s.path), "pair": subject_labels_json(v.subject), "recorded": s.recorded.value,
-            "kind": v.kind.value if v.kind else None, "compared": v.compared, "score": v.score, "detail": v.detail}
+            "kind": v.kind.value if v.kind else None, "compared": v.compared, "score": v.score, "detail": verdict_text(v),
+            "mismatch": mismatch_json(v.mismatch)}
+
+
+def mismatch_json(m: Mismatch | None) -> dict[str, Any] | None:
+    """A tensor finding's record as fields: the numbers the terminal's words are made of."""
+    if m is None:
+        return None
+    d = m.shown
+    return {
+        "component": d.what,
+        "sides": list(m.sides),  # [expected, actual], as the words name them
+        "mismatched": d.mismatched,
+        "total": d.total,
+        "nonfinite_mismatched": d.nonfinite_mismatch,
+        "greatest_absolute_difference": jsonout.number(d.max_abs),
+        "index": list(d.max_abs_index),
+        "allowed_absolute_difference": jsonout.number(d.allowed_abs),  # atol + rtol * |expected| at that index
+        "greatest_relative_difference": jsonout.number(d.max_rel),
+        "relative_index": list(d.max_rel_index),
+        "expected": jsonout.number(d.expected),  # both sides at ``index``
+        "actual": jsonout.number(d.actual),
+        "relative_l2_error": jsonout.number(d.rel_l2),
+        "cosine": jsonout.number(d.cosine),
+        "score": jsonout.number(d.score),
+        "others": [{"component": o.what, "agrees": o.score <= 1 and not o.nonfinite_mismatch,
+                    "nonfinite_mismatched": o.nonfinite_mismatch, "greatest_absolute_difference": jsonout.number(o.max_abs),
+                    "cosine": jsonout.number(o.cosine)} for o in m.others],
+    }
+
+
+def step_json(step: Step) -> dict[str, Any]:
+    """A minimiser step as fields: its kind and cost, and only the facts that kind has."""
+    fields = {"dim": step.dim, "before": step.before, "after": step.after, "args": list(step.args) or None,
+              "forms": {arg: form for arg, form in step.forms} or None,
+              "scale": step.scale if step.kind.value == "lift_denormals" else None, "threshold": step.threshold}
+    measured = step.kind.value in ("bisect_scale", "remeasure")  # a null threshold there: diverges at every scale
+    return {"kind": step.kind.value, "evaluations": step.evaluations,
+            **{k: jsonout.plain(v) for k, v in fields.items() if v is not None or (k == "threshold" and measured)}}
+
+
+def _verdict_json(v: Verdict) -> dict[str, Any]:
+    return {"detail": verdict_text(v), "mismatch": mismatch_json(v.mismatch)}
 
 
 def audit_json(result: AuditResult, replayed: Sequence[SavedReplay] = ()) -> dict[str, Any]:
@@ -245,18 +287,19 @@ def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[st
         "score_text": _score(d.score),
         "cases": d.count,
         "regimes": dict(d.regimes),
-        "detail": d.verdict.detail,
+        **_verdict_json(d.verdict),
         "regime": d.case.recipe.regime if d.case.recipe else None,
         "input": d.case.describe(),
-        "representative": {"input": d.representative.describe(), "detail": d.representative_verdict.detail}
+        "representative": {"input": d.representative.describe(), **_verdict_json(d.representative_verdict)}
         if d.representative is not None and d.representative_verdict is not None else None,
         "output": dict(d.outputs),
         "original_sizes": dict(d.case.sizes),
         "minimized_sizes": dict(m.sizes) if m else None,
         "evaluations": m.evaluations if m else None,
-        "minimize_steps": list(m.steps) if m else None,
+        "minimize_steps": [step_text(st) for st in m.steps] if m else None,
+        "minimize_step_records": [step_json(st) for st in m.steps] if m else None,
         # The minimal example as a person reads it: the verdict on it and each input, in full when small.
-        "minimal": {"detail": m.verdict.detail if m.verdict is not None and m.verdict.kind else None,
+        "minimal": {**(_verdict_json(m.verdict) if m.verdict is not None and m.verdict.kind else {"detail": None, "mismatch": None}),
                     "inputs": {name: tensor_text(t, limit=SHOW_TENSORS_UP_TO) for name, t in m.case.tensors.items()}} if m else None,
         "threshold": (
             {"knob": m.threshold.knob, "agree_at": m.threshold.agree_at, "diverge_at": m.threshold.diverge_at, "value": m.threshold.value}

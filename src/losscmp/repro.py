@@ -38,7 +38,7 @@ import torch
 from . import jsonout
 from ._version import __version__
 from .errors import LosscmpError, shown
-from .generate import _with_layout
+from .generate import with_layout
 from .load import LoadError, Ref, load_implementation, parse_ref
 from .model import Case, Kind, Recipe, subject_from_labels, subject_labels_json
 from .project import portable_target, project_root
@@ -125,6 +125,9 @@ def versions(refs: list[Ref], base_dir: Path | None = None) -> dict[str, Any]:
     found: dict[str, Any] = {"python": platform.python_version()}
     for pkg in ("torch", "numpy", "geomloss", "pykeops"):
         found[pkg] = _package_version(pkg)
+    # The running torch's own string, build tag included ("2.11.0+cu130" vs "+cpu": the
+    # CUDA build changes numerics); an image's metadata may say plain "2.11.0".
+    found["torch"] = str(torch.__version__)
     # The running code's own version: an editable install's metadata keeps the version it was installed at.
     found["losscmp"] = __version__
     impls = {}
@@ -411,7 +414,7 @@ def _case_of(meta: dict[str, Any], arrays: dict[str, np.ndarray], spec: Spec, np
               f"{arg.name}: the JSON says shape {m.get('shape')}, {npz_path.name} holds {list(t.shape)}")
         expected_shape = spec.shape(arg, sizes)
         _need(tuple(t.shape) == expected_shape, f"{arg.name} has shape {tuple(t.shape)}, spec and sizes say {expected_shape}")
-        tensors[arg.name] = _with_layout(t, recipe.layout) if recipe else t
+        tensors[arg.name] = with_layout(t, recipe.layout) if recipe else t
     device = meta.get("device", "cpu")
     _need(isinstance(device, str) and (device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None), "'device' malformed")
     if device != "cpu" and not torch.cuda.is_available():

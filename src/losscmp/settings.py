@@ -7,11 +7,18 @@
 
 A library call writes nothing unless asked (``Outputs.save_dir`` is None by default);
 the CLI and the pytest plugin pass their save folders explicitly.
+
+Every front end builds its run's :class:`Settings` here, and every knob is checked here,
+once.  A refusal names the knob as the command line does (``--timeout needs --isolate or
+--python``); a front end that names its knobs otherwise gives ``Settings.of`` its table
+(:data:`CALL_TERMS` for keyword arguments, :data:`PLUGIN_TERMS` for the pytest options),
+so the same rule reads ``timeout= needs isolate=True or pythons=`` in a test.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -23,6 +30,35 @@ from .model import Tolerance
 from .errors import UsageError
 
 
+# --- each knob's name in each front end ----------------------------------------------
+
+# Keyword arguments (``assert_losses_agree``, ``losscmp.check``, ``Settings.of``).
+CALL_TERMS = {"--spec": "spec=", "--python": "pythons=", "--timeout": "timeout=", "--isolate": "isolate=True",
+              "--examples": "examples=", "--reference": "reference=", "--rtol": "rtol=", "--atol": "atol=",
+              "--seed": "seed=", "--device": "device=", "--devices": "devices=", "--dtype": "dtype=", "--jobs": "jobs=",
+              "--max-size": "max_size=", "--impact": "impact_steps=", "--ray": "ray="}
+# The pytest plugin's command line.
+PLUGIN_TERMS = {f"--{name}": f"--losscmp-{name}"
+                for name in ("examples", "seed", "device", "dtype", "rtol", "atol", "isolate", "timeout", "python", "ray")}
+
+
+def in_terms(text: str, terms: dict[str, str]) -> str:
+    """``text`` (a message naming knobs as the command line does) in another front end's terms."""
+    return re.sub("|".join(re.escape(o) + r"(?![\w-])" for o in terms), lambda m: terms[m.group(0)], text)
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating dtype, or its name."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+
+
 @dataclass(frozen=True)
 class Search:
     examples: int = 100
@@ -32,19 +68,16 @@ class Search:
     allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        if self.examples < 1:
-            raise UsageError(f"examples must be at least 1, not {self.examples}")
-        if not 0 <= self.seed < 2**63:
-            raise UsageError(f"seed must be an integer in [0, 2**63), not {self.seed}")
-        if self.max_size is not None and self.max_size < 1:
-            raise UsageError(f"max size must be at least 1, not {self.max_size}")
+        if not (isinstance(self.examples, int) and self.examples >= 1):
+            raise UsageError(f"--examples must be at least 1, not {self.examples}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise UsageError(f"--seed must be an integer in [0, 2**63), not {self.seed}")
+        if self.max_size is not None and not (isinstance(self.max_size, int) and self.max_size >= 1):
+            raise UsageError(f"--max-size must be at least 1, not {self.max_size}")
 
 
-def checked_device(device: str, option: str = "device") -> str:
-    """cpu, or a CUDA device this machine has; else one line naming the option.
-
-    The CLI checks its options here (naming them); :class:`Execution` checks again, so a
-    library or plugin call with a bad device fails the same way."""
+def checked_device(device: str, option: str = "--device") -> str:
+    """cpu, or a CUDA device this machine has; else one line naming the option."""
     if isinstance(device, torch.device):
         device = str(device)
     if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
@@ -84,12 +117,18 @@ class RunnerKind(str, Enum):
         return cls.OTHER_INTERPRETER if pythons else cls.ISOLATED if isolate else cls.IN_PROCESS
 
 
-def check_timeout(timeout: float | None, runner: RunnerKind,
-                  names: tuple[str, str, str] = ("a timeout", "isolation", "another interpreter")) -> None:
-    """The one rule about timeouts and runners.  ``names``: how the front end calls the
-    timeout, isolation and other-interpreter options (``--timeout``, ``--isolate``, ``--python``)."""
+def checked_timeout(timeout: float | None) -> float | None:
+    """None, or a positive, finite number of seconds."""
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}"
+                         if isinstance(timeout, (int, float)) else f"--timeout must be a positive number of seconds, not {timeout!r}")
+    return timeout
+
+
+def check_timeout(timeout: float | None, runner: RunnerKind) -> None:
+    """The one rule about timeouts and runners."""
     if timeout is not None and not runner.stops_hung_calls:
-        raise UsageError(f"{names[0]} needs {names[1]} or {names[2]} (a hung call can only be stopped in a worker process)")
+        raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
 
 
 def check_ray_installed() -> None:
@@ -111,13 +150,14 @@ class Execution:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", checked_device(self.device))
-        object.__setattr__(self, "devices", tuple(checked_device(d, "devices") for d in self.devices))
+        object.__setattr__(self, "devices", tuple(checked_device(d, "--devices") for d in self.devices))
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        object.__setattr__(self, "pythons", tuple((str(la), str(py)) for la, py in dict(self.pythons).items()))
         if self.devices:
             object.__setattr__(self, "jobs", len(self.devices))
         if not (isinstance(self.jobs, int) and self.jobs >= 1):
-            raise UsageError(f"jobs must be a whole number >= 1, not {self.jobs}")
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
-            raise UsageError(f"timeout must be a positive number of seconds, not {self.timeout}")
+            raise UsageError(f"--jobs must be a whole number >= 1, not {self.jobs}")
+        checked_timeout(self.timeout)
         check_timeout(self.timeout, self.runner)
         if self.ray is not None:
             self._check_ray()
@@ -151,7 +191,7 @@ class Tolerances:
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise UsageError(f"{name} must be a finite number >= 0, not {value}")
+                raise UsageError(f"--{name} must be a finite number >= 0, not {value}")
 
     def resolve(self, dtype: torch.dtype) -> Tolerance:
         return Tolerance.for_dtype(dtype, self.rtol, self.atol)
@@ -165,8 +205,8 @@ class Outputs:
     impact_steps: int | None = None  # None: the explain stage's default
 
     def __post_init__(self) -> None:
-        if self.impact_steps is not None and self.impact_steps < 0:
-            raise UsageError(f"impact steps must be >= 0, not {self.impact_steps}")
+        if self.impact_steps is not None and not (isinstance(self.impact_steps, int) and self.impact_steps >= 0):
+            raise UsageError(f"--impact must be >= 0, not {self.impact_steps}")
 
 
 @dataclass(frozen=True)
@@ -182,16 +222,42 @@ class Settings:
         return self.tolerances.resolve(self.execution.dtype)
 
     @classmethod
-    def of(cls, reference: str | None = None, **flat: Any) -> Settings:
+    def of(cls, reference: str | None = None, *, terms: dict[str, str] | None = None, **flat: Any) -> Settings:
         """Build from flat keywords, each routed to the record that owns it:
-        ``Settings.of(examples=50, dtype=torch.float64, rtol=1e-4, save_dir="out")``."""
+        ``Settings.of(examples=50, dtype=torch.float64, rtol=1e-4, save_dir="out")``.
+        A refusal is one :class:`UsageError` line, its knobs named in ``terms``
+        (default: as the command line names them)."""
+        try:
+            return cls._of(reference, flat)
+        except UsageError as error:
+            if terms:
+                raise UsageError(in_terms(str(error), terms)) from None
+            raise
+
+    @classmethod
+    def _of(cls, reference: str | None, flat: dict[str, Any]) -> Settings:
         parts: dict[str, dict[str, Any]] = {}
-        owners = {"search": Search, "execution": Execution, "tolerances": Tolerances, "outputs": Outputs}
         for key, value in flat.items():
-            owner = next((name for name, record in owners.items() if key in {f.name for f in fields(record)}), None)
+            owner = next((name for name, record in _OWNERS.items() if key in {f.name for f in fields(record)}), None)
             if owner is None:
                 raise UsageError(f"unknown setting {key!r}")
             if key == "save_dir" and value is not None:
                 value = Path(value)
             parts.setdefault(owner, {})[key] = value
-        return cls(**{name: owners[name](**kw) for name, kw in parts.items()}, reference=reference)
+        return cls(**{name: _OWNERS[name](**kw) for name, kw in parts.items()}, reference=reference)
+
+    def flat(self) -> dict[str, Any]:
+        """Every knob as a keyword of :meth:`of` (``reference`` included)."""
+        knobs = {f.name: getattr(part, f.name) for part in (self.search, self.execution, self.tolerances, self.outputs)
+                 for f in fields(part)}
+        return {**knobs, "reference": self.reference}
+
+    def updated(self, *, terms: dict[str, str] | None = None, **flat: Any) -> Settings:
+        """These settings with some knobs changed, checked again as a whole (a timeout given
+        here must still have a worker to stop, wherever the isolation was given)."""
+        merged = {**self.flat(), **flat}
+        reference = merged.pop("reference")
+        return Settings.of(reference, terms=terms, **merged)
+
+
+_OWNERS: dict[str, type] = {"search": Search, "execution": Execution, "tolerances": Tolerances, "outputs": Outputs}

@@ -14,7 +14,8 @@ from functools import partial
 from typing import Any, Protocol, Sequence
 
 from .engine import Evaluator
-from .explain import explain, float64_agrees
+from .explain.float64 import float64_agrees
+from .explain.stage import explain
 from .minimize import minimize
 from .model import Kind, Pair
 from .repro import save_divergence

@@ -6,8 +6,9 @@ fuzzes, and raises ``AssertionError`` with the report when they disagree.  It wo
 any test, with or without pytest; the ``losscmp`` pytest fixture is this same function
 with its options taken from the command line and its cases saved per test.
 
-What flows through: callables or references in, :class:`CheckOptions` (one frozen
-record of every knob, built by the caller) -> saved-case replay -> audit ->
+What flows through: callables or references in, :class:`CheckOptions` (the run's
+:class:`~losscmp.settings.Settings`, built and checked by ``Settings`` as every front
+end's are, and what a check does besides the run) -> saved-case replay -> audit ->
 :class:`CheckResult` out, or ``AssertionError`` whose message is the report, the
 explanation when there is one, and a command that replays the case.
 """
@@ -28,47 +29,38 @@ import torch
 
 from .audit import AuditResult, ProbeError, audit
 from .compare import Verdict
-from .display import case_values_text, tensor_text
+from .display import case_values_text, tensor_text, verdict_text
 from .errors import LosscmpError, UsageError
 from .findings import Kind, Subject
 from .generate import Case
 from .infer import infer_spec
 from .interpreter import check_labels, check_python, is_remote, remote_implementation
 from .load import Implementation, Ref, load_implementation, parse_ref
+from .project import shown_path
 from .replay import replay_saved
 from .report import pair_rows, print_audit
 from .repro import ReproError
-from .settings import RunnerKind, Settings
+from .settings import CALL_TERMS, RunnerKind, Settings, in_terms
 from .spec import Spec, resolve_spec
 
 __all__ = ["assert_losses_agree", "CheckOptions", "CheckResult", "ReplayedCase", "Session"]
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
 @dataclass(frozen=True)
 class CheckOptions:
-    """Every knob of one check; ``None`` means "the audit's default"."""
+    """One check: the run's :class:`Settings` (every knob, checked where every front end's
+    are), and what a check does besides the run."""
 
-    examples: int | None = None  # None: the loaded Hypothesis profile's max_examples (100 unless changed)
-    seed: int = 0
-    device: str | None = None
-    dtype: torch.dtype | None = None
-    rtol: float | None = None
-    atol: float | None = None
-    reference: str | None = None
-    isolate: bool = False
-    timeout: float | None = None
-    pythons: tuple[tuple[str, str], ...] = ()  # (label, interpreter): that implementation runs there
+    settings: Settings = field(default_factory=Settings)
+    # No one gave ``examples``: the loaded Hypothesis profile's max_examples (100 unless
+    # changed) is the budget, read when the check runs (Hypothesis loads --hypothesis-profile late).
+    examples_from_profile: bool = True
     # Labels the call itself gave an interpreter: each must name one of its implementations
     # (a misspelt one would run here).  --losscmp-python's serve whichever checks have them.
     called_pythons: tuple[str, ...] = ()
-    save_dir: Path | None = None  # where new minimised cases go (nothing is written when None)
     replay_dir: Path | None = None  # whose saved cases are replayed first
     replay_only: bool = False  # replay, never fuzz
     replay_command: str | None = None  # printed on failure; pasted at the project root it re-runs the check
     replay_saved_command: str | None = None  # the same, replaying only the saved cases (no fuzzing)
-    audit: dict[str, Any] = field(default_factory=dict)  # further audit Settings (minimize, max_size, ...)
     verbose: bool = False  # the failure report shows each finding's evidence (pytest -vv)
 
 
@@ -149,28 +141,25 @@ def assert_losses_agree(
     base = SESSIONS[-1].defaults if SESSIONS else CheckOptions()
     if base.replay_command is None:
         base = replace(base, replay_command=_current_test_command())
-    options = with_call_arguments(
-        base, examples=examples, seed=seed, device=device, dtype=dtype, rtol=rtol, atol=atol, reference=reference,
-        isolate=isolate, timeout=timeout, pythons=pythons,
-        save_dir=Path(save_dir) if save_dir is not None else None,
-        replay_dir=Path(replay_dir) if replay_dir is not None else Path(save_dir) if save_dir is not None else None,
-        audit=audit_settings,
-    )
-    return check_or_raise(impls, spec, options)
+    if replay_dir is not None or save_dir is not None:
+        base = replace(base, replay_dir=Path(replay_dir if replay_dir is not None else save_dir))  # type: ignore[arg-type]
+    return check_or_raise(impls, spec, base, examples=examples, seed=seed, device=device, dtype=dtype, rtol=rtol, atol=atol,
+                          reference=reference, isolate=isolate, timeout=timeout, pythons=pythons, save_dir=save_dir, **audit_settings)
 
 
 def with_call_arguments(base: CheckOptions, **given: Any) -> CheckOptions:
-    """``base`` (defaults, or the session's command line) with what a call gave; ``None`` is "not given"."""
+    """``base`` (defaults, or the session's command line) with the settings a call gave, in
+    :meth:`Settings.of`'s keywords; ``None`` is "not given".  Checked again as a whole, by
+    ``Settings``, and refused in the call's terms."""
     given = {k: v for k, v in given.items() if v is not None}
-    if "dtype" in given:
-        given["dtype"] = as_dtype(given["dtype"])
+    called: tuple[str, ...] = ()
     if "pythons" in given:  # the call's interpreters join the command line's
-        called = {label: check_python(label, path, "pythons") for label, path in dict(given["pythons"]).items()}
-        given["pythons"] = tuple({**dict(base.pythons), **called}.items())
-        given["called_pythons"] = tuple(called)
-    if "audit" in given:
-        given["audit"] = {**base.audit, **given["audit"]}
-    return replace(base, **given)
+        labelled = {label: check_python(label, path, "pythons") for label, path in dict(given["pythons"]).items()}
+        given["pythons"] = tuple({**dict(base.settings.execution.pythons), **labelled}.items())
+        called = tuple(labelled)
+    settings = base.settings.updated(terms=CALL_TERMS, **given) if given else base.settings
+    return replace(base, settings=settings, called_pythons=called or base.called_pythons,
+                   examples_from_profile=base.examples_from_profile and "examples" not in given)
 
 
 @dataclass(frozen=True)
@@ -186,11 +175,13 @@ class Session:
 SESSIONS: list[Session] = []
 
 
-def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
-    """The one code path of :func:`assert_losses_agree` and the pytest fixture."""
+def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions,
+                   **given: Any) -> CheckResult:
+    """The one code path of :func:`assert_losses_agree` and the pytest fixture: ``options``
+    (the session's, or the defaults) with the settings the call ``given``, then the check."""
     __tracebackhide__ = True
     try:
-        result = check(impls, spec, options)
+        result = check(impls, spec, with_call_arguments(options, **given))
     except LosscmpError as error:  # bad input to the call: its one line at the test's own frame, as the report is
         error.args = (in_call_terms(str(error)),)
         raise error.with_traceback(None) from None
@@ -203,7 +194,8 @@ def check_or_raise(impls: Sequence[str | Callable[..., Any]], spec: Spec | str |
 
 def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, options: CheckOptions) -> CheckResult:
     """Replay the saved cases, then (unless replay-only, or a saved case still diverges) fuzz."""
-    given = dict(options.pythons)
+    execution = options.settings.execution
+    given = dict(execution.pythons)
     named = [implementation(i, given, strict=options.called_pythons) for i in impls]
     loaded = unique_labels(named)
     pythons: dict[str, str] = {}
@@ -227,14 +219,12 @@ def check(impls: Sequence[str | Callable[..., Any]], spec: Spec | str | None, op
         return CheckResult(tuple(loaded), replayed, None, _replay_failure(still, options))
     if options.replay_only:
         return CheckResult(tuple(loaded), replayed, None, None)
-    kw = {k: getattr(options, k) for k in ("device", "dtype", "rtol", "atol", "reference", "timeout") if getattr(options, k) is not None}
-    kw["pythons"] = tuple(pythons.items())
-    if "timeout" in kw and options.pythons and not RunnerKind.choose(options.isolate, pythons).stops_hung_calls:
-        del kw["timeout"]  # given for the --losscmp-python sides: this check has none, no worker to time
+    # Only this check's sides sent elsewhere run elsewhere; a timeout given for the
+    # --losscmp-python sides is dropped by a check that has none (no worker to time).
+    timeout = execution.timeout if RunnerKind.choose(execution.isolate, pythons).stops_hung_calls else None
     # Read when the check runs: Hypothesis' own pytest plugin loads --hypothesis-profile late.
-    examples = options.examples if options.examples is not None else profile_examples()  # Settings checks it
-    settings = Settings.of(examples=examples, seed=options.seed, isolate=options.isolate, save_dir=options.save_dir,
-                           **kw, **options.audit)
+    examples = profile_examples() if options.examples_from_profile else options.settings.search.examples
+    settings = options.settings.updated(terms=CALL_TERMS, pythons=tuple(pythons.items()), timeout=timeout, examples=examples)
     try:
         result = audit(loaded, the_spec, settings)
     except ProbeError as e:  # the implementations fail on a tame input: a failed check, as any finding is
@@ -251,7 +241,7 @@ def _replay_saved(impls: Sequence[Implementation], spec: Spec, options: CheckOpt
     from the references it records: a lambda has none.  It is judged with the tolerance
     it was saved with; a case that crashed or hung is replayed in a worker process.
     """
-    saved = replay_saved(options.replay_dir, impls, spec, isolate=options.isolate or None, pythons=pythons, shown=_shown_path)
+    saved = replay_saved(options.replay_dir, impls, spec, isolate=options.settings.execution.isolate or None, pythons=pythons, shown=shown_path)
     return tuple(ReplayedCase(s.path, s.recorded, s.result.verdict, s.result.repro.case) for s in saved)
 
 
@@ -263,8 +253,8 @@ def _replay_failure(still: Sequence[ReplayedCase], options: CheckOptions) -> str
     lines = [f"DIVERGE {kinds} on {len(still)} saved case(s): {subjects}"]  # the line pytest's short summary shows
     for r in still:
         lines.append(f"losscmp: a saved case still diverges ({r.verdict.kind}): {r.verdict.subject}")
-        lines.append(f"  saved case: {_shown_path(r.path)} (saved as {r.recorded})")
-        lines.append(f"  {r.verdict.detail}")
+        lines.append(f"  saved case: {shown_path(r.path)} (saved as {r.recorded})")
+        lines.append(f"  {verdict_text(r.verdict)}")
         lines.append(f"  input: {case_values_text(r.case.sizes, r.case.tensors)}")
         for name, t in r.case.tensors.items():
             if t.numel() <= 24:
@@ -293,14 +283,10 @@ def _audit_failure(result: AuditResult, options: CheckOptions) -> str:
     return "\n".join(lines)
 
 
-# Inside a test, options are keyword arguments: a message written for the command line
-# is said in the call's terms.
-CALL_TERMS = {"--spec": "spec=", "--python": "pythons=", "--timeout": "timeout=", "--isolate": "isolate=True",
-              "--examples": "examples=", "--reference": "reference=", "--rtol": "rtol=", "--atol": "atol="}
-
-
 def in_call_terms(text: str) -> str:
-    return re.sub("|".join(re.escape(o) + r"\b" for o in CALL_TERMS), lambda m: CALL_TERMS[m.group(0)], text)
+    """Inside a test, options are keyword arguments: a message written for the command
+    line is said in the call's terms."""
+    return in_terms(text, CALL_TERMS)
 
 
 def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
@@ -311,13 +297,6 @@ def _replay_lines(options: CheckOptions, saved: bool = True) -> list[str]:
 
 def _tensor_text(t: torch.Tensor) -> str:
     return tensor_text(t)
-
-
-def _shown_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _current_test_command() -> str | None:
@@ -341,14 +320,6 @@ def profile_examples() -> int:
     from hypothesis import settings
 
     return settings.get_profile(settings.get_current_profile_name()).max_examples
-
-
-def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    return DTYPES[dtype]
 
 
 # --- implementations held by a test --------------------------------------------------

@@ -74,7 +74,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import breadcrumbs
 from .compare import Tolerance, compare_outcomes, diff_message, diff_tensors
-from .explain import float64_case, in_float64
+from .explain.float64 import float64_case, in_float64
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
