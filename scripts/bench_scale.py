@@ -1,6 +1,6 @@
 """Cases per second of one whole audit: one process, ``--jobs 2``, ``--ray local`` with 2 actors.
 
-    python scripts/bench_scale.py [--heavy-examples 16,64] [--tiny-examples 200] [--no-ray]
+    python scripts/bench_scale.py [--heavy-examples 16,64] [--tiny-examples 200] [--rounds 3] [--no-ray]
 
 Two workloads, each an audit with minimisation and explanation off (the search only):
 
@@ -13,7 +13,8 @@ and the overhead of Ray against ``--jobs`` per case ((wall_ray - wall_jobs) / ca
 includes what each run pays once (starting the actors, importing the implementations in
 them).  With two sizes for a workload (``--heavy-examples 16,64``) a last line gives the
 marginal cost of a case, the difference between the two sizes divided by the difference in
-cases: Ray against ``--jobs`` there is the per-case overhead without the start-up.
+cases: Ray against ``--jobs`` there is the per-case overhead without the start-up.  With
+``--rounds R`` each size runs R times, the modes interleaved, and the medians are shown.
 The local Ray instance is started once before the timings (``ray.init(num_cpus=2)``) and
 its start is printed on its own: a run joining a cluster does not pay it.  Each mode's
 wall time includes starting its workers (forks for ``--jobs``, actors for Ray), as a user's
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -68,6 +70,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heavy-examples", type=sizes, default=(16,), help="cases, or two sizes for the marginal cost: 16,64")
     p.add_argument("--tiny-examples", type=sizes, default=(200,))
+    p.add_argument("--rounds", type=int, default=1, help="run each size this many times, modes interleaved; medians shown")
     p.add_argument("--no-ray", action="store_true", help="only one process and --jobs 2")
     args = p.parse_args()
     use_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
@@ -90,9 +93,13 @@ def main() -> None:
             impls = [load_implementation(r) for r in refs]
             walls = {}
             for examples in counts:
-                wall = walls[examples] = {"one": timed(impls, spec, examples)[0], "jobs": timed(impls, spec, examples, jobs=2)[0]}
-                if use_ray:
-                    wall["ray"] = timed(impls, spec, examples, jobs=2, ray="local")[0]
+                rounds: dict[str, list[float]] = {}
+                for _ in range(args.rounds):  # the modes interleaved, so that a busy minute hits each of them
+                    rounds.setdefault("one", []).append(timed(impls, spec, examples)[0])
+                    rounds.setdefault("jobs", []).append(timed(impls, spec, examples, jobs=2)[0])
+                    if use_ray:
+                        rounds.setdefault("ray", []).append(timed(impls, spec, examples, jobs=2, ray="local")[0])
+                wall = walls[examples] = {k: statistics.median(v) for k, v in rounds.items()}
                 cell = {k: f"{w:6.1f}s {examples / w:6.2f}/s" for k, w in wall.items()}
                 ray_cell = cell.get("ray", "-")
                 ray_ratio = f"{wall['one'] / wall['ray']:6.2f}x" if "ray" in wall else "-"

@@ -76,13 +76,13 @@ def _env() -> dict:
 def _end_instance(proc: subprocess.Popen, temp: str) -> None:
     """The test's Ray processes, by id: its process group, then any process that names its
     own temporary folder (Ray starts some in sessions of their own)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):  # `ray start --block` took 20 s and more to obey SIGTERM
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
         try:
-            proc.wait(20)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             pass
     for entry in Path("/proc").iterdir():
