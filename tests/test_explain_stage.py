@@ -121,4 +121,4 @@ def test_a_constant_offset_never_replaces_a_measured_threshold(capsys, tmp_path)
     report = json.loads(out.read_text())
     assert code == 1 and by_kind(report, "nonfinite")
     assert any(d["relation"]["value"] == "offset" for d in report["divergences"])
-    assert "constant offset apart; below max |input|" not in text
+    assert "constant offset apart; below the largest |element|" not in text

@@ -161,7 +161,8 @@ def test_each_minimiser_step_record_in_the_json_is_a_step_the_terminal_prints(bc
         "bisect_scale": lambda st: f"bisect input scale: threshold {st['threshold']:.4g} ({st['evaluations']} evaluations)",
         "simplify_values": lambda st: "simplify values: " + ", ".join(f"{a} -> {f}" for a, f in st["forms"].items()) + f" ({st['evaluations']} evaluations)",
         "simplify_elements": lambda st: f"simplify elements of {', '.join(st['args'])} ({st['evaluations']} evaluations)",
-        "toward_threshold": lambda st: f"max |input| {st['before']:.6g} -> {st['after']:.6g}, just past the threshold ({st['evaluations']} evaluations)",
+        "toward_threshold": lambda st: (f"the largest |element| of {' and '.join(st['args'])} {st['before']:.6g} -> {st['after']:.6g}, "
+                                        f"just past the threshold ({st['evaluations']} evaluations)"),
         "remeasure": lambda st: (f"threshold measured again on the final example: {st['threshold']:.4g}" if st["threshold"] is not None
                                  else "the final example diverges at every scale") + f" ({st['evaluations']} evaluations)",
     }

@@ -292,6 +292,14 @@ def verdict_text(v: Verdict) -> str:
 
 # --- minimiser steps -----------------------------------------------------------------
 
+def largest_element_of(names: Sequence[str]) -> str:
+    """What a scale threshold measures, by argument name: "max |input|" read as the argument
+    called ``input`` (huber vs smooth_l1: "below max |input| 0.0063" with input = [0])."""
+    if not names:
+        return "the largest |element| of the inputs"
+    return "the largest |element| of " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
+
+
 def step_text(step: Step) -> str:
     """One step of the minimiser in words (``-v``), e.g. "shrink N: 510 -> 2 (14 evaluations)"."""
     cost = f" ({step.evaluations} evaluations)"
@@ -305,7 +313,7 @@ def step_text(step: Step) -> str:
     if step.kind is StepKind.SIMPLIFY_ELEMENTS:
         return f"simplify elements of {', '.join(step.args)}{cost}"
     if step.kind is StepKind.TOWARD_THRESHOLD:
-        return f"max |input| {step.before:.6g} -> {step.after:.6g}, just past the threshold{cost}"
+        return f"{largest_element_of(step.args)} {step.before:.6g} -> {step.after:.6g}, just past the threshold{cost}"
     if step.kind is StepKind.BISECT_SCALE:
         return f"bisect input scale: threshold {step.threshold:.4g}{cost}"
     if step.threshold is None:

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from .compare import Verdict
+from .display import largest_element_of
 from .domains import DOMAINS
 from .findings import Kind, Pair
 from .generate import Case, with_layout
@@ -145,6 +146,18 @@ def scaled(spec: Spec, case: Case, factor: float) -> Case:
 def shifted(spec: Spec, case: Case, offset: float) -> Case:
     """Add ``offset`` to every argument whose domain shifts (real, logits): where cancellation bites."""
     return _map_domain(spec, case, lambda d: d.shiftable, lambda t: t + offset)
+
+
+def scaled_args(spec: Spec) -> tuple[str, ...]:
+    """The arguments a scale threshold scales (their domain scales)."""
+    return tuple(a.name for a in spec.args if DOMAINS[a.domain].scalable)
+
+
+def scale_knob(spec: Spec) -> str:
+    """What a scale threshold is a threshold *of*, named by argument: "max |input|" read as
+    the argument called ``input`` (a huber example with input = [0], target = [1] printed
+    "below max |input| 0.0063"), and says nothing of which arguments were scaled."""
+    return largest_element_of(scaled_args(spec))
 
 
 def input_magnitude(spec: Spec, case: Case) -> float:
@@ -566,7 +579,7 @@ def scale_threshold(spec: Spec, case: Case, holds: Predicate, floor: float = 1e-
     if holds(scaled(spec, case, low)):
         return None  # diverges at every scale: not a threshold effect
     agree, diverge = bisect(lambda f: holds(scaled(spec, case, f)), low, 1.0)
-    return Threshold("max |input|", agree * magnitude, diverge * magnitude)
+    return Threshold(scale_knob(spec), agree * magnitude, diverge * magnitude)
 
 
 INTEGER_RANGE = 1e4  # below this, the smallest diverging integer reads best (89, 101)
@@ -618,7 +631,8 @@ def toward_threshold(s: Shrinker, threshold: Threshold) -> bool:
     if target is None or target >= magnitude:
         return False
     if s.consider(with_magnitude(s.spec, s.case, target)):
-        s.steps.append(Step(StepKind.TOWARD_THRESHOLD, s.count("evaluations"), before=magnitude, after=target))
+        s.steps.append(Step(StepKind.TOWARD_THRESHOLD, s.count("evaluations"), before=magnitude, after=target,
+                            args=scaled_args(s.spec)))
         return True
     return False
 

@@ -320,7 +320,7 @@ class StepKind(str, Enum):
     SIMPLIFY_VALUES = "simplify_values"  # each argument of ``forms`` replaced by that simpler form
     SIMPLIFY_ELEMENTS = "simplify_elements"  # elements of ``args`` made simpler numbers, one at a time
     BISECT_SCALE = "bisect_scale"  # the input scale where agreement turns: ``threshold``
-    TOWARD_THRESHOLD = "toward_threshold"  # max |input| from ``before`` to ``after``, just past the threshold
+    TOWARD_THRESHOLD = "toward_threshold"  # the largest |element| of ``args`` from ``before`` to ``after``, just past the threshold
     REMEASURE = "remeasure"  # the threshold again on the final example (None: it diverges at every scale)
 
 

@@ -173,7 +173,7 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
                 # Not a threshold: a constant factor only hides under atol at small scale.  An
                 # offset does not shrink with the scale, and a NaN/inf is not a factor apart:
                 # there the measured threshold is the true statement.
-                say(f"no threshold: the values are a constant factor apart; below max |input| {m.threshold.value:.4g} "
+                say(f"no threshold: the values are a constant factor apart; below {m.threshold.knob} = {m.threshold.value:.4g} "
                     f"the difference is only smaller than atol")
             else:
                 say(f"threshold: {m.threshold.describe()}")

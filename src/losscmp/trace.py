@@ -960,6 +960,12 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
         stuck = [label for label, c in ((le, cause_a), (la, cause_b)) if c is None]
         return Localisation(None, f"not localised: the {res_a.what} differs, but no op of {' and '.join(stuck)} makes a value "
                             f"the other side lacks from values both compute; {why}; {coverage}", cov)
+    lookalike = [text for walk, cause in ((walk_a, cause_a), (walk_b, cause_b))
+                 if (text := _same_number_elsewhere(walk, cause)) is not None]
+    if lookalike:
+        return Localisation(None, f"not localised: the {res_a.what} differs, but {'; '.join(lookalike)}: one number cannot "
+                            f"tell the same quantity from a coincidence, so no pair of ops is shown by data to compute "
+                            f"a different quantity; {why}; {coverage}", cov)
     phase = res_a.phase
     lines = {le: _source_line(a[cause_a], a, phase), la: _source_line(b[cause_b], b, phase)}
     values = {le: _text(a[cause_a].outputs[0] if a[cause_a].outputs else None),
@@ -980,6 +986,28 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
 
 
 AMPLIFIES = "amplifies a difference its inputs carry within the tolerance"
+
+
+def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
+    """A departure whose output is one number (10 atol off zero, not a whole number) that the other
+    side computes too, within the tolerance: it was taken as new only because a lone number
+    says little about which quantity it is.  PoissonNLLLoss(full=True)'s t·z = 1.5 against
+    the distribution's xlogy(t, exp z) = 1.4999999 is the same quantity, and naming that
+    pair hid the true difference (Stirling's log t! against lgamma(t + 1)).  Returns what to
+    say, or None when the departure's value is not found on the other side."""
+    r = walk.own.records[index]
+    s = r.outputs[0] if r.outputs else None
+    if s is None or s.numel != 1 or s.values is None or not s.dtype.is_floating_point:
+        return None
+    v = float(s.values.reshape(-1)[0])
+    if not math.isfinite(v) or abs(v) <= NEAR_ZERO_ATOLS * _tolerance_for(s, walk.tol).atol or v == round(v):
+        return None  # 0, 1, 2: whole numbers recur by coincidence, and stay departures
+    hits = sorted(h for h in walk.other.producers(s, walk.tol) if h is not None)
+    if not hits:
+        return None
+    other = walk.other.records[hits[0]]
+    return (f"{walk.own.label}'s {r.op} = {v:.8g} equals a value the other side computes ({other.op} = "
+            f"{_text(other.outputs[0] if other.outputs else None)})")
 
 
 def _near_zero(sa: Summary | None, sb: Summary | None, tol: Tolerance) -> bool:

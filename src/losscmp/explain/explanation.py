@@ -40,7 +40,7 @@ class Explanation:
     costs: dict[str, tuple[int, float]] = field(default_factory=dict)  # per analysis: (calls, seconds)
     origin: NonFiniteOrigin | None = None  # what makes a non-finite value float64 keeps
     rounded: tuple[str, ...] = ()  # sides whose non-finite working result is the correctly rounded float64 one
-    onset: float | None = None  # max |input| from which the unstable side turns non-finite
+    onset: float | None = None  # largest |element| of the scaled arguments from which the unstable side turns non-finite
     budget_note: str = ""  # the time budget, when the cost of a call raised it
 
     def sentence(self) -> str:

@@ -49,8 +49,9 @@ from ..domains import SCALABLE
 from ..engine import Runner
 from ..generate import Case
 from ..load import Implementation
-from ..minimize import input_magnitude, scaled, with_magnitude
+from ..minimize import input_magnitude, scale_knob, scaled, with_magnitude
 from ..model import Kind, Mismatch, Pair
+from ..precision import ROUNDING_REACH, narrower_ops, premise_fails
 from ..run import Outcome, call
 from ..spec import Spec
 from .float64 import call_runner, drift, float64_case, float64_problem, in_float64, rounded_to
@@ -171,6 +172,7 @@ def oracle(
     steps = ladder if any(a.domain in SCALABLE for a in spec.args) else 0
     values: tuple[tuple[str, float], ...] = ()
     scale, first_difference, first_score = 1.0, None, math.inf
+    first_rel = math.inf  # float64's greatest relative difference where it first differs
     parts: frozenset[str] | None = None
     persistent: dict[str, Outcome] = {}  # float64 outcomes on the case itself, when non-finite there
     cut_short = False
@@ -225,6 +227,7 @@ def oracle(
             persistent = {la: o for la, o in full.items() if not _finite_in(o, parts)}
         if not overflowed and first_difference is None:
             first_difference = (scale, v64.detail)
+            first_rel = max((d.max_rel if math.isfinite(d.max_rel) else math.inf for d in v64.diffs), default=math.inf)
         scale /= 2
     if first_difference is None:
         origin = None
@@ -252,6 +255,16 @@ def oracle(
             reason = "float64 overflows too wherever the working dtype diverges"
         return Oracle(Category.UNKNOWN, reason, evaluations=calls, values=values, origin=origin)
     at, detail = first_difference
+    if trace_nonfinite and first_rel <= ROUNDING_REACH:
+        # "Still different in float64" proves another function only if both runs are float64
+        # throughout: geomloss' KeOps backend rounds 1/eps to float32 inside its float64 run.
+        here64 = float64_case(case if at == 1 else scaled(spec, case, at))
+        for label, impl64 in ((pair[0], e64), (pair[1], a64)):
+            narrow = narrower_ops(impl64, spec, here64)
+            calls += 1
+            if narrow:
+                return Oracle(Category.UNKNOWN, f"{premise_fails(label, narrow)} (in float64 they differ by {first_rel:.2g} "
+                              f"relative: {detail})", scale=at, evaluations=calls, values=values)
     down_to = f"; still different down to input scale x{scale * 2:g}" if steps else ""
     if cut_short:
         down_to += " (the scale ladder was cut short by the time budget)"
@@ -464,7 +477,7 @@ def over_cases(first: Oracle, expected: Implementation, actual: Implementation, 
         o = oracle(expected, actual, spec, other, tol, run=run, kind=kind, trace_nonfinite=in_process, deadline=deadline, ladder=0)
         if o.category is Category.NUMERICAL:
             mag = input_magnitude(spec, other)
-            reason = (f"{o.reason} on another case of this finding (max |input| {mag:.4g}); on the case shown float64 "
+            reason = (f"{o.reason} on another case of this finding ({scale_knob(spec)} {mag:.4g}); on the case shown float64 "
                       f"cannot resolve it ({first.reason.split(':')[0]}): float64 saturates there as well")
             return replace(o, reason=reason, values=first.values, evaluations=first.evaluations + o.evaluations)
     return first

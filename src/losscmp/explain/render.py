@@ -114,7 +114,8 @@ def evidence(ex: Explanation) -> list[str]:
     if ex.origin is not None:
         lines.append(f"non-finite origin in {ex.origin.label}: {ex.origin.describe()}")
     if ex.onset is not None:
-        lines.append(f"{ex.unstable_side} turns non-finite from max |input| = {ex.onset:.6g} (bisected on the input scale)")
+        lines.append(f"{ex.unstable_side} turns non-finite once the largest |element| of the scaled arguments reaches {ex.onset:.6g} "
+                     f"(bisected on the input scale)")
     if ex.drift:
         lines.append("drift from own float64 result rounded to the working dtype (score, working tolerance): "
                      + ", ".join(f"{la} {num(v)}" for la, v in ex.drift.items()))

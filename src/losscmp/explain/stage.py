@@ -185,7 +185,8 @@ def explain(
     category = orc.category if orc else Category.UNKNOWN
     consistency: dict[str, SelfConsistency] = {}
     for impl in (expected, actual):
-        sc = stage(f"self-consistency {impl.label}", partial(self_consistency, impl, spec, case, run=counted))
+        sc = stage(f"self-consistency {impl.label}", partial(self_consistency, impl, spec, case, run=counted,
+                                                             deadline=start + seconds))
         if sc is not None:
             consistency[impl.label] = sc
     # Known numbers: each side's value on the explained case (from the oracle's own
