@@ -1,6 +1,8 @@
 from __future__ import annotations  # "str | None" below must not be evaluated on Python 3.9
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from losscmp.forking import torch_survives_fork
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 PLANTED = Path(__file__).resolve().parent / "planted.py"
+SYSTEM_TMP = tempfile.gettempdir()  # taken before any test points tempfile.tempdir at its tmp_path
 
 # A test whose implementation is a lambda or local function reaches an isolated or --jobs
 # worker only through fork, which losscmp refuses where a GPU is visible
@@ -48,6 +51,17 @@ def bce_audit(tmp_path_factory):
 def bce_repros(bce_audit):
     """The shared BCE audit's repro files (JSON paths), one per finding."""
     return [Path(d.repro) for d in bce_audit[2].divergences]
+
+
+@pytest.fixture
+def short_tmp():
+    """An empty folder with a short path, for a losscmp subprocess's TMPDIR.  multiprocessing's
+    fork server listens on a Unix socket in TMPDIR, whose path must fit in 107 bytes; a test's
+    tmp_path under pytest-xdist (.../pytest-N/popen-gw1/test_name0/) leaves too little room,
+    and the fork server then fails with "AF_UNIX path too long"."""
+    path = Path(tempfile.mkdtemp(prefix="lc-", dir=SYSTEM_TMP))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def ref(path: Path, attr: str, label: str | None = None) -> str:

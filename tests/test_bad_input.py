@@ -321,3 +321,21 @@ def test_the_plugin_refuses_a_save_dir_under_a_regular_file_before_any_test_runs
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --losscmp-save-dir notes.txt/cases: notes.txt exists and is not a folder"])
     assert "ran" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("mode", [["--isolate"], ["--jobs", "2"]])
+def test_a_temporary_folder_too_long_for_worker_sockets_is_one_line(mode, tmp_path, capsys, monkeypatch):
+    # Was "internal error: OSError: AF_UNIX path too long ... (a bug in losscmp)": the fork
+    # server's socket lives under TMPDIR and must fit in 107 bytes.
+    import tempfile
+
+    from losscmp import forking
+
+    long = tmp_path / ("x" * 120)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    monkeypatch.setattr(forking, "_visible_accelerators", lambda: 1)  # --jobs then needs the fork server too
+    assert main([OK, "b=" + OK, *RUN, *mode]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "too long for worker processes" in err and "set TMPDIR to a shorter folder" in err

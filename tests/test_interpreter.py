@@ -7,6 +7,7 @@ prove losscmp is absent there, and run a package that only that environment has.
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import os
 import shutil
@@ -251,20 +252,24 @@ def other_env(tmp_path_factory) -> Path:
         root = tmp_path_factory.mktemp("venvs")
     env = root / f"torch-numpy-{key}"
     python = env / "bin" / "python"
-    if not (env / "ready").exists():
-        building = Path(tempfile.mkdtemp(prefix="building-", dir=root))
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(building)], check=True, timeout=300)
-        proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(building / "bin" / "python"), "install",
-                               "--quiet", "--disable-pip-version-check", *want, "numpy"],
-                              capture_output=True, text=True, timeout=1200)
-        if proc.returncode != 0:
-            shutil.rmtree(building, ignore_errors=True)
-            pytest.skip(f"torch cannot be installed into a fresh virtual environment here: {proc.stderr.strip().splitlines()[-1:]}")
-        (building / "ready").touch()
-        if env.exists():  # another run finished first
-            shutil.rmtree(building, ignore_errors=True)
-        else:  # the interpreter finds its environment from pyvenv.cfg beside it: a renamed venv still works
-            building.rename(env)
+    # One build at a time: under pytest-xdist every worker runs this session fixture, and on a
+    # fresh machine each would install torch; the others wait here and find it ready.
+    with open(root / f"torch-numpy-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (env / "ready").exists():
+            building = Path(tempfile.mkdtemp(prefix="building-", dir=root))
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(building)], check=True, timeout=300)
+            proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(building / "bin" / "python"), "install",
+                                   "--quiet", "--disable-pip-version-check", *want, "numpy"],
+                                  capture_output=True, text=True, timeout=1200)
+            if proc.returncode != 0:
+                shutil.rmtree(building, ignore_errors=True)
+                pytest.skip(f"torch cannot be installed into a fresh virtual environment here: {proc.stderr.strip().splitlines()[-1:]}")
+            (building / "ready").touch()
+            if env.exists():  # a run without the lock (an older checkout) finished first
+                shutil.rmtree(building, ignore_errors=True)
+            else:  # the interpreter finds its environment from pyvenv.cfg beside it: a renamed venv still works
+                building.rename(env)
     return python
 
 

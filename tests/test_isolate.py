@@ -142,14 +142,14 @@ def test_isolated_well_behaved_implementations_agree_too():
 
 
 @pytest.mark.slow
-def test_cli_reports_a_segfault_as_a_crash_without_a_traceback(tmp_path):
+def test_cli_reports_a_segfault_as_a_crash_without_a_traceback(short_tmp):
     cmd = [
         sys.executable, "-m", "losscmp",
         f"{MISBEHAVING}:mse", f"{MISBEHAVING}:segfaults_on_negative_mean",
         "--spec", "regression", "--isolate", "--timeout", "5",
         "--examples", "20", "--no-save", "--no-minimize",
     ]  # fmt: skip
-    env = dict(os.environ, TMPDIR=str(tmp_path), COLUMNS="200")
+    env = dict(os.environ, TMPDIR=str(short_tmp), COLUMNS="200")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "crash" in proc.stdout
@@ -240,7 +240,7 @@ def test_close_stops_the_workers_and_deletes_unneeded_inputs(dying):
 
 
 @pytest.mark.slow
-def test_workers_are_stopped_at_interpreter_exit(dying, tmp_path):
+def test_workers_are_stopped_at_interpreter_exit(dying, short_tmp):
     script = textwrap.dedent(f"""
         import torch
         from losscmp.generate import Case
@@ -253,7 +253,7 @@ def test_workers_are_stopped_at_interpreter_exit(dying, tmp_path):
         out = runner(load_implementation({str(dying)!r} + ":pid"), preset("regression"), Case({{"input": x, "target": x}}, {{"B": 2}}))
         print(int(out.value.item()), flush=True)
     """)
-    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env = dict(os.environ, TMPDIR=str(short_tmp))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -298,11 +298,10 @@ def hangs(input, target):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds descendants through /proc")
 @pytest.mark.parametrize("how, mode", [("SIGTERM", "isolate"), ("SIGKILL", "isolate"), ("SIGKILL", "python"), ("SIGKILL", "jobs")])
 @pytest.mark.slow
-def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, how, mode):
+def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, short_tmp, how, mode):
     module = tmp_path / "hanging.py"
     module.write_text(HANGS_AND_SAYS)
-    marker, tmpdir = tmp_path / "hanging-now", tmp_path / "tmp"
-    tmpdir.mkdir()
+    marker, tmpdir = tmp_path / "hanging-now", short_tmp
     env = dict(os.environ, TMPDIR=str(tmpdir), LOSSCMP_TEST_HANGING=str(marker))
     cmd = [sys.executable, "-m", "losscmp", f"{module}:mse", f"{module}:hangs", "--spec", "regression",
            "--timeout", "60", "--no-save", "--examples", "5"]
@@ -331,7 +330,7 @@ def test_killing_losscmp_mid_hang_leaves_no_process_and_no_temp_file(tmp_path, h
 
 # ----------------------------------------------------------------------------- kept inputs
 @pytest.mark.slow
-def test_a_crash_input_is_a_repro_that_replay_runs_isolated(tmp_path):
+def test_a_crash_input_is_a_repro_that_replay_runs_isolated(tmp_path, short_tmp):
     keep = tmp_path / "kept"
     impls = [misbehaving("mse"), misbehaving("segfaults_on_negative_mean")]
     record = RunRecord(refs=tuple(i.ref for i in impls), tolerance=(1e-5, 1e-6), seed=7, keep_dir=keep)
@@ -349,13 +348,13 @@ def test_a_crash_input_is_a_repro_that_replay_runs_isolated(tmp_path):
     assert repro.meta["outcomes"]["mse"]["status"] == "ok"  # the partner's real outcome on that case
     assert sorted(p.suffix for p in keep.iterdir()) == [".json", ".npz"]  # only the kept case
     proc = subprocess.run([sys.executable, "-m", "losscmp", "replay", str(path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, TMPDIR=str(tmp_path)))
+                          timeout=120, env=dict(os.environ, TMPDIR=str(short_tmp)))
     assert proc.returncode == 1, proc.stdout + proc.stderr  # still diverges, and losscmp survived the segfault
     assert "still diverges (crash)" in proc.stdout and "SIGSEGV" in proc.stdout
     assert "Traceback" not in proc.stderr
     # The replayed file is the input: it is named, and no copy is left in a temporary folder.
     assert f"input saved to {path}" in " ".join(proc.stdout.split())
-    assert not list(tmp_path.glob("losscmp-isolate-*"))
+    assert not list(short_tmp.glob("losscmp-isolate-*")) and not list(tmp_path.glob("losscmp-isolate-*"))
 
 
 def test_inputs_that_did_not_crash_leave_no_file(tmp_path):

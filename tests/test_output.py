@@ -87,6 +87,7 @@ def _pytest(path: Path, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow  # runs the written test under a fresh pytest interpreter (4.4 s of CPU: the fast lane's costliest test)
 def test_replay_pytest_writes_a_portable_test_outside_the_saved_cases(tmp_path, monkeypatch, capsys):
     project = _project(tmp_path / "proj")
     (project / "tests").mkdir()

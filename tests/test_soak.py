@@ -258,6 +258,22 @@ def test_a_signal_mid_run_keeps_the_table_the_findings_and_the_json(tmp_path, ho
     assert not left_behind(mark)
 
 
+def deaf_child(pid: int) -> bool:
+    """Whether a child of ``pid`` has blocked SIGTERM (``hangs_deaf`` does so just before it hangs).
+    Waiting for that, rather than a fixed time, sends the signal neither too early on a busy
+    machine nor seconds later than needed on an idle one."""
+    bit = 1 << (signal.SIGTERM - 1)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = dict(line.split(":", 1) for line in Path(f"/proc/{entry}/status").read_text().splitlines() if ":" in line)
+            except OSError:
+                continue
+            if int(fields["PPid"]) == pid and int(fields["SigBlk"], 16) & bit:
+                return True
+    return False
+
+
 @pytest.mark.slow  # starts losscmp in a fresh interpreter
 @needs_proc
 def test_sigterm_while_a_call_hangs_deaf_to_signals_still_writes_the_report(tmp_path):
@@ -267,8 +283,10 @@ def test_sigterm_while_a_call_hangs_deaf_to_signals_still_writes_the_report(tmp_
                              "--examples", "30", "--no-save", "--json", str(report)], cwd=REPO, env={**os.environ, MARK: mark},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(8)  # long past the tame first cases: the call hangs, SIGTERM blocked
-        assert proc.poll() is None
+        deadline = time.monotonic() + 120
+        while not deaf_child(proc.pid):  # past the tame first cases: the call hangs, SIGTERM blocked
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:

@@ -66,7 +66,9 @@ def _ray() -> Any:
 PRELOAD = ("torch", "losscmp.cluster")
 ACTOR_CPUS = 1  # per actor: one intra-op thread, as each --jobs worker on a machine with one core per job
 # How ``--ray local`` starts its instance (scripts/bench_scale.py starts its own the same way).
-LOCAL_INIT: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
+# address "local": a new instance even where `ray start` left one on this machine (plain
+# ray.init() would join that, and a user's "local" run would land on someone's cluster).
+LOCAL_INIT: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
                               "_system_config": {"preload_python_modules": list(PRELOAD)}}
 
 

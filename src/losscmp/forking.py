@@ -21,9 +21,11 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import os
+import tempfile
 
 import torch
 
+from .errors import UsageError
 from .load import Implementation, load_object
 
 def _visible_accelerators() -> int:
@@ -70,7 +72,22 @@ def _same_definition(a: object, b: object) -> bool:
             and ca.co_code == cb.co_code and ca.co_consts == cb.co_consts)
 
 
+# A fork server and its workers talk over a Unix socket made under the temporary folder
+# ("pymp-XXXXXXXX/listener-XXXXXXXX"); its path must fit in sun_path (108 bytes with the NUL).
+_SOCKET_PATH_MAX = 107
+_SOCKET_TAIL = len("/pymp-12345678/listener-12345678")
+
+
+def check_socket_folder() -> None:
+    """One line before any worker starts, rather than an OSError from deep in multiprocessing."""
+    folder = tempfile.gettempdir()
+    length = len(os.fsencode(folder)) + _SOCKET_TAIL
+    if length > _SOCKET_PATH_MAX:
+        raise UsageError(f"the temporary folder {folder[:40]}... is too long for worker processes: their socket path would be "
+                         f"{length} bytes (at most {_SOCKET_PATH_MAX}); set TMPDIR to a shorter folder, e.g. TMPDIR=/tmp")
+
+
 WHY_NOT_FORKED = ("a process forked from this one cannot run torch here (CUDA is initialised, or a GPU is visible and "
                   "autograd's device threads forbid a backward in a forked child)")
 
-__all__ = ["loads_by_reference", "torch_survives_fork", "WHY_NOT_FORKED"]
+__all__ = ["check_socket_folder", "loads_by_reference", "torch_survives_fork", "WHY_NOT_FORKED"]

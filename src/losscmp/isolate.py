@@ -70,7 +70,7 @@ import torch.multiprocessing as tmp
 
 from ._standalone_worker import poisons_cuda
 from .breadcrumbs import request_death_signal
-from .forking import WHY_NOT_FORKED, loads_by_reference, torch_survives_fork
+from .forking import WHY_NOT_FORKED, check_socket_folder, loads_by_reference, torch_survives_fork
 from .load import Implementation, LoadError, Ref, load_implementation
 from .model import Case, Outcome, RunRecord, Status  # RunRecord re-exported: moved to model
 from .run import call, no_user_interrupts
@@ -90,6 +90,7 @@ def _context(start_method: str | None):
         start_method = "forkserver" if "forkserver" in tmp.get_all_start_methods() else "spawn"
     ctx = tmp.get_context(start_method)
     if start_method == "forkserver":
+        check_socket_folder()
         # Only torch and losscmp: never the implementations (a fork of an installed
         # package must be imported fresh in its own worker) and never CUDA.
         ctx.set_forkserver_preload(["torch", "losscmp.isolate"])

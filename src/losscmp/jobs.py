@@ -28,7 +28,7 @@ from . import breadcrumbs
 from .cluster import stop_ray_runners
 from .engine import Evaluator
 from .errors import LosscmpError, UsageError
-from .forking import WHY_NOT_FORKED, loads_by_reference, torch_survives_fork
+from .forking import WHY_NOT_FORKED, check_socket_folder, loads_by_reference, torch_survives_fork
 from .load import Implementation, Ref, load_implementation
 from .settings import RunnerKind, Settings
 from .spec import Spec
@@ -115,6 +115,8 @@ def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plans = plan_shares(settings)
     context = multiprocessing.get_context("fork" if fork else "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    if context.get_start_method() == "forkserver":
+        check_socket_folder()
     _INHERITED["impls"] = impls
     try:
         with ProcessPoolExecutor(max_workers=len(plans), mp_context=context, initializer=_die_with, initargs=(os.getpid() if fork else None,)) as pool:
