@@ -241,14 +241,19 @@ def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):
     assert _eventually_all_cpus_free(cluster)
 
 
-def test_local_starts_and_ends_its_own_instance(capsys, tmp_path):
+def test_local_starts_and_ends_its_own_instance(cluster, capsys, tmp_path, monkeypatch):
+    """Even with RAY_ADDRESS naming a running cluster (the fixture's), which a plain
+    ray.init() joins, --ray local runs on an instance of its own: its workers, started
+    from this process, do not announce themselves as the fixture's do."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'losscmp[ray]'")
-    same = ["torch.nn.functional:mse_loss", f"{FIXTURES}/misbehaving.py:mse"]
+    monkeypatch.setenv("RAY_ADDRESS", cluster)
+    ANNOUNCE.unlink(missing_ok=True)
     out = tmp_path / "local.json"
-    code = main([*same, "--spec", "regression", "--examples", "8", "--ray", "local", "--no-save", "-q", "--json", str(out)])
+    code = main([*SLOW, "--spec", "regression", "--examples", "4", "--ray", "local", "--no-save", "-q", "--json", str(out)])
     capsys.readouterr()
     data = json.loads(out.read_text())
-    assert code == 0 and data["tally"] == {"agree": 8}
+    assert code == 0 and data["tally"] == {"agree": 4}
+    assert not ANNOUNCE.exists()  # not run on the fixture's cluster
     assert not ray.is_initialized()  # the local instance went with the run
 
 
