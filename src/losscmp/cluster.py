@@ -291,11 +291,14 @@ class RayRunner:
         """Wait until Ray has restarted the actor, so that the next call, which may be another
         implementation's, is not refused by an actor still restarting and blamed for it."""
         deadline = time.monotonic() + limit
+        # ActorUnavailableError is newer than the oldest Ray the extra allows (2.9): there,
+        # a restarting actor raises RayActorError.
+        restarting = getattr(ray.exceptions, "ActorUnavailableError", ray.exceptions.RayActorError)
         while True:
             try:
                 ray.get(self.actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
                 return
-            except ray.exceptions.ActorUnavailableError:
+            except restarting:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
