@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install losscmp (editable) into the current Python environment.
 #   scripts/install.sh          core: the CLI and the pytest helpers
-#   scripts/install.sh test     + geomloss, pykeops and pytest, for the test suite
+#   scripts/install.sh test     + geomloss, pykeops, pytest and Ray (pinned: tests/test_ray.py runs
+#                               on a loopback cluster), for the test suite
 # torch is installed first, and only if missing: from $TORCH_WHEEL or a local CPU wheel
 # in /opt/wheels when there is one (seconds), else plain `pip install torch`.  losscmp
 # itself accepts any torch >= 2.0, so an existing torch (CUDA or not) is kept.

@@ -10,6 +10,14 @@ import torch
 
 from losscmp.forking import torch_survives_fork
 
+# pytester's inline runs drop from sys.modules what was first imported inside them; the
+# first torch.use_deterministic_algorithms() call (losscmp makes one per call, restoring the
+# switches) imports torch._inductor modules that register C++ operator namespaces, and a
+# second import then fails ("Only a single TORCH_LIBRARY can be used to register the
+# namespace _inductor_test"), so a test after a pytester test saw a false exception.
+# Imported here once, before any inline run, so no snapshot ever drops them.
+torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 PLANTED = Path(__file__).resolve().parent / "planted.py"

@@ -14,20 +14,26 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from losscmp.cli import main
+from losscmp.cluster import PRELOAD
 
 from .conftest import FIXTURES, REPO
 
 BCE = [f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits"]
 CRASHY = [f"{FIXTURES}/misbehaving.py:mse", f"{FIXTURES}/misbehaving.py:segfaults_on_negative_mean"]
+SLOW = [f"{FIXTURES}/misbehaving.py:mse", f"{FIXTURES}/misbehaving.py:mse_slowly"]
 HAS_RAY = importlib.util.find_spec("ray") is not None
+# Where the cluster's workers running misbehaving.py:mse_slowly write their process id.
+ANNOUNCE = Path(tempfile.gettempdir()) / f"losscmp-ray-announce-{os.getpid()}"
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["pytester"]
 
 
 @pytest.mark.skipif(HAS_RAY, reason="checks the error where Ray is not installed; Ray is installed here")
@@ -35,6 +41,14 @@ def test_without_ray_the_option_is_one_line_naming_the_extra(capsys):
     assert main([*BCE, "--spec", "binary", "--ray", "local", "--no-save"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == 'losscmp: error: --ray needs Ray, which is not installed here: pip install "losscmp[ray]"'
+
+
+@pytest.mark.skipif(HAS_RAY, reason="checks the error where Ray is not installed; Ray is installed here")
+def test_without_ray_the_plugin_option_stops_the_session_in_one_line(pytester):
+    pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-ray", "local")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert [line for line in result.stderr.lines if line] == ['ERROR: --losscmp-ray needs Ray, which is not installed here: pip install "losscmp[ray]"']
 
 
 def _free_port() -> int:
@@ -62,13 +76,13 @@ def _env() -> dict:
 def _end_instance(proc: subprocess.Popen, temp: str) -> None:
     """The test's Ray processes, by id: its process group, then any process that names its
     own temporary folder (Ray starts some in sessions of their own)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):  # `ray start --block` took 20 s and more to obey SIGTERM
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
         try:
-            proc.wait(20)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             pass
     for entry in Path("/proc").iterdir():
@@ -90,7 +104,10 @@ def cluster():
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # Workers that import torch and losscmp before they take an actor, as the README tells a cluster's admin.
+        env={**_env(), "LOSSCMP_TEST_ANNOUNCE": str(ANNOUNCE), "RAY_preload_python_modules": ",".join(PRELOAD)},
+        start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -108,11 +125,12 @@ def cluster():
         yield address
     finally:
         _end_instance(proc, temp)
+        ANNOUNCE.unlink(missing_ok=True)
 
 
-def _report(capsys, tmp_path, *extra) -> tuple[int, dict]:
+def _report(capsys, tmp_path, *extra, impls=("--spec", "binary", *BCE), examples=24) -> tuple[int, dict]:
     out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
-    code = main([*BCE, "--spec", "binary", "--examples", "24", "--no-save", "--no-explain", "-q", "--json", str(out), *extra])
+    code = main([*impls, "--examples", str(examples), "--no-save", "--no-explain", "-q", "--json", str(out), *extra])
     capsys.readouterr()
     data = json.loads(out.read_text())
     data.pop("seconds")
@@ -148,6 +166,68 @@ def test_an_implementation_that_kills_its_actor_is_a_crash_finding_and_the_run_c
     assert _eventually_all_cpus_free(cluster)
 
 
+def test_a_worker_killed_from_outside_mid_case_is_retried_on_a_fresh_one(cluster, capsys, tmp_path):
+    """Not the implementation's doing, so not a finding: the case runs again on the restarted
+    actor, and the report is the one-process report for the same seed."""
+    slow = ("--spec", "regression", *SLOW)
+    _, one = _report(capsys, tmp_path, impls=slow, examples=8)
+    ANNOUNCE.unlink(missing_ok=True)
+    killed: list[tuple[int, float]] = []
+    run_over = threading.Event()
+
+    def kill_the_first_announced_worker() -> None:
+        while not run_over.is_set():
+            try:
+                pid = int(ANNOUNCE.read_text())
+            except (OSError, ValueError):  # not yet announced, or half written
+                time.sleep(0.01)
+                continue
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)  # 0.25 s into a 0.25 s call at most: mid-call
+            killed.append((pid, time.monotonic()))
+            return
+
+    killer = threading.Thread(target=kill_the_first_announced_worker)
+    killer.start()
+    try:
+        code, on_ray = _report(capsys, tmp_path, "--ray", cluster, impls=slow, examples=8)
+        ended = time.monotonic()
+    finally:
+        run_over.set()
+        killer.join()
+    assert killed and killed[0][1] < ended  # an actor was killed while the run went on
+    assert code == 0 and on_ray == one and one["tally"] == {"agree": 8}
+    assert _eventually_all_cpus_free(cluster)
+
+
+PLUGIN_PROJECT = f'''
+import torch.nn.functional as F
+
+def test_on_the_cluster(losscmp):
+    result = losscmp.check(F.mse_loss, "{FIXTURES}/misbehaving.py:mse_slowly", spec="regression", examples=6)
+    assert result.cases_run == 6
+
+def test_diverges_on_the_cluster(losscmp):
+    losscmp.check("{FIXTURES}/misbehaving.py:mse", "{FIXTURES}/misbehaving.py:mutates_input", spec="regression", examples=6)
+'''
+
+
+def test_the_pytest_plugin_hands_its_checks_to_the_cluster(cluster, pytester):
+    """--losscmp-ray ADDRESS: the checks' calls are made by the cluster's workers (the one
+    that ran mse_slowly announced itself, and it is not this process); a divergence fails
+    its test as without Ray; what Ray refuses stops the session in one line."""
+    ANNOUNCE.unlink(missing_ok=True)
+    pytester.makepyfile(test_project=PLUGIN_PROJECT)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-ray", cluster)
+    result.assert_outcomes(passed=1, failed=1)
+    assert int(ANNOUNCE.read_text()) != os.getpid()
+    result.stdout.re_match_lines([r"E\s+AssertionError: DIVERGE .*mutation \d/6 mutates_input"])
+    assert _eventually_all_cpus_free(cluster)
+    refused = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-ray", cluster, "--losscmp-isolate")
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    assert refused.stderr.lines[0].startswith("ERROR: --losscmp-isolate is not supported with --losscmp-ray (")
+
+
 def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):
     argv = [sys.executable, "-m", "losscmp", *BCE, "--spec", "binary", "--examples", "100000", "--ray", cluster,
             "--jobs", "2", "--no-save", "-q"]
@@ -161,14 +241,19 @@ def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):
     assert _eventually_all_cpus_free(cluster)
 
 
-def test_local_starts_and_ends_its_own_instance(capsys, tmp_path):
+def test_local_starts_and_ends_its_own_instance(cluster, capsys, tmp_path, monkeypatch):
+    """Even with RAY_ADDRESS naming a running cluster (the fixture's), which a plain
+    ray.init() joins, --ray local runs on an instance of its own: its workers, started
+    from this process, do not announce themselves as the fixture's do."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'losscmp[ray]'")
-    same = ["torch.nn.functional:mse_loss", f"{FIXTURES}/misbehaving.py:mse"]
+    monkeypatch.setenv("RAY_ADDRESS", cluster)
+    ANNOUNCE.unlink(missing_ok=True)
     out = tmp_path / "local.json"
-    code = main([*same, "--spec", "regression", "--examples", "8", "--ray", "local", "--no-save", "-q", "--json", str(out)])
+    code = main([*SLOW, "--spec", "regression", "--examples", "4", "--ray", "local", "--no-save", "-q", "--json", str(out)])
     capsys.readouterr()
     data = json.loads(out.read_text())
-    assert code == 0 and data["tally"] == {"agree": 8}
+    assert code == 0 and data["tally"] == {"agree": 4}
+    assert not ANNOUNCE.exists()  # not run on the fixture's cluster
     assert not ray.is_initialized()  # the local instance went with the run
 
 

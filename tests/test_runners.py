@@ -99,7 +99,7 @@ def test_the_other_interpreter_calls_an_implementation_as_the_in_process_call_do
     assert torch.equal(case.tensors["input"], x)  # neither path touched the case itself
     for name in ORDER:
         a, b = here[name], there[name]
-        assert (b.status, b.error, b.mutated) == (a.status, a.error, a.mutated), name
+        assert (b.status, b.error, b.mutated) == (a.status, a.error, a.mutated), (name, a.error, b.error)
         assert (a.value is None) == (b.value is None) and (a.value is None or torch.equal(a.value, b.value)), name
         assert a.grads.keys() == b.grads.keys(), name
         for g in a.grads:

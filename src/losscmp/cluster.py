@@ -1,22 +1,27 @@
 """``--ray ADDRESS``: implementations called by actors on a Ray cluster.
 
 :class:`RayRunner` is the ``RunnerKind.RAY`` row of ``engine.RUNNERS``:
-``runner(impl, spec, case) -> Outcome`` like every runner.  Each runner owns one actor
-(a Ray worker process somewhere on the cluster) that loads each implementation once,
-from its reference text (as an isolated worker does), and then serves calls: the case's
-tensors go out, the :class:`~losscmp.run.Outcome` comes back; the actor runs
-:func:`losscmp.run.call` exactly as the in-process runner does.  With ``--jobs N`` the
-example budget is shared as ``--jobs`` shares it (:mod:`losscmp.jobs`): N explorations,
-each with its own runner and so its own actor; the same seed and N give the same report
-as ``--jobs N`` on one machine, and with one job the same report as one process.
+``runner(impl, spec, case) -> Outcome`` like every runner.  The run's actors (Ray worker
+processes somewhere on the cluster) are started once, as the first runner is built, one
+per ``--jobs`` share; each loads the run's implementations from their reference text at
+once (as an isolated worker does) and then serves calls: the case's tensors go out, the
+:class:`~losscmp.run.Outcome` comes back; the actor runs :func:`losscmp.run.call` exactly
+as the in-process runner does.  A runner takes an actor from the run's pool at its first
+call and gives it back when it closes, so the stages after a ``--jobs`` search reuse an
+actor of the search.  With ``--jobs N`` the example budget is shared as ``--jobs`` shares
+it (:mod:`losscmp.jobs`): N explorations, each with its own runner and so its own actor;
+the same seed and N give the same report as ``--jobs N`` on one machine, and with one job
+the same report as one process.
 
-* An implementation that kills its actor (segfault, ``os._exit``, OOM) gives an
-  ``Outcome("crash")``; its input was saved before the call (:class:`workers.CaseKeeper`)
-  and is kept as a crash repro.  Ray restarts the actor (``max_restarts``) and the next
-  call goes to the fresh one.
+* An actor that dies during a call (Ray restarts it: ``max_restarts``) gets the case once
+  more: a worker lost to something else (its node gone, its process killed from outside)
+  is not the implementation's doing.  A case that kills the fresh actor too is the
+  implementation's ``Outcome("crash")``; its input was saved before the call
+  (:class:`workers.CaseKeeper`) and is kept as a crash repro.
 * With ``timeout`` set, a call that has not returned in time gets its actor killed (and
   restarted) and gives an ``Outcome("timeout")``.
-* ``"local"`` starts a Ray instance in this process; any other address joins a running
+* ``"local"`` starts a Ray instance in this process, its workers importing torch and
+  losscmp before they take an actor (:data:`PRELOAD`); any other address joins a running
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``).  The connection is made by the
   first runner that needs it and ended when the last runner closes, so no actor and no
   local instance outlives the run: on Ctrl-C (the runners close as the exception passes)
@@ -35,6 +40,8 @@ import time
 import weakref
 from typing import Any
 
+import torch
+
 from .errors import UsageError
 from .generate import Case
 from .load import Implementation, LoadError, Ref, load_implementation
@@ -52,14 +59,35 @@ def _ray() -> Any:
 
 
 # ---------------------------------------------------------------------- the connection
+# What a local instance's prestarted workers import before they accept work, so that an
+# actor placed on one starts in well under a second instead of importing torch (seconds).
+# A cluster's own workers do the same when started with RAY_preload_python_modules set to
+# this list (the README says how).
+PRELOAD = ("torch", "losscmp.cluster")
+ACTOR_CPUS = 1  # per actor: one intra-op thread, as each --jobs worker on a machine with one core per job
+# How ``--ray local`` starts its instance (scripts/bench_scale.py starts its own the same way).
+# address "local": a new instance even where `ray start` left one on this machine (plain
+# ray.init() would join that, and a user's "local" run would land on someone's cluster).
+LOCAL_INIT: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
+                              "_system_config": {"preload_python_modules": list(PRELOAD)}}
+
+
 class _Connection:
-    """This process's link to Ray, shared by the runners alive, ended with the last one."""
+    """This process's link to Ray and the run's actors, shared by the runners alive.
+
+    The actors form a pool: a runner takes one for its calls and gives it back when it
+    closes, so that the stages after a ``--jobs`` search reuse an actor of the search
+    instead of starting one.  The last runner to leave kills every actor (and ends a
+    local instance)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.users = 0
         self.ours = False  # made by a runner (not by the user before calling losscmp)
         self.runners: weakref.WeakSet[RayRunner] = weakref.WeakSet()
+        self.idle: list[Any] = []  # actors no runner holds, ready for the next one
+        self.started: dict[Any, Any] = {}  # every live actor of the run -> its warm-up (an ObjectRef)
+        self.actor_class: Any = None
 
     def join(self, runner: RayRunner) -> None:
         with self.lock:
@@ -72,7 +100,7 @@ class _Connection:
             if not ray.is_initialized():
                 try:
                     if address == "local":
-                        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+                        ray.init(**LOCAL_INIT)
                     else:
                         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
                 except Exception as e:  # no cluster there, a version mismatch, ...
@@ -82,21 +110,67 @@ class _Connection:
                 self.ours = True
         return ray
 
+    def warm(self, ray: Any, actors: int, refs: tuple[Ref, ...]) -> None:
+        """Start actors until the run has ``actors`` of them, each loading ``refs`` at once:
+        they come up while this process builds its cases instead of at the first call."""
+        with self.lock:
+            while len(self.started) < actors:
+                self.idle.append(self._start(ray, refs))
+
+    def take(self, ray: Any, refs: tuple[Ref, ...]) -> Any:
+        with self.lock:
+            return self.idle.pop(0) if self.idle else self._start(ray, refs)
+
+    def give_back(self, ray: Any, actor: Any) -> None:
+        """An actor its runner is done with: kept for the next runner, unless another actor
+        of the run still waits for a CPU (then this one's goes to it)."""
+        with self.lock:
+            waiting = [w for a, w in self.started.items() if a is not actor]
+            if self.users > 1 and not (waiting and ray.wait(waiting, num_returns=len(waiting), timeout=0)[1]):
+                self.idle.append(actor)
+                return
+            self.started.pop(actor, None)
+        _kill(ray, actor)
+
+    def forget(self, actor: Any) -> None:
+        """An actor killed by its runner (its state unknown after Ctrl-C)."""
+        with self.lock:
+            self.started.pop(actor, None)
+
+    def _start(self, ray: Any, refs: tuple[Ref, ...]) -> Any:
+        if self.actor_class is None:
+            self.actor_class = ray.remote(num_cpus=ACTOR_CPUS, max_restarts=-1, max_task_retries=0)(_Actor)
+        actor = self.actor_class.remote()
+        self.started[actor] = actor.preload.remote(refs)
+        return actor
+
     def leave(self, runner: RayRunner) -> None:
         with self.lock:
             self.runners.discard(runner)
             self.users -= 1
-            if self.users > 0 or not self.ours:
+            if self.users > 0:
                 return
-            self.ours = False
-        ray = _ray()
-        if ray.is_initialized():
-            ray.shutdown()
+            actors, self.idle, self.started = list(self.started), [], {}
+            ours, self.ours = self.ours, False
+        if actors or ours:
+            ray = _ray()
+            for actor in actors:
+                _kill(ray, actor)
+            if ours and ray.is_initialized():
+                ray.shutdown()
 
     def close(self, fast: bool = False) -> None:
-        """SIGTERM: every actor killed, the connection (and a local instance) ended."""
+        """SIGTERM: every runner stopped, every actor killed, the connection (and a local
+        instance) ended with the last runner."""
         for runner in list(self.runners):
-            runner.close()
+            runner.close(healthy=False)  # mid-call, perhaps: no later runner gets that actor
+
+
+def _kill(ray: Any, actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone with its cluster
+        pass
 
 
 _CONNECTION = _Connection()
@@ -112,10 +186,25 @@ def stop_ray_runners() -> None:
 class _Actor:
     """Runs on the cluster: loads each implementation once, calls it on the cases sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = ACTOR_CPUS) -> None:
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs, but a worker that imported torch
+        # before (PRELOAD) has already sized its pool to the whole node: two actors with two
+        # threads each on two cores ran Sinkhorn 3x slower than --jobs 2.
+        torch.set_num_threads(threads)
         self.impls: dict[str, Implementation | Outcome] = {}
 
+    def preload(self, refs: tuple[Ref, ...]) -> bool:
+        for ref in refs:
+            self._loaded(ref)
+        return True
+
     def call(self, ref: Ref, spec: Spec, tensors: dict, params: dict) -> Outcome:
+        impl = self._loaded(ref)
+        if isinstance(impl, Outcome):
+            return impl
+        return call(impl.fn, spec, Case(tensors=tensors, sizes={}, params=params))
+
+    def _loaded(self, ref: Ref) -> Implementation | Outcome:
         key = ref.source()
         impl = self.impls.get(key)
         if impl is None:
@@ -125,9 +214,7 @@ class _Actor:
                 why = str(e) if isinstance(e, LoadError) else f"{type(e).__name__}: {e}"
                 impl = Outcome(Status.EXCEPTION, error=f"could not be loaded on the Ray worker: {' '.join(why.split())}")
             self.impls[key] = impl
-        if isinstance(impl, Outcome):
-            return impl
-        return call(impl.fn, spec, Case(tensors=tensors, sizes={}, params=params))
+        return impl
 
     def ready(self) -> bool:
         return True
@@ -135,12 +222,16 @@ class _Actor:
 
 # ---------------------------------------------------------------------- the runner
 class RayRunner:
-    """``runner(impl, spec, case) -> Outcome``, the call made by this runner's actor."""
+    """``runner(impl, spec, case) -> Outcome``, the call made by an actor of the run.
 
-    def __init__(self, address: str, timeout: float | None = None, record: RunRecord = RunRecord()):
+    ``actors``: how many the run will use at once (``--jobs``); that many are started as
+    the runner is built, loading the run's implementations (``record.refs``) straight away."""
+
+    def __init__(self, address: str, timeout: float | None = None, record: RunRecord = RunRecord(), actors: int = 1):
         check_ray_installed()
         self.address, self.timeout = address, timeout
         self.keeper = CaseKeeper(record)
+        self.refs = tuple(portable_ref(r) for r in record.refs if r.target and "<" not in r.source())
         self.actor: Any = None
         self.closed = False
         _CONNECTION.join(self)
@@ -149,7 +240,7 @@ class RayRunner:
         # instance's processes die with the *thread* that started them (Linux's parent-death
         # signal), so starting it from an exploration thread would end it with that thread.
         try:
-            _CONNECTION.ensure(address)
+            _CONNECTION.warm(_CONNECTION.ensure(address), actors, self.refs)
         except BaseException:
             self.close()
             raise
@@ -160,60 +251,72 @@ class RayRunner:
         if not impl.ref.target or "<" in impl.ref.source():
             raise UsageError(f"--ray needs implementations importable by reference; {impl.label} is not")
         ray = _ray()
-        actor = self._actor(ray)
         self.keeper.before(impl, spec, case)  # an input that kills the actor is never lost
         start = time.perf_counter()
-        pending = actor.call.remote(portable_ref(impl.ref), spec, dict(case.tensors), dict(case.params))
-        try:
-            out = ray.get(pending, timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(actor, no_restart=False)  # Ray starts a fresh one for the next call
-            self._await_restart(ray)
-            kind, error = Status.TIMEOUT, f"did not return within {self.timeout:g} s"
-        except ray.exceptions.RayActorError as e:
-            # The actor was healthy when the call went out (see _await_restart): this call killed it.
-            self._await_restart(ray)
-            detail = _death(e)
-            kind, error = Status.CRASH, f"crashed (it killed its Ray actor's process{': ' + detail if detail else ''})"
-        except BaseException:  # Ctrl-C while waiting: the actor's state is unknown
-            self.close()
-            raise
-        else:
-            out = replace(out, transport="ray")
-            self.keeper.seen(impl.label, case, out)
-            return out
-        return kept_failure(self.keeper, impl, spec, case, kind, error, self.timeout, time.perf_counter() - start, "ray")
+        deaths: list[str] = []
+        while True:
+            actor = self._actor(ray)
+            pending = actor.call.remote(portable_ref(impl.ref), spec, dict(case.tensors), dict(case.params))
+            try:
+                out = ray.get(pending, timeout=self.timeout)
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(actor, no_restart=False)  # Ray starts a fresh one for the next call
+                self._await_restart(ray)
+                kind, error = Status.TIMEOUT, f"did not return within {self.timeout:g} s"
+            except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as e:
+                # The actor was healthy when the call went out (see _await_restart), yet it may
+                # have died of something else (its node lost, killed from outside): the case
+                # runs once more on the fresh actor, and only a second death is the implementation's.
+                self._await_restart(ray)
+                deaths.append(_death(e))
+                if len(deaths) < 2:
+                    continue
+                detail = deaths[-1]
+                kind, error = Status.CRASH, f"crashed (it killed its Ray actor's process, and again on a fresh one{': ' + detail if detail else ''})"
+            except BaseException:  # Ctrl-C while waiting: the actor's state is unknown
+                self.close(healthy=False)
+                raise
+            else:
+                out = replace(out, transport="ray")
+                self.keeper.seen(impl.label, case, out)
+                return out
+            return kept_failure(self.keeper, impl, spec, case, kind, error, self.timeout, time.perf_counter() - start, "ray")
 
     def _actor(self, ray: Any) -> Any:
         if self.actor is None:
-            remote = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(_Actor)
-            self.actor = remote.remote()
+            self.actor = _CONNECTION.take(ray, self.refs)
         return self.actor
 
     def _await_restart(self, ray: Any, limit: float = 300.0) -> None:
         """Wait until Ray has restarted the actor, so that the next call, which may be another
         implementation's, is not refused by an actor still restarting and blamed for it."""
         deadline = time.monotonic() + limit
+        # ActorUnavailableError is newer than the oldest Ray the extra allows (2.9): there,
+        # a restarting actor raises RayActorError.
+        restarting = getattr(ray.exceptions, "ActorUnavailableError", ray.exceptions.RayActorError)
         while True:
             try:
                 ray.get(self.actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
                 return
-            except ray.exceptions.ActorUnavailableError:
+            except restarting:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
 
-    def close(self) -> None:
-        """Kill this runner's actor; the last runner to close ends the connection."""
+    def close(self, healthy: bool = True) -> None:
+        """Give this runner's actor back to the run (kill it when its state is unknown:
+        ``healthy`` False, or stopped by SIGTERM / Ctrl-C); the last runner to close ends
+        the connection and every actor of the run."""
         if self.closed:
             return
         self.closed = True
         actor, self.actor = self.actor, None
         if actor is not None:
-            try:
-                _ray().kill(actor, no_restart=True)
-            except Exception:  # already gone with its cluster
-                pass
+            if healthy:
+                _CONNECTION.give_back(_ray(), actor)
+            else:
+                _CONNECTION.forget(actor)
+                _kill(_ray(), actor)
         self.keeper.close()
         _CONNECTION.leave(self)
 

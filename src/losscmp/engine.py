@@ -74,7 +74,8 @@ RUNNERS: dict[RunnerKind, Callable[[Execution, RunRecord], Runner]] = {
     RunnerKind.IN_PROCESS: lambda execution, record: InProcessRunner(),
     RunnerKind.ISOLATED: _isolated,
     RunnerKind.OTHER_INTERPRETER: _other_interpreter,
-    RunnerKind.RAY: lambda execution, record: RayRunner(execution.ray or "local", timeout=execution.timeout, record=record),
+    RunnerKind.RAY: lambda execution, record: RayRunner(execution.ray or "local", timeout=execution.timeout, record=record,
+                                                        actors=execution.jobs),
 }
 
 

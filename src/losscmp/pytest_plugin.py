@@ -56,6 +56,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--losscmp-python", action="append", default=[], metavar="LABEL=PATH",
                     help="run the implementation labelled LABEL (a reference, e.g. 'official=pkg.losses:dice') under that "
                          "interpreter; its environment needs torch and numpy, not losscmp (repeatable)")
+    group.addoption("--losscmp-ray", default=None, metavar="ADDRESS",
+                    help="call the implementations on Ray actors: 'local' starts a Ray instance per check, auto / HOST:PORT / "
+                         "ray://HOST:PORT joins a cluster (needs losscmp[ray]; saved cases are still replayed here)")
     group.addoption("--losscmp-save-dir", default=SAVE_DIR, help=f"where minimised cases are saved and replayed from, relative to the rootdir (default {SAVE_DIR}, hidden like .hypothesis)")
     group.addoption("--losscmp-no-replay", action="store_true", help="do not replay saved cases before fuzzing")
     group.addoption("--losscmp-replay-only", action="store_true", help="replay saved cases only, no fuzzing (a test with none passes)")
@@ -146,7 +149,8 @@ def _command_line_options(config: pytest.Config) -> CheckOptions:
 
     opt = config.getoption
     given = {"examples": opt("--losscmp-examples"), "device": opt("--losscmp-device"), "dtype": opt("--losscmp-dtype"),
-             "rtol": opt("--losscmp-rtol"), "atol": opt("--losscmp-atol"), "timeout": opt("--losscmp-timeout")}
+             "rtol": opt("--losscmp-rtol"), "atol": opt("--losscmp-atol"), "timeout": opt("--losscmp-timeout"),
+             "ray": opt("--losscmp-ray")}
     try:  # a bad option stops the session in one line, before any test runs
         pythons = parse_pythons(opt("--losscmp-python"), "--losscmp-python")
         check_folder(opt("--losscmp-save-dir"), "--losscmp-save-dir")  # e.g. under a regular file: refused now, not at the first save
@@ -243,6 +247,8 @@ def _command(nodeid: str, config: pytest.Config, *, replay_only: bool) -> str:
         parts += ["--losscmp-python", shlex.quote(python)]
     if replay_only:
         return " ".join(parts + ["--losscmp-replay-only"])
+    if opt("--losscmp-ray") is not None:
+        parts += ["--losscmp-ray", shlex.quote(opt("--losscmp-ray"))]
     for name in ("examples", "seed", "device", "dtype", "rtol", "atol"):
         value = opt(f"--losscmp-{name}")
         if value is not None and not (name == "seed" and value == 0):

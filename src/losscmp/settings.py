@@ -39,7 +39,7 @@ CALL_TERMS = {"--spec": "spec=", "--python": "pythons=", "--timeout": "timeout="
               "--max-size": "max_size=", "--impact": "impact_steps=", "--ray": "ray="}
 # The pytest plugin's command line.
 PLUGIN_TERMS = {f"--{name}": f"--losscmp-{name}"
-                for name in ("examples", "seed", "device", "dtype", "rtol", "atol", "isolate", "timeout", "python")}
+                for name in ("examples", "seed", "device", "dtype", "rtol", "atol", "isolate", "timeout", "python", "ray")}
 
 
 def in_terms(text: str, terms: dict[str, str]) -> str:
