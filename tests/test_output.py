@@ -506,3 +506,24 @@ def test_a_second_cli_run_from_another_folder_of_the_project_replays_the_saved_c
     assert main(["../losses.py:mse", "../losses.py:twice", *argv]) == 1
     out = capsys.readouterr().out
     assert f"replayed {len(saved)} saved case(s) first:" in out and "still diverges" in out
+
+
+def test_sweep_json_holds_what_the_terminal_prints(tmp_path, capsys):
+    """``sweep --json PATH`` was accepted and never written.  The record: every grid point's
+    verdict and every boundary, the same numbers the terminal prints."""
+    pair = ["huber=torch.nn:HuberLoss(delta=1.0)", "sl1=torch.nn:SmoothL1Loss(beta=1.0)", "--spec", "regression"]
+    out = tmp_path / "sweep.json"
+    assert main(["sweep", *pair, "--param", "huber.delta=0.5:2", "--points", "5", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["pair"] == ["huber", "sl1"] and data["knob"]["name"] == "delta" and data["knob"]["side"] == "huber"
+    assert [p["kind"] for p in data["points"]] == ["value", "value", None, "value", "value"]
+    assert [f"{p['value']:.4g}" for p in data["points"]] == [line.split("=")[1].split()[0] for line in text.splitlines()
+                                                                 if line.startswith("  huber.delta = ")]
+    assert len(data["boundaries"]) == 2 == text.count("boundary: ")
+    for b in data["boundaries"]:
+        assert b["kind"] == "value" and f"{b['agree_at']:.4g}" in text and f"{b['diverge_at']:.4g}" in text
+    assert data["evaluations"] > 5 and f"({data['evaluations']} evaluations)" in text
+    # '-' is stdout, holding the JSON alone (the words go to stderr), as for the audit.
+    assert main(["sweep", *pair, "--param", "huber.delta=0.5:2", "--points", "3", "--json", "-"]) == 1
+    assert json.loads(capsys.readouterr().out)["pair"] == ["huber", "sl1"]

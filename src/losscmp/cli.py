@@ -34,7 +34,7 @@ from .model import RunRecord, Tolerance
 from .plot import plot_sweep  # matplotlib itself is imported only when a plot is drawn
 from .project import SAVE_DIR, default_save_dir, project_root, shown_path
 from .replay import recorded_timeout, replay, replay_saved
-from .report import audit_json, print_audit, print_replayed, write_json
+from .report import audit_json, print_audit, print_replayed, sweep_json, write_json
 from .repro import file_checks, load_repro, load_repro_implementations, version_changes
 from .settings import DTYPES, Execution, RunnerKind, Settings, check_timeout, checked_timeout
 from .spec import PRESETS, resolve_spec
@@ -491,6 +491,11 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         files.check_writable(args.plot, "--plot")
         if importlib.util.find_spec("matplotlib") is None:  # before the sweep, not after it
             raise UsageError("--plot needs matplotlib (pip install matplotlib)")
+    if args.json:
+        files.check_writable(args.json, "--json")
+    json_out = sys.stdout
+    if args.json == "-":  # stdout carries the JSON alone; the words go to stderr
+        console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
     kw = _settings_kw(args)
     settings = Settings.of(examples=1, **kw)
     impls = _load_all(args.impls)
@@ -516,6 +521,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     if args.plot:
         plot_sweep(result, args.plot)
         console.print(f"plot: {args.plot}", markup=False)
+    if args.json:
+        write_json(sweep_json(result), args.json, stdout=json_out)
     return 1 if any(p.verdict.kind for p in result.points) else 0
 
 

@@ -16,6 +16,7 @@ from .display import step_text, tensor_text, verdict_text
 from .model import Alone, AuditResult, Divergence, Mismatch, RunPhase, Step, Verdict, subject_labels_json
 from .project import shown_path
 from .replay import SavedReplay
+from .sweep import SweepResult
 
 # Explanation fields also found at the top of each divergence in --json.
 CONTRACT_FIELDS = ("category", "unstable_side", "location", "location_note", "self_consistency", "relation", "impact", "notes")
@@ -207,6 +208,22 @@ def replayed_json(s: SavedReplay) -> dict[str, Any]:
     return {"path": str(s.path), "pair": subject_labels_json(v.subject), "recorded": s.recorded.value,
             "kind": v.kind.value if v.kind else None, "compared": v.compared, "score": v.score, "detail": verdict_text(v),
             "mismatch": mismatch_json(v.mismatch)}
+
+
+def sweep_json(result: SweepResult) -> dict[str, Any]:
+    """``losscmp sweep --json``: the knob, each grid point's verdict, each boundary (the
+    grid step it was found in), as the terminal prints them."""
+    k = result.knob
+    return {
+        "pair": [result.pair.expected, result.pair.actual],
+        "knob": {"name": k.name, "side": k.side, "lo": k.lo, "hi": k.hi, "log": k.log},
+        "input": result.case.describe(),
+        "points": [{"value": p.value, "kind": p.verdict.kind.value if p.verdict.kind else None, "score": p.verdict.score,
+                    "detail": verdict_text(p.verdict), "mismatch": mismatch_json(p.verdict.mismatch)} for p in result.points],
+        "boundaries": [{"agree_at": b.agree_at, "diverge_at": b.diverge_at, "value": b.value, "kind": b.kind.value,
+                        "between": list(b.step)} for b in result.boundaries],
+        "evaluations": result.evaluations,
+    }
 
 
 def mismatch_json(m: Mismatch | None) -> dict[str, Any] | None:
