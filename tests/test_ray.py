@@ -241,6 +241,30 @@ def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):
     assert _eventually_all_cpus_free(cluster)
 
 
+def test_a_check_on_the_cluster_keeps_its_timeout(cluster):
+    """``assert_losses_agree(..., ray=ADDRESS, timeout=2)``: the check chose its runner without
+    ``ray=`` (in-process, which cannot stop a call), so it dropped the timeout and a hang
+    on an actor waited for ever.  (Not run where this fix was made: Ray is not installed there.)"""
+    from losscmp.testing import assert_losses_agree
+
+    mis = f"{FIXTURES}/misbehaving.py"
+    with pytest.raises(AssertionError, match=r"sleeps did not return within 2 s"):
+        assert_losses_agree(f"{mis}:mse", f"{mis}:sleeps", spec="regression", examples=10, minimize=False, explain=False,
+                            ray=cluster, timeout=2)
+
+
+@pytest.mark.xfail(strict=False, reason="known bug, not fixed: after a --ray local run ends, joining another cluster in the "
+                   "same process gets actors that die before their first call ('all references to the actor were removed')")
+def test_a_cluster_joined_after_a_local_run_in_the_same_process_runs_the_check(cluster, tmp_path, monkeypatch):
+    from losscmp.testing import assert_losses_agree
+
+    assert main([*SLOW, "--spec", "regression", "--examples", "2", "--ray", "local", "--no-save", "-q",
+                 "--json", str(tmp_path / "local.json")]) == 0
+    mis = f"{FIXTURES}/misbehaving.py"
+    assert assert_losses_agree(f"{mis}:mse", f"{mis}:mse", spec="regression", examples=3, minimize=False, explain=False,
+                               ray=cluster, timeout=30).agree
+
+
 def test_local_starts_and_ends_its_own_instance(cluster, capsys, tmp_path, monkeypatch):
     """Even with RAY_ADDRESS naming a running cluster (the fixture's), which a plain
     ray.init() joins, --ray local runs on an instance of its own: its workers, started
@@ -264,15 +288,3 @@ def _eventually_all_cpus_free(address: str, wait: float = 60.0) -> bool:
             return True
         time.sleep(1)
     return False
-
-
-def test_a_check_on_the_cluster_keeps_its_timeout(cluster):
-    """``assert_losses_agree(..., ray=ADDRESS, timeout=2)``: the check chose its runner without
-    ``ray=`` (in-process, which cannot stop a call), so it dropped the timeout and a hang
-    on an actor waited for ever.  (Not run where this fix was made: Ray is not installed there.)"""
-    from losscmp.testing import assert_losses_agree
-
-    mis = f"{FIXTURES}/misbehaving.py"
-    with pytest.raises(AssertionError, match=r"sleeps did not return within 2 s"):
-        assert_losses_agree(f"{mis}:mse", f"{mis}:sleeps", spec="regression", examples=10, minimize=False, explain=False,
-                            ray=cluster, timeout=2)

@@ -44,7 +44,7 @@ import torch
 
 from .errors import UsageError
 from .generate import Case
-from .load import Implementation, LoadError, Ref, load_implementation
+from .load import Implementation, LoadError, Ref, load_implementation, load_timeout
 from .model import RunRecord, Status
 from .run import Outcome, call
 from .settings import check_ray_installed
@@ -108,6 +108,10 @@ class _Connection:
                     what = "could not start a local Ray instance" if address == "local" else f"could not join the Ray cluster at {address}"
                     raise UsageError(f"--ray {address}: {what}: {first}") from None
                 self.ours = True
+                # Actors and the actor class of an earlier Ray session (ended while a runner
+                # still counted as a user) are not usable in this one: taken from the pool they
+                # died at the first call ("all references to the actor were removed").
+                self.actor_class, self.idle, self.started = None, [], {}
         return ray
 
     def warm(self, ray: Any, actors: int, refs: tuple[Ref, ...]) -> None:
@@ -285,6 +289,18 @@ class RayRunner:
     def _actor(self, ray: Any) -> Any:
         if self.actor is None:
             self.actor = _CONNECTION.take(ray, self.refs)
+            # The call's --timeout starts when the actor is up and has loaded the run's
+            # implementations: a cold worker (a new process importing torch, seconds on a
+            # busy node) is not the implementation hanging.  Bounded like any load.
+            warm_up = _CONNECTION.started.get(self.actor)
+            if warm_up is not None:
+                try:
+                    ray.get(warm_up, timeout=load_timeout())
+                except ray.exceptions.GetTimeoutError:
+                    raise UsageError(f"--ray {self.address}: an actor did not start and load the implementations within "
+                                     f"{load_timeout():g} s (LOSSCMP_LOAD_TIMEOUT)") from None
+                except ray.exceptions.RayError:
+                    pass  # the call itself meets the same failure and reports it as a finding
         return self.actor
 
     def _await_restart(self, ray: Any, limit: float = 300.0) -> None:
