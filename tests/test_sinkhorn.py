@@ -50,9 +50,9 @@ def test_tensorized_vs_online_backends_disagree_in_float32_and_are_minimised():
     potentials lose whole digits.  losscmp must find this and shrink it to a few points."""
     pytest.importorskip("pykeops")
     impls = [load_implementation(f"{SINKHORN}:official"), load_implementation(f"{SINKHORN}:official_online")]
-    # 40 cases, not 100: the seeded search meets 5 gradient findings in the first 40 and the worst
-    # is the same as at 100 (N=2, M=1, with a threshold); the audit took 7 s instead of 19 s here.
-    result = audit(impls, preset("points"), Settings.of(examples=40, explain=False))  # finding and minimising are under test
+    # 100 cases: with 40 the worst finding was a value one in one CI run out of several (KeOps'
+    # multithreaded reductions need not sum in the same order each run).
+    result = audit(impls, preset("points"), Settings.of(examples=100, explain=False))  # finding and minimising are under test
     assert not result.agree
     worst = max(result.divergences, key=lambda d: d.score)
     assert worst.kind == "gradient"
