@@ -108,10 +108,6 @@ class _Connection:
                     what = "could not start a local Ray instance" if address == "local" else f"could not join the Ray cluster at {address}"
                     raise UsageError(f"--ray {address}: {what}: {first}") from None
                 self.ours = True
-                # Actors and the actor class of an earlier Ray session (ended while a runner
-                # still counted as a user) are not usable in this one: taken from the pool they
-                # died at the first call ("all references to the actor were removed").
-                self.actor_class, self.idle, self.started = None, [], {}
         return ray
 
     def warm(self, ray: Any, actors: int, refs: tuple[Ref, ...]) -> None:

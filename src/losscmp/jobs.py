@@ -19,7 +19,6 @@ import signal
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -32,6 +31,7 @@ from .forking import WHY_NOT_FORKED, check_socket_folder, forget_inherited_fork_
 from .load import Implementation, Ref, load_implementation
 from .settings import RunnerKind, Settings
 from .spec import Spec
+from .workers import portable_ref
 
 
 class WorkerDied(LosscmpError):
@@ -46,13 +46,6 @@ def worker_seed(seed: int, worker: int) -> int:
 
 def shares(examples: int, jobs: int) -> list[int]:
     return [examples // jobs + (1 if i < examples % jobs else 0) for i in range(jobs)]
-
-
-def _portable(ref: Ref) -> Ref:
-    """A file reference made absolute, so a worker finds it whatever its working folder."""
-    if ref.is_path and not Path(ref.target).is_absolute():
-        return replace(ref, target=str(Path(ref.target).resolve()))
-    return ref
 
 
 def _die_with(parent: int | None) -> None:
@@ -108,12 +101,12 @@ def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec:
     jobs = ex.jobs
     fork = torch_survives_fork() and not ex.devices
     if not fork:
-        unimportable = [i.label for i in impls if not i.ref.target or "<" in i.ref.source() or not loads_by_reference(i, _portable)]
+        unimportable = [i.label for i in impls if not i.ref.target or "<" in i.ref.source() or not loads_by_reference(i, portable_ref)]
         if unimportable:
             why = "--devices starts workers that load the implementations" if ex.devices else WHY_NOT_FORKED
             raise UsageError(f"--jobs needs implementations importable by reference here ({why}); "
                              f"{', '.join(unimportable)} cannot be")
-    refs = None if fork else tuple(_portable(i.ref) for i in impls)
+    refs = None if fork else tuple(portable_ref(i.ref) for i in impls)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plans = plan_shares(settings)
     context = multiprocessing.get_context("fork" if fork else "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
