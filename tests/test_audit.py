@@ -169,6 +169,42 @@ def test_local_constants_are_kept_out_of_exploration(tmp_path, monkeypatch):
     assert len(providers._get_local_constants().floats) >= 4
 
 
+def test_a_users_own_given_test_earlier_in_the_process_does_not_change_the_report(tmp_path, monkeypatch, capsys):
+    """Hypothesis caches the constants each draw may use, local ones included; a user's
+    ``@given`` test over our recipes, run before the audit in the same thread (as in a pytest
+    session), left entries with its module's literals that the exploration then drew from:
+    the seed's report changed (and ``--ray --jobs``, exploring in new threads, differed from
+    ``--jobs``)."""
+    import importlib
+
+    from hypothesis import HealthCheck, given, settings
+
+    from losscmp.generate import recipes
+
+    def report() -> dict:
+        out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
+        main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--spec", "binary", "--examples", "24",
+              "--jobs", "2", "--no-save", "--no-explain", "-q", "--json", str(out)])
+        capsys.readouterr()
+        data = json.loads(out.read_text())
+        data.pop("seconds")
+        return data
+
+    before = report()
+    module = "users_constants"  # a module Hypothesis has not seen yet: its literals join the pool
+    (tmp_path / f"{module}.py").write_text("LOGITS = [17.5, -23.25, 88.75, 1e-3, 3.0]\nSIZES = [2, 7, 33]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(module)
+
+    @settings(max_examples=200, database=None, suppress_health_check=list(HealthCheck))
+    @given(recipes(preset("binary")))
+    def users_own_test(recipe):
+        pass
+
+    users_own_test()
+    assert report() == before
+
+
 def test_an_implementation_calling_sys_exit_is_a_finding(tmp_path):
     f = tmp_path / "exits.py"
     f.write_text("import sys, torch.nn.functional as F\n"
