@@ -35,6 +35,7 @@ environment that provides them).
 from __future__ import annotations
 
 from dataclasses import replace
+import os
 import threading
 import time
 import weakref
@@ -88,6 +89,7 @@ class _Connection:
         self.idle: list[Any] = []  # actors no runner holds, ready for the next one
         self.started: dict[Any, Any] = {}  # every live actor of the run -> its warm-up (an ObjectRef)
         self.actor_class: Any = None
+        self.env_set_by_ray: dict[str, tuple[str | None, str]] = {}  # key -> (before ray.init, as ray.init left it)
 
     def join(self, runner: RayRunner) -> None:
         with self.lock:
@@ -98,6 +100,7 @@ class _Connection:
         ray = _ray()
         with self.lock:
             if not ray.is_initialized():
+                before = dict(os.environ)
                 try:
                     if address == "local":
                         ray.init(**LOCAL_INIT)
@@ -107,6 +110,8 @@ class _Connection:
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     what = "could not start a local Ray instance" if address == "local" else f"could not join the Ray cluster at {address}"
                     raise UsageError(f"--ray {address}: {what}: {first}") from None
+                finally:
+                    self.env_set_by_ray = {k: (before.get(k), v) for k, v in os.environ.items() if before.get(k) != v}
                 self.ours = True
         return ray
 
@@ -158,12 +163,43 @@ class _Connection:
                 _kill(ray, actor)
             if ours and ray.is_initialized():
                 ray.shutdown()
+            if ours:
+                self._restore_env()
+
+    def _restore_env(self) -> None:
+        """Undo what ``ray.init`` did to this process's environment, now that the connection
+        is over.  A local instance turns on Ray's token authentication for the *process*
+        (``RAY_AUTH_MODE=token``, read into Ray's cached config), and it outlived
+        ``ray.shutdown()``: a cluster joined next in the same process, without token auth,
+        cancelled every actor before its first call ("all references to the actor were
+        removed").  ``PYTHONBREAKPOINT`` pointing at Ray's debugger went on too."""
+        changed, self.env_set_by_ray = self.env_set_by_ray, {}
+        for key, (before, set_by_ray) in changed.items():
+            if os.environ.get(key) != set_by_ray:
+                continue  # changed again since (by the user): theirs
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+        if "RAY_AUTH_MODE" in changed:
+            _reload_ray_auth()
 
     def close(self, fast: bool = False) -> None:
         """SIGTERM: every runner stopped, every actor killed, the connection (and a local
         instance) ended with the last runner."""
         for runner in list(self.runners):
             runner.close(healthy=False)  # mid-call, perhaps: no later runner gets that actor
+
+
+def _reload_ray_auth() -> None:
+    """Have Ray read the authentication mode and token afresh (as ``ray.init`` does when it
+    turns token auth on).  Ray before token auth (< 2.5x) has neither cache, nor the setting."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config  # private: no public way to reload
+    except ImportError:
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _kill(ray: Any, actor: Any) -> None:
