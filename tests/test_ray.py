@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,37 @@ def test_a_cluster_joined_after_a_local_run_in_the_same_process_runs_the_check(c
     mis = f"{FIXTURES}/misbehaving.py"
     assert assert_losses_agree(f"{mis}:mse", f"{mis}:mse", spec="regression", examples=3, minimize=False, explain=False,
                                ray=cluster, timeout=30).agree
+
+
+def _catalogue():
+    """fixtures/misbehaving.py (loaded by path, as tests/test_soak.py does): MARK and marked()."""
+    spec = importlib.util.spec_from_file_location("losscmp_ray_misbehaving", FIXTURES / "misbehaving.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_hang_under_ray_local_is_a_timeout_finding_and_leaves_no_ray_process(tmp_path):
+    """``--ray local --timeout 2``: the hung call's actor is killed and restarted, the case is
+    a timeout finding, the run completes, and no process of its Ray instance (they all carry
+    the command's environment, marked) outlives it."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'losscmp[ray]'")
+    catalogue, mark = _catalogue(), uuid.uuid4().hex
+    mis, out = FIXTURES / "misbehaving.py", tmp_path / "hang.json"
+    proc = subprocess.run([sys.executable, "-m", "losscmp", f"{mis}:mse", f"{mis}:sleeps", "--spec", "regression", "--examples", "12",
+                           "--ray", "local", "--timeout", "2", "--no-minimize", "--no-explain", "--no-save", "-q", "--json", str(out)],
+                          env={**_env(), catalogue.MARK: mark}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["cases_run"] == 12 and sum(data["tally"].values()) == 12
+    assert data["tally"].get("timeout", 0) >= 1 and data["tally"].get("agree", 0) >= 1
+    (hang,) = data["divergences"]
+    assert hang["kind"] == "timeout" and hang["pair"] == ["mse", "sleeps"] and "did not return within 2 s" in hang["detail"]
+    deadline = time.monotonic() + 30
+    while (left := catalogue.marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
 
 
 def test_local_starts_and_ends_its_own_instance(cluster, capsys, tmp_path, monkeypatch):
