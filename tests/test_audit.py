@@ -125,8 +125,13 @@ def test_reference_mode_compares_against_the_reference_only():
 
 RECIPES_SCRIPT = """
 import hashlib, importlib, sys
-if sys.argv[1] == "preimport":
+if sys.argv[1] in ("preimport", "hypothesis_first"):
     import losscmp.minimize  # a local module full of float literals
+if sys.argv[1] == "hypothesis_first":  # another Hypothesis test ran first, with the literals in its pool
+    from hypothesis import given, seed, settings
+    from losscmp.generate import recipes
+    from losscmp.spec import preset as _preset
+    given(recipes(_preset("regression")))(settings(max_examples=300, database=None)(seed(1)(lambda recipe: None)))()
 audit_module = importlib.import_module("losscmp.audit")
 from losscmp.audit import Settings, audit
 from losscmp.load import load_implementation
@@ -141,16 +146,17 @@ print(hashlib.sha256(repr(seen).encode()).hexdigest())
 
 @pytest.mark.slow
 def test_same_seed_same_cases_whatever_else_the_process_imported():
-    """Hypothesis harvests float literals from local modules; our cases must not depend on them."""
+    """Hypothesis harvests float literals from local modules; our cases must not depend on them,
+    nor on a test that drew with them before (Hypothesis caches each pool of constants)."""
     import subprocess
     import sys
 
     digests = {
         mode: subprocess.run([sys.executable, "-c", RECIPES_SCRIPT, mode, f"{FIXTURES}/regression.py"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        for mode in ("plain", "preimport")
+        for mode in ("plain", "preimport", "hypothesis_first")
     }
-    assert digests["plain"] == digests["preimport"]
+    assert digests["plain"] == digests["preimport"] == digests["hypothesis_first"]
 
 
 def test_local_constants_are_kept_out_of_exploration(tmp_path, monkeypatch):
@@ -167,42 +173,6 @@ def test_local_constants_are_kept_out_of_exploration(tmp_path, monkeypatch):
     with _without_local_constants():
         assert not providers._get_local_constants().floats
     assert len(providers._get_local_constants().floats) >= 4
-
-
-def test_a_users_own_given_test_earlier_in_the_process_does_not_change_the_report(tmp_path, monkeypatch, capsys):
-    """Hypothesis caches the constants each draw may use, local ones included; a user's
-    ``@given`` test over our recipes, run before the audit in the same thread (as in a pytest
-    session), left entries with its module's literals that the exploration then drew from:
-    the seed's report changed (and ``--ray --jobs``, exploring in new threads, differed from
-    ``--jobs``)."""
-    import importlib
-
-    from hypothesis import HealthCheck, given, settings
-
-    from losscmp.generate import recipes
-
-    def report() -> dict:
-        out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
-        main([f"{FIXTURES}/bce.py:bce_on_sigmoid", f"{FIXTURES}/bce.py:bce_with_logits", "--spec", "binary", "--examples", "24",
-              "--jobs", "2", "--no-save", "--no-explain", "-q", "--json", str(out)])
-        capsys.readouterr()
-        data = json.loads(out.read_text())
-        data.pop("seconds")
-        return data
-
-    before = report()
-    module = "users_constants"  # a module Hypothesis has not seen yet: its literals join the pool
-    (tmp_path / f"{module}.py").write_text("LOGITS = [17.5, -23.25, 88.75, 1e-3, 3.0]\nSIZES = [2, 7, 33]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.import_module(module)
-
-    @settings(max_examples=200, database=None, suppress_health_check=list(HealthCheck))
-    @given(recipes(preset("binary")))
-    def users_own_test(recipe):
-        pass
-
-    users_own_test()
-    assert report() == before
 
 
 def test_an_implementation_calling_sys_exit_is_a_finding(tmp_path):

@@ -440,15 +440,6 @@ def _without_local_constants() -> Iterator[None]:
     that has no such hook there is nothing to do.  Counted, because explorations may run
     side by side in threads (``--ray`` with ``--jobs``): the first in patches the hook and
     the last out restores it, so no exploration runs with the pool restored under it.
-
-    The hook alone is not enough: Hypothesis caches, per constraint, the constants it
-    allows (``CONSTANTS_CACHE``, per thread in Hypothesis >= 6.13x), and an entry made
-    earlier in this thread with the real pool (a user's own ``@given`` test over
-    ``losscmp.generate.recipes``, earlier in the pytest session) was still used.  So
-    ``--jobs 2`` (workers forked from the main thread, inheriting its cache) and
-    ``--ray --jobs 2`` (shares in new threads, empty caches) drew different cases for
-    the same seed.  The cache this thread sees is emptied for the exploration and given
-    its entries back when the last exploration using it ends.
     """
     global _local_constants_users, _local_constants_original
     try:
@@ -461,42 +452,21 @@ def _without_local_constants() -> Iterator[None]:
         return
     with _LOCAL_CONSTANTS_LOCK:
         if _local_constants_users == 0:
-            _local_constants_original = providers._get_local_constants
+            _local_constants_original = providers._get_local_constants, providers.CONSTANTS_CACHE
             empty = Constants()
             providers._get_local_constants = lambda: empty
+            # Each pool of constants is cached per kind of draw, process-wide: a Hypothesis
+            # test that ran earlier (the user's own, in a pytest session) would otherwise
+            # have left its local literals in the very pool our draws take from.
+            providers.CONSTANTS_CACHE = type(providers.CONSTANTS_CACHE)(1024)
         _local_constants_users += 1
-        cache = _constants_cache(providers)
-        if cache is not None:
-            entries, users = _cache_kept.get(id(cache), (list(cache.items()), 0))
-            _cache_kept[id(cache)] = (entries, users + 1)
-            cache.clear()
     try:
         yield
     finally:
         with _LOCAL_CONSTANTS_LOCK:
             _local_constants_users -= 1
             if _local_constants_users == 0:
-                providers._get_local_constants = _local_constants_original
-            if cache is not None:
-                entries, users = _cache_kept.pop(id(cache))
-                if users > 1:
-                    _cache_kept[id(cache)] = (entries, users - 1)
-                else:
-                    cache.clear()
-                    cache.update(entries)
-
-
-# id of a constants cache (this thread's view of it) -> its entries before the first exploration
-# that emptied it, and how many explorations use it now (one per thread where the cache is per
-# thread; all of them where it is shared by the process).
-_cache_kept: dict[int, tuple[list, int]] = {}
-
-
-def _constants_cache(providers: Any) -> dict | None:
-    """The mapping behind Hypothesis' constants cache as this thread sees it (None where this
-    Hypothesis has none, or keeps it otherwise)."""
-    cache = getattr(getattr(providers, "CONSTANTS_CACHE", None), "cache", None)
-    return cache if isinstance(cache, dict) else None
+                providers._get_local_constants, providers.CONSTANTS_CACHE = _local_constants_original
 
 
 __all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]
