@@ -179,6 +179,26 @@ def test_a_joined_cluster_with_two_jobs_gives_the_jobs_report(cluster, capsys, t
     assert _eventually_all_cpus_free(cluster)
 
 
+def test_after_a_two_job_search_the_stages_keep_one_actor_and_free_the_other_cpu(cluster):
+    """The stages after a --jobs 2 search call one actor (the run's own runner's); the search's
+    second one used to stay up, idle, holding its CPU until the run ended."""
+    from losscmp.audit import Settings, audit
+    from losscmp.load import load_implementation
+    from losscmp.spec import preset
+
+    free_during_stages: list[float] = []
+
+    def look(divergences, ctx):
+        free_during_stages.append(_cpus_free(cluster))
+        return divergences
+
+    result = audit([load_implementation(r) for r in BCE], preset("binary"),
+                   Settings.of(examples=24, jobs=2, ray=cluster, save_dir=None, explain=False), stages=[look])
+    assert result.cases_run == 24 and result.divergences
+    assert free_during_stages == [1.0]
+    assert _eventually_all_cpus_free(cluster)
+
+
 def test_an_implementation_that_kills_its_actor_is_a_crash_finding_and_the_run_completes(cluster, capsys, tmp_path):
     out = tmp_path / "crash.json"
     code = main([*CRASHY, "--spec", "regression", "--examples", "12", "--ray", cluster, "--jobs", "2",

@@ -126,12 +126,16 @@ class _Connection:
         with self.lock:
             return self.idle.pop(0) if self.idle else self._start(ray, refs)
 
-    def give_back(self, ray: Any, actor: Any) -> None:
-        """An actor its runner is done with: kept for the next runner, unless another actor
-        of the run still waits for a CPU (then this one's goes to it)."""
+    def give_back(self, ray: Any, actor: Any, giver: RayRunner) -> None:
+        """An actor its runner is done with: kept for a live runner that has none yet (the
+        run's own, for the stages after a ``--jobs`` search), unless one is kept for it
+        already or another actor of the run still waits for a CPU (then this one's goes to
+        it).  Otherwise killed: after a search of N shares the stages call one actor, and N - 1
+        idle ones held their CPUs on the cluster until the run ended."""
         with self.lock:
             waiting = [w for a, w in self.started.items() if a is not actor]
-            if self.users > 1 and not (waiting and ray.wait(waiting, num_returns=len(waiting), timeout=0)[1]):
+            needed = sum(1 for r in self.runners if r is not giver and r.actor is None and not r.closed)
+            if len(self.idle) < needed and not (waiting and ray.wait(waiting, num_returns=len(waiting), timeout=0)[1]):
                 self.idle.append(actor)
                 return
             self.started.pop(actor, None)
@@ -361,7 +365,7 @@ class RayRunner:
         actor, self.actor = self.actor, None
         if actor is not None:
             if healthy:
-                _CONNECTION.give_back(_ray(), actor)
+                _CONNECTION.give_back(_ray(), actor, self)
             else:
                 _CONNECTION.forget(actor)
                 _kill(_ray(), actor)
