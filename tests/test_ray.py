@@ -276,6 +276,24 @@ def test_the_pytest_plugin_hands_its_checks_to_the_cluster(cluster, pytester):
     assert refused.stderr.lines[0].startswith("ERROR: --losscmp-isolate is not supported with --losscmp-ray (")
 
 
+def test_the_plugin_keeps_one_connection_and_its_actor_for_the_whole_session(cluster, pytester, tmp_path):
+    """--losscmp-ray ADDRESS: the session's checks are all served by one actor (each check
+    used to join the cluster and start a new actor: a new worker process importing torch,
+    seconds a check), each check's implementations loaded in it before its first call; the
+    actor goes when the session ends."""
+    pids = tmp_path / "pids"
+    check = (f'    losscmp.check(F.mse_loss, "{FIXTURES}/misbehaving.py:mse_slowly", spec="regression", examples=3)\n'
+             f'    with open({str(pids)!r}, "a") as f:\n        f.write(open({str(ANNOUNCE)!r}).read() + "\\n")\n')
+    other = f'    losscmp.check("{FIXTURES}/misbehaving.py:mse", "{FIXTURES}/bce.py:bce_with_logits", spec="binary", examples=3)\n'
+    pytester.makepyfile(test_session="import torch.nn.functional as F\n\n"
+                        + "".join(f"def test_{i}(losscmp):\n{body}\n" for i, body in enumerate([check, other, check, check])))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-ray", cluster)
+    result.assert_outcomes(passed=3, failed=1)  # mse against BCE diverges: run on the kept actor too
+    seen = pids.read_text().split()
+    assert len(seen) == 3 and len(set(seen)) == 1 and int(seen[0]) != os.getpid()
+    assert _eventually_all_cpus_free(cluster)
+
+
 def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):
     argv = [sys.executable, "-m", "losscmp", *BCE, "--spec", "binary", "--examples", "100000", "--ray", cluster,
             "--jobs", "2", "--no-save", "-q"]

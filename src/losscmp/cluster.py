@@ -90,6 +90,8 @@ class _Connection:
         self.started: dict[Any, Any] = {}  # every live actor of the run -> its warm-up (an ObjectRef)
         self.actor_class: Any = None
         self.env_set_by_ray: dict[str, tuple[str | None, str]] = {}  # key -> (before ray.init, as ray.init left it)
+        self.address: str | None = None  # what the connection made by a runner joined
+        self.held = 0  # hold() calls not yet released: the connection and idle actors outlive each run
 
     def join(self, runner: RayRunner) -> None:
         with self.lock:
@@ -98,6 +100,13 @@ class _Connection:
 
     def ensure(self, address: str) -> Any:
         ray = _ray()
+        with self.lock:
+            # A connection held for a pytest session, to another address than this run's.
+            stale = self.ours and self.address != address and ray.is_initialized()
+            if stale and self.users > 1:
+                raise UsageError(f"--ray {address}: this process is connected to the Ray cluster at {self.address} for another run")
+        if stale:
+            self._end()
         with self.lock:
             if not ray.is_initialized():
                 before = dict(os.environ)
@@ -112,7 +121,7 @@ class _Connection:
                     raise UsageError(f"--ray {address}: {what}: {first}") from None
                 finally:
                     self.env_set_by_ray = {k: (before.get(k), v) for k, v in os.environ.items() if before.get(k) != v}
-                self.ours = True
+                self.ours, self.address = True, address
         return ray
 
     def warm(self, ray: Any, actors: int, refs: tuple[Ref, ...]) -> None:
@@ -124,7 +133,12 @@ class _Connection:
 
     def take(self, ray: Any, refs: tuple[Ref, ...]) -> Any:
         with self.lock:
-            return self.idle.pop(0) if self.idle else self._start(ray, refs)
+            if not self.idle:
+                return self._start(ray, refs)
+            actor = self.idle.pop(0)
+            if self.held:  # kept from an earlier run, perhaps of other implementations: this run's loaded first
+                self.started[actor] = actor.preload.remote(refs)
+            return actor
 
     def give_back(self, ray: Any, actor: Any, giver: RayRunner) -> None:
         """An actor its runner is done with: kept for a live runner that has none yet (the
@@ -135,7 +149,7 @@ class _Connection:
         with self.lock:
             waiting = [w for a, w in self.started.items() if a is not actor]
             needed = sum(1 for r in self.runners if r is not giver and r.actor is None and not r.closed)
-            if len(self.idle) < needed and not (waiting and ray.wait(waiting, num_returns=len(waiting), timeout=0)[1]):
+            if (self.held or len(self.idle) < needed) and not (waiting and ray.wait(waiting, num_returns=len(waiting), timeout=0)[1]):
                 self.idle.append(actor)
                 return
             self.started.pop(actor, None)
@@ -157,10 +171,27 @@ class _Connection:
         with self.lock:
             self.runners.discard(runner)
             self.users -= 1
-            if self.users > 0:
+            if self.users > 0 or self.held:
                 return
+        self._end()
+
+    def hold(self) -> None:
+        with self.lock:
+            self.held += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.held -= 1
+            if self.held or self.users:
+                return
+        self._end()
+
+    def _end(self) -> None:
+        """Every actor of the connection killed; the connection (and a local instance) ended
+        if a runner made it."""
+        with self.lock:
             actors, self.idle, self.started = list(self.started), [], {}
-            ours, self.ours = self.ours, False
+            ours, self.ours, self.address = self.ours, False, None
         if actors or ours:
             ray = _ray()
             for actor in actors:
@@ -214,6 +245,23 @@ def _kill(ray: Any, actor: Any) -> None:
 
 
 _CONNECTION = _Connection()
+
+
+def hold_connection() -> None:
+    """Keep the Ray connection a run makes, and the actors it gives back, for the runs after
+    it in this process, until :func:`release_connection`.  The pytest plugin holds it for a
+    session: a check then pays neither a connection nor, above all, a new actor (a new Ray
+    worker process importing torch, seconds; the README has the numbers).  An actor kept
+    from an earlier check loads this check's implementations before its first call, as a new
+    one does; the implementations of earlier checks stay imported in it, as they do in the
+    pytest process itself without Ray.  Kept actors hold their CPUs until the release."""
+    _CONNECTION.hold()
+
+
+def release_connection() -> None:
+    """The end of :func:`hold_connection`: once no run is under way, every actor is killed
+    and the connection (and a local instance) ended."""
+    _CONNECTION.release()
 
 
 def stop_ray_runners() -> None:
@@ -383,4 +431,4 @@ def _death(e: BaseException) -> str:
     return ""
 
 
-__all__ = ["RayRunner", "stop_ray_runners"]
+__all__ = ["RayRunner", "hold_connection", "release_connection", "stop_ray_runners"]
