@@ -294,6 +294,28 @@ def test_the_plugin_keeps_one_connection_and_its_actor_for_the_whole_session(clu
     assert _eventually_all_cpus_free(cluster)
 
 
+def test_a_held_connection_gives_way_to_a_run_that_asks_for_another_address(cluster, capsys, tmp_path):
+    """Held for a session (as the plugin holds it), the connection to the cluster is ended
+    when a run asks for --ray local, which then runs on an instance of its own (its workers
+    do not announce themselves as the cluster's do), and is ended at the release."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'losscmp[ray]'")
+    from losscmp.cluster import hold_connection, release_connection
+
+    slow = ("--spec", "regression", *SLOW)
+    hold_connection()
+    try:
+        ANNOUNCE.unlink(missing_ok=True)
+        assert _report(capsys, tmp_path, "--ray", cluster, impls=slow, examples=2)[0] == 0
+        assert ANNOUNCE.exists() and ray.is_initialized()  # on the cluster, and still connected
+        ANNOUNCE.unlink()
+        assert _report(capsys, tmp_path, "--ray", "local", impls=slow, examples=2)[0] == 0
+        assert not ANNOUNCE.exists()
+    finally:
+        release_connection()
+    assert not ray.is_initialized()
+    assert _eventually_all_cpus_free(cluster)
+
+
 def test_sigterm_mid_run_leaves_no_actor_on_the_cluster(cluster, tmp_path):
     argv = [sys.executable, "-m", "losscmp", *BCE, "--spec", "binary", "--examples", "100000", "--ray", cluster,
             "--jobs", "2", "--no-save", "-q"]
