@@ -607,6 +607,20 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
 # --- alignment by data ---------------------------------------------------------------------
 
 
+def _negated(s: Summary) -> Summary:
+    """The summary of -t, from the summary of t."""
+    return replace(s, values=None if s.values is None else -s.values, sample=None if s.sample is None else -s.sample,
+                   total=-s.total, low=-s.high, high=-s.low, posinfs=s.neginfs, neginfs=s.posinfs)
+
+
+def _distinctive(s: Summary, tol: Tolerance) -> bool:
+    """A floating value specific enough that finding it negated on the other side is evidence
+    of the same quantity: not constant, and some element :data:`NEAR_ZERO_ATOLS` atol off
+    zero (fork_no_debias' gradients of ~1e-5 match their own negation under atol alone)."""
+    return (s.dtype.is_floating_point and not _indistinct(s, tol) and s.numel > 1
+            and max(abs(s.low), abs(s.high)) > NEAR_ZERO_ATOLS * _tolerance_for(s, tol).atol)
+
+
 def _indistinct(s: Summary, tol: Tolerance) -> bool:
     """A value that says little about which quantity it is: every element equal (zeros,
     ones, a 1/N fill), or every element within atol of zero (so within the tolerance of
@@ -714,6 +728,16 @@ class _Walk:
         if key not in self._cache:
             self._cache[key] = set()  # a cycle through constant values proves nothing
             hits = self.other.producers(s, self.tol)
+            if not hits and _distinctive(s, self.tol):
+                # The same quantity with the opposite sign: -log_prob against an NLL, carried
+                # negated until one side flips it (PoissonNLLLoss' exp(z) - t·z against the
+                # distribution's t·z - exp(z)).  Only for values well off zero and not constant:
+                # a tiny or uniform tensor is minus many things by coincidence.  And only in the
+                # same pass: a library Dice's gradient w.r.t. tp is, to the bit, minus a
+                # hand-written Dice's forward dice (2 / denominator both).
+                phase = self.own.records[producer].phase if producer is not None else Phase.FORWARD
+                hits = {h for h in self.other.producers(_negated(s), self.tol)
+                        if (self.other.records[h].phase if h is not None else Phase.FORWARD) is phase}
             if hits and producer is not None and _carries_gradient(self.own.records, producer):
                 hits = {h for h in hits if self._same_forward(producer, h)}
             if hits and _indistinct(s, self.tol):
@@ -785,6 +809,12 @@ class _Walk:
         if start is None:
             return None
         records = self.own.records
+        made = records[start].outputs[0] if records[start].outputs else None
+        if made is not None and self.shared(made, start):
+            # The differing result is itself a value the other side computes (and then goes
+            # on from): no op of this side computes anything new.  fork_no_debias' gradient
+            # w.r.t. y is the upstream's before it adds the debiasing term's.
+            return None
         found: list[int] = []
         todo, seen = [start], set()
         while todo:
@@ -940,8 +970,8 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
     dep_a, dep_b = refined
     how: dict[str, str] = {}
     causes = {}
-    for label, own, other, dep, other_dep, own_to_other, other_to_own in (
-            (le, a, b, dep_a, dep_b, to_b, to_a), (la, b, a, dep_b, dep_a, to_a, to_b)):
+    for label, own, other, dep, other_dep, own_to_other, other_to_own, start in (
+            (le, a, b, dep_a, dep_b, to_b, to_a, res_a.producer), (la, b, a, dep_b, dep_a, to_a, to_b, res_b.producer)):
         cause = dep
         lacking = (other_dep is not None and other[other_dep].phase is Phase.BACKWARD and other_dep not in other_to_own
                    and _same_forward_value(other, own, other_dep, other_to_own, tol))
@@ -954,6 +984,10 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
                 cause = via
                 how[label] = ("its result is a value the other side computes on the way" if dep is None
                               else "its gradient lacks ops the other side runs") + ", placed where the other side's extra path leaves the shared program"
+            elif dep is None and start is not None:
+                # No backward path to follow over: named at the op that returns the result.
+                cause = start
+                how[label] = "its result is a value the other side computes on the way, named at the op that returns it"
         causes[label] = cause
     cause_a, cause_b = causes[le], causes[la]
     if cause_a is None or cause_b is None:
@@ -989,24 +1023,27 @@ AMPLIFIES = "amplifies a difference its inputs carry within the tolerance"
 
 
 def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
-    """A departure whose output is one number (10 atol off zero, not a whole number) that the other
-    side computes too, within the tolerance: it was taken as new only because a lone number
-    says little about which quantity it is.  PoissonNLLLoss(full=True)'s t·z = 1.5 against
+    """A departure whose output is one number (a single element, or every element equal: 10 atol
+    off zero, not a whole number) that the other side computes too, within the tolerance: it was
+    taken as new only because a lone number says little about which quantity it is.  PoissonNLLLoss(full=True)'s t·z = 1.5 against
     the distribution's xlogy(t, exp z) = 1.4999999 is the same quantity, and naming that
     pair hid the true difference (Stirling's log t! against lgamma(t + 1)).  Returns what to
     say, or None when the departure's value is not found on the other side."""
     r = walk.own.records[index]
     s = r.outputs[0] if r.outputs else None
-    if s is None or s.numel != 1 or s.values is None or not s.dtype.is_floating_point:
+    if s is None or not s.numel or s.low != s.high or s.nans or s.posinfs or s.neginfs or not s.dtype.is_floating_point:
         return None
-    v = float(s.values.reshape(-1)[0])
+    if s.numel > 1 and r.phase is Phase.BACKWARD:
+        return None  # a mean's 1/N gradient fill: both sides make it alike, as a gradient of their own forward op
+    v = s.low
     if not math.isfinite(v) or abs(v) <= NEAR_ZERO_ATOLS * _tolerance_for(s, walk.tol).atol or v == round(v):
         return None  # 0, 1, 2: whole numbers recur by coincidence, and stay departures
     hits = sorted(h for h in walk.other.producers(s, walk.tol) if h is not None)
     if not hits:
         return None
     other = walk.other.records[hits[0]]
-    return (f"{walk.own.label}'s {r.op} = {v:.8g} equals a value the other side computes ({other.op} = "
+    every = " in every element" if s.numel > 1 else ""
+    return (f"{walk.own.label}'s {r.op} = {v:.8g}{every} equals a value the other side computes ({other.op} = "
             f"{_text(other.outputs[0] if other.outputs else None)})")
 
 
