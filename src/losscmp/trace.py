@@ -63,6 +63,7 @@ import linecache
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Sequence
@@ -78,6 +79,7 @@ from .explain.float64 import float64_case, in_float64
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
+from .model import Status
 from .run import Outcome, call
 from .spec import Spec
 
@@ -254,6 +256,7 @@ class Recording:
     records: tuple[OpRecord, ...]
     outcome: Outcome
     results: tuple[Result, ...] = ()
+    out_of_time: bool = False  # stopped at its deadline: the records are a prefix of the call's
 
 
 def _sequence_nr(node: Any) -> int | None:
@@ -343,9 +346,11 @@ def _user_site(frame: Any, phase: Phase, own: str | None = None) -> Site | None:
 class _Recorder(TorchDispatchMode):
     """Records every aten op of one forward + backward."""
 
-    def __init__(self, own: str | None = None) -> None:
+    def __init__(self, own: str | None = None, deadline: float | None = None) -> None:
         super().__init__()
         self.own = own
+        self.deadline = deadline  # a time.perf_counter() value: past it, every op raises OutOfTime
+        self.out_of_time = False
         self.records: list[OpRecord] = []
         self.phase = Phase.FORWARD
         # tensor -> (version, producing record, summary); weak, so a dead tensor's id is never misread
@@ -395,6 +400,11 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.deadline is not None and (self.out_of_time or time.perf_counter() > self.deadline):
+            # Every op from here on raises, so an implementation that catches the first
+            # (a fallback path) cannot run on unrecorded past the budget.
+            self.out_of_time = True
+            raise OutOfTime("the explanation's time budget ran out while recording")
         if self.phase is Phase.FORWARD:
             self._resolve_pending()
         # Inputs are summarised before the call: an in-place op changes them.
@@ -455,9 +465,18 @@ def _scalar_text(x: Any) -> str:
     return f"{x:.17g}" if isinstance(x, float) else str(x)
 
 
-def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
-    """Run ``impl`` on ``case`` as :func:`run.call` does, recording every aten op."""
-    recorder = _Recorder(own_root(impl))
+class OutOfTime(BaseException):
+    """Raised inside a recorded call once its deadline has passed.  A BaseException, so that
+    an implementation's own ``except Exception`` does not swallow it (run.call records it as
+    the call's failure, and :func:`record` says why)."""
+
+
+def record(impl: Implementation, spec: Spec, case: Case, deadline: float | None = None) -> Recording:
+    """Run ``impl`` on ``case`` as :func:`run.call` does, recording every aten op.
+
+    ``deadline`` (a ``time.perf_counter()`` value): past it the call is stopped at its next
+    op, and the recording says so (``out_of_time``)."""
+    recorder = _Recorder(own_root(impl), deadline)
     with contextlib.ExitStack() as active:
 
         def traced(*args: Any, **kwargs: Any) -> Any:
@@ -468,12 +487,15 @@ def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
                 recorder.forward_done()
 
         with breadcrumbs.watched(impl.label, spec, case):  # a hang or crash here is named like any in-process call
-            outcome = call(traced, spec, case)
+            try:
+                outcome = call(traced, spec, case)
+            except OutOfTime as e:  # raised again by run.call's own checks after the call, while still recording
+                outcome = Outcome(Status.EXCEPTION, error=str(e))
     returned = [("value", Phase.FORWARD, outcome.value)]
     returned += [(f"gradient w.r.t. {k}", Phase.BACKWARD, g) for k, g in outcome.grads.items()]
     results = tuple(Result(what, phase, summarise(t) if t is not None else None, recorder.producer(t) if t is not None else None)
                     for what, phase, t in returned)
-    return Recording(impl.label, tuple(recorder.records), outcome, results if not outcome.failed else ())
+    return Recording(impl.label, tuple(recorder.records), outcome, results if not outcome.failed else (), recorder.out_of_time)
 
 
 # --- alignment and localisation -----------------------------------------------------------
@@ -894,7 +916,8 @@ def _side_under_test(lines: dict[str, SourceLine], expected: str, actual: str) -
     return mine[0] if mine else actual
 
 
-def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working: str | None = None) -> Localisation:
+def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working: str | None = None,
+             deadline: float | None = None) -> Localisation:
     """Where two recordings part ways, by data.
 
     ``working``: set when the two recordings are one program run at two precisions (the
@@ -930,6 +953,9 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
     if first is None:
         return Localisation(None, f"not localised: the results differ but no returned tensor shows it; {coverage}", cov)
     res_a, res_b, why = first
+    if deadline is not None and time.perf_counter() > deadline:
+        return Localisation(None, f"not localised: the explanation's time budget ran out after recording and aligning both "
+                            f"sides, before following the values; {coverage}", cov)
     to_b, to_a = alignment.expected_to_actual, alignment.actual_to_expected
     walk_a = _Walk(expected, _Values(actual), to_b, tol)
     walk_b = _Walk(actual, _Values(expected), to_a, tol)
@@ -1023,27 +1049,24 @@ AMPLIFIES = "amplifies a difference its inputs carry within the tolerance"
 
 
 def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
-    """A departure whose output is one number (a single element, or every element equal: 10 atol
-    off zero, not a whole number) that the other side computes too, within the tolerance: it was
-    taken as new only because a lone number says little about which quantity it is.  PoissonNLLLoss(full=True)'s t·z = 1.5 against
+    """A departure whose output is one number (10 atol off zero, not a whole number) that the other
+    side computes too, within the tolerance: it was taken as new only because a lone number
+    says little about which quantity it is.  PoissonNLLLoss(full=True)'s t·z = 1.5 against
     the distribution's xlogy(t, exp z) = 1.4999999 is the same quantity, and naming that
     pair hid the true difference (Stirling's log t! against lgamma(t + 1)).  Returns what to
     say, or None when the departure's value is not found on the other side."""
     r = walk.own.records[index]
     s = r.outputs[0] if r.outputs else None
-    if s is None or not s.numel or s.low != s.high or s.nans or s.posinfs or s.neginfs or not s.dtype.is_floating_point:
+    if s is None or s.numel != 1 or s.values is None or not s.dtype.is_floating_point:
         return None
-    if s.numel > 1 and r.phase is Phase.BACKWARD:
-        return None  # a mean's 1/N gradient fill: both sides make it alike, as a gradient of their own forward op
-    v = s.low
+    v = float(s.values.reshape(-1)[0])
     if not math.isfinite(v) or abs(v) <= NEAR_ZERO_ATOLS * _tolerance_for(s, walk.tol).atol or v == round(v):
         return None  # 0, 1, 2: whole numbers recur by coincidence, and stay departures
     hits = sorted(h for h in walk.other.producers(s, walk.tol) if h is not None)
     if not hits:
         return None
     other = walk.other.records[hits[0]]
-    every = " in every element" if s.numel > 1 else ""
-    return (f"{walk.own.label}'s {r.op} = {v:.8g}{every} equals a value the other side computes ({other.op} = "
+    return (f"{walk.own.label}'s {r.op} = {v:.8g} equals a value the other side computes ({other.op} = "
             f"{_text(other.outputs[0] if other.outputs else None)})")
 
 
@@ -1097,7 +1120,7 @@ def _text(s: Summary | None) -> str:
 
 
 def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance,
-           *, unstable: str | None = None) -> Localisation:
+           *, unstable: str | None = None, deadline: float | None = None) -> Localisation:
     """Record both sides on ``case`` and localise their first divergence.
 
     ``unstable``: the label of the side a numerical finding blames (the float64 oracle's
@@ -1108,11 +1131,24 @@ def locate(expected: Implementation, actual: Implementation, spec: Spec, case: C
     if unstable is not None:
         if unstable not in (expected.label, actual.label):
             raise ValueError(f"unstable side {unstable!r} is neither {expected.label!r} nor {actual.label!r}")
-        return locate_unstable(expected if unstable == expected.label else actual, spec, case, tol)
-    return localise(record(expected, spec, case), record(actual, spec, case), tol)
+        return locate_unstable(expected if unstable == expected.label else actual, spec, case, tol, deadline=deadline)
+    start = time.perf_counter()
+    recordings = []
+    for impl in (expected, actual):
+        rec = record(impl, spec, case, deadline)
+        if rec.out_of_time:
+            return _out_of_time(rec.label, start, deadline)
+        recordings.append(rec)
+    return localise(recordings[0], recordings[1], tol, deadline=deadline)
 
 
-def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
+def _out_of_time(label: str, start: float, deadline: float | None) -> Localisation:
+    spent = time.perf_counter() - start
+    return Localisation(None, f"not localised: the explanation's time budget ran out while recording {label} (the trace had "
+                        f"{(deadline or start) - start:.3g} s of it, stopped after {spent:.3g} s)", 0.0)
+
+
+def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance, *, deadline: float | None = None) -> Localisation:
     """The first op of ``impl`` whose output in the working dtype departs from its own
     float64 output while its inputs agree: where the precision is lost."""
     label = impl.label
@@ -1122,9 +1158,14 @@ def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance
     # The two recordings are runs of one program: named as runs, so the note reads "the
     # float32 run departs at ..." rather than "bce_on_sigmoid in float32's op".
     wide_label, work_label = "the float64 run", f"the {_dtype_word(case)} run"
-    wide = replace(record(impl64, spec, float64_case(case)), label=wide_label)
-    work = replace(record(impl, spec, case), label=work_label)
-    found = localise(wide, work, tol, working=work_label)
+    start = time.perf_counter()
+    wide = replace(record(impl64, spec, float64_case(case), deadline), label=wide_label)
+    if wide.out_of_time:
+        return _out_of_time(f"{label}'s float64 run", start, deadline)
+    work = replace(record(impl, spec, case, deadline), label=work_label)
+    if work.out_of_time:
+        return _out_of_time(f"{label}'s {_dtype_word(case)} run", start, deadline)
+    found = localise(wide, work, tol, working=work_label, deadline=deadline)
     head = f"numerical: located on {label}, the unstable side, by its own {_dtype_word(case)} vs float64 run"
     if not found.differs:
         return Localisation(None, f"{head}: not localised, {label} agrees with its own float64 run on this case; {found.note}",
