@@ -9,7 +9,10 @@ from losscmp.cli import main
 from losscmp.compare import Tolerance
 from losscmp.explain import Budget, explain
 from losscmp.generate import Case
-from losscmp.load import Implementation, parse_ref
+from losscmp.explain import self_consistency
+from losscmp.load import Implementation, load_implementation, parse_ref
+from losscmp.repro import load_repro
+from losscmp.run import call
 from losscmp.spec import parse_spec
 from losscmp.trace import locate
 
@@ -63,3 +66,40 @@ def test_the_time_budget_bounds_the_trace_too():
     assert "trace" in ex.costs  # it started within the budget, and was stopped by it
     assert ex.location is not None and ex.location.location is None
     assert "time budget ran out while recording" in ex.location.note
+
+
+def test_a_minimal_example_leaves_denormals_for_normal_floats_with_the_same_mechanism(tmp_path, capsys):
+    # PoissonNLLLoss(log_input=False, full=True) vs -Poisson(rate).log_prob, seed 1: the gradient
+    # of -xlogy(t, rate) is -t / rate, which overflows float32 where rate < t / FLT_MAX, while
+    # PoissonNLLLoss' -t / (rate + 1e-8) stays finite.  The search drew a planted rate of 1e-45
+    # with t = 1, and the example shown stayed there: with t = 1 only a denormal rate
+    # overflows.  Lifted to a normal rate, the counts are scaled up with it (t = 100 overflows
+    # at rate 2e-38); the scale bisection no longer reads the gate's refusal of denormal
+    # candidates as "agree" (it printed "agree at 1.17e-38" where the sides still differ).
+    out = tmp_path / "r.json"
+    code = main([f"{TRUTH}:poisson_nll_full", f"{TRUTH}:poisson_rate_log_prob", "--spec", POISSON_FULL_SPEC, "--seed", "1",
+                 "--save-dir", str(tmp_path / "saved"), "--json", str(out)])
+    capsys.readouterr()
+    assert code == 1
+    nonfinite = next(d for d in json.loads(out.read_text())["divergences"] if d["kind"] == "nonfinite")
+    saved = load_repro(nonfinite["repro"])
+    case = saved.case
+    for name, t in case.tensors.items():
+        nonzero = t[t != 0].abs()
+        assert not nonzero.numel() or float(nonzero.min()) >= torch.finfo(t.dtype).tiny, (name, t)
+    # The same mechanism: only the distribution's gradient is non-finite, PoissonNLLLoss' is finite.
+    nll, dist = (call(load_implementation(f"{TRUTH}:{n}").fn, saved.spec, case) for n in ("poisson_nll_full", "poisson_rate_log_prob"))
+    assert bool(torch.isfinite(nll.grads["input"]).all()) and not bool(torch.isfinite(dist.grads["input"]).all())
+    threshold = nonfinite["threshold"]
+    assert threshold is None or threshold["agree_at"] > threshold["diverge_at"], threshold  # it diverges below, never above
+
+
+def test_self_consistency_at_a_domain_edge_settles_the_one_sided_slope_before_a_verdict():
+    # PoissonNLLLoss(full) at rate = 2e-38, t = 100: its value rate - t·log(rate + 1e-8) curves on
+    # a scale of 1e-8, and the one-sided difference at a floor step of 1e-3 of the case's RMS
+    # (0.07, set by t) was 60% off autograd's exact -1e10: "its gradient is not the derivative
+    # of its own value", untrue.  Finer steps settle the slope, and it agrees.
+    spec = parse_spec(POISSON_FULL_SPEC)
+    case = Case({"input": torch.tensor([2e-38]), "target": torch.tensor([100.0])}, {"B": 1})
+    sc = self_consistency(load_implementation(f"{TRUTH}:poisson_nll_full"), spec, case)
+    assert sc.consistent is True, (sc.max_error, sc.note)
