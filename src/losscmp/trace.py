@@ -25,7 +25,9 @@ the first operation whose result differs, or ``None`` with the reason.
    computed (no output of the other side agrees within the tolerance) to the earliest
    op that makes such a value out of values the other side computed too: the op that
    computes a different quantity on agreeing inputs (:class:`_Walk`).  Ops that only sit
-   in the same position are never paired.  Values that say little (constant fills, all
+   in the same position are never paired.  A value the other side computes negated, in
+   the same pass, is the same quantity (an NLL against ``-log_prob``), when it is
+   distinctive enough (not constant, well off zero) to say so.  Values that say little (constant fills, all
    within atol of zero) count as the same quantity only through views of the same
    outside tensor or the same op on the same inputs; a gradient only as the gradient of
    the counterpart forward value.  A forward departure comes before a backward one.  If that op's inputs agree only within the
@@ -52,6 +54,8 @@ program, where this aligns two different programs.
 
 Tracing runs both sides in this process (a dispatch mode cannot reach a worker), and
 records every op with summaries: it is meant for small cases, never for the search.
+``deadline`` (the explanation's budget) stops a recording at its next op and the
+location says so: recording is many times slower than the call itself.
 """
 from __future__ import annotations
 
