@@ -425,3 +425,34 @@ def test_a_worker_replaced_by_another_implementation_of_its_label_is_asked_to_st
         proc.close = lambda: (ended.append(proc.exitcode), close())
         assert runner(second, spec, case).status == "ok"  # same label, another implementation: a new worker
         assert ended == [0]
+
+
+@pytest.mark.slow  # two runs that meet a segfault some 20 times each
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_run_keeps_only_the_crashed_cases_its_report_names(tmp_path, jobs):
+    """Each crash is kept as it happens; once the run is done, the ones no finding shows go."""
+    import json
+
+    from losscmp.cli import main
+
+    mis = Path(__file__).resolve().parent.parent / "fixtures" / "misbehaving.py"
+    save, report = tmp_path / "saved", tmp_path / "report.json"
+    argv = [f"{mis}:mse", f"{mis}:segfaults", "--isolate", "--jobs", str(jobs), "--spec", "regression", "--examples", "30",
+            "--save-dir", str(save), "--json", str(report), "--no-explain"]
+    assert main([*argv, "--seed", "1"]) == 1
+    # Another run's crash repro (a copy under a name of its own): replayed, never removed.
+    other = next(save.glob("segfaults--mse--crash--*.json"))
+    data = json.loads(other.read_text())
+    assert data["run"]
+    (save / "mse--segfaults--crash--0123456789.json").write_text(json.dumps({**data, "run": "another run"}))
+    (save / "mse--segfaults--crash--0123456789.npz").write_bytes(other.with_suffix(".npz").read_bytes())
+    for p in save.iterdir():
+        if "0123456789" not in p.name:
+            p.unlink()
+    code = main(argv)
+    text = report.read_text()
+    (d,) = json.loads(text)["divergences"]
+    assert code == 1 and d["kind"] == "crash" and d["cases"] > 3, d
+    named = set(re.findall(r"[\w.-]+--crash--[0-9a-f]+\.json", text))  # the other run's too: it was replayed first
+    assert {p.name for p in save.glob("*.json")} == named and "mse--segfaults--crash--0123456789.json" in named, named
+    assert all((save / n).with_suffix(".npz").exists() for n in named)

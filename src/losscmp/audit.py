@@ -18,13 +18,16 @@ of findings; a new stage is one module and one list entry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from hypothesis import HealthCheck, Phase, Verbosity, given
 from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as hypothesis_settings
@@ -42,6 +45,7 @@ from .run import finite, user_interrupts, watching_interrupts
 from .settings import Settings
 from .spec import Spec
 from .stages import StageContext, default_stages
+from .workers import remove_unnamed_repros
 
 # How far beyond its own run-to-run noise a nondeterministic implementation must
 # disagree with another before the pair is blamed.
@@ -354,7 +358,7 @@ def audit(
             if on_progress:
                 on_progress(result(RunPhase.EXPLORE))
             if settings.execution.jobs > 1:
-                exploration = explore_in_workers(explore, impls, spec, settings, on_case)
+                exploration = explore_in_workers(explore, impls, spec, settings, on_case, ev.record)
             else:
                 explore(ev, progress if on_case or on_progress else None, exploration)
             divergences = exploration.divergences()
@@ -368,7 +372,12 @@ def audit(
                 except Exception as e:  # the findings stand without what this stage would have added
                     name = getattr(stage, "name", type(stage).__name__)
                     stage_errors.append(f"{name} stage failed ({type(e).__name__}: {' '.join(str(e).split())}); findings reported without it")
-        return result(RunPhase.DONE)
+        done = result(RunPhase.DONE)
+        try:
+            remove_unnamed_repros(ev.record, _all_text(done))
+        except OSError:  # a tidy-up: never worth the result
+            pass
+        return done
     except (KeyboardInterrupt, breadcrumbs.Terminated) as e:
         # Only the user's Ctrl-C gets here: an implementation's own KeyboardInterrupt is its finding (run.call).
         if not keep_on_interrupt:
@@ -422,6 +431,31 @@ def explore(ev: Evaluator, on_case: Callable[[int, float], None] | None = None, 
         with _without_local_constants():
             search_cases()
     return exploration
+
+
+def _all_text(result: AuditResult) -> str:
+    """Every string the result holds (verdicts, outcomes, minimiser steps, explanations,
+    reasons for not comparing), joined: a file it names is one the run's report shows."""
+    texts: list[str] = []
+    seen: set[int] = set()
+    stack: list[Any] = [result]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, (str, Path)):
+            texts.append(str(o))
+        elif isinstance(o, (torch.Tensor, int, float, type(None))) or id(o) in seen:
+            continue
+        elif dataclasses.is_dataclass(o):
+            seen.add(id(o))
+            stack.extend(getattr(o, f.name) for f in dataclasses.fields(o))
+        elif isinstance(o, dict):
+            seen.add(id(o))
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            seen.add(id(o))
+            stack.extend(o)
+    return "\n".join(texts)
 
 
 _LOCAL_CONSTANTS_LOCK = threading.Lock()

@@ -16,6 +16,7 @@ knows or cares which one ran.
 from __future__ import annotations
 
 import itertools
+import uuid
 from pathlib import Path
 from dataclasses import replace
 from typing import Callable, Protocol, Sequence
@@ -86,7 +87,7 @@ def run_record(settings: Settings, impls: Sequence[Implementation] = (), replayi
     tol = settings.tolerance
     pairs = tuple(pairs_for([i.label for i in impls], settings.reference)) if impls else ()
     return RunRecord(tuple(i.ref for i in impls), settings.reference, (tol.rtol, tol.atol), settings.search.seed,
-                     settings.outputs.save_dir, replaying, pairs)
+                     settings.outputs.save_dir, replaying, pairs, uuid.uuid4().hex[:12])
 
 
 def make_runner(settings: Settings, impls: Sequence[Implementation] = (), replaying: Path | None = None) -> Runner:

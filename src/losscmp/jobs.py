@@ -29,6 +29,7 @@ from .engine import Evaluator
 from .errors import LosscmpError, UsageError
 from .forking import WHY_NOT_FORKED, check_socket_folder, forget_inherited_fork_server, loads_by_reference, torch_survives_fork
 from .load import Implementation, Ref, load_implementation
+from .model import RunRecord
 from .settings import RunnerKind, Settings
 from .spec import Spec
 from .workers import portable_ref
@@ -73,15 +74,18 @@ def _die_with(parent: int | None) -> None:
 _INHERITED: dict[str, Sequence[Implementation]] = {}  # what forked workers find already loaded
 
 
-def _explore_share(explore: Callable, refs: tuple[Ref, ...] | None, spec: Spec, settings: Settings, threads: int):
+def _explore_share(explore: Callable, refs: tuple[Ref, ...] | None, spec: Spec, settings: Settings, threads: int,
+                   record: RunRecord | None = None):
     torch.set_num_threads(threads)  # N workers share the cores instead of fighting over them
     impls = _INHERITED["impls"] if refs is None else [load_implementation(r) for r in refs]
-    return explore_share_here(explore, impls, spec, settings)
+    return explore_share_here(explore, impls, spec, settings, record)
 
 
-def explore_share_here(explore: Callable, impls: Sequence[Implementation], spec: Spec, settings: Settings):
-    """One share's exploration in this process, with the runner its settings ask for."""
-    ev = Evaluator(impls, spec, settings)
+def explore_share_here(explore: Callable, impls: Sequence[Implementation], spec: Spec, settings: Settings,
+                       record: RunRecord | None = None):
+    """One share's exploration in this process, with the runner its settings ask for.
+    ``record``: the whole run's (its kept repros are the run's own), else the share's."""
+    ev = Evaluator(impls, spec, settings, record=record)
     try:
         exploration = explore(ev)
         exploration.evaluations = ev.evaluations
@@ -92,12 +96,12 @@ def explore_share_here(explore: Callable, impls: Sequence[Implementation], spec:
 
 
 def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec: Spec, settings: Settings,
-                       on_case: Callable[[int, float], None] | None = None):
+                       on_case: Callable[[int, float], None] | None = None, record: RunRecord | None = None):
     """``explore`` (:func:`losscmp.audit.explore`, passed in: the audit stands above this
     module) runs in each worker on its share of the examples; the explorations are merged."""
     ex = settings.execution
     if ex.runner is RunnerKind.RAY:
-        return _merged(_explore_on_ray(explore, impls, spec, plan_shares(settings)), on_case)
+        return _merged(_explore_on_ray(explore, impls, spec, plan_shares(settings), record), on_case)
     jobs = ex.jobs
     fork = torch_survives_fork() and not ex.devices
     if not fork:
@@ -115,7 +119,7 @@ def explore_in_workers(explore: Callable, impls: Sequence[Implementation], spec:
     _INHERITED["impls"] = impls
     try:
         with ProcessPoolExecutor(max_workers=len(plans), mp_context=context, initializer=_die_with, initargs=(os.getpid() if fork else None,)) as pool:
-            futures = [pool.submit(_explore_share, explore, refs, spec, plan, threads) for plan in plans]
+            futures = [pool.submit(_explore_share, explore, refs, spec, plan, threads, record) for plan in plans]
             explorations = [f.result() for f in futures]
     except BrokenProcessPool:
         # Without --isolate an implementation that segfaults, aborts or calls os._exit takes
@@ -144,13 +148,14 @@ def plan_shares(settings: Settings) -> list[Settings]:
     return plans
 
 
-def _explore_on_ray(explore: Callable, impls: Sequence[Implementation], spec: Spec, plans: list[Settings]) -> list:
+def _explore_on_ray(explore: Callable, impls: Sequence[Implementation], spec: Spec, plans: list[Settings],
+                    record: RunRecord | None = None) -> list:
     """``--ray`` with ``--jobs N``: the N shares explored side by side in threads of this
     process, each calling the implementations through its own actor (``cluster.RayRunner``).
     The threads mostly wait for their actors; the plans and the merge are ``--jobs``' own, so
     the report is the one ``--jobs N`` gives for the same seed."""
     with ThreadPoolExecutor(max_workers=len(plans), thread_name_prefix="losscmp-ray") as pool:
-        futures = [pool.submit(explore_share_here, explore, impls, spec, plan) for plan in plans]
+        futures = [pool.submit(explore_share_here, explore, impls, spec, plan, record) for plan in plans]
         try:
             return [f.result() for f in futures]
         except BaseException:  # Ctrl-C, or one share failed: the others stop at their next call

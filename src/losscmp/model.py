@@ -353,6 +353,7 @@ class RunRecord:
     keep_dir: Path | None = None  # where kept repros go; None: the runner's temporary folder
     replaying: Path | None = None  # a replay's own repro: it already is the input, nothing to keep
     pairs: tuple[Pair, ...] = ()  # the pairs the run compares (engine.run_record computes them, once)
+    run_id: str = ""  # this run's, written into each kept repro: the run removes those no finding names
 
     def partner(self, label: str) -> str:
         """Who ``label`` is compared with: the reference, else the first other implementation."""

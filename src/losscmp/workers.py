@@ -22,6 +22,7 @@ Out: the worker's reply, or the crash / timeout outcome.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -182,7 +183,7 @@ class CaseKeeper:
             tolerance=self.record.tolerance,
             seed=self.record.seed,
             device=str(next(iter(case.tensors.values())).device),
-            extra={"isolate": True, "timeout": timeout, "error": error},
+            extra={"isolate": True, "timeout": timeout, "error": error, **({"run": self.record.run_id} if self.record.run_id else {})},
             durable=durable,
         )
 
@@ -199,6 +200,33 @@ class CaseKeeper:
                 self.dir.rmdir()  # only if empty: kept inputs stay
             except OSError:
                 pass
+
+
+def remove_unnamed_repros(record: RunRecord, named: str) -> int:
+    """Delete the crash and timeout repros this run kept in its save folder that nothing of
+    its findings names (``named``: all their text); returns how many.
+
+    Each case that kills or hangs a worker is kept the moment it happens (losscmp itself may
+    be next), so a search that meets a crashing implementation 20 times kept 20 cases, and
+    its minimiser more.  Once the run has finished, the cases its findings show (worst,
+    mildest, minimal, each named by path) say everything the others did.  Only files that
+    carry this run's id are touched: another run's, or a file a user copied there, stay.
+    """
+    if record.keep_dir is None or not record.run_id or not record.keep_dir.is_dir():
+        return 0
+    removed = 0
+    for path in record.keep_dir.glob("*.json"):
+        if path.name in named or not ("--crash--" in path.name or "--timeout--" in path.name):
+            continue
+        try:
+            if json.loads(path.read_text()).get("run") != record.run_id:
+                continue
+            path.with_suffix(".npz").unlink(missing_ok=True)
+            path.unlink()
+            removed += 1
+        except (OSError, ValueError, AttributeError):  # unreadable, half-written, not ours: left alone
+            continue
+    return removed
 
 
 def _forget(files: set[Path], path: Path, owner: int | None = None) -> None:
