@@ -184,6 +184,12 @@ CASES = [
      T("semantic", consistent={"gaussian_nll": False, "normal_nll": True})),
     ("PoissonNLLLoss at z = 89", X + "poisson_nll", X + "poisson_log_prob", "input: B real grad; target: B binary; B=1..8",
      lambda: {"input": torch.tensor([89.0]), "target": torch.tensor([1.0])}, T("numerical", unstable="poisson_log_prob")),
+    # PoissonNLLLoss(full)'s minimal non-finite example off denormals: t / rate overflows float32 on
+    # the distribution's side only.  Both gradients are their values' derivatives (the NLL's
+    # log(rate + 1e-8) curves on a scale of 1e-8, far below a step set by t = 100).
+    ("PoissonNLLLoss(full) at rate 2e-38", X + "poisson_rate_log_prob", X + "poisson_nll_full",
+     "input: B positive grad; target: B counts; B=1..8", lambda: {"input": torch.tensor([2e-38]), "target": torch.tensor([100.0])},
+     T("semantic", consistent={"poisson_nll_full": True, "poisson_rate_log_prob": True})),
 ]
 
 

@@ -374,7 +374,7 @@ def test_location_from_a_trace_is_carried_into_sentence_json_and_signature():
             return {"location": self.location, "location_note": self.note}
 
     huber, smooth = impl("regression.py:huber"), impl("regression.py:smooth_l1")
-    ex = explain(huber, smooth, REGRESSION, SMALL, "value", F32, impact_steps=0, locate=lambda *a: Localisation())
+    ex = explain(huber, smooth, REGRESSION, SMALL, "value", F32, impact_steps=0, locate=lambda *a, **k: Localisation())
     assert "first differing op at fork/utils.py:94" in ex.sentence()
     assert ex.to_json()["location"]["smooth_l1"]["line"] == 94
     assert ("smooth_l1", "fork/utils.py", 94) in ex.signature()[2]

@@ -292,9 +292,26 @@ def subnormals(case: Case) -> int:
 
 # Where a denormal the case was drawn with goes: the float format's smallest normal (or
 # a larger normal magnitude), the whole case scaled up where the lift alone makes it
-# agree (1 / var at var = 1e-45 overflows; at 1.2e-38 it takes |x - t| above 3 as well).
+# agree (1 / var at var = 1e-45 overflows; at 1.2e-38 it takes |x - t| above 3 as well),
+# or the other arguments alone (t / rate at rate = 1e-45, t = 1 overflows; at 1.2e-38 it
+# takes t >= 5: the counts scale, the rate must not).
 LIFTS = (1.0, 1e16)
 LIFT_SCALES = (1.0, 1e2, 1e4, 1e8)
+
+
+def others_scaled(spec: Spec, case: Case, name: str, factor: float) -> Case:
+    """Every floating argument but ``name`` multiplied by ``factor``, where its domain still
+    holds the result (real, positive, counts; not 0/1 masks or probabilities)."""
+    tensors = dict(case.tensors)
+    for a in spec.args:
+        t = case.tensors[a.name]
+        if a.name == name or not t.is_floating_point():
+            continue
+        moved = t * factor
+        classes = case.sizes.get(a.classes) if a.classes else None
+        if bool(torch.isfinite(moved).all()) and DOMAINS[a.domain].legal(moved, classes):
+            tensors[a.name] = _relayout(moved, case)
+    return replace(case, tensors=tensors)
 
 
 def lift_denormals(s: Shrinker) -> bool:
@@ -313,10 +330,15 @@ def lift_denormals(s: Shrinker) -> bool:
         low = (t != 0) & (t.abs() < tiny)
         if not bool(low.any()):
             continue
-        for k, factor in ((k, f) for k in LIFT_SCALES for f in LIFTS):
+        tries = [(k, f, whole) for k in LIFT_SCALES for f in LIFTS for whole in ((True, False) if k != 1 else (True,))]
+        for k, factor, whole in tries:
             lifted = replace(s.case, tensors={**s.case.tensors, name: torch.where(low, torch.sign(t) * tiny * factor, t).to(t.dtype)})
-            if s.consider(lifted if k == 1 else scaled(s.spec, lifted, k)):
-                s.steps.append(Step(StepKind.LIFT_DENORMALS, s.count("evaluations") - used, after=tiny * factor, args=(name,), scale=k))
+            candidate = lifted if k == 1 else scaled(s.spec, lifted, k) if whole else others_scaled(s.spec, lifted, name, k)
+            if (k == 1 or case_key(candidate) != case_key(lifted)) and s.consider(candidate):
+                others = () if whole else tuple((n, f"x{k:g}") for n, v in candidate.tensors.items()
+                                                if n != name and not torch.equal(v, lifted.tensors[n]))
+                s.steps.append(Step(StepKind.LIFT_DENORMALS, s.count("evaluations") - used, after=tiny * factor, args=(name,),
+                                    forms=others, scale=k if whole else 1.0))
                 changed = True
                 break
     return changed
@@ -575,11 +597,26 @@ def scale_threshold(spec: Spec, case: Case, holds: Predicate, floor: float = 1e-
     magnitude = input_magnitude(spec, case)
     if not magnitude or not math.isfinite(magnitude):
         return None
-    low = min(0.5, floor / magnitude)
-    if holds(scaled(spec, case, low)):
+    # Never below the scale that makes an element denormal: the gate refuses those cases,
+    # and a refusal read as "agree" put a threshold ("agree at 1.17e-38") where the sides
+    # still differ (PoissonNLLLoss at rate 2e-38: t / rate overflows at any smaller rate).
+    low = max(min(0.5, floor / magnitude), denormal_edge(spec, case))
+    if low >= 1.0 or holds(scaled(spec, case, low)):
         return None  # diverges at every scale: not a threshold effect
     agree, diverge = bisect(lambda f: holds(scaled(spec, case, f)), low, 1.0)
     return Threshold(scale_knob(spec), agree * magnitude, diverge * magnitude)
+
+
+def denormal_edge(spec: Spec, case: Case) -> float:
+    """The smallest scale factor that keeps every nonzero element of the scaled arguments a
+    normal number (0 when none is nonzero)."""
+    edge = 0.0
+    for name in scaled_args(spec):
+        t = case.tensors[name]
+        nonzero = t.detach()[(t != 0) & torch.isfinite(t)].abs() if t.is_floating_point() else t.new_zeros(0)
+        if nonzero.numel():
+            edge = max(edge, torch.finfo(t.dtype).tiny / float(nonzero.min()))
+    return edge
 
 
 INTEGER_RANGE = 1e4  # below this, the smallest diverging integer reads best (89, 101)
