@@ -22,6 +22,7 @@ further from it on the finding's saved (minimal) example.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -71,6 +72,7 @@ class PairTruth:
     may_miss: bool = False  # the search may not draw the input (identical images)
     examples: int | None = None  # None: --examples
     reference: str | None = None  # an implementation whose float64 run is the exact answer (for NEAREST)
+    needs: tuple[str, ...] = ()  # third-party modules the pair imports: skipped, with a note, when one is missing
 
 
 NEAREST = "the side further from the reference's float64 result"
@@ -167,6 +169,71 @@ PAIRS = [
               "x: N D real grad; y: M D real grad; N=1..8; M=1..8; D=1..3",
               {"value": T("numerical", unstable=NEAREST), "gradient": T("numerical", unstable=NEAREST)},
               seeds=(0, 1, 2), examples=30, reference=F + "sinkhorn_torch.py:official"),
+]
+
+# Real third-party code (fixtures/real/pairs.py; the libraries are not in the CI venv, so these
+# rows are skipped there with a note; run them with a Python that has them).  Each truth was
+# settled by running both sides in float32 and float64 and reading the library's source.
+R = f"{FIXTURES}/real/pairs.py:"
+CLASSES = "input: B C logits grad; target: B labels(C); B=1..8; C=2..6"
+PAIRS += [
+    # kornia takes log_softmax; the copy takes log(softmax): p_t underflows to a denormal from a
+    # logit gap of ~87 (value off) and to 0 from ~104 (log 0 = -inf), in float32 only (float64:
+    # ~745).  Both are smooth functions, their gradients their values' derivatives.
+    PairTruth("real: kornia focal_loss vs focal by hand", R + "kornia_focal", R + "focal_by_hand", CLASSES,
+              {"nonfinite": T("numerical", unstable="focal_by_hand", consistent={"kornia_focal": True, "focal_by_hand": True}),
+               "value": T("numerical", unstable="focal_by_hand"), "gradient": T("numerical", unstable="focal_by_hand")},
+              relation="equal", needs=("kornia",)),
+    # log(1 - sigmoid(z)): 1 - sigmoid(z) cancels from z ~ 7 and is 0 from z ~ 17 in float32
+    # (float64: ~37); sigmoid(-z) is 0 from z = 88.72 (exp overflows).  kornia uses logsigmoid.
+    PairTruth("real: kornia binary focal vs by hand", R + "kornia_binary_focal", R + "binary_focal_by_hand", "binary",
+              {"nonfinite": T("numerical", unstable="binary_focal_by_hand"), "value": T("numerical", unstable="binary_focal_by_hand"),
+               "gradient": T("numerical", unstable="binary_focal_by_hand")}, relation="equal", needs=("kornia",)),
+    # MONAI's softmax_focal_loss and kornia's focal_loss (alpha None): the same formula,
+    # log_softmax in both, the same 'mean' over B x C.  Any finding is a false alarm.
+    PairTruth("real: MONAI FocalLoss vs kornia focal_loss", R + "monai_focal", R + "kornia_focal_no_alpha", CLASSES, {},
+              relation="equal", needs=("monai", "kornia")),
+    # torchmetrics: 10/ln10 (2 ln 1 - ln(SSE / n)); by hand: 10 log10(1 / MSE).  The same
+    # function; on identical images both are +inf (and both gradients NaN): they agree.
+    PairTruth("real: torchmetrics PSNR vs by hand", R + "torchmetrics_psnr", R + "psnr_by_hand",
+              "preds: B C H W image grad; target: B C H W image; B=1..2; C=1..3; H=1..12; W=1..12", {},
+              relation="equal", needs=("torchmetrics",)),
+    # torchmetrics clamps |target| at 1.17e-6; by hand divides by |target|: 0/0 at t = 0 in any
+    # dtype (a guard on one side), and another value below |t| = 1.17e-6 (float64 too).
+    PairTruth("real: torchmetrics MAPE vs by hand", R + "torchmetrics_mape", R + "mape_by_hand", "regression",
+              {"nonfinite": T("semantic", origin="division by 0"),
+               "value": T("semantic", consistent={"torchmetrics_mape": True, "mape_by_hand": True}), "gradient": T("semantic")},
+              relation="equal", needs=("torchmetrics",)),
+    # MONAI: (2 I + 1e-5) / (|P| + |T| + 1e-5); by hand: 2 I / (|P| + |T| + 1e-5).  Semantic
+    # (float64 too); an empty class scores 1 vs 0.
+    PairTruth("real: MONAI DiceLoss(softmax) vs eps below", R + "monai_dice", R + "dice_eps_below",
+              "input: B C H W logits grad; target: B C H W binary; B=1..3; C=2..3; H=1..8; W=1..8",
+              {"value": T("semantic", consistent={"monai_dice": True, "dice_eps_below": True}), "gradient": T("semantic")},
+              needs=("monai",)),
+    # pytorch-metric-learning's NTXentLoss (one positive per anchor) is SimCLR's InfoNCE: equal
+    # in float64.  On rows of norm ~1e-8, normalize's backward cancels in float32 (z = -7.1e-9,
+    # D = 1: the copy's gradient -2, the exact 0; pml's 0): numerical, the side further from float64.
+    PairTruth("real: pml NTXentLoss vs InfoNCE by hand", R + "pml_ntxent", R + "infonce_by_hand",
+              "z1: B D real grad; z2: B D real grad; B=2..8; D=1..8",
+              {"value": T("numerical", unstable=NEAREST), "gradient": T("numerical", unstable=NEAREST)},
+              relation="equal", reference=R + "pml_ntxent", needs=("pytorch_metric_learning",)),
+    # POT's kernel-domain Sinkhorn with reg = 0.05² (geomloss' eps for blur 0.05) vs geomloss'
+    # debiased log-domain divergence with cost |x - y|²/2: different functions (one point pair:
+    # |x - y|² vs |x - y|²/2).  POT's K = exp(-C/reg) underflows (value 0, gradient exactly 0,
+    # "numerical errors at iteration 0"), and where it does not its backward overflows to NaN in
+    # float32 only (x = 0.6, y = 1: NaN, float64 -0.8): that NaN is numerical, POT unstable.
+    # geomloss raises "Maximum allowed size exceeded" on coincident points (a real exception).
+    PairTruth("real: POT sinkhorn2 vs geomloss", R + "pot_sinkhorn2", R + "geomloss_sinkhorn",
+              "x: N D real grad; y: M D real; N=1..8; M=1..8; D=1..3",
+              {"value": T("semantic"), "gradient": T("semantic"), "exception": T("exception"),
+               "nonfinite": T("numerical", unstable="pot_sinkhorn2")},
+              relation="other", needs=("ot", "geomloss")),
+    # kornia.metrics.ssim (mean of the map) and torchmetrics' SSIM agree in float64 on these
+    # sizes; float32 variance E[x²] - E[x]² cancels on near-constant images: numerical, the side
+    # further from float64.
+    PairTruth("real: kornia SSIM vs torchmetrics SSIM", R + "kornia_ssim", R + "torchmetrics_ssim", "images",
+              {"value": T("numerical", unstable=NEAREST), "gradient": T("numerical", unstable=NEAREST)},
+              relation="equal", reference=R + "torchmetrics_ssim", needs=("kornia", "torchmetrics")),
 ]
 
 # Inputs the search may not draw, explained directly: (name, good, bad, spec, tensors, truth)
@@ -321,6 +388,10 @@ def main_(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for pair in PAIRS:
         if args.only and args.only not in pair.name:
+            continue
+        missing = [m for m in pair.needs if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"{pair.name:38s} skipped: {', '.join(missing)} not installed", flush=True)
             continue
         for seed in pair.seeds or args.seeds:
             said = run_pair(tally, pair, seed, args.examples)
