@@ -86,6 +86,8 @@ def test_a_nan_only_float32_makes_is_numerical_on_that_side():
     assert ex.category is Category.NUMERICAL, ex.reason
     assert ex.unstable_side == "sinkhorn_kernel"
     assert "float32 only" in ex.reason and "still differ in float64" in ex.reason
+    assert ex.to_json()["float64_differs"] is True
+    assert "agree in float64" not in ex.sentence() and "sinkhorn_kernel's NaN/inf is the working dtype's" in ex.sentence()
 
 
 def test_a_correctly_rounded_overflow_stays_semantic():

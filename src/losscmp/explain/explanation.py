@@ -42,6 +42,7 @@ class Explanation:
     rounded: tuple[str, ...] = ()  # sides whose non-finite working result is the correctly rounded float64 one
     onset: float | None = None  # largest |element| of the scaled arguments from which the unstable side turns non-finite
     budget_note: str = ""  # the time budget, when the cost of a call raised it
+    float64_differs: bool = False  # numerical NaN/inf, but the finite float64 results still differ (another finding's cause)
 
     def sentence(self) -> str:
         """The one sentence a finding opens with."""

@@ -92,6 +92,7 @@ class Oracle:
     values: tuple[tuple[str, float], ...] = ()  # each side's working-dtype value on the case itself
     origin: NonFiniteOrigin | None = None  # what makes a non-finite value that float64 keeps
     rounded: tuple[str, ...] = ()  # sides whose non-finite working result is float64's, correctly rounded (an overflow, not a bug)
+    float64_differs: bool = False  # numerical NaN/inf whose finite float64 results still differ (a second cause, another finding)
 
 
 # How far down the oracle walks the input scale (halving each time) looking for a
@@ -229,7 +230,7 @@ def oracle(
                 reason = (f"{label}'s NaN/inf is {_dtype_name(case)} only: its float64 result there is finite, and not "
                           f"beyond {_dtype_name(case)}'s range; the finite results still differ in float64 ({v64.detail}), "
                           f"a difference of its own")
-                return Oracle(Category.NUMERICAL, reason, label, drifts, scale, calls, values, rounded=rounded)
+                return Oracle(Category.NUMERICAL, reason, label, drifts, scale, calls, values, rounded=rounded, float64_differs=True)
         overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(o.value is not None and not torch.isfinite(o.value).all() for o in full.values())
         if step == 0 and overflowed:
             persistent = {la: o for la, o in full.items() if not _finite_in(o, parts)}
