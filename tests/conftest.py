@@ -1,5 +1,7 @@
 from __future__ import annotations  # "str | None" below must not be evaluated on Python 3.9
 
+import atexit
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -21,12 +23,35 @@ torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 PLANTED = Path(__file__).resolve().parent / "planted.py"
-SYSTEM_TMP = tempfile.gettempdir()  # taken before any test points tempfile.tempdir at its tmp_path
+# The suite's temporary files (isolated workers' pending cases, repros kept under --no-save,
+# subprocesses' litter) go to one short folder of its own, removed when the session ends:
+# a run of the suite used to leave some 350 losscmp-isolate-* folders in /tmp.  Short, because
+# multiprocessing's fork server puts a Unix socket (at most 107 bytes of path) in there.
+# Made once, by the first process to import this file: pytester's inline runs import it
+# again, and xdist's workers inherit the variable, and neither may remove a folder that
+# multiprocessing has cached as its own temporary folder.
+OWNS_SUITE_TMP = "LOSSCMP_SUITE_TMP" not in os.environ
+if OWNS_SUITE_TMP:
+    # pytest's own tmp_path folders stay where they were: their paths are long already.
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    # And so does this process's multiprocessing folder (the fork server's socket): it is
+    # removed at exit by multiprocessing itself, after the handler below has run.
+    multiprocessing.util.get_temp_dir()
+    os.environ["LOSSCMP_SUITE_TMP"] = tempfile.mkdtemp(prefix="losscmp-tests-")
+    atexit.register(shutil.rmtree, os.environ["LOSSCMP_SUITE_TMP"], ignore_errors=True)
+SYSTEM_TMP = os.environ["TMPDIR"] = tempfile.tempdir = os.environ["LOSSCMP_SUITE_TMP"]
 
 # A test whose implementation is a lambda or local function reaches an isolated or --jobs
 # worker only through fork, which losscmp refuses where a GPU is visible
 # (tests/test_forking.py checks the refusal and its message).
 NEEDS_FORK = pytest.mark.skipif(not torch_survives_fork(), reason="a lambda reaches its worker only by fork, refused where torch sees a GPU")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_tmp_removed():
+    yield
+    if OWNS_SUITE_TMP:
+        shutil.rmtree(SYSTEM_TMP, ignore_errors=True)
 
 
 @pytest.fixture

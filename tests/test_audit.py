@@ -125,8 +125,13 @@ def test_reference_mode_compares_against_the_reference_only():
 
 RECIPES_SCRIPT = """
 import hashlib, importlib, sys
-if sys.argv[1] == "preimport":
+if sys.argv[1] in ("preimport", "hypothesis_first"):
     import losscmp.minimize  # a local module full of float literals
+if sys.argv[1] == "hypothesis_first":  # another Hypothesis test ran first, with the literals in its pool
+    from hypothesis import given, seed, settings
+    from losscmp.generate import recipes
+    from losscmp.spec import preset as _preset
+    given(recipes(_preset("regression")))(settings(max_examples=300, database=None)(seed(1)(lambda recipe: None)))()
 audit_module = importlib.import_module("losscmp.audit")
 from losscmp.audit import Settings, audit
 from losscmp.load import load_implementation
@@ -141,16 +146,17 @@ print(hashlib.sha256(repr(seen).encode()).hexdigest())
 
 @pytest.mark.slow
 def test_same_seed_same_cases_whatever_else_the_process_imported():
-    """Hypothesis harvests float literals from local modules; our cases must not depend on them."""
+    """Hypothesis harvests float literals from local modules; our cases must not depend on them,
+    nor on a test that drew with them before (Hypothesis caches each pool of constants)."""
     import subprocess
     import sys
 
     digests = {
         mode: subprocess.run([sys.executable, "-c", RECIPES_SCRIPT, mode, f"{FIXTURES}/regression.py"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        for mode in ("plain", "preimport")
+        for mode in ("plain", "preimport", "hypothesis_first")
     }
-    assert digests["plain"] == digests["preimport"]
+    assert digests["plain"] == digests["preimport"] == digests["hypothesis_first"]
 
 
 def test_local_constants_are_kept_out_of_exploration(tmp_path, monkeypatch):

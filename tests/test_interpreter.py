@@ -456,4 +456,4 @@ def test_callable_named_like_a_session_label(losscmp):
     result.assert_outcomes(passed=1)
     bad = pytester.runpytest("-p", "no:cacheprovider", "--losscmp-timeout", "30")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["ERROR: --losscmp-timeout needs --losscmp-isolate or --losscmp-python*"])
+    bad.stderr.fnmatch_lines(["ERROR: --losscmp-timeout needs --losscmp-isolate, --losscmp-python or --losscmp-ray*"])

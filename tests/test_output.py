@@ -527,3 +527,26 @@ def test_sweep_json_holds_what_the_terminal_prints(tmp_path, capsys):
     # '-' is stdout, holding the JSON alone (the words go to stderr), as for the audit.
     assert main(["sweep", *pair, "--param", "huber.delta=0.5:2", "--points", "3", "--json", "-"]) == 1
     assert json.loads(capsys.readouterr().out)["pair"] == ["huber", "sl1"]
+
+
+LAMBDA_CHECK = """
+import torch
+import torch.nn.functional as F
+
+def test_bce(losscmp):
+    losscmp.check(lambda input, target: F.binary_cross_entropy(torch.sigmoid(input), target),
+                  lambda input, target: F.binary_cross_entropy_with_logits(input, target), spec="binary", examples=40)
+"""
+
+
+def test_a_failure_on_lambdas_offers_the_test_to_rerun_not_a_replay_that_cannot_load_them(pytester):
+    """``losscmp replay`` loads each side by its reference; a lambda has none that loads it."""
+    pytester.makepyfile(test_lam=LAMBDA_CHECK)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    failure = result.stdout.str().split("_ test_bce _")[1].split("= losscmp =")[0]
+    commands = [line.strip() for line in failure.splitlines() if "replay: " in line]
+    assert result.ret == 1 and commands, failure
+    assert not any("losscmp replay" in c for c in commands), commands
+    assert any("pytest " in c and "test_bce" in c for c in commands), commands
+    unwrapped = " ".join(line.removeprefix("E").strip() for line in failure.splitlines())
+    assert "not replayable alone: a side is a lambda or local function" in unwrapped

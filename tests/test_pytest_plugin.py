@@ -409,7 +409,7 @@ def test_every_front_end_builds_the_same_settings_and_refuses_a_bad_knob_in_its_
     assert capsys.readouterr().err.strip() == "losscmp: error: --rtol must be a finite number >= 0, not -1.0"
     with pytest.raises(UsageError, match=r"^rtol= must be a finite number >= 0, not -1$"):
         assert_losses_agree(*pair, spec="regression", rtol=-1)
-    with pytest.raises(UsageError, match=r"^timeout= needs isolate=True or pythons="):
+    with pytest.raises(UsageError, match=r"^timeout= needs isolate=True, pythons= or ray="):
         assert_losses_agree(*pair, spec="regression", timeout=3)
     bad = pytester.runpytest(*RUN, "--losscmp-rtol=-1")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR

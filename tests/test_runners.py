@@ -78,9 +78,9 @@ def test_the_runner_is_chosen_in_one_place_from_one_table():
 
 def test_a_timeout_without_a_runner_that_can_stop_a_hung_call_is_refused_in_every_front_end():
     # One rule, in Settings; each front end names the knobs its own way (keywords here).
-    with pytest.raises(UsageError, match=r"^--timeout needs --isolate or --python"):
+    with pytest.raises(UsageError, match=r"^--timeout needs --isolate, --python or --ray"):
         Settings.of(timeout=3)
-    with pytest.raises(UsageError, match=r"^timeout= needs isolate=True or pythons="):
+    with pytest.raises(UsageError, match=r"^timeout= needs isolate=True, pythons= or ray="):
         Settings.of(timeout=3, terms=CALL_TERMS)
     assert Settings.of(timeout=3, isolate=True).execution.timeout == 3
 

@@ -303,7 +303,7 @@ def test_sigterm_while_a_call_hangs_deaf_to_signals_still_writes_the_report(tmp_
 def test_an_in_process_timeout_with_jobs_is_refused_in_one_line():
     proc, _ = losscmp(f"{MIS}:mse", f"{MIS}:sleeps", "--spec", "regression", "--timeout", "2", "--jobs", "2", "--no-save")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "losscmp: error: --timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)"]
+        "losscmp: error: --timeout with --jobs needs --isolate or --ray (the watchdog watches this process's calls, not a --jobs worker's)"]
 
 
 def stopped_child(pid: int) -> bool:

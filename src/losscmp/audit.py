@@ -452,9 +452,13 @@ def _without_local_constants() -> Iterator[None]:
         return
     with _LOCAL_CONSTANTS_LOCK:
         if _local_constants_users == 0:
-            _local_constants_original = providers._get_local_constants
+            _local_constants_original = providers._get_local_constants, providers.CONSTANTS_CACHE
             empty = Constants()
             providers._get_local_constants = lambda: empty
+            # Each pool of constants is cached per kind of draw, process-wide: a Hypothesis
+            # test that ran earlier (the user's own, in a pytest session) would otherwise
+            # have left its local literals in the very pool our draws take from.
+            providers.CONSTANTS_CACHE = type(providers.CONSTANTS_CACHE)(1024)
         _local_constants_users += 1
     try:
         yield
@@ -462,7 +466,7 @@ def _without_local_constants() -> Iterator[None]:
         with _LOCAL_CONSTANTS_LOCK:
             _local_constants_users -= 1
             if _local_constants_users == 0:
-                providers._get_local_constants = _local_constants_original
+                providers._get_local_constants, providers.CONSTANTS_CACHE = _local_constants_original
 
 
 __all__ = ["AuditResult", "Divergence", "Evaluator", "ProbeError", "RunPhase", "audit", "explore", "probe"]

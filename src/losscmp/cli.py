@@ -268,7 +268,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         if not breadcrumbs.supervised():
             check_timeout(args.timeout, runner)
         if args.jobs > 1 or args.devices:
-            raise UsageError("--timeout with --jobs needs --isolate (the watchdog watches this process's calls, not a --jobs worker's)")
+            raise UsageError("--timeout with --jobs needs --isolate or --ray (the watchdog watches this process's calls, not a --jobs worker's)")
     kw = _settings_kw(args)
     pythons = parse_pythons(args.python)
     if args.json:

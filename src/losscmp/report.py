@@ -12,11 +12,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import files, jsonout
+from .forking import loads_by_reference
 from .display import step_text, tensor_text, verdict_text
 from .model import Alone, AuditResult, Divergence, Mismatch, RunPhase, Step, Verdict, subject_labels_json
 from .project import shown_path
 from .replay import SavedReplay
 from .sweep import SweepResult
+from .workers import portable_ref
 
 # Explanation fields also found at the top of each divergence in --json.
 CONTRACT_FIELDS = ("category", "unstable_side", "location", "location_note", "self_consistency", "relation", "impact", "notes")
@@ -125,8 +127,13 @@ def replay_command(d: Divergence, result: AuditResult) -> str | None:
     """The command that replays a finding's saved case, as pasted in the current folder."""
     if not d.repro:
         return None
+    # A replay loads each side by its reference: a lambda or a test's local function has none
+    # that gets it back (a pytest check offers to rerun its test instead).
     # A side that ran under another interpreter replays there too (this one may lack its package).
     pythons = dict(result.settings.execution.pythons)
+    impls = {i.label: i for i in result.implementations}
+    if not all(loads_by_reference(impls[la], portable_ref) for la in d.subject.labels if la in impls and la not in pythons):
+        return None
     there = "".join(f" --python {shlex.quote(f'{la}={pythons[la]}')}" for la in d.subject.labels if la in pythons)
     return f"losscmp replay {shlex.quote(shown_path(d.repro))}{there}"
 
@@ -185,9 +192,12 @@ def print_divergence(d: Divergence, result: AuditResult, console: Console, verbo
     if d.explanation is not None and verbose:
         for line in d.explanation.evidence():
             say(f"  {line}")
-    if d.repro:
+    command = replay_command(d, result)
+    if command:
         # Never wrapped: a command split over two lines does not paste.
-        console.print(f"replay: {replay_command(d, result)}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"replay: {command}", markup=False, highlight=False, soft_wrap=True)
+    elif d.repro:
+        say(f"saved: {shown_path(d.repro)} (not replayable alone: a side is a lambda or local function, which no reference loads)")
     elif d.repro_error:
         say(f"repro not saved: {d.repro_error}")
 

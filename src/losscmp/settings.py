@@ -9,10 +9,10 @@ A library call writes nothing unless asked (``Outputs.save_dir`` is None by defa
 the CLI and the pytest plugin pass their save folders explicitly.
 
 Every front end builds its run's :class:`Settings` here, and every knob is checked here,
-once.  A refusal names the knob as the command line does (``--timeout needs --isolate or
---python``); a front end that names its knobs otherwise gives ``Settings.of`` its table
+once.  A refusal names the knob as the command line does (``--timeout needs --isolate,
+--python or --ray``); a front end that names its knobs otherwise gives ``Settings.of`` its table
 (:data:`CALL_TERMS` for keyword arguments, :data:`PLUGIN_TERMS` for the pytest options),
-so the same rule reads ``timeout= needs isolate=True or pythons=`` in a test.
+so the same rule reads ``timeout= needs isolate=True, pythons= or ray=`` in a test.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def checked_timeout(timeout: float | None) -> float | None:
 def check_timeout(timeout: float | None, runner: RunnerKind) -> None:
     """The one rule about timeouts and runners."""
     if timeout is not None and not runner.stops_hung_calls:
-        raise UsageError("--timeout needs --isolate or --python (a hung call can only be stopped in a worker process)")
+        raise UsageError("--timeout needs --isolate, --python or --ray (a hung call can only be stopped in a worker process)")
 
 
 def check_ray_installed() -> None:
