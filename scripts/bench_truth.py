@@ -6,7 +6,8 @@ findings), the cause of a non-finite value float64 keeps, which sides' gradients
 (in)consistent, and the relation of the values.  The audit runs through the command
 line (``losscmp.cli.main``, ``--json``) over several seeds; every field it states is
 checked against the truth.  Also checked on every run, with no hand-written answer:
-the relation never calls "equal" more cases than the verdict lets agree.  CASES are
+the relation never calls "equal" more cases than the verdict lets agree, and a threshold's
+"agree at X" is what the sides do on the saved minimal example scaled to X (run again).  CASES are
 hand-made inputs the search may not draw (identical images), explained directly.
 
     python scripts/bench_truth.py [--seeds 0 1 2] [--examples 100] [--no-keops]
@@ -36,10 +37,12 @@ from pathlib import Path
 import torch
 
 from losscmp.cli import main
-from losscmp.compare import Tolerance
+from losscmp.compare import Tolerance, compare_outcomes
 from losscmp.explain import float64_case
 from losscmp.generate import Case
 from losscmp.load import load_implementation
+from losscmp.minimize import with_magnitude
+from losscmp.model import Pair
 from losscmp.repro import load_repro
 from losscmp.run import call
 from losscmp.spec import parse_spec
@@ -333,10 +336,21 @@ def nearest_sides(pair: PairTruth, labels: list[str], repro: str, kind: str) -> 
     return frozenset(label for label, e in errors.items() if e * AMBIGUOUS >= far)
 
 
+def at_agree(pair: PairTruth, labels: list[str], repro: str, agree_at: float) -> str:
+    """What the sides truly do on the saved example scaled to the threshold's "agree at"
+    magnitude: "agree", or the kind of finding they still show there (run again here)."""
+    saved = load_repro(repro)
+    there = with_magnitude(saved.spec, saved.case, agree_at)
+    impls = [load_implementation(ref) for ref in (pair.a, pair.b)]
+    outcomes = [call(impl.fn, saved.spec, there) for impl in impls]
+    v = compare_outcomes(Pair(*labels), *outcomes, Tolerance.for_dtype(torch.float32))
+    return v.kind.value if v.kind is not None else "agree"
+
+
 def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        save = ["--save-dir", str(Path(tmp) / "saved")] if pair.reference else ["--no-save"]
+        save = ["--save-dir", str(Path(tmp) / "saved")]  # the saved minimal examples: NEAREST and the threshold check
         argv = [pair.a, pair.b, "--spec", pair.spec, "--seed", str(seed), "--examples", str(pair.examples or examples),
                 *save, "--json", str(out)]
         with redirect_stdout(StringIO()):
@@ -347,6 +361,8 @@ def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[st
         report = json.loads(out.read_text())
         nearest = {id(d): nearest_sides(pair, report["implementations"], d["repro"], d["kind"])
                    for d in report["divergences"] if pair.reference and d.get("repro") and d["kind"] in ("value", "gradient")}
+        below = {id(d): at_agree(pair, report["implementations"], d["repro"], d["threshold"]["agree_at"])
+                 for d in report["divergences"] if d.get("repro") and d.get("threshold")}
     where = f"{pair.name} seed {seed}"
     said = []
     for d in report["divergences"]:
@@ -356,6 +372,10 @@ def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[st
             said.append(f"{d['kind']}: FALSE ALARM")
             continue
         verdict = check_finding(tally, f"{where} {d['kind']}", d, truth, nearest.get(id(d)))
+        if id(d) in below:  # "agree at X" must be true of the example shown, scaled to X
+            said_below = d["threshold"].get("still_differ_at_agree") or "agree"
+            tally.check(f"{where} {d['kind']}", "threshold: what the sides do at 'agree at'", said_below, below[id(d)],
+                        said_below == below[id(d)])
         if id(d) in nearest:
             verdict += f" [further from float64: {'/'.join(sorted(nearest[id(d)]))}]"
         said.append(f"{d['kind']}: {verdict}")

@@ -57,7 +57,8 @@ class Threshold:
     # finding the sides still show at ``agree_at`` ("value"), and the finding's own kind.
     # Empty: they agree there.
     still: str = ""
-    finding: str = ""
+    finding: str = ""  # the finding, with the component its mechanism is about: "nonfinite (value)"
+    still_what: str = ""  # what still differs at ``agree_at``, with its component: "nonfinite (gradient w.r.t. input)"
 
     @property
     def value(self) -> float:
@@ -68,8 +69,8 @@ class Threshold:
         lo, hi = sorted((self.agree_at, self.diverge_at))
         where = f"(threshold {self.value:.4g}, in [{lo:.4g}, {hi:.4g}]; diverges {side})"
         if self.still:
-            return (f"no {self.finding} finding at {self.knob} = {self.agree_at:.4g} (the sides still differ there: {self.still}), "
-                    f"{self.finding} at {self.diverge_at:.4g} {where}")
+            return (f"no {self.finding} finding at {self.knob} = {self.agree_at:.4g} (the sides still differ there: "
+                    f"{self.still_what or self.still}), {self.finding} at {self.diverge_at:.4g} {where}")
         return f"agree at {self.knob} = {self.agree_at:.4g}, diverge at {self.diverge_at:.4g} {where}"
 
 
@@ -725,7 +726,10 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
         s.bump("evaluations")
         there = ev.judge(subject, scaled(spec, case, threshold.agree_at / input_magnitude(spec, case)))
         if there.kind is not None:
-            threshold = replace(threshold, still=there.kind.value, finding=kind.value)
+            shown = max(there.diffs, key=lambda d: d.score, default=None)
+            finding = f"{kind.value} ({mech[1]})" if len(mech) > 1 else kind.value
+            threshold = replace(threshold, still=there.kind.value, finding=finding,
+                                still_what=f"{there.kind.value} ({shown.what})" if shown is not None else there.kind.value)
     final = ev.judge(subject, case)
     changed = case.sizes != divergence.case.sizes or case_key(case) != case_key(divergence.case)
     case = replace(case, note="minimised" if changed else "")
