@@ -79,6 +79,7 @@ class PairTruth:
 
 
 NEAREST = "the side further from the reference's float64 result"
+NONFINITE_SIDE = "the side that is NaN/inf in float32 and finite in float64 on the saved example"
 AMBIGUOUS = 2.0  # errors within this factor of each other: either side is a true answer
 
 
@@ -225,11 +226,13 @@ PAIRS += [
     # |x - y|² vs |x - y|²/2).  POT's K = exp(-C/reg) underflows (value 0, gradient exactly 0,
     # "numerical errors at iteration 0"), and where it does not its backward overflows to NaN in
     # float32 only (x = 0.6, y = 1: NaN, float64 -0.8): that NaN is numerical, POT unstable.
-    # geomloss raises "Maximum allowed size exceeded" on coincident points (a real exception).
+    # geomloss overflows to NaN in float32 at x = 2e18, y = 0 (float64: 2e36, within float32's
+    # range): numerical, geomloss unstable.  So the unstable side is the one whose NaN float64
+    # removes.  geomloss raises "Maximum allowed size exceeded" on coincident points (a real exception).
     PairTruth("real: POT sinkhorn2 vs geomloss", R + "pot_sinkhorn2", R + "geomloss_sinkhorn",
               "x: N D real grad; y: M D real; N=1..8; M=1..8; D=1..3",
               {"value": T("semantic"), "gradient": T("semantic"), "exception": T("exception"),
-               "nonfinite": T("numerical", unstable="pot_sinkhorn2")},
+               "nonfinite": T("numerical", unstable=NONFINITE_SIDE)},
               relation="other", needs=("ot", "geomloss")),
     # kornia.metrics.ssim (mean of the map) and torchmetrics' SSIM agree in float64 on these
     # sizes; float32 variance E[x²] - E[x]² cancels on near-constant images: numerical, the side
@@ -283,7 +286,7 @@ def check_finding(tally: Tally, where: str, d: dict, truths: Truth | tuple[Truth
         tally.check(where, "category", cat, allowed, cat in allowed)
     truth = next((t for t in alternatives if cat in t.category), alternatives[0])
     if cat == "numerical" and truth.unstable:
-        true_sides = nearest if truth.unstable == NEAREST else frozenset({truth.unstable})
+        true_sides = nearest if truth.unstable in (NEAREST, NONFINITE_SIDE) else frozenset({truth.unstable})
         if true_sides is None:
             tally.untrue.append(f"ERROR {where}: no saved example to find the true unstable side on")
         else:
@@ -347,6 +350,26 @@ def at_agree(pair: PairTruth, labels: list[str], repro: str, agree_at: float) ->
     return v.kind.value if v.kind is not None else "agree"
 
 
+def _unstable_truth(truths: Truth | tuple[Truth, ...] | None) -> str | None:
+    return next((t.unstable for t in (truths if isinstance(truths, tuple) else (truths,)) if t is not None and t.unstable), None)
+
+
+def nonfinite_sides(pair: PairTruth, labels: list[str], repro: str) -> frozenset[str]:
+    """The side(s) whose float32 result on the saved example has a NaN/inf that their own
+    float64 result does not (run again here)."""
+    saved = load_repro(repro)
+
+    def finite(o) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in [o.value, *o.grads.values()] if t is not None)
+
+    made = set()
+    for label, ref in zip(labels, (pair.a, pair.b)):
+        fn = load_implementation(ref).fn
+        if not finite(call(fn, saved.spec, saved.case)) and finite(call(fn, saved.spec, float64_case(saved.case))):
+            made.add(label)
+    return frozenset(made)
+
+
 def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
@@ -361,6 +384,9 @@ def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[st
         report = json.loads(out.read_text())
         nearest = {id(d): nearest_sides(pair, report["implementations"], d["repro"], d["kind"])
                    for d in report["divergences"] if pair.reference and d.get("repro") and d["kind"] in ("value", "gradient")}
+        nearest |= {id(d): nonfinite_sides(pair, report["implementations"], d["repro"])
+                    for d in report["divergences"] if d["kind"] == "nonfinite" and d.get("repro")
+                    and _unstable_truth(pair.kinds.get("nonfinite")) == NONFINITE_SIDE}
         below = {id(d): at_agree(pair, report["implementations"], d["repro"], d["threshold"]["agree_at"])
                  for d in report["divergences"] if d.get("repro") and d.get("threshold")}
     where = f"{pair.name} seed {seed}"

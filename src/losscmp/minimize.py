@@ -661,6 +661,13 @@ def mechanism(v: Verdict) -> tuple:
     return (v.kind, shown.what)
 
 
+def _words(mech: tuple) -> str:
+    """A mechanism as a threshold line names it: "value", "gradient w.r.t. x", "nonfinite (value)"."""
+    if len(mech) == 1:
+        return mech[0].value
+    return mech[1] if mech[0] in (Kind.VALUE, Kind.GRADIENT) else f"{mech[0].value} ({mech[1]})"
+
+
 def _finiteness(x: float) -> str:
     return "nan" if math.isnan(x) else "+inf" if x == math.inf else "-inf" if x == -math.inf else "finite"
 
@@ -726,10 +733,7 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
         s.bump("evaluations")
         there = ev.judge(subject, scaled(spec, case, threshold.agree_at / input_magnitude(spec, case)))
         if there.kind is not None:
-            shown = max(there.diffs, key=lambda d: d.score, default=None)
-            finding = f"{kind.value} ({mech[1]})" if len(mech) > 1 else kind.value
-            threshold = replace(threshold, still=there.kind.value, finding=finding,
-                                still_what=f"{there.kind.value} ({shown.what})" if shown is not None else there.kind.value)
+            threshold = replace(threshold, still=there.kind.value, finding=_words(mech), still_what=_words(mechanism(there)))
     final = ev.judge(subject, case)
     changed = case.sizes != divergence.case.sizes or case_key(case) != case_key(divergence.case)
     case = replace(case, note="minimised" if changed else "")
