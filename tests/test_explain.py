@@ -272,7 +272,9 @@ def test_observe_is_none_for_failed_or_nonfinite_calls_and_sees_detached_gradien
     assert observe(call(good.fn, spec, big), call(naive.fn, spec, big)) is None
     mse, frozen = impl("wrong_backward.py:mse"), impl("wrong_backward.py:mse_frozen_gradient")
     o = observe(call(mse.fn, REGRESSION, SMALL), call(frozen.fn, REGRESSION, SMALL), "standard")
-    assert o.expected == pytest.approx(o.actual) and o.cosine == 0.0 and o.norm_ratio == 0.0
+    # A gradient that is exactly zero on one side has no direction: seen, and left out of the
+    # cosine (it used to count as cosine 0, "pointing elsewhere"; issue 15, POT's Sinkhorn).
+    assert o.expected == pytest.approx(o.actual) and o.cosine is None and o.zero_gradient == "actual"
 
 
 # --- training impact -------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def test_location_from_a_trace_is_carried_into_sentence_json_and_signature():
             return {"location": self.location, "location_note": self.note}
 
     huber, smooth = impl("regression.py:huber"), impl("regression.py:smooth_l1")
-    ex = explain(huber, smooth, REGRESSION, SMALL, "value", F32, impact_steps=0, locate=lambda *a: Localisation())
+    ex = explain(huber, smooth, REGRESSION, SMALL, "value", F32, impact_steps=0, locate=lambda *a, **k: Localisation())
     assert "first differing op at fork/utils.py:94" in ex.sentence()
     assert ex.to_json()["location"]["smooth_l1"]["line"] == 94
     assert ("smooth_l1", "fork/utils.py", 94) in ex.signature()[2]

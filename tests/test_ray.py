@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,6 +94,7 @@ def _end_instance(proc: subprocess.Popen, temp: str) -> None:
                     os.kill(int(entry.name), signal.SIGKILL)
             except (OSError, ProcessLookupError):
                 pass
+    shutil.rmtree(temp, ignore_errors=True)  # the instance's logs and sockets: some 1 MB a run
 
 
 @pytest.fixture(scope="module")

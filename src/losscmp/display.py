@@ -305,6 +305,7 @@ def step_text(step: Step) -> str:
     cost = f" ({step.evaluations} evaluations)"
     if step.kind is StepKind.LIFT_DENORMALS:
         scaled = f", inputs scaled x{step.scale:g}" if step.scale != 1 else ""
+        scaled += "".join(f", {arg} scaled {form}" for arg, form in step.forms)  # the other arguments alone
         return f"lift denormals of {', '.join(step.args)} to {step.after:.3g}{scaled}{cost}"
     if step.kind is StepKind.SHRINK:
         return f"shrink {step.dim}: {step.before:g} -> {step.after:g}{cost}"

@@ -52,6 +52,13 @@ class Threshold:
     knob: str
     agree_at: float
     diverge_at: float
+    # Where the finding is gone but the sides still differ in another way (a focal loss whose
+    # log(softmax) is -inf from a logit gap of 104 differs in value from 87 on): the kind of
+    # finding the sides still show at ``agree_at`` ("value"), and the finding's own kind.
+    # Empty: they agree there.
+    still: str = ""
+    finding: str = ""  # the finding, with the component its mechanism is about: "nonfinite (value)"
+    still_what: str = ""  # what still differs at ``agree_at``, with its component: "nonfinite (gradient w.r.t. input)"
 
     @property
     def value(self) -> float:
@@ -60,7 +67,11 @@ class Threshold:
     def describe(self) -> str:
         side = "above" if self.diverge_at > self.agree_at else "below"
         lo, hi = sorted((self.agree_at, self.diverge_at))
-        return f"agree at {self.knob} = {self.agree_at:.4g}, diverge at {self.diverge_at:.4g} (threshold {self.value:.4g}, in [{lo:.4g}, {hi:.4g}]; diverges {side})"
+        where = f"(threshold {self.value:.4g}, in [{lo:.4g}, {hi:.4g}]; diverges {side})"
+        if self.still:
+            return (f"no {self.finding} finding at {self.knob} = {self.agree_at:.4g} (the sides still differ there: "
+                    f"{self.still_what or self.still}), {self.finding} at {self.diverge_at:.4g} {where}")
+        return f"agree at {self.knob} = {self.agree_at:.4g}, diverge at {self.diverge_at:.4g} {where}"
 
 
 @dataclass(frozen=True)
@@ -292,9 +303,26 @@ def subnormals(case: Case) -> int:
 
 # Where a denormal the case was drawn with goes: the float format's smallest normal (or
 # a larger normal magnitude), the whole case scaled up where the lift alone makes it
-# agree (1 / var at var = 1e-45 overflows; at 1.2e-38 it takes |x - t| above 3 as well).
+# agree (1 / var at var = 1e-45 overflows; at 1.2e-38 it takes |x - t| above 3 as well),
+# or the other arguments alone (t / rate at rate = 1e-45, t = 1 overflows; at 1.2e-38 it
+# takes t >= 5: the counts scale, the rate must not).
 LIFTS = (1.0, 1e16)
 LIFT_SCALES = (1.0, 1e2, 1e4, 1e8)
+
+
+def others_scaled(spec: Spec, case: Case, name: str, factor: float) -> Case:
+    """Every floating argument but ``name`` multiplied by ``factor``, where its domain still
+    holds the result (real, positive, counts; not 0/1 masks or probabilities)."""
+    tensors = dict(case.tensors)
+    for a in spec.args:
+        t = case.tensors[a.name]
+        if a.name == name or not t.is_floating_point():
+            continue
+        moved = t * factor
+        classes = case.sizes.get(a.classes) if a.classes else None
+        if bool(torch.isfinite(moved).all()) and DOMAINS[a.domain].legal(moved, classes):
+            tensors[a.name] = _relayout(moved, case)
+    return replace(case, tensors=tensors)
 
 
 def lift_denormals(s: Shrinker) -> bool:
@@ -313,10 +341,15 @@ def lift_denormals(s: Shrinker) -> bool:
         low = (t != 0) & (t.abs() < tiny)
         if not bool(low.any()):
             continue
-        for k, factor in ((k, f) for k in LIFT_SCALES for f in LIFTS):
+        tries = [(k, f, whole) for k in LIFT_SCALES for f in LIFTS for whole in ((True, False) if k != 1 else (True,))]
+        for k, factor, whole in tries:
             lifted = replace(s.case, tensors={**s.case.tensors, name: torch.where(low, torch.sign(t) * tiny * factor, t).to(t.dtype)})
-            if s.consider(lifted if k == 1 else scaled(s.spec, lifted, k)):
-                s.steps.append(Step(StepKind.LIFT_DENORMALS, s.count("evaluations") - used, after=tiny * factor, args=(name,), scale=k))
+            candidate = lifted if k == 1 else scaled(s.spec, lifted, k) if whole else others_scaled(s.spec, lifted, name, k)
+            if (k == 1 or case_key(candidate) != case_key(lifted)) and s.consider(candidate):
+                others = () if whole else tuple((n, f"x{k:g}") for n, v in candidate.tensors.items()
+                                                if n != name and not torch.equal(v, lifted.tensors[n]))
+                s.steps.append(Step(StepKind.LIFT_DENORMALS, s.count("evaluations") - used, after=tiny * factor, args=(name,),
+                                    forms=others, scale=k if whole else 1.0))
                 changed = True
                 break
     return changed
@@ -575,11 +608,26 @@ def scale_threshold(spec: Spec, case: Case, holds: Predicate, floor: float = 1e-
     magnitude = input_magnitude(spec, case)
     if not magnitude or not math.isfinite(magnitude):
         return None
-    low = min(0.5, floor / magnitude)
-    if holds(scaled(spec, case, low)):
+    # Never below the scale that makes an element denormal: the gate refuses those cases,
+    # and a refusal read as "agree" put a threshold ("agree at 1.17e-38") where the sides
+    # still differ (PoissonNLLLoss at rate 2e-38: t / rate overflows at any smaller rate).
+    low = max(min(0.5, floor / magnitude), denormal_edge(spec, case))
+    if low >= 1.0 or holds(scaled(spec, case, low)):
         return None  # diverges at every scale: not a threshold effect
     agree, diverge = bisect(lambda f: holds(scaled(spec, case, f)), low, 1.0)
     return Threshold(scale_knob(spec), agree * magnitude, diverge * magnitude)
+
+
+def denormal_edge(spec: Spec, case: Case) -> float:
+    """The smallest scale factor that keeps every nonzero element of the scaled arguments a
+    normal number (0 when none is nonzero)."""
+    edge = 0.0
+    for name in scaled_args(spec):
+        t = case.tensors[name]
+        nonzero = t.detach()[(t != 0) & torch.isfinite(t)].abs() if t.is_floating_point() else t.new_zeros(0)
+        if nonzero.numel():
+            edge = max(edge, torch.finfo(t.dtype).tiny / float(nonzero.min()))
+    return edge
 
 
 INTEGER_RANGE = 1e4  # below this, the smallest diverging integer reads best (89, 101)
@@ -650,6 +698,13 @@ def mechanism(v: Verdict) -> tuple:
     return (v.kind, shown.what)
 
 
+def _words(mech: tuple) -> str:
+    """A mechanism as a threshold line names it: "value", "gradient w.r.t. x", "nonfinite (value)"."""
+    if len(mech) == 1:
+        return mech[0].value
+    return mech[1] if mech[0] in (Kind.VALUE, Kind.GRADIENT) else f"{mech[0].value} ({mech[1]})"
+
+
 def _finiteness(x: float) -> str:
     return "nan" if math.isnan(x) else "+inf" if x == math.inf else "-inf" if x == -math.inf else "finite"
 
@@ -708,6 +763,14 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
         threshold = scale_threshold(spec, s.case, s.holds_plain)  # the example changed: say where *it* turns
         s.steps.append(Step(StepKind.REMEASURE, ev.evaluations - used, threshold=threshold.value if threshold else None))
     case = s.case
+    if threshold is not None:
+        # "Agree at" must be true of the example shown: a bracket measured on whether the
+        # finding's mechanism holds says nothing of other differences below it.
+        s.current = "scale_threshold"
+        s.bump("evaluations")
+        there = ev.judge(subject, scaled(spec, case, threshold.agree_at / input_magnitude(spec, case)))
+        if there.kind is not None:
+            threshold = replace(threshold, still=there.kind.value, finding=_words(mech), still_what=_words(mechanism(there)))
     final = ev.judge(subject, case)
     changed = case.sizes != divergence.case.sizes or case_key(case) != case_key(divergence.case)
     case = replace(case, note="minimised" if changed else "")

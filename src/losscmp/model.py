@@ -315,7 +315,7 @@ class Verdict:
 class StepKind(str, Enum):
     """What one step of the minimiser did to the example."""
 
-    LIFT_DENORMALS = "lift_denormals"  # denormal values of ``args[0]`` lifted to ``after``; inputs scaled by ``scale``
+    LIFT_DENORMALS = "lift_denormals"  # denormal values of ``args[0]`` lifted to ``after``; inputs scaled by ``scale``, or ``forms`` (the others alone)
     SHRINK = "shrink"  # ``dim`` from ``before`` to ``after`` elements
     SIMPLIFY_VALUES = "simplify_values"  # each argument of ``forms`` replaced by that simpler form
     SIMPLIFY_ELEMENTS = "simplify_elements"  # elements of ``args`` made simpler numbers, one at a time

@@ -25,7 +25,9 @@ the first operation whose result differs, or ``None`` with the reason.
    computed (no output of the other side agrees within the tolerance) to the earliest
    op that makes such a value out of values the other side computed too: the op that
    computes a different quantity on agreeing inputs (:class:`_Walk`).  Ops that only sit
-   in the same position are never paired.  Values that say little (constant fills, all
+   in the same position are never paired.  A value the other side computes negated, in
+   the same pass, is the same quantity (an NLL against ``-log_prob``), when it is
+   distinctive enough (not constant, well off zero) to say so.  Values that say little (constant fills, all
    within atol of zero) count as the same quantity only through views of the same
    outside tensor or the same op on the same inputs; a gradient only as the gradient of
    the counterpart forward value.  A forward departure comes before a backward one.  If that op's inputs agree only within the
@@ -52,6 +54,8 @@ program, where this aligns two different programs.
 
 Tracing runs both sides in this process (a dispatch mode cannot reach a worker), and
 records every op with summaries: it is meant for small cases, never for the search.
+``deadline`` (the explanation's budget) stops a recording at its next op and the
+location says so: recording is many times slower than the call itself.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ import linecache
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Sequence
@@ -78,6 +83,7 @@ from .explain.float64 import float64_case, in_float64
 from .findings import Pair
 from .generate import Case
 from .load import Implementation
+from .model import Status
 from .run import Outcome, call
 from .spec import Spec
 
@@ -254,6 +260,7 @@ class Recording:
     records: tuple[OpRecord, ...]
     outcome: Outcome
     results: tuple[Result, ...] = ()
+    out_of_time: bool = False  # stopped at its deadline: the records are a prefix of the call's
 
 
 def _sequence_nr(node: Any) -> int | None:
@@ -343,9 +350,11 @@ def _user_site(frame: Any, phase: Phase, own: str | None = None) -> Site | None:
 class _Recorder(TorchDispatchMode):
     """Records every aten op of one forward + backward."""
 
-    def __init__(self, own: str | None = None) -> None:
+    def __init__(self, own: str | None = None, deadline: float | None = None) -> None:
         super().__init__()
         self.own = own
+        self.deadline = deadline  # a time.perf_counter() value: past it, every op raises OutOfTime
+        self.out_of_time = False
         self.records: list[OpRecord] = []
         self.phase = Phase.FORWARD
         # tensor -> (version, producing record, summary); weak, so a dead tensor's id is never misread
@@ -395,6 +404,11 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.deadline is not None and (self.out_of_time or time.perf_counter() > self.deadline):
+            # Every op from here on raises, so an implementation that catches the first
+            # (a fallback path) cannot run on unrecorded past the budget.
+            self.out_of_time = True
+            raise OutOfTime("the explanation's time budget ran out while recording")
         if self.phase is Phase.FORWARD:
             self._resolve_pending()
         # Inputs are summarised before the call: an in-place op changes them.
@@ -455,9 +469,18 @@ def _scalar_text(x: Any) -> str:
     return f"{x:.17g}" if isinstance(x, float) else str(x)
 
 
-def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
-    """Run ``impl`` on ``case`` as :func:`run.call` does, recording every aten op."""
-    recorder = _Recorder(own_root(impl))
+class OutOfTime(BaseException):
+    """Raised inside a recorded call once its deadline has passed.  A BaseException, so that
+    an implementation's own ``except Exception`` does not swallow it (run.call records it as
+    the call's failure, and :func:`record` says why)."""
+
+
+def record(impl: Implementation, spec: Spec, case: Case, deadline: float | None = None) -> Recording:
+    """Run ``impl`` on ``case`` as :func:`run.call` does, recording every aten op.
+
+    ``deadline`` (a ``time.perf_counter()`` value): past it the call is stopped at its next
+    op, and the recording says so (``out_of_time``)."""
+    recorder = _Recorder(own_root(impl), deadline)
     with contextlib.ExitStack() as active:
 
         def traced(*args: Any, **kwargs: Any) -> Any:
@@ -468,12 +491,15 @@ def record(impl: Implementation, spec: Spec, case: Case) -> Recording:
                 recorder.forward_done()
 
         with breadcrumbs.watched(impl.label, spec, case):  # a hang or crash here is named like any in-process call
-            outcome = call(traced, spec, case)
+            try:
+                outcome = call(traced, spec, case)
+            except OutOfTime as e:  # raised again by run.call's own checks after the call, while still recording
+                outcome = Outcome(Status.EXCEPTION, error=str(e))
     returned = [("value", Phase.FORWARD, outcome.value)]
     returned += [(f"gradient w.r.t. {k}", Phase.BACKWARD, g) for k, g in outcome.grads.items()]
     results = tuple(Result(what, phase, summarise(t) if t is not None else None, recorder.producer(t) if t is not None else None)
                     for what, phase, t in returned)
-    return Recording(impl.label, tuple(recorder.records), outcome, results if not outcome.failed else ())
+    return Recording(impl.label, tuple(recorder.records), outcome, results if not outcome.failed else (), recorder.out_of_time)
 
 
 # --- alignment and localisation -----------------------------------------------------------
@@ -607,6 +633,20 @@ def _cause_via_other_side(own: Sequence[OpRecord], other: Sequence[OpRecord], ot
 # --- alignment by data ---------------------------------------------------------------------
 
 
+def _negated(s: Summary) -> Summary:
+    """The summary of -t, from the summary of t."""
+    return replace(s, values=None if s.values is None else -s.values, sample=None if s.sample is None else -s.sample,
+                   total=-s.total, low=-s.high, high=-s.low, posinfs=s.neginfs, neginfs=s.posinfs)
+
+
+def _distinctive(s: Summary, tol: Tolerance) -> bool:
+    """A floating value specific enough that finding it negated on the other side is evidence
+    of the same quantity: not constant, and some element :data:`NEAR_ZERO_ATOLS` atol off
+    zero (fork_no_debias' gradients of ~1e-5 match their own negation under atol alone)."""
+    return (s.dtype.is_floating_point and not _indistinct(s, tol) and s.numel > 1
+            and max(abs(s.low), abs(s.high)) > NEAR_ZERO_ATOLS * _tolerance_for(s, tol).atol)
+
+
 def _indistinct(s: Summary, tol: Tolerance) -> bool:
     """A value that says little about which quantity it is: every element equal (zeros,
     ones, a 1/N fill), or every element within atol of zero (so within the tolerance of
@@ -714,6 +754,16 @@ class _Walk:
         if key not in self._cache:
             self._cache[key] = set()  # a cycle through constant values proves nothing
             hits = self.other.producers(s, self.tol)
+            if not hits and _distinctive(s, self.tol):
+                # The same quantity with the opposite sign: -log_prob against an NLL, carried
+                # negated until one side flips it (PoissonNLLLoss' exp(z) - t·z against the
+                # distribution's t·z - exp(z)).  Only for values well off zero and not constant:
+                # a tiny or uniform tensor is minus many things by coincidence.  And only in the
+                # same pass: a library Dice's gradient w.r.t. tp is, to the bit, minus a
+                # hand-written Dice's forward dice (2 / denominator both).
+                phase = self.own.records[producer].phase if producer is not None else Phase.FORWARD
+                hits = {h for h in self.other.producers(_negated(s), self.tol)
+                        if (self.other.records[h].phase if h is not None else Phase.FORWARD) is phase}
             if hits and producer is not None and _carries_gradient(self.own.records, producer):
                 hits = {h for h in hits if self._same_forward(producer, h)}
             if hits and _indistinct(s, self.tol):
@@ -785,6 +835,12 @@ class _Walk:
         if start is None:
             return None
         records = self.own.records
+        made = records[start].outputs[0] if records[start].outputs else None
+        if made is not None and self.shared(made, start):
+            # The differing result is itself a value the other side computes (and then goes
+            # on from): no op of this side computes anything new.  fork_no_debias' gradient
+            # w.r.t. y is the upstream's before it adds the debiasing term's.
+            return None
         found: list[int] = []
         todo, seen = [start], set()
         while todo:
@@ -864,7 +920,8 @@ def _side_under_test(lines: dict[str, SourceLine], expected: str, actual: str) -
     return mine[0] if mine else actual
 
 
-def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working: str | None = None) -> Localisation:
+def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working: str | None = None,
+             deadline: float | None = None) -> Localisation:
     """Where two recordings part ways, by data.
 
     ``working``: set when the two recordings are one program run at two precisions (the
@@ -900,6 +957,9 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
     if first is None:
         return Localisation(None, f"not localised: the results differ but no returned tensor shows it; {coverage}", cov)
     res_a, res_b, why = first
+    if deadline is not None and time.perf_counter() > deadline:
+        return Localisation(None, f"not localised: the explanation's time budget ran out after recording and aligning both "
+                            f"sides, before following the values; {coverage}", cov)
     to_b, to_a = alignment.expected_to_actual, alignment.actual_to_expected
     walk_a = _Walk(expected, _Values(actual), to_b, tol)
     walk_b = _Walk(actual, _Values(expected), to_a, tol)
@@ -940,8 +1000,8 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
     dep_a, dep_b = refined
     how: dict[str, str] = {}
     causes = {}
-    for label, own, other, dep, other_dep, own_to_other, other_to_own in (
-            (le, a, b, dep_a, dep_b, to_b, to_a), (la, b, a, dep_b, dep_a, to_a, to_b)):
+    for label, own, other, dep, other_dep, own_to_other, other_to_own, start in (
+            (le, a, b, dep_a, dep_b, to_b, to_a, res_a.producer), (la, b, a, dep_b, dep_a, to_a, to_b, res_b.producer)):
         cause = dep
         lacking = (other_dep is not None and other[other_dep].phase is Phase.BACKWARD and other_dep not in other_to_own
                    and _same_forward_value(other, own, other_dep, other_to_own, tol))
@@ -954,6 +1014,10 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
                 cause = via
                 how[label] = ("its result is a value the other side computes on the way" if dep is None
                               else "its gradient lacks ops the other side runs") + ", placed where the other side's extra path leaves the shared program"
+            elif dep is None and start is not None:
+                # No backward path to follow over: named at the op that returns the result.
+                cause = start
+                how[label] = "its result is a value the other side computes on the way, named at the op that returns it"
         causes[label] = cause
     cause_a, cause_b = causes[le], causes[la]
     if cause_a is None or cause_b is None:
@@ -1060,7 +1124,7 @@ def _text(s: Summary | None) -> str:
 
 
 def locate(expected: Implementation, actual: Implementation, spec: Spec, case: Case, tol: Tolerance,
-           *, unstable: str | None = None) -> Localisation:
+           *, unstable: str | None = None, deadline: float | None = None) -> Localisation:
     """Record both sides on ``case`` and localise their first divergence.
 
     ``unstable``: the label of the side a numerical finding blames (the float64 oracle's
@@ -1071,11 +1135,24 @@ def locate(expected: Implementation, actual: Implementation, spec: Spec, case: C
     if unstable is not None:
         if unstable not in (expected.label, actual.label):
             raise ValueError(f"unstable side {unstable!r} is neither {expected.label!r} nor {actual.label!r}")
-        return locate_unstable(expected if unstable == expected.label else actual, spec, case, tol)
-    return localise(record(expected, spec, case), record(actual, spec, case), tol)
+        return locate_unstable(expected if unstable == expected.label else actual, spec, case, tol, deadline=deadline)
+    start = time.perf_counter()
+    recordings = []
+    for impl in (expected, actual):
+        rec = record(impl, spec, case, deadline)
+        if rec.out_of_time:
+            return _out_of_time(rec.label, start, deadline)
+        recordings.append(rec)
+    return localise(recordings[0], recordings[1], tol, deadline=deadline)
 
 
-def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance) -> Localisation:
+def _out_of_time(label: str, start: float, deadline: float | None) -> Localisation:
+    spent = time.perf_counter() - start
+    return Localisation(None, f"not localised: the explanation's time budget ran out while recording {label} (the trace had "
+                        f"{(deadline or start) - start:.3g} s of it, stopped after {spent:.3g} s)", 0.0)
+
+
+def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance, *, deadline: float | None = None) -> Localisation:
     """The first op of ``impl`` whose output in the working dtype departs from its own
     float64 output while its inputs agree: where the precision is lost."""
     label = impl.label
@@ -1085,9 +1162,14 @@ def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance
     # The two recordings are runs of one program: named as runs, so the note reads "the
     # float32 run departs at ..." rather than "bce_on_sigmoid in float32's op".
     wide_label, work_label = "the float64 run", f"the {_dtype_word(case)} run"
-    wide = replace(record(impl64, spec, float64_case(case)), label=wide_label)
-    work = replace(record(impl, spec, case), label=work_label)
-    found = localise(wide, work, tol, working=work_label)
+    start = time.perf_counter()
+    wide = replace(record(impl64, spec, float64_case(case), deadline), label=wide_label)
+    if wide.out_of_time:
+        return _out_of_time(f"{label}'s float64 run", start, deadline)
+    work = replace(record(impl, spec, case, deadline), label=work_label)
+    if work.out_of_time:
+        return _out_of_time(f"{label}'s {_dtype_word(case)} run", start, deadline)
+    found = localise(wide, work, tol, working=work_label, deadline=deadline)
     head = f"numerical: located on {label}, the unstable side, by its own {_dtype_word(case)} vs float64 run"
     if not found.differs:
         return Localisation(None, f"{head}: not localised, {label} agrees with its own float64 run on this case; {found.note}",

@@ -12,7 +12,7 @@ from typing import Any
 from . import render
 from .consistency import SelfConsistency
 from .impact import Impact
-from .oracle import Categorised, NonFiniteOrigin
+from .oracle import CaseCategory, Categorised, NonFiniteOrigin
 from .relation import Relation
 from .render import location_json
 
@@ -42,6 +42,9 @@ class Explanation:
     rounded: tuple[str, ...] = ()  # sides whose non-finite working result is the correctly rounded float64 one
     onset: float | None = None  # largest |element| of the scaled arguments from which the unstable side turns non-finite
     budget_note: str = ""  # the time budget, when the cost of a call raised it
+    checked: int = 0  # the finding's cases the category was decided over
+    mixed: tuple[CaseCategory, ...] = ()  # cases of the finding with the other cause (two causes in one finding)
+    float64_differs: bool = False  # numerical NaN/inf, but the finite float64 results still differ (another finding's cause)
 
     def sentence(self) -> str:
         """The one sentence a finding opens with."""

@@ -17,8 +17,9 @@ drift from its own float64 result), and for a NaN/inf that float64 keeps, the
   not).  Only the component the finding is about is judged (:func:`components`); the
   sides' drift is measured against their float64 result *rounded to the working
   dtype*, so a correctly rounded overflow (+inf) is not instability and a NaN is.
-* :func:`over_cases` decides over the finding's other cases too (numerical as soon as
-  float64 resolves one).
+* :func:`over_cases` decides over the finding's other cases too: numerical where float64
+  resolves one (a case shown beyond its reach saturates float64 too), both causes where
+  float64 still differs on a case no larger than one it resolves.
 * :func:`nonfinite_origin` traces a non-finite value float64 keeps at every scale to
   the op that makes it (log 0, division by 0, slope of sqrt at 0 ⇒ semantic; a shared
   overflow ⇒ unknown); :func:`nonfinite_onset` bisects where a side turns non-finite
@@ -92,6 +93,24 @@ class Oracle:
     values: tuple[tuple[str, float], ...] = ()  # each side's working-dtype value on the case itself
     origin: NonFiniteOrigin | None = None  # what makes a non-finite value that float64 keeps
     rounded: tuple[str, ...] = ()  # sides whose non-finite working result is float64's, correctly rounded (an overflow, not a bug)
+    checked: int = 1  # the finding's cases the category was decided over (the one shown included)
+    mixed: tuple[CaseCategory, ...] = ()  # cases of the finding whose cause is the other one (see over_cases)
+    float64_differs: bool = False  # numerical NaN/inf whose finite float64 results still differ (a second cause, another finding)
+
+
+@dataclass(frozen=True)
+class CaseCategory:
+    """The oracle's answer on one more case of a finding: a finding can mix two causes
+    (PoissonNLLLoss(full) vs -Poisson.log_prob: Stirling's log t! on small counts, float32
+    rounding on counts of millions)."""
+
+    case: str  # the case, described
+    magnitude: float  # its largest |element| over the scaled arguments
+    category: Category
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"case": self.case, "magnitude": self.magnitude, "category": self.category.value, "reason": self.reason}
 
 
 # How far down the oracle walks the input scale (halving each time) looking for a
@@ -222,6 +241,14 @@ def oracle(
             reason = (f"in float64 the sides differ {gain:.3g} times less than in {_dtype_name(case)} "
                       f"({v64.detail.split(';')[0]}): the difference comes from precision")
             return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls, values, rounded=rounded)
+        if step == 0 and kind == "nonfinite":
+            made = _working_nonfinite(full, work, parts, tol, working, pair)
+            if made is not None:
+                label, drifts, rounded = made
+                reason = (f"{label}'s NaN/inf is {_dtype_name(case)} only: its float64 result there is finite, and not "
+                          f"beyond {_dtype_name(case)}'s range; the finite results still differ in float64 ({v64.detail}), "
+                          f"a difference of its own")
+                return Oracle(Category.NUMERICAL, reason, label, drifts, scale, calls, values, rounded=rounded, float64_differs=True)
         overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(o.value is not None and not torch.isfinite(o.value).all() for o in full.values())
         if step == 0 and overflowed:
             persistent = {la: o for la, o in full.items() if not _finite_in(o, parts)}
@@ -270,6 +297,22 @@ def oracle(
         down_to += " (the scale ladder was cut short by the time budget)"
     return Oracle(Category.SEMANTIC, f"still different in float64{'' if at == 1 else f' at input scale x{at:g}'}: {detail}{down_to}",
                   scale=at, evaluations=calls, values=values)
+
+
+def _working_nonfinite(full: dict[str, Outcome], work: dict[str, Outcome], parts: frozenset[str], tol: Tolerance,
+                       working: torch.dtype, pair: tuple[str, str]) -> tuple[str, tuple[tuple[str, float], ...], tuple[str, ...]] | None:
+    """A side whose NaN/inf (in the parts a non-finite finding is about) only the working dtype
+    makes: finite in float64, and not float64's result rounded (an overflow past the working
+    dtype's range is that function's true value there, a guard's absence, not instability).
+    POT's Sinkhorn at x = 0.6, y = 1: a NaN gradient in float32, -0.8 in float64.  That the
+    finite results still differ in float64 (-0.8 vs geomloss' -0.4) is a second cause with a
+    finding of its own (gradient); the NaN itself is numerical.  None when there is no such side."""
+    made = [la for la in pair if not _finite_in(work[la], parts) and _finite_in(full[la], parts)]
+    if not made:
+        return None
+    drifts, rounded = _drifts(full, work, tol, working, pair)
+    broken = [la for la in made if la not in rounded and dict(drifts)[la] > 1.0]
+    return (broken[0], drifts, rounded) if broken else None
 
 
 def _finite_in(outcome: Outcome, parts: frozenset[str]) -> bool:
@@ -468,22 +511,44 @@ def _dtype_name(case: Case) -> str:
     return "the working dtype"
 
 
-def over_cases(first: Oracle, expected: Implementation, actual: Implementation, spec: Spec, others: Sequence[Case],
+def over_cases(first: Oracle, expected: Implementation, actual: Implementation, spec: Spec, shown: Case, others: Sequence[Case],
                tol: Tolerance, run: Runner, kind: str, in_process: bool, deadline: float) -> Oracle:
-    """The category over the finding's cases: numerical as soon as float64 resolves one of
-    them, saying that on the explained case float64 differs (or overflows) too."""
+    """The category over the finding's cases: ``shown`` (judged as ``first``) and ``others``,
+    each of those judged as it is (no scale ladder: the worst case of a search can be large
+    and slow; four calls each).
+
+    float64 agreeing on a case makes it numerical there; float64 still differing makes it
+    semantic there, unless the case is larger than every case float64 resolves: then float64
+    may saturate too (sigmoid(89) is 1.0 in float64 as well), and the finding is numerical,
+    saying so.  A semantic case no larger than one that float64 resolves is no saturation:
+    the finding mixes two causes (PoissonNLLLoss(full): Stirling's log t! at t = 2, float32
+    rounding at t = 8e6).  Then the category stays the one shown and ``mixed`` lists the cases
+    of the other cause, which the sentence says."""
+    judged: list[tuple[Case, Oracle]] = [(shown, first)]
     for other in sorted(others, key=lambda c: c.numel()):  # the cheapest first
         if time.perf_counter() > deadline:
             break
-        # The case as it is, no scale ladder (the explained case had one): four calls, since
-        # the worst case of a search can be large and slow.
-        o = oracle(expected, actual, spec, other, tol, run=run, kind=kind, trace_nonfinite=in_process, deadline=deadline, ladder=0)
-        if o.category is Category.NUMERICAL:
-            mag = input_magnitude(spec, other)
-            reason = (f"{o.reason} on another case of this finding ({scale_knob(spec)} {mag:.4g}); on the case shown float64 "
-                      f"cannot resolve it ({first.reason.split(':')[0]}): float64 saturates there as well")
-            return replace(o, reason=reason, values=first.values, evaluations=first.evaluations + o.evaluations)
-    return first
+        judged.append((other, oracle(expected, actual, spec, other, tol, run=run, kind=kind, trace_nonfinite=in_process,
+                                     deadline=deadline, ladder=0)))
+    calls = first.evaluations + sum(o.evaluations for _, o in judged[1:])
+    numerical = [(c, o) for c, o in judged if o.category is Category.NUMERICAL]
+    if not numerical:
+        return replace(first, evaluations=calls, checked=len(judged))
+    reach = max(input_magnitude(spec, c) for c, _ in numerical)
+    genuine = [(c, o) for c, o in judged if o.category is Category.SEMANTIC and input_magnitude(spec, c) <= reach]
+    if any(c is shown for c, _ in genuine):  # the case shown differs in float64 below a scale float64 resolves
+        return replace(first, evaluations=calls, checked=len(judged), mixed=_described(spec, numerical))
+    base = first
+    if first.category is not Category.NUMERICAL:
+        other, o = numerical[0]
+        reason = (f"{o.reason} on another case of this finding ({scale_knob(spec)} {input_magnitude(spec, other):.4g}); on the case "
+                  f"shown float64 cannot resolve it ({first.reason.split(':')[0]}): float64 saturates there as well")
+        base = replace(o, reason=reason, values=first.values)
+    return replace(base, evaluations=calls, checked=len(judged), mixed=_described(spec, genuine))
+
+
+def _described(spec: Spec, judged: Sequence[tuple[Case, Oracle]]) -> tuple[CaseCategory, ...]:
+    return tuple(CaseCategory(c.describe(), input_magnitude(spec, c), o.category, o.reason) for c, o in judged)
 
 
 # Bisection steps for the magnitude at which a side's value turns non-finite.

@@ -29,6 +29,11 @@ def sentence(ex: Explanation) -> str:
         head = f"semantic: the gradients of {e} and {a} differ (in float64 too)"
     elif c is Category.SEMANTIC:
         head = f"semantic: {e} and {a} compute different functions (they differ in float64 too)"
+    elif c is Category.NUMERICAL and ex.float64_differs:
+        # Not "agree in float64": only the NaN/inf is the working dtype's doing.
+        drift_u = ex.drift.get(ex.unstable_side or "", math.nan)
+        head = (f"numerical: {ex.unstable_side}'s NaN/inf is the working dtype's (finite in float64; drifts from its own float64 "
+                f"result, score {num(drift_u)}); the finite float64 results of {e} and {a} still differ, a cause of its own")
     elif c is Category.NUMERICAL:
         drift_u = ex.drift.get(ex.unstable_side or "", math.nan)
         head = f"numerical: {e} and {a} agree in float64; {ex.unstable_side} drifts from its own float64 result (score {num(drift_u)})"
@@ -37,6 +42,10 @@ def sentence(ex: Explanation) -> str:
     else:
         head = f"{c.value}: {ex.reason}" if ex.reason else c.value
     parts = [head]
+    if ex.mixed:
+        m = ex.mixed[0]
+        parts.append(f"two causes in this finding: {m.category.value} on {len(ex.mixed)} of the {ex.checked} cases checked "
+                     f"({m.case}: {m.reason.split(';')[0]}), {c.value} on the case shown")
     parts += [f"{la}'s NaN/inf is its float64 result correctly rounded (an overflow of the working dtype, not an error)" for la in ex.rounded]
     where = _where(ex)
     if where:
@@ -111,6 +120,7 @@ def _impact_words(ex: Explanation) -> str:
 def evidence(ex: Explanation) -> list[str]:
     e, a = ex.pair
     lines = [f"float64 oracle: {ex.category.value} — {ex.reason}" if ex.reason else f"category: {ex.category.value}"]
+    lines += [f"on another case of this finding, {m.category.value} — {m.reason} ({m.case})" for m in ex.mixed]
     if ex.origin is not None:
         lines.append(f"non-finite origin in {ex.origin.label}: {ex.origin.describe()}")
     if ex.onset is not None:
@@ -167,6 +177,8 @@ def to_json(ex: Explanation) -> dict[str, Any]:
         "category": ex.category.value,
         "reason": ex.reason,
         "unstable_side": ex.unstable_side,
+        "cases_checked": ex.checked,  # the finding's cases the category was decided over
+        "mixed": [m.to_json() for m in ex.mixed],  # cases with the other cause: two causes in one finding
         "drift": {k: json_float(v) for k, v in ex.drift.items()},
         "self_consistency": {k: v.to_json() for k, v in ex.self_consistency.items()},
         "relation": ex.relation.to_json() if ex.relation else None,
@@ -180,6 +192,7 @@ def to_json(ex: Explanation) -> dict[str, Any]:
         "skipped": list(ex.skipped),
         "origin": ex.origin.to_json() if ex.origin else None,
         "rounded": list(ex.rounded),
+        "float64_differs": ex.float64_differs,
         "nonfinite_onset": json_float(ex.onset),
         "budget": ex.budget_note or None,
         "sentence": sentence(ex),

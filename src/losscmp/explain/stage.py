@@ -97,7 +97,8 @@ def explain(
 
     ``impact_steps``: None runs the training-impact probe for semantic divergences
     with a gradient (IMPACT_STEPS steps), 0 never, n > 0 always with n steps.
-    ``locate``: ``trace.locate(expected, actual, spec, case, tol)``, if given.
+    ``locate``: ``trace.locate(expected, actual, spec, case, tol, deadline=...)``, if given
+    (``unstable=`` too, for a numerical finding).
     A finding about one implementation alone (mutation, nondeterminism) passes
     ``actual=None`` (or the same implementation twice).
     ``also``: other cases of the same finding (its worst case, its representative).
@@ -157,14 +158,16 @@ def explain(
                            f"and an explanation needs about {budget.calls_wanted} calls")
             seconds = raised
     # The trace records each side once under its own dispatch mode, not through ``run``:
-    # those two calls are added to the count by hand.
+    # those two calls are added to the count by hand.  It gets the budget's deadline: a stage
+    # is only gated when it starts, and recording a slow side op by op (a Sinkhorn at N = 200)
+    # ran an explanation stated at 60 s on past it.
     def traced() -> Any:
         assert locate is not None  # staged only when given
         counted.calls += 2
         if orc is not None and orc.category is Category.NUMERICAL and orc.unstable_side:
             # Located on the unstable side by its own working-dtype vs float64 run.
-            return locate(expected, actual, spec, case, tol, unstable=orc.unstable_side)
-        return locate(expected, actual, spec, case, tol)
+            return locate(expected, actual, spec, case, tol, unstable=orc.unstable_side, deadline=start + seconds)
+        return locate(expected, actual, spec, case, tol, deadline=start + seconds)
 
     loc = stage("trace", traced) if locate is not None else None
     others = [c for c in also if c is not None and c is not case]
@@ -178,10 +181,12 @@ def explain(
     # The finding's other cases can be large (the worst case of a search): they get a
     # share of what is left, after location and impact, never all of it.
     scale_free = orc is not None and orc.origin is not None and orc.origin.cause.scale_free  # log 0, 1/0: no case resolves those
-    if orc is not None and orc.category in (Category.SEMANTIC, Category.UNKNOWN) and not scale_free and others:
+    # Whatever the case shown says: a numerical example can stand for a finding whose
+    # smaller cases differ in float64 too (two causes in one finding).
+    if orc is not None and not scale_free and others:
         share = min(start + seconds, time.perf_counter() + ORACLE_SHARE * seconds)
-        orc = stage("oracle on the finding's other cases", lambda: over_cases(orc, expected, actual, spec, others, tol, counted, kind,
-                                                                               in_process, share)) or orc
+        orc = stage("oracle on the finding's other cases", lambda: over_cases(orc, expected, actual, spec, case, others, tol, counted,
+                                                                               kind, in_process, share)) or orc
     category = orc.category if orc else Category.UNKNOWN
     consistency: dict[str, SelfConsistency] = {}
     for impl in (expected, actual):
@@ -225,6 +230,7 @@ def explain(
         reason=orc.reason if orc else "; ".join(skipped),
         unstable_side=orc.unstable_side if orc else None,
         drift=dict(orc.drift) if orc else {},
+        float64_differs=bool(orc and orc.float64_differs),
         self_consistency=consistency,
         relation=rel,
         location=loc,
@@ -238,5 +244,7 @@ def explain(
         rounded=orc.rounded if orc else (),
         onset=onset,
         budget_note=budget_note,
+        checked=orc.checked if orc else 0,
+        mixed=orc.mixed if orc else (),
     )
 
