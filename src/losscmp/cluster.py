@@ -25,7 +25,9 @@ the same report as one process.
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``).  The connection is made by the
   first runner that needs it and ended when the last runner closes, so no actor and no
   local instance outlives the run: on Ctrl-C (the runners close as the exception passes)
-  and on SIGTERM (``workers.register_for_sigterm``) as at the end.
+  and on SIGTERM (``workers.register_for_sigterm``) as at the end.  The environment
+  ``ray.init`` changed is given back then.  Only a pytest session holds the connection and
+  its actors from one check to the next (:func:`hold_connection`).
 
 Ray is an optional dependency (``pip install "losscmp[ray]"``): it is imported here only,
 and only when a run asks for it.  The actor process needs losscmp and the
