@@ -6,7 +6,8 @@ findings), the cause of a non-finite value float64 keeps, which sides' gradients
 (in)consistent, and the relation of the values.  The audit runs through the command
 line (``losscmp.cli.main``, ``--json``) over several seeds; every field it states is
 checked against the truth.  Also checked on every run, with no hand-written answer:
-the relation never calls "equal" more cases than the verdict lets agree.  CASES are
+the relation never calls "equal" more cases than the verdict lets agree, and a threshold's
+"agree at X" is what the sides do on the saved minimal example scaled to X (run again).  CASES are
 hand-made inputs the search may not draw (identical images), explained directly.
 
     python scripts/bench_truth.py [--seeds 0 1 2] [--examples 100] [--no-keops]
@@ -22,6 +23,7 @@ further from it on the finding's saved (minimal) example.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -35,10 +37,12 @@ from pathlib import Path
 import torch
 
 from losscmp.cli import main
-from losscmp.compare import Tolerance
+from losscmp.compare import Tolerance, compare_outcomes
 from losscmp.explain import float64_case
 from losscmp.generate import Case
 from losscmp.load import load_implementation
+from losscmp.minimize import with_magnitude
+from losscmp.model import Pair
 from losscmp.repro import load_repro
 from losscmp.run import call
 from losscmp.spec import parse_spec
@@ -71,9 +75,11 @@ class PairTruth:
     may_miss: bool = False  # the search may not draw the input (identical images)
     examples: int | None = None  # None: --examples
     reference: str | None = None  # an implementation whose float64 run is the exact answer (for NEAREST)
+    needs: tuple[str, ...] = ()  # third-party modules the pair imports: skipped, with a note, when one is missing
 
 
 NEAREST = "the side further from the reference's float64 result"
+NONFINITE_SIDE = "the side that is NaN/inf in float32 and finite in float64 on the saved example"
 AMBIGUOUS = 2.0  # errors within this factor of each other: either side is a true answer
 
 
@@ -169,6 +175,73 @@ PAIRS = [
               seeds=(0, 1, 2), examples=30, reference=F + "sinkhorn_torch.py:official"),
 ]
 
+# Real third-party code (fixtures/real/pairs.py; the libraries are not in the CI venv, so these
+# rows are skipped there with a note; run them with a Python that has them).  Each truth was
+# settled by running both sides in float32 and float64 and reading the library's source.
+R = f"{FIXTURES}/real/pairs.py:"
+CLASSES = "input: B C logits grad; target: B labels(C); B=1..8; C=2..6"
+PAIRS += [
+    # kornia takes log_softmax; the copy takes log(softmax): p_t underflows to a denormal from a
+    # logit gap of ~87 (value off) and to 0 from ~104 (log 0 = -inf), in float32 only (float64:
+    # ~745).  Both are smooth functions, their gradients their values' derivatives.
+    PairTruth("real: kornia focal_loss vs focal by hand", R + "kornia_focal", R + "focal_by_hand", CLASSES,
+              {"nonfinite": T("numerical", unstable="focal_by_hand", consistent={"kornia_focal": True, "focal_by_hand": True}),
+               "value": T("numerical", unstable="focal_by_hand"), "gradient": T("numerical", unstable="focal_by_hand")},
+              relation="equal", needs=("kornia",)),
+    # log(1 - sigmoid(z)): 1 - sigmoid(z) cancels from z ~ 7 and is 0 from z ~ 17 in float32
+    # (float64: ~37); sigmoid(-z) is 0 from z = 88.72 (exp overflows).  kornia uses logsigmoid.
+    PairTruth("real: kornia binary focal vs by hand", R + "kornia_binary_focal", R + "binary_focal_by_hand", "binary",
+              {"nonfinite": T("numerical", unstable="binary_focal_by_hand"), "value": T("numerical", unstable="binary_focal_by_hand"),
+               "gradient": T("numerical", unstable="binary_focal_by_hand")}, relation="equal", needs=("kornia",)),
+    # MONAI's softmax_focal_loss and kornia's focal_loss (alpha None): the same formula,
+    # log_softmax in both, the same 'mean' over B x C.  Any finding is a false alarm.
+    PairTruth("real: MONAI FocalLoss vs kornia focal_loss", R + "monai_focal", R + "kornia_focal_no_alpha", CLASSES, {},
+              relation="equal", needs=("monai", "kornia")),
+    # torchmetrics: 10/ln10 (2 ln 1 - ln(SSE / n)); by hand: 10 log10(1 / MSE).  The same
+    # function; on identical images both are +inf (and both gradients NaN): they agree.
+    PairTruth("real: torchmetrics PSNR vs by hand", R + "torchmetrics_psnr", R + "psnr_by_hand",
+              "preds: B C H W image grad; target: B C H W image; B=1..2; C=1..3; H=1..12; W=1..12", {},
+              relation="equal", needs=("torchmetrics",)),
+    # torchmetrics clamps |target| at 1.17e-6; by hand divides by |target|: 0/0 at t = 0 in any
+    # dtype (a guard on one side), and another value below |t| = 1.17e-6 (float64 too).
+    PairTruth("real: torchmetrics MAPE vs by hand", R + "torchmetrics_mape", R + "mape_by_hand", "regression",
+              {"nonfinite": T("semantic", origin="division by 0"),
+               "value": T("semantic", consistent={"torchmetrics_mape": True, "mape_by_hand": True}), "gradient": T("semantic")},
+              relation="equal", needs=("torchmetrics",)),
+    # MONAI: (2 I + 1e-5) / (|P| + |T| + 1e-5); by hand: 2 I / (|P| + |T| + 1e-5).  Semantic
+    # (float64 too); an empty class scores 1 vs 0.
+    PairTruth("real: MONAI DiceLoss(softmax) vs eps below", R + "monai_dice", R + "dice_eps_below",
+              "input: B C H W logits grad; target: B C H W binary; B=1..3; C=2..3; H=1..8; W=1..8",
+              {"value": T("semantic", consistent={"monai_dice": True, "dice_eps_below": True}), "gradient": T("semantic")},
+              needs=("monai",)),
+    # pytorch-metric-learning's NTXentLoss (one positive per anchor) is SimCLR's InfoNCE: equal
+    # in float64.  On rows of norm ~1e-8, normalize's backward cancels in float32 (z = -7.1e-9,
+    # D = 1: the copy's gradient -2, the exact 0; pml's 0): numerical, the side further from float64.
+    PairTruth("real: pml NTXentLoss vs InfoNCE by hand", R + "pml_ntxent", R + "infonce_by_hand",
+              "z1: B D real grad; z2: B D real grad; B=2..8; D=1..8",
+              {"value": T("numerical", unstable=NEAREST), "gradient": T("numerical", unstable=NEAREST)},
+              relation="equal", reference=R + "pml_ntxent", needs=("pytorch_metric_learning",)),
+    # POT's kernel-domain Sinkhorn with reg = 0.05² (geomloss' eps for blur 0.05) vs geomloss'
+    # debiased log-domain divergence with cost |x - y|²/2: different functions (one point pair:
+    # |x - y|² vs |x - y|²/2).  POT's K = exp(-C/reg) underflows (value 0, gradient exactly 0,
+    # "numerical errors at iteration 0"), and where it does not its backward overflows to NaN in
+    # float32 only (x = 0.6, y = 1: NaN, float64 -0.8): that NaN is numerical, POT unstable.
+    # geomloss overflows to NaN in float32 at x = 2e18, y = 0 (float64: 2e36, within float32's
+    # range): numerical, geomloss unstable.  So the unstable side is the one whose NaN float64
+    # removes.  geomloss raises "Maximum allowed size exceeded" on coincident points (a real exception).
+    PairTruth("real: POT sinkhorn2 vs geomloss", R + "pot_sinkhorn2", R + "geomloss_sinkhorn",
+              "x: N D real grad; y: M D real; N=1..8; M=1..8; D=1..3",
+              {"value": T("semantic"), "gradient": T("semantic"), "exception": T("exception"),
+               "nonfinite": T("numerical", unstable=NONFINITE_SIDE)},
+              relation="other", needs=("ot", "geomloss")),
+    # kornia.metrics.ssim (mean of the map) and torchmetrics' SSIM agree in float64 on these
+    # sizes; float32 variance E[x²] - E[x]² cancels on near-constant images: numerical, the side
+    # further from float64.
+    PairTruth("real: kornia SSIM vs torchmetrics SSIM", R + "kornia_ssim", R + "torchmetrics_ssim", "images",
+              {"value": T("numerical", unstable=NEAREST), "gradient": T("numerical", unstable=NEAREST)},
+              relation="equal", reference=R + "torchmetrics_ssim", needs=("kornia", "torchmetrics")),
+]
+
 # Inputs the search may not draw, explained directly: (name, good, bad, spec, tensors, truth)
 CASES = [
     ("PSNR on identical images", X + "psnr_guarded", X + "psnr", "preds: B image grad; target: B image; B=1..8",
@@ -219,7 +292,7 @@ def check_finding(tally: Tally, where: str, d: dict, truths: Truth | tuple[Truth
         tally.check(where, "category", cat, allowed, cat in allowed)
     truth = next((t for t in alternatives if cat in t.category), alternatives[0])
     if cat == "numerical" and truth.unstable:
-        true_sides = nearest if truth.unstable == NEAREST else frozenset({truth.unstable})
+        true_sides = nearest if truth.unstable in (NEAREST, NONFINITE_SIDE) else frozenset({truth.unstable})
         if true_sides is None:
             tally.untrue.append(f"ERROR {where}: no saved example to find the true unstable side on")
         else:
@@ -272,10 +345,41 @@ def nearest_sides(pair: PairTruth, labels: list[str], repro: str, kind: str) -> 
     return frozenset(label for label, e in errors.items() if e * AMBIGUOUS >= far)
 
 
+def at_agree(pair: PairTruth, labels: list[str], repro: str, agree_at: float) -> str:
+    """What the sides truly do on the saved example scaled to the threshold's "agree at"
+    magnitude: "agree", or the kind of finding they still show there (run again here)."""
+    saved = load_repro(repro)
+    there = with_magnitude(saved.spec, saved.case, agree_at)
+    impls = [load_implementation(ref) for ref in (pair.a, pair.b)]
+    outcomes = [call(impl.fn, saved.spec, there) for impl in impls]
+    v = compare_outcomes(Pair(*labels), *outcomes, Tolerance.for_dtype(torch.float32))
+    return v.kind.value if v.kind is not None else "agree"
+
+
+def _unstable_truth(truths: Truth | tuple[Truth, ...] | None) -> str | None:
+    return next((t.unstable for t in (truths if isinstance(truths, tuple) else (truths,)) if t is not None and t.unstable), None)
+
+
+def nonfinite_sides(pair: PairTruth, labels: list[str], repro: str) -> frozenset[str]:
+    """The side(s) whose float32 result on the saved example has a NaN/inf that their own
+    float64 result does not (run again here)."""
+    saved = load_repro(repro)
+
+    def finite(o) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in [o.value, *o.grads.values()] if t is not None)
+
+    made = set()
+    for label, ref in zip(labels, (pair.a, pair.b)):
+        fn = load_implementation(ref).fn
+        if not finite(call(fn, saved.spec, saved.case)) and finite(call(fn, saved.spec, float64_case(saved.case))):
+            made.add(label)
+    return frozenset(made)
+
+
 def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        save = ["--save-dir", str(Path(tmp) / "saved")] if pair.reference else ["--no-save"]
+        save = ["--save-dir", str(Path(tmp) / "saved")]  # the saved minimal examples: NEAREST and the threshold check
         argv = [pair.a, pair.b, "--spec", pair.spec, "--seed", str(seed), "--examples", str(pair.examples or examples),
                 *save, "--json", str(out)]
         with redirect_stdout(StringIO()):
@@ -286,6 +390,11 @@ def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[st
         report = json.loads(out.read_text())
         nearest = {id(d): nearest_sides(pair, report["implementations"], d["repro"], d["kind"])
                    for d in report["divergences"] if pair.reference and d.get("repro") and d["kind"] in ("value", "gradient")}
+        nearest |= {id(d): nonfinite_sides(pair, report["implementations"], d["repro"])
+                    for d in report["divergences"] if d["kind"] == "nonfinite" and d.get("repro")
+                    and _unstable_truth(pair.kinds.get("nonfinite")) == NONFINITE_SIDE}
+        below = {id(d): at_agree(pair, report["implementations"], d["repro"], d["threshold"]["agree_at"])
+                 for d in report["divergences"] if d.get("repro") and d.get("threshold")}
     where = f"{pair.name} seed {seed}"
     said = []
     for d in report["divergences"]:
@@ -295,6 +404,10 @@ def run_pair(tally: Tally, pair: PairTruth, seed: int, examples: int) -> list[st
             said.append(f"{d['kind']}: FALSE ALARM")
             continue
         verdict = check_finding(tally, f"{where} {d['kind']}", d, truth, nearest.get(id(d)))
+        if id(d) in below:  # "agree at X" must be true of the example shown, scaled to X
+            said_below = d["threshold"].get("still_differ_at_agree") or "agree"
+            tally.check(f"{where} {d['kind']}", "threshold: what the sides do at 'agree at'", said_below, below[id(d)],
+                        said_below == below[id(d)])
         if id(d) in nearest:
             verdict += f" [further from float64: {'/'.join(sorted(nearest[id(d)]))}]"
         said.append(f"{d['kind']}: {verdict}")
@@ -327,6 +440,10 @@ def main_(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for pair in PAIRS:
         if args.only and args.only not in pair.name:
+            continue
+        missing = [m for m in pair.needs if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"{pair.name:38s} skipped: {', '.join(missing)} not installed", flush=True)
             continue
         for seed in pair.seeds or args.seeds:
             said = run_pair(tally, pair, seed, args.examples)

@@ -272,7 +272,9 @@ def test_observe_is_none_for_failed_or_nonfinite_calls_and_sees_detached_gradien
     assert observe(call(good.fn, spec, big), call(naive.fn, spec, big)) is None
     mse, frozen = impl("wrong_backward.py:mse"), impl("wrong_backward.py:mse_frozen_gradient")
     o = observe(call(mse.fn, REGRESSION, SMALL), call(frozen.fn, REGRESSION, SMALL), "standard")
-    assert o.expected == pytest.approx(o.actual) and o.cosine == 0.0 and o.norm_ratio == 0.0
+    # A gradient that is exactly zero on one side has no direction: seen, and left out of the
+    # cosine (it used to count as cosine 0, "pointing elsewhere"; issue 15, POT's Sinkhorn).
+    assert o.expected == pytest.approx(o.actual) and o.cosine is None and o.zero_gradient == "actual"
 
 
 # --- training impact -------------------------------------------------------------------------

@@ -35,6 +35,7 @@ environment that provides them).
 from __future__ import annotations
 
 from dataclasses import replace
+import os
 import threading
 import time
 import weakref
@@ -88,6 +89,9 @@ class _Connection:
         self.idle: list[Any] = []  # actors no runner holds, ready for the next one
         self.started: dict[Any, Any] = {}  # every live actor of the run -> its warm-up (an ObjectRef)
         self.actor_class: Any = None
+        self.env_set_by_ray: dict[str, tuple[str | None, str]] = {}  # key -> (before ray.init, as ray.init left it)
+        self.address: str | None = None  # what the connection made by a runner joined
+        self.held = 0  # hold() calls not yet released: the connection and idle actors outlive each run
 
     def join(self, runner: RayRunner) -> None:
         with self.lock:
@@ -97,7 +101,15 @@ class _Connection:
     def ensure(self, address: str) -> Any:
         ray = _ray()
         with self.lock:
+            # A connection held for a pytest session, to another address than this run's.
+            stale = self.ours and self.address != address and ray.is_initialized()
+            if stale and self.users > 1:
+                raise UsageError(f"--ray {address}: this process is connected to the Ray cluster at {self.address} for another run")
+        if stale:
+            self._end()
+        with self.lock:
             if not ray.is_initialized():
+                before = dict(os.environ)
                 try:
                     if address == "local":
                         ray.init(**LOCAL_INIT)
@@ -107,7 +119,9 @@ class _Connection:
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     what = "could not start a local Ray instance" if address == "local" else f"could not join the Ray cluster at {address}"
                     raise UsageError(f"--ray {address}: {what}: {first}") from None
-                self.ours = True
+                finally:
+                    self.env_set_by_ray = {k: (before.get(k), v) for k, v in os.environ.items() if before.get(k) != v}
+                self.ours, self.address = True, address
         return ray
 
     def warm(self, ray: Any, actors: int, refs: tuple[Ref, ...]) -> None:
@@ -119,14 +133,23 @@ class _Connection:
 
     def take(self, ray: Any, refs: tuple[Ref, ...]) -> Any:
         with self.lock:
-            return self.idle.pop(0) if self.idle else self._start(ray, refs)
+            if not self.idle:
+                return self._start(ray, refs)
+            actor = self.idle.pop(0)
+            if self.held:  # kept from an earlier run, perhaps of other implementations: this run's loaded first
+                self.started[actor] = actor.preload.remote(refs)
+            return actor
 
-    def give_back(self, ray: Any, actor: Any) -> None:
-        """An actor its runner is done with: kept for the next runner, unless another actor
-        of the run still waits for a CPU (then this one's goes to it)."""
+    def give_back(self, ray: Any, actor: Any, giver: RayRunner) -> None:
+        """An actor its runner is done with: kept for a live runner that has none yet (the
+        run's own, for the stages after a ``--jobs`` search), unless one is kept for it
+        already or another actor of the run still waits for a CPU (then this one's goes to
+        it).  Otherwise killed: after a search of N shares the stages call one actor, and N - 1
+        idle ones held their CPUs on the cluster until the run ended."""
         with self.lock:
             waiting = [w for a, w in self.started.items() if a is not actor]
-            if self.users > 1 and not (waiting and ray.wait(waiting, num_returns=len(waiting), timeout=0)[1]):
+            needed = sum(1 for r in self.runners if r is not giver and r.actor is None and not r.closed)
+            if (self.held or len(self.idle) < needed) and not (waiting and ray.wait(waiting, num_returns=len(waiting), timeout=0)[1]):
                 self.idle.append(actor)
                 return
             self.started.pop(actor, None)
@@ -148,22 +171,70 @@ class _Connection:
         with self.lock:
             self.runners.discard(runner)
             self.users -= 1
-            if self.users > 0:
+            if self.users > 0 or self.held:
                 return
+        self._end()
+
+    def hold(self) -> None:
+        with self.lock:
+            self.held += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.held -= 1
+            if self.held or self.users:
+                return
+        self._end()
+
+    def _end(self) -> None:
+        """Every actor of the connection killed; the connection (and a local instance) ended
+        if a runner made it."""
+        with self.lock:
             actors, self.idle, self.started = list(self.started), [], {}
-            ours, self.ours = self.ours, False
+            ours, self.ours, self.address = self.ours, False, None
         if actors or ours:
             ray = _ray()
             for actor in actors:
                 _kill(ray, actor)
             if ours and ray.is_initialized():
                 ray.shutdown()
+            if ours:
+                self._restore_env()
+
+    def _restore_env(self) -> None:
+        """Undo what ``ray.init`` did to this process's environment, now that the connection
+        is over.  A local instance turns on Ray's token authentication for the *process*
+        (``RAY_AUTH_MODE=token``, read into Ray's cached config), and it outlived
+        ``ray.shutdown()``: a cluster joined next in the same process, without token auth,
+        cancelled every actor before its first call ("all references to the actor were
+        removed").  ``PYTHONBREAKPOINT`` pointing at Ray's debugger went on too."""
+        changed, self.env_set_by_ray = self.env_set_by_ray, {}
+        for key, (before, set_by_ray) in changed.items():
+            if os.environ.get(key) != set_by_ray:
+                continue  # changed again since (by the user): theirs
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+        if "RAY_AUTH_MODE" in changed:
+            _reload_ray_auth()
 
     def close(self, fast: bool = False) -> None:
         """SIGTERM: every runner stopped, every actor killed, the connection (and a local
         instance) ended with the last runner."""
         for runner in list(self.runners):
             runner.close(healthy=False)  # mid-call, perhaps: no later runner gets that actor
+
+
+def _reload_ray_auth() -> None:
+    """Have Ray read the authentication mode and token afresh (as ``ray.init`` does when it
+    turns token auth on).  Ray before token auth (< 2.5x) has neither cache, nor the setting."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config  # private: no public way to reload
+    except ImportError:
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _kill(ray: Any, actor: Any) -> None:
@@ -174,6 +245,23 @@ def _kill(ray: Any, actor: Any) -> None:
 
 
 _CONNECTION = _Connection()
+
+
+def hold_connection() -> None:
+    """Keep the Ray connection a run makes, and the actors it gives back, for the runs after
+    it in this process, until :func:`release_connection`.  The pytest plugin holds it for a
+    session: a check then pays neither a connection nor, above all, a new actor (a new Ray
+    worker process importing torch, seconds; the README has the numbers).  An actor kept
+    from an earlier check loads this check's implementations before its first call, as a new
+    one does; the implementations of earlier checks stay imported in it, as they do in the
+    pytest process itself without Ray.  Kept actors hold their CPUs until the release."""
+    _CONNECTION.hold()
+
+
+def release_connection() -> None:
+    """The end of :func:`hold_connection`: once no run is under way, every actor is killed
+    and the connection (and a local instance) ended."""
+    _CONNECTION.release()
 
 
 def stop_ray_runners() -> None:
@@ -325,7 +413,7 @@ class RayRunner:
         actor, self.actor = self.actor, None
         if actor is not None:
             if healthy:
-                _CONNECTION.give_back(_ray(), actor)
+                _CONNECTION.give_back(_ray(), actor, self)
             else:
                 _CONNECTION.forget(actor)
                 _kill(_ray(), actor)
@@ -343,4 +431,4 @@ def _death(e: BaseException) -> str:
     return ""
 
 
-__all__ = ["RayRunner", "stop_ray_runners"]
+__all__ = ["RayRunner", "hold_connection", "release_connection", "stop_ray_runners"]

@@ -136,8 +136,11 @@ def _finding(i: int, d: dict[str, Any]) -> str:
     t = d.get("threshold")
     if t:
         agree, diverge, value = (format(t[k], ".4g") for k in ("agree_at", "diverge_at", "value"))
-        out.append(f"<p class=\"threshold\">threshold: agree at {_e(t['knob'])} = {_e(agree)}, diverge at {_e(diverge)} "
-                   f"(threshold {_e(value)})</p>")
+        if t.get("still_differ_at_agree"):  # the finding is gone there, but not every difference
+            out.append(f"<p class=\"threshold\">threshold: {_e(t.get('text') or '')}</p>")
+        else:
+            out.append(f"<p class=\"threshold\">threshold: agree at {_e(t['knob'])} = {_e(agree)}, diverge at {_e(diverge)} "
+                       f"(threshold {_e(value)})</p>")
     regimes = d.get("regimes") or {}
     if regimes:
         most = max(regimes.values())

@@ -52,6 +52,13 @@ class Threshold:
     knob: str
     agree_at: float
     diverge_at: float
+    # Where the finding is gone but the sides still differ in another way (a focal loss whose
+    # log(softmax) is -inf from a logit gap of 104 differs in value from 87 on): the kind of
+    # finding the sides still show at ``agree_at`` ("value"), and the finding's own kind.
+    # Empty: they agree there.
+    still: str = ""
+    finding: str = ""  # the finding, with the component its mechanism is about: "nonfinite (value)"
+    still_what: str = ""  # what still differs at ``agree_at``, with its component: "nonfinite (gradient w.r.t. input)"
 
     @property
     def value(self) -> float:
@@ -60,7 +67,11 @@ class Threshold:
     def describe(self) -> str:
         side = "above" if self.diverge_at > self.agree_at else "below"
         lo, hi = sorted((self.agree_at, self.diverge_at))
-        return f"agree at {self.knob} = {self.agree_at:.4g}, diverge at {self.diverge_at:.4g} (threshold {self.value:.4g}, in [{lo:.4g}, {hi:.4g}]; diverges {side})"
+        where = f"(threshold {self.value:.4g}, in [{lo:.4g}, {hi:.4g}]; diverges {side})"
+        if self.still:
+            return (f"no {self.finding} finding at {self.knob} = {self.agree_at:.4g} (the sides still differ there: "
+                    f"{self.still_what or self.still}), {self.finding} at {self.diverge_at:.4g} {where}")
+        return f"agree at {self.knob} = {self.agree_at:.4g}, diverge at {self.diverge_at:.4g} {where}"
 
 
 @dataclass(frozen=True)
@@ -687,6 +698,13 @@ def mechanism(v: Verdict) -> tuple:
     return (v.kind, shown.what)
 
 
+def _words(mech: tuple) -> str:
+    """A mechanism as a threshold line names it: "value", "gradient w.r.t. x", "nonfinite (value)"."""
+    if len(mech) == 1:
+        return mech[0].value
+    return mech[1] if mech[0] in (Kind.VALUE, Kind.GRADIENT) else f"{mech[0].value} ({mech[1]})"
+
+
 def _finiteness(x: float) -> str:
     return "nan" if math.isnan(x) else "+inf" if x == math.inf else "-inf" if x == -math.inf else "finite"
 
@@ -745,6 +763,14 @@ def minimize(ev, divergence, keep: Callable[[Case], bool] | None = None) -> Mini
         threshold = scale_threshold(spec, s.case, s.holds_plain)  # the example changed: say where *it* turns
         s.steps.append(Step(StepKind.REMEASURE, ev.evaluations - used, threshold=threshold.value if threshold else None))
     case = s.case
+    if threshold is not None:
+        # "Agree at" must be true of the example shown: a bracket measured on whether the
+        # finding's mechanism holds says nothing of other differences below it.
+        s.current = "scale_threshold"
+        s.bump("evaluations")
+        there = ev.judge(subject, scaled(spec, case, threshold.agree_at / input_magnitude(spec, case)))
+        if there.kind is not None:
+            threshold = replace(threshold, still=there.kind.value, finding=_words(mech), still_what=_words(mechanism(there)))
     final = ev.judge(subject, case)
     changed = case.sizes != divergence.case.sizes or case_key(case) != case_key(divergence.case)
     case = replace(case, note="minimised" if changed else "")

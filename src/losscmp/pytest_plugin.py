@@ -129,6 +129,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # command line's options and is tallied.
     session = config.stash[SESSION] = Session(_command_line_options(config), lambda result: tally.add(result, config.rootpath))
     SESSIONS.append(session)
+    if session.defaults.settings.execution.ray is not None:
+        from .cluster import hold_connection  # Ray's runner: imported only when the session uses it
+
+        hold_connection()  # one connection, and its actors, for every check of the session
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistController(config), "losscmp-xdist")
 
@@ -139,6 +143,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION, None)
     if session in SESSIONS:
         SESSIONS.remove(session)
+        if session.defaults.settings.execution.ray is not None:
+            from .cluster import release_connection
+
+            release_connection()
 
 
 def _command_line_options(config: pytest.Config) -> CheckOptions:

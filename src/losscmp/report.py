@@ -333,7 +333,8 @@ def divergence_json(d: Divergence, result: AuditResult | None = None) -> dict[st
         "minimal": {**(_verdict_json(m.verdict) if m.verdict is not None and m.verdict.kind else {"detail": None, "mismatch": None}),
                     "inputs": {name: tensor_text(t, limit=SHOW_TENSORS_UP_TO) for name, t in m.case.tensors.items()}} if m else None,
         "threshold": (
-            {"knob": m.threshold.knob, "agree_at": m.threshold.agree_at, "diverge_at": m.threshold.diverge_at, "value": m.threshold.value}
+            {"knob": m.threshold.knob, "agree_at": m.threshold.agree_at, "diverge_at": m.threshold.diverge_at, "value": m.threshold.value,
+             "still_differ_at_agree": m.threshold.still or None, "text": m.threshold.describe()}
             if m and m.threshold
             else None
         ),

@@ -44,6 +44,7 @@ class Explanation:
     budget_note: str = ""  # the time budget, when the cost of a call raised it
     checked: int = 0  # the finding's cases the category was decided over
     mixed: tuple[CaseCategory, ...] = ()  # cases of the finding with the other cause (two causes in one finding)
+    float64_differs: bool = False  # numerical NaN/inf, but the finite float64 results still differ (another finding's cause)
 
     def sentence(self) -> str:
         """The one sentence a finding opens with."""

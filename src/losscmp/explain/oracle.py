@@ -95,6 +95,7 @@ class Oracle:
     rounded: tuple[str, ...] = ()  # sides whose non-finite working result is float64's, correctly rounded (an overflow, not a bug)
     checked: int = 1  # the finding's cases the category was decided over (the one shown included)
     mixed: tuple[CaseCategory, ...] = ()  # cases of the finding whose cause is the other one (see over_cases)
+    float64_differs: bool = False  # numerical NaN/inf whose finite float64 results still differ (a second cause, another finding)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,14 @@ def oracle(
             reason = (f"in float64 the sides differ {gain:.3g} times less than in {_dtype_name(case)} "
                       f"({v64.detail.split(';')[0]}): the difference comes from precision")
             return Oracle(Category.NUMERICAL, reason, unstable, drifts, scale, calls, values, rounded=rounded)
+        if step == 0 and kind == "nonfinite":
+            made = _working_nonfinite(full, work, parts, tol, working, pair)
+            if made is not None:
+                label, drifts, rounded = made
+                reason = (f"{label}'s NaN/inf is {_dtype_name(case)} only: its float64 result there is finite, and not "
+                          f"beyond {_dtype_name(case)}'s range; the finite results still differ in float64 ({v64.detail}), "
+                          f"a difference of its own")
+                return Oracle(Category.NUMERICAL, reason, label, drifts, scale, calls, values, rounded=rounded, float64_differs=True)
         overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(o.value is not None and not torch.isfinite(o.value).all() for o in full.values())
         if step == 0 and overflowed:
             persistent = {la: o for la, o in full.items() if not _finite_in(o, parts)}
@@ -288,6 +297,22 @@ def oracle(
         down_to += " (the scale ladder was cut short by the time budget)"
     return Oracle(Category.SEMANTIC, f"still different in float64{'' if at == 1 else f' at input scale x{at:g}'}: {detail}{down_to}",
                   scale=at, evaluations=calls, values=values)
+
+
+def _working_nonfinite(full: dict[str, Outcome], work: dict[str, Outcome], parts: frozenset[str], tol: Tolerance,
+                       working: torch.dtype, pair: tuple[str, str]) -> tuple[str, tuple[tuple[str, float], ...], tuple[str, ...]] | None:
+    """A side whose NaN/inf (in the parts a non-finite finding is about) only the working dtype
+    makes: finite in float64, and not float64's result rounded (an overflow past the working
+    dtype's range is that function's true value there, a guard's absence, not instability).
+    POT's Sinkhorn at x = 0.6, y = 1: a NaN gradient in float32, -0.8 in float64.  That the
+    finite results still differ in float64 (-0.8 vs geomloss' -0.4) is a second cause with a
+    finding of its own (gradient); the NaN itself is numerical.  None when there is no such side."""
+    made = [la for la in pair if not _finite_in(work[la], parts) and _finite_in(full[la], parts)]
+    if not made:
+        return None
+    drifts, rounded = _drifts(full, work, tol, working, pair)
+    broken = [la for la in made if la not in rounded and dict(drifts)[la] > 1.0]
+    return (broken[0], drifts, rounded) if broken else None
 
 
 def _finite_in(outcome: Outcome, parts: frozenset[str]) -> bool:

@@ -36,6 +36,7 @@ class Observation:
     regime: str | None = None
     values_agree: bool | None = None  # the verdict's value comparison, within the run's tolerance
     gradients_agree: bool | None = None  # every gradient within the run's tolerance, as the verdict judged it
+    zero_gradient: str | None = None  # "expected" / "actual": that side's gradient is exactly zero, the other's not
 
 
 def judged(verdict: Verdict) -> tuple[bool | None, bool | None]:
@@ -94,8 +95,12 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None, verdi
     dot, ne, na = stats[2], stats[3], stats[4]
     if ne == 0 and na == 0:
         cosine, ratio = 1.0, 1.0
+    elif (ne == 0 or na == 0) and agree[1] is not True:
+        # A zero gradient has no direction: counting it as orthogonal (cosine 0) made POT's
+        # underflowed Sinkhorn (zero gradient on most float32 cases) "point elsewhere".
+        return Observation(ve, va, None, None, regime, *agree, zero_gradient="expected" if ne == 0 else "actual")
     elif ne == 0 or na == 0:
-        cosine, ratio = 0.0, (math.inf if ne == 0 else 0.0)
+        cosine, ratio = 0.0, (math.inf if ne == 0 else 0.0)  # within the verdict's tolerance of zero: equal, as judged
     else:
         cosine, ratio = dot / (ne * na), na / ne
     return Observation(ve, va, cosine, ratio, regime, *agree)
@@ -131,6 +136,10 @@ class Relation:
     # verdict judged each case) or "cosine" (observations without a verdict: COSINE_EQUAL
     # and RATIO_RTOL).  None: no gradients.
     gradient_equal_by: str | None = None
+    # Cases where one side's gradient is exactly zero and the other's is not (and the verdict
+    # did not call them equal): no direction to compare, so they are left out of the gradient
+    # relation and counted here, per side ("expected" / "actual").
+    zero_gradient: tuple[tuple[str, int], ...] = ()
 
     @property
     def same_minimisers(self) -> bool:
@@ -143,7 +152,8 @@ class Relation:
                 "offset": json_float(self.offset), "cosine_median": json_float(self.cosine_median), "cases": self.cases,
                 "value_fits": self.value_fits, "gradient_cases": self.gradient_cases, "gradient_fits": self.gradient_fits,
                 "outliers": dict(self.outliers), "equal_within": list(self.equal_within) if self.equal_within else None,
-                "skipped_cases": self.skipped_cases, "opposite": self.opposite, "gradient_equal_by": self.gradient_equal_by}
+                "skipped_cases": self.skipped_cases, "opposite": self.opposite, "gradient_equal_by": self.gradient_equal_by,
+                "zero_gradient": dict(self.zero_gradient)}
 
     def describe(self, pair: tuple[str, str]) -> str:
         e, a = pair
@@ -181,6 +191,9 @@ class Relation:
             grad += f", median cosine {self.cosine_median:.3g}"
         if self.opposite:
             grad += f"; opposite on {self.opposite} case(s): different minimisers (where one descends, the other ascends)"
+        for side, n in self.zero_gradient:
+            zero, other = (e, a) if side == "expected" else (a, e)
+            grad += f"; the gradient of {zero} is exactly zero on {n} case(s) where {other}'s is not (no direction to compare, left out)"
         text = f"{value}; {grad}"
         if self.outliers:
             text += "; cases that do not fit, by regime: " + ", ".join(f"{r} {n}" for r, n in self.outliers)
@@ -213,6 +226,8 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
     value, factor, offset, value_fit = _value_relation(obs, rtol, atol, tol)
     with_grads = [o for o in obs if o.cosine is not None and o.norm_ratio is not None]
     gradient, grad_factor, cos_median, grad_fit = _gradient_relation(with_grads, bool(obs))
+    if gradient is None and any(o.zero_gradient for o in obs):
+        gradient = "unknown"  # gradients there were, but only one side's, elsewhere zero: nothing to relate
     equal_by = None if not with_grads else "verdict" if any(o.gradients_agree is not None for o in with_grads) else "cosine"
     if factor is None and gradient == "parallel":
         factor = grad_factor
@@ -227,9 +242,10 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
             if not ok and id(o) not in value_misfit:
                 misfits[o.regime or "unknown"] = misfits.get(o.regime or "unknown", 0) + 1
     opposite = sum(1 for o in with_grads if o.cosine is not None and o.cosine <= -COSINE_PARALLEL)
+    zero = tuple((side, n) for side in ("expected", "actual") if (n := sum(1 for o in obs if o.zero_gradient == side)))
     return Relation(value, gradient, factor, offset, cos_median, len(obs), sum(value_fit), len(with_grads), sum(grad_fit),
                     tuple(sorted(misfits.items(), key=lambda kv: -kv[1])), (tol.rtol, tol.atol) if tol else None, len(given) - len(obs),
-                    opposite, equal_by)
+                    opposite, equal_by, zero)
 
 
 def _close(x: float, y: float, rtol: float, atol: float) -> bool:

@@ -29,6 +29,11 @@ def sentence(ex: Explanation) -> str:
         head = f"semantic: the gradients of {e} and {a} differ (in float64 too)"
     elif c is Category.SEMANTIC:
         head = f"semantic: {e} and {a} compute different functions (they differ in float64 too)"
+    elif c is Category.NUMERICAL and ex.float64_differs:
+        # Not "agree in float64": only the NaN/inf is the working dtype's doing.
+        drift_u = ex.drift.get(ex.unstable_side or "", math.nan)
+        head = (f"numerical: {ex.unstable_side}'s NaN/inf is the working dtype's (finite in float64; drifts from its own float64 "
+                f"result, score {num(drift_u)}); the finite float64 results of {e} and {a} still differ, a cause of its own")
     elif c is Category.NUMERICAL:
         drift_u = ex.drift.get(ex.unstable_side or "", math.nan)
         head = f"numerical: {e} and {a} agree in float64; {ex.unstable_side} drifts from its own float64 result (score {num(drift_u)})"
@@ -187,6 +192,7 @@ def to_json(ex: Explanation) -> dict[str, Any]:
         "skipped": list(ex.skipped),
         "origin": ex.origin.to_json() if ex.origin else None,
         "rounded": list(ex.rounded),
+        "float64_differs": ex.float64_differs,
         "nonfinite_onset": json_float(ex.onset),
         "budget": ex.budget_note or None,
         "sentence": sentence(ex),

@@ -230,6 +230,7 @@ def explain(
         reason=orc.reason if orc else "; ".join(skipped),
         unstable_side=orc.unstable_side if orc else None,
         drift=dict(orc.drift) if orc else {},
+        float64_differs=bool(orc and orc.float64_differs),
         self_consistency=consistency,
         relation=rel,
         location=loc,
