@@ -456,3 +456,44 @@ def test_a_run_keeps_only_the_crashed_cases_its_report_names(tmp_path, jobs):
     named = set(re.findall(r"[\w.-]+--crash--[0-9a-f]+\.json", text))  # the other run's too: it was replayed first
     assert {p.name for p in save.glob("*.json")} == named and "mse--segfaults--crash--0123456789.json" in named, named
     assert all((save / n).with_suffix(".npz").exists() for n in named)
+
+
+@pytest.mark.slow  # two runs that meet a segfault some 20 times each
+def test_a_run_never_removes_a_saved_crash_it_met_again(tmp_path):
+    """A later run that crashes on a case an earlier run kept (same name: the same case)
+    replays it first and may meet it again in its search without showing it: the file is the
+    earlier run's, named by its report, and by this run's list of replayed cases."""
+    import json
+
+    from losscmp.cli import main
+
+    (tmp_path / "lim.py").write_text(textwrap.dedent("""
+        import ctypes
+        from pathlib import Path
+
+        import torch
+
+
+        def mse(input, target):
+            return torch.nn.functional.mse_loss(input, target)
+
+
+        def segfaults_from(input, target):
+            if input.numel() >= int(Path(__file__).with_name("limit.txt").read_text()):  # workers may predate an env var
+                ctypes.string_at(0)  # SIGSEGV
+            return mse(input, target)
+    """))
+    lim, save = tmp_path / "lim.py", tmp_path / "saved"
+    argv = [f"{lim}:mse", f"{lim}:segfaults_from", "--isolate", "--spec", "regression", "--examples", "30", "--seed", "1",
+            "--save-dir", str(save), "--no-explain"]
+    (tmp_path / "limit.txt").write_text("24")
+    assert main([*argv, "--json", str(tmp_path / "first.json")]) == 1
+    first = set(re.findall(r"[\w.-]+--crash--[0-9a-f]+\.json", (tmp_path / "first.json").read_text()))
+    (tmp_path / "limit.txt").write_text("2")  # more cases crash: smaller ones are shown now
+    assert main([*argv, "--json", str(tmp_path / "second.json")]) == 1
+    second = (tmp_path / "second.json").read_text()
+    assert first and all(n in second for n in first)  # replayed first
+    named = first | set(re.findall(r"[\w.-]+--crash--[0-9a-f]+\.json", second))
+    missing = [n for n in named if not (save / n).is_file() or not (save / n).with_suffix(".npz").is_file()]
+    assert not missing, missing
+    assert all(json.loads((save / n).read_text()).get("run") for n in first if "--mse--" in n)  # the kept ones carry a run id

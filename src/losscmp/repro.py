@@ -172,8 +172,11 @@ def save_case(
     extra: dict[str, Any] | None = None,
     durable: bool = True,
     cwd: str | Path | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write ``STEM.npz`` + ``STEM.json``; returns the JSON path.  ``durable``: fsync too.
+    ``overwrite=False``: a file of that name already there (the same case and outcomes, as the
+    name hashes them, saved earlier) is left as it is and its path returned.
 
     File references (relative to ``cwd``, the folder the run was started in: the current
     one by default) are stored relative to its project root, so a replay in another clone
@@ -201,6 +204,8 @@ def save_case(
                 arrays[f"out.{side}.grad.{g}"] = tensor_to_numpy(t)
     digest = hashlib.sha256(b"".join(a.tobytes() for a in arrays.values())).hexdigest()[:10]
     stem = f"{_slug(pair[0])}--{_slug(pair[1])}--{kind}--{digest}"
+    if not overwrite and (directory / f"{stem}.json").is_file() and (directory / f"{stem}.npz").is_file():
+        return directory / f"{stem}.json"
     meta = {
         "format": FORMAT,
         "pair": list(pair),

@@ -151,7 +151,10 @@ class CaseKeeper:
             return self.record.replaying
         directory = self.record.keep_dir if self.record.keep_dir is not None else self.directory()
         try:
-            kept = self._save(directory, impl, spec, case, kind, error, timeout)
+            # A repro already in the save folder under this name (the same case, kept by an
+            # earlier run, which names it, and perhaps replayed it first) stays as it is: rewritten,
+            # it would carry this run's id, and go at the end of this run if no finding shows it.
+            kept = self._save(directory, impl, spec, case, kind, error, timeout, overwrite=self.record.keep_dir is None)
         except (OSError, TypeError, ValueError):  # an unwritable save folder: the pending copy stays
             if pending is None:
                 raise
@@ -163,7 +166,7 @@ class CaseKeeper:
         return kept
 
     def _save(self, directory: Path, impl: Implementation, spec: Spec, case: Case, kind: Status, error: str, timeout: float | None,
-              durable: bool = True) -> Path:
+              durable: bool = True, overwrite: bool = True) -> Path:
         label = impl.label
         partner = self.record.partner(label)
         refs = {r.label: r for r in self.record.refs}
@@ -185,6 +188,7 @@ class CaseKeeper:
             device=str(next(iter(case.tensors.values())).device),
             extra={"isolate": True, "timeout": timeout, "error": error, **({"run": self.record.run_id} if self.record.run_id else {})},
             durable=durable,
+            overwrite=overwrite,
         )
 
     def close(self) -> None:
