@@ -41,7 +41,7 @@ from losscmp.compare import Tolerance, compare_outcomes
 from losscmp.explain import float64_case
 from losscmp.generate import Case
 from losscmp.load import load_implementation
-from losscmp.minimize import with_magnitude
+from losscmp.minimize import input_magnitude, scaled
 from losscmp.model import Pair
 from losscmp.repro import load_repro
 from losscmp.run import call
@@ -349,7 +349,9 @@ def at_agree(pair: PairTruth, labels: list[str], repro: str, agree_at: float) ->
     """What the sides truly do on the saved example scaled to the threshold's "agree at"
     magnitude: "agree", or the kind of finding they still show there (run again here)."""
     saved = load_repro(repro)
-    there = with_magnitude(saved.spec, saved.case, agree_at)
+    # Scaled as the minimiser's bisection scales (one factor), not to the exact magnitude: a
+    # point 1% from the threshold can flip on the last bit of a different scaling.
+    there = scaled(saved.spec, saved.case, agree_at / input_magnitude(saved.spec, saved.case))
     impls = [load_implementation(ref) for ref in (pair.a, pair.b)]
     outcomes = [call(impl.fn, saved.spec, there) for impl in impls]
     v = compare_outcomes(Pair(*labels), *outcomes, Tolerance.for_dtype(torch.float32))

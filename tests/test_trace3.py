@@ -101,3 +101,14 @@ def test_a_loss_of_one_is_not_taken_for_the_other_sides_gradient_seed(tmp_path):
     assert "a value the other side computes" not in note, note
     if where["location"] is not None:  # or not localised: one number each side
         assert where["location"]["mean_diff"]["op"] == "aten.sub.Tensor", note
+
+
+def test_two_departing_ops_that_give_the_same_value_are_not_a_location(tmp_path, capsys):
+    # The same pair minimised to z = 0, t = 3 (seed 0): t·z = 0 and xlogy(t, exp z) = 0 are
+    # zeros, never matched by value alone, so each walk took its own for a departure and the
+    # location named mul against xlogy: two ops that, by the data, compute the same thing.
+    a, b = f"{FIXTURES}/inference.py:poisson_full", f"{FIXTURES}/truth.py:poisson_log_prob"
+    case = Case({"input": torch.tensor([0.0]), "target": torch.tensor([3.0])}, {"B": 1})
+    where = traced(tmp_path, a, b, "input: B real grad; target: B counts; B=1..8", case, ("poisson_full", "poisson_log_prob"), "value")
+    assert where["location"] is None
+    assert "the two departing ops give the same value" in where["location_note"], where["location_note"]

@@ -17,7 +17,7 @@ from losscmp.explain import Category, explain
 from losscmp.explain.relation import observe, relation
 from losscmp.generate import Case
 from losscmp.load import load_implementation
-from losscmp.minimize import with_magnitude
+from losscmp.minimize import input_magnitude, scaled
 from losscmp.model import Pair
 from losscmp.repro import load_repro
 from losscmp.run import call
@@ -114,7 +114,7 @@ def test_the_threshold_never_says_agree_where_the_sides_still_differ(tmp_path):
     for d in found:
         t, saved = d["threshold"], load_repro(d["repro"])
         a, b = (load_implementation(f"{MIRROR}:{n}") for n in ("focal_log_softmax", "focal_log_of_softmax"))
-        there = with_magnitude(saved.spec, saved.case, t["agree_at"])
+        there = scaled(saved.spec, saved.case, t["agree_at"] / input_magnitude(saved.spec, saved.case))  # as the bisection scales
         v = compare_outcomes(Pair(a.label, b.label), call(a.fn, saved.spec, there), call(b.fn, saved.spec, there), F32)
         assert (v.kind.value if v.kind else None) == t["still_differ_at_agree"]
         assert v.kind is None or not t["text"].startswith("agree at"), t["text"]

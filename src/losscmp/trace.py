@@ -1028,6 +1028,9 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
                             f"the other side lacks from values both compute; {why}; {coverage}", cov)
     lookalike = [text for walk, cause in ((walk_a, cause_a), (walk_b, cause_b))
                  if (text := _same_number_elsewhere(walk, cause)) is not None]
+    if not lookalike and not how and not carried:
+        same = _departures_equal(a[cause_a], b[cause_b])
+        lookalike = [same] if same else []
     if lookalike:
         return Localisation(None, f"not localised: the {res_a.what} differs, but {'; '.join(lookalike)}: one number cannot "
                             f"tell the same quantity from a coincidence, so no pair of ops is shown by data to compute "
@@ -1074,6 +1077,16 @@ def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
     other = walk.other.records[hits[0]]
     return (f"{walk.own.label}'s {r.op} = {v:.8g} equals a value the other side computes ({other.op} = "
             f"{_text(other.outputs[0] if other.outputs else None)})")
+
+
+def _departures_equal(ra: OpRecord, rb: OpRecord) -> str | None:
+    """The two departing ops' own outputs are equal, to the bit: each was taken as new only
+    because its value is constant or zero (t·z = 0 at z = 0 against xlogy(t, exp z) = 0), and
+    nothing shows that they compute different quantities.  What to say, or None."""
+    sa, sb = (r.outputs[0] if r.outputs else None for r in (ra, rb))
+    if sa is None or sb is None or ra.phase is not rb.phase or summary_diff(sb, sa, _EXACT) is not None:
+        return None
+    return f"the two departing ops give the same value ({ra.op} = {_text(sa)} against {rb.op} = {_text(sb)})"
 
 
 def _near_zero(sa: Summary | None, sb: Summary | None, tol: Tolerance) -> bool:
