@@ -550,3 +550,14 @@ def test_a_failure_on_lambdas_offers_the_test_to_rerun_not_a_replay_that_cannot_
     assert any("pytest " in c and "test_bce" in c for c in commands), commands
     unwrapped = " ".join(line.removeprefix("E").strip() for line in failure.splitlines())
     assert "not replayable alone: a side is a lambda or local function" in unwrapped
+
+
+def test_inf_against_minus_inf_is_never_said_to_be_nonfinite_on_one_side_only(tmp_path, capsys):
+    # Both sides are non-finite there: "NaN/inf on one side only" was untrue.
+    f = tmp_path / "signs.py"
+    f.write_text("def up(input, target):\n    return (input - target).mean() * 0 + float('inf')\n\n\n"
+                 "def down(input, target):\n    return (input - target).mean() * 0 - float('inf')\n")
+    assert main([f"{f}:up", f"{f}:down", "--spec", "regression", "--examples", "5", "--no-save", "--no-explain"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "nonfinite" in out and "up inf vs down -inf" in out, out
+    assert "one side only" not in out and "NaN/inf the other side does not match at 1 / 1 element(s)" in out, out

@@ -240,7 +240,7 @@ def diff_message(d: TensorDiff, pair: tuple[str, str] = ("expected", "actual")) 
     expected, actual = number_pair(d.expected, d.actual)
     if d.nonfinite_mismatch:
         return (
-            f"{d.what}: NaN/inf on one side only at {d.nonfinite_mismatch} / {d.total} element(s); "
+            f"{d.what}: NaN/inf the other side does not match at {d.nonfinite_mismatch} / {d.total} element(s); "
             f"at index {d.max_abs_index}: {le} {expected} vs {la} {actual}"
         )
     where = f" at index {d.max_abs_index}" if d.total > 1 else ""
@@ -261,7 +261,7 @@ def diff_message(d: TensorDiff, pair: tuple[str, str] = ("expected", "actual")) 
 def diff_brief(d: TensorDiff) -> str:
     """One clause for a component that is not the one shown: how it compares."""
     if d.nonfinite_mismatch:
-        return f"{d.what} NaN/inf on one side only at {d.nonfinite_mismatch} element(s)"
+        return f"{d.what} NaN/inf the other side does not match at {d.nonfinite_mismatch} element(s)"
     verdict = "agrees" if d.score <= 1 else "also differs"
     text = f"{d.what} {verdict} (greatest absolute difference {d.max_abs:.3g}"
     if d.total > 1:

@@ -64,7 +64,7 @@ class Kind(str, Enum):
     BOTH_FAILED = "both_failed", "both sides failed in different ways: nothing could be compared"
     SHAPE = "shape", "value or gradient shapes differ"
     DTYPE = "dtype", "value dtypes differ"
-    NONFINITE = "nonfinite", "NaN/inf on one side only"
+    NONFINITE = "nonfinite", "NaN/inf the other side does not match"
     VALUE = "value", "loss values differ beyond tolerance"
     GRADIENT = "gradient", "gradients differ beyond tolerance"
     MUTATION = "mutation", "the implementation modified its inputs in place"
