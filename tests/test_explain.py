@@ -504,3 +504,23 @@ def test_gradients_parallel_on_most_cases_only_never_claim_same_minimisers():
     rel = relation(history(ours, theirs, preset("classification"), n=40))
     assert rel.gradient_fits < rel.gradient_cases and not rel.same_minimisers, rel
     assert "same minimisers," not in rel.describe(("ours", "theirs"))
+
+
+def test_a_side_with_no_gradient_is_never_called_parallel_to_the_others(tmp_path):
+    # mse against the same loss on input.detach(): no gradient flows in the second.  Where
+    # input == target the first one's gradient is exactly zero too; those cases (the verdict
+    # still calls them different: no gradient against one) were counted as cosine 1, ratio 1,
+    # and were the only ones left once one-sided zero gradients were left out: "gradients
+    # parallel (same minimisers, different step size ≈ 1×)" for a side that has none.
+    from losscmp.cli import main
+
+    f = tmp_path / "detached.py"
+    f.write_text("def mse(input, target):\n    return ((input - target) ** 2).mean()\n\n\n"
+                 "def mse_detached(input, target):\n    return ((input.detach() - target) ** 2).mean()\n")
+    out = tmp_path / "report.json"
+    assert main([f"{f}:mse", f"{f}:mse_detached", "--spec", "regression", "--examples", "20", "--no-save", "--json", str(out)]) == 1
+    (d,) = json.loads(out.read_text())["divergences"]
+    rel = d["relation"]
+    assert d["kind"] == "gradient" and rel["zero_gradient"].get("actual", 0) > 0, rel
+    assert rel["gradient"] == "unknown" and rel["gradient_cases"] == 0, rel
+    assert "parallel" not in d["explanation"]["sentence"] and "same minimisers" not in d["explanation"]["sentence"]

@@ -86,6 +86,23 @@ def test_a_forward_value_is_never_matched_to_minus_a_gradient_of_the_other_side(
     assert where["location"] is not None and where["location"]["mine"]["line"] == line, where["location_note"]
 
 
+def test_a_loss_of_one_is_not_taken_for_the_other_sides_gradient_seed(tmp_path):
+    # mean(x - t) against mean(t - x) at x = 0, t = -1: the first side's loss is 1, which the
+    # other side never computes; its backward starts from autograd's seed ones_like(loss),
+    # which the recorder counted as made by the loss's own op (a one-input op passing on its
+    # producer).  The first side was said to return 'a value the other side computes on the
+    # way' and placed at its mean, through the other side's departure.
+    (tmp_path / "flip.py").write_text("def mean_diff(input, target):\n    return (input - target).mean()\n\n\n"
+                                      "def mean_diff_flipped(input, target):\n    return (target - input).mean()\n")
+    a, b = f"{tmp_path}/flip.py:mean_diff", f"{tmp_path}/flip.py:mean_diff_flipped"
+    case = Case({"input": torch.tensor([0.0]), "target": torch.tensor([-1.0])}, {"B": 1})
+    where = traced(tmp_path, a, b, "input: B real grad; target: B real; B=1..8", case, ("mean_diff", "mean_diff_flipped"), "value")
+    note = where["location_note"] or ""
+    assert "a value the other side computes" not in note, note
+    if where["location"] is not None:  # or not localised: one number each side
+        assert where["location"]["mean_diff"]["op"] == "aten.sub.Tensor", note
+
+
 def test_two_departing_ops_that_give_the_same_value_are_not_a_location(tmp_path, capsys):
     # The same pair minimised to z = 0, t = 3 (seed 0): t·z = 0 and xlogy(t, exp z) = 0 are
     # zeros, never matched by value alone, so each walk took its own for a departure and the

@@ -420,9 +420,11 @@ class _Recorder(TorchDispatchMode):
         site = _user_site(sys._getframe(1), self.phase, self.own)
         if self.phase is Phase.BACKWARD and site is None and (node is None or self._made_after_forward(node)):
             # Not the implementation's op: the loss seed and its reshape, run.call's detach
-            # of the results, its mutation checks.  Unrecorded, but a one-input op passes on its input's
-            # producer, so the detached results still lead back to the ops that made them.
-            if len(tensors_in) == 1:
+            # of the results, its mutation checks.  Unrecorded, but a one-input op that only
+            # moves or copies values passes on its input's producer, so the detached results
+            # still lead back to the ops that made them.  Not the seed: ones_like(loss) is no
+            # value the loss's op computed (a loss of 1 read as the other side's seed of 1).
+            if len(tensors_in) == 1 and str(func).startswith(_PASS_THROUGH):
                 for t in tree_flatten(out)[0]:
                     if isinstance(t, torch.Tensor):
                         self._seen[t] = (t._version, seen_in[0][1], summarise(t))

@@ -93,6 +93,11 @@ def observe(expected: Outcome, actual: Outcome, regime: str | None = None, verdi
     if not ge or not stats[5]:
         return Observation(ve, va, None, None, regime, *agree)
     dot, ne, na = stats[2], stats[3], stats[4]
+    if ne == 0 and na == 0 and agree[1] is False:
+        # Both exactly zero, judged different (one side has no gradient at all): no direction
+        # on either side.  Counted as cosine 1, ratio 1, such cases alone made a detached
+        # side's gradient 'parallel (same minimisers)' to one it never has.
+        return Observation(ve, va, None, None, regime, *agree)
     if ne == 0 and na == 0:
         cosine, ratio = 1.0, 1.0
     elif (ne == 0 or na == 0) and agree[1] is not True:
@@ -226,8 +231,8 @@ def relation(observations: Iterable[Observation | None], *, rtol: float = RELATI
     value, factor, offset, value_fit = _value_relation(obs, rtol, atol, tol)
     with_grads = [o for o in obs if o.cosine is not None and o.norm_ratio is not None]
     gradient, grad_factor, cos_median, grad_fit = _gradient_relation(with_grads, bool(obs))
-    if gradient is None and any(o.zero_gradient for o in obs):
-        gradient = "unknown"  # gradients there were, but only one side's, elsewhere zero: nothing to relate
+    if gradient is None and any(o.zero_gradient or o.gradients_agree is False for o in obs):
+        gradient = "unknown"  # gradients there were, judged different, but none with a direction on both sides
     equal_by = None if not with_grads else "verdict" if any(o.gradients_agree is not None for o in with_grads) else "cosine"
     if factor is None and gradient == "parallel":
         factor = grad_factor
