@@ -37,6 +37,7 @@ environment that provides them).
 from __future__ import annotations
 
 from dataclasses import replace
+import importlib
 import os
 import threading
 import time
@@ -231,12 +232,15 @@ class _Connection:
 def _reload_ray_auth() -> None:
     """Have Ray read the authentication mode and token afresh (as ``ray.init`` does when it
     turns token auth on).  Ray before token auth (< 2.5x) has neither cache, nor the setting."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config  # private: no public way to reload
+    try:  # private, with no public way to reload; looked up by name (Ray's stubs do not list them)
+        raylet = importlib.import_module("ray._raylet")
     except ImportError:
         return
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    config, loader = getattr(raylet, "Config", None), getattr(raylet, "AuthenticationTokenLoader", None)
+    if config is None or loader is None:
+        return
+    config.initialize("")
+    loader.instance().reset_cache()
 
 
 def _kill(ray: Any, actor: Any) -> None:
