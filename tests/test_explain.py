@@ -524,3 +524,22 @@ def test_a_side_with_no_gradient_is_never_called_parallel_to_the_others(tmp_path
     assert d["kind"] == "gradient" and rel["zero_gradient"].get("actual", 0) > 0, rel
     assert rel["gradient"] == "unknown" and rel["gradient_cases"] == 0, rel
     assert "parallel" not in d["explanation"]["sentence"] and "same minimisers" not in d["explanation"]["sentence"]
+
+
+def test_a_value_both_sides_overflow_in_float64_does_not_decide_a_gradient_finding(tmp_path):
+    # target / input against the same with denormal inputs flushed to 0, at input = 1e-45,
+    # target = -1: the flushed side's value is -inf in float64 too (-1 / 0), but the finding
+    # is the gradient, finite in float64 on both sides and still different (5.1e89 against 0).  The oracle looked at the values too and said "unknown:
+    # float64 overflows too wherever the working dtype diverges".
+    f = tmp_path / "flush.py"
+    f.write_text("import torch\n\n\ndef ratio(input, target):\n    return (target / input).mean()\n\n\n"
+                 "def ratio_flushed(input, target):\n"
+                 "    return (target / torch.where(input.abs() < 1.1754944e-38, torch.zeros_like(input), input)).mean()\n")
+    case = Case({"input": torch.tensor([1e-45]), "target": torch.tensor([-1.0])}, {"B": 1})
+    spec = parse_spec("input: B positive grad; target: B real; B=1..4")
+    e, a = load_implementation(f"{f}:ratio"), load_implementation(f"{f}:ratio_flushed")
+    v = compare_outcomes(Pair("ratio", "ratio_flushed"), call(e.fn, spec, case), call(a.fn, spec, case), Tolerance(1.3e-6, 1e-5))
+    assert v.kind == "nonfinite" and "gradient" in v.detail.split(":")[0], v.detail
+    ex = explain(e, a, spec, case, v.kind, Tolerance(1.3e-6, 1e-5), impact_steps=0)
+    assert ex.category == "semantic", ex.sentence()
+    assert "overflows too" not in ex.sentence()

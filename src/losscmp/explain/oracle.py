@@ -249,7 +249,9 @@ def oracle(
                           f"beyond {_dtype_name(case)}'s range; the finite results still differ in float64 ({v64.detail}), "
                           f"a difference of its own")
                 return Oracle(Category.NUMERICAL, reason, label, drifts, scale, calls, values, rounded=rounded, float64_differs=True)
-        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(o.value is not None and not torch.isfinite(o.value).all() for o in full.values())
+        # Only the finding's components: a value that is -inf in float64 on both sides says
+        # nothing about a gradient finding whose float64 gradients are finite and differ.
+        overflowed = any(d.nonfinite_mismatch for d in v64.diffs) or any(not _finite_in(o, parts) for o in full.values())
         if step == 0 and overflowed:
             persistent = {la: o for la, o in full.items() if not _finite_in(o, parts)}
         if not overflowed and first_difference is None:
