@@ -219,3 +219,27 @@ def test_a_dim_near_its_minimum_shrinks_in_few_evaluations():
 
     assert ddmin(list(range(14)), holds, 11) == list(range(3, 14))
     assert len(calls) <= 2
+
+
+def test_a_threshold_never_says_the_finding_is_gone_where_the_same_words_still_differ(tmp_path):
+    # two_causes' mse_fork at x = t = s: s² - 2s² + s² is NaN (inf - inf) past 1.84e19 but
+    # -inf from 1.30e19 (only 2s² overflows).  The line read "no nonfinite (value) finding at
+    # 1.837e+19 (the sides still differ there: nonfinite (value))": it is NaN that is gone there.
+    import json
+    import re
+
+    from losscmp.cli import main
+
+    from .conftest import FIXTURES
+
+    out = tmp_path / "report.json"
+    fx = FIXTURES / "two_causes.py"
+    assert main([f"{fx}:mse", f"{fx}:mse_fork", "--spec", "regression", "--examples", "60", "--no-save", "--json", str(out)]) == 1
+    thresholds = [d["threshold"] for d in json.loads(out.read_text())["divergences"] if d.get("threshold")]
+    stills = [t for t in thresholds if t.get("still_differ_at_agree")]
+    assert stills, thresholds
+    for t in stills:
+        finding, still = re.match(r"no (.*) finding at .* \(the sides still differ there: (.*)\), ", t["text"]).groups()
+        assert finding != still, t["text"]
+        if finding.startswith("nonfinite"):
+            assert "against" in finding and "against" in still, t["text"]

@@ -699,10 +699,16 @@ def mechanism(v: Verdict) -> tuple:
 
 
 def _words(mech: tuple) -> str:
-    """A mechanism as a threshold line names it: "value", "gradient w.r.t. x", "nonfinite (value)"."""
+    """A mechanism as a threshold line names it: "value", "gradient w.r.t. x", "nonfinite
+    (value: finite against nan)".  A non-finite one says which numbers the two sides have
+    (expected first): "no nonfinite (value) finding at 1.84e19 (the sides still differ there:
+    nonfinite (value))" contradicted itself where NaN below turns -inf."""
     if len(mech) == 1:
         return mech[0].value
-    return mech[1] if mech[0] in (Kind.VALUE, Kind.GRADIENT) else f"{mech[0].value} ({mech[1]})"
+    if mech[0] in (Kind.VALUE, Kind.GRADIENT):
+        return mech[1]
+    numbers = f": {mech[2]} against {mech[3]}" if len(mech) == 4 else ""
+    return f"{mech[0].value} ({mech[1]}{numbers})"
 
 
 def _finiteness(x: float) -> str:
