@@ -321,3 +321,16 @@ def test_an_isolated_side_is_not_traced_and_the_reason_says_so(tmp_path):
             assert "not traced" in reason and "overflows" not in reason, reason
         else:  # x ~ 1e-23: x² underflows in float32 only, which float64 resolves
             assert d["category"] == "numerical" and d["unstable_side"] == "norm_sqrt"
+
+
+def test_a_self_consistency_error_of_zero_reads_as_inside_the_range_not_as_exact(capsys):
+    """The error is how far autograd lies outside the two one-sided difference quotients:
+    "greatest relative error 0" read as exact agreement where it only meant "inside"."""
+    bce = FIXTURES / "bce.py"
+    assert main([f"{bce}:bce_on_sigmoid", f"{bce}:bce_with_logits", "--no-save", "-v"]) == 1
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.split("self-consistency of ")[1:]]
+    assert any(line.startswith("bce_with_logits: consistent;") and "lies within the range of the one-sided difference quotients" in line
+               for line in lines), lines
+    assert any(line.startswith("bce_on_sigmoid: INCONSISTENT;") and "outside the range of the one-sided difference quotients by up to"
+               in line for line in lines), lines
+    assert not any("relative error 0" in line for line in lines), lines

@@ -143,3 +143,17 @@ def test_pot_sinkhorn2_is_what_the_mirror_computes():
             a, b = call(pot.fn, POINTS, case), call(mirror.fn, POINTS, case)
             assert torch.allclose(a.value, b.value, atol=1e-6)
             assert torch.allclose(a.grads["x"], b.grads["x"], atol=1e-6, equal_nan=True)
+
+
+def test_a_view_is_never_said_to_amplify_a_difference(tmp_path):
+    """torchmetrics' SSIM gradient (float32 vs its own float64 run) was located at a backward
+    ``aten.view`` that "amplifies the difference past the tolerance": a view changes no value."""
+    pytest.importorskip("kornia")
+    pytest.importorskip("torchmetrics")
+    out = tmp_path / "r.json"
+    code = main([f"{REAL}:kornia_ssim", f"{REAL}:torchmetrics_ssim", "--spec", "images", "--seed", "0", "--no-save",
+                 "--json", str(out)])
+    (grad,) = [d for d in json.loads(out.read_text())["divergences"] if d["kind"] == "gradient"]
+    note = grad["location_note"]
+    assert code == 1 and grad["category"] == "numerical", grad["explanation"]
+    assert grad["location"] is None and "which changes no value" in note and "located on" not in note, note

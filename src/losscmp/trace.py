@@ -989,6 +989,15 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
             else:
                 carried[walk.own.label] = AMPLIFIES
         refined.append(dep)
+    for walk, dep in zip((walk_a, walk_b), refined):
+        if dep is not None and carried.get(walk.own.label) == AMPLIFIES and _changes_no_value(walk.own.records[dep].op):
+            # A view or a copy cannot amplify anything: the values reaching it were matched
+            # to the other run's only within the tolerance, and the difference grew below it
+            # over earlier ops (torchmetrics' SSIM gradient stopped at a backward view).
+            return Localisation(None, f"not localised: the {res_a.what} differs, but the walk on {walk.own.label} stops at "
+                                f"{_at(walk.own, dep)}, which changes no value: the values reaching it match the other "
+                                f"run's only within the tolerance, so the difference built up below the tolerance over "
+                                f"earlier ops and no single op makes it; {why}; {coverage}", cov)
     if working is not None and AMPLIFIES in carried.values():
         parts_carried = [f"at that op {working}'s inputs differ from the other run's within the tolerance, and the op amplifies "
                          f"the difference past it"]
@@ -1055,6 +1064,20 @@ def localise(expected: Recording, actual: Recording, tol: Tolerance, *, working:
 
 
 AMPLIFIES = "amplifies a difference its inputs carry within the tolerance"
+
+# Ops that move, alias or copy values without computing any new one.
+VALUE_PRESERVING = frozenset({
+    "view", "_unsafe_view", "view_as", "reshape", "_reshape_alias", "flatten", "unflatten", "permute", "transpose", "t",
+    "movedim", "expand", "expand_as", "squeeze", "unsqueeze", "select", "slice", "narrow", "unbind", "split",
+    "split_with_sizes", "chunk", "as_strided", "alias", "detach", "clone", "contiguous", "lift_fresh", "repeat",
+})
+
+
+def _changes_no_value(op: str) -> bool:
+    """``aten.view.default`` and the like: the op's outputs are some of its inputs' values."""
+    parts = op.split(".")
+    name = parts[1] if len(parts) > 1 and parts[0] == "aten" else parts[0]
+    return name.rstrip("_") in VALUE_PRESERVING
 
 
 def _same_number_elsewhere(walk: _Walk, index: int) -> str | None:
@@ -1186,11 +1209,12 @@ def locate_unstable(impl: Implementation, spec: Spec, case: Case, tol: Tolerance
         return _out_of_time(f"{label}'s {_dtype_word(case)} run", start, deadline)
     found = localise(wide, work, tol, working=work_label, deadline=deadline)
     head = f"numerical: located on {label}, the unstable side, by its own {_dtype_word(case)} vs float64 run"
+    sought = f"numerical: sought on {label}, the unstable side, by its own {_dtype_word(case)} vs float64 run"
     if not found.differs:
-        return Localisation(None, f"{head}: not localised, {label} agrees with its own float64 run on this case; {found.note}",
+        return Localisation(None, f"{sought}: not localised, {label} agrees with its own float64 run on this case; {found.note}",
                             found.coverage, differs=True)
     if found.location is None:
-        return Localisation(None, f"{head}: {found.note}", found.coverage)
+        return Localisation(None, f"{sought}: {found.note}", found.coverage)
     where = found.location[work_label]
     return Localisation({label: where}, f"{head}: {found.note}", found.coverage,
                         {label: found.values.get(work_label, "?"), f"{label} (float64)": found.values.get(wide_label, "?")},

@@ -134,9 +134,13 @@ def evidence(ex: Explanation) -> list[str]:
             lines.append(f"self-consistency of {s.label}: no verdict ({s.note})")
         else:
             verdict = "consistent" if s.consistent else "INCONSISTENT"
+            # The error is how far autograd lies outside the range of the two one-sided
+            # difference quotients: 0 is "inside it", not exact agreement.
+            where = ("autograd lies within the range of the one-sided difference quotients" if not s.max_error else
+                     f"autograd lies outside the range of the one-sided difference quotients by up to {num(s.max_error)} "
+                     f"of the derivative's size (up to {FD_RTOL:g} allowed)")
             lines.append(f"self-consistency of {s.label}: {verdict}; finite differences vs autograd, {s.mode}, "
-                         f"{s.checks} check(s): greatest relative error {num(s.max_error)} (up to {FD_RTOL:g} allowed)"
-                         + (f"; {s.note}" if s.note else ""))
+                         f"{s.checks} check(s): {where}" + (f"; {s.note}" if s.note else ""))
     if ex.relation is not None:
         lines.append(f"relation: {ex.relation.describe(ex.pair)}")
     loc, note = location_json(ex.location)
