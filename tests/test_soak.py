@@ -352,3 +352,16 @@ def test_a_signal_while_an_implementation_has_stopped_itself_is_reported_at_once
     data = report_accounts_for_every_case(report)
     assert data["interrupted"] and data["cases_run"] >= 1
     assert not left_behind(mark)
+
+
+@pytest.mark.slow  # starts losscmp in fresh interpreters
+def test_trace_of_a_saved_crash_names_the_saved_case_as_its_input(tmp_path):
+    """trace runs both sides in-process: a segfault there ends it, and the saved case it
+    was given is the input (it said "its input could not be saved")."""
+    proc, _ = losscmp(f"{MIS}:mse", f"{MIS}:segfaults", "--spec", "regression", "--examples", "30", "--isolate", "--no-explain",
+                      "--no-minimize", "--save-dir", tmp_path / "saved")
+    assert proc.returncode == 1, proc.stderr
+    repro = next((tmp_path / "saved").glob("mse--segfaults--crash--*.json"))
+    traced, left = losscmp("trace", f"{MIS}:mse", f"{MIS}:segfaults", repro)
+    assert traced.returncode == 1 and not left, traced.stderr
+    assert f"its input is the saved case {repro}" in traced.stderr and "could not be saved" not in traced.stderr, traced.stderr

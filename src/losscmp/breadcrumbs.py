@@ -161,6 +161,13 @@ def note(what: str) -> None:
         _crumbs.leave(json.dumps({"doing": what}).encode())
 
 
+def input_saved_as(path: Path) -> None:
+    """The cases of the calls to come are a saved file already (``losscmp trace`` of a
+    repro): a call that kills the process names that file rather than "not saved"."""
+    if _crumbs is not None:
+        (_crumbs.dir / "input.txt").write_text(str(path))
+
+
 def rebuildable(case: Any) -> None:
     """``case`` was built straight from its recipe: the recipe alone rebuilds it."""
     if _crumbs is not None:

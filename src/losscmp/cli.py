@@ -537,6 +537,7 @@ def _trace(argv: list[str]) -> int:
     if args.json:
         files.check_writable(args.json, "--json")  # before the trace runs, not after it
     repro = load_repro(args.repro)
+    breadcrumbs.input_saved_as(repro.path)
     # Both sides run in-process here: a case saved as a hang is stopped by the supervisor's
     # watchdog at the limit it was found with (as replay uses it), not the in-process default.
     breadcrumbs.watch_calls(recorded_timeout(repro))

@@ -260,6 +260,13 @@ def _read_json(path: Path, first_line: bool = False) -> dict[str, Any]:
         return {}
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 def _how(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -290,7 +297,9 @@ def _report_end(status: int, crumb: dict[str, Any], directory: Path, hung: float
         return 2 if "loading" in doing else 1
     made = _materialise({**crumb, "limit": hung}, directory, how, kind)
     saved = made.get("repro") if made else None
-    where = f"its input is saved as {saved} (replay it: losscmp replay {saved})" if saved else "its input could not be saved"
+    given = _read_text(directory / "input.txt")  # the run's input is a saved case (trace)
+    where = (f"its input is saved as {saved} (replay it: losscmp replay {saved})" if saved else
+             f"its input is the saved case {given}" if given else "its input could not be saved")
     audit = bool(context)  # replay, sweep and trace have no --isolate to suggest
     if hung is not None:
         headline = (f"implementation {label} did not return within {hung:g} s while it was being called in-process on input "
