@@ -4,7 +4,9 @@ import atexit
 import multiprocessing.util
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,28 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 # runs), unless the caller chose otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture
+def installed_segloss(tmp_path, monkeypatch):
+    """fixtures/segloss as an installed library (in a site-packages folder), as MONAI is."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(FIXTURES / "segloss", site / "segloss")
+    monkeypatch.syspath_prepend(str(site))
+    yield site / "segloss"
+    for name in [n for n in sys.modules if n == "segloss" or n.startswith("segloss.")]:
+        del sys.modules[name]
+
+
+def slow_pair(seconds: float):
+    """Two squared-error losses 1.5x apart whose every call takes ``seconds``: a pair whose
+    explanation is costly, for the tests of its time budget."""
+    from losscmp.load import Implementation, parse_ref
+
+    def slow(scale):
+        def loss(input, target):
+            time.sleep(seconds)
+            return scale * ((input - target) ** 2).mean()
+        return loss
+
+    return Implementation(parse_ref("official=x.py:f"), slow(1.0)), Implementation(parse_ref("fork=x.py:g"), slow(1.5))

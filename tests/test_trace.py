@@ -1,7 +1,6 @@
 """trace: the first diverging op of two programs, named by file and line, forward and backward."""
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -229,16 +228,6 @@ MINE = f"mine={DICE}:dice_eps_in_denominator"
 LIBRARY = "library=segloss:DiceLoss(softmax=True)"
 DICE_SPEC = "input: B C H W real grad; target: B C H W binary; B=1; C=2; H=2; W=2"
 
-
-@pytest.fixture
-def installed_segloss(tmp_path, monkeypatch):
-    """fixtures/segloss as an installed library (in a site-packages folder), as MONAI is."""
-    site = tmp_path / "site-packages"
-    shutil.copytree(FIXTURES / "segloss", site / "segloss")
-    monkeypatch.syspath_prepend(str(site))
-    yield site / "segloss"
-    for name in [n for n in sys.modules if n == "segloss" or n.startswith("segloss.")]:
-        del sys.modules[name]
 
 
 def empty_class_case() -> Case:

@@ -1,10 +1,7 @@
 """trace, location by data: the same quantity with the opposite sign is no departure, and a side
 whose differing result is a value the other side computes on the way departs nowhere of its own."""
 import json
-import shutil
-import sys
 
-import pytest
 import torch
 
 from losscmp.cli import main
@@ -59,15 +56,6 @@ def test_a_fork_that_drops_the_debiasing_term_is_placed_at_its_own_line_for_a_gr
     assert where["side"] == "fork"
     assert "its result is a value the other side computes on the way" in where["location_note"]
 
-
-@pytest.fixture
-def installed_segloss(tmp_path, monkeypatch):
-    site = tmp_path / "site-packages"
-    shutil.copytree(FIXTURES / "segloss", site / "segloss")
-    monkeypatch.syspath_prepend(str(site))
-    yield site / "segloss"
-    for name in [n for n in sys.modules if n == "segloss" or n.startswith("segloss.")]:
-        del sys.modules[name]
 
 
 def test_a_forward_value_is_never_matched_to_minus_a_gradient_of_the_other_side(installed_segloss, tmp_path, capsys):

@@ -4,7 +4,6 @@ a relation that never contradicts the verdict, the unstable side of an overflow,
 an explanation budget that follows the cost of a call."""
 import json
 import math
-import time
 from dataclasses import replace
 
 import pytest
@@ -17,7 +16,7 @@ from losscmp.generate import Case
 from losscmp.load import Implementation, load_implementation, parse_ref
 from losscmp.spec import parse_spec
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, slow_pair
 
 F32 = Tolerance.for_dtype(torch.float32)
 TRUTH = FIXTURES / "truth.py"
@@ -290,14 +289,7 @@ def test_poisson_inf_is_the_correct_overflow_and_the_distributions_nan_the_broke
 # --- the budget follows the cost of a call ------------------------------------------------------
 
 def test_a_slow_pair_gets_a_larger_stated_budget_and_both_sides_descend():
-    def slow(scale):
-        def loss(input, target):
-            time.sleep(0.02)
-            return scale * ((input - target) ** 2).mean()
-        return loss
-
-    official = Implementation(parse_ref("official=x.py:f"), slow(1.0))
-    fork = Implementation(parse_ref("fork=x.py:g"), slow(1.5))
+    official, fork = slow_pair(0.02)
     spec = parse_spec("input: B real grad; target: B real; B=1..8")
     case = Case({"input": torch.tensor([0.5, -1.0, 2.0]), "target": torch.tensor([0.0, 0.5, 1.0])}, {"B": 3})
     ex = explain(official, fork, spec, case, "value", F32, budget=Budget(seconds=0.5))

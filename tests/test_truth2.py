@@ -13,7 +13,7 @@ from losscmp.load import Implementation, load_implementation, parse_ref
 from losscmp.precision import narrower_ops, premise_fails
 from losscmp.spec import parse_spec
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, slow_pair
 
 
 def test_threshold_names_the_arguments_it_scales_not_max_input(capsys, tmp_path):
@@ -116,19 +116,11 @@ def test_the_time_budget_bounds_an_explanation_of_a_slow_pair():
     # Stages were only gated when they start: self-consistency of a slow side (600 elements of
     # a Sinkhorn at N = 200, 1.6 s a call under load) ran on past the budget (an explanation
     # stated 60 s and took 65.6 s).  Each check now starts only within the budget.
-    import time
 
     from losscmp.compare import Tolerance
     from losscmp.explain import Budget, explain
 
-    def slow(scale):
-        def loss(input, target):
-            time.sleep(0.1)
-            return scale * ((input - target) ** 2).mean()
-        return loss
-
-    official = Implementation(parse_ref("official=x.py:f"), slow(1.0))
-    fork = Implementation(parse_ref("fork=x.py:g"), slow(1.5))
+    official, fork = slow_pair(0.1)
     spec = parse_spec("input: B real grad; target: B real; B=1..32")
     gen = torch.Generator().manual_seed(0)
     case = Case({"input": torch.randn(32, generator=gen), "target": torch.randn(32, generator=gen)}, {"B": 32})
