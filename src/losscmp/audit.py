@@ -373,10 +373,11 @@ def audit(
                     name = getattr(stage, "name", type(stage).__name__)
                     stage_errors.append(f"{name} stage failed ({type(e).__name__}: {' '.join(str(e).split())}); findings reported without it")
         done = result(RunPhase.DONE)
-        try:
-            remove_unnamed_repros(ev.record, _all_text(done))
-        except OSError:  # a tidy-up: never worth the result
-            pass
+        if ev.record.keep_dir is not None:  # else nothing was kept where a run tidies up
+            try:
+                remove_unnamed_repros(ev.record, _all_text(done))
+            except OSError:  # a tidy-up: never worth the result
+                pass
         return done
     except (KeyboardInterrupt, breadcrumbs.Terminated) as e:
         # Only the user's Ctrl-C gets here: an implementation's own KeyboardInterrupt is its finding (run.call).
